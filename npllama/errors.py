@@ -1,0 +1,25 @@
+"""Exceptions raised by npllama.
+
+Every error a user can cause (bad input, a bad file, a bad config) is a subclass of
+``NpllamaError``, which is itself a ``ValueError`` so callers may catch either.
+"""
+
+
+class NpllamaError(ValueError):
+    """Base class of npllama's errors."""
+
+
+class ConfigError(NpllamaError):
+    """A model or training config that npllama cannot honour."""
+
+
+class CheckpointError(NpllamaError):
+    """A checkpoint file that is missing, corrupt, foreign or inconsistent."""
+
+
+class InputError(NpllamaError):
+    """Model inputs (token ids, targets) of the wrong type, shape or range."""
+
+
+class DataError(NpllamaError):
+    """A training corpus or token stream that cannot be used (missing, empty, binary, too short)."""

@@ -1,0 +1,22 @@
+"""Inverted dropout.
+
+Forward (training):  mask_i = [u_i >= p] / (1 - p),  u_i ~ U[0, 1) from a seeded generator
+                     y = x * mask          (E[y] = x, so nothing changes at eval time)
+Forward (eval or p = 0): y = x, no mask.
+Backward:            dx = dy * mask
+"""
+import numpy as np
+
+
+def dropout_forward(x, p, rng, training):
+    """x: any shape; rng: np.random.Generator. Returns (y, mask) where mask is None when inactive."""
+    if not training or p == 0.0:
+        return x, None
+    mask = (rng.random(x.shape) >= p).astype(x.dtype)
+    mask *= 1.0 / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dy, cache):
+    mask = cache
+    return dy if mask is None else dy * mask

@@ -1,0 +1,38 @@
+"""Token embedding: a table lookup.
+
+Forward:   out[b, t, :] = W[ids[b, t], :]
+Backward:  each row of the table receives the sum of the upstream gradients of the positions
+           that looked it up:  dW[v, :] = sum_{(b,t): ids[b,t] = v} dout[b, t, :]
+           (a scatter-add; rows never looked up get zero).
+"""
+import numpy as np
+
+from ._numba import jit
+
+
+def embedding_forward(ids, weight):
+    """ids: int (B, T); weight: (V, D) -> out: (B, T, D)."""
+    out = weight[ids]  # fancy indexing copies the rows
+    cache = ids
+    return out, cache
+
+
+def embedding_backward(dout, cache, dweight):
+    """dout: (B, T, D). Adds into dweight (V, D) in place (it may already hold the tied lm_head
+    gradient) and returns it."""
+    ids = cache
+    scatter_add_rows(ids.reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
+    return dweight
+
+
+def scatter_add_rows_reference(ids, rows, table):
+    np.add.at(table, ids, rows)
+
+
+@jit
+def scatter_add_rows(ids, rows, table):
+    # Serial over positions: two positions may share a token id, so a parallel loop would race.
+    for n in range(ids.shape[0]):
+        v = ids[n]
+        for d in range(rows.shape[1]):
+            table[v, d] += rows[n, d]

@@ -1,0 +1,88 @@
+"""RMSNorm (Zhang & Sennrich 2019), as in Llama.
+
+Forward, per row x of width D:
+    r    = (mean(x^2) + eps)^(-1/2)          the reciprocal root mean square, a scalar per row
+    xhat = x * r
+    y    = w * xhat                          w: (D,) learned gain
+
+Backward, with g = dy * w (the gradient reaching xhat):
+    dw   = sum over rows of dy * xhat
+    dr/dx_i = -r^3 x_i / D, so
+    dx_i = r g_i + sum_j g_j x_j dr/dx_i = r (g_i - xhat_i * mean_j(g_j xhat_j))
+
+Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
+"""
+import numpy as np
+
+from ._numba import jit_parallel, prange
+
+
+# ---- readable reference ------------------------------------------------------------------------
+def rmsnorm_forward_reference(x, w, eps):
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return w * (x * r), (x, w, r[..., 0])
+
+
+def rmsnorm_backward_reference(dy, cache):
+    x, w, r = cache
+    r = r[..., None]
+    xhat = x * r
+    g = dy * w
+    dx = r * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    dw = np.sum((dy * xhat).reshape(-1, x.shape[-1]), axis=0)
+    return dx, dw
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+@jit_parallel
+def rmsnorm_forward_kernel(x, w, eps, y, r):
+    N, D = x.shape
+    for n in prange(N):
+        ss = 0.0
+        for d in range(D):
+            ss += x[n, d] * x[n, d]
+        rn = 1.0 / np.sqrt(ss / D + eps)
+        r[n] = rn
+        for d in range(D):
+            y[n, d] = w[d] * (x[n, d] * rn)
+
+
+@jit_parallel
+def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial):
+    # dw is a sum over rows; each chunk of rows accumulates its own partial row (no races),
+    # and the caller sums the partials.
+    N, D = x.shape
+    n_chunks = dw_partial.shape[0]
+    for c in prange(n_chunks):
+        for n in range(c * N // n_chunks, (c + 1) * N // n_chunks):
+            rn = r[n]
+            dot = 0.0
+            for d in range(D):
+                dot += dy[n, d] * w[d] * x[n, d]
+            dot *= rn * rn / D  # mean(g * xhat) * r
+            for d in range(D):
+                xhat = x[n, d] * rn
+                dx[n, d] = rn * (dy[n, d] * w[d] - x[n, d] * dot)
+                dw_partial[c, d] += dy[n, d] * xhat
+
+
+# ---- what the model calls ----------------------------------------------------------------------
+def rmsnorm_forward(x, w, eps):
+    """x: (..., D), w: (D,) -> y: (..., D), cache = (x, w, r)."""
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    y = np.empty_like(x2)
+    r = np.empty(x2.shape[0], dtype=x.dtype)
+    rmsnorm_forward_kernel(x2, w, x.dtype.type(eps), y, r)
+    return y.reshape(x.shape), (x2, w, r)
+
+
+def rmsnorm_backward(dy, cache, dw_out=None):
+    """Returns (dx, dw); dw is written into ``dw_out`` when given."""
+    x2, w, r = cache
+    dy2 = np.ascontiguousarray(dy.reshape(x2.shape))
+    dx = np.empty_like(x2)
+    n_chunks = max(1, min(8, x2.shape[0]))
+    dw_partial = np.zeros((n_chunks, x2.shape[1]), dtype=x2.dtype)
+    rmsnorm_backward_kernel(dy2, x2, w, r, dx, dw_partial)
+    dw = np.sum(dw_partial, axis=0, out=dw_out)
+    return dx.reshape(dy.shape), dw
