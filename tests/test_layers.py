@@ -1,0 +1,251 @@
+"""Each layer: the Numba kernel equals the NumPy reference, and the backward equals central
+finite differences in float64 (relative error <= 1e-6; see npllama/gradcheck.py for why)."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from npllama.gradcheck import numerical_gradient, relative_error
+from npllama.layers import attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
+
+GRAD_TOL = 1e-6
+seeds = st.integers(0, 2**31 - 1)
+
+
+def fd_check(forward, inputs, analytic, dout):
+    """Finite-difference check of sum(dout * forward()) against the analytic gradients."""
+    loss = lambda: float(np.sum(dout * forward()))
+    for name, x in inputs.items():
+        err = relative_error(analytic[name], numerical_gradient(loss, x))
+        assert err < GRAD_TOL, f"{name}: relative error {err:.2e}"
+
+
+def assert_kernel_equals_reference(kernel, reference, dtype):
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(kernel, reference, rtol=tol, atol=tol)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+# d >= 2: at d = 1 the output is w * sign(x) and its derivative is O(eps), too small for finite
+# differences to resolve relative to the function's O(1) rounding noise.
+@given(seed=seeds, n=st.integers(1, 6), d=st.integers(2, 9), eps=st.sampled_from([1e-5, 1e-6, 0.1]))
+def test_rmsnorm_gradients(seed, n, d, eps):
+    r = np.random.default_rng(seed)
+    x, w, dy = r.normal(size=(n, d)), r.normal(size=d), r.normal(size=(n, d))
+    y, cache = rmsnorm.rmsnorm_forward(x, w, eps)
+    dx, dw = rmsnorm.rmsnorm_backward(dy, cache)
+    fd_check(lambda: rmsnorm.rmsnorm_forward(x, w, eps)[0], {"x": x, "w": w}, {"x": dx, "w": dw}, dy)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(seed=seeds, shape=st.sampled_from([(1, 1), (3, 7), (2, 5, 16), (33, 64)]))
+def test_rmsnorm_kernel_equals_reference(dtype, seed, shape):
+    r = np.random.default_rng(seed)
+    x, w, dy = (r.normal(size=s).astype(dtype) for s in (shape, shape[-1], shape))
+    y, cache = rmsnorm.rmsnorm_forward(x, w, 1e-5)
+    y_ref, cache_ref = rmsnorm.rmsnorm_forward_reference(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_kernel_equals_reference(y, y_ref, dtype)
+    for got, want in zip(rmsnorm.rmsnorm_backward(dy, cache), rmsnorm.rmsnorm_backward_reference(dy, cache_ref)):
+        assert_kernel_equals_reference(got, want, dtype)
+
+
+# ---- RoPE --------------------------------------------------------------------------------------
+def _rope_inputs(r, b, h, t, half, theta=10000.0, scaling=None):
+    freqs = rope.rope_frequencies(2 * half, theta, scaling)
+    cos, sin = rope.rope_cos_sin(np.arange(t), freqs, np.float64)
+    return r.normal(size=(b, h, t, 2 * half)), cos, sin
+
+
+@given(seed=seeds, b=st.integers(1, 2), h=st.integers(1, 3), t=st.integers(1, 6), half=st.integers(1, 4))
+def test_rope_gradients(seed, b, h, t, half):
+    r = np.random.default_rng(seed)
+    x, cos, sin = _rope_inputs(r, b, h, t, half)
+    dy = r.normal(size=x.shape)
+    y, cache = rope.rope_forward(x, cos, sin)
+    dx = rope.rope_backward(dy, cache)
+    fd_check(lambda: rope.rope_forward(x, cos, sin)[0], {"x": x}, {"x": dx}, dy)
+    assert_kernel_equals_reference(y, rope.rope_forward_reference(x, cos, sin)[0], np.float64)
+    assert_kernel_equals_reference(dx, rope.rope_backward_reference(dy, cache), np.float64)
+
+
+def test_rope_preserves_norm_and_relative_position(rng):
+    # A rotation keeps each pair's length, and q.k after RoPE depends only on the position gap.
+    freqs = rope.rope_frequencies(8, 10000.0)
+    cos, sin = rope.rope_cos_sin(np.arange(12), freqs, np.float64)
+    q, k = rng.normal(size=8), rng.normal(size=8)
+    rot = lambda v, t: rope.rope_forward_reference(v[None, None, None], cos[t:t + 1], sin[t:t + 1])[0].ravel()
+    np.testing.assert_allclose(np.linalg.norm(rot(q, 5)), np.linalg.norm(q), rtol=1e-14)
+    np.testing.assert_allclose(rot(q, 7) @ rot(k, 3), rot(q, 4) @ rot(k, 0), rtol=1e-12)
+
+
+def test_llama3_scaling_frequencies():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    base = rope.rope_frequencies(128, 500000.0)
+    scaled = rope.rope_frequencies(128, 500000.0, scaling)
+    wavelen = 2 * np.pi / base
+    high = wavelen < 8192 / 4        # short wavelengths: unchanged
+    low = wavelen > 8192 / 1         # long wavelengths: divided by the factor
+    np.testing.assert_array_equal(scaled[high], base[high])
+    np.testing.assert_allclose(scaled[low], base[low] / 8.0, rtol=1e-15)
+    mid = ~high & ~low               # in between: strictly between the two
+    assert mid.any() and np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rope_kernel_strided_input(dtype, rng):
+    # The model feeds RoPE views into the fused qkv activations (non-contiguous).
+    qkv = rng.normal(size=(2, 5, 3 * 8)).astype(dtype)
+    x = qkv[..., :16].reshape(2, 5, 2, 8).transpose(0, 2, 1, 3)
+    cos, sin = rope.rope_cos_sin(np.arange(5), rope.rope_frequencies(8, 10000.0), dtype)
+    assert_kernel_equals_reference(rope.rope_forward(x, cos, sin)[0], rope.rope_forward_reference(x, cos, sin)[0], dtype)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+attn_shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (3, 3), (6, 2)]),
+                        st.integers(1, 6), st.integers(1, 4))
+
+
+@given(seed=seeds, shape=attn_shapes)
+def test_attention_gradients(seed, shape):
+    b, (h, kv), t, hd = shape
+    r = np.random.default_rng(seed)
+    q, k, v = r.normal(size=(b, h, t, hd)), r.normal(size=(b, kv, t, hd)), r.normal(size=(b, kv, t, hd))
+    do = r.normal(size=(b, h, t, hd))
+    o, cache = attention.attention_forward(q, k, v)
+    dq, dk, dv = attention.attention_backward(do, cache)
+    fd_check(lambda: attention.attention_forward(q, k, v)[0], {"q": q, "k": k, "v": v},
+             {"q": dq, "k": dk, "v": dv}, do)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(seed=seeds, shape=attn_shapes)
+def test_attention_kernel_equals_reference(dtype, seed, shape):
+    b, (h, kv), t, hd = shape
+    r = np.random.default_rng(seed)
+    q, k, v, do = (r.normal(size=s).astype(dtype) for s in ((b, h, t, hd), (b, kv, t, hd), (b, kv, t, hd), (b, h, t, hd)))
+    o, cache = attention.attention_forward(q, k, v)
+    o_ref, cache_ref = attention.attention_forward_reference(q, k, v)
+    assert o.dtype == dtype
+    assert_kernel_equals_reference(o, o_ref, dtype)
+    for got, want in zip(attention.attention_backward(do, cache), attention.attention_backward_reference(do, cache_ref)):
+        assert_kernel_equals_reference(got, want, dtype)
+
+
+def test_attention_is_causal(rng):
+    # Changing a later key or value never changes an earlier output.
+    q, k, v = rng.normal(size=(1, 2, 6, 4)), rng.normal(size=(1, 1, 6, 4)), rng.normal(size=(1, 1, 6, 4))
+    o1, _ = attention.attention_forward(q, k, v)
+    k[:, :, 4:], v[:, :, 4:] = 100.0, -100.0
+    o2, _ = attention.attention_forward(q, k, v)
+    np.testing.assert_array_equal(o1[:, :, :4], o2[:, :, :4])
+    assert not np.allclose(o1[:, :, 4:], o2[:, :, 4:])
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------
+@given(seed=seeds, n=st.integers(1, 5), d=st.integers(1, 6), f=st.integers(1, 7))
+def test_feedforward_gradients(seed, n, d, f):
+    r = np.random.default_rng(seed)
+    x, w_gu, w_down, dy = r.normal(size=(n, d)), r.normal(size=(2 * f, d)), r.normal(size=(d, f)), r.normal(size=(n, d))
+    y, cache = swiglu.feedforward_forward(x, w_gu, w_down)
+    dx, dw_gu, dw_down = swiglu.feedforward_backward(dy, cache)
+    fd_check(lambda: swiglu.feedforward_forward(x, w_gu, w_down)[0], {"x": x, "w_gate_up": w_gu, "w_down": w_down},
+             {"x": dx, "w_gate_up": dw_gu, "w_down": dw_down}, dy)
+    # the definition: W_down (silu(W_gate x) * W_up x)
+    a, u = x @ w_gu[:f].T, x @ w_gu[f:].T
+    np.testing.assert_allclose(y, (a / (1 + np.exp(-a)) * u) @ w_down.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(seed=seeds, n=st.integers(1, 9), f=st.integers(1, 9))
+def test_swiglu_kernel_equals_reference(dtype, seed, n, f):
+    r = np.random.default_rng(seed)
+    a, u, dh = (r.normal(scale=3.0, size=(n, f)).astype(dtype) for _ in range(3))
+    h, cache = swiglu.swiglu_forward(a, u)
+    assert_kernel_equals_reference(h, swiglu.swiglu_forward_reference(a, u)[0], dtype)
+    for got, want in zip(swiglu.swiglu_backward(dh, cache), swiglu.swiglu_backward_reference(dh, (a, u))):
+        assert_kernel_equals_reference(got, want, dtype)
+
+
+@given(seed=seeds, n=st.integers(1, 5), f=st.integers(1, 5))
+def test_swiglu_reference_gradients(seed, n, f):
+    r = np.random.default_rng(seed)
+    a, u, dh = r.normal(size=(n, f)), r.normal(size=(n, f)), r.normal(size=(n, f))
+    da, du = swiglu.swiglu_backward_reference(dh, (a, u))
+    fd_check(lambda: swiglu.swiglu_forward_reference(a, u)[0], {"a": a, "u": u}, {"a": da, "u": du}, dh)
+
+
+# ---- linear, embedding, dropout ----------------------------------------------------------------
+@given(seed=seeds, n=st.integers(1, 5), i=st.integers(1, 6), o=st.integers(1, 6))
+def test_linear_gradients(seed, n, i, o):
+    r = np.random.default_rng(seed)
+    x, w, dy = r.normal(size=(n, i)), r.normal(size=(o, i)), r.normal(size=(n, o))
+    y, cache = linear.linear_forward(x, w)
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-14)
+    dx, dw = linear.linear_backward(dy, cache)
+    fd_check(lambda: linear.linear_forward(x, w)[0], {"x": x, "w": w}, {"x": dx, "w": dw}, dy)
+
+
+@given(seed=seeds, b=st.integers(1, 3), t=st.integers(1, 6), v=st.integers(1, 8), d=st.integers(1, 5))
+def test_embedding_gradients(seed, b, t, v, d):
+    r = np.random.default_rng(seed)
+    ids, w, dout = r.integers(0, v, size=(b, t)), r.normal(size=(v, d)), r.normal(size=(b, t, d))
+    out, cache = embedding.embedding_forward(ids, w)
+    np.testing.assert_array_equal(out, w[ids])
+    dw = embedding.embedding_backward(dout, cache, np.zeros_like(w))
+    fd_check(lambda: embedding.embedding_forward(ids, w)[0], {"w": w}, {"w": dw}, dout)
+    ref = np.zeros_like(w)
+    embedding.scatter_add_rows_reference(ids.reshape(-1), dout.reshape(-1, d), ref)
+    np.testing.assert_allclose(dw, ref, rtol=1e-14, atol=1e-14)
+
+
+@given(seed=seeds, p=st.sampled_from([0.1, 0.5, 0.9]))
+def test_dropout(seed, p):
+    r = np.random.default_rng(seed)
+    x, dy = r.normal(size=(50, 40)), r.normal(size=(50, 40))
+    y, mask = dropout.dropout_forward(x, p, np.random.default_rng(seed), training=True)
+    y2, _ = dropout.dropout_forward(x, p, np.random.default_rng(seed), training=True)
+    np.testing.assert_array_equal(y, y2)                              # seeded
+    kept = mask != 0
+    np.testing.assert_allclose(y[kept], x[kept] / (1 - p), rtol=1e-14)  # inverted scaling
+    assert abs(kept.mean() - (1 - p)) < 0.05                         # keep rate ~ 1 - p
+    np.testing.assert_array_equal(dropout.dropout_backward(dy, mask), dy * mask)
+    y_eval, m_eval = dropout.dropout_forward(x, p, r, training=False)
+    assert m_eval is None and y_eval is x
+
+
+# ---- cross-entropy -----------------------------------------------------------------------------
+@given(seed=seeds, n=st.integers(1, 6), v=st.integers(2, 9), n_ignored=st.integers(0, 3))
+def test_cross_entropy_gradients(seed, n, v, n_ignored):
+    r = np.random.default_rng(seed)
+    logits, targets = r.normal(scale=2.0, size=(n, v)), r.integers(0, v, size=n)
+    targets[r.permutation(n)[:min(n_ignored, n - 1)]] = -100
+    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
+    dlogits = cross_entropy.cross_entropy_backward(1.0, cache)
+    fd_check(lambda: cross_entropy.cross_entropy_forward(logits, targets)[0], {"logits": logits}, {"logits": dlogits}, 1.0)
+    keep = targets != -100
+    by_hand = np.mean([np.log(np.exp(logits[i]).sum()) - logits[i, targets[i]] for i in np.flatnonzero(keep)])
+    np.testing.assert_allclose(loss, by_hand, rtol=1e-13)
+    assert np.all(dlogits[~keep] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(seed=seeds, n=st.integers(1, 9), v=st.integers(2, 40))
+def test_cross_entropy_kernel_equals_reference(dtype, seed, n, v):
+    r = np.random.default_rng(seed)
+    logits, targets = r.normal(scale=5.0, size=(n, v)).astype(dtype), r.integers(0, v, size=n)
+    targets[r.random(n) < 0.3] = -100
+    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
+    loss_ref, cache_ref = cross_entropy.cross_entropy_forward_reference(logits, targets)
+    assert_kernel_equals_reference(loss, loss_ref, dtype)
+    assert_kernel_equals_reference(cross_entropy.cross_entropy_backward(0.7, cache),
+                                   cross_entropy.cross_entropy_backward_reference(0.7, cache_ref), dtype)
+
+
+def test_cross_entropy_in_place_gradient(rng):
+    logits, targets = rng.normal(size=(4, 7)), np.array([1, -100, 6, 0])
+    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
+    expected = cross_entropy.cross_entropy_backward(1.0, cache)
+    got = cross_entropy.cross_entropy_backward(1.0, cache, out=logits)
+    assert got is logits
+    np.testing.assert_array_equal(got, expected)
