@@ -18,8 +18,11 @@ from typing import Callable
 import numpy as np
 
 
-def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central-difference gradient of the scalar ``loss_fn()`` with respect to ``x``, perturbed in place."""
+def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-6,
+                       indices=None) -> np.ndarray:
+    """Central-difference gradient of the scalar ``loss_fn()`` with respect to ``x``, perturbed in place.
+
+    ``indices`` (flat positions) restricts the check to those entries; the others stay 0."""
     if x.dtype != np.float64:
         raise TypeError(f"finite differences need float64, got {x.dtype}")
     grad = np.zeros_like(x)
@@ -27,7 +30,7 @@ def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1
     flat_g = grad.reshape(-1)
     if not np.shares_memory(flat_x, x):
         raise ValueError("x must be contiguous so that it can be perturbed in place")
-    for i in range(flat_x.size):
+    for i in (range(flat_x.size) if indices is None else indices):
         old = flat_x[i]
         flat_x[i] = old + h
         plus = loss_fn()

@@ -151,11 +151,12 @@ class Llama:
         if T > self.config.max_seq_len:
             raise InputError(f"{name} has length {T}, past max_seq_len={self.config.max_seq_len}")
         V = self.config.vocab_size
-        lo, hi = int(arr.min()), int(arr.max())
-        if hi >= V or (lo < 0 and not (allow_ignore and np.all((arr >= 0) | (arr == IGNORE_INDEX)))):
-            bad = arr[(arr >= V) | ((arr < 0) & ~((arr == IGNORE_INDEX) if allow_ignore else False))]
-            extra = f" or {IGNORE_INDEX}" if allow_ignore else ""
-            raise InputError(f"{name} has id {int(bad.flat[0])} outside [0, {V}){extra}")
+        bad = (arr < 0) | (arr >= V)
+        if allow_ignore:
+            bad &= arr != IGNORE_INDEX
+        if bad.any():
+            extra = f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else ""
+            raise InputError(f"{name} has id {int(arr[bad].flat[0])} outside [0, {V}){extra}")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     # ---- forward and backward ------------------------------------------------------------------
