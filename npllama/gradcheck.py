@@ -61,3 +61,143 @@ def check_gradients(loss_fn: Callable[[], float], inputs: dict[str, np.ndarray],
                     analytic: dict[str, np.ndarray], h: float = 1e-6) -> dict[str, float]:
     """Relative error of each analytic gradient against finite differences of ``loss_fn``."""
     return {name: relative_error(analytic[name], numerical_gradient(loss_fn, x, h)) for name, x in inputs.items()}
+
+
+# ---- the checks behind `npllama gradcheck` -----------------------------------------------------
+TOLERANCE = 1e-6
+
+
+def _fd(forward, inputs, analytic, dout):
+    loss = lambda: float(np.sum(dout * forward()))
+    return {name: relative_error(analytic[name], numerical_gradient(loss, x)) for name, x in inputs.items()}
+
+
+def check_embedding(r):
+    from .layers.embedding import embedding_backward, embedding_forward
+    ids, w = r.integers(0, 7, size=(2, 5)), r.normal(size=(7, 4))
+    dout = r.normal(size=(2, 5, 4))
+    _, cache = embedding_forward(ids, w)
+    dw = embedding_backward(dout, cache, np.zeros_like(w))
+    return _fd(lambda: embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
+
+
+def check_rmsnorm(r):
+    from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    x, w, dy = r.normal(size=(6, 8)), r.normal(size=8), r.normal(size=(6, 8))
+    _, cache = rmsnorm_forward(x, w, 1e-5)
+    dx, dw = rmsnorm_backward(dy, cache)
+    return _fd(lambda: rmsnorm_forward(x, w, 1e-5)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
+
+
+def check_rope(r):
+    from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+    cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, scaling), np.float64)
+    x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
+    _, cache = rope_forward(x, cos, sin)
+    return _fd(lambda: rope_forward(x, cos, sin)[0], {"x": x}, {"x": rope_backward(dy, cache)}, dy)
+
+
+def check_attention(r):
+    from .layers.attention import attention_backward, attention_forward
+    q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
+    do = r.normal(size=(2, 4, 5, 3))
+    _, cache = attention_forward(q, k, v)
+    dq, dk, dv = attention_backward(do, cache)
+    return _fd(lambda: attention_forward(q, k, v)[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
+
+
+def check_swiglu(r):
+    from .layers.swiglu import feedforward_backward, feedforward_forward
+    x, wgu, wd, dy = r.normal(size=(4, 5)), r.normal(size=(12, 5)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
+    _, cache = feedforward_forward(x, wgu, wd)
+    dx, dwgu, dwd = feedforward_backward(dy, cache)
+    return _fd(lambda: feedforward_forward(x, wgu, wd)[0], {"x": x, "w_gate_up": wgu, "w_down": wd},
+               {"x": dx, "w_gate_up": dwgu, "w_down": dwd}, dy)
+
+
+def check_linear(r):
+    from .layers.linear import linear_backward, linear_forward
+    x, w, dy = r.normal(size=(4, 5)), r.normal(size=(3, 5)), r.normal(size=(4, 3))
+    _, cache = linear_forward(x, w)
+    dx, dw = linear_backward(dy, cache)
+    return _fd(lambda: linear_forward(x, w)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
+
+
+def check_dropout(r):
+    from .layers.dropout import dropout_backward, dropout_forward
+    x, dy = r.normal(size=(4, 6)), r.normal(size=(4, 6))
+    _, mask = dropout_forward(x, 0.3, np.random.default_rng(0), True)
+    return _fd(lambda: dropout_forward(x, 0.3, np.random.default_rng(0), True)[0], {"x": x},
+               {"x": dropout_backward(dy, mask)}, dy)
+
+
+def check_cross_entropy(r):
+    from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+    logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
+    targets[2] = -100
+    _, cache = cross_entropy_forward(logits, targets)
+    return _fd(lambda: cross_entropy_forward(logits, targets)[0], {"logits": logits},
+               {"logits": cross_entropy_backward(1.0, cache)}, 1.0)
+
+
+def check_decoder_block(r):
+    from .config import LlamaConfig
+    from .layers.block import decoder_block_backward, decoder_block_forward
+    from .layers.rope import rope_cos_sin, rope_frequencies
+    cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8)
+    w = {"attn_norm": 1 + 0.3 * r.normal(size=8), "wqkv": r.normal(size=(16, 8)), "wo": r.normal(size=(8, 8)),
+         "ffn_norm": 1 + 0.3 * r.normal(size=8), "w_gate_up": r.normal(size=(12, 8)), "w_down": r.normal(size=(8, 6))}
+    cos, sin = rope_cos_sin(np.arange(5), rope_frequencies(2, cfg.rope_theta), np.float64)
+    x, dout = r.normal(size=(2, 5, 8)), r.normal(size=(2, 5, 8))
+    _, cache = decoder_block_forward(x, w, cos, sin, cfg)
+    dw = {k: np.zeros_like(v) for k, v in w.items()}
+    dx = decoder_block_backward(dout, cache, dw, cfg)
+    return _fd(lambda: decoder_block_forward(x, w, cos, sin, cfg)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
+
+
+def check_model(r, tie_embeddings=False):
+    from .config import LlamaConfig
+    from .model import Llama
+    cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
+                      tie_embeddings=tie_embeddings)
+    model = Llama(cfg, dtype=np.float64)
+    model.flat_params[...] += r.normal(0.0, 0.5, model.flat_params.shape)
+    tokens, targets = r.integers(0, 11, size=(2, 6)), r.integers(0, 11, size=(2, 6))
+    targets[0, 2] = -100
+    _, grads = model.loss_and_grad(tokens, targets)
+    grads = {k: v.copy() for k, v in grads.items()}
+    loss = lambda: model.loss(tokens, targets)
+    return {name: relative_error(grads[name], numerical_gradient(loss, p)) for name, p in model.params.items()}
+
+
+LAYER_CHECKS = {
+    "embedding": check_embedding, "rmsnorm": check_rmsnorm, "rope": check_rope, "attention": check_attention,
+    "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
+    "decoder_block": check_decoder_block, "model": check_model,
+    "model_tied": lambda r: check_model(r, tie_embeddings=True),
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("--layer", choices=sorted(LAYER_CHECKS), action="append",
+                        help="check only this layer (repeatable); default: every layer and the full model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest relative error that passes")
+
+
+def run(args) -> int:
+    """Print one row per layer: the worst relative error of each gradient; exit code 1 on failure."""
+    names = args.layer or list(LAYER_CHECKS)
+    print(f"float64 central differences (h = 1e-6); pass when relative error <= {args.tolerance:.0e}")
+    print(f"{'layer':<15} {'gradient':<48} {'rel. error':>10}  result")
+    failed = 0
+    for name in names:
+        errors = LAYER_CHECKS[name](np.random.default_rng(args.seed))
+        for i, (grad_name, err) in enumerate(errors.items()):
+            ok = err <= args.tolerance
+            failed += not ok
+            print(f"{name if i == 0 else '':<15} {grad_name:<48} {err:>10.2e}  {'ok' if ok else 'FAIL'}")
+    print("all gradients match" if not failed else f"{failed} gradient(s) FAILED")
+    return 1 if failed else 0

@@ -1,0 +1,88 @@
+"""The `npllama` command: train, generate, gradcheck, plot.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> exit code``; this file only wires them up and turns npllama's errors into one-line
+messages with a non-zero exit code instead of tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = {
+    "train": ("npllama.train", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
+    "generate": ("npllama.generate", "sample text from a run directory or a Hugging Face Llama directory"),
+    "gradcheck": ("npllama.gradcheck", "check every layer's backward against finite differences (float64)"),
+    "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
+}
+
+
+def set_threads(n: int | None):
+    """Thread count for BLAS and Numba. Must run before NumPy is first imported to reach BLAS."""
+    if n is None:
+        return
+    if n < 1:
+        raise SystemExit("npllama: error: --threads must be at least 1")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def _threads_from_argv(argv):
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="npllama", description="A Llama in NumPy with hand-written backward passes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            p.set_defaults(_missing=module_name)
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    threads = _threads_from_argv(argv)
+    if threads is not None:
+        try:
+            set_threads(int(threads))
+        except ValueError:
+            print(f"npllama: error: --threads expects an integer, got {threads!r}", file=sys.stderr)
+            return 2
+    from .errors import NpllamaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"npllama: error: '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except NpllamaError as e:
+        print(f"npllama: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("npllama: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
