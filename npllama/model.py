@@ -223,6 +223,21 @@ class Llama:
         embedding_backward(dx, cache_embed, d_embed)
         return loss, self.grads
 
+    # ---- generation (npllama/generate.py) ------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+                 stop_ids=None):
+        """1-D int array of the new tokens only; see npllama.generate.generate."""
+        from .generate import generate
+        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_ids=stop_ids)
+
+    def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+               stop_ids=None):
+        """Yield the same tokens as ``generate``, one at a time."""
+        from .generate import stream
+        return stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, stop_ids=stop_ids)
+
     # ---- Hugging Face format -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
