@@ -1,0 +1,320 @@
+"""Byte-level BPE tokenizer: a thin wrapper over Hugging Face ``tokenizers``.
+
+Tokenizers that npllama trains are GPT-2 style byte-level BPE:
+
+* no normalizer, so no character is ever changed;
+* ``ByteLevel(add_prefix_space=False)`` pre-tokenizer: the GPT-2 regex splits the text into
+  words, and every UTF-8 byte of a word is mapped to one of 256 printable stand-in characters;
+* a BPE model whose initial alphabet is those 256 byte characters, so every string is
+  encodable (no unknown token) and merges only ever join bytes of the same word;
+* ``ByteLevel`` decoder, which maps the stand-in characters back to bytes and the bytes to UTF-8.
+
+Hence ``decode(encode(text)) == text`` for every ``str`` (newlines, runs of spaces, emoji, ...).
+Special tokens (by default ``<|endoftext|>``) are matched in the text as whole tokens and decode
+back to their literal text, so the round trip holds for text containing them too.
+
+``Tokenizer.from_file`` wraps *any* ``tokenizer.json`` (for example the one of a Hugging Face Llama
+checkpoint, which may use a Metaspace or Split pre-tokenizer); the exact round trip is then only
+as good as that tokenizer's own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import CheckpointError, ConfigError, InputError
+from .io import atomic_write_bytes
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
+N_BYTE_TOKENS = 256
+
+# Looked up in this order when no tokenizer_config.json names the token. Llama-3 base uses
+# <|end_of_text|>, Llama-2/SentencePiece models </s>, GPT-2 and npllama <|endoftext|>.
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+
+# Chunk size for encode_long (characters). Small enough for both cores to get work and to keep
+# the per-chunk Encoding objects (which also hold offsets and token strings) small.
+ENCODE_CHUNK_CHARS = 1 << 16
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with NumPy in/out, npllama errors and eos/bos lookup.
+
+    Args:
+        hf_tokenizer: the wrapped ``tokenizers.Tokenizer``.
+        eos_token, bos_token: override the token strings used for ``eos_id``/``bos_id``; by default
+            the first of ``EOS_CANDIDATES``/``BOS_CANDIDATES`` present in the vocabulary.
+    """
+
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, eos_token: str | None = None,
+                 bos_token: str | None = None):
+        if not isinstance(hf_tokenizer, tokenizers.Tokenizer):
+            raise TypeError(f"Tokenizer wraps a tokenizers.Tokenizer, got {type(hf_tokenizer).__name__}")
+        self.hf_tokenizer = hf_tokenizer
+        self.eos_id = self._find_token_id(eos_token, EOS_CANDIDATES)
+        self.bos_id = self._find_token_id(bos_token, BOS_CANDIDATES)
+        self._fingerprint: str | None = None
+        self._cut_at_newlines: bool | None = None
+
+    # ----------------------------------------------------------------------------------- build
+    @classmethod
+    def train(cls, texts: str | Iterable[str], vocab_size: int,
+              special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 2) -> "Tokenizer":
+        """Train a byte-level BPE tokenizer.
+
+        The vocabulary is: the special tokens (ids 0..S-1), the 256 byte tokens, then one token per
+        learned merge, up to ``vocab_size`` in all. Training stops early when no pair of adjacent
+        tokens inside a word occurs at least ``min_frequency`` times; then a ``UserWarning`` gives
+        the actual size, which ``vocab_size`` reports (the model's embedding can be sized from it).
+
+        Args:
+            texts: one string, or an iterable of strings (documents or lines).
+            vocab_size: requested vocabulary size, at least 256 + len(special_tokens).
+            special_tokens: tokens matched whole in the text and never split or merged.
+            min_frequency: a merge is learned only for a pair seen at least this often.
+        Raises:
+            ConfigError: vocab_size too small, or bad special tokens / min_frequency.
+        """
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens) or not all(
+                isinstance(t, str) and t for t in special_tokens):
+            raise ConfigError(f"special_tokens must be distinct non-empty strings, got {special_tokens!r}")
+        smallest = N_BYTE_TOKENS + len(special_tokens)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < smallest:
+            raise ConfigError(
+                f"vocab_size must be an integer >= {smallest} (256 byte tokens + {len(special_tokens)} "
+                f"special tokens), got {vocab_size!r}")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
+            raise ConfigError(f"min_frequency must be a non-negative integer, got {min_frequency!r}")
+
+        hf = tokenizers.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=int(vocab_size), min_frequency=min_frequency, special_tokens=special_tokens,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        if isinstance(texts, str):
+            # One long string is a single sequence to the trainer, which then pre-tokenizes on one
+            # core. Pieces cut where encode_long cuts parallelise and leave every word (hence the
+            # word counts the merges are learned from) exactly as in the whole text.
+            texts = split_at_safe_newlines(texts, ENCODE_CHUNK_CHARS)
+        hf.train_from_iterator(texts, trainer)
+        tokenizer = cls(hf)
+        if tokenizer.vocab_size < vocab_size:
+            warnings.warn(
+                f"BPE training stopped at vocab size {tokenizer.vocab_size} < requested {vocab_size}: "
+                f"no more pairs occur at least {min_frequency} times in the training text",
+                UserWarning, stacklevel=2)
+        return tokenizer
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a ``tokenizer.json`` (or a directory containing one, e.g. a HF checkpoint).
+
+        When a ``tokenizer_config.json`` lies beside it, its ``eos_token``/``bos_token`` choose
+        ``eos_id``/``bos_id``.
+
+        Raises:
+            CheckpointError: the file is missing, is not JSON, or is not a valid tokenizer.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {e})") from None
+        try:
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for bad content
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
+        eos_token, bos_token = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
+        return cls(hf, eos_token=eos_token, bos_token=bos_token)
+
+    @classmethod
+    def from_str(cls, json_text: str) -> "Tokenizer":
+        """Build from the JSON text of a ``tokenizer.json``."""
+        try:
+            return cls(tokenizers.Tokenizer.from_str(json_text))
+        except Exception as e:
+            raise CheckpointError(f"not a valid tokenizer.json string ({e})") from None
+
+    def to_str(self) -> str:
+        """The ``tokenizer.json`` content."""
+        return self.hf_tokenizer.to_str(pretty=True)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` atomically; ``path`` is the file, or a directory to write it in.
+
+        Returns the path of the file written.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        atomic_write_bytes(path, [self.to_str().encode("utf-8")])
+        return path
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (ids are 0..vocab_size-1)."""
+        return self.hf_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the ``tokenizer.json`` text: equal fingerprints encode identically."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
+        return self._fingerprint
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf_tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf_tokenizer.id_to_token(int(token_id))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, bos_id={self.bos_id})"
+
+    # ------------------------------------------------------------------------- encode/decode
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as an int64 array; no BOS/EOS is added."""
+        if not isinstance(text, str):
+            raise InputError(f"encode expects a str, got {type(text).__name__}")
+        return np.asarray(self.hf_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> np.ndarray:
+        """Same ids as ``encode(text)``, faster and leaner on long texts (a whole corpus).
+
+        The text is cut into chunks at newlines whose neighbours on both sides are non-whitespace
+        characters. With the GPT-2 regex such a newline is always a word of its own, so no word
+        (and hence no BPE merge) crosses a cut and the chunks' ids concatenate to the ids of the
+        whole. Chunks are then encoded in parallel. The cut is only valid for a pure
+        ``ByteLevel(add_prefix_space=False)`` pre-tokenizer without normalizer (what ``train``
+        builds); any other tokenizer is encoded whole.
+        """
+        if not isinstance(text, str):
+            raise InputError(f"encode_long expects a str, got {type(text).__name__}")
+        if not self._can_cut_at_newlines() or len(text) <= chunk_chars:
+            return self.encode(text)
+        chunks = split_at_safe_newlines(text, chunk_chars)
+        parts = []
+        group = 64  # encode a few chunks at a time so only their Encoding objects live at once
+        for i in range(0, len(chunks), group):
+            encodings = self.hf_tokenizer.encode_batch(chunks[i:i + group], add_special_tokens=False)
+            parts.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of token ids (special tokens are kept as their text).
+
+        Raises:
+            InputError: ids not integers, not 1-D, or outside [0, vocab_size).
+        """
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1:
+            raise InputError(f"decode expects a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            return ""
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"decode expects integer token ids, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} out of range [0, {self.vocab_size})")
+        return self.hf_tokenizer.decode(arr.tolist(), skip_special_tokens=False)
+
+    # ---------------------------------------------------------------------------- internals
+    def _find_token_id(self, token: str | None, candidates: Sequence[str]) -> int | None:
+        if token is not None:
+            token_id = self.hf_tokenizer.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        for candidate in candidates:
+            token_id = self.hf_tokenizer.token_to_id(candidate)
+            if token_id is not None:
+                return token_id
+        return None
+
+    def _can_cut_at_newlines(self) -> bool:
+        if self._cut_at_newlines is None:
+            spec = json.loads(self.hf_tokenizer.to_str())
+            pre = spec.get("pre_tokenizer") or {}
+            added = [t.get("content", "") for t in spec.get("added_tokens") or []]
+            self._cut_at_newlines = bool(
+                spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+                and not any("\n" in t for t in added))
+        return self._cut_at_newlines
+
+
+def _is_word_char(c: str) -> bool:
+    # Conservative: whitespace in neither Python's nor the Rust regex's (Unicode White_Space) sense.
+    return c.isalnum() or "!" <= c <= "~"
+
+
+def split_at_safe_newlines(text: str, chunk_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_chars`` characters, each ending with a newline
+    that has a non-whitespace character on both sides (the last piece ends where text ends).
+    ``"".join(pieces) == text``. A text without such newlines stays one piece."""
+    pieces = []
+    start = 0
+    n = len(text)
+    while n - start > chunk_chars:
+        pos = start + chunk_chars
+        cut = -1
+        while True:
+            pos = text.find("\n", pos)
+            if pos < 0 or pos + 1 >= n:
+                break
+            if pos > 0 and _is_word_char(text[pos - 1]) and _is_word_char(text[pos + 1]):
+                cut = pos + 1
+                break
+            pos += 1
+        if cut < 0:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None]:
+    """eos/bos token strings from a HF tokenizer_config.json, if present and readable."""
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        # The tokenizer itself is fine; the eos/bos fall back to the candidate lists.
+        warnings.warn(f"{path}: unreadable, eos/bos tokens guessed from the vocabulary", UserWarning,
+                      stacklevel=3)
+        return None, None
+
+    def token_text(value):
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    if not isinstance(config, dict):
+        return None, None
+    return token_text(config.get("eos_token")), token_text(config.get("bos_token"))
