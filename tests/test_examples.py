@@ -183,21 +183,45 @@ def test_every_gradcheck_layer_is_documented():
         assert f"npllama gradcheck --layer {layer}`" in text, f"no page shows `npllama gradcheck --layer {layer}`"
 
 
-@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_doc_math_is_well_formed(page):
-    """Cheap lint of what GitHub's math renderer trips on: unbalanced inline $, a space just inside
-    an inline $...$, and a `|` inside inline math in a table row (it would split the cell)."""
-    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+def inline_math(text):
+    """(line number, content) of every inline $...$ outside code blocks and code spans."""
+    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
     for n, line in enumerate(text.splitlines(), 1):
         line = re.sub(r"`[^`]*`", "", line)
         dollars = [m.start() for m in re.finditer(r"(?<!\\)\$", line)]
-        assert len(dollars) % 2 == 0, f"{page.name}:{n}: odd number of $: {line}"
+        assert len(dollars) % 2 == 0, f"line {n}: odd number of $: {line}"
         for a, b in zip(dollars[::2], dollars[1::2]):
-            inner = line[a + 1:b]
-            assert inner and not inner[0].isspace() and not inner[-1].isspace(), \
-                f"{page.name}:{n}: space inside inline math ${inner}$"
-            if line.lstrip().startswith("|"):
-                assert "|" not in inner, f"{page.name}:{n}: | inside math in a table: ${inner}$"
+            yield n, line, line[a + 1:b]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_doc_math_is_well_formed(page):
+    """Lint of what GitHub's math rendering trips on.  Display math is in ```math blocks, which
+    Markdown leaves alone.  Inline $...$ is not protected from Markdown: a backslash before
+    punctuation (\\, \\; \\{ \\_ ...) is eaten as a Markdown escape, so those are not used inline;
+    a space just inside the dollars or an odd number of them breaks the delimiters, and a `|` in
+    a table row splits the cell."""
+    for n, line, inner in inline_math(page.read_text()):
+        where = f"{page.name}:{n}: ${inner}$"
+        assert inner and not inner[0].isspace() and not inner[-1].isspace(), f"{where}: space inside"
+        assert not re.search(r"\\[!-/:-@\[-`{-~]", inner), f"{where}: backslash before punctuation"
+        if line.lstrip().startswith("|"):
+            assert "|" not in inner, f"{where}: | inside math in a table row"
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_doc_inline_math_survives_github_markdown(page):
+    """Render with cmark-gfm (GitHub's Markdown, before its math step): every inline formula must
+    come out verbatim, i.e. no underscore pair turned into emphasis, no escape eaten.  cmarkgfm is
+    not a test dependency, so this runs where it is installed (pip install cmarkgfm)."""
+    cmarkgfm = pytest.importorskip("cmarkgfm")
+    import html
+    source = page.read_text()
+    out = html.unescape(cmarkgfm.github_flavored_markdown_to_html(source))
+    for n, _, inner in inline_math(source):
+        assert f"${inner}$" in out, f"{page.name}:{n}: GitHub's Markdown alters ${inner}$"
+    for block in re.findall(r"^```math\n(.*?)^```", source, flags=re.S | re.M):
+        assert block in out
 
 
 @pytest.mark.parametrize("page", [p for p in DOC_PAGES if "```python" in p.read_text()], ids=lambda p: str(p.relative_to(ROOT)))
