@@ -23,3 +23,8 @@ class InputError(NpllamaError):
 
 class DataError(NpllamaError):
     """A training corpus or token stream that cannot be used (missing, empty, binary, too short)."""
+
+
+class WriteError(NpllamaError, OSError):
+    """A file could not be written (disk full, directory read-only, ...). The previous version of
+    the file, if any, is left as it was. Also an ``OSError``, so ``except OSError`` still catches it."""

@@ -7,8 +7,10 @@ allocation.  Nothing is ever unpickled.  Writes are atomic: temp file, fsync, re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -16,9 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, WriteError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+MAX_JSON_BYTES = 256 * 1024 * 1024    # config.json, shard index, training state: far smaller in practice
+# Metadata key holding the SHA-256 of everything after the header. Safetensors has no checksum of
+# its own, so without it a flipped bit in the weights would load silently. Files from elsewhere
+# lack the key and load unchecked.
+CHECKSUM_KEY = "npllama.data_sha256"
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
@@ -35,7 +42,10 @@ def atomic_write_bytes(path, chunks):
     """Write the byte strings ``chunks`` to ``path`` so that a crash leaves either the old file or
     the complete new one: write a temp file in the same directory, fsync it, rename over."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -43,11 +53,15 @@ def atomic_write_bytes(path, chunks):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            # Disk full, quota, read-only remount...: the old file is untouched, say so in one line.
+            raise WriteError(f"{path}: cannot write ({e.strerror or e}); the previous file, if any, "
+                             "is unchanged") from e
         raise
     fsync_dir(path.parent)
 
@@ -69,11 +83,51 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, [json.dumps(obj, indent=2).encode() + b"\n"])
 
 
+# ---- reading files safely ----------------------------------------------------------------------
+def open_regular_file(path, what="file"):
+    """Open ``path`` for reading, refusing anything but a regular file (after symlinks): a FIFO
+    would block forever, /dev/zero would never end. O_NONBLOCK makes even the open of a FIFO
+    return at once, and fstat then checks the very file opened."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, expected a {what}") from None
+    except (OSError, ValueError) as e:  # permission, name too long, embedded NUL byte, ...
+        raise CheckpointError(f"{path}: cannot open {what} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (device, FIFO or socket)"
+            raise CheckpointError(f"{path}: {what} is {kind}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def parse_json(raw: bytes, where: str, what: str = "JSON"):
+    """json.loads that turns every way the text can be bad into one CheckpointError: invalid UTF-8
+    or JSON, an integer with more digits than Python converts (ValueError), nesting deeper than
+    the recursion limit (RecursionError)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: corrupt {what} (not UTF-8: {e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: corrupt {what} (nested too deeply)") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError; so is the int digit limit
+        raise CheckpointError(f"{where}: corrupt {what} ({str(e)[:200]})") from None
+
+
 # ---- safetensors -------------------------------------------------------------------------------
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Write ``tensors`` as safetensors (atomically), with the SHA-256 of the data bytes in the
+    metadata so that ``read_safetensors`` detects any later change to them."""
     header, offset, arrays = {}, 0, []
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name in sorted(tensors):
         arr = np.asarray(tensors[name])
         dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<", "=") else arr.dtype
@@ -84,50 +138,41 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
         header[name] = {"dtype": key, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)
+    chunks = [memoryview(a).cast("B") for a in arrays]
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta[CHECKSUM_KEY] = digest.hexdigest()
+    header = {"__metadata__": meta, **header}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
-    atomic_write_bytes(path, [struct.pack("<Q", len(blob)), blob] + [memoryview(a).cast("B") for a in arrays])
+    atomic_write_bytes(path, [struct.pack("<Q", len(blob)), blob] + chunks)
 
 
-def read_safetensors_header(path):
-    """-> (header dict without __metadata__, metadata, data start offset). Validates everything."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, expected a safetensors file") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+def _check_header(path, header, data_len):
+    """Validate a parsed safetensors header; -> (tensor entries, metadata)."""
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start, data_len = 8 + n, size - 8 - n
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must be an object of strings")
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
-            raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {str(shape)[:100]}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise CheckpointError(f"{path}: tensor {name!r} has data offsets {offs!r} outside the file "
+            raise CheckpointError(f"{path}: tensor {name!r} has data offsets {str(offs)[:100]} outside the file "
                                   f"({data_len} data bytes; truncated?)")
         expected = int(np.prod(shape, dtype=object)) * SAFETENSORS_DTYPES[dtype].itemsize
         if offs[1] - offs[0] != expected:
@@ -138,24 +183,57 @@ def read_safetensors_header(path):
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
-    return header, metadata, data_start
+    return header, metadata
+
+
+def _read_header(f, path, size):
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated while reading the safetensors header")
+    header = parse_json(raw, str(path), "safetensors header")
+    header, metadata = _check_header(path, header, size - 8 - n)
+    return header, metadata, 8 + n
+
+
+def read_safetensors_header(path):
+    """-> (header dict without __metadata__, metadata, data start offset). Validates everything
+    (dtypes, shapes, offsets inside the file, no overlaps) before anything is allocated."""
+    path = Path(path)
+    f, size = open_regular_file(path, "safetensors file")
+    with f:
+        return _read_header(f, path, size)
 
 
 def read_safetensors(path, names=None) -> dict[str, tuple[str, np.ndarray]]:
-    """-> {name: (safetensors dtype, array)}; BF16 arrays come back as their raw uint16 bits."""
-    header, _, data_start = read_safetensors_header(path)
+    """-> {name: (safetensors dtype, array)}; BF16 arrays come back as their raw uint16 bits.
+
+    The whole data section is read once (so memory is bounded by the file's size) and, when the
+    file carries npllama's checksum, verified against it. Arrays are read-only views of it."""
+    path = Path(path)
+    f, size = open_regular_file(path, "safetensors file")
+    with f:
+        header, metadata, data_start = _read_header(f, path, size)
+        data = f.read(size - data_start)
+    if len(data) != size - data_start:
+        raise CheckpointError(f"{path}: file shrank while being read")
+    expected_digest = metadata.get(CHECKSUM_KEY)
+    if expected_digest is not None and hashlib.sha256(data).hexdigest() != expected_digest:
+        raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupt (changed since it was "
+                              "written)")
     out = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            if names is not None and name not in names:
-                continue
-            start, end = info["data_offsets"]
-            f.seek(data_start + start)
-            raw = f.read(end - start)
-            if len(raw) != end - start:
-                raise CheckpointError(f"{path}: truncated while reading tensor {name!r}")
-            arr = np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-            out[name] = (info["dtype"], arr)
+    for name, info in header.items():
+        if names is not None and name not in names:
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]], count=(end - start) //
+                            SAFETENSORS_DTYPES[info["dtype"]].itemsize, offset=start).reshape(info["shape"])
+        out[name] = (info["dtype"], arr)
     return out
 
 
@@ -164,25 +242,27 @@ def to_float(st_dtype, arr, dtype, where):
         raise CheckpointError(f"{where}: expected a floating-point tensor, got {st_dtype}")
     if st_dtype == "BF16":  # bfloat16 is the top half of a float32
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    out = arr.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range -> inf, refused below
+        out = arr.astype(dtype)
     if not np.all(np.isfinite(out)):
         raise CheckpointError(f"{where}: contains NaN or infinite values")
     return out
 
 
 # ---- model directories -------------------------------------------------------------------------
-def read_json(path, what="file"):
+def read_json(path, what="file", max_bytes=MAX_JSON_BYTES):
+    """Parse a JSON file; every failure (missing, not a regular file, too big, not UTF-8, not JSON)
+    is a CheckpointError naming ``path``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+    f, size = open_regular_file(path, what)
+    with f:
+        if size > max_bytes:
+            raise CheckpointError(f"{path}: {what} is {size} bytes, more than the {max_bytes} allowed")
+        try:
+            raw = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    return parse_json(raw, str(path))
 
 
 def load_config(directory) -> LlamaConfig:
@@ -190,28 +270,50 @@ def load_config(directory) -> LlamaConfig:
     return LlamaConfig.from_hf_dict(read_json(path, "config.json"), source=str(path))
 
 
+def _check_inside(directory: Path, path: Path, source) -> Path:
+    """The real path of ``path``, which must be a file directly in ``directory``: a symlink may
+    point elsewhere only in the Hugging Face hub cache layout, where snapshots/<rev>/<file> links
+    to ../../blobs/<hash>."""
+    root = directory.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # symlink loop, name too long
+        raise CheckpointError(f"{source}: cannot resolve {path.name!r} ({e})") from None
+    hf_cache_blob = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if real.parent != root and not hf_cache_blob:
+        raise CheckpointError(f"{source}: {path.name!r} points outside {directory} (to {real})")
+    return real
+
+
+def _valid_shard_name(shard) -> bool:
+    return (isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard
+            and "\x00" not in shard and len(shard.encode("utf-8", "surrogatepass")) <= 255)
+
+
 def weight_files(directory) -> list[Path]:
-    """model.safetensors, or the shards listed by model.safetensors.index.json."""
+    """model.safetensors, or the shards listed by model.safetensors.index.json. Shard names must
+    be plain file names in ``directory``; neither they nor symlinks may lead out of it."""
     directory = Path(directory)
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if index.exists():
+    if single.exists() or single.is_symlink():
+        return [_check_inside(directory, single, single)]
+    if index.exists() or index.is_symlink():
         data = read_json(index, "shard index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map object")
-        files = []
-        root = directory.resolve()
-        for shard in sorted(set(weight_map.values()), key=str):
-            if not isinstance(shard, str) or not shard:
-                raise CheckpointError(f"{index}: invalid shard name {shard!r}")
-            p = (directory / shard).resolve()
-            if p.parent != root:
-                raise CheckpointError(f"{index}: shard {shard!r} points outside {directory}")
-            files.append(p)
-        return files
+        shards = []
+        for tensor, shard in weight_map.items():
+            if not _valid_shard_name(shard):
+                if isinstance(shard, str) and (shard.startswith(("/", "\\")) or ".." in shard.replace("\\", "/").split("/")):
+                    raise CheckpointError(f"{index}: shard {shard[:100]!r} of {tensor[:100]!r} points outside "
+                                          f"{directory}")
+                raise CheckpointError(f"{index}: invalid shard name {str(shard)[:100]!r} for tensor {tensor[:100]!r} "
+                                      "(must be a file name in the same directory)")
+            if shard not in shards:
+                shards.append(shard)
+        return [_check_inside(directory, directory / shard, index) for shard in sorted(shards)]
     if (directory / "pytorch_model.bin").exists():
         raise CheckpointError(f"{directory}: only pytorch_model.bin found; npllama never unpickles, "
                               "convert it to model.safetensors")
@@ -219,6 +321,7 @@ def weight_files(directory) -> list[Path]:
 
 
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+SMALLEST_FLOAT_BYTES = 2  # F16/BF16: the fewest bytes a stored weight can take
 
 
 def load_pretrained(directory, dtype=np.float32):
@@ -228,10 +331,25 @@ def load_pretrained(directory, dtype=np.float32):
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg = load_config(directory)
+    files = weight_files(directory)
+    # Refuse a config whose parameters cannot be in the files before allocating them: a
+    # config.json claiming a vocabulary of 10^12 must not get to ask for terabytes.
+    n_params = cfg.num_parameters()
+    file_bytes = 0
+    for path in files:
+        f, size = open_regular_file(path, "safetensors file")
+        f.close()
+        file_bytes += size
+    if n_params * SMALLEST_FLOAT_BYTES > file_bytes:
+        names = ", ".join(p.name for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise CheckpointError(
+            f"{directory}: config.json implies {n_params:,} parameters (at least "
+            f"{n_params * SMALLEST_FLOAT_BYTES:,} bytes) but {names} hold(s) only {file_bytes:,} bytes "
+            "(truncated, or the wrong config.json?)")
     model = Llama(cfg, dtype=dtype)
     expected = {name: shape for name, shape in model.layout}
-    seen = set()
-    for path in weight_files(directory):
+    seen = {}
+    for path in files:
         for name, (st_dtype, arr) in read_safetensors(path).items():
             if name.endswith(IGNORED_TENSOR_SUFFIXES):
                 continue
@@ -239,18 +357,24 @@ def load_pretrained(directory, dtype=np.float32):
                 continue  # tied: the embedding is the output projection
             if name not in expected:
                 raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
+            if name in seen:
+                raise CheckpointError(f"{path}: tensor {name!r} is in both {seen[name].name} and {path.name}")
             if tuple(arr.shape) != expected[name]:
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, "
                                       f"config.json implies {expected[name]}")
             model.params[name][...] = to_float(st_dtype, arr, model.dtype, f"{path}: tensor {name!r}")
-            seen.add(name)
-    missing = sorted(set(expected) - seen)
+            seen[name] = path
+    missing = sorted(set(expected) - set(seen))
     if missing:
         raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     tok = directory / "tokenizer.json"
-    if tok.exists():
+    if tok.exists() or tok.is_symlink():
         from .tokenizer import Tokenizer
         model.tokenizer = Tokenizer.from_file(tok)
+        if model.tokenizer.vocab_size > cfg.vocab_size:
+            raise CheckpointError(
+                f"{tok}: tokenizer.json has {model.tokenizer.vocab_size} tokens but config.json's vocab_size is "
+                f"{cfg.vocab_size}; the model has no embedding for the extra ids")
     return model
 
 

@@ -140,7 +140,10 @@ class Llama:
 
     # ---- input checks --------------------------------------------------------------------------
     def _check_tokens(self, tokens, name="tokens", allow_ignore=False):
-        arr = np.asarray(tokens)
+        try:
+            arr = np.asarray(tokens)
+        except (ValueError, TypeError) as e:  # ragged nested lists, objects NumPy cannot convert
+            raise InputError(f"{name} must be an integer array of token ids ({e})") from None
         if arr.dtype.kind not in "iu":
             raise InputError(f"{name} must be an integer array of token ids, got dtype {arr.dtype}")
         if arr.ndim != 2:

@@ -136,8 +136,10 @@ class Tokenizer:
         try:
             text = path.read_text(encoding="utf-8")
             json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a valid tokenizer.json (JSON nested too deeply)") from None
+        except (OSError, ValueError) as e:  # also UnicodeDecodeError, JSONDecodeError, the int digit limit
+            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {str(e)[:200]})") from None
         try:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
