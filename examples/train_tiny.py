@@ -1,7 +1,10 @@
 """Train a tiny Llama on the bundled Shakespeare from Python: tokenizer, data, model, AdamW, schedule.
 
-    python examples/train_tiny.py                      # ~1 minute on 2 cores
+    python examples/train_tiny.py                      # 300 steps, about 30 s
     python examples/train_tiny.py --steps 30 --dim 32  # a few seconds
+
+At these tiny sizes one thread is fastest (threads cost more to start than they save):
+``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python examples/train_tiny.py``.
 
 The heart of it is the loop in ``main``: draw a batch, ``loss_and_grad``, clip, one AdamW step at
 the learning rate the schedule gives for this step.  ``npllama train`` does the same with
@@ -40,6 +43,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sample-tokens", type=int, default=60, help="tokens to generate at the end")
     args = p.parse_args(argv)
 
     # ---- the ~20 lines: text -> tokens -> model -> AdamW + schedule loop ----------------------
@@ -69,6 +73,9 @@ def main(argv=None):
     val_after = held_out_loss(model, data, args.seq_len)
     print(f"held-out loss {val_before:.3f} -> {val_after:.3f} nats/token "
           f"({model.num_parameters():,} parameters, vocab {tokenizer.vocab_size})")
+    prompt = tokenizer.encode("ROMEO:")
+    sample = model.generate(prompt, max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40, seed=0)
+    print("sample: " + tokenizer.decode(np.concatenate([prompt, sample])))
     return {"losses": losses, "val_before": val_before, "val_after": val_after, "model": model,
             "tokenizer": tokenizer}
 

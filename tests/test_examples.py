@@ -50,6 +50,7 @@ def test_train_tiny_learns():
     assert abs(before - np.log(300)) < 0.2
     assert after < before - 0.5, (before, after)
     assert losses[-1] < losses[0] - 0.5
+    assert re.search(r"^sample: ROMEO:.", proc.stdout, flags=re.M)     # the trained model writes text
 
 
 def test_check_my_layer_passes_and_catches_the_bug():
