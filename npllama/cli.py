@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 SUBCOMMANDS = {
     "train": ("npllama.train", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
@@ -38,8 +39,15 @@ def _threads_from_argv(argv):
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (the train command's usage alone is twenty lines), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="npllama", description="A Llama in NumPy with hand-written backward passes.")
+    parser = _Parser(prog="npllama", description="A Llama in NumPy with hand-written backward passes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -74,14 +82,28 @@ def main(argv=None) -> int:
     if getattr(args, "_missing", None):
         print(f"npllama: error: '{args.command}' is not available in this build", file=sys.stderr)
         return 2
+    warnings.showwarning = _show_warning_on_one_line
     try:
         return int(args._run(args) or 0)
     except NpllamaError as e:
         print(f"npllama: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, permissions, ... outside npllama's own checks: still one line
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"npllama: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        print(f"npllama: error: out of memory ({e or 'allocation failed'}); try a smaller model or batch",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("npllama: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_warning_on_one_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings as ``npllama: warning: ...`` rather than Python's two lines with a source excerpt."""
+    print(f"npllama: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

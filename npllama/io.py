@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -45,9 +46,12 @@ def atomic_write_bytes(path, chunks):
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     except OSError as e:
-        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise WriteError(f"{path}: cannot write ({e.strerror or e}); the previous file, if any, "
+                         "is unchanged") from e
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+            os.fchmod(f.fileno(), _new_file_mode(path))
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
@@ -64,6 +68,15 @@ def atomic_write_bytes(path, chunks):
                              "is unchanged") from e
         raise
     fsync_dir(path.parent)
+
+
+def _new_file_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)   # replacing a file: keep its mode
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def fsync_dir(directory):
@@ -121,6 +134,76 @@ def parse_json(raw: bytes, where: str, what: str = "JSON"):
         raise CheckpointError(f"{where}: corrupt {what} (nested too deeply)") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError; so is the int digit limit
         raise CheckpointError(f"{where}: corrupt {what} ({str(e)[:200]})") from None
+
+
+# ---- a set of files replaced all at once -------------------------------------------------------
+STAGING_DIR = ".checkpoint-staging"   # being written: thrown away after a crash
+COMMIT_DIR = ".checkpoint-commit"     # complete: moved into place, after a crash too
+COMMIT_LAST = ("training_state.json",)
+
+
+def begin_staged_write(directory) -> Path:
+    """An empty directory inside ``directory`` in which to write a set of files (a checkpoint) that
+    must replace their namesakes in ``directory`` all together: see ``commit_staged_write``."""
+    directory = Path(directory)
+    recover_staged_write(directory)
+    stage = directory / STAGING_DIR
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+    except OSError as e:
+        raise WriteError(f"{directory}: cannot write a checkpoint here ({e.strerror or e}); the previous "
+                         "checkpoint, if any, is unchanged") from e
+    return stage
+
+
+def commit_staged_write(directory, stage, last=COMMIT_LAST):
+    """Replace the files of ``directory`` by those of ``stage`` as one unit.
+
+    Each staged file was written atomically (fsynced). Renaming the staging directory to
+    ``COMMIT_DIR`` is the commit point: before it, a crash leaves the old set untouched (the
+    staging directory is deleted by the next ``recover_staged_write``); after it,
+    ``recover_staged_write`` finishes moving the files in. The files named in ``last`` move last,
+    so a reader that never recovers sees the new training state only with the new files."""
+    directory, stage = Path(directory), Path(stage)
+    commit = directory / COMMIT_DIR
+    try:
+        fsync_dir(stage)
+        os.replace(stage, commit)
+        fsync_dir(directory)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise WriteError(f"{directory}: cannot commit the checkpoint ({e.strerror or e}); the previous "
+                         "checkpoint is unchanged") from e
+    _move_committed(directory, commit, last)
+
+
+def _move_committed(directory: Path, commit: Path, last=COMMIT_LAST):
+    names = sorted(p.name for p in commit.iterdir())
+    names = [n for n in names if n not in last] + [n for n in last if n in names]
+    try:
+        for name in names:
+            os.replace(commit / name, directory / name)
+        fsync_dir(directory)
+        commit.rmdir()
+    except OSError as e:
+        raise WriteError(f"{directory}: checkpoint committed but not all files moved into place "
+                         f"({e.strerror or e}); they are in {commit} and the next resume moves them") from e
+
+
+def recover_staged_write(directory, last=COMMIT_LAST) -> bool:
+    """After a crash: finish a committed set of files, discard an uncommitted one. Returns whether
+    a committed set was rolled forward. Does nothing (and writes nothing) when there is neither."""
+    directory = Path(directory)
+    commit = directory / COMMIT_DIR
+    rolled = False
+    if commit.is_dir() and not commit.is_symlink():
+        _move_committed(directory, commit, last)
+        rolled = True
+    stage = directory / STAGING_DIR
+    if stage.is_dir() and not stage.is_symlink():
+        shutil.rmtree(stage, ignore_errors=True)
+    return rolled
 
 
 # ---- safetensors -------------------------------------------------------------------------------
