@@ -232,7 +232,7 @@ def npllama_model(npllama, shape: ModelShape, weights: dict | None = None):
 
 # ---- machine peak ---------------------------------------------------------------------------------
 
-def matmul_peak_gflops(lib: str = "numpy", n: int = 2048, repeats: int = 7) -> dict:
+def matmul_peak_gflops(lib: str = "numpy", n: int = 2048, repeats: int = 20) -> dict:
     """Best-of-``repeats`` float32 GEMM rate (2·n³ FLOP per n×n @ n×n), in GFLOP/s.
 
     Uses whatever thread count the process was started with, so run it in a worker with the same
