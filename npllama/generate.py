@@ -116,7 +116,7 @@ class KVCacheDecoder:
 
         One forward pass of the layer functions over the P positions (as decoder_block_forward,
         without dropout), storing each layer's rotated keys and values in the cache."""
-        cfg, model = self.config, self.model
+        cfg = self.config
         P = len(tokens)
         if not 1 <= P <= self.capacity:
             raise InputError(f"prefill needs 1 to {self.capacity} tokens, got {P}")
