@@ -19,14 +19,15 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ConfigError, InputError
-from .layers.block import decoder_block_backward, decoder_block_forward
-from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
-from .layers.embedding import embedding_backward, embedding_forward
-from .layers.linear import linear_backward, linear_forward
-from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .layers.block import (LayerBuffers, NormedStream, SharedBuffers, decoder_block_backward_rows,
+                           decoder_block_forward_rows)
+from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward, cross_entropy_forward_kernel
+from .layers.embedding import embedding_backward
+from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_cos_sin, rope_frequencies
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
+LOSS_CHUNK_ROWS = 1024  # rows of logits at a time in Llama.loss
 
 
 def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -85,6 +86,32 @@ def _layer_views(views, flat, layout, cfg):
     return layers
 
 
+class _Workspace:
+    """Every buffer of a forward (and, with ``keep_activations``, backward) pass over (B, T) tokens.
+
+    Training: one LayerBuffers per layer (what its backward needs), block i's output stream being
+    block i+1's input (``final`` after the last block: x_L, its norm xn and 1/rms);  inference: one
+    LayerBuffers for all layers, h = x and n2 = n1 aliased so the residual stream is updated in
+    place.  logits (N, V) is overwritten by dlogits in training."""
+
+    def __init__(self, cfg, B, T, dtype, rope_freqs, keep_activations):
+        N = B * T
+        self.shape = (B, T)
+        self.cos, self.sin = rope_cos_sin(np.arange(T), rope_freqs, dtype)
+        self.shared = SharedBuffers(cfg, N, dtype)
+        if keep_activations:
+            self.layers = [LayerBuffers(cfg, N, dtype) for _ in range(cfg.n_layers)]
+            self.final = NormedStream(cfg, N, dtype)
+            self.logits = np.empty((N, cfg.vocab_size), dtype=dtype)
+            self.losses = np.empty(N, dtype=np.float64)
+        else:
+            one = LayerBuffers(cfg, N, dtype)
+            one.h, one.n2, one.r2 = one.x, one.n1, one.r1
+            self.layers = [one] * cfg.n_layers
+            self.final = one
+            self.logits = None  # forward() returns a new array; loss() works in row chunks
+
+
 class Llama:
     def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32):
         if not isinstance(config, LlamaConfig):
@@ -106,6 +133,7 @@ class Llama:
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self._dropout_rng = np.random.default_rng(seed + 1)
+        self._workspaces = {}  # (B, T, training) -> _Workspace; at most one shape per mode
         self.init_weights(seed)
 
     # ---- parameters ----------------------------------------------------------------------------
@@ -163,38 +191,77 @@ class Llama:
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     # ---- forward and backward ------------------------------------------------------------------
-    def _forward(self, tokens, training, positions_start=0):
+    # The step runs on row buffers (see layers/block.py, "the training path"): every activation of
+    # a (B, T) batch lives in a buffer made on the first call with that shape and reused after, so a
+    # step allocates almost nothing.  Training keeps one set per layer for the backward; forward()
+    # and loss() use a single set for all layers (the residual stream updated in place).
+    def _workspace(self, B, T, training):
+        key = (B, T, bool(training))
+        ws = self._workspaces.get(key)
+        if ws is None:
+            self._workspaces = {k: v for k, v in self._workspaces.items() if k[2] != key[2]}  # one shape each
+            ws = _Workspace(self.config, B, T, self.dtype, self.rope_freqs, keep_activations=training)
+            self._workspaces[key] = ws
+        return ws
+
+    def _forward_rows(self, tokens, ws, training, logits=None, head=True):
+        """Embedding -> blocks -> final norm (ws.final.n1) -> logits (N, V), into ``logits`` when
+        given, else into the workspace's buffer; ``head=False`` stops before the logits.  The
+        per-layer activations stay in ``ws`` for the backward."""
         cfg = self.config
         B, T = tokens.shape
-        cos, sin = rope_cos_sin(np.arange(positions_start, positions_start + T), self.rope_freqs, self.dtype)
-        x, cache_embed = embedding_forward(tokens, self.params["model.embed_tokens.weight"])
-        caches = []
-        for w in self._layers:
-            x, cache = decoder_block_forward(x, w, cos, sin, cfg, self._dropout_rng, training)
-            caches.append(cache)
-        xn, cache_norm = rmsnorm_forward(x, self.params["model.norm.weight"], cfg.norm_eps)
-        logits, cache_head = linear_forward(xn.reshape(B * T, cfg.dim), self.lm_head)
-        return logits, (cache_embed, caches, cache_norm, cache_head)
+        dt = self.dtype.type
+        first = ws.layers[0]
+        np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
+        rmsnorm_forward_kernel(first.x, self._layers[0]["attn_norm"], dt(cfg.norm_eps), first.n1, first.r1)
+        for i, (buf, w) in enumerate(zip(ws.layers, self._layers)):
+            nxt = ws.final if i == cfg.n_layers - 1 else ws.layers[i + 1]
+            next_norm_w = self.params["model.norm.weight"] if i == cfg.n_layers - 1 else self._layers[i + 1]["attn_norm"]
+            decoder_block_forward_rows(buf, nxt, ws.shared, w, next_norm_w, ws.cos, ws.sin, B, T, cfg,
+                                       self._dropout_rng, training)
+        if not head:
+            return None
+        logits = ws.logits if logits is None else logits
+        np.matmul(ws.final.n1, self.lm_head.T, out=logits)
+        return logits
 
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
         tokens = self._check_tokens(tokens)
-        logits, _ = self._forward(tokens, training=False)
-        return logits.reshape(*tokens.shape, self.config.vocab_size)
+        B, T = tokens.shape
+        logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
+        self._forward_rows(tokens, self._workspace(B, T, False), False, logits=logits)
+        return logits.reshape(B, T, self.config.vocab_size)
 
     __call__ = forward
 
     def loss(self, tokens, targets, reduction="mean") -> float:
         """Cross-entropy of ``targets`` (ids or -100 to ignore) without gradients; dropout off.
-        reduction="sum" gives the total nats (for bits per byte)."""
+        reduction="sum" gives the total nats (for bits per byte).
+
+        The logits are made LOSS_CHUNK_ROWS rows at a time, so evaluation never holds an (N, V)
+        array (with a 32000 vocabulary that is the largest buffer of the whole model)."""
         tokens, targets = self._check_pair(tokens, targets)
-        logits, _ = self._forward(tokens, training=False)
-        loss, cache = cross_entropy_forward(logits, targets.reshape(-1))
-        if reduction == "sum":
-            return loss * cache[3] if np.any(targets != IGNORE_INDEX) else 0.0
-        if reduction != "mean":
+        if reduction not in ("mean", "sum"):
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        return loss
+        B, T = tokens.shape
+        ws = self._workspace(B, T, False)
+        self._forward_rows(tokens, ws, False, head=False)
+        xn, targets = ws.final.n1, targets.reshape(-1)
+        rows = min(LOSS_CHUNK_ROWS, B * T)
+        logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
+        lse, losses = np.empty(rows), np.empty(rows)
+        total = 0.0
+        for start in range(0, B * T, rows):
+            stop = min(start + rows, B * T)
+            n = stop - start
+            np.matmul(xn[start:stop], self.lm_head.T, out=logits[:n])
+            cross_entropy_forward_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, lse[:n], losses[:n])
+            total += float(np.sum(losses[:n]))
+        count = int(np.count_nonzero(targets != IGNORE_INDEX))
+        if reduction == "sum":
+            return total
+        return total / max(count, 1)
 
     def _check_pair(self, tokens, targets):
         tokens = self._check_tokens(tokens)
@@ -211,19 +278,26 @@ class Llama:
         cfg = self.config
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
-        logits, (cache_embed, caches, cache_norm, cache_head) = self._forward(tokens, self.training)
-        loss, cache_ce = cross_entropy_forward(logits, targets.reshape(-1))
+        ws = self._workspace(B, T, True)
+        logits = self._forward_rows(tokens, ws, self.training)
+        # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
+        loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses)
 
-        dlogits = cross_entropy_backward(1.0, cache_ce, out=logits)  # reuse the logits' memory
-        dxn, _ = linear_backward(dlogits, cache_head, self.grads[
+        # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W (over xn)
+        final = ws.final
+        np.matmul(dlogits.T, final.n1, out=self.grads[
             "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
-        dx, _ = rmsnorm_backward(dxn.reshape(B, T, cfg.dim), cache_norm, self.grads["model.norm.weight"])
-        for cache, dw in zip(reversed(caches), reversed(self._layer_grads)):
-            dx = decoder_block_backward(dx, cache, dw, cfg)
+        np.matmul(dlogits, self.lm_head, out=final.n1)
+        shared = ws.shared
+        rmsnorm_backward_kernel(final.n1, final.x, self.params["model.norm.weight"], final.r1, shared.dres,
+                                shared.dw_partial, False)
+        np.sum(shared.dw_partial, axis=0, out=self.grads["model.norm.weight"])
+        for buf, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
+            decoder_block_backward_rows(buf, shared, w, dw, ws.cos, ws.sin, B, T, cfg)
         d_embed = self.grads["model.embed_tokens.weight"]
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0
-        embedding_backward(dx, cache_embed, d_embed)
+        embedding_backward(shared.dres, tokens, d_embed)
         return loss, self.grads
 
     # ---- generation (npllama/generate.py) ------------------------------------------------------

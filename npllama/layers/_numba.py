@@ -1,8 +1,71 @@
-"""Shared Numba settings: every kernel is compiled once per dtype and cached on disk."""
+"""Shared Numba settings and helpers: every kernel is compiled once per dtype and cached on disk.
+
+Threads: Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
+with the BLAS variables, before NumPy is imported); ``numba.set_num_threads`` lowers it later.
+
+fastmath: off by default (the float64 checks want IEEE results).  ``jit_parallel_reassoc`` allows
+only "reassoc" and "contract": LLVM may then split a sum into vector lanes and fuse a*b + c into one
+FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to their references at
+1e-12) and never changes how inf or NaN behave.
+"""
 import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
-# first run pays the compile cost.  fastmath stays off: the float64 checks want IEEE results.
+# first run pays the compile cost.
+REASSOC = {"reassoc", "contract"}
 jit = numba.njit(cache=True)
 jit_parallel = numba.njit(cache=True, parallel=True)
+jit_parallel_reassoc = numba.njit(cache=True, parallel=True, fastmath=REASSOC)
 prange = numba.prange
+
+
+# ---- exp: exact for float64, vectorisable for float32 -----------------------------------------
+# libm's expf is a scalar call (~5-10 ns) that keeps LLVM from vectorising the loop around it, and
+# softmax cross-entropy and SwiGLU take tens of millions of them per training step.  For float32,
+# Cephes' expf instead:  exp(x) = 2^n exp(r),  n = round(x log2 e),  r = x - n ln2 (ln2 split in a
+# high part exact in float32 and a low part, so r is exact),  exp(r) by a degree-7 polynomial on
+# |r| <= ln2/2, and 2^n built from its exponent bits.  Max error ~1.5 ulp; x is clamped to
+# [-88, 88] (so exp(-inf) = 1.6e-38, not 0: fine where it is added to a sum or multiplied by a
+# value <= 1).  float64 keeps np.exp, exact to the last bit.
+@intrinsic
+def _pow2_float32(typingctx, n):
+    """2**n as float32 for a float32 n holding an integer in [-127, 127], by building the bits."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+    return sig, codegen
+
+
+_F = np.float32
+_LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
+_P0, _P1, _P2, _P3, _P4, _P5 = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3),
+                                _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1))
+_XMIN, _XMAX, _HALF, _ONE = _F(-88.0), _F(88.0), _F(0.5), _F(1.0)
+
+
+@numba.njit(cache=True, fastmath=REASSOC)
+def exp_float32(x):
+    x = min(max(x, _XMIN), _XMAX)
+    n = np.floor(x * _LOG2E + _HALF)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    exp_r = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
+    return exp_r * _pow2_float32(n)
+
+
+def fast_exp(x):
+    """exp(x): np.exp for float64; the vectorisable ``exp_float32`` for float32 (inside kernels)."""
+    return np.exp(x)
+
+
+@overload(fast_exp, jit_options={"fastmath": REASSOC})
+def _fast_exp_overload(x):
+    if x == types.float32:
+        return lambda x: exp_float32(x)
+    return lambda x: np.exp(x)

@@ -18,9 +18,11 @@ import numpy as np
 from .attention import attention_backward, attention_forward
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
-from .rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .rope import rope_backward, rope_forward
-from .swiglu import feedforward_backward, feedforward_forward
+from .rmsnorm import (add_rmsnorm_forward_kernel, rmsnorm_backward, rmsnorm_backward_kernel, rmsnorm_dw_chunks,
+                      rmsnorm_forward)
+from .rope import rope_backward, rope_forward, rope_rows_inplace_kernel
+from .swiglu import (feedforward_backward, feedforward_forward, swiglu_backward_rows_inplace_kernel,
+                     swiglu_forward_rows_kernel)
 
 
 def split_heads(qkv, n_heads, n_kv_heads, head_dim):
@@ -83,3 +85,131 @@ def decoder_block_backward(dout, cache, dw, cfg):
     dn1, _ = linear_backward(dqkv, cache_qkv, dw["wqkv"])
     dx_attn, _ = rmsnorm_backward(dn1, cache_norm1, dw["attn_norm"])
     return dh + dx_attn
+
+
+# ---- the training path: the same block on preallocated buffers --------------------------------
+# ``decoder_block_forward`` / ``decoder_block_backward`` above are the block written as the
+# composition of the layer functions.  The model's training step runs the same arithmetic on
+# buffers made once per (batch, seq_len) and reused every step (``ActivationBuffers``), with:
+#   * rows: every activation is a (N, width) matrix, N = B*T, so each projection is one BLAS call
+#     writing straight into its buffer (np.matmul(..., out=)), and weight gradients are written by
+#     BLAS into their views of the flat gradient buffer;
+#   * RoPE rotating q and k in place in the fused q/k/v output (one kernel), and backward likewise
+#     in the gradient of that output;
+#   * each residual add fused with the RMSNorm that follows it (``add_rmsnorm_forward_kernel``):
+#     the block's second add with the next block's first norm (or the final norm);
+#   * backward: one (N, D) buffer ``dres`` holds the residual stream's gradient and each norm's
+#     backward adds its branch into it (the identity path costs nothing);
+#   * gradients overwrite activations that are dead once their weight gradient is taken: dn1 over
+#     n1, do over o, dh over the SwiGLU output, (da, du) over the gate/up output (and dxn over xn,
+#     dlogits over the logits, in the model).
+# The attention itself is ``attention_forward`` / ``attention_backward`` (layers/attention.py) on
+# strided (B, heads, T, hd) views of the q/k/v rows; its output is copied back to rows (merge heads).
+
+
+class LayerBuffers:
+    """One block's activations kept for the backward (N = B*T rows).
+
+    x: (N, D) block input;  n1, r1: its RMSNorm (output, 1/rms);  qkv: (N, (H+2K)*hd), q and k
+    already rotated;  o: (N, H*hd) attention output, heads merged;  h: (N, D) after the attention
+    residual;  n2, r2: its RMSNorm;  au: (N, 2F) gate/up projections;  g: (N, F) SwiGLU output."""
+
+    def __init__(self, cfg, N, dtype, x=None, n1=None, r1=None):
+        D, F, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
+        e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
+        self.x = e(N, D) if x is None else x
+        self.n1 = e(N, D) if n1 is None else n1
+        self.r1 = e(N) if r1 is None else r1
+        self.qkv = e(N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd)
+        self.o = e(N, cfg.n_heads * hd)
+        self.h = e(N, D)
+        self.n2 = e(N, D)
+        self.r2 = e(N)
+        self.au = e(N, 2 * F)
+        self.g = e(N, F)
+        self.attn_cache = None
+        self.mask_attn = self.mask_ffn = None
+
+
+class NormedStream:
+    """A residual-stream buffer with its RMSNorm: the input of a block or of the final norm."""
+
+    def __init__(self, cfg, N, dtype):
+        self.x = np.empty((N, cfg.dim), dtype=dtype)
+        self.n1 = np.empty((N, cfg.dim), dtype=dtype)
+        self.r1 = np.empty(N, dtype=dtype)
+
+
+class SharedBuffers:
+    """Scratch used by one block at a time: proj (N, D) output of W_o / W_down before its residual
+    add; dres (N, D) residual-stream gradient; dqkv (N, (H+2K)*hd); dw_partial for norm gains."""
+
+    def __init__(self, cfg, N, dtype):
+        hd = cfg.head_dim
+        self.proj = np.empty((N, cfg.dim), dtype=dtype)
+        self.dres = np.empty((N, cfg.dim), dtype=dtype)
+        self.dqkv = np.empty((N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd), dtype=dtype)
+        self.dw_partial = np.empty((rmsnorm_dw_chunks(N), cfg.dim), dtype=dtype)
+
+
+def _dropout_rows(a, p, rng, training):
+    """Dropout of a (N, D) buffer in place; returns the mask (None when inactive)."""
+    y, mask = dropout_forward(a, p, rng, training)
+    if mask is not None:
+        a[...] = y
+    return mask
+
+
+def decoder_block_forward_rows(buf, out, shared, w, next_norm_w, cos, sin, B, T, cfg, rng=None,
+                               training=False):
+    """Forward of one block on row buffers.  Reads buf.x, buf.n1 (its RMSNorm, already computed);
+    fills the rest of ``buf``; writes the block output to out.x and its RMSNorm with gain
+    ``next_norm_w`` (the next block's input norm, or the final norm) to out.n1, out.r1.
+    ``out`` may be ``buf``'s own stream (inference: one buffer set for every layer)."""
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    eps = buf.x.dtype.type(cfg.norm_eps)
+    # attention branch
+    np.matmul(buf.n1, w["wqkv"].T, out=buf.qkv)
+    rope_rows_inplace_kernel(buf.qkv, H + K, hd, T, cos, sin, buf.qkv.dtype.type(1.0))
+    q, k, v = split_heads(buf.qkv.reshape(B, T, -1), H, K, hd)
+    o, buf.attn_cache = attention_forward(q, k, v)
+    np.copyto(buf.o.reshape(B, T, H, hd), o.transpose(0, 2, 1, 3))
+    np.matmul(buf.o, w["wo"].T, out=shared.proj)
+    buf.mask_attn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
+    add_rmsnorm_forward_kernel(buf.x, shared.proj, w["ffn_norm"], eps, buf.h, buf.n2, buf.r2)
+    # feed-forward branch
+    np.matmul(buf.n2, w["w_gate_up"].T, out=buf.au)
+    swiglu_forward_rows_kernel(buf.au, buf.g)
+    np.matmul(buf.g, w["w_down"].T, out=shared.proj)
+    buf.mask_ffn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
+    add_rmsnorm_forward_kernel(buf.h, shared.proj, next_norm_w, eps, out.x, out.n1, out.r1)
+
+
+def decoder_block_backward_rows(buf, shared, w, dw, cos, sin, B, T, cfg):
+    """Backward of one block.  On entry shared.dres holds dL/d(block output); on return dL/d(block
+    input).  Weight gradients are written into ``dw``'s buffers.  Overwrites buf.n1, buf.o, buf.n2,
+    buf.au and buf.g (their backward uses are over by then)."""
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    dres = shared.dres
+    # feed-forward branch: out = h + W_down swiglu(W_gate_up n2)
+    df = dres if buf.mask_ffn is None else np.multiply(dres, buf.mask_ffn, out=shared.proj)
+    np.matmul(df.T, buf.g, out=dw["w_down"])
+    np.matmul(df, w["w_down"], out=buf.g)                      # dg over g
+    swiglu_backward_rows_inplace_kernel(buf.g, buf.au)         # [da | du] over au
+    np.matmul(buf.au.T, buf.n2, out=dw["w_gate_up"])
+    np.matmul(buf.au, w["w_gate_up"], out=buf.n2)              # dn2 over n2
+    rmsnorm_backward_kernel(buf.n2, buf.h, w["ffn_norm"], buf.r2, dres, shared.dw_partial, True)
+    np.sum(shared.dw_partial, axis=0, out=dw["ffn_norm"])
+    # attention branch: h = x + W_o attention(rope(q), rope(k), v)
+    da = dres if buf.mask_attn is None else np.multiply(dres, buf.mask_attn, out=shared.proj)
+    np.matmul(da.T, buf.o, out=dw["wo"])
+    np.matmul(da, w["wo"], out=buf.o)                          # do over o (merged heads)
+    do = buf.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    dq, dk, dv = split_heads(shared.dqkv.reshape(B, T, -1), H, K, hd)
+    attention_backward(do, buf.attn_cache, dq=dq, dk=dk, dv=dv)
+    buf.attn_cache = None
+    rope_rows_inplace_kernel(shared.dqkv, H + K, hd, T, cos, sin, shared.dqkv.dtype.type(-1.0))
+    np.matmul(shared.dqkv.T, buf.n1, out=dw["wqkv"])
+    np.matmul(shared.dqkv, w["wqkv"], out=buf.n1)              # dn1 over n1
+    rmsnorm_backward_kernel(buf.n1, buf.x, w["attn_norm"], buf.r1, dres, shared.dw_partial, True)
+    np.sum(shared.dw_partial, axis=0, out=dw["attn_norm"])

@@ -10,6 +10,11 @@ Backward, with g = dy * w (the gradient reaching xhat):
     dr/dx_i = -r^3 x_i / D, so
     dx_i = r g_i + sum_j g_j x_j dr/dx_i = r (g_i - xhat_i * mean_j(g_j xhat_j))
 
+In the model every RMSNorm but the first follows a residual add, h = x + a, so the training path
+fuses the two (``add_rmsnorm_forward_kernel``: one pass writes h, y and r).  In the backward the
+residual's gradient passes through the add unchanged, so the norm's dx is *added* to the residual
+stream's gradient in place (``rmsnorm_backward_kernel(..., accumulate=True)``).
+
 Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
@@ -34,6 +39,8 @@ def rmsnorm_backward_reference(dy, cache):
 
 
 # ---- kernels -----------------------------------------------------------------------------------
+# Sums of squares and dot products accumulate in float64 (a serial chain either way); the
+# elementwise loops stay in the array's dtype (r is cast back), so they vectorise for float32.
 @jit_parallel
 def rmsnorm_forward_kernel(x, w, eps, y, r):
     N, D = x.shape
@@ -41,29 +48,62 @@ def rmsnorm_forward_kernel(x, w, eps, y, r):
         ss = 0.0
         for d in range(D):
             ss += x[n, d] * x[n, d]
-        rn = 1.0 / np.sqrt(ss / D + eps)
+        rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
         r[n] = rn
         for d in range(D):
             y[n, d] = w[d] * (x[n, d] * rn)
 
 
 @jit_parallel
-def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial):
-    # dw is a sum over rows; each chunk of rows accumulates its own partial row (no races),
-    # and the caller sums the partials.
+def add_rmsnorm_forward_kernel(x, a, w, eps, h, y, r):
+    """The residual add and the next RMSNorm in one pass:  h = x + a,  y = RMSNorm(h).
+
+    h may be x itself (an in-place residual stream)."""
+    N, D = x.shape
+    for n in prange(N):
+        ss = 0.0
+        for d in range(D):
+            v = x[n, d] + a[n, d]
+            h[n, d] = v
+            ss += v * v
+        rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
+        r[n] = rn
+        for d in range(D):
+            y[n, d] = w[d] * (h[n, d] * rn)
+
+
+@jit_parallel
+def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
+    """dx = RMSNorm backward of dy, or dx += it when ``accumulate`` (dx is then the residual
+    stream's gradient, which passes through the skip connection unchanged).  dy may be dx's memory
+    only when not accumulating: each row of dy is read in full before that row of dx is written.
+
+    dw is a sum over rows; each chunk of rows accumulates its own partial row (no races), and the
+    caller sums the partials."""
     N, D = x.shape
     n_chunks = dw_partial.shape[0]
     for c in prange(n_chunks):
+        for d in range(D):
+            dw_partial[c, d] = 0.0
         for n in range(c * N // n_chunks, (c + 1) * N // n_chunks):
             rn = r[n]
             dot = 0.0
             for d in range(D):
                 dot += dy[n, d] * w[d] * x[n, d]
-            dot *= rn * rn / D  # mean(g * xhat) * r
+            k = x.dtype.type(dot * rn * rn / D)  # mean(g * xhat) * r
             for d in range(D):
                 xhat = x[n, d] * rn
-                dx[n, d] = rn * (dy[n, d] * w[d] - x[n, d] * dot)
                 dw_partial[c, d] += dy[n, d] * xhat
+                g = rn * (dy[n, d] * w[d] - x[n, d] * k)
+                if accumulate:
+                    dx[n, d] += g
+                else:
+                    dx[n, d] = g
+
+
+def rmsnorm_dw_chunks(n_rows):
+    """Rows are split into this many chunks for the partial sums of dw."""
+    return max(1, min(8, n_rows))
 
 
 # ---- what the model calls ----------------------------------------------------------------------
@@ -81,8 +121,7 @@ def rmsnorm_backward(dy, cache, dw_out=None):
     x2, w, r = cache
     dy2 = np.ascontiguousarray(dy.reshape(x2.shape))
     dx = np.empty_like(x2)
-    n_chunks = max(1, min(8, x2.shape[0]))
-    dw_partial = np.zeros((n_chunks, x2.shape[1]), dtype=x2.dtype)
-    rmsnorm_backward_kernel(dy2, x2, w, r, dx, dw_partial)
+    dw_partial = np.empty((rmsnorm_dw_chunks(x2.shape[0]), x2.shape[1]), dtype=x2.dtype)
+    rmsnorm_backward_kernel(dy2, x2, w, r, dx, dw_partial, False)
     dw = np.sum(dw_partial, axis=0, out=dw_out)
     return dx.reshape(dy.shape), dw

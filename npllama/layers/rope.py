@@ -84,6 +84,28 @@ def rope_rotate_kernel(x, cos, sin, sign, out):
                 out[b, h, t, i + half] = x2 * c + x1 * s
 
 
+@jit_parallel
+def rope_rows_inplace_kernel(x, n_heads, head_dim, seq_len, cos, sin, sign):
+    """Rotate in place the first ``n_heads`` heads of every row of x: (N, >= n_heads * hd), the
+    (batch * position, heads * hd) layout the fused q/k/v projection writes, where row n holds
+    position n % seq_len.  q's heads and then k's are the first H + K heads of a q/k/v row, so one
+    call rotates both (sign = +1) or, in the backward, both gradients (sign = -1).  Rows are
+    contiguous here, so this is one pass over memory without the strided (B, heads, T, hd) walk."""
+    N = x.shape[0]
+    half = head_dim // 2
+    for n in prange(N):
+        t = n % seq_len
+        for h in range(n_heads):
+            base = h * head_dim
+            for i in range(half):
+                c = cos[t, i]
+                s = sign * sin[t, i]
+                x1 = x[n, base + i]
+                x2 = x[n, base + half + i]
+                x[n, base + i] = x1 * c - x2 * s
+                x[n, base + half + i] = x2 * c + x1 * s
+
+
 # ---- what the model calls ----------------------------------------------------------------------
 def rope_forward(x, cos, sin, out=None):
     """x: (B, heads, T, hd) -> y (contiguous unless ``out`` is given), cache = (cos, sin)."""
