@@ -3,16 +3,29 @@
 Threads: Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
 with the BLAS variables, before NumPy is imported); ``numba.set_num_threads`` lowers it later.
 
+A training step alternates BLAS calls (OpenBLAS's own thread pool) and Numba kernels (an OpenMP
+pool): two pools on the same cores.  By default an OpenMP worker busy-waits after each parallel
+loop, stealing the core from the BLAS thread that runs next (and OpenBLAS's workers do the same to
+Numba's).  So, unless the user chose otherwise, OMP_WAIT_POLICY=PASSIVE: idle OpenMP workers sleep
+at once (a wake-up costs ~10-50 us, against ~1-10 ms per kernel here).  It must be set before the
+OpenMP runtime loads, i.e. before the first parallel kernel runs, which is after this import.  The
+OpenBLAS counterpart, OPENBLAS_THREAD_TIMEOUT (log2 of the cycles a worker spins, 4..30), is read
+when NumPy loads OpenBLAS, so only a launcher can set it (before importing NumPy).
+
 fastmath: off by default (the float64 checks want IEEE results).  ``jit_parallel_reassoc`` allows
 only "reassoc" and "contract": LLVM may then split a sum into vector lanes and fuse a*b + c into one
 FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to their references at
 1e-12) and never changes how inf or NaN behave.
 """
-import numba
-import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import types  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
 # first run pays the compile cost.
