@@ -21,9 +21,11 @@ per-row log-sum-exp (B, H, T) so the backward can rebuild P without storing it.
 
 Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 """
+import numba
 import numpy as np
-
-from ._numba import jit_parallel, prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -61,88 +63,371 @@ def attention_backward_reference(do, cache):
 
 
 # ---- kernels -----------------------------------------------------------------------------------
-@jit_parallel
-def attention_forward_kernel(q, k, v, o, lse):
-    B, H, T, hd = q.shape
-    G = H // k.shape[1]
-    c = 1.0 / np.sqrt(hd)
-    for bh in prange(B * H):
-        b = bh // H
-        h = bh % H
-        kh = h // G
-        s = np.empty(T, dtype=q.dtype)
-        acc = np.empty(hd, dtype=q.dtype)
-        for i in range(T):
-            m = -np.inf
-            for j in range(i + 1):
-                dot = 0.0
-                for d in range(hd):
-                    dot += q[b, h, i, d] * k[b, kh, j, d]
-                s[j] = dot * c
-                if s[j] > m:
-                    m = s[j]
-            total = 0.0
-            acc[:] = 0.0
-            for j in range(i + 1):
-                p = np.exp(s[j] - m)
-                total += p
-                for d in range(hd):
-                    acc[d] += p * v[b, kh, j, d]
-            for d in range(hd):
-                o[b, h, i, d] = acc[d] / total
-            lse[b, h, i] = m + np.log(total)
+# Tiles.  Queries are taken in blocks of `block` rows, keys in blocks of `block` columns; a unit of
+# work pairs one query block with every key block at or left of the diagonal (tiles above it are
+# never visited, and in the diagonal tile P is zeroed for j > i).  Per tile the work is five small
+# matrix products and one elementwise pass:
+#     S  = qc kT                 (block x hd) (hd x block)       qc = c q: 1/sqrt(hd) folded in
+#     P  = exp(S - lse)          elementwise (forward: online softmax, below)
+#     dP = do vT,  dS = P (dP - D)
+#     dvT += doT P,  dkT += qcT dS,  dq += dS kT^T              (backward)
+#     acc += P vT^T                                             (forward)
+# K and V are packed once per call as transposed tiles, kT[d, j] = k[j0 + j, d], so that every
+# product runs its innermost loop over keys j, contiguous in memory: that is the direction LLVM
+# vectorises, for any hd (a loop over hd = 8 would be one AVX register, left scalar by LLVM).
+#
+# fastmath: "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses a*b + c into
+# one FMA; both change rounding only at the 1e-16 level in float64 (tests hold the kernels to the
+# reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
 
 
-@jit_parallel
-def attention_backward_kernel(q, k, v, o, lse, do, dq, dk, dv):
-    # Parallel over (batch, kv head): the G query heads of a group all write the same dk, dv rows,
-    # so they run in the same iteration and never race.
-    B, H, T, hd = q.shape
-    K = k.shape[1]
-    G = H // K
-    c = 1.0 / np.sqrt(hd)
+def block_size(hd):
+    """Query rows / keys per tile.  128: long rows keep the vector loops efficient and the tiles of
+    one unit (q, k, v, scores, ~100-200 KB) in L2 for the head widths of small Llamas; the loops stop
+    at the diagonal, so large tiles waste nothing there (measured: 128 beats 64 by ~5-15%)."""
+    return 128
+
+
+# exp for float32: libm's expf is a scalar call (~9 ns) that blocks vectorisation, and attention
+# takes B*H*T^2/2 exponentials in the forward and as many again in the backward.  Cephes' expf:
+# exp(x) = 2^n exp(r), n = round(x log2 e), r = x - n ln2 (ln2 split in two for exactness),
+# exp(r) = 1 + r + r^2 P(r) with P of degree 5 on |r| <= ln2/2; relative error < 1.1 * 2^-23 for
+# x in [-20, 10], < 2.5 * 2^-23 down to -87 (numpy's float32 exp: 1.6).  Results below ~1e-38
+# flush to 0.  float64 keeps np.exp.
+@intrinsic
+def _pow2_float32(typingctx, n):
+    """2**n as float32 for a float32 n holding an integer in [-127, 127], by building the bits."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+    return sig, codegen
+
+
+_F = np.float32
+_LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
+_EXP_POLY = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
+             _F(1.6666665459e-1), _F(5.0000001201e-1))
+_P0, _P1, _P2, _P3, _P4, _P5 = _EXP_POLY
+_XMIN, _XMAX, _HALF, _ONE = _F(-88.0), _F(88.0), _F(0.5), _F(1.0)
+
+
+@jit_helper
+def _exp_float32(x):
+    x = min(max(x, _XMIN), _XMAX)
+    n = np.floor(x * _LOG2E + _HALF)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    exp_r = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
+    return exp_r * _pow2_float32(n)
+
+
+@numba.njit(cache=True)
+def exp_float32_array(x):
+    """_exp_float32 over a float32 array (for the tests)."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = _exp_float32(x[i])
+    return out
+
+
+def _exp(x):
+    return np.exp(x)
+
+
+@overload(_exp, jit_options={"fastmath": FASTMATH})
+def _exp_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_float32(x)
+    return lambda x: np.exp(x)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _max(s, n):
+    """max(s[:n]); full fastmath here (no NaNs expected) so the reduction vectorises."""
+    m = s[0]
+    for j in range(1, n):
+        m = max(m, s[j])
+    return m
+
+
+# Tile products.  Two rows of the output at a time and four terms of the sum per sweep: each load of
+# B serves two rows and each load/store of C four multiply-adds (~55 GFLOP/s on one AVX2 core at
+# these sizes, against ~40 for one row).  In the diagonal tile half the products are known zeros
+# or unused, so the loops stop at the diagonal: `triangle` says which operand is triangular.
+FULL, C_LOWER, B_LOWER = 0, 1, 2
+
+
+@jit_helper
+def _matmul(A, B, C, m, k, n, accumulate, triangle):
+    """C[:m, :n] (+)= A[:m, :k] @ B[:k, :n], all C-contiguous; innermost loop along rows of B and C."""
+    k4 = k - k % 4
+    m2 = m - m % 2
+    for r in range(0, m2, 2):                     # two rows of C per pass over B
+        c, e = C[r], C[r + 1]
+        n_r = min(n, r + 2) if triangle == C_LOWER else n
+        if not accumulate:
+            for j in range(n_r):
+                c[j] = 0.0
+                e[j] = 0.0
+        for d in range(0, k4, 4):                 # four terms of the sum per sweep
+            n_d = min(n_r, d + 4) if triangle == B_LOWER else n_r
+            b0, b1, b2, b3 = B[d], B[d + 1], B[d + 2], B[d + 3]
+            a0, a1, a2, a3 = A[r, d], A[r, d + 1], A[r, d + 2], A[r, d + 3]
+            f0, f1, f2, f3 = A[r + 1, d], A[r + 1, d + 1], A[r + 1, d + 2], A[r + 1, d + 3]
+            for j in range(n_d):
+                x0, x1, x2, x3 = b0[j], b1[j], b2[j], b3[j]
+                c[j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                e[j] += f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3
+        for d in range(k4, k):
+            n_d = min(n_r, d + 1) if triangle == B_LOWER else n_r
+            b, a, f = B[d], A[r, d], A[r + 1, d]
+            for j in range(n_d):
+                c[j] += a * b[j]
+                e[j] += f * b[j]
+    for r in range(m2, m):                        # a last odd row
+        c = C[r]
+        n_r = min(n, r + 1) if triangle == C_LOWER else n
+        if not accumulate:
+            for j in range(n_r):
+                c[j] = 0.0
+        for d in range(k):
+            n_d = min(n_r, d + 1) if triangle == B_LOWER else n_r
+            b, a = B[d], A[r, d]
+            for j in range(n_d):
+                c[j] += a * b[j]
+
+
+@jit_helper
+def _matmul_bt_add(A, B, C, m, k, n, a_lower):
+    """C[:m, :n] += A[:m, :k] @ B[:n, :k].T: dot products along rows of A and B, a 2 x 4 block of C
+    at a time.  a_lower: A[r, j] = 0 for j > r, so the sums stop there."""
+    n4 = n - n % 4
+    m2 = m - m % 2
+    zero = C.dtype.type(0.0)
+    for r in range(0, m2, 2):
+        a, e = A[r], A[r + 1]
+        k_r = min(k, r + 2) if a_lower else k
+        for d in range(0, n4, 4):
+            b0, b1, b2, b3 = B[d], B[d + 1], B[d + 2], B[d + 3]
+            s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
+            for j in range(k_r):
+                x, y = a[j], e[j]
+                s0 += x * b0[j]
+                s1 += x * b1[j]
+                s2 += x * b2[j]
+                s3 += x * b3[j]
+                t0 += y * b0[j]
+                t1 += y * b1[j]
+                t2 += y * b2[j]
+                t3 += y * b3[j]
+            C[r, d] += s0
+            C[r, d + 1] += s1
+            C[r, d + 2] += s2
+            C[r, d + 3] += s3
+            C[r + 1, d] += t0
+            C[r + 1, d + 1] += t1
+            C[r + 1, d + 2] += t2
+            C[r + 1, d + 3] += t3
+    for r in range(m):                            # what is left: columns past n4, a last odd row
+        k_r = min(k, r + 1) if a_lower else k
+        for d in range(n4 if r < m2 else 0, n):
+            b, a = B[d], A[r]
+            s0 = zero
+            for j in range(k_r):
+                s0 += a[j] * b[j]
+            C[r, d] += s0
+
+
+@jit_kernel
+def pack_key_tiles(x, tiles):
+    """tiles[b, h, kb, d, j] = x[b, h, kb * block + j, d], zero past T: (B, K, T, hd) in any strides
+    -> contiguous (B, K, n_blocks, hd, block), one transposed tile per key block.  (Indexing a tile
+    from 0 also matters: an offset index j0 + j would carry Numba's negative-index wraparound check,
+    which stops LLVM from vectorising.)"""
+    B, K, T, hd = x.shape
+    block = tiles.shape[4]
     for bk in prange(B * K):
-        b = bk // K
-        kh = bk % K
-        for j in range(T):
+        b, kh = bk // K, bk % K
+        for t in range(tiles.shape[2] * block):
+            kb, j = t // block, t % block
             for d in range(hd):
-                dk[b, kh, j, d] = 0.0
-                dv[b, kh, j, d] = 0.0
-        for h in range(kh * G, (kh + 1) * G):
-            for i in range(T):
-                Di = 0.0
+                tiles[b, kh, kb, d, j] = x[b, kh, t, d] if t < T else 0.0
+
+
+@jit_kernel
+def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
+    """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
+    key tiles (FlashAttention): per query row the running max m, the running sum
+    l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
+    raises the max to m', the old l and acc are first scaled by alpha = exp(m - m')."""
+    B, H, T, hd = q.shape
+    G = H // k_tiles.shape[1]
+    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
+    for unit in prange(B * H * n_blocks):
+        bh, qb = unit // n_blocks, unit % n_blocks
+        b, h = bh // H, bh % H
+        i0 = qb * block
+        rows = min(block, T - i0)
+        qc = np.empty((block, hd), dtype=q.dtype)
+        acc = np.zeros((block, hd), dtype=q.dtype)
+        m = np.full(block, -np.inf, dtype=q.dtype)
+        l = np.zeros(block, dtype=q.dtype)
+        P = np.empty((block, block), dtype=q.dtype)          # scores, then probabilities
+        for r in range(rows):
+            for d in range(hd):
+                qc[r, d] = scale * q[b, h, i0 + r, d]
+        for kb in range(qb + 1):
+            kT, vT = k_tiles[b, h // G, kb], v_tiles[b, h // G, kb]
+            diagonal = kb == qb                                  # then P[r, j] = 0 for j > r
+            _matmul(qc, kT, P, rows, hd, block, False, C_LOWER if diagonal else FULL)  # S = qc kT
+            for r in range(rows):
+                p = P[r]
+                n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
+                m_new = max(m[r], _max(p, n_keys))
+                alpha = _exp(m[r] - m_new)
+                row_sum = p.dtype.type(0.0)
+                for j in range(n_keys):
+                    p[j] = _exp(p[j] - m_new)
+                    row_sum += p[j]
+                for j in range(n_keys, block):
+                    p[j] = 0.0
+                l[r] = alpha * l[r] + row_sum
+                m[r] = m_new
                 for d in range(hd):
-                    Di += do[b, h, i, d] * o[b, h, i, d]
-                    dq[b, h, i, d] = 0.0
-                for j in range(i + 1):
-                    sij = 0.0
-                    dpij = 0.0
+                    acc[r, d] *= alpha
+            _matmul_bt_add(P, vT, acc, rows, block, hd, diagonal)                   # acc += P vT^T
+        for r in range(rows):
+            for d in range(hd):
+                o[b, h, i0 + r, d] = acc[r, d] / l[r]
+            lse[b, h, i0 + r] = m[r] + np.log(l[r])
+
+
+@jit_kernel
+def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_starts, dq_parts, dk, dv):
+    """One unit of parallel work = (batch b, kv head kh, range of key blocks): it owns the dk, dv
+    rows of its keys, so no two units write the same dk/dv.  It walks the G query heads of the group
+    and every query block at or below its keys, rebuilds P from lse, and accumulates dkT, dvT in
+    transposed tiles, and dq for the query block in hand.  With one key range per (b, kh) (the usual
+    case) that dq is complete and goes straight to dq_parts[0] = dq; with several, each range's
+    share goes to its own dq_parts[split] and the caller sums them."""
+    B, H, T, hd = q.shape
+    K = k_tiles.shape[1]
+    G = H // K
+    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
+    n_splits = split_starts.shape[0] - 1
+    for unit in prange(B * K * n_splits):
+        bk, split = unit // n_splits, unit % n_splits
+        b, kh = bk // K, bk % K
+        kb_lo, kb_hi = split_starts[split], split_starts[split + 1]
+        key_lo, key_hi = kb_lo * block, min(kb_hi * block, T)
+        dk_tiles = np.zeros((kb_hi - kb_lo, hd, block), dtype=q.dtype)   # transposed, like k_tiles
+        dv_tiles = np.zeros((kb_hi - kb_lo, hd, block), dtype=q.dtype)
+        qc = np.empty((block, hd), dtype=q.dtype)            # c q block, and transposed
+        qcT = np.empty((hd, block), dtype=q.dtype)
+        do_b = np.empty((block, hd), dtype=q.dtype)          # do block, and transposed
+        doT = np.empty((hd, block), dtype=q.dtype)
+        dq_b = np.empty((block, hd), dtype=q.dtype)
+        D = np.empty(block, dtype=q.dtype)                   # D_i = do_i . o_i
+        P = np.empty((block, block), dtype=q.dtype)
+        dS = np.empty((block, block), dtype=q.dtype)         # dP, then dS
+        for h in range(kh * G, (kh + 1) * G):
+            for i in range(key_lo):                          # queries before our keys get nothing
+                for d in range(hd):
+                    dq_parts[split, b, h, i, d] = 0.0
+            for qb in range(kb_lo, n_blocks):
+                i0 = qb * block
+                rows = min(block, T - i0)
+                for r in range(rows):
+                    Dr = q.dtype.type(0.0)
                     for d in range(hd):
-                        sij += q[b, h, i, d] * k[b, kh, j, d]
-                        dpij += do[b, h, i, d] * v[b, kh, j, d]
-                    pij = np.exp(sij * c - lse[b, h, i])
-                    dsij = pij * (dpij - Di) * c
+                        qc[r, d] = qcT[d, r] = scale * q[b, h, i0 + r, d]
+                        do_b[r, d] = doT[d, r] = do[b, h, i0 + r, d]
+                        dq_b[r, d] = 0.0
+                        Dr += do_b[r, d] * o[b, h, i0 + r, d]
+                    D[r] = Dr
+                for kb in range(kb_lo, min(qb + 1, kb_hi)):
+                    kT, vT = k_tiles[b, kh, kb], v_tiles[b, kh, kb]
+                    diagonal = kb == qb                              # then P, dS lower triangular
+                    lower = C_LOWER if diagonal else FULL
+                    _matmul(qc, kT, P, rows, hd, block, False, lower)     # S = qc kT
+                    _matmul(do_b, vT, dS, rows, hd, block, False, lower)  # dP = do vT
+                    for r in range(rows):
+                        p, ds = P[r], dS[r]
+                        lse_i, D_i = lse[b, h, i0 + r], D[r]
+                        n_keys = min(block, i0 + r + 1 - kb * block)
+                        for j in range(n_keys):
+                            p[j] = _exp(p[j] - lse_i)
+                            ds[j] = p[j] * (ds[j] - D_i)
+                        for j in range(n_keys, block):
+                            p[j] = 0.0
+                            ds[j] = 0.0
+                    lower = B_LOWER if diagonal else FULL
+                    _matmul(doT, P, dv_tiles[kb - kb_lo], hd, rows, block, True, lower)  # dvT += doT P
+                    _matmul(qcT, dS, dk_tiles[kb - kb_lo], hd, rows, block, True, lower)  # dkT += qcT dS
+                    _matmul_bt_add(dS, kT, dq_b, rows, block, hd, diagonal)              # dq += dS kT^T
+                for r in range(rows):
                     for d in range(hd):
-                        dv[b, kh, j, d] += pij * do[b, h, i, d]
-                        dq[b, h, i, d] += dsij * k[b, kh, j, d]
-                        dk[b, kh, j, d] += dsij * q[b, h, i, d]
+                        dq_parts[split, b, h, i0 + r, d] = scale * dq_b[r, d]
+        for j in range(key_lo, key_hi):
+            kb, jj = j // block - kb_lo, j % block
+            for d in range(hd):
+                dk[b, kh, j, d] = dk_tiles[kb, d, jj]
+                dv[b, kh, j, d] = dv_tiles[kb, d, jj]
+
+
+def key_block_splits(B, K, n_blocks, threads):
+    """Start key block of each of the ranges the backward gives one (b, kh) unit each.
+
+    One range (all keys) when there are enough (batch, kv head) pairs to keep every thread busy;
+    otherwise the key blocks are cut into ranges of about equal work.  Key block kb is read by the
+    n_blocks - kb query blocks at or below it, so the cuts fall at equal shares of that sum."""
+    n_splits = min(n_blocks, -(-2 * threads // (B * K)))  # aim for >= 2 units per thread
+    if n_splits <= 1:
+        return np.array([0, n_blocks], dtype=np.int64)
+    work = np.cumsum(np.arange(n_blocks, 0, -1))          # work of key blocks 0..kb
+    targets = work[-1] * np.arange(1, n_splits) / n_splits
+    cuts = np.abs(work[None, :] - targets[:, None]).argmin(axis=1) + 1   # nearest block boundary
+    return np.unique(np.concatenate([[0], cuts, [n_blocks]])).astype(np.int64)
+
+
+def _key_tiles(x, block):
+    B, K, T, hd = x.shape
+    tiles = np.empty((B, K, -(-T // block), hd, block), dtype=x.dtype)
+    pack_key_tiles(x, tiles)
+    return tiles
 
 
 # ---- what the model calls ----------------------------------------------------------------------
 def attention_forward(q, k, v):
-    """q: (B, H, T, hd), k, v: (B, K, T, hd) -> o: (B, H, T, hd), cache."""
+    """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd) contiguous, cache."""
     B, H, T, hd = q.shape
+    block = block_size(hd)
+    scale = q.dtype.type(1.0 / np.sqrt(hd))
     o = np.empty((B, H, T, hd), dtype=q.dtype)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    attention_forward_kernel(q, k, v, o, lse)
+    attention_forward_kernel(q, _key_tiles(k, block), _key_tiles(v, block), scale, o, lse)
     return o, (q, k, v, o, lse)
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
     """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
     q, k, v, o, lse = cache
+    B, H, T, hd = q.shape
+    block = block_size(hd)
     dq = np.empty(q.shape, dtype=q.dtype) if dq is None else dq
     dk = np.empty(k.shape, dtype=k.dtype) if dk is None else dk
     dv = np.empty(v.shape, dtype=v.dtype) if dv is None else dv
-    attention_backward_kernel(q, k, v, o, lse, do, dq, dk, dv)
+    scale = q.dtype.type(1.0 / np.sqrt(hd))
+    splits = key_block_splits(B, k.shape[1], -(-T // block), numba.get_num_threads())
+    n_splits = len(splits) - 1
+    dq_parts = dq[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
+    attention_backward_kernel(q, _key_tiles(k, block), _key_tiles(v, block), o, lse, do, scale,
+                              splits, dq_parts, dk, dv)
+    if n_splits > 1:
+        np.sum(dq_parts, axis=0, out=dq)
     return dq, dk, dv

@@ -1,0 +1,120 @@
+"""The tiled attention kernels across tiles: many query/key blocks, a partial last block, odd rows,
+head widths that are not multiples of 4, and the backward's split of the keys among several units.
+
+tests/test_layers.py checks attention at T <= 6, inside one tile of the default size; here the tile
+size is made small (monkeypatched ``block_size``) so that short sequences cross many tiles.
+"""
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from npllama.layers import attention
+
+
+@contextmanager
+def tiles_of(block):
+    """Run the kernels with `block` x `block` tiles instead of the default size."""
+    default = attention.block_size
+    attention.block_size = lambda hd: block
+    try:
+        yield
+    finally:
+        attention.block_size = default
+
+
+def random_qkv(r, b, h, kv, t, hd, dtype):
+    shapes = ((b, h, t, hd), (b, kv, t, hd), (b, kv, t, hd), (b, h, t, hd))
+    return (r.normal(size=s).astype(dtype) for s in shapes)
+
+
+def assert_matches_reference(q, k, v, do, tol):
+    o, cache = attention.attention_forward(q, k, v)
+    o_ref, cache_ref = attention.attention_forward_reference(q, k, v)
+    np.testing.assert_allclose(o, o_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache[4], cache_ref[4], rtol=tol, atol=tol)          # lse
+    got = attention.attention_backward(do, cache)
+    want = attention.attention_backward_reference(do, cache_ref)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=name)
+
+
+@given(seed=st.integers(0, 2**31 - 1), block=st.integers(1, 9), t=st.integers(1, 40),
+       heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), hd=st.sampled_from([1, 3, 4, 5, 8, 9]),
+       b=st.integers(1, 2))
+def test_tiled_kernels_equal_reference_float64(seed, block, t, heads, hd, b):
+    r = np.random.default_rng(seed)
+    with tiles_of(block):
+        assert_matches_reference(*random_qkv(r, b, heads[0], heads[1], t, hd, np.float64), tol=1e-12)
+
+
+@pytest.mark.parametrize("block", [4, 7, 128])
+def test_tiled_kernels_equal_reference_float32(block):
+    r = np.random.default_rng(block)
+    with tiles_of(block):
+        assert_matches_reference(*random_qkv(r, 2, 4, 2, 45, 8, np.float32), tol=2e-5)
+
+
+@pytest.mark.parametrize("n_splits", [2, 3, 5])
+def test_backward_key_splits_sum_to_the_same_gradients(monkeypatch, n_splits):
+    # With few (batch, kv head) pairs the backward cuts the keys into ranges, one unit each, and
+    # sums the partial dq of the ranges: the result must not depend on the cut.
+    monkeypatch.setattr(attention, "block_size", lambda hd: 4)
+    r = np.random.default_rng(n_splits)
+    q, k, v, do = random_qkv(r, 1, 2, 1, 23, 5, np.float64)
+    _, cache = attention.attention_forward(q, k, v)
+    one = attention.attention_backward(do, cache)
+    n_blocks = 6                                          # 23 keys in blocks of 4
+    cuts = np.linspace(0, n_blocks, n_splits + 1).round().astype(np.int64)
+    monkeypatch.setattr(attention, "key_block_splits", lambda *args: cuts)
+    split = attention.attention_backward(do, cache)
+    for a, s in zip(one, split):
+        np.testing.assert_allclose(s, a, rtol=1e-13, atol=1e-13)
+
+
+def test_key_block_splits_balance_causal_work():
+    assert attention.key_block_splits(8, 4, 4, threads=2).tolist() == [0, 4]     # enough units
+    cuts = attention.key_block_splits(1, 1, 16, threads=2)                        # 1 pair, 2 threads
+    assert cuts[0] == 0 and cuts[-1] == 16 and len(cuts) == 5                      # 2 units a thread
+    # key block kb is read by 16 - kb query blocks: the first ranges have fewer, heavier blocks
+    work = np.arange(16, 0, -1)
+    shares = [work[a:b].sum() for a, b in zip(cuts[:-1], cuts[1:])]
+    # each range is within half a block of the ideal share (the first block, 16, is the largest)
+    assert max(abs(share - work.sum() / 4) for share in shares) <= 16 / 2 and cuts[1] < 4
+    assert attention.key_block_splits(1, 1, 2, threads=8).tolist() == [0, 1, 2]    # <= one block each
+
+
+def test_strided_inputs_and_outputs(monkeypatch):
+    # The model passes v and do as strided views and asks for dv in a strided view of dqkv.
+    monkeypatch.setattr(attention, "block_size", lambda hd: 8)
+    r = np.random.default_rng(7)
+    B, T, H, K, hd = 2, 19, 4, 2, 6
+    qkv = r.normal(size=(B, T, (H + 2 * K) * hd))
+    heads = lambda x, n: x.reshape(B, T, n, hd).transpose(0, 2, 1, 3)
+    q, k, v = heads(qkv[..., :H * hd], H), heads(qkv[..., H * hd:(H + K) * hd], K), heads(qkv[..., (H + K) * hd:], K)
+    do = heads(r.normal(size=(B, T, H * hd)), H)
+    dqkv = np.full_like(qkv, np.nan)
+    dq, dk, dv = heads(dqkv[..., :H * hd], H), heads(dqkv[..., H * hd:(H + K) * hd], K), heads(dqkv[..., (H + K) * hd:], K)
+    o, cache = attention.attention_forward(q, k, v)
+    attention.attention_backward(do, cache, dq=dq, dk=dk, dv=dv)
+    o_ref, cache_ref = attention.attention_forward_reference(q, k, v)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
+    assert o.flags.c_contiguous
+    for g, w in zip((dq, dk, dv), attention.attention_backward_reference(do, cache_ref)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    assert not np.isnan(dqkv).any()
+
+
+def test_float32_exp_is_accurate():
+    # The float32 kernels use their own vectorisable exp: relative error < 3 * 2^-23 over the range
+    # softmax uses (~1 near 0, growing to ~2.5 near -87; numpy's float32 exp: ~1.6), exactly 1
+    # at 0, and 0 far below.
+    x = np.concatenate([np.linspace(-87, 10, 200_001), [0.0, -1e-7, -200.0, -np.inf]]).astype(np.float32)
+    got = attention.exp_float32_array(x)
+    want = np.exp(x.astype(np.float64))
+    normal = want > 1.2e-38
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() < 3 * 2.0 ** -23
+    assert got[x == 0.0][0] == 1.0
+    assert got[-2] == 0.0 and got[-1] == 0.0
