@@ -11,8 +11,9 @@ npllama.layers module:
     layer file that defines it (rmsnorm, rope, swiglu, cross_entropy, embedding, attention, ...);
   * the attention entry points ``attention_forward`` / ``attention_backward`` (category attention,
     whatever they do inside: attention.py is timed as a whole);
-  * the module's ``np``: ``np.matmul`` is "matmul (BLAS)", every other NumPy function called
-    through ``np.`` is "numpy other" (allocations, copies, sums);
+  * ``matmuls`` (layers/linear.py: every matmul of the step, one call per product or per backward
+    pair dW, dx) is "matmul (BLAS)"; every NumPy function called through ``np.`` elsewhere is
+    "numpy other" (allocations, copies, sums);
   * the optimizer step ("optimizer").
 
 Times are exclusive (a wrapped call inside another wrapped call counts only once, in the inner
@@ -68,6 +69,7 @@ class Profiler:
         self.calls = defaultdict(int)
         self.stack = []  # per open call: time spent in wrapped children so far
         self.enabled = False
+        self.matmul_shapes = False  # True: one category per matmul shape and layout
 
     def wrap(self, fn, category):
         prof = self
@@ -89,6 +91,22 @@ class Profiler:
         timed.__wrapped__ = fn
         timed.__name__ = getattr(fn, "__name__", "wrapped")
         return timed
+
+
+def _matmuls_timed(matmuls, prof):
+    """npllama.layers.linear.matmuls timed as "matmul (BLAS)", or per shape with --matmul-shapes:
+    "mm MxK@N TN" per product (T = transposed operand; a backward pair counts once, named by its
+    first product, dW)."""
+    whole = prof.wrap(matmuls, "matmul (BLAS)")
+
+    def timed(*products):
+        if not prof.matmul_shapes:
+            return whole(*products)
+        a, b, _ = products[0]
+        lay = ("T" if not a.flags.c_contiguous else "N") + ("T" if not b.flags.c_contiguous else "N")
+        pair = " +dx" if len(products) > 1 else ""
+        return prof.wrap(matmuls, f"mm {a.shape[0]}x{a.shape[1]}@{b.shape[1]} {lay}{pair}")(*products)
+    return timed
 
 
 def numpy_proxy(np, prof):
@@ -131,7 +149,10 @@ def instrument(prof):
             elif name in ("attention_forward", "attention_backward") and callable(val):
                 setattr(mod, name, prof.wrap(val, "attention"))
                 patched += 1
-            elif val is np:
+            elif name == "matmuls" and mod.__name__ != "npllama.layers.linear":
+                setattr(mod, name, _matmuls_timed(val, prof))
+                patched += 1
+            elif val is np and mod.__name__ != "npllama.layers.linear":  # its matmuls may run on pool threads
                 setattr(mod, name, proxy)
                 patched += 1
     return patched
@@ -148,6 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--no-optimizer", action="store_true", help="profile loss_and_grad only")
+    p.add_argument("--matmul-shapes", action="store_true", help="split matmul time by shape and layout")
     return p.parse_args(argv)
 
 
@@ -184,6 +206,7 @@ def main(argv=None):
     for i in range(args.warmup):
         step(i)
     warmup_s = time.perf_counter() - t0
+    prof.matmul_shapes = args.matmul_shapes
     n_patched = instrument(prof)
 
     per_step = []  # (wall, cpu, {category: seconds}, {category: calls})

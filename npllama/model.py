@@ -23,6 +23,7 @@ from .layers.block import (LayerBuffers, NormedStream, SharedBuffers, decoder_bl
                            decoder_block_forward_rows)
 from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward, cross_entropy_forward_kernel
 from .layers.embedding import embedding_backward
+from .layers.linear import matmuls, split_matmuls
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_cos_sin, rope_frequencies
 
@@ -222,7 +223,7 @@ class Llama:
         if not head:
             return None
         logits = ws.logits if logits is None else logits
-        np.matmul(ws.final.n1, self.lm_head.T, out=logits)
+        matmuls((ws.final.n1, self.lm_head.T, logits))
         return logits
 
     def forward(self, tokens) -> np.ndarray:
@@ -230,7 +231,8 @@ class Llama:
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
-        self._forward_rows(tokens, self._workspace(B, T, False), False, logits=logits)
+        with split_matmuls():
+            self._forward_rows(tokens, self._workspace(B, T, False), False, logits=logits)
         return logits.reshape(B, T, self.config.vocab_size)
 
     __call__ = forward
@@ -246,18 +248,19 @@ class Llama:
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         B, T = tokens.shape
         ws = self._workspace(B, T, False)
-        self._forward_rows(tokens, ws, False, head=False)
-        xn, targets = ws.final.n1, targets.reshape(-1)
         rows = min(LOSS_CHUNK_ROWS, B * T)
         logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
         lse, losses = np.empty(rows), np.empty(rows)
-        total = 0.0
-        for start in range(0, B * T, rows):
-            stop = min(start + rows, B * T)
-            n = stop - start
-            np.matmul(xn[start:stop], self.lm_head.T, out=logits[:n])
-            cross_entropy_forward_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, lse[:n], losses[:n])
-            total += float(np.sum(losses[:n]))
+        total, targets = 0.0, targets.reshape(-1)
+        with split_matmuls():
+            self._forward_rows(tokens, ws, False, head=False)
+            xn = ws.final.n1
+            for start in range(0, B * T, rows):
+                stop = min(start + rows, B * T)
+                n = stop - start
+                matmuls((xn[start:stop], self.lm_head.T, logits[:n]))
+                cross_entropy_forward_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, lse[:n], losses[:n])
+                total += float(np.sum(losses[:n]))
         count = int(np.count_nonzero(targets != IGNORE_INDEX))
         if reduction == "sum":
             return total
@@ -275,21 +278,26 @@ class Llama:
 
         Returns (loss, grads) where grads maps each name of ``params`` to a view of
         ``flat_grads``; the next call overwrites them (copy them to keep them)."""
-        cfg = self.config
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
         ws = self._workspace(B, T, True)
+        with split_matmuls():
+            loss = self._loss_and_grad_rows(tokens, targets, ws)
+        return loss, self.grads
+
+    def _loss_and_grad_rows(self, tokens, targets, ws):
+        """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
+        cfg = self.config
+        B, T = tokens.shape
         logits = self._forward_rows(tokens, ws, self.training)
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses)
 
-        # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W (over xn)
-        final = ws.final
-        np.matmul(dlogits.T, final.n1, out=self.grads[
-            "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"])
-        np.matmul(dlogits, self.lm_head, out=final.n1)
-        shared = ws.shared
-        rmsnorm_backward_kernel(final.n1, final.x, self.params["model.norm.weight"], final.r1, shared.dres,
+        # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W
+        final, shared = ws.final, ws.shared
+        d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+        matmuls((dlogits.T, final.n1, d_head), (dlogits, self.lm_head, shared.dn))
+        rmsnorm_backward_kernel(shared.dn, final.x, self.params["model.norm.weight"], final.r1, shared.dres,
                                 shared.dw_partial, False)
         np.sum(shared.dw_partial, axis=0, out=self.grads["model.norm.weight"])
         for buf, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
@@ -298,7 +306,7 @@ class Llama:
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0
         embedding_backward(shared.dres, tokens, d_embed)
-        return loss, self.grads
+        return loss
 
     # ---- generation (npllama/generate.py) ------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .attention import attention_backward, attention_forward
 from .dropout import dropout_backward, dropout_forward
-from .linear import linear_backward, linear_forward
+from .linear import linear_backward, linear_forward, matmuls
 from .rmsnorm import (add_rmsnorm_forward_kernel, rmsnorm_backward, rmsnorm_backward_kernel, rmsnorm_dw_chunks,
                       rmsnorm_forward)
 from .rope import rope_backward, rope_forward, rope_rows_inplace_kernel
@@ -100,9 +100,9 @@ def decoder_block_backward(dout, cache, dw, cfg):
 #     the block's second add with the next block's first norm (or the final norm);
 #   * backward: one (N, D) buffer ``dres`` holds the residual stream's gradient and each norm's
 #     backward adds its branch into it (the identity path costs nothing);
-#   * gradients overwrite activations that are dead once their weight gradient is taken: dn1 over
-#     n1, do over o, dh over the SwiGLU output, (da, du) over the gate/up output (and dxn over xn,
-#     dlogits over the logits, in the model).
+#   * each linear backward's two products, dW = dy^T x and dx = dy W, in one ``matmuls`` call
+#     (see layers/linear.py: they may run on two threads), so dx goes to a scratch buffer, not over
+#     x; the SwiGLU gradient (da, du) overwrites the gate/up output, dlogits the logits (model).
 # The attention itself is ``attention_forward`` / ``attention_backward`` (layers/attention.py) on
 # strided (B, heads, T, hd) views of the q/k/v rows; its output is copied back to rows (merge heads).
 
@@ -142,14 +142,18 @@ class NormedStream:
 
 class SharedBuffers:
     """Scratch used by one block at a time: proj (N, D) output of W_o / W_down before its residual
-    add; dres (N, D) residual-stream gradient; dqkv (N, (H+2K)*hd); dw_partial for norm gains."""
+    add; dres (N, D) residual-stream gradient; dn (N, D) gradient of a norm's output; dg (N, F),
+    do (N, H*hd), dqkv (N, (H+2K)*hd) gradients of the SwiGLU output, the attention output and the
+    q/k/v projection; dw_partial for the norm gains."""
 
     def __init__(self, cfg, N, dtype):
         hd = cfg.head_dim
-        self.proj = np.empty((N, cfg.dim), dtype=dtype)
-        self.dres = np.empty((N, cfg.dim), dtype=dtype)
-        self.dqkv = np.empty((N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd), dtype=dtype)
-        self.dw_partial = np.empty((rmsnorm_dw_chunks(N), cfg.dim), dtype=dtype)
+        e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
+        self.proj, self.dres, self.dn = e(N, cfg.dim), e(N, cfg.dim), e(N, cfg.dim)
+        self.dg = e(N, cfg.hidden_dim)
+        self.do = e(N, cfg.n_heads * hd)
+        self.dqkv = e(N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd)
+        self.dw_partial = e(rmsnorm_dw_chunks(N), cfg.dim)
 
 
 def _dropout_rows(a, p, rng, training):
@@ -169,47 +173,44 @@ def decoder_block_forward_rows(buf, out, shared, w, next_norm_w, cos, sin, B, T,
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     eps = buf.x.dtype.type(cfg.norm_eps)
     # attention branch
-    np.matmul(buf.n1, w["wqkv"].T, out=buf.qkv)
+    matmuls((buf.n1, w["wqkv"].T, buf.qkv))
     rope_rows_inplace_kernel(buf.qkv, H + K, hd, T, cos, sin, buf.qkv.dtype.type(1.0))
     q, k, v = split_heads(buf.qkv.reshape(B, T, -1), H, K, hd)
     o, buf.attn_cache = attention_forward(q, k, v)
     np.copyto(buf.o.reshape(B, T, H, hd), o.transpose(0, 2, 1, 3))
-    np.matmul(buf.o, w["wo"].T, out=shared.proj)
+    matmuls((buf.o, w["wo"].T, shared.proj))
     buf.mask_attn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
     add_rmsnorm_forward_kernel(buf.x, shared.proj, w["ffn_norm"], eps, buf.h, buf.n2, buf.r2)
     # feed-forward branch
-    np.matmul(buf.n2, w["w_gate_up"].T, out=buf.au)
+    matmuls((buf.n2, w["w_gate_up"].T, buf.au))
     swiglu_forward_rows_kernel(buf.au, buf.g)
-    np.matmul(buf.g, w["w_down"].T, out=shared.proj)
+    matmuls((buf.g, w["w_down"].T, shared.proj))
     buf.mask_ffn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
     add_rmsnorm_forward_kernel(buf.h, shared.proj, next_norm_w, eps, out.x, out.n1, out.r1)
 
 
 def decoder_block_backward_rows(buf, shared, w, dw, cos, sin, B, T, cfg):
     """Backward of one block.  On entry shared.dres holds dL/d(block output); on return dL/d(block
-    input).  Weight gradients are written into ``dw``'s buffers.  Overwrites buf.n1, buf.o, buf.n2,
-    buf.au and buf.g (their backward uses are over by then)."""
+    input).  Weight gradients are written into ``dw``'s buffers.  Each linear backward is one
+    ``matmuls`` call with its two products, dW = dy^T x and dx = dy W (independent: they may run
+    concurrently).  Overwrites buf.au with its gradient."""
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     dres = shared.dres
     # feed-forward branch: out = h + W_down swiglu(W_gate_up n2)
     df = dres if buf.mask_ffn is None else np.multiply(dres, buf.mask_ffn, out=shared.proj)
-    np.matmul(df.T, buf.g, out=dw["w_down"])
-    np.matmul(df, w["w_down"], out=buf.g)                      # dg over g
-    swiglu_backward_rows_inplace_kernel(buf.g, buf.au)         # [da | du] over au
-    np.matmul(buf.au.T, buf.n2, out=dw["w_gate_up"])
-    np.matmul(buf.au, w["w_gate_up"], out=buf.n2)              # dn2 over n2
-    rmsnorm_backward_kernel(buf.n2, buf.h, w["ffn_norm"], buf.r2, dres, shared.dw_partial, True)
+    matmuls((df.T, buf.g, dw["w_down"]), (df, w["w_down"], shared.dg))
+    swiglu_backward_rows_inplace_kernel(shared.dg, buf.au)     # [da | du] over au
+    matmuls((buf.au.T, buf.n2, dw["w_gate_up"]), (buf.au, w["w_gate_up"], shared.dn))
+    rmsnorm_backward_kernel(shared.dn, buf.h, w["ffn_norm"], buf.r2, dres, shared.dw_partial, True)
     np.sum(shared.dw_partial, axis=0, out=dw["ffn_norm"])
     # attention branch: h = x + W_o attention(rope(q), rope(k), v)
     da = dres if buf.mask_attn is None else np.multiply(dres, buf.mask_attn, out=shared.proj)
-    np.matmul(da.T, buf.o, out=dw["wo"])
-    np.matmul(da, w["wo"], out=buf.o)                          # do over o (merged heads)
-    do = buf.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    matmuls((da.T, buf.o, dw["wo"]), (da, w["wo"], shared.do))
+    do = shared.do.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
     dq, dk, dv = split_heads(shared.dqkv.reshape(B, T, -1), H, K, hd)
     attention_backward(do, buf.attn_cache, dq=dq, dk=dk, dv=dv)
     buf.attn_cache = None
     rope_rows_inplace_kernel(shared.dqkv, H + K, hd, T, cos, sin, shared.dqkv.dtype.type(-1.0))
-    np.matmul(shared.dqkv.T, buf.n1, out=dw["wqkv"])
-    np.matmul(shared.dqkv, w["wqkv"], out=buf.n1)              # dn1 over n1
-    rmsnorm_backward_kernel(buf.n1, buf.x, w["attn_norm"], buf.r1, dres, shared.dw_partial, True)
+    matmuls((shared.dqkv.T, buf.n1, dw["wqkv"]), (shared.dqkv, w["wqkv"], shared.dn))
+    rmsnorm_backward_kernel(shared.dn, buf.x, w["attn_norm"], buf.r1, dres, shared.dw_partial, True)
     np.sum(shared.dw_partial, axis=0, out=dw["attn_norm"])
