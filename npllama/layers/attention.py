@@ -146,12 +146,25 @@ def _exp_overload(x):
     return lambda x: np.exp(x)
 
 
+@intrinsic
+def _maxnum(typingctx, a, b):
+    """LLVM's maxnum: a max that LLVM knows how to vectorise as a reduction (Python's max is a
+    compare and branch it leaves scalar: 20x slower here)."""
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        return builder.call(builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t])), args)
+    return sig, codegen
+
+
 @numba.njit(cache=True, fastmath=True)
 def _max(s, n):
-    """max(s[:n]); full fastmath here (no NaNs expected) so the reduction vectorises."""
+    """max(s[:n]).  Full fastmath ("nnan" included) is what lets the reduction vectorise: scores are
+    finite unless the inputs are not, and then the output is NaN whatever this returns."""
     m = s[0]
     for j in range(1, n):
-        m = max(m, s[j])
+        m = _maxnum(m, s[j])
     return m
 
 
