@@ -333,14 +333,40 @@ class BatchSampler:
                 raise CheckpointError(
                     f"sampler state was saved with {key}={state.get(key)!r}, but this sampler has "
                     f"{key}={current}: cannot resume the same batch sequence")
-        rng = np.random.default_rng()
-        try:
-            rng.bit_generator.state = state["bit_generator_state"]
-        except (TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"sampler state has an invalid bit generator state: {e}") from None
+        rng = generator_from_state(state["bit_generator_state"], "sampler state")
+        batches_drawn = state.get("batches_drawn", 0)
+        if isinstance(batches_drawn, bool) or not isinstance(batches_drawn, int) or not 0 <= batches_drawn < 2**63:
+            raise CheckpointError(f"sampler state: batches_drawn must be a non-negative integer, got {batches_drawn!r}")
         self.rng = rng
         self.seed = state.get("seed")
-        self.batches_drawn = int(state.get("batches_drawn", 0))
+        self.batches_drawn = batches_drawn
+
+
+def generator_from_state(state, what: str) -> np.random.Generator:
+    """A PCG64 ``np.random.Generator`` restored from ``bit_generator.state`` as saved in JSON,
+    after checking every field (NumPy itself would wrap out-of-range integers silently, or fail
+    with an OverflowError deep inside)."""
+    def bad(why):
+        return CheckpointError(f"{what}: invalid random generator state ({why})")
+
+    def is_int(x, bits):
+        return not isinstance(x, bool) and isinstance(x, int) and 0 <= x < 2**bits
+
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise bad("expected a PCG64 state")
+    inner = state.get("state")
+    if not isinstance(inner, dict) or set(inner) != {"state", "inc"}:
+        raise bad("'state' must hold 'state' and 'inc'")
+    if not (is_int(inner["state"], 128) and is_int(inner["inc"], 128)):
+        raise bad("'state' and 'inc' must be integers in [0, 2**128)")
+    if state.get("has_uint32") not in (0, 1) or isinstance(state.get("has_uint32"), bool):
+        raise bad("'has_uint32' must be 0 or 1")
+    if not is_int(state.get("uinteger"), 32):
+        raise bad("'uinteger' must be an integer in [0, 2**32)")
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": dict(inner),
+                               "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+    return rng
 
 
 def _json_copy(obj):

@@ -303,7 +303,7 @@ def test_sampler_state_errors():
     with pytest.raises(CheckpointError, match="state_dict"):
         BatchSampler(tokens, 4, 32).load_state_dict({"seed": 1})
     broken = dict(state, bit_generator_state={"bit_generator": "PCG64", "state": "garbage"})
-    with pytest.raises(CheckpointError, match="invalid bit generator state"):
+    with pytest.raises(CheckpointError, match="invalid random generator state"):
         BatchSampler(tokens, 4, 32).load_state_dict(broken)
     with pytest.raises(DataError, match="smaller than one context window"):
         BatchSampler(tokens[:32], 1, 32)

@@ -661,3 +661,99 @@ def test_valid_edges_full_context_batch_and_ignore(input_model):
         input_model.loss_and_grad(batch, targets - 1)
     with pytest.raises(InputError, match="targets"):
         input_model.loss_and_grad(batch, targets.astype(np.float32))
+
+
+# ---- training state (--resume) -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """{file name: bytes} of a 2-step run's directory, and the corpus it was trained on."""
+    from npllama.data import load_text
+    from npllama.train import TrainConfig, train
+    d = tmp_path_factory.mktemp("state")
+    (d / "corpus.txt").write_text(load_text()[:20000])
+    run_dir = d / "run"
+    train(TrainConfig(data=str(d / "corpus.txt"), dim=16, n_layers=1, n_heads=2, vocab_size=300, seq_len=16,
+                      batch_size=2, dropout=0.1, steps=2, checkpoint_interval=1, eval_interval=0, sample_tokens=0,
+                      out_dir=str(run_dir)), progress=False, verbose=False)
+    return Quiet({p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()})
+
+
+def _load_run_or_error(files):
+    from npllama.train import load_run
+    with model_dir(files) as d:
+        run = expect_load_or_clear_error(lambda: load_run(d, verbose=False), "",
+                                         max_peak_bytes=64 * dir_bytes(d) + (16 << 20))
+        if not isinstance(run, NpllamaError):
+            # what the training loop relies on
+            assert isinstance(run.step, int) and run.step >= 0
+            assert isinstance(run.total_steps, int) and run.total_steps >= run.step
+            assert run.optimizer.t == run.step
+            x, y = run.sampler.next_batch()
+            assert x.shape == y.shape == (run.config.batch_size, run.config.seq_len)
+        return run
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_training_state(saved_run, data):
+    state_text = saved_run["training_state.json"]
+    if data.draw(st.booleans()):
+        state = json.loads(state_text)
+        if data.draw(st.booleans()):
+            # hit the fields that have no checksum: everything in the state itself
+            key = data.draw(st.sampled_from(sorted(state)))
+            state[key] = _replace_random_subtree(data.draw, state[key])
+        else:
+            state = _replace_random_subtree(data.draw, state)
+        corrupt = json.dumps(state).encode()
+    else:
+        corrupt = mutate_bytes(data.draw, state_text)
+    _load_run_or_error({**saved_run, "training_state.json": corrupt})
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_optimizer_file_matching_state_checksum(saved_run, data):
+    """A corrupt optimizer file whose SHA-256 the state agrees with (written so on purpose, or
+    corrupted before hashing) is still refused by its own checks, or loads unchanged."""
+    import hashlib
+    state = json.loads(saved_run["training_state.json"])
+    raw = saved_run["optimizer.safetensors"]
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    corrupt = mutate_bytes(data.draw, raw, hot_region=header_end)
+    state["files_sha256"]["optimizer.safetensors"] = hashlib.sha256(corrupt).hexdigest()
+    run = _load_run_or_error({**saved_run, "training_state.json": json.dumps(state).encode(),
+                              "optimizer.safetensors": corrupt})
+    if not isinstance(run, NpllamaError):
+        original = {k: v for k, (_, v) in read_safetensors_bytes(raw).items()}
+        for name in run.optimizer.params:
+            np.testing.assert_array_equal(run.optimizer.m[name], original[f"m.{name}"])
+
+
+def read_safetensors_bytes(raw: bytes):
+    with model_dir({"x.safetensors": raw}) as d:
+        return {k: (t, v.copy()) for k, (t, v) in read_safetensors(d / "x.safetensors").items()}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(step=-1), "step"),
+    (lambda s: s.update(step=10**30), "step"),
+    (lambda s: s.update(total_steps="many"), "total_steps"),
+    (lambda s: s.update(total_steps=1), "total_steps"),
+    (lambda s: s.update(format="pickle"), "training state"),
+    (lambda s: s["files_sha256"].update({"model.safetensors": "0" * 64}), "model.safetensors"),
+    (lambda s: s["files_sha256"].update({"../../etc/passwd": "0" * 64}), "files_sha256"),
+    (lambda s: s.update(files_sha256=None), "files_sha256"),
+    (lambda s: s.update(data=None), "data"),
+    (lambda s: s.update(dropout_rng={"bit_generator": "PCG64", "state": {"state": 2**200, "inc": 1},
+                                     "has_uint32": 0, "uinteger": 0}), "dropout"),
+    (lambda s: s.update(sampler=[1, 2]), "sampler"),
+    (lambda s: s["train_config"].update(lr="fast"), "lr"),
+    (lambda s: s["train_config"].update(batch_size=10**12), "batch"),
+])
+def test_training_state_refused(saved_run, edit, match):
+    state = json.loads(saved_run["training_state.json"])
+    edit(state)
+    err = _load_run_or_error({**saved_run, "training_state.json": json.dumps(state).encode()})
+    assert isinstance(err, NpllamaError), "loaded"
+    assert match in str(err), str(err)

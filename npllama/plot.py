@@ -1,0 +1,96 @@
+"""`npllama plot RUN_DIR`: draw a run's loss curves (from metrics.jsonl) to a PNG.
+
+Left panel: training loss per step (faint) with its moving average, and the held-out loss at each
+evaluation, both in nats per token.  Right panel: held-out bits per byte.  matplotlib is an optional
+extra (``pip install "npllama[plot]"``); without it the command says so and exits with an error.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+MISSING_MATPLOTLIB = ("npllama plot needs matplotlib, which is not installed: "
+                      "pip install \"npllama[plot]\" (or pip install matplotlib)")
+
+
+def moving_average(values, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return x
+    c = np.cumsum(np.concatenate([[0.0], x]))
+    idx = np.arange(1, x.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_run(run_dir, out=None, smooth: int | None = None) -> Path:
+    """Draw RUN_DIR's curves to ``out`` (default RUN_DIR/loss.png); returns the PNG's path."""
+    from .train import read_metrics
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(MISSING_MATPLOTLIB) from None
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train and not evals:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no training or evaluation records to plot")
+    out = Path(out) if out is not None else run_dir / "loss.png"
+
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if train:
+        steps, losses = map(np.asarray, zip(*train))
+        window = smooth or max(1, len(losses) // 50)
+        ax_loss.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+        ax_loss.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.6,
+                     label=f"train (mean of {window})")
+    # The final evaluation covers all held-out text, the periodic ones its first eval_tokens tokens:
+    # draw it as its own marker rather than joining it to the curve.
+    periodic = [r for r in evals if not r.get("final")]
+    final = [r for r in evals if r.get("final")]
+    for ax, key in ((ax_loss, "val_loss"), (ax_bpb, "val_bpb")):
+        if periodic:
+            ax.plot([r["step"] for r in periodic], [r[key] for r in periodic], "o-", color="tab:orange",
+                    markersize=3.5, label="held-out (periodic)")
+        if final:
+            ax.plot([final[-1]["step"]], [final[-1][key]], "*", color="tab:red", markersize=11,
+                    label="held-out (final, all)")
+    if final:
+        ax_bpb.annotate(f"{final[-1]['val_bpb']:.3f}", (final[-1]["step"], final[-1]["val_bpb"]),
+                        textcoords="offset points", xytext=(-10, 8), ha="right")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="held-out bits per byte")
+    ax_bpb.grid(alpha=0.3)
+    if evals:
+        ax_bpb.legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `npllama train`")
+    parser.add_argument("--out", "-o", metavar="PNG", default=None, help="output file (default RUN_DIR/loss.png)")
+    parser.add_argument("--smooth", type=int, default=None, metavar="N",
+                        help="moving-average window of the training loss (default: 1/50 of the run)")
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = plot_run(args.run_dir, args.out, args.smooth)
+    print(out)
+    return 0
