@@ -757,3 +757,51 @@ def test_training_state_refused(saved_run, edit, match):
     err = _load_run_or_error({**saved_run, "training_state.json": json.dumps(state).encode()})
     assert isinstance(err, NpllamaError), "loaded"
     assert match in str(err), str(err)
+
+
+# ---- --config files (TOML and JSON) --------------------------------------------------------------
+CONFIG_TOML = """# a valid training config
+vocab_size = 300
+dim = 16
+n_layers = 1
+n_heads = 2
+seq_len = 16
+batch_size = 2
+steps = 3
+lr = 0.003
+schedule = "cosine"
+dropout = 0.1
+tie_embeddings = true
+"""
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_config_file(tmp_path_factory, data):
+    """`npllama train --config FILE`: a mutated TOML or JSON file either gives a valid TrainConfig
+    or a ConfigError naming the file (the command line turns it into one `npllama: error:` line)."""
+    import tomllib
+    from npllama.train import TrainConfig, read_config_file
+    as_json = data.draw(st.booleans())
+    values = tomllib.loads(CONFIG_TOML)
+    if as_json:
+        if data.draw(st.booleans()):
+            raw = json.dumps(_replace_random_subtree(data.draw, values)).encode()
+        else:
+            raw = mutate_bytes(data.draw, json.dumps(values).encode())
+    else:
+        raw = mutate_bytes(data.draw, CONFIG_TOML.encode())
+    path = tmp_path_factory.mktemp("cfg") / ("train.json" if as_json else "train.toml")
+    path.write_bytes(raw)
+
+    def load():
+        try:
+            return TrainConfig.from_dict(read_config_file(path), source=f"config file {path}")
+        except ConfigError as e:
+            assert str(path) in str(e), str(e)
+            raise
+
+    cfg = expect_load_or_clear_error(load, "", max_peak_bytes=64 * len(raw) + (8 << 20))
+    if not isinstance(cfg, NpllamaError):
+        assert isinstance(cfg, TrainConfig)
+        assert cfg.batch_size >= 1 and cfg.seq_len >= 1 and cfg.lr > 0
