@@ -112,7 +112,7 @@ class TrainConfig:
     data: str | None = _opt(None, "UTF-8 text file or folder of .txt files (default: the bundled "
                             "Shakespeare)", metavar="PATH")
     val_fraction: float = _opt(0.05, "fraction of the text held out for evaluation (its end)", type=float)
-    vocab_size: int = _opt(1024, "BPE vocabulary size of the tokenizer trained on the data", type=int)
+    vocab_size: int = _opt(2048, "BPE vocabulary size of the tokenizer trained on the data", type=int)
     # model
     preset: str = _opt("small", "model size preset", choices=tuple(PRESETS))
     dim: int | None = _opt(None, "model width (overrides the preset)", type=int)
