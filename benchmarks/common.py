@@ -11,6 +11,7 @@ cannot take the others down.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -29,6 +30,10 @@ RESULT_MARKER = "BENCH_RESULT_JSON "
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+# The environment the benchmark was started with.  Children start from it rather than from
+# os.environ as it is later: importing npllama in the parent (``ModelShape.npllama_config``) sets
+# OMP_WAIT_POLICY=PASSIVE, which must not reach the PyTorch workers.
+LAUNCH_ENV = dict(os.environ)
 
 
 # ---- model shapes ------------------------------------------------------------------------------
@@ -37,8 +42,10 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
 class ModelShape:
     """The shape of a Llama, with the same field names as ``npllama.LlamaConfig``.
 
-    Kept here (rather than importing npllama's config) so the PyTorch side never imports npllama
-    and the two frameworks' peak RSS stay separate.
+    Kept here (rather than importing npllama's config) so the PyTorch workers never import npllama
+    and the two frameworks' peak RSS stay separate.  What is derived from the shape (q_dim, kv_dim,
+    the parameter count) is npllama's: ``npllama_config`` builds the LlamaConfig, which only the
+    parent process and the npllama workers do.
     """
     vocab_size: int
     dim: int
@@ -57,27 +64,21 @@ class ModelShape:
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
 
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-    def num_parameters(self) -> int:
-        """All stored parameters (a tied embedding counted once)."""
-        d = self.dim
-        per_layer = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * self.hidden_dim + 2 * d
-        n = self.vocab_size * d + self.n_layers * per_layer + d
-        return n + (0 if self.tie_embeddings else self.vocab_size * d)
-
     def npllama_kwargs(self) -> dict:
         """Keyword arguments for ``npllama.LlamaConfig``."""
         kw = asdict(self)
         if kw["head_dim"] == self.dim // self.n_heads:
             kw["head_dim"] = None
         return kw
+
+    def npllama_config(self):
+        """This shape as an ``npllama.LlamaConfig`` (imports npllama: never call it in a PyTorch worker)."""
+        from npllama import LlamaConfig
+        return LlamaConfig(**self.npllama_kwargs())
+
+    def num_parameters(self) -> int:
+        """All stored parameters (a tied embedding counted once), as npllama counts them."""
+        return self.npllama_config().num_parameters()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -132,7 +133,7 @@ def set_thread_env(threads: int, env: dict | None = None) -> dict:
 
 
 def child_env(threads: int) -> dict:
-    env = set_thread_env(threads, dict(os.environ))
+    env = set_thread_env(threads, dict(LAUNCH_ENV))
     # Let children import both `benchmarks` and `npllama` from the repository checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONHASHSEED", "0")
@@ -210,6 +211,58 @@ def import_npllama():
     return npllama
 
 
+def import_framework(framework: str, threads: int):
+    """In a worker: import numpy and then npllama, or PyTorch with ``benchmarks.torch_reference``
+    (its thread counts set), timed.  Returns (npllama or torch_reference, seconds, peak RSS MB after)."""
+    t0 = time.perf_counter()
+    import numpy  # noqa: F401  (part of either framework's import cost)
+    if framework == "npllama":
+        module = import_npllama()
+    else:
+        import torch  # noqa: F401
+        from benchmarks import torch_reference as module
+        set_torch_threads(threads)
+    return module, time.perf_counter() - t0, peak_rss_mb()
+
+
+def load_run(workdir: Path) -> tuple[dict, ModelShape]:
+    """In a worker: the ``run.json`` the parent wrote, and its model shape."""
+    run = json.loads((workdir / "run.json").read_text())
+    return run, ModelShape.from_json(run["shape"])
+
+
+def bench_parser(doc: str, config: str, threads: int) -> argparse.ArgumentParser:
+    """An entry point's argument parser (its description: the first paragraph of ``doc``), with
+    --config (default ``config``) and --threads (default ``threads``); ``parse_bench_args`` adds the
+    other shared options after the script's own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config, choices=list(CONFIGS))
+    p.add_argument("--threads", type=int, default=threads,
+                   help=f"threads for BLAS/OpenMP/Numba/torch (default {threads})")
+    return p
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv, frameworks) -> argparse.Namespace:
+    """Add the options every benchmark shares (--frameworks, a comma-separated subset of
+    ``frameworks``; --wait-idle; --json; and --worker/--workdir, which the parent passes to its
+    children), parse ``argv`` and split --frameworks into a list (an unknown name is a usage error)."""
+    p.add_argument("--frameworks", default=",".join(frameworks),
+                   help=f"comma-separated subset of {','.join(frameworks)}")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each measured run, wait up to SECONDS for other processes to leave the CPUs "
+                        "idle (< 0.3 CPU busy over 2 s); for shared machines")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write results as JSON to PATH (or stdout with no PATH; the table then goes to stderr)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    bad = [f for f in args.frameworks if f not in frameworks]
+    if bad:
+        p.error(f"unknown framework(s) {bad}; choose from {','.join(frameworks)}")
+    return args
+
+
 def npllama_model(npllama, shape: ModelShape, weights: dict | None = None):
     """``npllama.Llama`` of ``shape`` (float32); its parameters overwritten in place by ``weights``.
 
@@ -217,8 +270,7 @@ def npllama_model(npllama, shape: ModelShape, weights: dict | None = None):
     assigning into them sets the model's weights.
     """
     import numpy as np
-    cfg = npllama.LlamaConfig(**shape.npllama_kwargs())
-    model = npllama.Llama(cfg, seed=0, dtype=np.float32)
+    model = npllama.Llama(shape.npllama_config(), seed=0, dtype=np.float32)
     if weights is not None:
         extra = sorted(set(weights) - set(model.params))
         missing = sorted(set(model.params) - set(weights))
@@ -228,6 +280,26 @@ def npllama_model(npllama, shape: ModelShape, weights: dict | None = None):
         for name, value in weights.items():
             model.params[name][...] = value
     return model
+
+
+def printer(args):
+    """The entry point's ``say``: print to stdout, or to stderr when ``--json`` with no path sends
+    the JSON to stdout."""
+    out = sys.stderr if args.json == "-" else sys.stdout
+    return lambda *a: print(*a, file=out, flush=True)
+
+
+def say_header(say, bc: BenchConfig, run_line: str, threads: int) -> None:
+    """What an entry point prints before it measures: the config (shape, parameter count), the
+    script's ``run_line`` and, if other processes already use the CPUs, a warning."""
+    s = bc.shape
+    say(f"config {bc.name}: vocab {s.vocab_size}, dim {s.dim}, {s.n_layers} layers, "
+        f"{s.n_heads}/{s.n_kv_heads} heads, hidden {s.hidden_dim}, tied={s.tie_embeddings}; "
+        f"{s.num_parameters() / 1e6:.2f} M params")
+    say(run_line)
+    warning = busy_warning(threads)
+    if warning:
+        say(warning)
 
 
 # ---- machine peak ---------------------------------------------------------------------------------
@@ -273,9 +345,10 @@ def matmul_weight_count(shape: ModelShape) -> int:
     All attention and MLP projections plus the output head (V·dim, whether tied or not). The input
     embedding is a row lookup (no FLOPs) and RMSNorm gains are elementwise, so neither is counted.
     """
-    d = shape.dim
-    per_layer = d * (shape.q_dim + 2 * shape.kv_dim) + shape.q_dim * d + 3 * d * shape.hidden_dim
-    return shape.n_layers * per_layer + shape.vocab_size * d
+    c = shape.npllama_config()
+    d = c.dim
+    per_layer = d * (c.q_dim + 2 * c.kv_dim) + c.q_dim * d + 3 * d * c.hidden_dim
+    return c.n_layers * per_layer + c.vocab_size * d
 
 
 def train_flops_per_token(shape: ModelShape, seq_len: int) -> int:
@@ -290,7 +363,7 @@ def train_flops_per_token(shape: ModelShape, seq_len: int) -> int:
     RoPE, softmax, SiLU, loss, optimizer) is not counted: these are "model FLOPs", not
     hardware FLOPs, so recomputation or wasted work earns nothing.
     """
-    return 6 * matmul_weight_count(shape) + 12 * shape.n_layers * shape.q_dim * seq_len
+    return 6 * matmul_weight_count(shape) + 12 * shape.n_layers * shape.npllama_config().q_dim * seq_len
 
 
 def decode_flops_per_token(shape: ModelShape, context_len: float) -> float:
@@ -298,7 +371,7 @@ def decode_flops_per_token(shape: ModelShape, context_len: float) -> float:
 
         2·N + 4·L·H·hd·t      (QKᵀ and A·V against t keys; causal by construction)
     """
-    return 2 * matmul_weight_count(shape) + 4 * shape.n_layers * shape.q_dim * context_len
+    return 2 * matmul_weight_count(shape) + 4 * shape.n_layers * shape.npllama_config().q_dim * context_len
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -458,6 +531,8 @@ def make_weights(shape: ModelShape, seed: int = 0, zero_bos_logit: bool = False)
     import numpy as np
     rng = np.random.default_rng(seed)
     d, h, L = shape.dim, shape.hidden_dim, shape.n_layers
+    cfg = shape.npllama_config()
+    q_dim, kv_dim = cfg.q_dim, cfg.kv_dim
 
     def normal(*s, std=0.02):
         return (rng.standard_normal(s, dtype=np.float32) * np.float32(std)).astype(np.float32)
@@ -466,10 +541,10 @@ def make_weights(shape: ModelShape, seed: int = 0, zero_bos_logit: bool = False)
     out_std = 0.02 / math.sqrt(2 * L)
     for i in range(L):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = normal(shape.q_dim, d)
-        w[p + "self_attn.k_proj.weight"] = normal(shape.kv_dim, d)
-        w[p + "self_attn.v_proj.weight"] = normal(shape.kv_dim, d)
-        w[p + "self_attn.o_proj.weight"] = normal(d, shape.q_dim, std=out_std)
+        w[p + "self_attn.q_proj.weight"] = normal(q_dim, d)
+        w[p + "self_attn.k_proj.weight"] = normal(kv_dim, d)
+        w[p + "self_attn.v_proj.weight"] = normal(kv_dim, d)
+        w[p + "self_attn.o_proj.weight"] = normal(d, q_dim, std=out_std)
         w[p + "mlp.gate_proj.weight"] = normal(h, d)
         w[p + "mlp.up_proj.weight"] = normal(h, d)
         w[p + "mlp.down_proj.weight"] = normal(d, h, std=out_std)

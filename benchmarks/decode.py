@@ -21,7 +21,6 @@ a late one can be a float32 near-tie flipping a greedy choice.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import resource
@@ -41,15 +40,11 @@ SCRIPT = Path(__file__).resolve()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="15M", choices=list(common.CONFIGS))
-    p.add_argument("--threads", type=int, default=1, help="threads for BLAS/OpenMP/Numba/torch (default 1)")
+    p = common.bench_parser(__doc__, config="15M", threads=1)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--prompt-len", type=int, default=16, help="prompt length including the leading BOS")
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generate calls first (JIT; reported)")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--llama2c", action="append", default=[], metavar="RUN_BINARY",
                    help="path to a llama2.c `run` binary to time as well (repeatable, e.g. -O3 and -Ofast builds)")
     p.add_argument("--weight-std", type=float, default=0.3,
@@ -57,18 +52,7 @@ def parse_args(argv=None):
                         "the usual 0.02 greedy decoding repeats one token and logit margins are tiny, so the "
                         "token comparison across frameworks would prove little")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each measured run, wait up to SECONDS for other processes to leave the CPUs "
-                        "idle (< 0.3 CPU busy over 2 s); for shared machines")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write results as JSON to PATH (or stdout with no PATH; the table then goes to stderr)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [f for f in args.frameworks if f not in FRAMEWORKS]
-    if bad:
-        p.error(f"unknown framework(s) {bad}; choose from {','.join(FRAMEWORKS)}")
+    args = common.parse_bench_args(p, argv, FRAMEWORKS)
     if args.new_tokens < 1 or args.prompt_len < 2 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         p.error("need --new-tokens >= 1, --prompt-len >= 2, --repeats >= 1, --warmup >= 0, --threads >= 1")
     return args
@@ -88,24 +72,16 @@ def _new_ids(result, prompt_len: int, n_new: int) -> list[int]:
 
 
 def worker_decode(framework: str, workdir: Path):
-    run = json.loads((workdir / "run.json").read_text())
-    shape = common.ModelShape.from_json(run["shape"])
+    run, shape = common.load_run(workdir)
     prompt, n_new = run["prompt"], run["new_tokens"]
-    t0 = time.perf_counter()
+    lib, import_s, rss_after_import = common.import_framework(framework, run["threads"])
     import numpy as np
-    if framework == "npllama":
-        npllama = common.import_npllama()
-        if not hasattr(npllama.Llama, "generate"):
-            raise RuntimeError("npllama.Llama.generate does not exist yet")
-    else:
-        import torch
-        from benchmarks import torch_reference as tr
-        common.set_torch_threads(run["threads"])
-    import_s = time.perf_counter() - t0
-    rss_after_import = common.peak_rss_mb()
     weights = common.load_weights(workdir / "weights.safetensors")
 
     if framework == "npllama":
+        npllama = lib
+        if not hasattr(npllama.Llama, "generate"):
+            raise RuntimeError("npllama.Llama.generate does not exist yet")
         model = common.npllama_model(npllama, shape, weights)
         model.eval()
         prompt_arr = np.array(prompt, dtype=np.int64)
@@ -114,7 +90,9 @@ def worker_decode(framework: str, workdir: Path):
             return _new_ids(model.generate(prompt_arr, n_new, temperature=0.0), len(prompt), n_new)
         extra = {"numpy": np.__version__}
     else:
+        import torch
         from transformers import GenerationConfig
+        tr = lib
         model = tr.build_hf_model(shape)
         tr.load_params(model, weights)
         model.eval()
@@ -193,8 +171,7 @@ def main(argv=None):
         return 0
 
     import numpy as np
-    out = sys.stderr if args.json == "-" else sys.stdout
-    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    say = common.printer(args)
     bc = common.get_config(args.config)
     shape = bc.shape
     P, N = args.prompt_len, args.new_tokens
@@ -208,13 +185,9 @@ def main(argv=None):
     flops_tok = common.decode_flops_per_token(shape, mean_ctx)
     weight_bytes = 4 * common.matmul_weight_count(shape)
 
-    say(f"config {bc.name}: vocab {shape.vocab_size}, dim {shape.dim}, {shape.n_layers} layers, "
-        f"{shape.n_heads}/{shape.n_kv_heads} heads, hidden {shape.hidden_dim}; {shape.num_parameters() / 1e6:.2f} M params")
-    say(f"batch 1, prompt {P} tokens, {N} new tokens, greedy; {args.threads} thread(s); "
-        f"FLOPs/token at mean context {mean_ctx:.0f} = {flops_tok / 1e6:.1f} M; matmul weights {weight_bytes / 1e6:.1f} MB")
-    warning = common.busy_warning(args.threads)
-    if warning:
-        say(warning)
+    common.say_header(say, bc, f"batch 1, prompt {P} tokens, {N} new tokens, greedy; {args.threads} thread(s); "
+                      f"FLOPs/token at mean context {mean_ctx:.0f} = {flops_tok / 1e6:.1f} M; "
+                      f"matmul weights {weight_bytes / 1e6:.1f} MB", args.threads)
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="npllama-decode-") as tmp:

@@ -19,7 +19,6 @@ with PyTorch autograd's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -35,18 +34,13 @@ SCRIPT = Path(__file__).resolve()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="15M-v4k", choices=list(common.CONFIGS))
-    p.add_argument("--threads", type=int, default=2, help="threads for BLAS/OpenMP/Numba/torch (default 2)")
+    p = common.bench_parser(__doc__, config="15M-v4k", threads=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT/compile; reported)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every framework this many times, interleaved, and keep each one's fastest round")
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     p.add_argument("--seq-len", type=int, default=None, help="override the config's sequence length")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                   help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.95)
@@ -59,18 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the npllama-vs-PyTorch loss check")
     p.add_argument("--check-rtol", type=float, default=1e-4)
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before each measured run, wait up to SECONDS for other processes to leave the CPUs "
-                        "idle (< 0.3 CPU busy over 2 s); for shared machines")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write results as JSON to PATH (or stdout with no PATH; the table then goes to stderr)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [f for f in args.frameworks if f not in FRAMEWORKS]
-    if bad:
-        p.error(f"unknown framework(s) {bad}; choose from {','.join(FRAMEWORKS)}")
+    args = common.parse_bench_args(p, argv, FRAMEWORKS)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
         p.error("--steps, --threads and --rounds must be >= 1, --warmup >= 0")
     return args
@@ -80,15 +63,9 @@ def parse_args(argv=None):
 # workers (run in child processes)
 # ======================================================================================================
 
-def _load_run(workdir: Path):
-    run = json.loads((workdir / "run.json").read_text())
-    shape = common.ModelShape.from_json(run["shape"])
-    return run, shape
-
-
 def worker_peak(lib: str, workdir: Path):
     if lib == "torch":
-        run, _ = _load_run(workdir)
+        run, _ = common.load_run(workdir)
         common.set_torch_threads(run["threads"])
     return common.matmul_peak_gflops(lib)
 
@@ -98,7 +75,7 @@ def worker_check(workdir: Path):
     import numpy as np
     import torch
     from benchmarks import torch_reference as tr
-    run, shape = _load_run(workdir)
+    run, shape = common.load_run(workdir)
     common.set_torch_threads(run["threads"])
     weights = common.load_weights(workdir / "weights.safetensors")
     x, y = common.random_batches(shape.vocab_size, run["batch_size"], run["seq_len"], 1, seed=run["seed"] + 1)[0]
@@ -152,17 +129,9 @@ def worker_check(workdir: Path):
 
 
 def worker_train(framework: str, workdir: Path):
-    run, shape = _load_run(workdir)
-    t0 = time.perf_counter()
+    run, shape = common.load_run(workdir)
+    lib, import_s, rss_after_import = common.import_framework(framework, run["threads"])
     import numpy as np
-    if framework == "npllama":
-        npllama = common.import_npllama()
-    else:
-        import torch
-        from benchmarks import torch_reference as tr
-        common.set_torch_threads(run["threads"])
-    import_s = time.perf_counter() - t0
-    rss_after_import = common.peak_rss_mb()
 
     weights = common.load_weights(workdir / "weights.safetensors")
     n_batches = run["warmup"] + run["steps"]
@@ -172,6 +141,7 @@ def worker_train(framework: str, workdir: Path):
     losses = []
     t_build = time.perf_counter()
     if framework == "npllama":
+        npllama = lib
         model = common.npllama_model(npllama, shape, weights)
         del weights
         model.train()
@@ -196,6 +166,8 @@ def worker_train(framework: str, workdir: Path):
         extra = {"numpy": np.__version__, "npllama_file": getattr(npllama, "__file__", None),
                  "adamw": run["npllama_adamw"]}
     else:
+        import torch
+        tr = lib
         module, fn = tr.build(framework, shape, weights)
         del weights
         module.train()
@@ -268,8 +240,7 @@ def main(argv=None):
         common.worker_main(worker_entry, args)
         return 0
 
-    out = sys.stderr if args.json == "-" else sys.stdout
-    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    say = common.printer(args)
     bc = common.get_config(args.config)
     shape = bc.shape
     batch_size = args.batch_size or bc.batch_size
@@ -279,14 +250,9 @@ def main(argv=None):
     tokens_per_step = batch_size * seq_len
     flops_tok = common.train_flops_per_token(shape, seq_len)
 
-    say(f"config {bc.name}: vocab {shape.vocab_size}, dim {shape.dim}, {shape.n_layers} layers, "
-        f"{shape.n_heads}/{shape.n_kv_heads} heads, hidden {shape.hidden_dim}, tied={shape.tie_embeddings}; "
-        f"{shape.num_parameters() / 1e6:.2f} M params")
-    say(f"batch {batch_size} x {seq_len} = {tokens_per_step} tokens/step; {args.threads} thread(s); "
-        f"model FLOPs/token (6N + 12·L·H·hd·T, PaLM) = {flops_tok / 1e6:.1f} M")
-    warning = common.busy_warning(args.threads)
-    if warning:
-        say(warning)
+    common.say_header(say, bc, f"batch {batch_size} x {seq_len} = {tokens_per_step} tokens/step; "
+                      f"{args.threads} thread(s); model FLOPs/token (6N + 12·L·H·hd·T, PaLM) = {flops_tok / 1e6:.1f} M",
+                      args.threads)
 
     with tempfile.TemporaryDirectory(prefix="npllama-bench-") as tmp:
         workdir = Path(tmp)

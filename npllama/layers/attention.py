@@ -24,8 +24,10 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba import prange
+from numba.extending import intrinsic
+
+from ._numba import fast_exp
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -78,7 +80,9 @@ def attention_backward_reference(do, cache):
 #
 # fastmath: "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses a*b + c into
 # one FMA; both change rounding only at the 1e-16 level in float64 (tests hold the kernels to the
-# reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf.
+# reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf.  exp is _numba's
+# ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf, exactly 0 at -inf), the
+# one SwiGLU and cross-entropy use.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
@@ -89,61 +93,6 @@ def block_size(hd):
     one unit (q, k, v, scores, ~100-200 KB) in L2 for the head widths of small Llamas; the loops stop
     at the diagonal, so large tiles waste nothing there (measured: 128 beats 64 by ~5-15%)."""
     return 128
-
-
-# exp for float32: libm's expf is a scalar call (~9 ns) that blocks vectorisation, and attention
-# takes B*H*T^2/2 exponentials in the forward and as many again in the backward.  Cephes' expf:
-# exp(x) = 2^n exp(r), n = round(x log2 e), r = x - n ln2 (ln2 split in two for exactness),
-# exp(r) = 1 + r + r^2 P(r) with P of degree 5 on |r| <= ln2/2; relative error < 1.1 * 2^-23 for
-# x in [-20, 10], < 2.5 * 2^-23 down to -87 (numpy's float32 exp: 1.6).  Results below ~1e-38
-# flush to 0.  float64 keeps np.exp.
-@intrinsic
-def _pow2_float32(typingctx, n):
-    """2**n as float32 for a float32 n holding an integer in [-127, 127], by building the bits."""
-    sig = types.float32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
-        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
-    return sig, codegen
-
-
-_F = np.float32
-_LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
-_EXP_POLY = (_F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3), _F(4.1665795894e-2),
-             _F(1.6666665459e-1), _F(5.0000001201e-1))
-_P0, _P1, _P2, _P3, _P4, _P5 = _EXP_POLY
-_XMIN, _XMAX, _HALF, _ONE = _F(-88.0), _F(88.0), _F(0.5), _F(1.0)
-
-
-@jit_helper
-def _exp_float32(x):
-    x = min(max(x, _XMIN), _XMAX)
-    n = np.floor(x * _LOG2E + _HALF)
-    r = x - n * _LN2_HI - n * _LN2_LO
-    exp_r = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
-    return exp_r * _pow2_float32(n)
-
-
-@numba.njit(cache=True)
-def exp_float32_array(x):
-    """_exp_float32 over a float32 array (for the tests)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = _exp_float32(x[i])
-    return out
-
-
-def _exp(x):
-    return np.exp(x)
-
-
-@overload(_exp, jit_options={"fastmath": FASTMATH})
-def _exp_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_float32(x)
-    return lambda x: np.exp(x)
 
 
 @intrinsic
@@ -302,10 +251,10 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
                 m_new = max(m[r], _max(p, n_keys))
-                alpha = _exp(m[r] - m_new)
+                alpha = fast_exp(m[r] - m_new)
                 row_sum = p.dtype.type(0.0)
                 for j in range(n_keys):
-                    p[j] = _exp(p[j] - m_new)
+                    p[j] = fast_exp(p[j] - m_new)
                     row_sum += p[j]
                 for j in range(n_keys, block):
                     p[j] = 0.0
@@ -374,7 +323,7 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
                         lse_i, D_i = lse[b, h, i0 + r], D[r]
                         n_keys = min(block, i0 + r + 1 - kb * block)
                         for j in range(n_keys):
-                            p[j] = _exp(p[j] - lse_i)
+                            p[j] = fast_exp(p[j] - lse_i)
                             ds[j] = p[j] * (ds[j] - D_i)
                         for j in range(n_keys, block):
                             p[j] = 0.0
