@@ -345,6 +345,42 @@ def matmul_peak_gflops(lib: str = "numpy", n: int = 2048, repeats: int = 20) -> 
     return {"lib": lib, "n": n, "gflops": 2 * n ** 3 / best / 1e9, "best_s": best}
 
 
+def memory_read_gbs(mb: int = 256, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` rate at which one thread reads a ``mb`` MB float32 array from memory.
+
+    The ceiling of batch-1 decoding, which reads every weight once per token: a Numba loop that
+    only sums the array, far larger than any cache, in eight streams an eighth of it apart (one
+    stream reaches ~11 GB/s on the project machine, four or eight ~17: more cache-line fetches in
+    flight).  Single-threaded whatever the thread settings."""
+    import numba
+    import numpy as np
+
+    @numba.njit(fastmath=True)
+    def sum_in_eight_streams(a):
+        q = a.size // 8
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+        for i in range(q):
+            s0 += a[i]
+            s1 += a[q + i]
+            s2 += a[2 * q + i]
+            s3 += a[3 * q + i]
+            s4 += a[4 * q + i]
+            s5 += a[5 * q + i]
+            s6 += a[6 * q + i]
+            s7 += a[7 * q + i]
+        return s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7
+
+    a = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
+    sum_in_eight_streams(a)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sum_in_eight_streams(a)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"mb": mb, "gbs": a.nbytes / best / 1e9, "best_s": best}
+
+
 # ---- FLOP counts ------------------------------------------------------------------------------------
 
 def matmul_weight_count(shape: ModelShape) -> int:

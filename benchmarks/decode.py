@@ -216,6 +216,10 @@ def main(argv=None):
                 common.wait_for_idle(args.wait_idle)
             results[fw] = common.run_worker(SCRIPT, ["--worker", fw, "--workdir", str(workdir)], args.threads)
 
+    # the bandwidth ceiling: measured here, in the parent (a serial loop: one thread, as decoding
+    # at --threads 1; a worker would add its 256 MB to a framework's peak RSS)
+    memory_read = common.memory_read_gbs()
+    read_gbs = memory_read["gbs"]
     ref_ids = results.get("hf", {}).get("new_ids")
     rows = []
     for name, r in results.items():
@@ -230,7 +234,7 @@ def main(argv=None):
         row.update(tokens_per_s=tps, best_tokens_per_s=best, ms_per_token=1e3 / tps, gflops=tps * flops_tok / 1e9,
                    weight_gbs=tps * weight_bytes / 1e9, peak_rss_mb=r.get("peak_rss_mb"),
                    warmup_s=r.get("warmup_total_s"), distinct=r.get("distinct_new_ids"),
-                   others=r.get("others_cpus"))
+                   others=r.get("others_cpus"), of_read=tps * weight_bytes / 1e9 / read_gbs if read_gbs else None)
         ids = r.get("new_ids")
         if ref_ids is not None and ids is not None:
             agree = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
@@ -241,7 +245,7 @@ def main(argv=None):
     say(common.format_table(rows, [
         ("framework", "framework", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("best_tokens_per_s", "best", ",.1f"),
         ("ms_per_token", "ms/token", ".2f"),
-        ("gflops", "GFLOP/s", ".2f"), ("weight_gbs", "weights GB/s", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+        ("gflops", "GFLOP/s", ".2f"), ("weight_gbs", "weights GB/s", ".2f"), ("of_read", "of read BW", ".0%"), ("peak_rss_mb", "peak RSS MB", ".0f"),
         ("warmup_s", "warm-up s", ".1f"), ("others", "others", ".2f"), ("distinct", "distinct ids", ""),
         ("agree", "same as HF", "")]))
     for row in rows:
@@ -250,6 +254,10 @@ def main(argv=None):
     for name, r in results.items():
         if "note" in r:
             say(f"{name}: {r['note']}")
+    if read_gbs:
+        say(f"memory read, one thread, {memory_read['mb']} MB: {read_gbs:.2f} GB/s "
+            f"-> at most {read_gbs * 1e9 / weight_bytes:.0f} tokens/s for {weight_bytes / 1e6:.1f} MB of matmul weights "
+            f"per token, whoever decodes ('of read BW' = weights GB/s / this)")
     say("(tokens/s: new tokens / generate() wall time, median (best: fastest call); llama2.c: its own "
         "'achieved tok/s'. "
         "weights GB/s = matmul weight bytes streamed per second (decode is bandwidth-bound). "
@@ -261,7 +269,7 @@ def main(argv=None):
             "benchmark": "decode", "config": bc.name, "shape": shape.to_json(), "prompt": prompt,
             "new_tokens": N, "warmup": args.warmup, "repeats": args.repeats, "flops_per_token": flops_tok,
             "flops_formula": "2*N_matmul + 4*L*H*hd*t at mean context t = P + (N-1)/2",
-            "machine": common.machine_info(args.threads), "results": results})
+            "machine": common.machine_info(args.threads), "memory_read": memory_read, "results": results})
     return 0
 
 
