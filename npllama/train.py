@@ -843,7 +843,7 @@ def _validated_state(state, state_path) -> dict:
     for field in ("train_config", "optimizer", "sampler", "dropout_rng"):
         if not isinstance(state.get(field), dict):
             raise bad(field, f"must be an object, got {type(state.get(field)).__name__}")
-    if not isinstance(state.get("plan"), (dict, type(None))):
+    if "plan" not in state or not isinstance(state["plan"], (dict, type(None))):
         raise bad("plan", "must be an object or null")
     if not isinstance(state.get("tokenizer_sha256"), str):
         raise bad("tokenizer_sha256", "must be a string")

@@ -748,6 +748,8 @@ def read_safetensors_bytes(raw: bytes):
     (lambda s: s.update(dropout_rng={"bit_generator": "PCG64", "state": {"state": 2**200, "inc": 1},
                                      "has_uint32": 0, "uinteger": 0}), "dropout"),
     (lambda s: s.update(sampler=[1, 2]), "sampler"),
+    (lambda s: s.pop("plan"), "plan"),          # found by test_fuzz_training_state: was a KeyError
+    (lambda s: s.update(plan=[]), "plan"),
     (lambda s: s["train_config"].update(lr="fast"), "lr"),
     (lambda s: s["train_config"].update(batch_size=10**12), "batch"),
 ])
