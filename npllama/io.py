@@ -369,8 +369,10 @@ def _check_inside(directory: Path, path: Path, source) -> Path:
 
 
 def _valid_shard_name(shard) -> bool:
+    # control characters (a newline, say) are legal in Linux file names but never in a shard's,
+    # and would break the one-line error naming the missing file
     return (isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard
-            and "\x00" not in shard and len(shard.encode("utf-8", "surrogatepass")) <= 255)
+            and shard.isprintable() and len(shard.encode("utf-8", "surrogatepass")) <= 255)
 
 
 def weight_files(directory) -> list[Path]:

@@ -207,7 +207,11 @@ def test_killed_and_resumed_many_times_ends_bit_identical(corpus, reference):
             proc.send_signal(sig)
             log = finish(proc)
             no_traceback(log)
-            if proc.returncode != 0 or saved_step(run_dir) < STEPS:   # unless it had just finished
+            if f"done: {STEPS} steps" in log and saved_step(run_dir) == STEPS:
+                # The run had finished and saved: the signal reached a process on its way out, after
+                # the handlers were gone (seen at 40 cycles: killed by SIGTERM, i.e. 143 to a shell).
+                assert proc.returncode in (0, -sig, 128 + sig), log
+            else:
                 assert proc.returncode == (0 if sig == signal.SIGINT else 128 + signal.SIGTERM), log
                 assert f"--resume {run_dir}" in log, log
                 # the checkpoint is of the very step it stopped at

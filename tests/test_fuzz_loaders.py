@@ -480,6 +480,8 @@ def test_fuzz_shard_index(tiny_model, tiny_files, data):
     ("/tmp/x.safetensors", "outside|absolute"),
     ("link-out.safetensors", "outside"),
     ("nul\x00.safetensors", "invalid shard name"),
+    ("\n", "invalid shard name"),       # found by test_fuzz_shard_index: the error was two lines
+    ("tab\t.safetensors", "invalid shard name"),
     ("x" * 5000, "safetensors.index.json"),
     (3, "invalid shard name"),
 ])
@@ -492,8 +494,9 @@ def test_shard_index_refuses(tiny_model, tiny_files, shard, match):
         weight_map = {n: "ok.safetensors" for n in tensors}
         weight_map[sorted(tensors)[0]] = shard
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        with pytest.raises(CheckpointError, match=match):
+        with pytest.raises(CheckpointError, match=match) as err:
             npllama.Llama.from_pretrained(d)
+        assert "\n" not in str(err.value)
 
 
 def test_hugging_face_cache_symlinks_still_load(tiny_model, tiny_files, tmp_path):
