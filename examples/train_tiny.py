@@ -49,7 +49,7 @@ def main(argv=None):
     # ---- the ~20 lines: text -> tokens -> model -> AdamW + schedule loop ----------------------
     text = load_text(None)[:args.chars]                       # None = the bundled Shakespeare
     tokenizer = Tokenizer.train(text, vocab_size=args.vocab)  # byte-level BPE
-    data = TokenDataset.from_text(text, tokenizer)            # 90% train / 10% held out
+    data = TokenDataset.from_text(text, tokenizer)            # 95% train / 5% held out
     cfg = npllama.LlamaConfig(vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.layers,
                               n_heads=4, n_kv_heads=2, hidden_dim=int(8 * args.dim / 3),
                               max_seq_len=args.seq_len)

@@ -10,7 +10,8 @@ Pipeline::
     nats = sum(mean_loss(x, y) * (y != -100).sum() for x, y in data.iter_val_batches(8, 128))
     bpb = bits_per_byte(nats, data.val_bytes)
 
-Validation split: the last ``val_fraction`` (10%) of the *characters*, moved forward to just after
+Validation split: the last ``val_fraction`` (DEFAULT_VAL_FRACTION = 5%, as `npllama train`) of the
+*characters*, moved forward to just after
 the next newline so that no line is split between train and val. Train and val are tokenized
 separately, so no token spans the cut and ``train_text + val_text == text``.
 
@@ -108,7 +109,11 @@ def _decode_text(data: bytes, name: str) -> str:
                         f"{e.start}); convert it to UTF-8 first") from None
 
 
-def split_train_val(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+# Held-out share of the text, for the library and for `npllama train` alike.
+DEFAULT_VAL_FRACTION = 0.05
+
+
+def split_train_val(text: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[str, str]:
     """Split ``text`` into (train, val) with ``train + val == text``.
 
     The nominal cut leaves ``v = round(val_fraction * len(text))`` characters (at least 1) for val;
@@ -216,7 +221,7 @@ class TokenDataset:
 
     @classmethod
     def from_text(cls, text: str, tokenizer, cache_dir: str | os.PathLike | None = None,
-                  val_fraction: float = 0.1) -> "TokenDataset":
+                  val_fraction: float = DEFAULT_VAL_FRACTION) -> "TokenDataset":
         """Split ``text`` (``split_train_val``) and tokenize both parts; ``cache_dir=None`` keeps
         the tokens in memory, otherwise they are cached as ``train.tokens``/``val.tokens``."""
         train_text, val_text = split_train_val(text, val_fraction)
@@ -232,7 +237,7 @@ class TokenDataset:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike | None, tokenizer, cache_dir: str | os.PathLike | None = None,
-                  val_fraction: float = 0.1) -> "TokenDataset":
+                  val_fraction: float = DEFAULT_VAL_FRACTION) -> "TokenDataset":
         """``from_text(load_text(path), ...)``; ``path=None`` is the bundled corpus."""
         return cls.from_text(load_text(path), tokenizer, cache_dir=cache_dir, val_fraction=val_fraction)
 

@@ -70,6 +70,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import LlamaConfig
+from .data import DEFAULT_VAL_FRACTION
 from .errors import CheckpointError, ConfigError, NpllamaError
 
 STATE_FILE = "training_state.json"
@@ -111,7 +112,8 @@ class TrainConfig:
     # data
     data: str | None = _opt(None, "UTF-8 text file or folder of .txt files (default: the bundled "
                             "Shakespeare)", metavar="PATH")
-    val_fraction: float = _opt(0.05, "fraction of the text held out for evaluation (its end)", type=float)
+    val_fraction: float = _opt(DEFAULT_VAL_FRACTION, "fraction of the text held out for evaluation (its end)",
+                               type=float)
     vocab_size: int = _opt(2048, "BPE vocabulary size of the tokenizer trained on the data", type=int)
     # model
     preset: str = _opt("small", "model size preset", choices=tuple(PRESETS))

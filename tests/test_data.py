@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npllama.data import (IGNORE_INDEX, BatchSampler, TokenDataset, bits_per_byte, cached_tokens,
+from npllama.data import (DEFAULT_VAL_FRACTION, IGNORE_INDEX, BatchSampler, TokenDataset, bits_per_byte, cached_tokens,
                           count_eval_targets, get_batch, iter_eval_batches, load_text, split_train_val,
                           token_dtype)
 from npllama.errors import CheckpointError, ConfigError, DataError, NpllamaError
@@ -112,9 +112,10 @@ def test_split_bundled_corpus(corpus):
     train, val = split_train_val(corpus)
     assert train + val == corpus
     assert train.endswith("\n")
-    assert 0.099 < len(val) / len(corpus) < 0.101
-    # The cut is the first newline at or after the nominal 90% point.
-    nominal = len(corpus) - round(0.1 * len(corpus))
+    f = DEFAULT_VAL_FRACTION
+    assert f - 0.001 < len(val) / len(corpus) < f + 0.001
+    # The cut is the first newline at or after the nominal (1 - f) point.
+    nominal = len(corpus) - round(f * len(corpus))
     assert "\n" not in corpus[nominal - 1:len(train) - 1]
 
 
