@@ -197,12 +197,10 @@ class TrainConfig:
         number("eps", 0.0, lo_open=True)
         number("grad_clip")
         number("sample_temperature")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
+                raise ConfigError(f"{name} must be one of {list(options)}, got {str(v)[:100]!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
