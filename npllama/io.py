@@ -122,12 +122,25 @@ def open_regular_file(path, what="file"):
         raise
 
 
+def _object_without_duplicate_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # json.loads would keep the last value: in a safetensors header one flipped bit in a layer
+        # number makes two tensors share a name and one of them silently vanish
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:100]!r}")
+            seen.add(key)
+    return obj
+
+
 def parse_json(raw: bytes, where: str, what: str = "JSON"):
     """json.loads that turns every way the text can be bad into one CheckpointError: invalid UTF-8
-    or JSON, an integer with more digits than Python converts (ValueError), nesting deeper than
-    the recursion limit (RecursionError)."""
+    or JSON, a key twice in one object, an integer with more digits than Python converts
+    (ValueError), nesting deeper than the recursion limit (RecursionError)."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_duplicate_keys)
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{where}: corrupt {what} (not UTF-8: {e.reason} at byte {e.start})") from None
     except RecursionError:
