@@ -28,3 +28,11 @@ class DataError(NpllamaError):
 class WriteError(NpllamaError, OSError):
     """A file could not be written (disk full, directory read-only, ...). The previous version of
     the file, if any, is left as it was. Also an ``OSError``, so ``except OSError`` still catches it."""
+
+
+def one_line(text, limit: int = 300) -> str:
+    """``text`` (say, another library's error message, which may quote the bad input) made fit for
+    a one-line error: control characters escaped (a newline becomes ``\\n``), cut at ``limit``."""
+    text = str(text)
+    cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return cut + (" ..." if len(text) > limit else "")

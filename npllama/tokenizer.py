@@ -30,7 +30,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, one_line
 from .io import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -139,11 +139,11 @@ class Tokenizer:
         except RecursionError:
             raise CheckpointError(f"{path}: not a valid tokenizer.json (JSON nested too deeply)") from None
         except (OSError, ValueError) as e:  # also UnicodeDecodeError, JSONDecodeError, the int digit limit
-            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {str(e)[:200]})") from None
+            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {one_line(e, 200)})") from None
         try:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
-            raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
         eos_token, bos_token = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
         return cls(hf, eos_token=eos_token, bos_token=bos_token)
 
@@ -153,7 +153,7 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_str(json_text))
         except Exception as e:
-            raise CheckpointError(f"not a valid tokenizer.json string ({e})") from None
+            raise CheckpointError(f"not a valid tokenizer.json string ({one_line(e)})") from None
 
     def to_str(self) -> str:
         """The ``tokenizer.json`` content."""

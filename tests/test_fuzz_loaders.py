@@ -569,6 +569,19 @@ def test_fuzz_tokenizer_json(tokenizer_text, data):
                 pass
 
 
+def test_tokenizer_error_quoting_a_newline_stays_one_line(tokenizer_text, tmp_path):
+    """The tokenizers library quotes the bad value in its message; a newline there (found by
+    test_fuzz_tokenizer_json at 1000 examples) must not split npllama's one-line error."""
+    from npllama.tokenizer import Tokenizer
+    bad = json.loads(tokenizer_text)
+    bad["padding"] = ["\n"]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="tokenizer.json") as err:
+        Tokenizer.from_file(path)
+    assert "\n" not in str(err.value) and "\\n" in str(err.value)
+
+
 def test_tokenizer_json_junk(tmp_path):
     from npllama.tokenizer import Tokenizer
     path = tmp_path / "tokenizer.json"
