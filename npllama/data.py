@@ -10,10 +10,10 @@ Pipeline::
     nats = sum(mean_loss(x, y) * (y != -100).sum() for x, y in data.iter_val_batches(8, 128))
     bpb = bits_per_byte(nats, data.val_bytes)
 
-Validation split: the last ``val_fraction`` (DEFAULT_VAL_FRACTION = 5%, as `npllama train`) of the
-*characters*, moved forward to just after
-the next newline so that no line is split between train and val. Train and val are tokenized
-separately, so no token spans the cut and ``train_text + val_text == text``.
+Validation split: the last ``val_fraction`` (``DEFAULT_VAL_FRACTION`` = 5%, as in `npllama train`)
+of the *characters*, moved forward to just after the next newline so that no line is split between
+train and val. Train and val are tokenized separately, so no token spans the cut and
+``train_text + val_text == text``.
 
 Bits per byte: ``bpb = (sum over val targets of -ln p(target)) / val_bytes / ln 2``, where
 ``val_bytes`` is the number of UTF-8 bytes of the validation text. It compares models with
