@@ -159,7 +159,9 @@ class LlamaConfig:
         # Check types before any arithmetic on them: "x" * 10**10 is a 10 GB string.
         for key in required + ("num_key_value_heads", "max_position_embeddings", "head_dim"):
             value = hf.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            if value is None and key not in required:   # optional: null means the default
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: {key} must be a positive integer, got {_short(value)}")
         tie = hf.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):

@@ -240,6 +240,8 @@ def test_fuzz_config_json(tiny_model, tiny_files, data):
     ({"head_dim": "x", "num_attention_heads": 10**10}, "head_dim"),  # str * huge int
     ({"head_dim": [1], "num_attention_heads": 10**10}, "head_dim"),
     ({"vocab_size": 19.0}, "vocab_size"),
+    ({"num_attention_heads": None}, "num_attention_heads"),   # found by the fuzzer: was a TypeError
+    ({"hidden_size": None}, "hidden_size"),
     ({"vocab_size": True}, "vocab_size"),
     ({"rms_norm_eps": True}, "norm_eps"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
