@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import CheckpointError, ConfigError, WriteError
+from .errors import CheckpointError, ConfigError, WriteError, one_line
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 MAX_JSON_BYTES = 256 * 1024 * 1024    # config.json, shard index, training state: far smaller in practice
@@ -146,7 +146,7 @@ def parse_json(raw: bytes, where: str, what: str = "JSON"):
     except RecursionError:
         raise CheckpointError(f"{where}: corrupt {what} (nested too deeply)") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError; so is the int digit limit
-        raise CheckpointError(f"{where}: corrupt {what} ({str(e)[:200]})") from None
+        raise CheckpointError(f"{where}: corrupt {what} ({one_line(e, 200)})") from None
 
 
 # ---- a set of files replaced all at once -------------------------------------------------------

@@ -69,9 +69,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import LlamaConfig
+from .config import LlamaConfig, _short
 from .data import DEFAULT_VAL_FRACTION
-from .errors import CheckpointError, ConfigError, NpllamaError
+from .errors import CheckpointError, ConfigError, NpllamaError, one_line
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -200,7 +200,7 @@ class TrainConfig:
         for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
-                raise ConfigError(f"{name} must be one of {list(options)}, got {str(v)[:100]!r}")
+                raise ConfigError(f"{name} must be one of {list(options)}, got {_short(v)}")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
@@ -264,7 +264,7 @@ def read_config_file(path) -> dict:
     except RecursionError:
         raise ConfigError(f"config file {path}: cannot parse it (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError, tomllib.TOMLDecodeError) as e:  # ValueError: JSON, int digits
-        raise ConfigError(f"config file {path}: cannot parse it ({str(e)[:200]})") from None
+        raise ConfigError(f"config file {path}: cannot parse it ({one_line(e, 200)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: expected a table of options at the top level")
     if "threads" in values:
