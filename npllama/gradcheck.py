@@ -17,6 +17,18 @@ from typing import Callable
 
 import numpy as np
 
+from .config import LlamaConfig
+from .layers.attention import attention_backward, attention_forward
+from .layers.block import decoder_block_backward, decoder_block_forward
+from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .layers.dropout import dropout_backward, dropout_forward
+from .layers.embedding import embedding_backward, embedding_forward
+from .layers.linear import linear_backward, linear_forward
+from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
+from .layers.swiglu import feedforward_backward, feedforward_forward
+from .model import Llama
+
 
 def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-6,
                        indices=None) -> np.ndarray:
@@ -73,7 +85,6 @@ def _fd(forward, inputs, analytic, dout):
 
 
 def check_embedding(r):
-    from .layers.embedding import embedding_backward, embedding_forward
     ids, w = r.integers(0, 7, size=(2, 5)), r.normal(size=(7, 4))
     dout = r.normal(size=(2, 5, 4))
     _, cache = embedding_forward(ids, w)
@@ -82,7 +93,6 @@ def check_embedding(r):
 
 
 def check_rmsnorm(r):
-    from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
     x, w, dy = r.normal(size=(6, 8)), r.normal(size=8), r.normal(size=(6, 8))
     _, cache = rmsnorm_forward(x, w, 1e-5)
     dx, dw = rmsnorm_backward(dy, cache)
@@ -90,7 +100,6 @@ def check_rmsnorm(r):
 
 
 def check_rope(r):
-    from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 4}
     cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, scaling), np.float64)
@@ -100,7 +109,6 @@ def check_rope(r):
 
 
 def check_attention(r):
-    from .layers.attention import attention_backward, attention_forward
     q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
     do = r.normal(size=(2, 4, 5, 3))
     _, cache = attention_forward(q, k, v)
@@ -109,7 +117,6 @@ def check_attention(r):
 
 
 def check_swiglu(r):
-    from .layers.swiglu import feedforward_backward, feedforward_forward
     x, wgu, wd, dy = r.normal(size=(4, 5)), r.normal(size=(12, 5)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
     _, cache = feedforward_forward(x, wgu, wd)
     dx, dwgu, dwd = feedforward_backward(dy, cache)
@@ -118,7 +125,6 @@ def check_swiglu(r):
 
 
 def check_linear(r):
-    from .layers.linear import linear_backward, linear_forward
     x, w, dy = r.normal(size=(4, 5)), r.normal(size=(3, 5)), r.normal(size=(4, 3))
     _, cache = linear_forward(x, w)
     dx, dw = linear_backward(dy, cache)
@@ -126,7 +132,6 @@ def check_linear(r):
 
 
 def check_dropout(r):
-    from .layers.dropout import dropout_backward, dropout_forward
     x, dy = r.normal(size=(4, 6)), r.normal(size=(4, 6))
     _, mask = dropout_forward(x, 0.3, np.random.default_rng(0), True)
     return _fd(lambda: dropout_forward(x, 0.3, np.random.default_rng(0), True)[0], {"x": x},
@@ -134,7 +139,6 @@ def check_dropout(r):
 
 
 def check_cross_entropy(r):
-    from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
     logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
     targets[2] = -100
     _, cache = cross_entropy_forward(logits, targets)
@@ -143,9 +147,6 @@ def check_cross_entropy(r):
 
 
 def check_decoder_block(r):
-    from .config import LlamaConfig
-    from .layers.block import decoder_block_backward, decoder_block_forward
-    from .layers.rope import rope_cos_sin, rope_frequencies
     cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8)
     w = {"attn_norm": 1 + 0.3 * r.normal(size=8), "wqkv": r.normal(size=(16, 8)), "wo": r.normal(size=(8, 8)),
          "ffn_norm": 1 + 0.3 * r.normal(size=8), "w_gate_up": r.normal(size=(12, 8)), "w_down": r.normal(size=(8, 6))}
@@ -158,8 +159,6 @@ def check_decoder_block(r):
 
 
 def check_model(r, tie_embeddings=False):
-    from .config import LlamaConfig
-    from .model import Llama
     cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
                       tie_embeddings=tie_embeddings)
     model = Llama(cfg, dtype=np.float64)

@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import CheckpointError, ConfigError, InputError, one_line
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -23,7 +23,8 @@ import pytest
 
 import npllama
 from npllama.errors import NpllamaError, WriteError
-from npllama.io import COMMIT_DIR, STAGING_DIR, read_safetensors
+from npllama.files import COMMIT_DIR, STAGING_DIR
+from npllama.formats.safetensors import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -138,7 +139,7 @@ def _write_set(directory: Path, tag: str, crash_after=None):
     """Write files a, b, training_state.json = tag through a staged write; ``crash_after`` stops it
     (as a SIGKILL would) after 'stage' (files staged, not committed), 'commit' (committed, nothing
     moved) or 'one-moved'."""
-    from npllama.io import atomic_write_bytes, begin_staged_write, commit_staged_write
+    from npllama.files import atomic_write_bytes, begin_staged_write, commit_staged_write
     stage = begin_staged_write(directory)
     for name in ("a", "b", "training_state.json"):
         atomic_write_bytes(stage / name, [tag.encode()])
@@ -154,7 +155,7 @@ def _write_set(directory: Path, tag: str, crash_after=None):
 
 @pytest.mark.parametrize("crash_after, expected", [("stage", "old"), ("commit", "new"), ("one-moved", "new")])
 def test_staged_write_recovers_to_one_whole_set(tmp_path, crash_after, expected):
-    from npllama.io import recover_staged_write
+    from npllama.files import recover_staged_write
     _write_set(tmp_path, "old")
     _write_set(tmp_path, "new", crash_after=crash_after)
     recover_staged_write(tmp_path)
@@ -280,7 +281,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     checkpoint is intact, and resuming it ends where an uninterrupted run ends."""
     import tempfile
 
-    import npllama.io
+    import npllama.files
     from npllama.train import TrainConfig, train
 
     config = dict(data=str(corpus / "corpus.txt"), dim=16, n_layers=1, n_heads=2, vocab_size=300, seq_len=16,
@@ -300,7 +301,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     def break_writes(step, loss, run):
         if step == 3:
             if fault == "disk full":
-                monkeypatch.setattr(npllama.io.os, "fsync", enospc)
+                monkeypatch.setattr(npllama.files.os, "fsync", enospc)
             else:
                 monkeypatch.setattr(tempfile, "mkstemp", erofs)
                 monkeypatch.setattr(Path, "mkdir", erofs)
@@ -308,7 +309,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     run_dir = tmp_path / "run"
     with pytest.raises(WriteError) as excinfo:
         train(TrainConfig(**config, out_dir=str(run_dir)), progress=False, verbose=False, on_step=break_writes)
-    monkeypatch.setattr(npllama.io.os, "fsync", real_fsync)
+    monkeypatch.setattr(npllama.files.os, "fsync", real_fsync)
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     message = str(excinfo.value)
