@@ -57,8 +57,10 @@ def openblas_threads_api() -> BlasThreads | None:
 
 @contextlib.contextmanager
 def thread_limit(n: int):
-    """At most ``n`` threads for each library, from here on (environment, for a library not
-    started yet) or until the end of the block (live count, for a library already running)."""
+    """At most ``n`` threads for each library inside the block: through its own call for a library
+    already running (put back at the end), through the environment for one not started yet (which
+    then keeps ``n`` threads for good; the variables themselves are put back, except
+    NUMBA_NUM_THREADS once Numba has started, since changing it then breaks the next compilation)."""
     restore = []
     env = [TOKENIZERS_ENV_VAR]
     if "numpy" in sys.modules:
@@ -68,19 +70,26 @@ def thread_limit(n: int):
             api.set(n)
     else:
         env += BLAS_ENV_VARS
-    if "numba" in sys.modules:   # setting NUMBA_NUM_THREADS now would break the next compilation
+    if "numba" in sys.modules:
         numba = sys.modules["numba"]
         restore.append((numba.set_num_threads, numba.get_num_threads()))
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     else:
         env.append(NUMBA_ENV_VAR)
-    for var in env:
-        os.environ[var] = str(n)
+    saved_env = {var: os.environ.get(var) for var in env}
+    os.environ.update({var: str(n) for var in env})
     try:
         yield
     finally:
         for set_threads, count in reversed(restore):
             set_threads(count)
+        for var, value in saved_env.items():
+            if var == NUMBA_ENV_VAR and "numba" in sys.modules:
+                continue
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def live_thread_counts() -> dict:

@@ -15,7 +15,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -48,12 +47,12 @@ class TrainingDiverged(NpllamaError):
 class Run:
     config: TrainConfig
     run_dir: Path
-    model: Any
-    tokenizer: Any
-    data: Any
+    model: Llama
+    tokenizer: Tokenizer
+    data: TokenDataset
     text_sha256: str
-    optimizer: Any
-    sampler: Any
+    optimizer: AdamW
+    sampler: BatchSampler
     step: int = 0
     total_steps: int | None = None
     warmup_steps: int = 0

@@ -34,7 +34,8 @@ from ..data import get_batch, iter_eval_batches
 from ..errors import ConfigError
 from ..optim import clip_grad_norm
 from ..threads import live_thread_counts
-from .checkpoint import METRICS_FILE, MetricsLog, Run, diverged, load_run, new_run, read_metrics, save_checkpoint, say
+from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, load_run, new_run, read_metrics, save_checkpoint,
+                         say)
 from .config import TrainConfig
 from .planner import BudgetPlanner
 
@@ -78,7 +79,7 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
             s.log_step(loss, lr, norm, time.perf_counter() - t0)   # may re-plan run.total_steps
             if on_step is not None:
                 on_step(run.step, loss, run)
-            if run.step < run.total_steps:                           # the last step's come in finish()
+            if run.step < run.total_steps:               # (after the last step, finish() does both)
                 if cfg.eval_interval > 0 and run.step % cfg.eval_interval == 0:
                     s.evaluate()
                 if cfg.checkpoint_interval > 0 and run.step % cfg.checkpoint_interval == 0:
