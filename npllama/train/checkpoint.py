@@ -123,7 +123,7 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
         model.config.dropout = cfg.dropout
         cfg.vocab_size = model.config.vocab_size
         say(f"fine-tuning from {init_dir} ({model.num_parameters() / 1e6:.2f}M parameters, "
-             f"its tokenizer of {tokenizer.vocab_size} tokens)", verbose)
+            f"its tokenizer of {tokenizer.vocab_size} tokens)", verbose)
     else:
         t0 = time.monotonic()
         train_text, _ = split_train_val(text, cfg.val_fraction)
@@ -135,7 +135,7 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
                               f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
                               f"--vocab-size {tokenizer.vocab_size} or less, or more text")
         say(f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens in "
-             f"{time.monotonic() - t0:.1f}s", verbose)
+            f"{time.monotonic() - t0:.1f}s", verbose)
         model = None
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / "tokenizer.json")
@@ -144,7 +144,7 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     t0 = time.monotonic()
     data = _load_dataset(cfg, tokenizer, run_dir, text)
     say(f"data: {len(data.train_tokens):,} training and {len(data.val_tokens):,} held-out tokens "
-         f"({data.val_bytes:,} bytes held out), tokenized in {time.monotonic() - t0:.1f}s", verbose)
+        f"({data.val_bytes:,} bytes held out), tokenized in {time.monotonic() - t0:.1f}s", verbose)
     if model is None:
         model = Llama(model_config(cfg, tokenizer.vocab_size), seed=cfg.seed, dtype=dtype)
         model.tokenizer = tokenizer
@@ -288,8 +288,6 @@ def _validated_state(state, state_path) -> dict:
     if not isinstance(state.get("tokenizer_sha256"), str):
         raise bad("tokenizer_sha256", "must be a string")
     return state
-
-
 
 
 def diverged(run: Run, step: int, what: str) -> TrainingDiverged:

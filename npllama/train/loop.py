@@ -315,7 +315,6 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperat
     return tokenizer.decode(np.concatenate([prompt_ids, np.asarray(new, dtype=np.int64)]))
 
 
-
 def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
     """Seconds per optimizer step, from throw-away steps on batches the run never sees.
 
@@ -363,10 +362,9 @@ def _report_eval(run: Run, ev: dict, verbose: bool, final: bool = False) -> None
     what = "final eval on all held-out text" if final and ev["val_tokens"] == len(run.data.val_tokens) \
         else ("final eval" if final else "eval")
     say(f"step {run.step}: {what}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte "
-         f"({ev['val_tokens']:,} tokens)", verbose)
+        f"({ev['val_tokens']:,} tokens)", verbose)
     if ev.get("sample") is not None:
         say("  sample: " + ev["sample"].strip().replace("\n", "\n          ")[:800], verbose)
-
 
 
 def _hms(seconds: float) -> str:
