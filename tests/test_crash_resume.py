@@ -10,8 +10,10 @@ NPLLAMA_KILL_CYCLES sets the number of interruptions of the kill test (default 8
 """
 import errno
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +73,15 @@ def wait_until(condition, proc, timeout=120.0, poll=0.005):
             return condition()
         time.sleep(poll)
     raise AssertionError(f"timed out; log:\n{proc.log.read_text()}")
+
+
+def started_at(proc) -> float:
+    """The step ``proc`` began training from (0 for a new run), once its log says so; else infinity."""
+    log = proc.log.read_text()
+    resumed = re.search(r"resuming .* at step (\d+) of", log)
+    if resumed:
+        return int(resumed.group(1))
+    return 0 if "model:" in log else math.inf
 
 
 def tensors(path: Path) -> dict:
@@ -190,8 +201,9 @@ def test_killed_and_resumed_many_times_ends_bit_identical(corpus, reference):
                 break
             time.sleep(rng.uniform(0.0, 0.01))
         else:
-            # let it make progress (a new checkpoint), then strike a little later
-            progressed = wait_until(lambda: saved_step(run_dir) > before, proc)
+            # let it make progress (a checkpoint of its own: one a start-up recovery rolled forward
+            # comes before the signal handlers exist), then strike a little later
+            progressed = wait_until(lambda: saved_step(run_dir) > max(before, started_at(proc)), proc)
             if not progressed:
                 break  # finished already
             time.sleep(rng.uniform(0.0, 0.08))
@@ -256,8 +268,14 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(corpus, reference, tmp
         wait_until(lambda: saved_step(run_dir) >= 3, proc)
         # fill the disk, leaving a few pages for metrics lines but not enough for a checkpoint
         free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        with open(mount / "filler", "wb") as f:
-            f.write(b"\0" * max(0, free - 24 * 1024))
+        left = max(0, free - 24 * 1024)
+        with open(mount / "filler", "wb", buffering=0) as f:
+            try:
+                while left > 0:
+                    left -= f.write(b"\0" * min(left, 1 << 20))
+            except OSError as e:   # the run wrote in between: the disk is only fuller
+                if e.errno != errno.ENOSPC:
+                    raise
         log = finish(proc)
         assert proc.returncode == 1, log
         no_traceback(log)
