@@ -109,9 +109,12 @@ def random_dropout_masks(cfg, B, T, r):
 
 
 def random_params(cfg, r):
-    """Every parameter of ``cfg`` by Hugging Face name, far from the init so every term matters."""
+    """Every parameter of ``cfg`` by Hugging Face name, far from the init so every term matters:
+    norm gains 1 + N(0, 0.3^2), matrices N(0, 1/fan_in), so attention scores and logits are O(1).
+    (Much larger weights saturate the softmaxes, and then their gradients are tiny differences of
+    near-equal numbers: right, but with few correct digits in any implementation.)"""
     from .model import parameter_layout
-    return {name: 1 + 0.3 * r.normal(size=shape) if len(shape) == 1 else 0.5 * r.normal(size=shape)
+    return {name: 1 + 0.3 * r.normal(size=shape) if len(shape) == 1 else r.normal(size=shape) / np.sqrt(shape[1])
             for name, shape in parameter_layout(cfg)}
 
 
