@@ -113,6 +113,7 @@ def block_backward(dout, cache, cfg):
     # attention branch.  h = x + a: dh reaches x directly and through a.
     da = dropout_backward(dh, mask_attn)                                       # (B, T, D)
     do, grads["self_attn.o_proj.weight"] = linear_backward(da, c_o)            # (B, T, H*hd)
+    # dk, dv: (B, K, T, hd), each kv head's gradient summed over the query heads that share it
     dq_rot, dk_rot, dv = attention_backward_reference(split_heads(do, cfg.n_heads), c_attn)
     dq = rope_backward_reference(dq_rot, c_rope)                               # (B, H, T, hd)
     dk = rope_backward_reference(dk_rot, c_rope)                               # (B, K, T, hd)
