@@ -9,8 +9,14 @@
 2. The reference equals Hugging Face transformers' float64 LlamaForCausalLM (the fixtures of
    tests/test_hf_fixture.py): logits, loss and every gradient.
 3. The reference's gradients equal central finite differences on random configs.
-4. gradcheck's measures and its whole-reference-model check.
+4. gradcheck's measures and its whole-reference-model check; the README's reference snippet.
 """
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -27,6 +33,7 @@ from npllama.layers.attention import block_size, key_block_splits
 from test_hf_fixture import FIXTURES, HF_FIXTURES, TOLERANCE as HF_TOLERANCE, load_reference, relative_error as hf_error
 
 EQUAL = 1e-12   # fast path vs reference, float64, norm-wise relative
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def normwise_error(a, b):
@@ -160,22 +167,33 @@ def test_fast_path_equals_reference_on_large_cases(case, two_threads):
     assert errors[worst] <= EQUAL, f"{case}: {worst} off by {errors[worst]:.2e}"
 
 
-def test_dropout_masks_are_checked():
+MASK = np.ones((1, 3, 8))
+BAD_MASKS = [
+    ([(MASK, MASK)], "list of 2 .* pairs, one per layer, got 1"),
+    (np.ones((2, 2, 1, 3, 8)), "list of 2 .* got ndarray"),
+    ([(MASK, MASK), (MASK,)], r"dropout_masks\[1\] must be an \(attn_mask, ffn_mask\) pair"),
+    ([(MASK, MASK), (MASK, MASK[..., :7])],
+     r"dropout_masks\[1\]\[1\] must be a real array of shape .* \(1, 3, 8\), got float64 \(1, 3, 7\)"),
+    ([(MASK, MASK), (np.full((1, 3, 8), "x"), MASK)], r"dropout_masks\[1\]\[0\] must be a real array"),
+]
+
+
+@pytest.mark.parametrize("masks, match", BAD_MASKS)
+def test_bad_dropout_masks_raise_clear_errors(masks, match):
     cfg = npllama.LlamaConfig(vocab_size=10, dim=8, n_layers=2, n_heads=2, hidden_dim=8, max_seq_len=6, dropout=0.5)
-    model = npllama.Llama(cfg, dtype=np.float64)
     tokens = np.array([[1, 2, 3]])
-    good = [(np.ones((1, 3, 8)), np.ones((1, 3, 8)))] * 2
-    for masks, match in [(good[:1], "list of 2 .* pairs, one per layer, got 1"),
-                         (np.ones((2, 2, 1, 3, 8)), "list of 2"),
-                         ([good[0], (np.ones((1, 3, 8)),)], r"dropout_masks\[1\] must be an \(attn_mask, ffn_mask\) pair"),
-                         ([good[0], (np.ones((1, 3, 8)), np.ones((1, 3, 7)))],
-                          r"dropout_masks\[1\]\[1\] must be a real array of shape .* \(1, 3, 8\), got float64 \(1, 3, 7\)"),
-                         ([good[0], (np.full((1, 3, 8), "x"), np.ones((1, 3, 8)))], r"dropout_masks\[1\]\[0\]")]:
-        with pytest.raises(InputError, match=match):
-            model.loss_and_grad(tokens, tokens, dropout_masks=masks)
-    # all-ones masks are no dropout, whatever config.dropout and the train/eval mode say
-    loss, _ = model.train().loss_and_grad(tokens, tokens, dropout_masks=good)
+    with pytest.raises(InputError, match=match):
+        npllama.Llama(cfg, dtype=np.float64).loss_and_grad(tokens, tokens, dropout_masks=masks)
+
+
+def test_given_masks_replace_the_drawn_ones():
+    """All-ones masks are no dropout, whatever config.dropout and the train/eval mode say."""
+    cfg = npllama.LlamaConfig(vocab_size=10, dim=8, n_layers=2, n_heads=2, hidden_dim=8, max_seq_len=6, dropout=0.5)
+    model = npllama.Llama(cfg, dtype=np.float64).train()
+    tokens = np.array([[1, 2, 3]])
+    loss, _ = model.loss_and_grad(tokens, tokens, dropout_masks=[(MASK, MASK)] * 2)
     assert loss == model.loss(tokens, tokens)
+    assert model.loss_and_grad(tokens, tokens)[0] != model.loss(tokens, tokens)   # without them: dropout
 
 
 # ---- 2. the reference equals Hugging Face transformers -----------------------------------------
@@ -229,3 +247,16 @@ def test_gradcheck_checks_the_reference_model(capsys):
     assert "lm_head.weight" in out and out.count("model.layers.1.self_attn.k_proj.weight") == 2
     assert main(["gradcheck", "--layer", "reference", "--tolerance", "1e-20"]) == 1  # the check can fail
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_readme_learn_snippet_runs():
+    """The README's Learn section starts the student on the reference: its command works, and an
+    untrained model's loss is near ln(vocabulary), as it claims."""
+    readme = (ROOT / "README.md").read_text()
+    learn = readme[readme.index("## Learn"):]
+    code = re.search(r'^python -c "\n(.*?)^"\n', learn, flags=re.S | re.M).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    loss, ln_vocab = map(float, re.search(r"loss ([\d.]+) \(ln 50 = ([\d.]+)\)", proc.stdout).groups())
+    assert abs(loss - ln_vocab) < 0.05 and "21 gradients" in proc.stdout, proc.stdout
