@@ -29,14 +29,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterator
-
 import gguf
 import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
-from ..model import parameter_layout
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -90,13 +87,24 @@ def find_gguf(path) -> Path:
     return found[0]
 
 
+class _Reader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` slicing a plain ndarray view of its memory map: every slice of an
+    ``np.memmap`` runs ``memmap.__array_finalize__``, and reading the ~100k strings of a vocabulary
+    takes ~750k slices (4 s of the 5 s to open SmolLM2's file)."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
+        return super()._get(offset, dtype, count, override_order)
+
+
 class GGUFCheckpoint:
     """An open ``.gguf`` file: its metadata, the LlamaConfig it describes, and its tensors under
     Hugging Face names, dequantized on demand (``read_into``).
 
     Raises:
-        CheckpointError: not a readable GGUF file, not a Llama, a tensor missing, of the wrong
-            shape, unknown or of a type npllama cannot dequantize (the message names the file).
+        CheckpointError: not a readable GGUF file, not a Llama (or one npllama cannot run), a tensor
+            npllama has no use for or cannot dequantize; the message names the file.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -104,7 +112,7 @@ class GGUFCheckpoint:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         try:
-            self.reader = gguf.GGUFReader(path)
+            self.reader = _Reader(path)
         # gguf's parser reports a damaged file through whatever numpy raised on the way
         # (ValueError, IndexError, KeyError, struct errors...): all of them mean "not a GGUF".
         except Exception as e:
@@ -120,9 +128,12 @@ class GGUFCheckpoint:
                     raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama-3.1 "
                                           "style scaling) are not supported yet")
                 raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a Llama model")
+            if t.tensor_type not in SUPPORTED_TYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which npllama cannot "
+                    f"dequantize (supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
             self.tensors[name] = t
         self.config = self._config()
-        self._check_tensors()
 
     # ---- metadata ---------------------------------------------------------------------------
     def value(self, key: str, default=None):
@@ -202,22 +213,6 @@ class GGUFCheckpoint:
         """NumPy shape (rows, columns) of a tensor: GGUF lists dimensions innermost first."""
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
 
-    def _check_tensors(self):
-        expected = dict(parameter_layout(self.config))
-        missing = [n for n in expected if n not in self.tensors]
-        if missing:
-            raise CheckpointError(f"{self.path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        for name, t in self.tensors.items():
-            if name not in expected:
-                raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r} for a {self.config.n_layers}-layer model")
-            if self.shape(name) != expected[name]:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} has shape {self.shape(name)}, the metadata "
-                                      f"implies {expected[name]}")
-            if t.tensor_type not in SUPPORTED_TYPES:
-                raise CheckpointError(
-                    f"{self.path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which npllama cannot "
-                    f"dequantize (supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
-
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
         """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted."""
         t = self.tensors[name]
@@ -236,17 +231,29 @@ class GGUFCheckpoint:
                 target[r0:r0 + step].reshape(-1, 2, hd // 2, cols)[...] = w.reshape(-1, hd // 2, 2, cols).swapaxes(1, 2)
         return out
 
-    def read_all(self, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-        """(Hugging Face name, array of ``dtype``) for every tensor, one at a time."""
-        for name in self.tensors:
-            yield name, self.read_into(name, np.empty(self.shape(name), dtype=dtype))
 
 
-def read_gguf(path, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
-    """(config, {Hugging Face name: array of ``dtype``}, metadata) of a Llama ``.gguf`` file.
+def open_gguf(path) -> GGUFCheckpoint:
+    """The ``.gguf`` file ``path``, or the one in the directory ``path``, opened (see GGUFCheckpoint)."""
+    return GGUFCheckpoint(find_gguf(path))
+
+
+def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> None:
+    """Dequantize every tensor of ``ckpt`` into ``params`` (Hugging Face name -> the model's array,
+    as ``Llama.params``), after checking that the names and shapes are exactly those of ``params``.
 
     Raises:
-        CheckpointError: see ``GGUFCheckpoint``.
+        CheckpointError: a tensor missing, unexpected or of the wrong shape.
     """
-    ckpt = GGUFCheckpoint(find_gguf(path))
-    return ckpt.config, dict(ckpt.read_all(dtype)), ckpt.metadata
+    path = ckpt.path
+    missing = [n for n in params if n not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, t in ckpt.tensors.items():
+        if name not in params:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {ckpt.config.n_layers}-layer model")
+        if ckpt.shape(name) != params[name].shape:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {ckpt.shape(name)}, the metadata "
+                                  f"implies {params[name].shape}")
+    for name in params:
+        ckpt.read_into(name, params[name])
