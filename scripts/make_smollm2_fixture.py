@@ -77,7 +77,7 @@ if __name__ == "__main__":\n\tprint(fibonacci(10))  # [0, 1, 1, 2, 3, 5, 8, 13, 
     markdown = "## Heading\n\n* item one\n* item **two** with `code`\n\n| col | val |\n|-----|-----|\n| x   | 42  |\n"
     parts = [code, prose, unicode, spaces, c_code, markdown, "<|im_start|>user\nHi<|im_end|>\n", "12345678901234567890"]
     text = "".join(parts)
-    return text * 2 + prose.upper() + unicode[::-1].replace("\u200d", "")
+    return text * 3 + text.swapcase() + unicode[::-1].replace("\u200d", "")
 
 
 def main():
