@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from npllama import Llama, Tokenizer
+from npllama.chat import chat
 from npllama.formats.gguf import load_weights, open_gguf
 from real_model import smollm2_gguf
 
@@ -80,3 +81,28 @@ def test_greedy_chat_answer_equals_transformers(model64, tokenizer, expected):
     answer = model64.generate(prompt, expected["chat"]["max_new_tokens"], stop_ids=tokenizer.stop_ids)
     assert answer.tolist() == expected["chat"]["answer_ids"]
     assert tokenizer.decode(answer) == "The capital of France is Paris.<|im_end|>"
+
+
+@pytest.mark.slow
+def test_chat_answers_streams_and_keeps_the_history(model64, tokenizer, expected):
+    script = iter([expected["chat"]["question"], "And of Italy?"])
+    written, prompts = [], []
+    stream = model64.stream
+
+    def recording_stream(prompt_ids, *args, **kwargs):
+        prompts.append(np.asarray(prompt_ids).tolist())
+        return stream(prompt_ids, *args, **kwargs)
+
+    model64.stream = recording_stream
+    try:
+        history = chat(model64, tokenizer, lambda: next(script, None), written.append, max_new_tokens=24)
+    finally:
+        del model64.stream
+    first = tokenizer.decode(expected["chat"]["answer_ids"][:-1])   # without <|im_end|>
+    assert history[0] == {"role": "user", "content": expected["chat"]["question"]}
+    assert history[1] == {"role": "assistant", "content": first}
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert "Rome" in history[3]["content"]
+    assert "".join(written) == first + "\n" + history[3]["content"] + "\n"
+    assert prompts[0] == expected["chat"]["prompt_ids"]
+    assert prompts[1] == tokenizer.apply_chat_template(history[:3], add_generation_prompt=True).tolist()
