@@ -1,1 +1,2 @@
-"""Model file formats: each module reads and writes one format, checking everything it reads."""
+"""Model file formats: the Hugging Face directory (hf.py, its weights in safetensors.py) and GGUF
+(gguf.py, gguf_tokenizer.py); each module checks everything it reads."""
