@@ -173,12 +173,9 @@ def cached_tokens(text: str, tokenizer, cache_dir: str | os.PathLike, name: str)
         "dtype": dtype.name,
         "n_bytes": len(text.encode("utf-8")),
     }
-    meta = _read_sidecar(meta_path)
-    if meta is not None and all(meta.get(k) == v for k, v in expected.items()):
-        n_tokens = meta.get("n_tokens")
-        if (isinstance(n_tokens, int) and n_tokens >= 0 and tokens_path.is_file()
-                and tokens_path.stat().st_size == n_tokens * dtype.itemsize):
-            return _memmap_tokens(tokens_path, dtype, n_tokens)
+    cached = open_cached_tokens(cache_dir, name, expected)
+    if cached is not None:
+        return cached
 
     ids = _encode(tokenizer, text)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
@@ -188,6 +185,28 @@ def cached_tokens(text: str, tokenizer, cache_dir: str | os.PathLike, name: str)
     atomic_write_bytes(tokens_path, [memoryview(np.ascontiguousarray(tokens)).cast("B")])
     atomic_write_json(meta_path, {**expected, "n_tokens": int(tokens.size)})
     return _memmap_tokens(tokens_path, dtype, int(tokens.size))
+
+
+def open_cached_tokens(cache_dir: str | os.PathLike, name: str, expected: dict) -> np.ndarray | None:
+    """``cache_dir/{name}.tokens`` memory-mapped if its sidecar holds every item of ``expected``
+    (format, tokenizer and text SHA-256, dtype, bytes; see ``cached_tokens``) and the file has the
+    size the sidecar gives; else None."""
+    cache_dir = Path(cache_dir)
+    tokens_path = cache_dir / f"{name}.tokens"
+    meta = token_cache_meta(cache_dir, name)
+    if meta is None or any(meta.get(k) != v for k, v in expected.items()) or expected.get("dtype") not in (
+            "uint16", "uint32"):
+        return None
+    dtype, n_tokens = np.dtype(expected["dtype"]), meta.get("n_tokens")
+    if (isinstance(n_tokens, int) and n_tokens >= 0 and tokens_path.is_file()
+            and tokens_path.stat().st_size == n_tokens * dtype.itemsize):
+        return _memmap_tokens(tokens_path, dtype, n_tokens)
+    return None
+
+
+def token_cache_meta(cache_dir: str | os.PathLike, name: str) -> dict | None:
+    """The sidecar ``cache_dir/{name}.json`` of a token cache, or None when missing or unreadable."""
+    return _read_sidecar(Path(cache_dir) / f"{name}.json")
 
 
 def _read_sidecar(path: Path) -> dict | None:
@@ -279,8 +298,13 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int,
     seq_len = _check_positive_int("seq_len", seq_len)
     n = len(tokens)
     _check_stream_length(n, seq_len)
-    starts = rng.integers(0, n - seq_len, size=batch_size)
-    windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
+    return windows_at(tokens, rng.integers(0, n - seq_len, size=batch_size), seq_len)
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows that start at ``starts``: ``x[b] = tokens[s_b : s_b+T]``, ``y[b] = tokens[s_b+1 :
+    s_b+T+1]``, int64 (len(starts), T)."""
+    windows = np.asarray(tokens[np.asarray(starts)[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
     return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
 
@@ -302,9 +326,15 @@ class BatchSampler:
         self.batches_drawn = 0
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        batch = get_batch(self.tokens, self.batch_size, self.seq_len, self.rng)
+        return windows_at(self.tokens, self.next_starts(), self.seq_len)
+
+    def next_starts(self) -> np.ndarray:
+        """The start offsets of the next batch's windows (what ``next_batch`` cuts out): data-parallel
+        ranks all draw the whole batch's starts, so the order does not depend on their number, and
+        each cuts out only its own share."""
+        starts = self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         self.batches_drawn += 1
-        return batch
+        return starts
 
     def __iter__(self):
         return self

@@ -64,6 +64,19 @@ def _views(flat, layout):
     return views
 
 
+def _backward_ranges(layout, cfg):
+    """[lo, hi) ranges of ``flat_grads`` in the order the backward finishes them: the head (final
+    norm, and the output matrix unless tied), blocks n_layers-1 .. 0, the embedding (last: a tied
+    output matrix shares it).  Each range ends where the one before it begins."""
+    offsets, offset = {}, 0
+    for name, shape in layout:
+        offsets[name] = offset
+        offset += int(np.prod(shape))
+    starts = [offsets[f"model.layers.{i}.input_layernorm.weight"] for i in range(cfg.n_layers)]
+    bounds = [offsets["model.embed_tokens.weight"], *starts, offsets["model.norm.weight"], offset]
+    return [(bounds[j], bounds[j + 1]) for j in reversed(range(len(bounds) - 1))]
+
+
 def _layer_views(views, flat, layout, cfg):
     """Per layer, the block's weights by role, with W_qkv and W_gate_up as single views."""
     offsets, offset = {}, 0
@@ -136,6 +149,7 @@ class Llama:
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._workspaces = {}  # (B, T, training) -> _Workspace; at most one shape per mode
+        self._grad_ranges = _backward_ranges(self.layout, cfg)
         self.init_weights(seed)
 
     # ---- parameters ----------------------------------------------------------------------------
@@ -298,11 +312,18 @@ class Llama:
             checked.append(tuple(rows))
         return checked
 
-    def loss_and_grad(self, tokens, targets, dropout_masks=None):
+    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, dloss=1.0, on_grads_ready=None):
         """Mean cross-entropy over targets != -100, and its gradient for every parameter.
 
         Returns (loss, grads) where grads maps each name of ``params`` to a view of
         ``flat_grads``; the next call overwrites them (copy them to keep them).
+
+        dloss: the gradient is that of ``dloss * loss`` (the loss returned is not scaled); data
+        parallel training weighs each micro-batch by its share of the global batch this way.
+        on_grads_ready(lo, hi): called during the backward each time ``flat_grads[lo:hi]`` is final
+        -- the head, then each block from the last to the first, then the embedding; each range
+        ends where the previous one began -- so that their all-reduce can start while the backward
+        goes on (npllama/train/distributed.py).
 
         dropout_masks: None to draw dropout masks from the model's generator (when training and
         config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
@@ -312,16 +333,21 @@ class Llama:
         masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
         ws = self._workspace(B, T, True)
         with split_matmuls():
-            loss = self._loss_and_grad_rows(tokens, targets, ws, masks)
+            loss = self._loss_and_grad_rows(tokens, targets, ws, masks, dloss, on_grads_ready)
         return loss, self.grads
 
-    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None):
+    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, dloss=1.0, on_grads_ready=None):
         """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
         cfg = self.config
         B, T = tokens.shape
+        ranges = iter(self._grad_ranges)
+
+        def done():   # the next range of flat_grads is final
+            if on_grads_ready is not None:
+                on_grads_ready(*next(ranges))
         logits = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks)
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
-        loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses)
+        loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses, dloss=dloss)
 
         # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W
         final, shared = ws.final, ws.shared
@@ -330,12 +356,15 @@ class Llama:
         rmsnorm_backward_kernel(shared.dn, final.x, self.params["model.norm.weight"], final.r1, shared.dres,
                                 shared.dw_partial, False)
         np.sum(shared.dw_partial, axis=0, out=self.grads["model.norm.weight"])
+        done()
         for buf, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
             decoder_block_backward_rows(buf, shared, w, dw, ws.cos, ws.sin, B, T, cfg)
+            done()
         d_embed = self.grads["model.embed_tokens.weight"]
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0
         embedding_backward(shared.dres, tokens, d_embed)
+        done()
         return loss
 
     # ---- generation (npllama/generate.py) ------------------------------------------------------

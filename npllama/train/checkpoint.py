@@ -29,6 +29,7 @@ from ..optim import AdamW, lr_at
 from ..threads import live_thread_counts
 from ..tokenizer import Tokenizer
 from .config import DTYPES, TrainConfig, model_config
+from .distributed import World
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -41,6 +42,7 @@ STATE_VERSION = 1
 
 class TrainingDiverged(NpllamaError):
     """The loss or the gradient norm became NaN or infinite."""
+    same_on_every_rank = True   # data parallel: loss, norm and weights are the same on every rank
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Run:
     train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
     plan: dict = field(default_factory=dict)
     last_checkpoint_step: int | None = None
+    world: World = field(default_factory=World)   # the ranks training this run (distributed.py)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
@@ -81,7 +84,7 @@ def _load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
     return TokenDataset.from_text(text, tokenizer, cache_dir=run_dir / TOKENS_DIR, val_fraction=cfg.val_fraction)
 
 
-def _make_optimizer(model, cfg: TrainConfig):
+def make_optimizer(model, cfg: TrainConfig):
     return AdamW(model.params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                  weight_decay=cfg.weight_decay, flat_params=model.flat_params)
 
@@ -153,7 +156,7 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     model.train()
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler)
+               text_sha256=text_sha256(text), optimizer=make_optimizer(model, cfg), sampler=sampler)
 
 
 def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
@@ -167,6 +170,10 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
     # was computed), and a checkpoint with inf/nan weights would replace the last good one.
     if not np.isfinite(run.model.flat_params).all():
         raise diverged(run, run.step, "the weights are not finite")
+    rank_states = run.world.gather_rank_states(run.model)   # every rank takes part; rank 0 writes
+    if rank_states is None:
+        run.last_checkpoint_step = run.step
+        return
     stage = begin_staged_write(run.run_dir, last=(STATE_FILE,))
     run.model.save_pretrained(stage)
     arrays, opt_meta = run.optimizer.state_dict()
@@ -190,6 +197,7 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
                  "val_tokens": int(len(run.data.val_tokens)), "val_bytes": run.data.val_bytes},
         "tokenizer_sha256": run.tokenizer.fingerprint,
         "plan": run.plan,
+        **({"ranks": {"size": len(rank_states), "dropout_rngs": rank_states}} if len(rank_states) > 1 else {}),
         "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
         # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
         "files_sha256": {name: file_sha256(stage / name) for name in (MODEL_FILE, OPTIMIZER_FILE)},
@@ -235,7 +243,7 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     model.train()
     model._dropout_rng = generator_from_state(state["dropout_rng"], f"{state_path}: dropout_rng")
 
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     arrays = {name: arr for name, (_, arr) in read_safetensors(run_dir / OPTIMIZER_FILE).items()}
     optimizer.load_state_dict(arrays, state["optimizer"])
     if optimizer.t != step:
@@ -304,11 +312,13 @@ def diverged(run: Run, step: int, what: str) -> TrainingDiverged:
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with the step it belongs to."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path | None):
+        self.path = path   # None: write nothing (the ranks of a data-parallel job other than 0)
         self._file = None
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps(record) + "\n")
@@ -325,7 +335,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (logged by a run that went on after its last checkpoint)."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():

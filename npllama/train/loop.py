@@ -30,16 +30,20 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..data import get_batch, iter_eval_batches
+from ..data import BatchSampler, iter_eval_batches
 from ..errors import ConfigError
+from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
 from ..threads import live_thread_counts
-from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, load_run, new_run, read_metrics, save_checkpoint,
+from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, read_metrics, save_checkpoint,
                          say)
 from .config import TrainConfig
+from .distributed import World, current_world, end_job_on_error, local_batches
 from .planner import BudgetPlanner
+from .ranks import setup_run
 
 
+@end_job_on_error
 def train(config: TrainConfig | None = None, *, resume=None, progress: bool = True, verbose: bool = True,
           on_step: Callable[[int, float, Run], None] | None = None) -> TrainResult:
     """Train a model (``config``) or continue a saved run (``resume=RUN_DIR``); see the module docstring.
@@ -47,28 +51,35 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
     ``on_step(step, loss, run)`` is called after every optimizer step (tests use it to interrupt).
     Raises TrainingDiverged when the loss, the gradient norm or (when saving) the weights are not
     finite; nothing is saved then, so the last checkpoint on disk is the last good state.
+
+    Started by mpiexec with several processes, each trains its share of every batch and only rank
+    0 speaks and writes (see distributed.py).
     """
     t_start = time.monotonic()
     if (config is None) == (resume is None):
         if resume is not None:
             raise ConfigError("give either a config or resume=RUN_DIR, not both")
         config = TrainConfig()
-    run = load_run(resume, verbose) if resume is not None else new_run(config, verbose)
+    world = current_world()
+    verbose, progress = verbose and world.root, progress and world.root
+    run = setup_run(world, config, resume, verbose)
     cfg, model = run.config, run.model
     if resume is not None and run.step >= run.total_steps:
         say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
         return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     say(_describe(run), verbose)
+    if world.size > 1:
+        say(world.describe(), verbose)
     grad_buffer = np.empty_like(model.flat_params) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
     with Session(run, t_start, resumed=resume is not None, progress=progress, verbose=verbose) as s:
         s.start(grad_buffer)           # a fresh run: step-0 evaluation, number of steps
-        while run.step < run.total_steps and not s.stop.requested:
+        while run.step < run.total_steps and not s.stop_agreed():
             t0 = time.perf_counter()
             lr = run.lr_at(run.step)
-            batches = [run.sampler.next_batch() for _ in range(cfg.grad_accum)]
-            loss, grads = forward_backward(model, batches, grad_buffer)
+            batches = local_batches(run.sampler, cfg.grad_accum, world)   # this rank's share
+            loss, grads = forward_backward(model, batches, grad_buffer, world)
             norm = clip_grad_norm(grads, max_norm)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise diverged(run, run.step + 1, f"the loss is {loss}" if not math.isfinite(loss)
@@ -96,7 +107,7 @@ class Session:
     def __init__(self, run: Run, t_start: float, resumed: bool, progress: bool, verbose: bool):
         cfg, val_tokens = run.config, run.data.val_tokens
         self.run, self.t_start, self.resumed, self.progress, self.verbose = run, t_start, resumed, progress, verbose
-        self.metrics = MetricsLog(run.run_dir / METRICS_FILE)
+        self.metrics = MetricsLog(run.run_dir / METRICS_FILE if run.world.root else None)
         if resumed:
             self.metrics.truncate_after(run.step)
         self.eval_tokens = min(cfg.eval_tokens, len(val_tokens))
@@ -120,6 +131,12 @@ class Session:
         self.metrics.close()
         return self.stop.__exit__(*exc)
 
+    def stop_agreed(self) -> bool:
+        """Whether to stop now: a signal on any rank stops every rank after the same step."""
+        signum = self.run.world.max_int(self.stop.signum or 0, "agreeing whether to stop")
+        self.stop.signum = signum or None
+        return self.stop.requested
+
     def elapsed(self) -> float:
         """Training wall time of the run so far, earlier sessions included."""
         return self.run.train_seconds + time.monotonic() - self.session_start
@@ -140,7 +157,7 @@ class Session:
                 run.total_steps = cfg.steps
                 run.plan = {"mode": "steps", "steps": cfg.steps}
             else:
-                run.total_steps = self.planner.plan(0, 1)
+                run.total_steps = run.world.from_root(self.planner.plan(0, 1))   # rank 0 decides
                 run.plan = {**self.planner.summary(), "setup_seconds": round(time.monotonic() - self.t_start, 3),
                             "first_plan": run.total_steps, "planned_steps": run.total_steps}
                 step_s = self.planner.step_seconds()
@@ -152,6 +169,7 @@ class Session:
         self.result.total_steps = run.total_steps
         self.pbar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
                          disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        run.world.step_report()   # (communication is counted per step from here)
 
     def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
         """Record a finished step; every ``REPLAN_EVERY`` steps of a time-budgeted run, re-plan."""
@@ -160,16 +178,17 @@ class Session:
         if planner is not None:
             planner.observe_step(seconds)
             if run.step % planner.REPLAN_EVERY == 0 and run.step < run.total_steps:
-                run.total_steps = planner.plan(run.step, run.warmup_steps)
+                run.total_steps = run.world.from_root(planner.plan(run.step, run.warmup_steps))
                 run.plan.update(planner.summary(), planned_steps=run.total_steps)
                 self.pbar.total = self.result.total_steps = run.total_steps
         self.window_losses.append(loss)
         self.result.losses.append(loss)
+        comm = run.world.step_report()   # {} for one process
         self.metrics.write({"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm, "step_seconds": seconds,
-                            "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed()})
+                            "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed(), **comm})
         left = (run.total_steps - run.step) * self.ema_step
         self.pbar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {cfg.tokens_per_step / self.ema_step:,.0f} tok/s "
-                                  f"left {_hms(left)}", refresh=False)
+                                  f"left {_hms(left)}" + _describe_comm(comm), refresh=False)
         self.pbar.update(1)
 
     def evaluate(self) -> None:
@@ -207,9 +226,9 @@ class Session:
                 save_checkpoint(run, self.metrics)
             if run.step > 0:
                 say(f"\n{result.signal_name}: stopped at step {run.step} of {run.total_steps}; checkpoint saved "
-                    f"in {run.run_dir}.\nResume with:  npllama train --resume {run.run_dir}", True)
+                    f"in {run.run_dir}.\nResume with:  npllama train --resume {run.run_dir}", run.world.root)
             else:
-                say(f"\n{result.signal_name}: stopped before the first step; nothing to save", True)
+                say(f"\n{result.signal_name}: stopped before the first step; nothing to save", run.world.root)
         else:
             ev = _eval_and_sample(run, self.final_tokens, self.stop)
             if ev is not None:
@@ -220,7 +239,7 @@ class Session:
             save_checkpoint(run, self.metrics)
         result.step = run.step
         result.wall_seconds = time.monotonic() - self.t_start
-        steps = [r for r in read_metrics(run.run_dir) if "loss" in r]
+        steps = [r for r in read_metrics(run.run_dir) if "loss" in r] if run.world.root else []
         if steps:   # the median over the run: robust to the first steps and to evaluation hiccups
             result.tokens_per_second = float(np.median([r["tokens_per_second"] for r in steps]))
         if not result.interrupted:
@@ -241,31 +260,39 @@ def _describe(run: Run) -> str:
             f"{threads['numba']}; run dir {run.run_dir}")
 
 
-def forward_backward(model, batches, grad_buffer: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """Loss and gradient of the mean loss over micro-batches, as if they were one batch.
+def forward_backward(model, batches, grad_buffer: np.ndarray | None = None,
+                     world: World | None = None) -> tuple[float, np.ndarray]:
+    """Loss and gradient of one step's batch, the mean over its N kept targets, as if it were one
+    batch.  Micro-batch k (mean loss L_k over its M_k kept targets, gradient g_k) counts by its share:
 
-        L = (1/K) sum_k L_k      g = (1/K) sum_k dL_k/dp
+        L = sum_k (M_k/N) L_k      g = sum_k (M_k/N) g_k
 
-    With equal micro-batch sizes and no ignored targets (training windows), L_k is the mean over
-    the same number of tokens in every micro-batch, so L is the mean over all K*B*T tokens and g
-    its gradient: accumulation equals one big batch.  K = 1 returns ``model.flat_grads`` itself;
-    K > 1 sums into ``grad_buffer`` (allocated once by the caller) and scales by 1/K at the end.
+    Each backward is scaled by dloss = M_k/N (``loss_and_grad(dloss=...)``), so the sums need no
+    division after.  K = 1 leaves the gradient in ``model.flat_grads`` and returns it; K > 1 sums
+    into ``grad_buffer`` (allocated once by the caller).  With several ranks (``world``) the
+    micro-batches are spread over them: N and L are summed over the ranks, and so is g, in buckets
+    that start while the last micro-batch's backward runs (distributed.GradientReduction).
     """
     batches = list(batches)
     if not batches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    total = 0.0
-    for k, (x, y) in enumerate(batches):
-        loss, _ = model.loss_and_grad(x, y)
-        total += float(loss)
-        if len(batches) == 1:
-            return total, model.flat_grads
-        if k == 0:
+    world = World() if world is None else world
+    counts = [int(np.count_nonzero(y != IGNORE_INDEX)) for _, y in batches]
+    n_kept = max(world.sum_int(sum(counts), "counting the batch's targets"), 1)
+    last = len(batches) - 1
+    grads = model.flat_grads if last == 0 else grad_buffer
+    reduction = world.gradient_reduction(grads, accumulate_from=model.flat_grads if last > 0 else None)
+    loss = 0.0
+    for k, ((x, y), m) in enumerate(zip(batches, counts)):
+        share = m / n_kept
+        batch_loss, _ = model.loss_and_grad(x, y, dloss=share, on_grads_ready=reduction.ready if k == last else None)
+        loss += float(batch_loss) * share
+        if k == 0 and k < last:
             np.copyto(grad_buffer, model.flat_grads)
-        else:
+        elif k < last:
             np.add(grad_buffer, model.flat_grads, out=grad_buffer)
-    grad_buffer *= grad_buffer.dtype.type(1.0 / len(batches))
-    return total / len(batches), grad_buffer
+    reduction.finish()
+    return world.sum_float(loss, "summing the loss"), grads
 
 
 def evaluate(model, tokens: np.ndarray, context_token: int | None, n_bytes: int, batch_size: int,
@@ -322,14 +349,13 @@ def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
     touched, and the dropout generator is put back, so the run is the same as without this.
     """
     cfg, model = run.config, run.model
-    rng = np.random.default_rng(cfg.seed + 3)
+    sampler = BatchSampler(run.data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 3)
     dropout_state = model._dropout_rng.bit_generator.state
     times = []
     for i in range(repeats + 1):
-        batches = [get_batch(run.data.train_tokens, cfg.batch_size, cfg.seq_len, rng)
-                   for _ in range(cfg.grad_accum)]
+        batches = local_batches(sampler, cfg.grad_accum, run.world)
         t = time.perf_counter()
-        _, grads = forward_backward(model, batches, grad_buffer)
+        _, grads = forward_backward(model, batches, grad_buffer, run.world)
         clip_grad_norm(grads, sys.float_info.max)
         times.append(time.perf_counter() - t)
     model._dropout_rng.bit_generator.state = dropout_state
@@ -338,6 +364,8 @@ def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
 
 
 def _eval_and_sample(run: Run, n_tokens: int | None, stop: StopSignals) -> dict | None:
+    if not run.world.root:   # data parallel: rank 0 evaluates, the others wait at the next step
+        return None
     cfg, data = run.config, run.data
     tokens = data.val_tokens
     if n_tokens is not None and n_tokens < len(tokens):
@@ -365,6 +393,13 @@ def _report_eval(run: Run, ev: dict, verbose: bool, final: bool = False) -> None
         f"({ev['val_tokens']:,} tokens)", verbose)
     if ev.get("sample") is not None:
         say("  sample: " + ev["sample"].strip().replace("\n", "\n          ")[:800], verbose)
+
+
+def _describe_comm(comm: dict) -> str:
+    """Data parallel: the step's wait on the other ranks and the bytes it all-reduced."""
+    if not comm:
+        return ""
+    return f" comm {comm['comm_wait_seconds'] * 1e3:.0f}ms/{comm['comm_bytes'] / 1e6:.1f}MB"
 
 
 def _hms(seconds: float) -> str:
