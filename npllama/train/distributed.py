@@ -215,17 +215,19 @@ class World:
         return [s["dropout_rng"] for s in everyone] if self.root else None
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    for key in sorted(set(a) | set(b)):
-        if key in ("host", "pid"):
-            continue
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            found = _first_difference(x, y, f"{prefix}{key}.")
-            if found:
-                return found
-        elif x != y:
-            return f"{prefix}{key} ({str(y)[:60]} instead of {str(x)[:60]})"
+def _first_difference(a: dict, b: dict) -> str | None:
+    """The first thing two ranks' fingerprints (``check_same_everywhere``) differ in, in words."""
+    request_a, request_b = a["request"], b["request"]
+    for key in ("resume", "config"):
+        if (request_a[key] is None) != (request_b[key] is None):
+            return "whether it resumes a run"
+    named = [(f"--{k.replace('_', '-')}", (request_a["config"] or {}).get(k), (request_b["config"] or {}).get(k))
+             for k in sorted(set(request_a["config"] or {}) | set(request_b["config"] or {}))]
+    named += [("--resume", request_a["resume"], request_b["resume"]), ("the npllama code (SHA-256)", a["code"], b["code"]),
+              ("Python", a["python"], b["python"]), ("NumPy", a["numpy"], b["numpy"])]
+    for name, x, y in named:
+        if x != y:
+            return f"{name} ({str(y)[:40]} instead of {str(x)[:40]})"
     return None
 
 
@@ -341,8 +343,10 @@ def _end_job(error: BaseException) -> None:
     else:
         traceback.print_exception(error, file=sys.stderr)
         reason = f"{type(error).__name__}: {error}"
-    if not (getattr(error, "same_on_every_rank", False) and rank != 0):
+    if not getattr(error, "same_on_every_rank", False):
         print(f"npllama: error: rank {rank} of {size}: {reason}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"npllama: error: {reason}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     world = current_world() if "mpi4py.MPI" in sys.modules else None
     if world is not None and world.comm is not None:
