@@ -133,6 +133,19 @@ def check_dropout(r):
                {"x": dropout_backward(dy, mask)}, dy)
 
 
+def check_lora(r):
+    """A frozen (5, 6) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
+    from .layers.dropout import dropout_forward
+    from .layers.lora import lora_backward, lora_forward
+    x, w, dy = r.normal(size=(4, 6)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
+    a, b = r.normal(size=(2, 6)), r.normal(size=(5, 2))
+    mask = dropout_forward(x, 0.3, r, True)[1]
+    _, cache = lora_forward(x, w, a, b, 4.0, mask)
+    dx, da, db = lora_backward(dy, cache)
+    return _fd(lambda: lora_forward(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
+               {"x": dx, "lora_A": da, "lora_B": db}, dy)
+
+
 def check_cross_entropy(r):
     from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
     logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
@@ -175,7 +188,7 @@ def check_model(r, tie_embeddings=False):
 LAYER_CHECKS = {
     "embedding": check_embedding, "rmsnorm": check_rmsnorm, "rope": check_rope, "attention": check_attention,
     "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
-    "decoder_block": check_decoder_block, "model": check_model,
+    "lora": check_lora, "decoder_block": check_decoder_block, "model": check_model,
     "model_tied": lambda r: check_model(r, tie_embeddings=True),
 }
 
