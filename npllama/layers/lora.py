@@ -1,10 +1,10 @@
 """LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update, as PEFT does it.
 
 A frozen weight W (out, in) gets two small matrices, A (r, in) and B (out, r) with r << in, out,
-a scale s = alpha / r, and an optional inverted-dropout mask M on the adapter's input (entries 0
+a scale s = alpha / r, and an optional inverted-dropout mask m on the adapter's input (entries 0
 or 1/(1-p), drawn like npllama/layers/dropout.py's; all ones without dropout):
 
-Forward:   xd = x * M                       (N, in)   the adapter's input (x itself without dropout)
+Forward:   xd = x * m                       (N, in)   the adapter's input (x itself without dropout)
            z  = xd A^T                      (N, in) @ (in, r)  -> (N, r)
            y  = x W^T + s z B^T             (N, out)
 
@@ -15,8 +15,8 @@ s B, so (linear.py's two rules):
 z = xd A^T is a linear layer again:
            dA = dz^T xd                     (r, N) @ (N, in)    -> (r, in)
            dxd = dz A                       (N, r) @ (r, in)    -> (N, in)
-x reaches y twice, through W and through the adapter (xd = x * M), so the two gradients add:
-           dx = dy W + dxd * M              (N, in)
+x reaches y twice, through W and through the adapter (xd = x * m), so the two gradients add:
+           dx = dy W + dxd * m              (N, in)
 No dW: W is frozen.  Its gradient dy^T x, an (out, N) @ (N, in) product, is the layer's largest
 backward matmul; LoRA skips it, needs no buffer for it and no optimizer state for W.
 
@@ -38,7 +38,7 @@ memory as large as the base product's output.  The adapter functions (``lora_ada
 ``lora_adapter_backward``) work on an output that already holds x W^T, so a block can run its own
 fused base product (q, k, v stacked) and then add each projection's adapter into its columns.
 
-Shapes: x, dx, M, xd: (N, in) (leading dims flattened); W: (out, in); A, dA: (r, in);
+Shapes: x, dx, m, xd: (N, in) (leading dims flattened); W: (out, in); A, dA: (r, in);
 B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
 """
 import numpy as np
@@ -82,14 +82,14 @@ def lora_backward_reference(dy, cache):
 
 
 # ---- kernel ------------------------------------------------------------------------------------
-# Row n of y gets r scaled rows of m, each a contiguous axpy that vectorises.  ``scale`` must have
+# Row n of y gets r scaled rows of u, each a contiguous axpy that vectorises.  ``scale`` must have
 # y's dtype (a Python float would promote float32 arithmetic to float64).  y may be a column block
 # of a wider array (any strides).  With a mask each term is multiplied by the mask entry, which is
-# (z m) * mask up to rounding and needs no temporary row.
+# (z u) * mask up to rounding and needs no temporary row.
 @jit_parallel
-def add_low_rank_kernel(y, z, m, scale, mask):
-    """y += scale * (z m), elementwise times ``mask`` unless it is None.
-    y: (N, J); z: (N, r); m: (r, J) with contiguous rows; mask: None or (N, J)."""
+def add_low_rank_kernel(y, z, u, scale, mask):
+    """y += scale * (z u), elementwise times ``mask`` unless it is None.
+    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J)."""
     N, J = y.shape
     R = z.shape[1]
     for n in prange(N):
@@ -97,10 +97,10 @@ def add_low_rank_kernel(y, z, m, scale, mask):
             c = scale * z[n, k]
             if mask is None:
                 for j in range(J):
-                    y[n, j] += c * m[k, j]
+                    y[n, j] += c * u[k, j]
             else:
                 for j in range(J):
-                    y[n, j] += c * m[k, j] * mask[n, j]
+                    y[n, j] += c * u[k, j] * mask[n, j]
 
 
 # ---- what the model calls ----------------------------------------------------------------------
@@ -115,7 +115,7 @@ def lora_adapter_forward(x, a, b, scale, y, mask=None, z=None, x_drop=None):
 
 
 def lora_adapter_backward(dy, cache, dx, da=None, db=None, dz=None):
-    """dx += (s dy B A) * M in place, where dx (N, in) already holds the base's dy W.
+    """dx += (s dy B A) * m in place, where dx (N, in) already holds the base's dy W.
     dy: (N, out) (any strides).  Returns (dA, dB), written into ``da``, ``db`` when given; dz (N, r)
     is scratch.  Reads its cache only."""
     a, b, scale, mask, xd, z = cache
@@ -124,7 +124,7 @@ def lora_adapter_backward(dy, cache, dx, da=None, db=None, dz=None):
     db = np.matmul(dy.T, z, out=db)                   # (out, r)
     db *= scale                                       # dB = s dy^T z
     da = np.matmul(dz.T, xd, out=da)                  # dA = dz^T xd     (r, in)
-    add_low_rank_kernel(dx, dz, a, dx.dtype.type(1.0), mask)   # dx += (dz A) * M
+    add_low_rank_kernel(dx, dz, a, dx.dtype.type(1.0), mask)   # dx += (dz A) * m
     return da, db
 
 
