@@ -3,7 +3,7 @@
 The base model is tests/fixtures/hf_gqa (made by make_hf_fixture.py: vocab 64, hidden 32, 2 layers,
 4 heads / 2 kv heads, intermediate 48, float64 weights).  PEFT wraps it with a LoRA adapter on all
 seven projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), rank 4,
-lora_alpha 8 (scaling 2), no dropout.  A keeps PEFT's init (kaiming_uniform_(a=sqrt(5)), i.e.
+lora_alpha 8 (scaling 2), lora_dropout 0.25.  A keeps PEFT's init (kaiming_uniform_(a=sqrt(5)), i.e.
 U(-1/sqrt(in), 1/sqrt(in))); B, which PEFT starts at zero, is set to N(0, 0.2^2) so that the adapter
 changes the model (B A scaled by 2 is ~30% of the base weights' size).
 
@@ -20,6 +20,11 @@ The fixture directory holds
       loss     float64 ()           mean cross-entropy over targets != -100 (no shift)
       grad.<adapter key>  float64   dloss/d(lora_A or lora_B) by torch autograd, for every key of
                                     adapter_model.safetensors
+    the same in training mode, with each adapted module's dropout replaced by a fixed mask (PEFT
+    applies lora_dropout to the adapter's input, lora_B(lora_A(dropout(x))), one nn.Dropout per module):
+      mask.<module>       float64 (B, T, in)  entries 0 or 1/(1 - 0.25), e.g. mask.model.layers.0.mlp.up_proj
+      dropout_loss        float64 ()
+      dropout_grad.<adapter key>  float64
 
 transformers runs in float64 throughout (hf_float64.float64_llama lifts its float32 casts), PEFT's
 LoRA layers in the base layer's dtype.  The script checks the reference against (1) the merged model,
@@ -57,6 +62,7 @@ SEED = 4321
 RANK, ALPHA = 4, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 B_STD = 0.2
+DROPOUT = 0.25
 AGREEMENT_LIMIT = 1e-12
 
 
@@ -67,7 +73,7 @@ def adapter_key(param_name: str) -> str:
 
 def peft_model_with_adapter(generator: torch.Generator):
     base = load_float64(BASE)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, bias="none")
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, bias="none")
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -132,6 +138,34 @@ def finite_difference_check(model, lora, tokens, targets, grads, generator, n_en
     return worst
 
 
+class FixedMask(torch.nn.Module):
+    """Inverted dropout with a given mask, in place of a LoRA module's nn.Dropout."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def dropout_reference(model, lora, tokens, targets, generator):
+    """(masks by module name, loss, grads) with every adapter's dropout a fixed random mask."""
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            shape = (*tokens.shape, module.in_features)
+            mask = (torch.rand(shape, generator=generator, dtype=torch.float64) >= DROPOUT) / (1 - DROPOUT)
+            masks[name.removeprefix("base_model.model.")] = mask
+            module.lora_dropout["default"] = FixedMask(mask)
+    loss = causal_lm_loss(model(input_ids=tokens).logits, targets)
+    grads = dict(zip(lora, torch.autograd.grad(loss, list(lora.values()))))
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.lora_dropout["default"] = torch.nn.Dropout(DROPOUT)
+    return masks, loss.detach(), grads
+
+
 def save_adapter_atomically(model, directory: Path) -> None:
     """save_pretrained into a temporary sibling directory, keep the two adapter files, swap it in."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -165,6 +199,7 @@ def main() -> None:
         report = chain_rule_check(model, lora, tokens, targets, logits, grads)
         report["finite differences (h=1e-5)"] = finite_difference_check(model, lora, tokens, targets, grads,
                                                                          generator)
+        masks, dropout_loss, dropout_grads = dropout_reference(model, lora, tokens, targets, generator)
     worst = max(report["merged logits"], report["chain-rule grads(max)"])
     assert worst <= AGREEMENT_LIMIT, f"PEFT's float64 reference disagrees with the merged model by {worst:.2e}"
 
@@ -173,6 +208,10 @@ def main() -> None:
                "loss": loss.detach().numpy().reshape(())}
     for name, g in grads.items():
         tensors[f"grad.{adapter_key(name)}"] = g.numpy()
+        tensors[f"dropout_grad.{adapter_key(name)}"] = dropout_grads[name].numpy()
+    tensors["dropout_loss"] = dropout_loss.numpy().reshape(())
+    for module, mask in masks.items():
+        tensors[f"mask.{module}"] = mask.numpy()
     metadata = {"made_by": "scripts/make_lora_fixture.py", "torch": torch.__version__,
                 "transformers": transformers.__version__, "peft": peft.__version__, "base": "../hf_gqa",
                 "reference_dtype": "float64",
@@ -184,6 +223,7 @@ def main() -> None:
     os.replace(tmp, out)
 
     report["loss"] = loss.item()
+    report["loss with dropout masks"] = dropout_loss.item()
     report["adapter tensors"] = len(grads)
     report["bytes"] = sum(f.stat().st_size for f in OUT.iterdir())
     for key, value in report.items():

@@ -2,12 +2,14 @@
 
 tests/fixtures/lora_peft (made by scripts/make_lora_fixture.py) holds a LoRA adapter on every
 projection of tests/fixtures/hf_gqa, as PEFT's save_pretrained writes it, and PEFT's float64 logits,
-loss and adapter gradients for one batch.  Two independent routes to those numbers:
+loss and adapter gradients for one batch, without dropout and with given dropout masks on the
+adapters' inputs.  Two independent routes to those numbers:
 
 * the composition: the Llama built from the layers' ``*_reference`` functions, each adapted
   projection a ``lora_forward_reference`` and its backward ``lora_backward_reference`` (dA, dB; the
   frozen weights get no gradient);
-* the merged model: the fast ``npllama.Llama`` with every adapted W replaced by
+  (and with the masks, ``lora_forward_reference(..., mask)``);
+* the merged model (no dropout): the fast ``npllama.Llama`` with every adapted W replaced by
   ``merge_lora`` = W + s B A, whose weight gradients G give the adapter's by the chain rule,
   dA = s B^T G and dB = s G A^T.
 
@@ -82,8 +84,8 @@ class Projections:
     """Every projection of the model: LoRA where an adapter exists, a frozen linear map elsewhere.
     Keeps each forward's cache by weight name and collects the adapters' gradients."""
 
-    def __init__(self, params, adapters, scale):
-        self.params, self.adapters, self.scale = params, adapters, scale
+    def __init__(self, params, adapters, scale, masks):
+        self.params, self.adapters, self.scale, self.masks = params, adapters, scale, masks
         self.caches, self.grads = {}, {}
 
     def forward(self, x, name):
@@ -92,7 +94,8 @@ class Projections:
             self.caches[name] = None
             return x @ w.T
         a, b = self.adapters[name]
-        y, self.caches[name] = lora_forward_reference(x, w, a, b, self.scale)
+        mask = self.masks.get(name.removesuffix(".weight"))
+        y, self.caches[name] = lora_forward_reference(x, w, a, b, self.scale, mask)
         return y
 
     def backward(self, dy, name):
@@ -103,11 +106,12 @@ class Projections:
         return dx
 
 
-def lora_llama_loss_and_grad(params, adapters, scale, cfg, tokens, targets):
-    """(logits, loss, {PEFT adapter key: gradient}) of the base Llama with the adapters applied."""
+def lora_llama_loss_and_grad(params, adapters, scale, cfg, tokens, targets, masks=None):
+    """(logits, loss, {PEFT adapter key: gradient}) of the base Llama with the adapters applied;
+    masks: {module name: (B, T, in) dropout mask of that adapter's input}, or None for no dropout."""
     H, K, eps = cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps
     B, T = tokens.shape
-    proj = Projections(params, adapters, scale)
+    proj = Projections(params, adapters, scale, masks or {})
     cos, sin = rope_cos_sin(np.arange(T), rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                             np.float64)
     x, _ = embedding_forward(tokens, params["model.embed_tokens.weight"])        # (B, T, D)
@@ -172,6 +176,20 @@ def test_composition_matches_peft(case):
     # the adapters matter: without them the logits are visibly different
     assert relative_error(lora_llama_loss_and_grad(params, {}, scale, cfg, ref["tokens"], ref["targets"])[0],
                           ref["logits"]) > 0.1
+
+
+def test_composition_with_dropout_masks_matches_peft(case):
+    cfg, params, scale, adapters, ref, grads_without_dropout = case
+    masks = {key.removeprefix("mask."): m for key, m in ref.items() if key.startswith("mask.")}
+    assert set(masks) == {name.removesuffix(".weight") for name in adapters}
+    grads = {key.removeprefix("dropout_grad."): g for key, g in ref.items() if key.startswith("dropout_grad.")}
+    _, loss, lora_grads = lora_llama_loss_and_grad(params, adapters, scale, cfg, ref["tokens"], ref["targets"], masks)
+    assert abs(loss - float(ref["dropout_loss"])) <= TOLERANCE * abs(float(ref["dropout_loss"]))
+    assert set(lora_grads) == set(grads)
+    worst = max(relative_error(lora_grads[key], grads[key]) for key in grads)
+    assert worst <= TOLERANCE, worst
+    # the masks matter: the gradients without them are visibly different
+    assert max(relative_error(g, grads[key]) for key, g in grads_without_dropout.items()) > 0.01
 
 
 def test_merged_fast_model_matches_peft(case):
