@@ -1,11 +1,14 @@
 """LoRA layer (npllama/layers/lora.py): the reference backward equals central finite differences in
 float64; the fast path equals the reference (float64 to 1e-12, float32 to 1e-5, both max-normalised);
-PEFT's init reproduces the base layer exactly; the merged weight computes the adapter form."""
+PEFT's init reproduces the base layer exactly; the merged weight computes the adapter form; inside
+npllama.reference's model the adapters' gradients equal finite differences."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from npllama.gradcheck import numerical_gradient, relative_error
+from npllama import reference
+from npllama.config import LlamaConfig
+from npllama.gradcheck import numerical_gradient, random_params, relative_error
 from npllama.layers.dropout import dropout_forward
 from npllama.layers.lora import (lora_adapter_backward, lora_adapter_forward, lora_backward,
                                  lora_backward_reference, lora_forward, lora_forward_reference, lora_init,
@@ -134,3 +137,35 @@ def test_merged_weight_computes_the_adapter_form(seed, lead, d_in, d_out, rank, 
     assert merged.shape == w.shape
     y, _ = lora_forward_reference(x, w, a, b, scale)
     assert relative_error(x @ merged.T, y) <= 1e-12
+
+
+# ---- LoRA inside the reference model ------------------------------------------------------------
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@settings(max_examples=10)
+@given(seed=seeds, rank=st.integers(1, 2), dropout_p=st.sampled_from([0.0, 0.3]), tied=st.booleans(),
+       adapted=st.sets(st.sampled_from([f"model.layers.{i}.{m}" for i in range(2) for m in PROJECTIONS]),
+                       min_size=1))
+def test_reference_model_lora_gradients(seed, rank, dropout_p, tied, adapted):
+    """npllama.reference.loss_and_grad(..., lora=, lora_masks=): the adapters' gradients equal
+    finite differences (some projections adapted, the others frozen), and only they are returned."""
+    r = np.random.default_rng(seed)
+    cfg = LlamaConfig(vocab_size=7, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
+                      tie_embeddings=tied)
+    params = random_params(cfg, r)
+    lora, masks = {}, {}
+    for name in sorted(adapted):
+        d_out, d_in = params[name + ".weight"].shape
+        lora[name] = (r.normal(size=(rank, d_in)) / np.sqrt(d_in), r.normal(size=(d_out, rank)) / np.sqrt(rank), 2.0)
+        if dropout_p:
+            masks[name] = dropout_forward(np.ones((2, 5, d_in)), dropout_p, r, training=True)[1]
+    tokens, targets = r.integers(0, 7, size=(2, 5)), r.integers(0, 7, size=(2, 5))
+    loss, grads = reference.loss_and_grad(params, cfg, tokens, targets, lora=lora, lora_masks=masks)
+    assert set(grads) == {f"{name}.lora_{m}.weight" for name in lora for m in "AB"}
+    loss_fn = lambda: reference.loss_and_grad(params, cfg, tokens, targets, lora=lora, lora_masks=masks)[0]
+    for name, (a, b, _) in lora.items():
+        for m, value in (("A", a), ("B", b)):
+            err = relative_error(grads[f"{name}.lora_{m}.weight"], numerical_gradient(loss_fn, value))
+            assert err < GRAD_TOL, f"{name}.lora_{m}: relative error {err:.2e}"
