@@ -29,6 +29,7 @@ from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
 from .layers.linear import linear_backward, linear_forward
+from .layers.lora import lora_backward, lora_forward
 from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
 from .layers.swiglu import feedforward_backward, feedforward_forward
@@ -182,8 +183,6 @@ def check_dropout(r):
 
 def check_lora(r):
     """A frozen (5, 6) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
-    from .layers.dropout import dropout_forward
-    from .layers.lora import lora_backward, lora_forward
     x, w, dy = r.normal(size=(4, 6)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
     a, b = r.normal(size=(2, 6)), r.normal(size=(5, 2))
     mask = dropout_forward(x, 0.3, r, True)[1]
