@@ -69,9 +69,13 @@ class CommunicationTimeout(NpllamaError):
     """The other ranks did not answer within the timeout."""
 
 
-class RanksDiffer(ConfigError):
+class JobError(ConfigError):
+    """A job that cannot run as set up, which every rank finds alike: rank 0 alone reports it."""
+    same_on_every_rank = True
+
+
+class RanksDiffer(JobError):
     """The ranks of one job were started with different settings or code."""
-    same_on_every_rank = True   # every rank sees every rank's fingerprint: rank 0 reports it
 
 
 def _env_int(names) -> int | None:
@@ -172,6 +176,11 @@ class World:
     def share(self, n: int) -> tuple[int, int]:
         """This rank's items [lo, hi) of n, split as evenly as possible."""
         return self.rank * n // self.size, (self.rank + 1) * n // self.size
+
+    def check_batch(self, batch_size: int, grad_accum: int) -> None:
+        if batch_size * grad_accum < self.size:
+            raise JobError(f"a global batch of {batch_size * grad_accum} windows (batch_size x grad_accum) cannot "
+                           f"feed {self.size} ranks; give every rank at least one window")
 
     def gradient_reduction(self, grads: np.ndarray, accumulate_from: np.ndarray | None = None):
         return GradientReduction(self, grads, accumulate_from)
@@ -308,9 +317,6 @@ def local_batches(sampler, grad_accum: int, world: World) -> list[tuple[np.ndarr
     most ``batch_size`` windows.  One process: the ``grad_accum`` batches ``next_batch`` gives."""
     starts = np.concatenate([sampler.next_starts() for _ in range(grad_accum)])
     lo, hi = world.share(starts.size)
-    if hi == lo:
-        raise ConfigError(f"a global batch of {starts.size} windows (batch_size x grad_accum) cannot feed "
-                          f"{world.size} ranks; use at least one window per rank")
     mine = starts[lo:hi]
     n_micro = -(-mine.size // sampler.batch_size)
     return [windows_at(sampler.tokens, part, sampler.seq_len) for part in np.array_split(mine, n_micro)]

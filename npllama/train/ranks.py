@@ -37,6 +37,7 @@ def setup_run(world: World, config: TrainConfig | None, resume, verbose: bool) -
     header = world.from_root(_header(run) if world.root else None, "waiting for rank 0 to set the run up")
     if not world.root:
         run = _follower_run(header, world)
+    world.check_batch(run.config.batch_size, run.config.grad_accum)
     _share_tokens(run, header, world)
     _share_arrays(run, world)
     _seed_dropout(run, header, world, verbose)
