@@ -14,7 +14,7 @@ import warnings
 
 SUBCOMMANDS = {
     "train": ("npllama.train", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
-    "generate": ("npllama.generate", "sample text from a run directory or a Hugging Face Llama directory"),
+    "generate": ("npllama.generate.cli", "sample text from a run directory or a Hugging Face Llama directory"),
     "gradcheck": ("npllama.gradcheck", "check every layer's backward against finite differences (float64)"),
     "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
 }

@@ -143,18 +143,31 @@ def check_cross_entropy(r):
 
 
 def check_decoder_block(r):
+    """The fast engine's block (layers/block.py, on rows of activations).
+    TODO(lead): the reference branch checks npllama/reference.py's block here instead or as well."""
     from .config import LlamaConfig
-    from .layers.block import decoder_block_backward, decoder_block_forward
-    from .layers.rope import rope_cos_sin, rope_frequencies
+    from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
+    from .layers.rope import rope_frequencies
     cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8)
     w = {"attn_norm": 1 + 0.3 * r.normal(size=8), "wqkv": r.normal(size=(16, 8)), "wo": r.normal(size=(8, 8)),
          "ffn_norm": 1 + 0.3 * r.normal(size=8), "w_gate_up": r.normal(size=(12, 8)), "w_down": r.normal(size=(8, 6))}
-    cos, sin = rope_cos_sin(np.arange(5), rope_frequencies(2, cfg.rope_theta), np.float64)
-    x, dout = r.normal(size=(2, 5, 8)), r.normal(size=(2, 5, 8))
-    _, cache = decoder_block_forward(x, w, cos, sin, cfg)
+    B, T = 2, 5
+    batch = RowBatch(cfg, B, T, np.float64, rope_frequencies(cfg.head_dim, cfg.rope_theta))
+    x, dout = r.normal(size=(B * T, 8)), r.normal(size=(B * T, 8))
+
+    def forward():
+        acts = BlockActivations(cfg, B * T, np.float64)
+        acts.x[...] = x
+        out = np.empty_like(x)
+        decoder_block_forward_rows(acts, w, out, batch)
+        return out, acts
+
+    _, acts = forward()
     dw = {k: np.zeros_like(v) for k, v in w.items()}
-    dx = decoder_block_backward(dout, cache, dw, cfg)
-    return _fd(lambda: decoder_block_forward(x, w, cos, sin, cfg)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
+    batch.scratch.dres[...] = dout
+    decoder_block_backward_rows(acts, w, dw, batch)
+    dx = batch.scratch.dres.copy()
+    return _fd(lambda: forward()[0], {"x": x, **w}, {"x": dx, **dw}, dout)
 
 
 def check_model(r, tie_embeddings=False):
@@ -167,7 +180,6 @@ def check_model(r, tie_embeddings=False):
     tokens, targets = r.integers(0, 11, size=(2, 6)), r.integers(0, 11, size=(2, 6))
     targets[0, 2] = -100
     _, grads = model.loss_and_grad(tokens, targets)
-    grads = {k: v.copy() for k, v in grads.items()}
     loss = lambda: model.loss(tokens, targets)
     return {name: relative_error(grads[name], numerical_gradient(loss, p)) for name, p in model.params.items()}
 

@@ -50,9 +50,10 @@ def test_model_gradients_match_finite_differences(cfg, seed, b, t, data):
         numeric = numerical_gradient(lambda: model.loss(tokens, targets), p, indices=idx).reshape(-1)[idx]
         analytic = grads[name].reshape(-1)
         # relative to the scale of the whole gradient of this parameter, as relative_error does; a
-        # gradient that is exactly zero (q and k when only position 0 has a target: it attends to
-        # itself alone) is held to an absolute 1e-9, above the ~1e-11 noise of the differences
-        err = np.max(np.abs(analytic[idx] - numeric)) / max(np.max(np.abs(analytic)), 1e-3)
+        # gradient that is exactly zero or tiny (q and k when only position 0 has a target: it
+        # attends to itself alone) is held to an absolute 1e-8, above the error of the differences
+        # (measured up to ~1.5e-9 here: h^2 times the third derivative, with weights of std 0.5)
+        err = np.max(np.abs(analytic[idx] - numeric)) / max(np.max(np.abs(analytic)), 1e-2)
         assert err < 1e-6, f"{name}: relative error {err:.2e} (config {cfg})"
 
 

@@ -18,6 +18,7 @@ FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to
 1e-12) and never changes how inf or NaN behave.
 """
 import os
+import types as pytypes
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -34,6 +35,19 @@ jit = numba.njit(cache=True)
 jit_parallel = numba.njit(cache=True, parallel=True)
 jit_parallel_reassoc = numba.njit(cache=True, parallel=True, fastmath=REASSOC)
 prange = numba.prange
+
+
+def serial(kernel):
+    """The same Python function as ``kernel``, compiled without ``parallel=True`` (prange runs as a
+    plain range): for calls on one row, as in a decoding step, where waking the thread pool costs
+    more than the work (measured: ~1 ms per call to a parallel kernel on a busy 2-core machine, ~1 us
+    serial).  It is a copy of the function object under the name ``<name>_serial`` so that Numba's
+    on-disk cache, keyed by the function's name, keeps the two compilations apart."""
+    f = kernel.py_func
+    twin = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__, twin.__doc__ = f.__module__, f.__doc__
+    return numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(twin)
 
 
 # ---- exp: exact for float64, vectorisable for float32 -----------------------------------------
