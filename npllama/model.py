@@ -12,6 +12,11 @@ All parameters live in one contiguous buffer ``flat_params`` and all gradients i
 ``flat_grads``; ``params`` and ``grads`` map the Hugging Face names onto views of them.  One
 buffer lets the optimizer update everything in a single pass, and keeping the q/k/v (and
 gate/up) rows next to each other lets one matmul compute all three projections.
+
+This is the fast engine: its passes run the decoder block of layers/block.py on row buffers with
+Numba kernels and split matmuls, and it is held equal to npllama/reference.py, the same model in
+plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
+blocks (``last_hidden_state``) and each new token through the same kernels on one row.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ConfigError, InputError
-from .generate.decoding import generate, stream
+from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
@@ -339,13 +344,13 @@ class Llama:
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None):
         """1-D int array of the new tokens only; see npllama.generate.generate."""
-        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_ids=stop_ids)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None):
         """Yield the same tokens as ``generate``, one at a time."""
-        return stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stop_ids)
 
     # ---- Hugging Face format -------------------------------------------------------------------

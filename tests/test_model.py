@@ -107,6 +107,23 @@ def test_float32_close_to_float64(rng):
     assert relative_error(m32.flat_grads, m64.flat_grads) < 1e-4
 
 
+def test_loss_and_grad_copies_unless_asked_not_to(rng):
+    """copy=True: the gradients survive the next call; copy=False: views into flat_grads, which
+    the next call overwrites."""
+    cfg = npllama.LlamaConfig(vocab_size=20, dim=8, n_layers=1, n_heads=2, hidden_dim=8, max_seq_len=8)
+    m = random_model(cfg, 2)
+    a, b = rng.integers(0, 20, size=(2, 2, 8))
+    _, kept = m.loss_and_grad(a, a)
+    first = m.flat_grads.copy()
+    _, views = m.loss_and_grad(b, b, copy=False)
+    assert not np.array_equal(m.flat_grads, first)
+    assert not any(np.shares_memory(g, m.flat_grads) for g in kept.values())
+    np.testing.assert_array_equal(np.concatenate([g.ravel() for g in kept.values()]), first)  # layout order
+    assert all(np.shares_memory(g, m.flat_grads) for g in views.values())
+    m.loss_and_grad(a, a, copy=False)
+    np.testing.assert_array_equal(np.concatenate([g.ravel() for g in views.values()]), first)  # overwritten
+
+
 def test_params_are_views_of_flat_buffers():
     cfg = npllama.LlamaConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8, max_seq_len=4, tie_embeddings=True)
     m = npllama.Llama(cfg)

@@ -62,7 +62,7 @@ def serial(kernel):
 # n = -127 gives exponent bits 0 and the result is exactly 0 (exp(-inf) = 0, as masked scores
 # need); from there up to -87.34 it is subnormal.  At the top it saturates at exp(88) = 1.65e38
 # (never inf, also for x = +inf); NaN stays NaN.  float64 keeps np.exp, exact to the last bit.
-# Used, through ``fast_exp``, by attention, cross-entropy and SwiGLU.
+# Used, through ``fast_exp``, by attention (training and decoding), cross-entropy and SwiGLU.
 @intrinsic
 def _pow2_float32(typingctx, n):
     """2**n as float32 for a float32 n holding an integer in [-127, 127], by building the bits."""

@@ -110,7 +110,7 @@ def rmsnorm_dw_chunks(n_rows):
     return max(1, min(8, n_rows))
 
 
-# ---- what the model calls ----------------------------------------------------------------------
+# ---- the layer functions (the model calls the kernels) -------------------------------------
 def rmsnorm_forward(x, w, eps):
     """x: (..., D), w: (D,) -> y: (..., D), cache = (x, w, r)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
