@@ -218,16 +218,20 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, dropout, after_block=None):
+    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout``: draw
-        masks (training with p > 0).  ``after_block(i, qkv)`` is called after block i."""
+        masks (training with p > 0), unless ``dropout_masks`` gives them: one checked (N, D) pair
+        per layer (``_check_dropout_masks``), applied as given.  ``after_block(i, qkv)`` is called
+        after block i."""
         cfg = self.config
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
         for i, (acts, w, out) in enumerate(zip(ws.layers, self._layers, ws.outputs)):
             acts.mask_attn = acts.mask_ffn = None
-            if dropout:  # drawn in this order (attention, then feed-forward, layer by layer)
+            if dropout_masks is not None:
+                acts.mask_attn, acts.mask_ffn = dropout_masks[i]
+            elif dropout:  # drawn in this order (attention, then feed-forward, layer by layer)
                 acts.mask_attn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
                 acts.mask_ffn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
             decoder_block_forward_rows(acts, w, out, ws.batch)
@@ -297,7 +301,29 @@ class Llama:
             raise InputError(f"targets shape {targets.shape} does not match tokens shape {tokens.shape}")
         return tokens, targets
 
-    def loss_and_grad(self, tokens, targets, *, copy=True):
+    def _check_dropout_masks(self, masks, B, T):
+        """One (attn_mask, ffn_mask) pair per layer, each (B, T, D) -> the pairs as (B*T, D) arrays
+        of the model's dtype."""
+        L, D = self.config.n_layers, self.config.dim
+        if not isinstance(masks, (list, tuple)) or len(masks) != L:
+            got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+            raise InputError(f"dropout_masks must be a list of {L} (attn_mask, ffn_mask) pairs, one per layer, "
+                             f"got {got}")
+        checked = []
+        for i, pair in enumerate(masks):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InputError(f"dropout_masks[{i}] must be an (attn_mask, ffn_mask) pair")
+            rows = []
+            for j, mask in enumerate(pair):
+                mask = np.asarray(mask)
+                if mask.dtype.kind not in "biuf" or mask.shape != (B, T, D):
+                    raise InputError(f"dropout_masks[{i}][{j}] must be a real array of shape (batch, seq_len, dim) "
+                                     f"= {(B, T, D)}, got {mask.dtype} {mask.shape}")
+                rows.append(np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, D))
+            checked.append(tuple(rows))
+        return checked
+
+    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, copy=True):
         """Mean cross-entropy over targets != -100, and its gradient for every parameter.
 
         Returns (loss, grads), grads mapping each name of ``params`` to its gradient.
@@ -305,22 +331,27 @@ class Llama:
         copy=True (the default): the gradients are a copy, the caller's to keep.
         copy=False: **grads are views into ``flat_grads``, which the next call to loss_and_grad
         OVERWRITES**; no copy is made (what the training loop wants: it reads ``flat_grads`` before
-        the next step)."""
+        the next step).
+
+        dropout_masks: None to draw dropout masks from the model's generator (when training and
+        config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
+        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does)."""
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
+        masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
         ws = self._workspace(B, T, True)
         with split_matmuls():
-            loss = self._loss_and_grad_rows(tokens, targets, ws)
+            loss = self._loss_and_grad_rows(tokens, targets, ws, masks)
         if not copy:
             return loss, self.grads
         return loss, _views(self.flat_grads.copy(), self.layout)
 
-    def _loss_and_grad_rows(self, tokens, targets, ws):
+    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None):
         """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
         cfg = self.config
         B, T = tokens.shape
         dropout = self.training and cfg.dropout > 0.0
-        xn = self._forward_rows(tokens, ws, dropout)
+        xn = self._forward_rows(tokens, ws, dropout, dropout_masks=dropout_masks)
         matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses)

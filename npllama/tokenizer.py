@@ -15,7 +15,13 @@ back to their literal text, so the round trip holds for text containing them too
 
 ``Tokenizer.from_file`` wraps *any* ``tokenizer.json`` (for example the one of a Hugging Face Llama
 checkpoint, which may use a Metaspace or Split pre-tokenizer); the exact round trip is then only
-as good as that tokenizer's own.
+as good as that tokenizer's own.  ``Tokenizer.from_pretrained`` also reads the tokenizer stored in
+a ``.gguf`` file (npllama.formats.gguf_tokenizer).
+
+A pretrained tokenizer may carry a chat template (``tokenizer_config.json``'s ``chat_template``,
+or the GGUF's ``tokenizer.chat_template``): ``apply_chat_template(messages, add_generation_prompt=True)``
+renders a conversation through it (npllama.chat_template) and returns the ids to prompt the model
+with; ``stop_ids`` are the tokens that end the model's turn.
 """
 from __future__ import annotations
 
@@ -30,7 +36,10 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .chat_template import render_chat
 from .errors import CheckpointError, ConfigError, InputError, one_line
+from .formats.gguf import find_gguf, is_gguf, open_gguf
+from .formats.gguf_tokenizer import read_gguf_tokenizer
 from .io import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -42,6 +51,8 @@ N_BYTE_TOKENS = 256
 # <|end_of_text|>, Llama-2/SentencePiece models </s>, GPT-2 and npllama <|endoftext|>.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+# Tokens that end a chat turn (ChatML, Llama-3, Phi-3, Gemma): generation stops at them, and at eos.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 
 # Chunk size for encode_long (characters). Small enough for both cores to get work and to keep
 # the per-chunk Encoding objects (which also hold offsets and token strings) small.
@@ -55,15 +66,20 @@ class Tokenizer:
         hf_tokenizer: the wrapped ``tokenizers.Tokenizer``.
         eos_token, bos_token: override the token strings used for ``eos_id``/``bos_id``; by default
             the first of ``EOS_CANDIDATES``/``BOS_CANDIDATES`` present in the vocabulary.
+        chat_template: the checkpoint's Jinja chat template, if it has one.
+        add_bos: whether the model expects BOS before a plain (non-chat) prompt (SentencePiece
+            Llamas do); ``encode`` itself never adds it.
     """
 
     def __init__(self, hf_tokenizer: tokenizers.Tokenizer, eos_token: str | None = None,
-                 bos_token: str | None = None):
+                 bos_token: str | None = None, chat_template: str | None = None, add_bos: bool = False):
         if not isinstance(hf_tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"Tokenizer wraps a tokenizers.Tokenizer, got {type(hf_tokenizer).__name__}")
         self.hf_tokenizer = hf_tokenizer
         self.eos_id = self._find_token_id(eos_token, EOS_CANDIDATES)
         self.bos_id = self._find_token_id(bos_token, BOS_CANDIDATES)
+        self.chat_template = chat_template
+        self.add_bos = add_bos
         self._fingerprint: str | None = None
         self._cut_at_newlines: bool | None = None
 
@@ -144,8 +160,28 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
-        eos_token, bos_token = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
-        return cls(hf, eos_token=eos_token, bos_token=bos_token)
+        eos_token, bos_token, chat_template = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
+        return cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of a checkpoint: a Hugging Face directory or ``tokenizer.json`` (see
+        ``from_file``), a ``.gguf`` file, or a directory holding one ``.gguf`` and no tokenizer.json.
+
+        Raises:
+            CheckpointError: no tokenizer there, or one that cannot be read.
+        """
+        path = Path(path)
+        if is_gguf(path) or (path.is_dir() and not (path / TOKENIZER_FILE).exists() and any(path.glob("*.gguf"))):
+            return cls.from_gguf(open_gguf(find_gguf(path)))
+        return cls.from_file(path)
+
+    @classmethod
+    def from_gguf(cls, ckpt) -> "Tokenizer":
+        """The tokenizer stored in an open GGUF checkpoint (npllama.formats.gguf.GGUFCheckpoint)."""
+        spec = read_gguf_tokenizer(ckpt)
+        return cls(spec.hf_tokenizer, eos_token=spec.eos_token, bos_token=spec.bos_token,
+                   chat_template=spec.chat_template, add_bos=spec.add_bos)
 
     @classmethod
     def from_str(cls, json_text: str) -> "Tokenizer":
@@ -185,6 +221,12 @@ class Tokenizer:
         if self._fingerprint is None:
             self._fingerprint = hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
         return self._fingerprint
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end the model's turn: eos and the end-of-turn tokens in the vocabulary."""
+        ids = {self.eos_id} | {self.hf_tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS}
+        return tuple(sorted(i for i in ids if i is not None))
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf_tokenizer.token_to_id(token)
@@ -245,6 +287,23 @@ class Tokenizer:
             raise InputError(f"token id {bad} out of range [0, {self.vocab_size})")
         return self.hf_tokenizer.decode(arr.tolist(), skip_special_tokens=False)
 
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> np.ndarray:
+        """Token ids of a conversation rendered through the checkpoint's chat template.
+
+        ``messages`` is a list of {"role": "system" | "user" | "assistant", "content": str}; with
+        ``add_generation_prompt`` the text ends with the start of the assistant's turn.  As in
+        transformers, the template writes any BOS itself and the text is encoded without adding one.
+
+        Raises:
+            ConfigError: the tokenizer has no chat template.
+            InputError: malformed messages, or a conversation the template refuses.
+        """
+        if self.chat_template is None:
+            raise ConfigError("this tokenizer has no chat template (the checkpoint did not come with one)")
+        special = {name: self.hf_tokenizer.id_to_token(i) for name, i in
+                   (("bos_token", self.bos_id), ("eos_token", self.eos_id)) if i is not None}
+        return self.encode(render_chat(self.chat_template, messages, add_generation_prompt, **special))
+
     # ---------------------------------------------------------------------------- internals
     def _find_token_id(self, token: str | None, candidates: Sequence[str]) -> int | None:
         if token is not None:
@@ -300,17 +359,25 @@ def split_at_safe_newlines(text: str, chunk_chars: int) -> list[str]:
     return pieces
 
 
-def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None]:
-    """eos/bos token strings from a HF tokenizer_config.json, if present and readable."""
+def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | None]:
+    """eos/bos token strings and the chat template from a HF tokenizer_config.json (or, for the
+    template, the chat_template.jinja beside it), each None when absent or unreadable."""
+    jinja = path.parent / "chat_template.jinja"
+    template = None
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            warnings.warn(f"{jinja}: unreadable, no chat template", UserWarning, stacklevel=3)
     if not path.is_file():
-        return None, None
+        return None, None, template
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         # The tokenizer itself is fine; the eos/bos fall back to the candidate lists.
         warnings.warn(f"{path}: unreadable, eos/bos tokens guessed from the vocabulary", UserWarning,
                       stacklevel=3)
-        return None, None
+        return None, None, template
 
     def token_text(value):
         if isinstance(value, dict):
@@ -318,5 +385,11 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None]:
         return value if isinstance(value, str) else None
 
     if not isinstance(config, dict):
-        return None, None
-    return token_text(config.get("eos_token")), token_text(config.get("bos_token"))
+        return None, None, template
+    if template is None:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+    return (token_text(config.get("eos_token")), token_text(config.get("bos_token")),
+            template if isinstance(template, str) else None)

@@ -1,0 +1,1 @@
+"""Checkpoint formats other than npllama's own training state."""

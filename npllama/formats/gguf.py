@@ -1,0 +1,259 @@
+"""GGUF in: the config, weights and metadata of a Llama checkpoint in llama.cpp's file format.
+
+A GGUF file is a header of typed key/value metadata (``llama.block_count``, the tokenizer's
+vocabulary, the chat template, ...) followed by tensors, each stored as float32/16, bfloat16 or
+in blocks of quantized integers sharing a scale.  The parsing and the dequantization are
+llama.cpp's own Python library, ``gguf`` (``GGUFReader`` memory-maps the file; ``quants.dequantize``
+turns a run of blocks into float32 exactly as llama.cpp does); what is written here is the
+translation into npllama's model:
+
+* names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` etc. (``GGUF_NAMES``);
+  no ``output.weight`` means the output projection is tied to the embedding;
+* the rotary row order.  Hugging Face's Llama rotates the two halves of each head against each
+  other (``rotate_half``: pairs (j, j + hd/2)); llama.cpp rotates adjacent pairs (2j, 2j + 1).
+  llama.cpp's converter therefore permutes the rows of W_q and W_k within each head so that
+  HF row (half i, index j) lands at GGUF row 2j + i::
+
+      gguf = hf.reshape(n_head, 2, hd // 2, D).swapaxes(1, 2).reshape(n_head * hd, D)
+
+  and reading undoes it:  ``hf = gguf.reshape(n_head, hd // 2, 2, D).swapaxes(1, 2)`` (n_head is
+  the number of KV heads for W_k).  Rows of one head never leave it, so the undoing works on any
+  run of whole heads, which is what lets a tensor be dequantized in row chunks;
+* the config, from the ``llama.*`` keys.
+
+Memory: a tensor is dequantized a chunk of rows at a time straight into its destination array,
+so loading needs the final weights plus one chunk, and the memory-mapped file's pages.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+import gguf
+import numpy as np
+
+from ..config import LlamaConfig
+from ..errors import CheckpointError, ConfigError, one_line
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+CHUNK_ELEMENTS = 1 << 22   # floats dequantized at a time: 16 MB of float32 scratch
+
+GGUF_NAMES = {  # GGUF tensor name -> Hugging Face name; {i} is the layer
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor name, or None for a name npllama has no use for."""
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match is None:
+        return GGUF_NAMES.get(gguf_name)
+    layer, rest = match.groups()
+    template = GGUF_NAMES.get("blk.{i}." + rest)
+    return None if template is None else template.format(i=int(layer))
+
+
+def is_gguf(path) -> bool:
+    """True if ``path`` is a file starting with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def find_gguf(path) -> Path:
+    """``path`` itself if it is a file, else the one ``*.gguf`` file in the directory ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*.gguf"))
+    if len(found) != 1:
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files ({', '.join(p.name for p in found[:3])})"
+        raise CheckpointError(f"{path}: {what}; name the file to load")
+    return found[0]
+
+
+class _Reader(gguf.GGUFReader):
+    """``gguf.GGUFReader`` slicing a plain ndarray view of its memory map: every slice of an
+    ``np.memmap`` runs ``memmap.__array_finalize__``, and reading the ~100k strings of a vocabulary
+    takes ~750k slices (4 s of the 5 s to open SmolLM2's file)."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
+        return super()._get(offset, dtype, count, override_order)
+
+
+class GGUFCheckpoint:
+    """An open ``.gguf`` file: its metadata, the LlamaConfig it describes, and its tensors under
+    Hugging Face names, dequantized on demand (``read_into``).
+
+    Raises:
+        CheckpointError: not a readable GGUF file, not a Llama (or one npllama cannot run), a tensor
+            npllama has no use for or cannot dequantize; the message names the file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            self.reader = _Reader(path)
+        # gguf's parser reports a damaged file through whatever numpy raised on the way
+        # (ValueError, IndexError, KeyError, struct errors...): all of them mean "not a GGUF".
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({one_line(e, 200)})") from None
+        arch = self.value("general.architecture")
+        if arch != "llama":
+            raise CheckpointError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+        self.tensors = {}  # HF name -> gguf ReaderTensor
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is None:
+                if t.name == "rope_freqs.weight":
+                    raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama-3.1 "
+                                          "style scaling) are not supported yet")
+                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a Llama model")
+            if t.tensor_type not in SUPPORTED_TYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which npllama cannot "
+                    f"dequantize (supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
+            self.tensors[name] = t
+        self.config = self._config()
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def value(self, key: str, default=None):
+        """The metadata value under ``key`` (a number, a string, or a list of them), or ``default``."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: metadata {key!r} is unreadable ({one_line(e, 200)})") from None
+
+    @property
+    def metadata(self) -> dict:
+        """Every metadata key with its value; the tokenizer's long arrays as their length only."""
+        out = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            is_array = field.types and field.types[0] == gguf.GGUFValueType.ARRAY
+            out[key] = f"<{len(field.data)} values>" if is_array and len(field.data) > 64 else self.value(key)
+        return out
+
+    def _int(self, key, default=None):
+        value = self.value(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{self.path}: metadata {key} must be a positive integer, got {value!r}")
+        return value
+
+    def _config(self) -> LlamaConfig:
+        if "model.embed_tokens.weight" not in self.tensors:
+            raise CheckpointError(f"{self.path}: missing tensor 'token_embd.weight'")
+        vocab_size, dim = self.shape("model.embed_tokens.weight")
+        n_heads = self._int("llama.attention.head_count")
+        head_dim = self._int("llama.attention.key_length", self._int("llama.embedding_length") // n_heads)
+        if self.value("llama.attention.value_length", head_dim) != head_dim:
+            raise CheckpointError(f"{self.path}: value heads of another width than key heads are not supported")
+        if self.value("llama.rope.dimension_count", head_dim) != head_dim:
+            raise CheckpointError(f"{self.path}: RoPE on part of a head (rope.dimension_count "
+                                  f"{self.value('llama.rope.dimension_count')} < head size {head_dim}) is not supported")
+        scaling = self.value("llama.rope.scaling.type", "none")
+        if scaling != "none":
+            raise CheckpointError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
+        tokens = self.value_length("tokenizer.ggml.tokens")
+        if tokens > vocab_size:
+            raise CheckpointError(f"{self.path}: {tokens} tokens in the vocabulary but the embedding has "
+                                  f"only {vocab_size} rows")
+        bos, eos = self.value("tokenizer.ggml.bos_token_id"), self.value("tokenizer.ggml.eos_token_id")
+        try:
+            return LlamaConfig(
+                vocab_size=vocab_size,
+                dim=self._int("llama.embedding_length"),
+                n_layers=self._int("llama.block_count"),
+                n_heads=n_heads,
+                n_kv_heads=self._int("llama.attention.head_count_kv", n_heads),
+                hidden_dim=self._int("llama.feed_forward_length"),
+                max_seq_len=self._int("llama.context_length", 2048),
+                # The file holds eps as float32 (1e-5 reads back as 9.99999974e-06); llama.cpp and
+                # transformers both use that value, so npllama does too.
+                norm_eps=float(self.value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(self.value("llama.rope.freq_base", 10000.0)),
+                tie_embeddings="lm_head.weight" not in self.tensors,
+                head_dim=None if head_dim * n_heads == dim else head_dim,
+                bos_token_id=bos if isinstance(bos, int) and bos < vocab_size else None,
+                eos_token_id=eos if isinstance(eos, int) and eos < vocab_size else None,
+            )
+        except (ConfigError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: {one_line(e)}") from None
+
+    def value_length(self, key: str) -> int:
+        """Number of values in the array under ``key`` (0 if absent), without decoding them."""
+        field = self.reader.fields.get(key)
+        return 0 if field is None else len(field.data)
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        """NumPy shape (rows, columns) of a tensor: GGUF lists dimensions innermost first."""
+        return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted."""
+        t = self.tensors[name]
+        rows, cols = self.shape(name) if len(t.shape) == 2 else (1, int(t.shape[0]))
+        target = out.reshape(rows, cols)
+        n_head = {"q_proj": self.config.n_heads, "k_proj": self.config.n_kv_heads}.get(name.split(".")[-2])
+        hd = self.config.head_dim
+        # Chunks of whole heads (see the module docstring), at least one head.
+        step = max(hd, CHUNK_ELEMENTS // cols // hd * hd)
+        data = t.data.reshape(rows, -1)
+        for r0 in range(0, rows, step):
+            w = gguf.quants.dequantize(data[r0:r0 + step], t.tensor_type)   # (r, cols) float32
+            if n_head is None:
+                target[r0:r0 + step] = w
+            else:  # GGUF row 2j + i of a head is HF row i * hd/2 + j
+                target[r0:r0 + step].reshape(-1, 2, hd // 2, cols)[...] = w.reshape(-1, hd // 2, 2, cols).swapaxes(1, 2)
+        return out
+
+
+
+def open_gguf(path) -> GGUFCheckpoint:
+    """The ``.gguf`` file ``path``, or the one in the directory ``path``, opened (see GGUFCheckpoint)."""
+    return GGUFCheckpoint(find_gguf(path))
+
+
+def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> None:
+    """Dequantize every tensor of ``ckpt`` into ``params`` (Hugging Face name -> the model's array,
+    as ``Llama.params``), after checking that the names and shapes are exactly those of ``params``.
+
+    Raises:
+        CheckpointError: a tensor missing, unexpected or of the wrong shape.
+    """
+    path = ckpt.path
+    missing = [n for n in params if n not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, t in ckpt.tensors.items():
+        if name not in params:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {ckpt.config.n_layers}-layer model")
+        if ckpt.shape(name) != params[name].shape:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {ckpt.shape(name)}, the metadata "
+                                  f"implies {params[name].shape}")
+    for name in params:
+        ckpt.read_into(name, params[name])

@@ -1,0 +1,251 @@
+"""GGUF in: small Llamas written with llama.cpp's own writer (the gguf package) the way llama.cpp's
+converter writes them (Q/K rows permuted by convert_hf_to_gguf.py's LlamaModel.permute), read back.
+
+The real-model checks against transformers are in tests/test_smollm2.py.
+"""
+import json
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from npllama import CheckpointError, ConfigError, InputError, Llama, LlamaConfig, Tokenizer
+from npllama.chat_template import render_chat
+from npllama.formats.gguf import GGUFCheckpoint, hf_name, load_weights, open_gguf
+from npllama.formats.gguf_tokenizer import sentencepiece_merges
+
+CFG = LlamaConfig(vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=32,
+                  norm_eps=1e-5, rope_theta=5e5)
+GGUF_NAMES = {hf_name(g): g for g in
+              ["token_embd.weight", "output_norm.weight", "output.weight"]
+              + [f"blk.{i}.{t}.weight" for i in range(CFG.n_layers) for t in
+                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]}
+K_QUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of a block's float16 scales
+
+
+def llama_cpp_permute(w, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute: HF's rotate-half rows -> llama.cpp's adjacent pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_model(cfg, seed=0):
+    model = Llama(cfg, seed=seed, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    for name, p in model.params.items():
+        p[...] = rng.normal(0, 0.5, p.shape) if p.ndim == 2 else 1 + rng.normal(0, 0.1, p.shape)
+    return model
+
+
+def k_quant_blocks(rows, cols, qtype, rng):
+    """Random blocks of a K-quant type (the gguf package cannot quantize to these), sane scales."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    for offset in K_QUANT_SCALES[qtype]:
+        raw[..., offset:offset + 2] = rng.uniform(0.001, 0.01, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, params, cfg, qtype=Q.F32, arch="llama", skip=(), extra=None, tokenizer=None, seed=0):
+    """A .gguf of ``params`` (HF names) as llama.cpp's converter writes it; matrices stored as ``qtype``
+    (K-quants: random blocks instead). Returns {HF name: the float32 values the file holds, in GGUF row order}."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in [("block_count", cfg.n_layers), ("context_length", cfg.max_seq_len),
+                       ("embedding_length", cfg.dim), ("feed_forward_length", cfg.hidden_dim),
+                       ("attention.head_count", cfg.n_heads), ("attention.head_count_kv", cfg.n_kv_heads)]:
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
+    for key, value in (tokenizer or {}).items():
+        getattr(w, key)(value)
+    stored = {}
+    for name, p in params.items():
+        if name in skip:
+            continue
+        x = np.asarray(p, dtype=np.float32)
+        if name.endswith("q_proj.weight"):
+            x = llama_cpp_permute(x, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            x = llama_cpp_permute(x, cfg.n_kv_heads)
+        if x.ndim == 1 or qtype == Q.F32:
+            data, raw = np.ascontiguousarray(x), None
+        elif qtype == Q.F16:
+            data, raw = x.astype(np.float16), None
+        else:
+            data = k_quant_blocks(*x.shape, qtype, rng) if qtype in K_QUANT_SCALES else gguf.quants.quantize(x, qtype)
+            raw = qtype
+        stored[name] = gguf.quants.dequantize(data, raw) if raw else data.astype(np.float32)
+        w.add_tensor(GGUF_NAMES[name], data, raw_dtype=raw)
+    for gguf_name, data in (extra or {}).items():
+        w.add_tensor(gguf_name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def load(path, dtype=np.float64):
+    ckpt = open_gguf(path)
+    model = Llama(ckpt.config, dtype=dtype)
+    load_weights(ckpt, model.params)
+    return model
+
+
+def test_f32_gguf_loads_the_exact_weights_and_config(tmp_path):
+    src = random_model(CFG)
+    write_gguf(tmp_path / "m.gguf", src.params, CFG)
+    model = load(tmp_path / "m.gguf", np.float32)
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.max_seq_len,
+            cfg.rope_theta, cfg.tie_embeddings, cfg.head_dim) == (64, 256, 2, 4, 2, 256, 32, 5e5, False, 64)
+    assert cfg.norm_eps == float(np.float32(1e-5))   # the file's float32, as llama.cpp and transformers use it
+    for name, p in src.params.items():
+        np.testing.assert_array_equal(model.params[name], p.astype(np.float32), err_msg=name)
+    tokens = np.array([[1, 5, 9, 63, 0, 7]])
+    src32 = Llama(cfg, dtype=np.float32)
+    src32.flat_params[...] = src.flat_params
+    np.testing.assert_array_equal(model.eval().forward(tokens), src32.eval().forward(tokens))
+
+
+def test_no_output_tensor_means_tied_embeddings(tmp_path):
+    tied = LlamaConfig(**{**CFG.to_dict(), "tie_embeddings": True})
+    src = random_model(tied)
+    write_gguf(tmp_path / "m.gguf", src.params, tied)
+    model = load(tmp_path / "m.gguf")
+    assert model.config.tie_embeddings and "lm_head.weight" not in model.params
+    np.testing.assert_array_equal(model.lm_head, src.params["model.embed_tokens.weight"].astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_quantized_gguf_loads_llama_cpps_dequantized_values_rows_unpermuted(tmp_path, qtype, monkeypatch):
+    # Chunks of one head (64 rows here), so that unpermuting chunk by chunk is exercised too.
+    monkeypatch.setattr("npllama.formats.gguf.CHUNK_ELEMENTS", 64 * CFG.dim)
+    src = random_model(CFG)
+    stored = write_gguf(tmp_path / "m.gguf", src.params, CFG, qtype)
+    model = load(tmp_path / "m.gguf")
+    for name, values in stored.items():
+        got = model.params[name]
+        if name.endswith("q_proj.weight"):
+            got = llama_cpp_permute(got, CFG.n_heads)   # back to the file's row order
+        elif name.endswith("k_proj.weight"):
+            got = llama_cpp_permute(got, CFG.n_kv_heads)
+        np.testing.assert_array_equal(got, values.astype(np.float64), err_msg=name)
+    if qtype not in K_QUANT_SCALES:   # quantized from src: close to it (the Q/K rows in their HF places)
+        tol = {Q.F16: 2e-3, Q.BF16: 2e-2, Q.Q8_0: 3e-2, Q.Q4_0: 0.6, Q.Q4_1: 0.5}[qtype]
+        for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+            np.testing.assert_allclose(model.params[name], src.params[name], atol=tol, err_msg=name)
+
+
+def test_gguf_in_a_directory_and_tokenizer_with_chat_template(tmp_path):
+    trained = Tokenizer.train(["hello world, hello there " * 20, "<|im_start|> <|im_end|>"], vocab_size=270,
+                              special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    spec = json.loads(trained.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    cfg = LlamaConfig(**{**CFG.to_dict(), "vocab_size": 320})
+    meta = {"add_tokenizer_model": "gpt2", "add_token_list": tokens, "add_token_merges": merges,
+            "add_token_types": [3 if t.startswith("<|") else 1 for t in tokens],
+            "add_eos_token_id": tokens.index("<|im_end|>"), "add_bos_token_id": tokens.index("<|endoftext|>"),
+            "add_chat_template": template}
+    write_gguf(tmp_path / "model.gguf", random_model(cfg).params, cfg, tokenizer=meta)
+
+    tok = Tokenizer.from_pretrained(tmp_path)   # the directory holding the one .gguf
+    text = "hello there, world!\n\n  héllo 🌍 <|im_end|> wörld"
+    np.testing.assert_array_equal(tok.encode(text), trained.encode(text))
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id == trained.token_to_id("<|im_end|>") and tok.stop_ids == (tok.eos_id,)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert tok.decode(ids) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[0] == trained.token_to_id("<|im_start|>")   # matched whole, as a special token
+    assert open_gguf(tmp_path).config.eos_token_id == tok.eos_id
+
+
+def test_sentencepiece_vocabulary_merges_rank_by_score():
+    vocab = {t: i for i, t in enumerate(["<unk>", "a", "b", "c", "ab", "bc", "abc"])}
+    # abc splits two ways at one score: the longer left piece first, as transformers orders them
+    scores = {"<unk>": 0.0, "a": -1.0, "b": -1.0, "c": -1.0, "ab": -3.0, "bc": -2.0, "abc": -2.5}
+    assert sentencepiece_merges(vocab, scores) == [("b", "c"), ("ab", "c"), ("a", "bc"), ("a", "b")]
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    # A tiny Llama-2-style vocabulary: specials, byte fallback tokens, pieces with scores.
+    pieces = ["\u2581", "a", "b", "c", "\u2581a", "ab", "\u2581ab", "bc", "\u2581abc", "ca", "\u2581c"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    cfg = LlamaConfig(**{**CFG.to_dict(), "vocab_size": len(tokens)})
+    meta = {"add_tokenizer_model": "llama", "add_token_list": tokens, "add_token_types": types,
+            "add_token_scores": scores, "add_bos_token_id": 1, "add_eos_token_id": 2, "add_unk_token_id": 0}
+    write_gguf(tmp_path / "sp.gguf", random_model(cfg).params, cfg, tokenizer=meta)
+    tok = Tokenizer.from_pretrained(tmp_path / "sp.gguf")
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, True)
+    text = "abc ab cab  bca é\nab</s>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.id_to_token(int(ids[0])) == "\u2581abc" and tok.token_to_id("</s>") in ids.tolist()
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    theirs, _ = convert_gguf_tokenizer(*get_gguf_tokenizer(str(tmp_path / "sp.gguf"))[:2])
+    assert ids.tolist() == theirs.encode(text, add_special_tokens=False).ids, transformers.__version__
+
+
+def test_bad_gguf_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    src = random_model(CFG)
+    cases = {
+        "garbage.gguf": None,
+        "falcon.gguf": dict(arch="falcon"),
+        "missing.gguf": dict(skip=("model.layers.1.mlp.up_proj.weight",)),
+        "extra.gguf": dict(extra={"blk.0.attn_q.bias": np.zeros(256, np.float32)}),
+        "ropefreqs.gguf": dict(extra={"rope_freqs.weight": np.ones(32, np.float32)}),
+        "q5_0.gguf": dict(qtype=Q.Q5_0),
+    }
+    expected = {"garbage.gguf": "not a readable GGUF", "falcon.gguf": "architecture 'falcon'",
+                "missing.gguf": "missing tensor", "extra.gguf": "unexpected tensor 'blk.0.attn_q.bias'",
+                "ropefreqs.gguf": "rope_freqs", "q5_0.gguf": "Q5_0"}
+    for name, kwargs in cases.items():
+        path = tmp_path / name
+        if kwargs is None:
+            path.write_bytes(b"GGUF" + bytes(range(200)))
+        else:
+            write_gguf(path, src.params, CFG, **kwargs)
+        with pytest.raises(CheckpointError, match=expected[name]) as e:
+            load(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no .gguf file"):
+        open_gguf(tmp_path / "empty")
+    wrong_shape = LlamaConfig(**{**CFG.to_dict(), "hidden_dim": 512})
+    write_gguf(tmp_path / "shape.gguf", random_model(CFG).params, wrong_shape)
+    ckpt = GGUFCheckpoint(tmp_path / "shape.gguf")
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_weights(ckpt, Llama(ckpt.config).params)
+
+
+def test_chat_template_is_sandboxed_and_its_exceptions_are_input_errors():
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    assert render_chat(strict, [{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(InputError, match="first must be user"):
+        render_chat(strict, [{"role": "assistant", "content": "x"}])
+    with pytest.raises(InputError, match="refused"):
+        render_chat("{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "x"}])
+    with pytest.raises(CheckpointError, match="not valid Jinja"):
+        render_chat("{% for %}", [])
+    assert render_chat("{{ messages[0] | tojson }}", [{"role": "user", "content": "<é>"}]) == \
+        '{"role": "user", "content": "<é>"}'
+    with pytest.raises(ConfigError, match="no chat template"):
+        Tokenizer.train(["abc abc"], vocab_size=259).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_hf_directory_tokenizer_reads_its_chat_template(tmp_path):
+    tok = Tokenizer.train(["hi there " * 10], vocab_size=265, special_tokens=["<|endoftext|>", "<|im_end|>"])
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "chat_template": "{{ messages[0]['content'] }}{{ eos_token }}"}))
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.decode(loaded.apply_chat_template([{"role": "user", "content": "hi"}])) == "hi<|im_end|>"
+    assert loaded.stop_ids == (loaded.token_to_id("<|im_end|>"),)
