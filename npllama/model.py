@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ConfigError, InputError
+from .formats import hf
 from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
@@ -387,9 +388,12 @@ class Llama:
     # ---- Hugging Face format -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        from .io import load_pretrained
-        return load_pretrained(path, dtype=dtype)
+        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if any)."""
+        cfg, files = hf.open_pretrained(path)
+        model = cls(cfg, dtype=dtype)
+        hf.load_weights(path, files, cfg, model.params)
+        model.tokenizer = hf.load_tokenizer(path, cfg)
+        return model
 
     def save_pretrained(self, path):
-        from .io import save_pretrained
-        save_pretrained(self, path)
+        hf.save_pretrained(path, self.config, self.params, self.tokenizer)
