@@ -285,7 +285,8 @@ def forward_backward(model, batches, grad_buffer: np.ndarray | None = None,
     loss = 0.0
     for k, ((x, y), m) in enumerate(zip(batches, counts)):
         share = m / n_kept
-        batch_loss, _ = model.loss_and_grad(x, y, dloss=share, on_grads_ready=reduction.ready if k == last else None)
+        batch_loss, _ = model.loss_and_grad(x, y, copy=False, dloss=share,
+                                            on_grads_ready=reduction.ready if k == last else None)
         loss += float(batch_loss) * share
         if k == 0 and k < last:
             np.copyto(grad_buffer, model.flat_grads)
