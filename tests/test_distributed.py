@@ -98,6 +98,15 @@ def test_gradient_reduction_of_one_process_accumulates_ranges_in_backward_order(
         GradientReduction(World(), grads).ready(0, 3)
 
 
+def test_one_process_never_loads_mpi(corpus, tmp_path):
+    argv = ["train", *options(corpus, tmp_path / "run", steps=1)]
+    code = ("import sys, npllama.cli\n"
+            f"assert npllama.cli.main({argv!r}) == 0\n"
+            "assert not any(m.startswith('mpi4py') for m in sys.modules), 'mpi4py was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 # ---- under mpiexec ------------------------------------------------------------------------------
 @needs_mpi
 def test_two_ranks_equal_one_process_in_float64_and_only_rank_0_speaks(corpus, tmp_path):
