@@ -63,6 +63,7 @@ TIMEOUT_ENV_VAR = "NPLLAMA_MPI_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
 BUCKET_BYTES = 1 << 20        # all-reduce the gradient in pieces of about this size
 DIVERGED_EXIT_GRACE = 10.0    # seconds a silent rank waits for rank 0 to report a shared error
+MESSAGE_GRACE = 1.0           # seconds between printing the error and ending the job
 
 
 class CommunicationTimeout(NpllamaError):
@@ -121,7 +122,7 @@ class World:
                 raise CommunicationTimeout(f"no answer from the other ranks for {waited:.0f}s while {what} "
                                            f"(a rank is stuck; {TIMEOUT_ENV_VAR} sets the limit)")
             time.sleep(pause)
-            pause = min(2 * pause + 1e-5, 1e-3)
+            pause = min(2 * pause + 1e-5, 2e-4)   # short: MPI progresses only inside Testall
         self.wait_seconds += time.perf_counter() - t0
 
     # ---- collectives ---------------------------------------------------------------------------
@@ -354,6 +355,7 @@ def _end_job(error: BaseException) -> None:
     elif rank == 0:
         print(f"npllama: error: {reason}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    time.sleep(MESSAGE_GRACE)   # the launcher forwards output asynchronously: let the line out first
     world = current_world() if "mpi4py.MPI" in sys.modules else None
     if world is not None and world.comm is not None:
         # MPI_Abort ends every rank, whatever the launcher; its own banner would be a second message
