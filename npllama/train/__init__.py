@@ -10,6 +10,11 @@
     planner.py      how many steps fit in a time budget
     checkpoint.py   a run: set up, saved as one unit, restored exactly; the metrics log
     cli.py          the command line
+    distributed.py  data parallelism on MPI: the ranks, the all-reduce during the backward, faults
+    ranks.py        one run on every rank: rank 0 sets it up and sends it to the others
+
+On several processes (``mpiexec -n 4 npllama train ...``) every rank trains its share of each
+batch with the numbers of one process; see distributed.py and docs/13-data-parallel.md.
 
 Length of a run.  ``--steps N`` fixes it (use it for reproducible runs).  Without it,
 ``--time-budget S`` (default 300 s) plans the number of steps so that the whole command -- setup
