@@ -1,4 +1,4 @@
-"""The `npllama` command: train, generate, gradcheck, plot.
+"""The `npllama` command: train, generate, gradcheck, plot, export.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> exit code``; this file only wires them up and turns npllama's errors into one-line
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": ("npllama.generate", "sample text from a run directory or a Hugging Face Llama directory"),
     "gradcheck": ("npllama.gradcheck", "check every layer's backward against finite differences (float64)"),
     "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
+    "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
 }
 
 
