@@ -149,6 +149,23 @@ def test_gguf_export_refuses_what_it_cannot_express(trained, tmp_path):
     assert not list(tmp_path.iterdir())   # nothing written, not even a temporary file
 
 
+def test_smollm2_tokenizer_and_template_survive_gguf_export(tmp_path):
+    from real_model import smollm2_gguf
+    tok = Tokenizer.from_pretrained(smollm2_gguf())
+    cfg = LlamaConfig(vocab_size=49152, dim=8, n_layers=1, n_heads=2, hidden_dim=8, max_seq_len=16, tie_embeddings=True)
+    write_gguf(tmp_path / "m.gguf", cfg, random_params(cfg), tok)
+    ckpt = open_gguf(tmp_path / "m.gguf")
+    assert ckpt.value("tokenizer.ggml.pre") == "gpt-2"
+    got = Tokenizer.from_gguf(ckpt)
+    text = MIXED + "\n" + TEXT + "def f(x):\n    return x ** 2  # señor ünïcödé 日本語 \u00a0\u2003 <|im_start|>"
+    np.testing.assert_array_equal(got.encode(text), tok.encode(text))
+    assert (got.bos_id, got.eos_id, got.stop_ids, got.chat_template) == (tok.bos_id, tok.eos_id, tok.stop_ids,
+                                                                        tok.chat_template)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    np.testing.assert_array_equal(got.apply_chat_template(chat, add_generation_prompt=True),
+                                  tok.apply_chat_template(chat, add_generation_prompt=True))
+
+
 # ---- llama2.c checkpoints -----------------------------------------------------------------------
 def llama2c_file_bytes(cfg, version):
     """Size of a llama2.c checkpoint by export.py's layout: header, weights, v0's RoPE tables."""

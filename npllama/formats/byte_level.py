@@ -44,11 +44,11 @@ class ByteLevelVocabulary:
             return token.encode("utf-8")
         return bytes(_BYTE_VALUE[c] for c in token)
 
-    def byte_token_ids(self) -> list[int] | None:
-        """The id of the one-byte token of each byte 0..255, or None if a byte has no token."""
+    def byte_token_ids(self) -> list[int | None]:
+        """The id of the one-byte token of each byte 0..255 (None for a byte without one: a
+        pretrained vocabulary may lack bytes its training text never had, such as 0xC0)."""
         ids = {t: i for i, t in enumerate(self.tokens) if i not in self.added_ids}
-        found = [ids.get(BYTE_SPELLING[b]) for b in range(256)]
-        return None if None in found else found
+        return [ids.get(BYTE_SPELLING[b]) for b in range(256)]
 
 
 def _steps(pre_tokenizer_json) -> list:

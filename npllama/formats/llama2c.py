@@ -240,14 +240,15 @@ def llama2c_vocabulary(tokenizer, vocab_size: int) -> Llama2cVocabulary:
     EOS, byte b is b + 3 when a character is not a token.  So the vocabulary is reordered: the
     tokenizer's BOS, or its end-of-text token when it has no BOS (npllama's ``<|endoftext|>``,
     which separates documents, so run.c starts like a fresh document and stops where one ends) at
-    1; its EOS at 2 when it has both; the 256 one-byte tokens at 3..258; everything else after,
-    in order.  A token is written as the bytes it stands for, its score is minus the rank of the
+    1; its EOS at 2 when it has both; the one-byte tokens at 3..258 (a byte without a token of its
+    own leaves its place to another token, which run.c's fallback then picks); everything else
+    after, in order.  A token is written as the bytes it stands for, its score is minus the rank of the
     merge that builds it (run.c then merges like BPE: lower rank first), and tokens no merge
     builds (bytes, added tokens) get NEVER_MERGED.  Embedding rows past the tokenizer are
     ``[PAD<id>]``.
 
     Raises:
-        ConfigError: not a byte-level BPE tokenizer with all 256 byte tokens, more tokens than
+        ConfigError: not a byte-level BPE tokenizer, more tokens than
             ``vocab_size``, or a token run.c would misread (a NUL byte inside, or spelled like
             run.c's ``<0xNN>`` byte pieces).
     """
@@ -255,9 +256,6 @@ def llama2c_vocabulary(tokenizer, vocab_size: int) -> Llama2cVocabulary:
     n = len(vocab.tokens)
     if n > vocab_size:
         raise ConfigError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
-    byte_ids = vocab.byte_token_ids()
-    if byte_ids is None:
-        raise ConfigError("the tokenizer lacks some of the 256 one-byte tokens run.c falls back to")
     pieces = [vocab.token_bytes(i) for i in range(n)] + [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
     for i, piece in enumerate(pieces):
         if (len(piece) > 1 and b"\0" in piece) or (len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">")):
@@ -270,7 +268,7 @@ def llama2c_vocabulary(tokenizer, vocab_size: int) -> Llama2cVocabulary:
     if vocab_size < FIRST_BYTE_ID + 256:
         raise ConfigError(f"run.c's byte tokens take ids 3..258; this model has only {vocab_size} tokens")
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    fixed = {FIRST_BYTE_ID + b: i for b, i in enumerate(byte_ids)}
+    fixed = {FIRST_BYTE_ID + b: i for b, i in enumerate(vocab.byte_token_ids()) if i is not None}
     for j, i in ((BOS_ID, bos if bos is not None else eos), (EOS_ID, eos if bos is not None else None)):
         if i is not None and i not in fixed.values():
             fixed[j] = i
