@@ -161,65 +161,101 @@ def write_llama2c(path, config: LlamaConfig, params: dict[str, np.ndarray], vers
 
 
 # ---- checkpoint in -------------------------------------------------------------------------------
-def read_llama2c(path, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """The config and Hugging Face-named weights (``dtype``, W_q/W_k rows in HF's RoPE order) of a
-    llama2.c checkpoint of version 0 or 1.  The file is memory-mapped; only the result is in RAM.
+class Llama2cCheckpoint:
+    """An open llama2.c checkpoint (version 0 or 1): its LlamaConfig, and its tensors under Hugging
+    Face names read on demand from the memory-mapped file (``read_into``).
 
     Raises:
         CheckpointError: not a version 0/1 llama2.c checkpoint (bad header, or a size that does not
             match the header), naming the file.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(V1_HEADER_BYTES)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
-        version = struct.unpack_from("<i", head, 4)[0]
-        if version != 1:
-            what = "int8-quantized (runq.c's)" if version == 2 else "unknown"
-            raise CheckpointError(f"{path}: llama2.c checkpoint version {version} ({what}) is not supported (0 and 1 are)")
-        if len(head) < V1_HEADER_BYTES:
-            raise CheckpointError(f"{path}: truncated llama2.c header")
-        *dims, shared = struct.unpack_from("<7iB", head, 8)
-        tied, offset = bool(shared), V1_HEADER_BYTES
-        if dims[5] <= 0:
-            raise CheckpointError(f"{path}: version 1 header with vocab_size {dims[5]} <= 0")
-    else:
-        version = 0
-        if len(head) < 28:
-            raise CheckpointError(f"{path}: too short for a llama2.c checkpoint ({size} bytes)")
-        dims = list(struct.unpack_from("<7i", head))
-        tied, offset = dims[5] > 0, 28
-        dims[5] = abs(dims[5])
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = dims
-    what = f"llama2.c version {version} header (dim {dim}, hidden_dim {hidden_dim}, n_layers {n_layers}, " \
-           f"n_heads {n_heads}, n_kv_heads {n_kv_heads}, vocab_size {vocab_size}, seq_len {seq_len})"
-    try:
-        config = LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                             n_kv_heads=n_kv_heads, hidden_dim=hidden_dim, max_seq_len=seq_len, norm_eps=NORM_EPS,
-                             rope_theta=ROPE_THETA, tie_embeddings=tied, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: not a {what}: {one_line(e)}") from None
-    sections = list(_sections(config, version))
-    expected = offset + 4 * sum(math.prod(shape) for _, shape in sections)
-    if size != expected:
-        raise CheckpointError(f"{path}: {size:,} bytes, but its {what} implies {expected:,} "
-                              f"({'truncated' if size < expected else 'trailing data'}; not a llama2.c checkpoint?)")
-    data = np.memmap(path, dtype="<f4", mode="r", offset=offset)
-    tensors, start = {}, 0
-    for name, shape in sections:
-        n = math.prod(shape)
-        w = data[start:start + n].reshape(shape)
-        start += n
-        if name == _FREQS:
-            continue
+
+    def __init__(self, path):
+        self.path = path = Path(path)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(V1_HEADER_BYTES)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
+            self.version = struct.unpack_from("<i", head, 4)[0]
+            if self.version != 1:
+                what = "int8-quantized (runq.c's)" if self.version == 2 else "unknown"
+                raise CheckpointError(f"{path}: llama2.c checkpoint version {self.version} ({what}) is not "
+                                      "supported (0 and 1 are)")
+            if len(head) < V1_HEADER_BYTES:
+                raise CheckpointError(f"{path}: truncated llama2.c header")
+            *dims, shared = struct.unpack_from("<7iB", head, 8)
+            tied, offset = bool(shared), V1_HEADER_BYTES
+            if dims[5] <= 0:
+                raise CheckpointError(f"{path}: version 1 header with vocab_size {dims[5]} <= 0")
+        else:
+            self.version = 0
+            if len(head) < 28:
+                raise CheckpointError(f"{path}: too short for a llama2.c checkpoint ({size} bytes)")
+            dims = list(struct.unpack_from("<7i", head))
+            tied, offset = dims[5] > 0, 28
+            dims[5] = abs(dims[5])
+        dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = dims
+        what = (f"llama2.c version {self.version} header (dim {dim}, hidden_dim {hidden_dim}, n_layers {n_layers}, "
+                f"n_heads {n_heads}, n_kv_heads {n_kv_heads}, vocab_size {vocab_size}, seq_len {seq_len})")
+        try:
+            self.config = LlamaConfig(
+                vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                hidden_dim=hidden_dim, max_seq_len=seq_len, norm_eps=NORM_EPS, rope_theta=ROPE_THETA,
+                tie_embeddings=tied, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: not a {what}: {one_line(e)}") from None
+        # Checked before anything is allocated: a header claiming terabytes must not get them.
+        sections = list(_sections(self.config, self.version))
+        expected = offset + 4 * sum(math.prod(shape) for _, shape in sections)
+        if size != expected:
+            raise CheckpointError(f"{path}: {size:,} bytes, but its {what} implies {expected:,} "
+                                  f"({'truncated' if size < expected else 'trailing data'}; not a llama2.c checkpoint?)")
+        data = np.memmap(path, dtype="<f4", mode="r", offset=offset)
+        self.tensors, start = {}, 0   # HF name -> its float32 values in the file, in the file's row order
+        for name, shape in sections:
+            n = math.prod(shape)
+            if name != _FREQS:
+                self.tensors[name] = data[start:start + n].reshape(shape)
+            start += n
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Copy tensor ``name`` (a Hugging Face name) into ``out``, W_q/W_k rows in HF's RoPE order."""
+        w = self.tensors[name]
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = deinterleave_rope_rows(w, config.head_dim)
-        tensors[name] = np.array(w, dtype=dtype)
-    return config, tensors
+            w = deinterleave_rope_rows(w, self.config.head_dim)
+        out[...] = w
+        return out
+
+
+def open_llama2c(path) -> Llama2cCheckpoint:
+    """The llama2.c checkpoint ``path``, opened (see Llama2cCheckpoint)."""
+    return Llama2cCheckpoint(path)
+
+
+def load_weights(ckpt: Llama2cCheckpoint, params: dict[str, np.ndarray]) -> None:
+    """Copy every tensor of ``ckpt`` into ``params`` (Hugging Face name -> the model's array, as
+    ``Llama.params`` of a model built from ``ckpt.config``).
+
+    Raises:
+        CheckpointError: ``params`` are not the checkpoint's names and shapes (another config).
+    """
+    if {n: p.shape for n, p in params.items()} != {n: t.shape for n, t in ckpt.tensors.items()}:
+        raise CheckpointError(f"{ckpt.path}: the model's parameters are not this checkpoint's tensors "
+                              "(a model of another config?)")
+    for name in ckpt.tensors:
+        ckpt.read_into(name, params[name])
+
+
+def read_llama2c(path, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """The config and Hugging Face-named weights (``dtype``, W_q/W_k rows in HF's RoPE order) of a
+    llama2.c checkpoint of version 0 or 1 (see Llama2cCheckpoint for the errors)."""
+    ckpt = open_llama2c(path)
+    tensors = {name: np.empty(t.shape, dtype=dtype) for name, t in ckpt.tensors.items()}
+    load_weights(ckpt, tensors)
+    return ckpt.config, tensors
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
