@@ -86,6 +86,7 @@ def _sections(config: LlamaConfig, version: int):
 
 
 def _parameter_shapes(config: LlamaConfig):
+    # model.parameter_layout's shapes, lm_head included; not imported: the model imports the formats
     D, F, q, kv, V = config.dim, config.hidden_dim, config.q_dim, config.kv_dim, config.vocab_size
     yield _EMBED, (V, D)
     yield _FINAL_NORM, (D,)
