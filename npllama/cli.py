@@ -15,7 +15,9 @@ import warnings
 SUBCOMMANDS = {
     "train": ("npllama.train", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
     "generate": ("npllama.generate", "sample text from a run directory or a Hugging Face Llama directory"),
-    "gradcheck": ("npllama.gradcheck", "check every layer's backward against finite differences (float64)"),
+    "gradcheck": ("npllama.gradcheck",
+                  "check every layer's backward and the whole model's (fast and reference) against finite "
+                  "differences (float64)"),
     "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
     "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
 }

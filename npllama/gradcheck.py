@@ -8,6 +8,12 @@ whose truncation error is O(h^2 f''') and rounding error O(eps_machine |f| / h).
 in float64 both are around 1e-10 relative, so a relative error below 1e-6 means the backward is
 right and anything above ~1e-4 means it is wrong.
 
+Two relative errors are reported.  ``relative_error`` divides the worst difference by the largest
+entry of the gradient: the pass/fail measure.  ``elementwise_relative_error`` is CS231n's, entry
+by entry, |a - n| / (|a| + |n|): strict on every entry, so it is also ~1 on an entry that is zero
+up to rounding (a 1e-17 analytic value against 1e-11 of finite-difference noise), which is why it
+is shown beside the other rather than used to pass or fail.
+
 To check a function ``y = f(x)`` with upstream gradient ``g``, reduce it to the scalar
 ``L = sum(g * f(x))``: then dL/dx is exactly what the backward returns for ``dout = g``.
 """
@@ -41,20 +47,32 @@ def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1
     return grad
 
 
+def _pair(analytic, numeric):
+    analytic = np.asarray(analytic, dtype=np.float64)
+    numeric = np.asarray(numeric, dtype=np.float64)
+    if analytic.shape != numeric.shape:
+        raise ValueError(f"shape mismatch: {analytic.shape} vs {numeric.shape}")
+    return analytic, numeric
+
+
 def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     """max |a - n| / max(max |a|, max |n|): the worst error relative to the gradient's scale.
 
     Scaling by the largest entry (rather than entry by entry) keeps entries that are zero up to
     rounding from dominating, while still failing on any entry that is wrong by a visible amount.
     """
-    analytic = np.asarray(analytic, dtype=np.float64)
-    numeric = np.asarray(numeric, dtype=np.float64)
-    if analytic.shape != numeric.shape:
-        raise ValueError(f"shape mismatch: {analytic.shape} vs {numeric.shape}")
+    analytic, numeric = _pair(analytic, numeric)
     scale = max(np.max(np.abs(analytic), initial=0.0), np.max(np.abs(numeric), initial=0.0))
     if scale == 0.0:
         return 0.0
     return float(np.max(np.abs(analytic - numeric)) / scale)
+
+
+def elementwise_relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    """max over entries of |a - n| / max(|a| + |n|, tiny): CS231n's relative error (0 where both are 0)."""
+    analytic, numeric = _pair(analytic, numeric)
+    denominator = np.maximum(np.abs(analytic) + np.abs(numeric), np.finfo(np.float64).tiny)
+    return float(np.max(np.abs(analytic - numeric) / denominator, initial=0.0))
 
 
 def check_gradients(loss_fn: Callable[[], float], inputs: dict[str, np.ndarray],
@@ -64,12 +82,40 @@ def check_gradients(loss_fn: Callable[[], float], inputs: dict[str, np.ndarray],
 
 
 # ---- the checks behind `npllama gradcheck` -----------------------------------------------------
+# Each check returns {gradient name: (analytic, numeric)} on random inputs drawn from r.
 TOLERANCE = 1e-6
+SAMPLED_ENTRIES = 12   # entries of each gradient of the reference model that are checked
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 4}
 
 
 def _fd(forward, inputs, analytic, dout):
     loss = lambda: float(np.sum(dout * forward()))
-    return {name: relative_error(analytic[name], numerical_gradient(loss, x)) for name, x in inputs.items()}
+    return {name: (analytic[name], numerical_gradient(loss, x)) for name, x in inputs.items()}
+
+
+def sampled_entries(grad, r, n=SAMPLED_ENTRIES):
+    """Flat positions of up to n entries of ``grad``: its largest one (so that ``relative_error``
+    on the sample keeps the whole gradient's scale) and the others at random."""
+    others = r.choice(grad.size, size=min(grad.size, n) - 1, replace=False)
+    return np.unique(np.append(others, np.argmax(np.abs(grad))))
+
+
+def random_dropout_masks(cfg, B, T, r):
+    """One (attention, feed-forward) pair of inverted-dropout masks (B, T, D) per layer."""
+    from .layers.dropout import dropout_forward
+    ones = np.ones((B, T, cfg.dim))
+    return [tuple(dropout_forward(ones, cfg.dropout, r, True)[1] for _ in range(2)) for _ in range(cfg.n_layers)]
+
+
+def random_params(cfg, r):
+    """Every parameter of ``cfg`` by Hugging Face name, far from the init so every term matters:
+    norm gains 1 + N(0, 0.3^2), matrices N(0, 1/fan_in), so attention scores and logits are O(1).
+    (Much larger weights saturate the softmaxes, and then their gradients are tiny differences of
+    near-equal numbers: right, but with few correct digits in any implementation.)"""
+    from .model import parameter_layout
+    return {name: 1 + 0.3 * r.normal(size=shape) if len(shape) == 1 else r.normal(size=shape) / np.sqrt(shape[1])
+            for name, shape in parameter_layout(cfg)}
 
 
 def check_embedding(r):
@@ -91,9 +137,7 @@ def check_rmsnorm(r):
 
 def check_rope(r):
     from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 4}
-    cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, scaling), np.float64)
+    cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, LLAMA3_SCALING), np.float64)
     x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
     _, cache = rope_forward(x, cos, sin)
     return _fd(lambda: rope_forward(x, cos, sin)[0], {"x": x}, {"x": rope_backward(dy, cache)}, dy)
@@ -143,21 +187,23 @@ def check_cross_entropy(r):
 
 
 def check_decoder_block(r):
+    """The block of npllama/reference.py (block_forward / block_backward), with dropout masks."""
     from .config import LlamaConfig
-    from .layers.block import decoder_block_backward, decoder_block_forward
     from .layers.rope import rope_cos_sin, rope_frequencies
-    cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8)
-    w = {"attn_norm": 1 + 0.3 * r.normal(size=8), "wqkv": r.normal(size=(16, 8)), "wo": r.normal(size=(8, 8)),
-         "ffn_norm": 1 + 0.3 * r.normal(size=8), "w_gate_up": r.normal(size=(12, 8)), "w_down": r.normal(size=(8, 6))}
-    cos, sin = rope_cos_sin(np.arange(5), rope_frequencies(2, cfg.rope_theta), np.float64)
+    from .reference import block_backward, block_forward, layer_weights
+    cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
+                      dropout=0.25)
+    w = layer_weights(random_params(cfg, r), 0)
+    cos, sin = rope_cos_sin(np.arange(5), rope_frequencies(cfg.head_dim, cfg.rope_theta), np.float64)
     x, dout = r.normal(size=(2, 5, 8)), r.normal(size=(2, 5, 8))
-    _, cache = decoder_block_forward(x, w, cos, sin, cfg)
-    dw = {k: np.zeros_like(v) for k, v in w.items()}
-    dx = decoder_block_backward(dout, cache, dw, cfg)
-    return _fd(lambda: decoder_block_forward(x, w, cos, sin, cfg)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
+    masks = random_dropout_masks(cfg, 2, 5, r)[0]
+    _, cache = block_forward(x, w, cos, sin, cfg, masks)
+    dx, dw = block_backward(dout, cache, cfg)
+    return _fd(lambda: block_forward(x, w, cos, sin, cfg, masks)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
 
 
 def check_model(r, tie_embeddings=False):
+    """The fast model, npllama.Llama.loss_and_grad; every entry of every gradient."""
     from .config import LlamaConfig
     from .model import Llama
     cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
@@ -169,7 +215,30 @@ def check_model(r, tie_embeddings=False):
     _, grads = model.loss_and_grad(tokens, targets)
     grads = {k: v.copy() for k, v in grads.items()}
     loss = lambda: model.loss(tokens, targets)
-    return {name: relative_error(grads[name], numerical_gradient(loss, p)) for name, p in model.params.items()}
+    return {name: (grads[name], numerical_gradient(loss, p)) for name, p in model.params.items()}
+
+
+def check_reference(r, tie_embeddings=False):
+    """The plain-NumPy model, npllama.reference.loss_and_grad: two layers, grouped-query attention
+    (multi-query when tied), Llama-3 RoPE scaling, dropout masks, a -100 target; SAMPLED_ENTRIES
+    entries of every gradient."""
+    from .config import LlamaConfig
+    from .reference import loss_and_grad
+    cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=1 if tie_embeddings else 2,
+                      hidden_dim=6, max_seq_len=8, rope_theta=100.0, rope_scaling=LLAMA3_SCALING,
+                      tie_embeddings=tie_embeddings, dropout=0.25)
+    params = random_params(cfg, r)
+    tokens, targets = r.integers(0, 11, size=(2, 6)), r.integers(0, 11, size=(2, 6))
+    targets[0, 2] = -100
+    masks = random_dropout_masks(cfg, 2, 6, r)
+    _, grads = loss_and_grad(params, cfg, tokens, targets, masks)
+    loss = lambda: loss_and_grad(params, cfg, tokens, targets, masks)[0]
+    checked = {}
+    for name, p in params.items():
+        idx = sampled_entries(grads[name], r)
+        numeric = numerical_gradient(loss, p, indices=idx).reshape(-1)[idx]
+        checked[name] = (grads[name].reshape(-1)[idx], numeric)
+    return checked
 
 
 LAYER_CHECKS = {
@@ -177,27 +246,34 @@ LAYER_CHECKS = {
     "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
     "decoder_block": check_decoder_block, "model": check_model,
     "model_tied": lambda r: check_model(r, tie_embeddings=True),
+    "reference": check_reference, "reference_tied": lambda r: check_reference(r, tie_embeddings=True),
 }
 
 
 def add_arguments(parser):
     parser.add_argument("--layer", choices=sorted(LAYER_CHECKS), action="append",
-                        help="check only this layer (repeatable); default: every layer and the full model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest relative error that passes")
+                        help="check only this one (repeatable); default: all, i.e. every layer, the fast model "
+                             "(model, model_tied) and the plain-NumPy reference model (reference, reference_tied)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help="largest max-normalised relative error that passes (default: %(default)s)")
 
 
 def run(args) -> int:
-    """Print one row per layer: the worst relative error of each gradient; exit code 1 on failure."""
+    """Print one row per gradient with both relative errors; exit code 1 on failure."""
     names = args.layer or list(LAYER_CHECKS)
-    print(f"float64 central differences (h = 1e-6); pass when relative error <= {args.tolerance:.0e}")
-    print(f"{'layer':<15} {'gradient':<48} {'rel. error':>10}  result")
+    print(f"float64 central differences (h = 1e-6); pass when the max-normalised error <= {args.tolerance:.0e}")
+    print("max-norm.: max|a - n| / max(|a|, |n|) over the gradient;  "
+          "elementwise (CS231n): max over entries of |a - n| / (|a| + |n|)")
+    print(f"{'layer':<15} {'gradient':<48} {'max-norm.':>10} {'elementwise':>11}  result")
     failed = 0
     for name in names:
-        errors = LAYER_CHECKS[name](np.random.default_rng(args.seed))
-        for i, (grad_name, err) in enumerate(errors.items()):
+        pairs = LAYER_CHECKS[name](np.random.default_rng(args.seed))
+        for i, (grad_name, (analytic, numeric)) in enumerate(pairs.items()):
+            err = relative_error(analytic, numeric)
             ok = err <= args.tolerance
             failed += not ok
-            print(f"{name if i == 0 else '':<15} {grad_name:<48} {err:>10.2e}  {'ok' if ok else 'FAIL'}")
+            print(f"{name if i == 0 else '':<15} {grad_name:<48} {err:>10.2e} "
+                  f"{elementwise_relative_error(analytic, numeric):>11.2e}  {'ok' if ok else 'FAIL'}")
     print("all gradients match" if not failed else f"{failed} gradient(s) FAILED")
     return 1 if failed else 0

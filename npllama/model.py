@@ -205,10 +205,11 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, training, logits=None, head=True):
+    def _forward_rows(self, tokens, ws, training, logits=None, head=True, dropout_masks=None):
         """Embedding -> blocks -> final norm (ws.final.n1) -> logits (N, V), into ``logits`` when
         given, else into the workspace's buffer; ``head=False`` stops before the logits.  The
-        per-layer activations stay in ``ws`` for the backward."""
+        per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``: None, or one
+        checked (N, D) mask pair per layer (``_check_dropout_masks``)."""
         cfg = self.config
         B, T = tokens.shape
         dt = self.dtype.type
@@ -219,7 +220,8 @@ class Llama:
             nxt = ws.final if i == cfg.n_layers - 1 else ws.layers[i + 1]
             next_norm_w = self.params["model.norm.weight"] if i == cfg.n_layers - 1 else self._layers[i + 1]["attn_norm"]
             decoder_block_forward_rows(buf, nxt, ws.shared, w, next_norm_w, ws.cos, ws.sin, B, T, cfg,
-                                       self._dropout_rng, training)
+                                       self._dropout_rng, training,
+                                       None if dropout_masks is None else dropout_masks[i])
         if not head:
             return None
         logits = ws.logits if logits is None else logits
@@ -273,23 +275,50 @@ class Llama:
             raise InputError(f"targets shape {targets.shape} does not match tokens shape {tokens.shape}")
         return tokens, targets
 
-    def loss_and_grad(self, tokens, targets):
+    def _check_dropout_masks(self, masks, B, T):
+        """One (attn_mask, ffn_mask) pair per layer, each (B, T, D) -> the pairs as (B*T, D) arrays
+        of the model's dtype."""
+        L, D = self.config.n_layers, self.config.dim
+        if not isinstance(masks, (list, tuple)) or len(masks) != L:
+            got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+            raise InputError(f"dropout_masks must be a list of {L} (attn_mask, ffn_mask) pairs, one per layer, "
+                             f"got {got}")
+        checked = []
+        for i, pair in enumerate(masks):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InputError(f"dropout_masks[{i}] must be an (attn_mask, ffn_mask) pair")
+            rows = []
+            for j, mask in enumerate(pair):
+                mask = np.asarray(mask)
+                if mask.dtype.kind not in "biuf" or mask.shape != (B, T, D):
+                    raise InputError(f"dropout_masks[{i}][{j}] must be a real array of shape (batch, seq_len, dim) "
+                                     f"= {(B, T, D)}, got {mask.dtype} {mask.shape}")
+                rows.append(np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, D))
+            checked.append(tuple(rows))
+        return checked
+
+    def loss_and_grad(self, tokens, targets, dropout_masks=None):
         """Mean cross-entropy over targets != -100, and its gradient for every parameter.
 
         Returns (loss, grads) where grads maps each name of ``params`` to a view of
-        ``flat_grads``; the next call overwrites them (copy them to keep them)."""
+        ``flat_grads``; the next call overwrites them (copy them to keep them).
+
+        dropout_masks: None to draw dropout masks from the model's generator (when training and
+        config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
+        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does)."""
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
+        masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
         ws = self._workspace(B, T, True)
         with split_matmuls():
-            loss = self._loss_and_grad_rows(tokens, targets, ws)
+            loss = self._loss_and_grad_rows(tokens, targets, ws, masks)
         return loss, self.grads
 
-    def _loss_and_grad_rows(self, tokens, targets, ws):
+    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None):
         """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
         cfg = self.config
         B, T = tokens.shape
-        logits = self._forward_rows(tokens, ws, self.training)
+        logits = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks)
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses)
 

@@ -1,15 +1,14 @@
-"""The whole model: gradients against finite differences on configs drawn by hypothesis, the
-defining identities of the architecture, and clear errors for bad input."""
+"""The fast model, npllama.Llama: gradients against finite differences on configs drawn by
+hypothesis, its identities (batch rows independent, dropout off in eval), and clear errors for bad
+input.  That it computes the Llama equations is tests/test_reference.py's: it equals
+npllama.reference, which equals Hugging Face transformers."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import npllama
 from npllama.errors import ConfigError, InputError
-from npllama.gradcheck import numerical_gradient, relative_error
-
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 4}
+from npllama.gradcheck import LLAMA3_SCALING as LLAMA3, numerical_gradient, relative_error
 
 
 @st.composite
@@ -54,43 +53,6 @@ def test_model_gradients_match_finite_differences(cfg, seed, b, t, data):
         # itself alone) is held to an absolute 1e-9, above the ~1e-11 noise of the differences
         err = np.max(np.abs(analytic[idx] - numeric)) / max(np.max(np.abs(analytic)), 1e-3)
         assert err < 1e-6, f"{name}: relative error {err:.2e} (config {cfg})"
-
-
-def test_logits_follow_the_definition(rng):
-    """Logits of the model equal a direct NumPy transcription of the Llama equations."""
-    cfg = npllama.LlamaConfig(vocab_size=13, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=10,
-                              max_seq_len=8, rope_scaling=LLAMA3, rope_theta=100.0)
-    model = random_model(cfg, 3)
-    tokens = rng.integers(0, 13, size=(2, 7))
-    p, hd, T = model.params, cfg.head_dim, 7
-    freqs = npllama.layers.rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
-    ang = np.arange(T)[:, None] * np.concatenate([freqs, freqs])[None]
-
-    def norm(x, w):
-        return w * x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps)
-
-    def rope(x):  # (T, hd), rotate_half form
-        return x * np.cos(ang) + np.concatenate([-x[:, hd // 2:], x[:, :hd // 2]], -1) * np.sin(ang)
-
-    for b in range(2):
-        x = p["model.embed_tokens.weight"][tokens[b]]
-        for i in range(cfg.n_layers):
-            L = f"model.layers.{i}."
-            n = norm(x, p[L + "input_layernorm.weight"])
-            q, k, v = (n @ p[L + f"self_attn.{s}_proj.weight"].T for s in "qkv")
-            heads = []
-            for h in range(cfg.n_heads):
-                kh = h // (cfg.n_heads // cfg.n_kv_heads)
-                qh, kk, vv = rope(q[:, h * hd:(h + 1) * hd]), rope(k[:, kh * hd:(kh + 1) * hd]), v[:, kh * hd:(kh + 1) * hd]
-                s = qh @ kk.T / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
-                a = np.exp(s - s.max(-1, keepdims=True))
-                heads.append((a / a.sum(-1, keepdims=True)) @ vv)
-            x = x + np.concatenate(heads, -1) @ p[L + "self_attn.o_proj.weight"].T
-            n = norm(x, p[L + "post_attention_layernorm.weight"])
-            g, u = n @ p[L + "mlp.gate_proj.weight"].T, n @ p[L + "mlp.up_proj.weight"].T
-            x = x + (g / (1 + np.exp(-g)) * u) @ p[L + "mlp.down_proj.weight"].T
-        logits = norm(x, p["model.norm.weight"]) @ p["lm_head.weight"].T
-        np.testing.assert_allclose(model.forward(tokens)[b], logits, rtol=1e-11, atol=1e-12)
 
 
 def test_float32_close_to_float64(rng):

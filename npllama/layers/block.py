@@ -156,20 +156,27 @@ class SharedBuffers:
         self.dw_partial = e(rmsnorm_dw_chunks(N), cfg.dim)
 
 
-def _dropout_rows(a, p, rng, training):
-    """Dropout of a (N, D) buffer in place; returns the mask (None when inactive)."""
-    y, mask = dropout_forward(a, p, rng, training)
-    if mask is not None:
-        a[...] = y
+def _dropout_rows(a, p, rng, training, mask=None):
+    """Dropout of a (N, D) buffer in place; returns the mask (None when inactive).  A given
+    ``mask`` (N, D) is applied as it is instead of one drawn from ``rng``."""
+    if mask is None:
+        y, mask = dropout_forward(a, p, rng, training)
+        if mask is not None:
+            a[...] = y
+        return mask
+    a *= mask
     return mask
 
 
 def decoder_block_forward_rows(buf, out, shared, w, next_norm_w, cos, sin, B, T, cfg, rng=None,
-                               training=False):
+                               training=False, masks=None):
     """Forward of one block on row buffers.  Reads buf.x, buf.n1 (its RMSNorm, already computed);
     fills the rest of ``buf``; writes the block output to out.x and its RMSNorm with gain
     ``next_norm_w`` (the next block's input norm, or the final norm) to out.n1, out.r1.
-    ``out`` may be ``buf``'s own stream (inference: one buffer set for every layer)."""
+    ``out`` may be ``buf``'s own stream (inference: one buffer set for every layer).
+    ``masks``: None, or the (attention, feed-forward) dropout masks (N, D) to use instead of
+    drawing them (tests hold the model to npllama.reference with the same masks)."""
+    mask_attn, mask_ffn = (None, None) if masks is None else masks
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     eps = buf.x.dtype.type(cfg.norm_eps)
     # attention branch
@@ -179,13 +186,13 @@ def decoder_block_forward_rows(buf, out, shared, w, next_norm_w, cos, sin, B, T,
     o, buf.attn_cache = attention_forward(q, k, v)
     np.copyto(buf.o.reshape(B, T, H, hd), o.transpose(0, 2, 1, 3))
     matmuls((buf.o, w["wo"].T, shared.proj))
-    buf.mask_attn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
+    buf.mask_attn = _dropout_rows(shared.proj, cfg.dropout, rng, training, mask_attn)
     add_rmsnorm_forward_kernel(buf.x, shared.proj, w["ffn_norm"], eps, buf.h, buf.n2, buf.r2)
     # feed-forward branch
     matmuls((buf.n2, w["w_gate_up"].T, buf.au))
     swiglu_forward_rows_kernel(buf.au, buf.g)
     matmuls((buf.g, w["w_down"].T, shared.proj))
-    buf.mask_ffn = _dropout_rows(shared.proj, cfg.dropout, rng, training)
+    buf.mask_ffn = _dropout_rows(shared.proj, cfg.dropout, rng, training, mask_ffn)
     add_rmsnorm_forward_kernel(buf.h, shared.proj, next_norm_w, eps, out.x, out.n1, out.r1)
 
 

@@ -1,0 +1,183 @@
+"""The whole Llama, forward and backward, in plain NumPy: the model to read first.
+
+    x_0    = Embed(tokens)                                             (B, T, D)
+    h_l    = x_l + Dropout(W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n)),   n = RMSNorm(x_l)
+    x_l+1  = h_l + Dropout(W_down SwiGLU(W_gate m, W_up m)),                  m = RMSNorm(h_l)
+    logits = RMSNorm(x_L) W_out^T                                      (B, T, V)
+    loss   = mean over targets != -100 of CrossEntropy(logits, targets)
+
+Read it top to bottom, in this order:
+  1. ``block_forward``: one decoder block, every step one call to a layer's function;
+  2. ``model_forward`` / ``forward``: embedding -> n_layers blocks -> final RMSNorm -> logits;
+  3. ``loss_and_grad``: the loss, then the backward in the reverse order of the forward;
+  4. ``block_backward``: ``block_forward`` read from the bottom up.
+The layers' own derivations are in the docstrings of npllama/layers/<layer>.py (and at length in
+docs/); each ``*_reference`` function used here sits next to the Numba kernel that computes the
+same thing fast.
+
+Every layer follows CS231n's pattern: ``out, cache = layer_forward(x, ...)`` keeps what its backward
+needs, and ``dx, dw = layer_backward(dout, cache)`` returns the gradient of the loss with respect
+to the layer's inputs given the gradient ``dout`` with respect to its output.  Chaining them in
+reverse is the whole of backpropagation; a residual add passes its gradient to both summands.
+
+This is the source of truth: ``npllama.model.Llama`` (preallocated buffers, fused Numba kernels,
+threads) is tested equal to it to 1e-12 relative in float64 (tests/test_reference.py), and this
+file to Hugging Face transformers and to finite differences.
+
+Shapes: B batch, T positions, D model width, H query heads, K key/value heads (H = K: multi-head,
+1 < K < H: grouped-query, K = 1: multi-query), hd head width, F SwiGLU width, V vocabulary.
+``params`` and the returned ``grads`` are dicts keyed by the Hugging Face names
+(``npllama.model.parameter_layout``); ``cfg`` is a ``LlamaConfig``.
+"""
+import numpy as np
+
+from .layers.attention import attention_backward_reference, attention_forward_reference
+from .layers.cross_entropy import cross_entropy_backward_reference, cross_entropy_forward_reference
+from .layers.dropout import dropout_backward
+from .layers.embedding import embedding_forward, scatter_add_rows_reference
+from .layers.linear import linear_backward, linear_forward
+from .layers.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
+from .layers.rope import rope_backward_reference, rope_cos_sin, rope_forward_reference, rope_frequencies
+from .layers.swiglu import swiglu_backward_reference, swiglu_forward_reference
+
+
+def split_heads(x, n_heads):
+    """(B, T, n_heads * hd) -> (B, n_heads, T, hd): each head attends on its own."""
+    B, T, _ = x.shape
+    return x.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, n_heads, T, hd) -> (B, T, n_heads * hd): the heads side by side again."""
+    B, n_heads, T, hd = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, n_heads * hd)
+
+
+def layer_weights(params, i):
+    """Layer i's weights keyed by their names inside the layer ("self_attn.q_proj.weight", ...)."""
+    prefix = f"model.layers.{i}."
+    return {name[len(prefix):]: p for name, p in params.items() if name.startswith(prefix)}
+
+
+def output_weight(params, cfg):
+    """W_out (V, D): with tied embeddings the embedding table is also the output projection."""
+    return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+
+
+# ---- one decoder block ---------------------------------------------------------------------------
+def block_forward(x, w, cos, sin, cfg, masks=None):
+    """x: (B, T, D) -> out: (B, T, D), cache.  w: one layer's weights (``layer_weights``);
+    cos, sin: (T, hd/2); masks: None (no dropout) or (attn_mask, ffn_mask), each (B, T, D)."""
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    mask_attn, mask_ffn = (None, None) if masks is None else masks
+    # attention branch:  h = x + Dropout(W_o Attention(RoPE(q), RoPE(k), v))
+    n1, c_norm1 = rmsnorm_forward_reference(x, w["input_layernorm.weight"], cfg.norm_eps)  # (B, T, D)
+    q, c_q = linear_forward(n1, w["self_attn.q_proj.weight"])                  # (B, T, H*hd)
+    k, c_k = linear_forward(n1, w["self_attn.k_proj.weight"])                  # (B, T, K*hd)
+    v, c_v = linear_forward(n1, w["self_attn.v_proj.weight"])                  # (B, T, K*hd)
+    q_rot, c_rope = rope_forward_reference(split_heads(q, H), cos, sin)       # (B, H, T, hd)
+    k_rot, _ = rope_forward_reference(split_heads(k, K), cos, sin)            # (B, K, T, hd)
+    o, c_attn = attention_forward_reference(q_rot, k_rot, split_heads(v, K))  # (B, H, T, hd)
+    a, c_o = linear_forward(merge_heads(o), w["self_attn.o_proj.weight"])     # (B, T, D)
+    if mask_attn is not None:
+        a = a * mask_attn             # dropout with a given mask: 0 or 1/(1-p) per entry
+    h = x + a                                                                  # (B, T, D)
+    # feed-forward branch:  out = h + Dropout(W_down SwiGLU(W_gate n2, W_up n2))
+    n2, c_norm2 = rmsnorm_forward_reference(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
+    g, c_gate = linear_forward(n2, w["mlp.gate_proj.weight"])                  # (B, T, F)
+    u, c_up = linear_forward(n2, w["mlp.up_proj.weight"])                      # (B, T, F)
+    s, c_swiglu = swiglu_forward_reference(g, u)                               # (B, T, F)
+    f, c_down = linear_forward(s, w["mlp.down_proj.weight"])                   # (B, T, D)
+    if mask_ffn is not None:
+        f = f * mask_ffn
+    out = h + f                                                                # (B, T, D)
+    cache = (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
+             c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn)
+    return out, cache
+
+
+def block_backward(dout, cache, cfg):
+    """dout: (B, T, D) -> dx: (B, T, D), grads: the layer's weight gradients, keyed like ``w``."""
+    (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
+     c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn) = cache
+    grads = {}
+    # feed-forward branch.  out = h + f: dout reaches h directly and through f.
+    df = dropout_backward(dout, mask_ffn)                                      # (B, T, D)
+    ds, grads["mlp.down_proj.weight"] = linear_backward(df, c_down)            # (B, T, F)
+    dg, du = swiglu_backward_reference(ds, c_swiglu)                           # (B, T, F) each
+    dn2_gate, grads["mlp.gate_proj.weight"] = linear_backward(dg, c_gate)      # (B, T, D)
+    dn2_up, grads["mlp.up_proj.weight"] = linear_backward(du, c_up)            # (B, T, D)
+    # n2 fed two projections, so its gradient is the sum of both
+    dh_ffn, grads["post_attention_layernorm.weight"] = rmsnorm_backward_reference(dn2_gate + dn2_up, c_norm2)
+    dh = dout + dh_ffn                                                         # (B, T, D)
+    # attention branch.  h = x + a: dh reaches x directly and through a.
+    da = dropout_backward(dh, mask_attn)                                       # (B, T, D)
+    do, grads["self_attn.o_proj.weight"] = linear_backward(da, c_o)            # (B, T, H*hd)
+    # dk, dv: (B, K, T, hd), each kv head's gradient summed over the query heads that share it
+    dq_rot, dk_rot, dv = attention_backward_reference(split_heads(do, cfg.n_heads), c_attn)
+    dq = rope_backward_reference(dq_rot, c_rope)                               # (B, H, T, hd)
+    dk = rope_backward_reference(dk_rot, c_rope)                               # (B, K, T, hd)
+    dn1_q, grads["self_attn.q_proj.weight"] = linear_backward(merge_heads(dq), c_q)
+    dn1_k, grads["self_attn.k_proj.weight"] = linear_backward(merge_heads(dk), c_k)
+    dn1_v, grads["self_attn.v_proj.weight"] = linear_backward(merge_heads(dv), c_v)
+    dx_attn, grads["input_layernorm.weight"] = rmsnorm_backward_reference(dn1_q + dn1_k + dn1_v, c_norm1)
+    dx = dh + dx_attn                                                          # (B, T, D)
+    return dx, grads
+
+
+# ---- the model -----------------------------------------------------------------------------------
+def model_forward(params, cfg, tokens, dropout_masks=None):
+    """tokens: int (B, T) -> logits: (B, T, V), cache for ``loss_and_grad``'s backward."""
+    tokens = np.asarray(tokens)
+    B, T = tokens.shape
+    embed = params["model.embed_tokens.weight"]                                # (V, D)
+    freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)   # (hd/2,)
+    cos, sin = rope_cos_sin(np.arange(T), freqs, embed.dtype)                  # (T, hd/2) each
+    x, _ = embedding_forward(tokens, embed)                                    # (B, T, D)
+    block_caches = []
+    for i in range(cfg.n_layers):
+        masks = None if dropout_masks is None else dropout_masks[i]
+        x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, masks)
+        block_caches.append(cache)
+    xn, c_norm = rmsnorm_forward_reference(x, params["model.norm.weight"], cfg.norm_eps)  # (B, T, D)
+    logits, c_head = linear_forward(xn, output_weight(params, cfg))           # (B, T, V)
+    return logits, (tokens, block_caches, c_norm, c_head)
+
+
+def forward(params, cfg, tokens):
+    """tokens: int (B, T) -> logits: (B, T, V), without dropout."""
+    logits, _ = model_forward(params, cfg, tokens)
+    return logits
+
+
+def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None):
+    """Mean cross-entropy of ``targets`` (B, T) (ids, or -100 for positions that do not count) and
+    its gradient for every parameter: (loss as a float, grads keyed like ``params``).
+
+    dropout_masks: None for no dropout, else one (attn_mask, ffn_mask) pair per layer, each
+    (B, T, D) with entries 0 or 1/(1-p) (as ``npllama.layers.dropout.dropout_forward`` draws them),
+    multiplied into the attention output projection and the feed-forward output before their
+    residual adds."""
+    logits, (tokens, block_caches, c_norm, c_head) = model_forward(params, cfg, tokens, dropout_masks)
+    B, T, V = logits.shape
+    targets = np.asarray(targets).reshape(B * T)
+    loss, c_loss = cross_entropy_forward_reference(logits.reshape(B * T, V), targets)
+
+    # backward: the forward's steps in reverse, each layer's backward fed its output's gradient
+    grads = {}
+    dlogits = cross_entropy_backward_reference(1.0, c_loss).reshape(B, T, V)   # dloss/dloss = 1
+    dxn, d_out_weight = linear_backward(dlogits, c_head)                       # (B, T, D), (V, D)
+    dx, grads["model.norm.weight"] = rmsnorm_backward_reference(dxn, c_norm)   # (B, T, D)
+    for i in reversed(range(cfg.n_layers)):
+        dx, layer_grads = block_backward(dx, block_caches[i], cfg)
+        grads.update({f"model.layers.{i}.{name}": g for name, g in layer_grads.items()})
+    # embedding: row v of the table gets the sum of dx over the positions whose token is v
+    embed = params["model.embed_tokens.weight"]
+    d_embed = np.zeros_like(embed)                                             # (V, D)
+    scatter_add_rows_reference(tokens.reshape(-1), dx.reshape(B * T, -1), d_embed)
+    if cfg.tie_embeddings:
+        d_embed += d_out_weight      # the table is used twice (lookup and output): the gradients add
+    else:
+        grads["lm_head.weight"] = d_out_weight
+    grads["model.embed_tokens.weight"] = d_embed
+    return loss, {name: grads[name] for name in params}
