@@ -4,6 +4,8 @@ formats' own runtimes (when present):
 * llama.cpp, through ``llama-cpp-python`` (``pip install llama-cpp-python``, which compiles llama.cpp;
   the tests skip without it): same tokenization, same last-position logits to 1e-4 relative
   (float32), same greedy tokens as ``model.generate``;
+* llama2.c's ``export.py`` (``NPLLAMA_LLAMA2C_REPO``: a checkout of karpathy/llama2.c, and torch): the
+  files it writes, read by npllama, give its ``model.py``'s logits;
 * llama2.c's ``run.c``: build it yourself (``gcc -O3 -o run run.c -lm`` from
   https://github.com/karpathy/llama2.c) and give its path in ``NPLLAMA_LLAMA2C_RUN``; the test skips
   without it.  run.c's printed greedy text must be what npllama's greedy continuation of the ids
@@ -207,6 +209,42 @@ def test_llama2c_round_trip_gives_the_same_weights_and_config(tmp_path, version,
         np.testing.assert_array_equal(model.params[name], p, err_msg=name)
     with pytest.raises(CheckpointError, match="another config"):
         load_llama2c_weights(ckpt, Llama(LlamaConfig(**{**cfg.to_dict(), "tie_embeddings": not tied})).params)
+
+
+LLAMA2C_REPO = os.environ.get("NPLLAMA_LLAMA2C_REPO")
+
+
+@pytest.mark.skipif(not LLAMA2C_REPO, reason="set NPLLAMA_LLAMA2C_REPO to a checkout of "
+                    "https://github.com/karpathy/llama2.c (its model.py and export.py; needs torch) to read files "
+                    "its export.py writes")
+@pytest.mark.parametrize("tied", [True, False])
+def test_files_written_by_llama2c_export_py_give_its_models_logits(tmp_path, monkeypatch, tied):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(LLAMA2C_REPO)
+    from export import legacy_export, version1_export   # llama2.c's export.py
+    from model import ModelArgs, Transformer             # llama2.c's model.py
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96, max_seq_len=64)
+    theirs = Transformer(args)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+        if not tied:
+            theirs.output.weight = torch.nn.Parameter(torch.randn_like(theirs.tok_embeddings.weight) * 0.3)
+    tokens = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        want = theirs.eval()(tokens)[0, -1].double().numpy()
+    for version, export in ((0, legacy_export), (1, version1_export)):
+        export(theirs, tmp_path / f"v{version}.bin")
+        args.vocab_size = 300   # legacy_export negates it in place for an untied head
+        cfg, tensors = read_llama2c(tmp_path / f"v{version}.bin", np.float64)
+        assert cfg.tie_embeddings == tied
+        ours = Llama(cfg, dtype=np.float64)
+        for name, w in tensors.items():
+            ours.params[name][...] = w
+        got = ours.eval().forward(tokens.numpy())[0, -1]
+        # theirs runs in float32 (measured 4e-7)
+        assert np.abs(got - want).max() / np.abs(want).max() < 2e-6, version
 
 
 def test_llama2c_rows_follow_the_token_order(tmp_path):
