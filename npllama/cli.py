@@ -1,19 +1,24 @@
 """The `npllama` command: train, generate, gradcheck, plot, export.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> exit code``; this file only wires them up and turns npllama's errors into one-line
-messages with a non-zero exit code instead of tracebacks.
+``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` before NumPy and
+Numba start (so it imports neither), and turns npllama's errors into one-line messages with a
+non-zero exit code instead of tracebacks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import warnings
 
+from .errors import NpllamaError
+from .threads import thread_limit
+
 SUBCOMMANDS = {
-    "train": ("npllama.train", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
+    "train": ("npllama.train.cli", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
     "generate": ("npllama.generate", "sample text from a run directory or a Hugging Face Llama directory"),
     "gradcheck": ("npllama.gradcheck",
                   "check every layer's backward and the whole model's (fast and reference) against finite "
@@ -23,23 +28,24 @@ SUBCOMMANDS = {
 }
 
 
-def set_threads(n: int | None):
-    """Thread count for BLAS and Numba. Must run before NumPy is first imported to reach BLAS."""
-    if n is None:
-        return
-    if n < 1:
-        raise SystemExit("npllama: error: --threads must be at least 1")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-def _threads_from_argv(argv):
+def _threads_from_argv(argv) -> int | None:
+    """The value of --threads (the last one, as argparse would take), checked; None if not given."""
+    value = None
     for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return None
+        if a == "--threads":
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        elif a.startswith("--threads="):
+            value = a.split("=", 1)[1]
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--threads expects an integer, got {value[:50]!r}") from None
+    cores = os.cpu_count() or 1
+    if not 1 <= n <= cores:
+        raise ValueError(f"--threads must be between 1 and {cores} (the cores of this machine), got {n}")
+    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,15 +74,17 @@ def build_parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    threads = _threads_from_argv(argv)
-    if threads is not None:
-        try:
-            set_threads(int(threads))
-        except ValueError:
-            print(f"npllama: error: --threads expects an integer, got {threads!r}", file=sys.stderr)
-            return 2
-    from .errors import NpllamaError
+    try:
+        threads = _threads_from_argv(argv)
+    except ValueError as e:
+        print(f"npllama: error: {e}", file=sys.stderr)
+        return 2
+    # before build_parser imports the subcommands, and with them NumPy and Numba
+    with thread_limit(threads) if threads is not None else contextlib.nullcontext():
+        return _run(argv)
 
+
+def _run(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, DataError
-from .io import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 
 BUNDLED_CORPUS = "data/shakespeare.txt.gz"   # inside the npllama package
 IGNORE_INDEX = -100                           # target value the loss skips (padding)

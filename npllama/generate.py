@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import LlamaConfig
 from .errors import CheckpointError, InputError
 from .layers.attention import attention_forward
 from .layers.block import merge_heads, split_heads
@@ -450,7 +451,7 @@ def _read_prompt(arg: str) -> str:
 def run(args) -> int:
     import secrets
 
-    from .model import Llama
+    from .model import Llama   # at call time: model imports this module (the generate package split ends it)
 
     path = Path(args.path)
     if not path.exists():
@@ -512,8 +513,7 @@ def run(args) -> int:
 def warm_up(dtype) -> None:
     """Run every kernel of a generation once on a tiny model of the same dtype, so that Numba's
     one-off start (loading its compiled-code cache, ~1 s) is not counted as prefill time."""
-    from .config import LlamaConfig
-    from .model import Llama
+    from .model import Llama   # at call time: model imports this module (the generate package split ends it)
     tiny = Llama(LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8,
                              max_seq_len=4), dtype=dtype)
     generate(tiny, [1, 2], 2)

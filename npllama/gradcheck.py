@@ -23,6 +23,19 @@ from typing import Callable
 
 import numpy as np
 
+from .config import LlamaConfig
+from .layers.attention import attention_backward, attention_forward
+from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .layers.dropout import dropout_backward, dropout_forward
+from .layers.embedding import embedding_backward, embedding_forward
+from .layers.linear import linear_backward, linear_forward
+from .layers.lora import lora_backward, lora_forward
+from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
+from .layers.swiglu import feedforward_backward, feedforward_forward
+from .model import Llama, parameter_layout
+from .reference import block_backward, block_forward, layer_weights, loss_and_grad
+
 
 def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-6,
                        indices=None) -> np.ndarray:
@@ -103,7 +116,6 @@ def sampled_entries(grad, r, n=SAMPLED_ENTRIES):
 
 def random_dropout_masks(cfg, B, T, r):
     """One (attention, feed-forward) pair of inverted-dropout masks (B, T, D) per layer."""
-    from .layers.dropout import dropout_forward
     ones = np.ones((B, T, cfg.dim))
     return [tuple(dropout_forward(ones, cfg.dropout, r, True)[1] for _ in range(2)) for _ in range(cfg.n_layers)]
 
@@ -113,13 +125,11 @@ def random_params(cfg, r):
     norm gains 1 + N(0, 0.3^2), matrices N(0, 1/fan_in), so attention scores and logits are O(1).
     (Much larger weights saturate the softmaxes, and then their gradients are tiny differences of
     near-equal numbers: right, but with few correct digits in any implementation.)"""
-    from .model import parameter_layout
     return {name: 1 + 0.3 * r.normal(size=shape) if len(shape) == 1 else r.normal(size=shape) / np.sqrt(shape[1])
             for name, shape in parameter_layout(cfg)}
 
 
 def check_embedding(r):
-    from .layers.embedding import embedding_backward, embedding_forward
     ids, w = r.integers(0, 7, size=(2, 5)), r.normal(size=(7, 4))
     dout = r.normal(size=(2, 5, 4))
     _, cache = embedding_forward(ids, w)
@@ -128,7 +138,6 @@ def check_embedding(r):
 
 
 def check_rmsnorm(r):
-    from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
     x, w, dy = r.normal(size=(6, 8)), r.normal(size=8), r.normal(size=(6, 8))
     _, cache = rmsnorm_forward(x, w, 1e-5)
     dx, dw = rmsnorm_backward(dy, cache)
@@ -136,7 +145,6 @@ def check_rmsnorm(r):
 
 
 def check_rope(r):
-    from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
     cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, LLAMA3_SCALING), np.float64)
     x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
     _, cache = rope_forward(x, cos, sin)
@@ -144,7 +152,6 @@ def check_rope(r):
 
 
 def check_attention(r):
-    from .layers.attention import attention_backward, attention_forward
     q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
     do = r.normal(size=(2, 4, 5, 3))
     _, cache = attention_forward(q, k, v)
@@ -153,7 +160,6 @@ def check_attention(r):
 
 
 def check_swiglu(r):
-    from .layers.swiglu import feedforward_backward, feedforward_forward
     x, wgu, wd, dy = r.normal(size=(4, 5)), r.normal(size=(12, 5)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
     _, cache = feedforward_forward(x, wgu, wd)
     dx, dwgu, dwd = feedforward_backward(dy, cache)
@@ -162,7 +168,6 @@ def check_swiglu(r):
 
 
 def check_linear(r):
-    from .layers.linear import linear_backward, linear_forward
     x, w, dy = r.normal(size=(4, 5)), r.normal(size=(3, 5)), r.normal(size=(4, 3))
     _, cache = linear_forward(x, w)
     dx, dw = linear_backward(dy, cache)
@@ -170,15 +175,24 @@ def check_linear(r):
 
 
 def check_dropout(r):
-    from .layers.dropout import dropout_backward, dropout_forward
     x, dy = r.normal(size=(4, 6)), r.normal(size=(4, 6))
     _, mask = dropout_forward(x, 0.3, np.random.default_rng(0), True)
     return _fd(lambda: dropout_forward(x, 0.3, np.random.default_rng(0), True)[0], {"x": x},
                {"x": dropout_backward(dy, mask)}, dy)
 
 
+def check_lora(r):
+    """A frozen (5, 6) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
+    x, w, dy = r.normal(size=(4, 6)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
+    a, b = r.normal(size=(2, 6)), r.normal(size=(5, 2))
+    mask = dropout_forward(x, 0.3, r, True)[1]
+    _, cache = lora_forward(x, w, a, b, 4.0, mask)
+    dx, da, db = lora_backward(dy, cache)
+    return _fd(lambda: lora_forward(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
+               {"x": dx, "lora_A": da, "lora_B": db}, dy)
+
+
 def check_cross_entropy(r):
-    from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
     logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
     targets[2] = -100
     _, cache = cross_entropy_forward(logits, targets)
@@ -188,9 +202,6 @@ def check_cross_entropy(r):
 
 def check_decoder_block(r):
     """The block of npllama/reference.py (block_forward / block_backward), with dropout masks."""
-    from .config import LlamaConfig
-    from .layers.rope import rope_cos_sin, rope_frequencies
-    from .reference import block_backward, block_forward, layer_weights
     cfg = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
                       dropout=0.25)
     w = layer_weights(random_params(cfg, r), 0)
@@ -204,8 +215,6 @@ def check_decoder_block(r):
 
 def check_model(r, tie_embeddings=False):
     """The fast model, npllama.Llama.loss_and_grad; every entry of every gradient."""
-    from .config import LlamaConfig
-    from .model import Llama
     cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6, max_seq_len=8,
                       tie_embeddings=tie_embeddings)
     model = Llama(cfg, dtype=np.float64)
@@ -222,8 +231,6 @@ def check_reference(r, tie_embeddings=False):
     """The plain-NumPy model, npllama.reference.loss_and_grad: two layers, grouped-query attention
     (multi-query when tied), Llama-3 RoPE scaling, dropout masks, a -100 target; SAMPLED_ENTRIES
     entries of every gradient."""
-    from .config import LlamaConfig
-    from .reference import loss_and_grad
     cfg = LlamaConfig(vocab_size=11, dim=8, n_layers=2, n_heads=4, n_kv_heads=1 if tie_embeddings else 2,
                       hidden_dim=6, max_seq_len=8, rope_theta=100.0, rope_scaling=LLAMA3_SCALING,
                       tie_embeddings=tie_embeddings, dropout=0.25)
@@ -244,7 +251,7 @@ def check_reference(r, tie_embeddings=False):
 LAYER_CHECKS = {
     "embedding": check_embedding, "rmsnorm": check_rmsnorm, "rope": check_rope, "attention": check_attention,
     "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
-    "decoder_block": check_decoder_block, "model": check_model,
+    "lora": check_lora, "decoder_block": check_decoder_block, "model": check_model,
     "model_tied": lambda r: check_model(r, tie_embeddings=True),
     "reference": check_reference, "reference_tied": lambda r: check_reference(r, tie_embeddings=True),
 }

@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import ConfigError, InputError
+from .formats import hf
 from .layers.block import (LayerBuffers, NormedStream, SharedBuffers, decoder_block_backward_rows,
                            decoder_block_forward_rows)
 from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward, cross_entropy_forward_kernel
@@ -341,23 +342,26 @@ class Llama:
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None):
         """1-D int array of the new tokens only; see npllama.generate.generate."""
-        from .generate import generate
+        from .generate import generate   # at call time: generate imports this module (being split up)
         return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_ids=stop_ids)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None):
         """Yield the same tokens as ``generate``, one at a time."""
-        from .generate import stream
+        from .generate import stream   # at call time: generate imports this module (being split up)
         return stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stop_ids)
 
     # ---- Hugging Face format -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        from .io import load_pretrained
-        return load_pretrained(path, dtype=dtype)
+        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if any)."""
+        cfg, files = hf.open_pretrained(path)
+        model = cls(cfg, dtype=dtype)
+        hf.load_weights(path, files, cfg, model.params)
+        model.tokenizer = hf.load_tokenizer(path, cfg)
+        return model
 
     def save_pretrained(self, path):
-        from .io import save_pretrained
-        save_pretrained(self, path)
+        hf.save_pretrained(path, self.config, self.params, self.tokenizer)

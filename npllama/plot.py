@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .train.checkpoint import read_metrics
 
 MISSING_MATPLOTLIB = ("npllama plot needs matplotlib, which is not installed: "
                       "pip install \"npllama[plot]\" (or pip install matplotlib)")
@@ -30,8 +31,6 @@ def moving_average(values, window: int) -> np.ndarray:
 
 def plot_run(run_dir, out=None, smooth: int | None = None) -> Path:
     """Draw RUN_DIR's curves to ``out`` (default RUN_DIR/loss.png); returns the PNG's path."""
-    from .train import read_metrics
-
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed

@@ -38,9 +38,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .chat_template import render_chat
 from .errors import CheckpointError, ConfigError, InputError, one_line
+from .files import atomic_write_bytes
 from .formats.gguf import find_gguf, is_gguf, open_gguf
 from .formats.gguf_tokenizer import read_gguf_tokenizer
-from .io import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -10,8 +10,10 @@ NPLLAMA_KILL_CYCLES sets the number of interruptions of the kill test (default 8
 """
 import errno
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ import pytest
 
 import npllama
 from npllama.errors import NpllamaError, WriteError
-from npllama.io import COMMIT_DIR, STAGING_DIR, read_safetensors
+from npllama.files import COMMIT_DIR, STAGING_DIR
+from npllama.formats.safetensors import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -70,6 +73,15 @@ def wait_until(condition, proc, timeout=120.0, poll=0.005):
             return condition()
         time.sleep(poll)
     raise AssertionError(f"timed out; log:\n{proc.log.read_text()}")
+
+
+def started_at(proc) -> float:
+    """The step ``proc`` began training from (0 for a new run), once its log says so; else infinity."""
+    log = proc.log.read_text()
+    resumed = re.search(r"resuming .* at step (\d+) of", log)
+    if resumed:
+        return int(resumed.group(1))
+    return 0 if "model:" in log else math.inf
 
 
 def tensors(path: Path) -> dict:
@@ -138,7 +150,7 @@ def _write_set(directory: Path, tag: str, crash_after=None):
     """Write files a, b, training_state.json = tag through a staged write; ``crash_after`` stops it
     (as a SIGKILL would) after 'stage' (files staged, not committed), 'commit' (committed, nothing
     moved) or 'one-moved'."""
-    from npllama.io import atomic_write_bytes, begin_staged_write, commit_staged_write
+    from npllama.files import atomic_write_bytes, begin_staged_write, commit_staged_write
     stage = begin_staged_write(directory)
     for name in ("a", "b", "training_state.json"):
         atomic_write_bytes(stage / name, [tag.encode()])
@@ -154,7 +166,7 @@ def _write_set(directory: Path, tag: str, crash_after=None):
 
 @pytest.mark.parametrize("crash_after, expected", [("stage", "old"), ("commit", "new"), ("one-moved", "new")])
 def test_staged_write_recovers_to_one_whole_set(tmp_path, crash_after, expected):
-    from npllama.io import recover_staged_write
+    from npllama.files import recover_staged_write
     _write_set(tmp_path, "old")
     _write_set(tmp_path, "new", crash_after=crash_after)
     recover_staged_write(tmp_path)
@@ -189,8 +201,9 @@ def test_killed_and_resumed_many_times_ends_bit_identical(corpus, reference):
                 break
             time.sleep(rng.uniform(0.0, 0.01))
         else:
-            # let it make progress (a new checkpoint), then strike a little later
-            progressed = wait_until(lambda: saved_step(run_dir) > before, proc)
+            # let it make progress (a checkpoint of its own: one a start-up recovery rolled forward
+            # comes before the signal handlers exist), then strike a little later
+            progressed = wait_until(lambda: saved_step(run_dir) > max(before, started_at(proc)), proc)
             if not progressed:
                 break  # finished already
             time.sleep(rng.uniform(0.0, 0.08))
@@ -255,8 +268,14 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(corpus, reference, tmp
         wait_until(lambda: saved_step(run_dir) >= 3, proc)
         # fill the disk, leaving a few pages for metrics lines but not enough for a checkpoint
         free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        with open(mount / "filler", "wb") as f:
-            f.write(b"\0" * max(0, free - 24 * 1024))
+        left = max(0, free - 24 * 1024)
+        with open(mount / "filler", "wb", buffering=0) as f:
+            try:
+                while left > 0:
+                    left -= f.write(b"\0" * min(left, 1 << 20))
+            except OSError as e:   # the run wrote in between: the disk is only fuller
+                if e.errno != errno.ENOSPC:
+                    raise
         log = finish(proc)
         assert proc.returncode == 1, log
         no_traceback(log)
@@ -280,7 +299,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     checkpoint is intact, and resuming it ends where an uninterrupted run ends."""
     import tempfile
 
-    import npllama.io
+    import npllama.files
     from npllama.train import TrainConfig, train
 
     config = dict(data=str(corpus / "corpus.txt"), dim=16, n_layers=1, n_heads=2, vocab_size=300, seq_len=16,
@@ -300,7 +319,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     def break_writes(step, loss, run):
         if step == 3:
             if fault == "disk full":
-                monkeypatch.setattr(npllama.io.os, "fsync", enospc)
+                monkeypatch.setattr(npllama.files.os, "fsync", enospc)
             else:
                 monkeypatch.setattr(tempfile, "mkstemp", erofs)
                 monkeypatch.setattr(Path, "mkdir", erofs)
@@ -308,7 +327,7 @@ def test_failed_save_in_process_keeps_previous_checkpoint(tmp_path, corpus, monk
     run_dir = tmp_path / "run"
     with pytest.raises(WriteError) as excinfo:
         train(TrainConfig(**config, out_dir=str(run_dir)), progress=False, verbose=False, on_step=break_writes)
-    monkeypatch.setattr(npllama.io.os, "fsync", real_fsync)
+    monkeypatch.setattr(npllama.files.os, "fsync", real_fsync)
     monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     message = str(excinfo.value)

@@ -31,8 +31,8 @@ from npllama import CheckpointError, ConfigError, Llama, LlamaConfig, Tokenizer
 from npllama.cli import main as cli_main
 from npllama.formats.gguf import load_weights, open_gguf
 from npllama.formats.gguf_writer import write_gguf
-from npllama.formats.llama2c import (BOS_ID, FIRST_BYTE_ID, NEVER_MERGED, llama2c_vocabulary, open_llama2c,
-                                     read_llama2c, write_llama2c, write_tokenizer_bin)
+from npllama.formats.llama2c import (BOS_ID, FIRST_BYTE_ID, NEVER_MERGED, is_llama2c, llama2c_vocabulary,
+                                     open_llama2c, read_llama2c, write_llama2c, write_tokenizer_bin)
 from npllama.formats.llama2c import load_weights as load_llama2c_weights
 from npllama.formats.rope_rows import deinterleave_rope_rows, interleave_rope_rows
 from npllama.optim import AdamW
@@ -202,6 +202,7 @@ def test_llama2c_round_trip_gives_the_same_weights_and_config(tmp_path, version,
         np.testing.assert_array_equal(tensors[name], p, err_msg=name)
         assert tensors[name].dtype == np.float32
     assert read_llama2c(path, np.float64)[1]["model.norm.weight"].dtype == np.float64
+    assert is_llama2c(path) and not is_llama2c(tmp_path)
     ckpt = open_llama2c(path)   # the loader's way: into a model's own arrays
     model = Llama(ckpt.config, dtype=np.float64)
     load_llama2c_weights(ckpt, model.params)

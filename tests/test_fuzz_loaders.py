@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 import npllama
 from npllama.errors import CheckpointError, ConfigError, InputError, NpllamaError
-from npllama.io import CHECKSUM_KEY, load_config, read_safetensors, weight_files, write_safetensors
+from npllama.formats.hf import load_config, weight_files
+from npllama.formats.safetensors import CHECKSUM_KEY, read_safetensors, write_safetensors
 
 N_EXAMPLES = int(os.environ.get("NPLLAMA_FUZZ_EXAMPLES", "60"))
 fuzz_settings = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=False,

@@ -6,7 +6,7 @@ import pytest
 
 import npllama
 from npllama.errors import CheckpointError, ConfigError
-from npllama.io import read_safetensors, write_safetensors
+from npllama.formats.safetensors import read_safetensors, write_safetensors
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}

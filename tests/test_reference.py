@@ -30,6 +30,7 @@ from npllama.gradcheck import (LLAMA3_SCALING, elementwise_relative_error, numer
                                random_dropout_masks, random_params, relative_error, sampled_entries)
 from npllama.layers import linear
 from npllama.layers.attention import block_size, key_block_splits
+from npllama.threads import openblas_threads_api
 from test_hf_fixture import FIXTURES, HF_FIXTURES, load_reference, relative_error as hf_error
 
 EQUAL = 1e-12   # fast path vs reference, float64, norm-wise relative
@@ -131,7 +132,7 @@ LARGE_CASES = {
 def two_threads():
     """Two Numba threads and two OpenBLAS threads where the machine allows (what the large cases
     need to take every fast path); yields whether it could."""
-    api = linear._find_blas_threads_api()
+    api = openblas_threads_api()
     if numba.config.NUMBA_NUM_THREADS < 2 or api is None:
         yield False
         return

@@ -383,12 +383,13 @@ def test_budget_planner_replans_from_recent_step_times():
 
 
 def test_crash_inside_a_checkpoint_save_leaves_the_previous_one(corpus, tmp_path, monkeypatch):
-    import npllama.io
+    from npllama.files import STAGING_DIR
+    from npllama.train import checkpoint
 
     d = tmp_path / "run"
     cfg = tiny(corpus, d, steps=6, eval_interval=0, checkpoint_interval=2)
     calls = {"n": 0}
-    real_commit = npllama.io.commit_staged_write
+    real_commit = checkpoint.commit_staged_write
 
     def commit_then_crash(directory, stage, *a, **k):
         calls["n"] += 1
@@ -396,14 +397,14 @@ def test_crash_inside_a_checkpoint_save_leaves_the_previous_one(corpus, tmp_path
             raise OSError("simulated crash")
         return real_commit(directory, stage, *a, **k)
 
-    monkeypatch.setattr(npllama.io, "commit_staged_write", commit_then_crash)
+    monkeypatch.setattr(checkpoint, "commit_staged_write", commit_then_crash)
     with pytest.raises(OSError, match="simulated crash"):
         train(cfg, progress=False, verbose=False)
-    monkeypatch.setattr(npllama.io, "commit_staged_write", real_commit)
+    monkeypatch.setattr(checkpoint, "commit_staged_write", real_commit)
     assert json.loads((d / STATE_FILE).read_text())["step"] == 2
-    assert (d / npllama.io.STAGING_DIR).is_dir()          # the torn save
+    assert (d / STAGING_DIR).is_dir()          # the torn save
     result = train(resume=d, progress=False, verbose=False)
-    assert result.step == 6 and not (d / npllama.io.STAGING_DIR).exists()
+    assert result.step == 6 and not (d / STAGING_DIR).exists()
     ref = tmp_path / "ref"
     train(tiny(corpus, ref, steps=6, eval_interval=0, checkpoint_interval=2), progress=False, verbose=False)
     assert step_losses(d) == step_losses(ref)

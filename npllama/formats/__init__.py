@@ -1,1 +1,2 @@
-"""Checkpoint formats other than npllama's own training state."""
+"""Model file formats: the Hugging Face directory (hf.py, its weights in safetensors.py) and GGUF
+(gguf.py, gguf_tokenizer.py); each module checks everything it reads."""

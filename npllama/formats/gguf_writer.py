@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import ConfigError, WriteError
-from ..io import fsync_dir
+from ..files import fsync_dir
 from .byte_level import byte_level_vocabulary
 from .gguf import GGUF_NAMES
 from .rope_rows import interleave_rope_rows

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
-from ..io import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .byte_level import byte_level_vocabulary
 from .rope_rows import deinterleave_rope_rows, interleave_rope_rows
 
@@ -229,6 +229,13 @@ class Llama2cCheckpoint:
             w = deinterleave_rope_rows(w, self.config.head_dim)
         out[...] = w
         return out
+
+
+def is_llama2c(path) -> bool:
+    """True if ``path`` is a file named ``*.bin``: llama2.c's version 0 has no magic number to look
+    for, so the name decides (``open_llama2c`` then checks the header against the file's size)."""
+    path = Path(path)
+    return path.suffix == ".bin" and path.is_file()
 
 
 def open_llama2c(path) -> Llama2cCheckpoint:

@@ -7,6 +7,8 @@ Leading dimensions of x are flattened into N.
 """
 import numpy as np
 
+from ..threads import openblas_threads_api
+
 
 def linear_forward(x, weight, out=None):
     """x: (..., in), weight: (out, in) -> y: (..., out)."""
@@ -69,32 +71,6 @@ def matmuls(*products):
         f.result()
 
 
-def _find_blas_threads_api():
-    """(get, set) of the number of threads of the OpenBLAS loaded in this process, or None."""
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", "", "_64"):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype, get.argtypes, put.argtypes = ctypes.c_int, [], [ctypes.c_int]
-                    return get, put
-    return None
-
-
-_blas_api = []  # [] until looked up, then [api or None]
-
-
 class split_matmuls:
     """Context manager: inside, ``matmuls`` splits products across the BLAS thread budget."""
 
@@ -103,9 +79,7 @@ class split_matmuls:
         self.restore = None
         if _split["threads"] > 1 or os.environ.get("NPLLAMA_SPLIT_MATMULS", "1") == "0":
             return self
-        if not _blas_api:
-            _blas_api.append(_find_blas_threads_api())
-        api = _blas_api[0]
+        api = openblas_threads_api()
         n = api[0]() if api is not None else 1
         if n <= 1:
             return self

@@ -1,0 +1,52 @@
+"""Training: `npllama train`.
+
+    npllama train                                   # a small Llama on the bundled Shakespeare, ~5 min
+    npllama train --data my.txt --preset medium --steps 2000
+    npllama train --resume runs/shakespeare-20250101-120000
+    npllama train --init-from runs/shakespeare-... --data my.txt   # fine-tune, same tokenizer
+
+    config.py       TrainConfig (every option, checked), model presets, options from a file
+    loop.py         train(): the step, in the style of nanoGPT's train.py, and its bookkeeping
+    planner.py      how many steps fit in a time budget
+    checkpoint.py   a run: set up, saved as one unit, restored exactly; the metrics log
+    cli.py          the command line
+
+Length of a run.  ``--steps N`` fixes it (use it for reproducible runs).  Without it,
+``--time-budget S`` (default 300 s) plans the number of steps so that the whole command -- setup
+(tokenizer training and tokenization included), training, evaluations, checkpoints and the final
+evaluation -- takes about S seconds of wall time.  A first plan comes from a few throw-away steps
+and the step-0 evaluation; as the machine is shared and its speed drifts, the plan is then redone
+every 10 steps from the recent step times (``BudgetPlanner``), and the learning-rate schedule
+follows the latest plan (warmup does not depend on it; the decay is stretched or shrunk).  The
+planned total is saved with each checkpoint, and a resumed run keeps it and no longer re-plans, so
+it continues exactly the schedule it was on.
+
+Run directory (``--out-dir``, default ``runs/<data>-<time>``):
+
+    config.json, model.safetensors, tokenizer.json   the model in Hugging Face format
+    optimizer.safetensors                           AdamW moments m.<name>, v.<name>
+    training_state.json                             step, planned steps, the training config,
+                                                    optimizer scalars, data-sampler and dropout RNG
+                                                    states, data/tokenizer fingerprints, the live
+                                                    thread counts, and the SHA-256 of both
+                                                    safetensors files
+    metrics.jsonl                                   one JSON line per step and per evaluation
+    tokens/                                         the tokenized corpus (cache)
+
+Exact resume.  The state holds everything a step depends on: weights, AdamW moments and step
+count, the data sampler's generator, the dropout generator and the planned schedule.  So
+``--resume`` continues with the same losses, bit for bit (same dtype and thread count), as a run
+that never stopped.
+"""
+from ..files import file_sha256
+from .checkpoint import (METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Run, TrainingDiverged, load_run,
+                         new_run, read_metrics, save_checkpoint)
+from .cli import config_from_args
+from .config import PRESETS, TrainConfig, llama_hidden_dim, model_config, read_config_file
+from .loop import TrainResult, evaluate, forward_backward, generate_sample, train
+from .planner import BudgetPlanner, plan_steps
+
+__all__ = ["METRICS_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "PRESETS", "BudgetPlanner", "Run",
+           "TrainConfig", "TrainResult", "TrainingDiverged", "config_from_args", "evaluate", "file_sha256",
+           "forward_backward", "generate_sample", "llama_hidden_dim", "load_run", "model_config", "new_run",
+           "plan_steps", "read_config_file", "read_metrics", "save_checkpoint", "train"]

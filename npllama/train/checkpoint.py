@@ -1,0 +1,355 @@
+"""A training run and its checkpoints: everything a step depends on (``Run``), setting up a fresh
+run, saving it as one unit and restoring it exactly, and the metrics log.
+
+A checkpoint is written into a staging directory and replaces the previous one as a unit
+(``files.begin_staged_write`` / ``commit_staged_write``), so a crash at any moment leaves one
+complete checkpoint; on resume the recorded SHA-256 of the two safetensors files must match too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data import BatchSampler, TokenDataset, generator_from_state, load_text, split_train_val, text_sha256
+from ..errors import CheckpointError, ConfigError, NpllamaError
+from ..files import (COMMIT_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write, commit_staged_write,
+                     file_sha256, read_json, recover_staged_write)
+from ..formats.safetensors import read_safetensors, write_safetensors
+from ..model import Llama
+from ..optim import AdamW, lr_at
+from ..threads import live_thread_counts
+from ..tokenizer import Tokenizer
+from .config import DTYPES, TrainConfig, model_config
+
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+TOKENS_DIR = "tokens"
+STATE_FORMAT = "npllama-train-state"
+STATE_VERSION = 1
+
+
+class TrainingDiverged(NpllamaError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    run_dir: Path
+    model: Llama
+    tokenizer: Tokenizer
+    data: TokenDataset
+    text_sha256: str
+    optimizer: AdamW
+    sampler: BatchSampler
+    step: int = 0
+    total_steps: int | None = None
+    warmup_steps: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
+    plan: dict = field(default_factory=dict)
+    last_checkpoint_step: int | None = None
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps, min_lr=self.config.final_lr, kind=self.config.schedule)
+
+
+def say(msg: str, verbose: bool) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if verbose:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def _default_out_dir(cfg: TrainConfig) -> Path:
+    name = "shakespeare" if cfg.data is None else (Path(cfg.data).stem or "data")
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
+    return TokenDataset.from_text(text, tokenizer, cache_dir=run_dir / TOKENS_DIR, val_fraction=cfg.val_fraction)
+
+
+def _make_optimizer(model, cfg: TrainConfig):
+    return AdamW(model.params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 weight_decay=cfg.weight_decay, flat_params=model.flat_params)
+
+
+def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
+    """Set up a fresh run (or a fine-tune with ``init_from``): run dir, tokenizer, tokens, model."""
+    cfg = dataclasses.replace(cfg)
+    # Absolute paths, so that --resume works from any working directory.
+    if cfg.data is not None:
+        cfg.data = str(Path(cfg.data).resolve())
+    if cfg.init_from is not None:
+        cfg.init_from = str(Path(cfg.init_from).resolve())
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(cfg)
+    run_dir = run_dir.resolve()
+    cfg.out_dir = str(run_dir)
+    if (run_dir / STATE_FILE).exists() or (run_dir / COMMIT_DIR).exists():
+        raise ConfigError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                          "or choose another --out-dir")
+    dtype = DTYPES[cfg.dtype]
+
+    text = load_text(cfg.data)
+    if cfg.init_from is not None:
+        init_dir = Path(cfg.init_from)
+        explicit = [n for n in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim") if getattr(cfg, n)]
+        if explicit:
+            raise ConfigError(f"--init-from takes the model shape from {init_dir}; do not also give "
+                              f"{', '.join('--' + n.replace('_', '-') for n in explicit)}")
+        if not (init_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
+                              "checkpoint's own tokenizer")
+        model = Llama.from_pretrained(init_dir, dtype=dtype)
+        tokenizer = model.tokenizer
+        if model.config.max_seq_len < cfg.seq_len:
+            raise ConfigError(f"--init-from {init_dir}: the model's context is {model.config.max_seq_len} "
+                              f"tokens, shorter than --seq-len {cfg.seq_len}")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(f"--init-from {init_dir}: tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"the model only {model.config.vocab_size} embeddings")
+        model.config.dropout = cfg.dropout
+        cfg.vocab_size = model.config.vocab_size
+        say(f"fine-tuning from {init_dir} ({model.num_parameters() / 1e6:.2f}M parameters, "
+            f"its tokenizer of {tokenizer.vocab_size} tokens)", verbose)
+    else:
+        t0 = time.monotonic()
+        train_text, _ = split_train_val(text, cfg.val_fraction)
+        with warnings.catch_warnings():   # a short vocabulary is an error here, not a warning
+            warnings.simplefilter("ignore", UserWarning)
+            tokenizer = Tokenizer.train(train_text, cfg.vocab_size)  # never sees the held-out text
+        if tokenizer.vocab_size < cfg.vocab_size:
+            raise ConfigError(f"--vocab-size {cfg.vocab_size} is more than this text supports: BPE found "
+                              f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
+                              f"--vocab-size {tokenizer.vocab_size} or less, or more text")
+        say(f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens in "
+            f"{time.monotonic() - t0:.1f}s", verbose)
+        model = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)   # left by a run stopped before its first save
+
+    t0 = time.monotonic()
+    data = _load_dataset(cfg, tokenizer, run_dir, text)
+    say(f"data: {len(data.train_tokens):,} training and {len(data.val_tokens):,} held-out tokens "
+        f"({data.val_bytes:,} bytes held out), tokenized in {time.monotonic() - t0:.1f}s", verbose)
+    if model is None:
+        model = Llama(model_config(cfg, tokenizer.vocab_size), seed=cfg.seed, dtype=dtype)
+        model.tokenizer = tokenizer
+    # The three random streams: weights (seed), dropout (seed + 1), data order (seed + 2).
+    model._dropout_rng = np.random.default_rng(cfg.seed + 1)
+    model.train()
+    sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
+    return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
+               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler)
+
+
+def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
+    """Write the model (HF format), the optimizer moments and the training state as one unit.
+
+    The files are written into a staging directory and then replace the previous checkpoint's
+    together (``files.begin_staged_write`` / ``commit_staged_write``; training_state.json moves last),
+    so a crash at any moment leaves either the old checkpoint or the new one.
+    """
+    # A finite loss does not prove finite weights (a huge step can overflow them after the loss
+    # was computed), and a checkpoint with inf/nan weights would replace the last good one.
+    if not np.isfinite(run.model.flat_params).all():
+        raise diverged(run, run.step, "the weights are not finite")
+    stage = begin_staged_write(run.run_dir, last=(STATE_FILE,))
+    run.model.save_pretrained(stage)
+    arrays, opt_meta = run.optimizer.state_dict()
+    write_safetensors(stage / OPTIMIZER_FILE, arrays, {"format": "npllama-adamw", "step": str(run.step)})
+    del arrays
+    if metrics is not None:
+        metrics.sync()
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "warmup_steps": run.warmup_steps,
+        "tokens_seen": run.tokens_seen,
+        "train_seconds": run.train_seconds,
+        "train_config": run.config.to_dict(),
+        "optimizer": opt_meta,
+        "sampler": run.sampler.state_dict(),
+        "dropout_rng": run.model._dropout_rng.bit_generator.state,
+        "data": {"text_sha256": run.text_sha256, "train_tokens": int(len(run.data.train_tokens)),
+                 "val_tokens": int(len(run.data.val_tokens)), "val_bytes": run.data.val_bytes},
+        "tokenizer_sha256": run.tokenizer.fingerprint,
+        "plan": run.plan,
+        "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
+        # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
+        "files_sha256": {name: file_sha256(stage / name) for name in (MODEL_FILE, OPTIMIZER_FILE)},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(stage / STATE_FILE, state)
+    commit_staged_write(run.run_dir, stage, last=(STATE_FILE,))
+    run.last_checkpoint_step = run.step
+
+
+def load_run(run_dir, verbose: bool = True) -> Run:
+    """Restore a run from its directory exactly as it was saved (see the module docstring)."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: no such directory")
+    recover_staged_write(run_dir, last=(STATE_FILE,))   # finish (or discard) a checkpoint a crash interrupted
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{run_dir}: no {STATE_FILE}, so not a resumable npllama run (to start "
+                              f"from its weights use --init-from)")
+    state = _validated_state(read_json(state_path, STATE_FILE), state_path)
+    for name, digest in state["files_sha256"].items():
+        path = run_dir / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: does not match {STATE_FILE} (missing, or changed after the "
+                                  "checkpoint was saved, e.g. by a crash during a save)")
+    cfg = TrainConfig.from_dict(state["train_config"], source=str(state_path))
+    step, total = state["step"], state["total_steps"]
+    cfg.out_dir = str(run_dir)
+
+    tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")
+    if tokenizer.fingerprint != state.get("tokenizer_sha256"):
+        raise CheckpointError(f"{run_dir / 'tokenizer.json'}: differs from the one the run was trained with")
+    text = load_text(cfg.data)
+    if text_sha256(text) != state["data"]["text_sha256"]:
+        raise CheckpointError(f"the corpus {cfg.data or '(bundled)'} changed since the run started; "
+                              "resuming would not continue the same run")
+    data = _load_dataset(cfg, tokenizer, run_dir, text)
+
+    model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype])
+    model.tokenizer = tokenizer
+    model.config.dropout = cfg.dropout   # config.json does not carry dropout back
+    model.train()
+    model._dropout_rng = generator_from_state(state["dropout_rng"], f"{state_path}: dropout_rng")
+
+    optimizer = _make_optimizer(model, cfg)
+    arrays = {name: arr for name, (_, arr) in read_safetensors(run_dir / OPTIMIZER_FILE).items()}
+    optimizer.load_state_dict(arrays, state["optimizer"])
+    if optimizer.t != step:
+        raise CheckpointError(f"{state_path}: step {step} but the optimizer has taken {optimizer.t} steps")
+    sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
+    sampler.load_state_dict(state["sampler"])
+    say(f"resuming {run_dir} at step {step} of {total}", verbose)
+    return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
+               text_sha256=state["data"]["text_sha256"], optimizer=optimizer, sampler=sampler, step=step,
+               total_steps=total, warmup_steps=state["warmup_steps"], tokens_seen=state["tokens_seen"],
+               train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step)
+
+
+def _validated_state(state, state_path) -> dict:
+    """The training state's fields checked for type and range before anything trusts them (its
+    model and optimizer files are covered by their SHA-256; this file has no checksum of its own)."""
+    def bad(field, why):
+        return CheckpointError(f"{state_path}: {field} {why}")
+
+    def count(field, lo=0):
+        x = state.get(field)
+        if isinstance(x, bool) or not isinstance(x, int) or not lo <= x < 2**53:
+            raise bad(field, f"must be an integer >= {lo}, got {str(x)[:50]}")
+        return x
+
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{state_path}: not an npllama training state")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{state_path}: unsupported training state version {str(state.get('version'))[:50]}")
+    step, total = count("step"), count("total_steps", lo=1)
+    if total < step:
+        raise bad("total_steps", f"({total}) is less than step ({step})")
+    count("warmup_steps")
+    count("tokens_seen")
+    seconds = state.get("train_seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e12:
+        raise bad("train_seconds", "must be a non-negative number")
+    digests = state.get("files_sha256")
+    if not isinstance(digests, dict) or set(digests) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
+            isinstance(d, str) and len(d) == 64 for d in digests.values()):
+        raise bad("files_sha256", f"must map exactly {MODEL_FILE} and {OPTIMIZER_FILE} to SHA-256 digests")
+    data = state.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("text_sha256"), str):
+        raise bad("data", "must hold the corpus text_sha256")
+    for field in ("train_config", "optimizer", "sampler", "dropout_rng"):
+        if not isinstance(state.get(field), dict):
+            raise bad(field, f"must be an object, got {type(state.get(field)).__name__}")
+    if "plan" not in state or not isinstance(state["plan"], (dict, type(None))):
+        raise bad("plan", "must be an object or null")
+    if not isinstance(state.get("tokenizer_sha256"), str):
+        raise bad("tokenizer_sha256", "must be a string")
+    return state
+
+
+def diverged(run: Run, step: int, what: str) -> TrainingDiverged:
+    if run.last_checkpoint_step is not None:
+        kept = f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is kept unchanged"
+    else:
+        kept = "no checkpoint had been saved yet"
+    return TrainingDiverged(f"training diverged at step {step}: {what}; stopped without saving, "
+                            f"{kept}. Try a lower --lr, more --warmup-steps or --grad-clip 1.0")
+
+
+
+# ---- metrics.jsonl -----------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, each with the step it belongs to."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (logged by a run that went on after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line + "\n")
+        atomic_write_bytes(self.path, ["".join(keep).encode("utf-8")])
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (skipping a torn last line)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no metrics file (is {run_dir} an npllama run directory?)")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+

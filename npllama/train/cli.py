@@ -1,0 +1,69 @@
+"""`npllama train` on the command line: one option per TrainConfig field, plus --config, --resume,
+--threads and --no-progress."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..errors import ConfigError
+from .config import TrainConfig, read_config_file
+from .loop import train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options: one per TrainConfig field (dashes for underscores), plus --config/--resume/--threads.
+
+    Every default is SUPPRESS, so that the namespace holds only what was typed: the command line
+    then overrides the --config file, which overrides TrainConfig's defaults.
+    """
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML or JSON file of options (same names as below, e.g. lr = 1e-3)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
+                        help="continue a saved run exactly where it stopped")
+    parser.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                        help="threads for BLAS, Numba and the tokenizer (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bar (evaluations are still printed)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        flags = ["--" + f.name.replace("_", "-"), *meta["flags"]]
+        default = getattr(defaults, f.name)
+        shown = "" if default is None else f" (default: {default!r})" if isinstance(default, str) \
+            else f" (default: {default})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=meta["help"] + shown)
+        if meta["type"] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta["type"] or str
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            metavar = meta["metavar"] or {int: "N", float: "X"}.get(meta["type"])
+            if metavar and not meta["choices"]:
+                kwargs["metavar"] = metavar
+        parser.add_argument(*flags, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    if getattr(args, "config", None):
+        values.update(read_config_file(args.config))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
+    source = f"config file {args.config} + command line" if getattr(args, "config", None) else "command line"
+    return TrainConfig.from_dict(values, source=source)
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not getattr(args, "no_progress", False)
+    if getattr(args, "resume", None):
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = sorted(k for k in vars(args) if k in fields or k == "config")
+        if given:
+            raise ConfigError("--resume continues the saved run exactly, with its own settings; "
+                              f"remove {', '.join('--' + g.replace('_', '-') for g in given)} (to train "
+                              "on with other settings, start a new run with --init-from RUN_DIR)")
+        result = train(resume=args.resume, progress=progress)
+    else:
+        result = train(config_from_args(args), progress=progress)
+    return result.exit_code

@@ -1,0 +1,217 @@
+"""The training configuration: TrainConfig (every option of `npllama train`, checked on creation),
+the model-size presets, options from a TOML/JSON file, and the LlamaConfig of a fresh model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LlamaConfig, _short
+from ..data import DEFAULT_VAL_FRACTION
+from ..errors import ConfigError, one_line
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Model shapes by name; hidden_dim defaults to Llama's rule (see llama_hidden_dim), n_kv_heads to
+# n_heads.  "small" is the default of `npllama train`, chosen by the sweep in the README.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4),
+    "small": dict(dim=128, n_layers=4, n_heads=4),
+    "medium": dict(dim=256, n_layers=6, n_heads=8),
+    "large": dict(dim=512, n_layers=8, n_heads=8),
+}
+
+
+def _opt(default, help, *, flags=(), type=None, choices=None, metavar=None):
+    """A TrainConfig field with what the command line needs to offer it as an option."""
+    return field(default=default, metadata=dict(help=help, flags=flags, type=type, choices=choices,
+                                                metavar=metavar))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = _opt(None, "UTF-8 text file or folder of .txt files (default: the bundled "
+                            "Shakespeare)", metavar="PATH")
+    val_fraction: float = _opt(DEFAULT_VAL_FRACTION, "fraction of the text held out for evaluation (its end)",
+                               type=float)
+    vocab_size: int = _opt(2048, "BPE vocabulary size of the tokenizer trained on the data", type=int)
+    # model
+    preset: str = _opt("small", "model size preset", choices=tuple(PRESETS))
+    dim: int | None = _opt(None, "model width (overrides the preset)", type=int)
+    n_layers: int | None = _opt(None, "number of decoder blocks (overrides the preset)", type=int)
+    n_heads: int | None = _opt(None, "attention heads (overrides the preset)", type=int)
+    n_kv_heads: int | None = _opt(None, "key/value heads, for grouped-query attention (default n_heads)",
+                                  type=int)
+    hidden_dim: int | None = _opt(None, "SwiGLU inner width (default: 8/3 dim rounded up to 32)", type=int)
+    tie_embeddings: bool = _opt(False, "share the embedding and output matrices", type=bool)
+    dropout: float = _opt(0.0, "dropout probability (attention and MLP outputs)", type=float)
+    dtype: str = _opt("float32", "parameter and activation dtype", choices=tuple(DTYPES))
+    init_from: str | None = _opt(None, "start from this Hugging Face checkpoint or npllama run (its "
+                                 "weights and tokenizer) instead of a fresh model", metavar="DIR")
+    # batches
+    seq_len: int = _opt(128, "context length of a training window (tokens)", flags=("--context",), type=int)
+    batch_size: int = _opt(16, "windows per micro-batch", type=int)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)", type=int)
+    # length of the run
+    steps: int | None = _opt(None, "optimizer steps (overrides --time-budget)", type=int)
+    time_budget: float = _opt(300.0, "with no --steps: plan the steps to end after about this many "
+                              "seconds of wall time", type=float, metavar="SECONDS")
+    # optimizer and schedule
+    lr: float = _opt(3e-3, "peak learning rate", type=float)
+    min_lr: float | None = _opt(None, "final learning rate of the decay (default lr/10)", type=float)
+    warmup_steps: int = _opt(50, "linear warmup steps", type=int)
+    schedule: str = _opt("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
+    weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (matrices only)", type=float)
+    beta1: float = _opt(0.9, "AdamW beta1", type=float)
+    beta2: float = _opt(0.95, "AdamW beta2", type=float)
+    eps: float = _opt(1e-8, "AdamW epsilon", type=float)
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)", type=float)
+    # evaluation, samples, checkpoints
+    eval_interval: int = _opt(100, "evaluate every this many steps (0: only at the end)", type=int)
+    eval_tokens: int = _opt(16384, "held-out tokens used by the periodic evaluations", type=int)
+    final_eval_tokens: int | None = _opt(None, "held-out tokens of the final evaluation (default: all)",
+                                         type=int)
+    sample_tokens: int = _opt(120, "tokens generated at each evaluation (0: none)", type=int)
+    sample_prompt: str = _opt("\n", "prompt of the evaluation samples", type=str)
+    sample_temperature: float = _opt(0.8, "sampling temperature of the evaluation samples", type=float)
+    sample_top_k: int | None = _opt(40, "top-k of the evaluation samples", type=int)
+    checkpoint_interval: int = _opt(500, "save a checkpoint every this many steps (0: only at the end)",
+                                    type=int)
+    seed: int = _opt(0, "seed of the weights, the data order and dropout", type=int)
+    out_dir: str | None = _opt(None, "run directory (default runs/<data>-<date>-<time>)", metavar="DIR")
+
+    def __post_init__(self):
+        def positive_int(name, allow_none=False, allow_zero=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise ConfigError(f"{name} must be a{' non-negative' if allow_zero else ' positive'} "
+                                  f"integer, got {v!r}")
+
+        def number(name, lo=0.0, hi=math.inf, lo_open=False, hi_open=False, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+                raise ConfigError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, "
+                                  f"{hi}{')' if hi_open else ']'}, got {v!r}")
+            setattr(self, name, float(v))
+
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps",
+                     "final_eval_tokens", "sample_top_k"):
+            positive_int(name, allow_none=True)
+        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "eval_tokens"):
+            positive_int(name)
+        for name in ("warmup_steps", "eval_interval", "sample_tokens", "checkpoint_interval", "seed"):
+            positive_int(name, allow_zero=True)
+        number("val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        number("dropout", 0.0, 1.0, hi_open=True)
+        number("time_budget", 0.0, lo_open=True)
+        number("lr", 0.0, lo_open=True)
+        number("min_lr", allow_none=True)
+        number("weight_decay")
+        number("beta1", 0.0, 1.0, hi_open=True)
+        number("beta2", 0.0, 1.0, hi_open=True)
+        number("eps", 0.0, lo_open=True)
+        number("grad_clip")
+        number("sample_temperature")
+        for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
+                raise ConfigError(f"{name} must be one of {list(options)}, got {_short(v)}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in ("data", "init_from", "out_dir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ConfigError(f"{name} must be a non-empty path string, got {v!r}")
+        if not isinstance(self.sample_prompt, str):
+            raise ConfigError(f"sample_prompt must be a string, got {self.sample_prompt!r}")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        """Build from ``{field: value}``; dashes in keys count as underscores; unknown keys are errors."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a table of options, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(known))})")
+            clean[name] = value
+        try:
+            return cls(**clean)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def read_config_file(path) -> dict:
+    """Options from a TOML or JSON file (by extension; otherwise tried as TOML then JSON)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            values = json.loads(raw.decode("utf-8"))
+        elif suffix == ".toml":
+            values = tomllib.loads(raw.decode("utf-8"))
+        else:
+            try:
+                values = tomllib.loads(raw.decode("utf-8"))
+            except tomllib.TOMLDecodeError:
+                values = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"config file {path}: cannot parse it (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError, tomllib.TOMLDecodeError) as e:  # ValueError: JSON, int digits
+        raise ConfigError(f"config file {path}: cannot parse it ({one_line(e, 200)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a table of options at the top level")
+    if "threads" in values:
+        raise ConfigError(f"config file {path}: 'threads' must be given on the command line (--threads N), "
+                          "because thread counts are fixed when NumPy is first imported")
+    return values
+
+
+def llama_hidden_dim(dim: int) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), rounded up to 32."""
+    return 32 * math.ceil(8 * dim / 3 / 32)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
+    """The LlamaConfig of a fresh model: the preset, overridden by any explicit dimension."""
+    dims = dict(PRESETS[cfg.preset])
+    for name in ("dim", "n_layers", "n_heads"):
+        if getattr(cfg, name) is not None:
+            dims[name] = getattr(cfg, name)
+    return LlamaConfig(
+        vocab_size=vocab_size, dim=dims["dim"], n_layers=dims["n_layers"], n_heads=dims["n_heads"],
+        n_kv_heads=cfg.n_kv_heads or dims["n_heads"],
+        hidden_dim=cfg.hidden_dim or llama_hidden_dim(dims["dim"]),
+        max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
+

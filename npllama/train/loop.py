@@ -1,0 +1,436 @@
+"""The training loop, in the style of nanoGPT's train.py.  One optimizer step:
+
+    for k in 1..K (K = grad_accum micro-batches of batch_size windows of seq_len tokens):
+        L_k, g_k = model.loss_and_grad(x_k, y_k)        mean cross-entropy of micro-batch k
+    L = (1/K) sum_k L_k,   g = (1/K) sum_k g_k          = loss and gradient of one batch of K*B windows
+    g <- g * min(1, clip / ||g||)                       global-norm clipping
+    lr = lr_at(step)                                    linear warmup, then cosine (or linear) decay
+    AdamW(p, g, lr)                                     decoupled weight decay on matrices only
+
+``train`` is that step in a loop; ``Session`` does the bookkeeping around it (metrics, progress
+bar, time-budget planning, evaluations, checkpoints, Ctrl-C).
+
+Evaluation (every ``eval_interval`` steps, at step 0 and at the end): mean held-out cross-entropy
+and bits per byte, bpb = (sum of -ln p over the held-out tokens) / (UTF-8 bytes of that text) / ln 2,
+which does not depend on the tokenizer, plus a short sample.  Periodic evaluations use the first
+``eval_tokens`` tokens of the held-out text (the same ones each time, so the curve is not noisy);
+the final one uses the whole held-out text (or ``final_eval_tokens``).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data import get_batch, iter_eval_batches
+from ..errors import ConfigError
+from ..optim import clip_grad_norm
+from ..threads import live_thread_counts
+from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, load_run, new_run, read_metrics, save_checkpoint,
+                         say)
+from .config import TrainConfig
+from .planner import BudgetPlanner
+
+
+def train(config: TrainConfig | None = None, *, resume=None, progress: bool = True, verbose: bool = True,
+          on_step: Callable[[int, float, Run], None] | None = None) -> TrainResult:
+    """Train a model (``config``) or continue a saved run (``resume=RUN_DIR``); see the module docstring.
+
+    ``on_step(step, loss, run)`` is called after every optimizer step (tests use it to interrupt).
+    Raises TrainingDiverged when the loss, the gradient norm or (when saving) the weights are not
+    finite; nothing is saved then, so the last checkpoint on disk is the last good state.
+    """
+    t_start = time.monotonic()
+    if (config is None) == (resume is None):
+        if resume is not None:
+            raise ConfigError("give either a config or resume=RUN_DIR, not both")
+        config = TrainConfig()
+    run = load_run(resume, verbose) if resume is not None else new_run(config, verbose)
+    cfg, model = run.config, run.model
+    if resume is not None and run.step >= run.total_steps:
+        say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
+        return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
+    say(_describe(run), verbose)
+    grad_buffer = np.empty_like(model.flat_params) if cfg.grad_accum > 1 else None
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
+
+    with Session(run, t_start, resumed=resume is not None, progress=progress, verbose=verbose) as s:
+        s.start(grad_buffer)           # a fresh run: step-0 evaluation, number of steps
+        while run.step < run.total_steps and not s.stop.requested:
+            t0 = time.perf_counter()
+            lr = run.lr_at(run.step)
+            batches = [run.sampler.next_batch() for _ in range(cfg.grad_accum)]
+            loss, grads = forward_backward(model, batches, grad_buffer)
+            norm = clip_grad_norm(grads, max_norm)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise diverged(run, run.step + 1, f"the loss is {loss}" if not math.isfinite(loss)
+                               else f"the gradient norm is {norm}")
+            run.optimizer.step(flat_grads=grads, lr=lr)
+            run.step += 1
+            run.tokens_seen += cfg.tokens_per_step
+            s.log_step(loss, lr, norm, time.perf_counter() - t0)   # may re-plan run.total_steps
+            if on_step is not None:
+                on_step(run.step, loss, run)
+            if run.step < run.total_steps:               # (after the last step, finish() does both)
+                if cfg.eval_interval > 0 and run.step % cfg.eval_interval == 0:
+                    s.evaluate()
+                if cfg.checkpoint_interval > 0 and run.step % cfg.checkpoint_interval == 0:
+                    s.checkpoint()
+        s.finish()                     # final evaluation and checkpoint, or the interrupt's checkpoint
+    return s.result
+
+
+class Session:
+    """One session of a run (from start or resume to the end or an interrupt): everything around
+    the step -- metrics.jsonl, the progress bar, the time-budget planner, evaluations, checkpoints,
+    and Ctrl-C/SIGTERM, which end the session after the current step with a checkpoint."""
+
+    def __init__(self, run: Run, t_start: float, resumed: bool, progress: bool, verbose: bool):
+        cfg, val_tokens = run.config, run.data.val_tokens
+        self.run, self.t_start, self.resumed, self.progress, self.verbose = run, t_start, resumed, progress, verbose
+        self.metrics = MetricsLog(run.run_dir / METRICS_FILE)
+        if resumed:
+            self.metrics.truncate_after(run.step)
+        self.eval_tokens = min(cfg.eval_tokens, len(val_tokens))
+        self.final_tokens = len(val_tokens) if cfg.final_eval_tokens is None \
+            else min(cfg.final_eval_tokens, len(val_tokens))
+        self.result = TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps or 0)
+        self.stop = StopSignals()
+        self.planner: BudgetPlanner | None = None
+        self.pbar = None
+        self.ema_step = None           # smoothed seconds per step, for the progress bar
+        self.window_losses = []        # training losses since the last evaluation
+        self.session_start = time.monotonic()
+
+    def __enter__(self):
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.pbar is not None:
+            self.pbar.close()
+        self.metrics.close()
+        return self.stop.__exit__(*exc)
+
+    def elapsed(self) -> float:
+        """Training wall time of the run so far, earlier sessions included."""
+        return self.run.train_seconds + time.monotonic() - self.session_start
+
+    def start(self, grad_buffer) -> None:
+        """For a fresh run, the step-0 evaluation (which also measures what an evaluation costs) and
+        the number of steps; then the progress bar.  A resumed run keeps its saved plan."""
+        run, cfg = self.run, self.run.config
+        if not self.resumed:
+            if cfg.steps is None:
+                self.planner = BudgetPlanner(cfg, self.t_start, self.eval_tokens, self.final_tokens,
+                                             checkpoint_seconds=0.3 + 4 * run.model.flat_params.nbytes / 200e6)
+                self.planner.observe_step(_measure_step_seconds(run, grad_buffer))
+            ev = _eval_and_sample(run, self.eval_tokens, self.stop) if cfg.eval_interval > 0 else None
+            if ev is not None:
+                self._record_eval(ev, time.monotonic() - self.t_start)
+            if self.planner is None:
+                run.total_steps = cfg.steps
+                run.plan = {"mode": "steps", "steps": cfg.steps}
+            else:
+                run.total_steps = self.planner.plan(0, 1)
+                run.plan = {**self.planner.summary(), "setup_seconds": round(time.monotonic() - self.t_start, 3),
+                            "first_plan": run.total_steps, "planned_steps": run.total_steps}
+                step_s = self.planner.step_seconds()
+                say(f"time budget {cfg.time_budget:.0f}s: {time.monotonic() - self.t_start:.0f}s spent on "
+                    f"setup, {step_s:.3f}s/step measured -> {run.total_steps} steps "
+                    f"(~{cfg.tokens_per_step / step_s:,.0f} tokens/s; re-planned every "
+                    f"{self.planner.REPLAN_EVERY} steps)", self.verbose)
+            run.warmup_steps = min(cfg.warmup_steps, run.total_steps)
+        self.result.total_steps = run.total_steps
+        self.pbar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+                         disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+
+    def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
+        """Record a finished step; every ``REPLAN_EVERY`` steps of a time-budgeted run, re-plan."""
+        run, cfg, planner = self.run, self.run.config, self.planner
+        self.ema_step = seconds if self.ema_step is None else 0.9 * self.ema_step + 0.1 * seconds
+        if planner is not None:
+            planner.observe_step(seconds)
+            if run.step % planner.REPLAN_EVERY == 0 and run.step < run.total_steps:
+                run.total_steps = planner.plan(run.step, run.warmup_steps)
+                run.plan.update(planner.summary(), planned_steps=run.total_steps)
+                self.pbar.total = self.result.total_steps = run.total_steps
+        self.window_losses.append(loss)
+        self.result.losses.append(loss)
+        self.metrics.write({"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm, "step_seconds": seconds,
+                            "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed()})
+        left = (run.total_steps - run.step) * self.ema_step
+        self.pbar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {cfg.tokens_per_step / self.ema_step:,.0f} tok/s "
+                                  f"left {_hms(left)}", refresh=False)
+        self.pbar.update(1)
+
+    def evaluate(self) -> None:
+        ev = _eval_and_sample(self.run, self.eval_tokens, self.stop)
+        if ev is not None:
+            ev["train_loss"] = float(np.mean(self.window_losses))
+            self.window_losses = []
+            self._record_eval(ev, self.elapsed())
+
+    def _record_eval(self, ev: dict, elapsed: float, final: bool = False) -> None:
+        if self.planner is not None and not final:
+            self.planner.observe_eval(ev)
+        self.metrics.write({"step": self.run.step, "kind": "eval", **ev, "elapsed": elapsed})
+        _report_eval(self.run, ev, self.verbose, final)
+
+    def checkpoint(self) -> None:
+        """Save; the time a save takes counts as training time, and the planner learns it."""
+        self.run.train_seconds += time.monotonic() - self.session_start
+        self.session_start = time.monotonic()
+        save_checkpoint(self.run, self.metrics)
+        if self.planner is not None:
+            self.planner.observe_checkpoint(time.monotonic() - self.session_start)
+
+    def finish(self) -> None:
+        """After the last step: the final evaluation and checkpoint.  After an interrupt: a
+        checkpoint (unless the last one is current) and how to resume."""
+        run, result = self.run, self.result
+        self.pbar.close()
+        run.train_seconds += time.monotonic() - self.session_start
+        self.session_start = time.monotonic()
+        if self.stop.requested and run.step < run.total_steps:
+            result.interrupted = True
+            result.signal_name = signal.Signals(self.stop.signum).name
+            if run.step > 0 and run.step != run.last_checkpoint_step:
+                save_checkpoint(run, self.metrics)
+            if run.step > 0:
+                say(f"\n{result.signal_name}: stopped at step {run.step} of {run.total_steps}; checkpoint saved "
+                    f"in {run.run_dir}.\nResume with:  npllama train --resume {run.run_dir}", True)
+            else:
+                say(f"\n{result.signal_name}: stopped before the first step; nothing to save", True)
+        else:
+            ev = _eval_and_sample(run, self.final_tokens, self.stop)
+            if ev is not None:
+                ev["train_loss"] = float(np.mean(self.window_losses)) if self.window_losses else None
+                ev["final"] = True
+                self._record_eval(ev, self.elapsed(), final=True)
+                result.final_eval = ev
+            save_checkpoint(run, self.metrics)
+        result.step = run.step
+        result.wall_seconds = time.monotonic() - self.t_start
+        steps = [r for r in read_metrics(run.run_dir) if "loss" in r]
+        if steps:   # the median over the run: robust to the first steps and to evaluation hiccups
+            result.tokens_per_second = float(np.median([r["tokens_per_second"] for r in steps]))
+        if not result.interrupted:
+            ev = result.final_eval
+            say(f"done: {run.step} steps in {_hms(result.wall_seconds)} wall time, "
+                f"median {result.tokens_per_second or 0:,.0f} tokens/s"
+                + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "")
+                + f"; model saved in {run.run_dir}", self.verbose)
+
+
+def _describe(run: Run) -> str:
+    """The start-up line: model, batch, run directory, and the threads really in use."""
+    c, cfg, threads = run.model.config, run.config, live_thread_counts()
+    return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (dim {c.dim}, {c.n_layers} layers, "
+            f"{c.n_heads} heads, {c.n_kv_heads} kv heads, hidden {c.hidden_dim}, vocab {c.vocab_size}, "
+            f"context {cfg.seq_len}, {cfg.dtype}); batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} "
+            f"= {cfg.tokens_per_step:,} tokens/step; threads: OpenBLAS {threads['openblas']}, Numba "
+            f"{threads['numba']}; run dir {run.run_dir}")
+
+
+def forward_backward(model, batches, grad_buffer: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Loss and gradient of the mean loss over micro-batches, as if they were one batch.
+
+        L = (1/K) sum_k L_k      g = (1/K) sum_k dL_k/dp
+
+    With equal micro-batch sizes and no ignored targets (training windows), L_k is the mean over
+    the same number of tokens in every micro-batch, so L is the mean over all K*B*T tokens and g
+    its gradient: accumulation equals one big batch.  K = 1 returns ``model.flat_grads`` itself;
+    K > 1 sums into ``grad_buffer`` (allocated once by the caller) and scales by 1/K at the end.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    total = 0.0
+    for k, (x, y) in enumerate(batches):
+        loss, _ = model.loss_and_grad(x, y)
+        total += float(loss)
+        if len(batches) == 1:
+            return total, model.flat_grads
+        if k == 0:
+            np.copyto(grad_buffer, model.flat_grads)
+        else:
+            np.add(grad_buffer, model.flat_grads, out=grad_buffer)
+    grad_buffer *= grad_buffer.dtype.type(1.0 / len(batches))
+    return total / len(batches), grad_buffer
+
+
+def evaluate(model, tokens: np.ndarray, context_token: int | None, n_bytes: int, batch_size: int,
+             seq_len: int, should_stop: Callable[[], bool] = lambda: False) -> dict | None:
+    """Held-out loss over ``tokens``, every token predicted exactly once (``iter_eval_batches``).
+
+        val_loss = N / n   (mean nats per token)      val_bpb = N / n_bytes / ln 2
+
+    where N is the total nats and n the number of tokens.  Dropout is off.  Returns None if
+    ``should_stop()`` became true midway (an interrupt is being served).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        nats, count = 0.0, 0
+        for x, y in iter_eval_batches(tokens, batch_size, seq_len, context_token=context_token):
+            if should_stop():
+                return None
+            nats += float(model.loss(x, y, reduction="sum"))
+            count += int(np.count_nonzero(y != -100))
+    finally:
+        model.training = was_training
+    return {"val_loss": nats / count, "val_bpb": nats / n_bytes / math.log(2), "val_tokens": count,
+            "val_bytes": int(n_bytes)}
+
+
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+                    top_k: int | None, seed: int) -> str | None:
+    """A short text sample; None when the model has no generate() (yet)."""
+    if max_new_tokens <= 0:
+        return None
+    prompt_ids = tokenizer.encode(prompt)
+    if prompt_ids.size == 0:
+        first = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        prompt_ids = np.array([first], dtype=np.int64)
+    prompt_ids = prompt_ids[-(model.config.max_seq_len - 1):]
+    room = model.config.max_seq_len - prompt_ids.size
+    was_training = model.training
+    model.eval()
+    try:
+        new = model.generate(prompt_ids, min(max_new_tokens, room), temperature=temperature,
+                             top_k=top_k, seed=seed)
+    except (ImportError, AttributeError, NotImplementedError):
+        return None
+    finally:
+        model.training = was_training
+    return tokenizer.decode(np.concatenate([prompt_ids, np.asarray(new, dtype=np.int64)]))
+
+
+def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
+    """Seconds per optimizer step, from throw-away steps on batches the run never sees.
+
+    The first call is not timed (it may compile Numba kernels).  Weights and optimizer are not
+    touched, and the dropout generator is put back, so the run is the same as without this.
+    """
+    cfg, model = run.config, run.model
+    rng = np.random.default_rng(cfg.seed + 3)
+    dropout_state = model._dropout_rng.bit_generator.state
+    times = []
+    for i in range(repeats + 1):
+        batches = [get_batch(run.data.train_tokens, cfg.batch_size, cfg.seq_len, rng)
+                   for _ in range(cfg.grad_accum)]
+        t = time.perf_counter()
+        _, grads = forward_backward(model, batches, grad_buffer)
+        clip_grad_norm(grads, sys.float_info.max)
+        times.append(time.perf_counter() - t)
+    model._dropout_rng.bit_generator.state = dropout_state
+    # The AdamW update reads and writes ~4 arrays of the model's size: about 2 norm passes.
+    return float(np.median(times[1:])) * 1.02
+
+
+def _eval_and_sample(run: Run, n_tokens: int | None, stop: StopSignals) -> dict | None:
+    cfg, data = run.config, run.data
+    tokens = data.val_tokens
+    if n_tokens is not None and n_tokens < len(tokens):
+        tokens = tokens[:n_tokens]
+        n_bytes = len(run.tokenizer.decode(np.asarray(tokens)).encode("utf-8"))
+    else:
+        n_bytes = data.val_bytes
+    t0 = time.perf_counter()
+    result = evaluate(run.model, tokens, data.eval_context_token, n_bytes, cfg.batch_size, cfg.seq_len,
+                      should_stop=lambda: stop.requested)
+    if result is None:
+        return None
+    t1 = time.perf_counter()
+    result["sample"] = generate_sample(run.model, run.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                       cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
+    result["eval_seconds"] = t1 - t0
+    result["sample_seconds"] = time.perf_counter() - t1
+    return result
+
+
+def _report_eval(run: Run, ev: dict, verbose: bool, final: bool = False) -> None:
+    what = "final eval on all held-out text" if final and ev["val_tokens"] == len(run.data.val_tokens) \
+        else ("final eval" if final else "eval")
+    say(f"step {run.step}: {what}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte "
+        f"({ev['val_tokens']:,} tokens)", verbose)
+    if ev.get("sample") is not None:
+        say("  sample: " + ev["sample"].strip().replace("\n", "\n          ")[:800], verbose)
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    interrupted: bool = False
+    signal_name: str | None = None
+    final_eval: dict | None = None
+    losses: list = field(default_factory=list)
+    tokens_per_second: float | None = None
+    wall_seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        # Ctrl-C is how a user ends a run on purpose: the checkpoint is saved, so that is success.
+        # SIGTERM keeps the shell convention (128 + 15) so supervisors see the run was stopped.
+        return 128 + signal.SIGTERM if self.interrupted and self.signal_name == "SIGTERM" else 0
+
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps.
+
+    A KeyboardInterrupt raised in the middle of ``AdamW.step`` could leave half the parameters
+    updated; a flag lets the step finish, so the checkpoint is a consistent state.  A second signal
+    restores the default handlers and interrupts immediately (the files on disk are safe: every
+    write is atomic).  Only installable from the main thread; elsewhere it is inert.
+    """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+

@@ -1,0 +1,91 @@
+"""How many steps fit in a time budget: ``plan_steps`` and ``BudgetPlanner`` (which re-plans as the
+machine's speed changes).  See the train package's docstring for how a time-budgeted run uses it."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .config import TrainConfig
+
+
+def plan_steps(seconds_left: float, step_seconds: float, eval_seconds: float, eval_interval: int,
+               final_eval_seconds: float, checkpoint_seconds: float, checkpoint_interval: int) -> int:
+    """Steps that fit in ``seconds_left``: the largest N with
+
+        N * (step + eval / eval_interval + checkpoint / checkpoint_interval) + final_eval + checkpoint
+            <= seconds_left
+
+    (an interval of 0 means no periodic evaluations / checkpoints); at least 1.
+    """
+    per_step = step_seconds
+    if eval_interval > 0:
+        per_step += eval_seconds / eval_interval
+    if checkpoint_interval > 0:
+        per_step += checkpoint_seconds / checkpoint_interval
+    usable = seconds_left - final_eval_seconds - checkpoint_seconds
+    return max(1, int(usable // per_step)) if per_step > 0 else 1
+
+
+class BudgetPlanner:
+    """Plans the number of steps of a time-budgeted run, and re-plans it as the speed changes.
+
+    The machine may be shared, and its speed can change by a factor of 2 or 3 within a minute.  So
+    every ``REPLAN_EVERY`` steps the plan is recomputed from the median of the recent step times:
+
+        total = step + plan_steps(budget - elapsed, step_seconds, eval_seconds, ...)
+                at least step + 1 and warmup_steps
+
+    Evaluation costs are kept in units of the step time at which they were measured (an
+    evaluation of n tokens costs about n * c step-times), so that they scale with the machine's
+    current speed too; checkpoint costs (disk) are kept in seconds.  The learning-rate schedule
+    follows the latest total (its warmup part does not depend on it).  Only the first session of a
+    run re-plans; a resumed run keeps the plan it saved, so it continues exactly its schedule.
+    """
+    REPLAN_EVERY = 10
+    WINDOW = 30
+
+    def __init__(self, cfg: TrainConfig, t_start: float, eval_tokens: int, final_tokens: int,
+                 checkpoint_seconds: float):
+        self.cfg = cfg
+        self.t_start = t_start
+        self.eval_tokens, self.final_tokens = eval_tokens, final_tokens
+        self.checkpoint_seconds = checkpoint_seconds
+        self.step_times: list[float] = []
+        # Until an evaluation is measured: forward only costs about 1/3 of forward + backward.
+        self.eval_steps_per_token = 1.0 / (3 * cfg.tokens_per_step)
+        self.sample_steps = 0.0
+
+    def step_seconds(self) -> float:
+        return float(np.median(self.step_times))
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_times.append(seconds)
+        del self.step_times[:-self.WINDOW]
+
+    def observe_eval(self, ev: dict) -> None:
+        step = self.step_seconds()
+        self.eval_steps_per_token = ev["eval_seconds"] / max(ev["val_tokens"], 1) / step
+        self.sample_steps = ev["sample_seconds"] / step
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_seconds = seconds
+
+    def costs(self) -> dict:
+        """Current estimates, in seconds, of a step, a periodic and the final evaluation."""
+        step = self.step_seconds()
+        return {"step_seconds": step,
+                "eval_seconds": (self.eval_steps_per_token * self.eval_tokens + self.sample_steps) * step,
+                "final_eval_seconds": (self.eval_steps_per_token * self.final_tokens + self.sample_steps) * step,
+                "checkpoint_seconds": self.checkpoint_seconds}
+
+    def plan(self, step: int, min_total: int) -> int:
+        c = self.costs()
+        left = self.cfg.time_budget - (time.monotonic() - self.t_start)
+        more = plan_steps(left, c["step_seconds"], c["eval_seconds"], self.cfg.eval_interval,
+                          c["final_eval_seconds"], c["checkpoint_seconds"], self.cfg.checkpoint_interval)
+        return max(step + more, step + 1, min_total)
+
+    def summary(self) -> dict:
+        return {"mode": "time_budget", "time_budget": self.cfg.time_budget, **self.costs()}
+
