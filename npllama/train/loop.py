@@ -130,6 +130,7 @@ class Session:
         self.progress = Progress(progress and verbose)
         self.ema_step = None           # smoothed seconds per step, for the time left
         self.window_losses = []        # training losses since the last evaluation
+        self.evaluated = False         # (the first evaluation's line says which tokens they all read)
         self.session_start = time.monotonic()
 
     def __enter__(self):
@@ -171,22 +172,21 @@ class Session:
         self.result.total_steps = run.total_steps
 
     def _setup_line(self) -> str:
-        """Where the time before the first step went, compiling included; then the plan."""
+        """Where the time before the first step went, compiling included; the machine's speed; the plan."""
         run, cfg = self.run, self.run.config
         total = time.monotonic() - self.t_start
-        parts = dict(run.setup_seconds)
+        parts = [f"{what} {seconds:.1f}s" for what, seconds in run.setup_seconds.items()]
         if self.compiling.seconds >= 0.05:
-            parts["compiling Numba kernels (first run only, then cached)"] = self.compiling.seconds
-        rest = total - sum(parts.values())
-        parts["model, evaluation and sample" if not self.resumed else "loading"] = rest
-        line = f"setup {total:.1f}s: " + ", ".join(f"{what} {seconds:.1f}s" for what, seconds in parts.items())
+            parts.append(f"compiling Numba kernels {self.compiling.seconds:.1f}s (first run only)")
+        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds:.1f}s")
+        line = f"setup {total:.1f}s: " + ", ".join(parts)
         if self.verbose:
-            line += f"; this machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now"
+            line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
+                     "(steps and tokens/s scale with it)")
         if self.planner is not None:
             step_s = self.planner.step_seconds()
-            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step measured "
-                     f"(~{cfg.tokens_per_step / step_s:,.0f} tokens/s) -> {run.total_steps:,} steps planned, "
-                     f"re-planned every {self.planner.REPLAN_EVERY} steps")
+            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step (~{cfg.tokens_per_step / step_s:,.0f} "
+                     f"tokens/s) -> {run.total_steps:,} steps, re-planned every {self.planner.REPLAN_EVERY} steps")
         return line
 
     def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
@@ -227,7 +227,8 @@ class Session:
 
     def _record_eval(self, ev: dict) -> None:
         self.metrics.write({"step": self.run.step, "kind": "eval", **ev, "elapsed": self.elapsed()})
-        say(_eval_line(self.run.step, ev, len(self.run.data.val_tokens)), self.verbose)
+        say(_eval_lines(self.run.step, ev, len(self.run.data.val_tokens), not self.evaluated), self.verbose)
+        self.evaluated = True
 
     def sample(self) -> None:
         """A short sample of the model's text: in metrics.jsonl whole, on the terminal its first
@@ -288,12 +289,11 @@ class Session:
             result.tokens_per_second = float(np.median([r["tokens_per_second"] for r in steps]))
         if not result.interrupted:
             ev = result.final_eval
-            compiled = (f" ({self.compiling.seconds:.0f}s of it compiling Numba kernels, first run only)"
-                        if self.compiling.seconds >= 1 else "")
-            say(f"done: {run.step} steps in {hms(result.wall_seconds)} wall time{compiled}, "
-                f"median {result.tokens_per_second or 0:,.0f} tokens/s"
-                + (f", held-out {ev['val_bpb']:.4f} bits/byte ({_held_out(ev['val_tokens'], len(run.data.val_tokens))})" if ev else "")
-                + f"; model saved in {run.run_dir}", self.verbose)
+            compiled = f" ({self.compiling.seconds:.0f}s compiling)" if self.compiling.seconds >= 1 else ""
+            say(f"done: {run.step:,} steps in {hms(result.wall_seconds)}{compiled}, median "
+                f"{result.tokens_per_second or 0:,.0f} tokens/s"
+                + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "")
+                + f"\nmodel saved in {run.run_dir}", self.verbose)
 
     def _final_eval(self) -> dict | None:
         """The final evaluation, and that of the periodic evaluations' tokens under "subset"."""
@@ -311,13 +311,13 @@ class Session:
 
 
 def _describe(run: Run) -> str:
-    """The start-up line: model, batch, run directory, and the threads really in use."""
+    """The start-up lines: model, batch and the threads really in use, run directory."""
     c, cfg, threads = run.model.config, run.config, live_thread_counts()
-    return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (dim {c.dim}, {c.n_layers} layers, "
-            f"{c.n_heads} heads, {c.n_kv_heads} kv heads, hidden {c.hidden_dim}, vocab {c.vocab_size}, "
-            f"context {cfg.seq_len}, {cfg.dtype}); batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} "
-            f"= {cfg.tokens_per_step:,} tokens/step; threads: OpenBLAS {threads['openblas']}, Numba "
-            f"{threads['numba']}; run dir {run.run_dir}")
+    kv = f" ({c.n_kv_heads} kv)" if c.n_kv_heads != c.n_heads else ""
+    return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters: dim {c.dim}, {c.n_layers} layers, "
+            f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
+            f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
+            f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}\nrun dir {run.run_dir}")
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -450,17 +450,21 @@ def _held_out(n_tokens: int, n_held_out: int) -> str:
     return f"all {n_held_out:,} held-out tokens" if n_tokens >= n_held_out else f"first {n_tokens:,} held-out tokens"
 
 
-def _eval_line(step: int, ev: dict, n_held_out: int) -> str:
-    """``step 500: held-out 2.1234 bits/byte, loss 3.4567 (first 16,384 held-out tokens); train loss 3.51``;
-    the final line also gives the figure on the periodic evaluations' tokens, comparable with theirs."""
+def _eval_lines(step: int, ev: dict, n_held_out: int, say_tokens: bool) -> str:
+    """``step 500: held-out 2.1234 bits/byte, loss 3.4567; train loss 3.5100`` (``say_tokens``: which
+    held-out tokens, said at a session's first evaluation).  The final evaluation says which tokens
+    it covers, and gives a second line on the periodic evaluations' tokens, comparable with theirs."""
     def figures(e):
-        return f"{e['val_bpb']:.4f} bits/byte, loss {e['val_loss']:.4f} ({_held_out(e['val_tokens'], n_held_out)})"
+        return f"{e['val_bpb']:.4f} bits/byte, loss {e['val_loss']:.4f}"
 
-    line = f"step {step}: {'final: ' if ev.get('final') else ''}held-out {figures(ev)}"
+    train = f"; train loss {ev['train_loss']:.4f}" if ev.get("train_loss") is not None else ""
+    if not ev.get("final"):
+        tokens = f" ({_held_out(ev['val_tokens'], n_held_out)}, as every periodic eval)" if say_tokens else ""
+        return f"step {step}: held-out {figures(ev)}{tokens}{train}"
+    line = f"step {step}: final eval on {_held_out(ev['val_tokens'], n_held_out)}: {figures(ev)}{train}"
     if "subset" in ev:
-        line += f"; on the periodic evaluations' tokens {figures(ev['subset'])}"
-    if ev.get("train_loss") is not None:
-        line += f"; train loss {ev['train_loss']:.4f}"
+        line += (f"\nstep {step}: final eval on the periodic evals' first {ev['subset']['val_tokens']:,}: "
+                 f"{figures(ev['subset'])}")
     return line
 
 
