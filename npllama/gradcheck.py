@@ -29,6 +29,7 @@ from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
 from .layers.linear import linear_backward, linear_forward
+from .layers.lora import lora_backward, lora_forward
 from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
 from .layers.swiglu import feedforward_backward, feedforward_forward
@@ -180,6 +181,17 @@ def check_dropout(r):
                {"x": dropout_backward(dy, mask)}, dy)
 
 
+def check_lora(r):
+    """A frozen (5, 6) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
+    x, w, dy = r.normal(size=(4, 6)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
+    a, b = r.normal(size=(2, 6)), r.normal(size=(5, 2))
+    mask = dropout_forward(x, 0.3, r, True)[1]
+    _, cache = lora_forward(x, w, a, b, 4.0, mask)
+    dx, da, db = lora_backward(dy, cache)
+    return _fd(lambda: lora_forward(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
+               {"x": dx, "lora_A": da, "lora_B": db}, dy)
+
+
 def check_cross_entropy(r):
     logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
     targets[2] = -100
@@ -239,7 +251,7 @@ def check_reference(r, tie_embeddings=False):
 LAYER_CHECKS = {
     "embedding": check_embedding, "rmsnorm": check_rmsnorm, "rope": check_rope, "attention": check_attention,
     "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
-    "decoder_block": check_decoder_block, "model": check_model,
+    "lora": check_lora, "decoder_block": check_decoder_block, "model": check_model,
     "model_tied": lambda r: check_model(r, tie_embeddings=True),
     "reference": check_reference, "reference_tied": lambda r: check_reference(r, tie_embeddings=True),
 }

@@ -1,0 +1,147 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update, as PEFT does it.
+
+A frozen weight W (out, in) gets two small matrices, A (r, in) and B (out, r) with r << in, out,
+a scale s = alpha / r, and an optional inverted-dropout mask m on the adapter's input (entries 0
+or 1/(1-p), drawn like npllama/layers/dropout.py's; all ones without dropout):
+
+Forward:   xd = x * m                       (N, in)   the adapter's input (x itself without dropout)
+           z  = xd A^T                      (N, in) @ (in, r)  -> (N, r)
+           y  = x W^T + s z B^T             (N, out)
+
+Backward, given dy = dL/dy (N, out).  y depends on z through s z B^T, a linear layer with weight
+s B, so (linear.py's two rules):
+           dz = s dy B                      (N, out) @ (out, r) -> (N, r)
+           dB = s dy^T z                    (out, N) @ (N, r)   -> (out, r)
+z = xd A^T is a linear layer again:
+           dA = dz^T xd                     (r, N) @ (N, in)    -> (r, in)
+           dxd = dz A                       (N, r) @ (r, in)    -> (N, in)
+x reaches y twice, through W and through the adapter (xd = x * m), so the two gradients add:
+           dx = dy W + dxd * m              (N, in)
+No dW: W is frozen.  Its gradient dy^T x, an (out, N) @ (N, in) product, is the layer's largest
+backward matmul; LoRA skips it, needs no buffer for it and no optimizer state for W.
+
+Merging: without dropout x W^T + s x A^T B^T = x (W + s B A)^T, so after training the adapter
+folds into the weight, W' = W + s B A (``merge_lora``), and inference costs nothing extra.
+
+Init (PEFT's ``reset_lora_parameters``, after Microsoft's loralib): B = 0, so y = x W^T exactly at
+step 0.  A gets torch's default nn.Linear init, kaiming_uniform_(a=sqrt(5)): bound = gain
+sqrt(3 / fan_in) with gain = sqrt(2 / (1 + a^2)) = sqrt(1/3), i.e. A ~ U(-1/sqrt(in), 1/sqrt(in)).
+A must not be zero too: with A = B = 0, z = 0 makes dB = 0 and dz = s dy B = 0 makes dA = 0, and
+the adapter would never move.  With B = 0 only dA is zero at step 0; dB = s dy^T z is not, and
+after one step both move.
+
+The fast path keeps the base product one BLAS matmul and the adapter two thin ones: z = xd A^T is
+(N, r), and its backward products dz, dB, dA all have r as one dimension.  The way back up to the
+output width, s z B^T (and dz A in the backward), is added in place by ``add_low_rank_kernel``:
+NumPy's matmul cannot accumulate into its output, and a temporary (N, out) would cost a pass over
+memory as large as the base product's output.  The adapter functions (``lora_adapter_forward`` /
+``lora_adapter_backward``) work on an output that already holds x W^T, so a block can run its own
+fused base product (q, k, v stacked) and then add each projection's adapter into its columns.
+
+Shapes: x, dx, m, xd: (N, in) (leading dims flattened); W: (out, in); A, dA: (r, in);
+B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
+"""
+import numpy as np
+
+from ._numba import jit_parallel, prange
+
+
+# ---- init and merge ----------------------------------------------------------------------------
+def lora_init(rng, in_features, out_features, rank, dtype=np.float32):
+    """(A, B) as PEFT initialises them: A ~ U(-1/sqrt(in), 1/sqrt(in)) (r, in), B = 0 (out, r)."""
+    bound = 1.0 / np.sqrt(in_features)
+    a = rng.uniform(-bound, bound, size=(rank, in_features)).astype(dtype)
+    b = np.zeros((out_features, rank), dtype=dtype)
+    return a, b
+
+
+def merge_lora(w, a, b, scale):
+    """W' = W + s B A (out, in): the one weight that computes the same as the adapter form."""
+    return w + scale * (b @ a)
+
+
+# ---- readable reference ------------------------------------------------------------------------
+def lora_forward_reference(x, w, a, b, scale, mask=None):
+    """x: (..., in) -> y: (..., out).  mask: None (no dropout) or x's shape, entries 0 or 1/(1-p)."""
+    xd = x if mask is None else x * mask              # dropout(x)             (..., in)
+    z = xd @ a.T                                      # (..., r)
+    y = x @ w.T + scale * (z @ b.T)                   # (..., out)
+    return y, (x, w, a, b, scale, mask, xd, z)
+
+
+def lora_backward_reference(dy, cache):
+    """-> (dx, dA, dB).  No dW: W is frozen."""
+    x, w, a, b, scale, mask, xd, z = cache
+    r = a.shape[0]
+    dz = scale * (dy @ b)                             # (..., r)
+    db = scale * (dy.reshape(-1, w.shape[0]).T @ z.reshape(-1, r))    # (out, r)
+    da = dz.reshape(-1, r).T @ xd.reshape(-1, w.shape[1])             # (r, in)
+    dxd = dz @ a                                      # (..., in)
+    dx = dy @ w + (dxd if mask is None else dxd * mask)
+    return dx, da, db
+
+
+# ---- kernel ------------------------------------------------------------------------------------
+# Row n of y gets r scaled rows of u, each a contiguous axpy that vectorises.  ``scale`` must have
+# y's dtype (a Python float would promote float32 arithmetic to float64).  y may be a column block
+# of a wider array (any strides).  With a mask each term is multiplied by the mask entry, which is
+# (z u) * mask up to rounding and needs no temporary row.
+@jit_parallel
+def add_low_rank_kernel(y, z, u, scale, mask):
+    """y += scale * (z u), elementwise times ``mask`` unless it is None.
+    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J)."""
+    N, J = y.shape
+    R = z.shape[1]
+    for n in prange(N):
+        for k in range(R):
+            c = scale * z[n, k]
+            if mask is None:
+                for j in range(J):
+                    y[n, j] += c * u[k, j]
+            else:
+                for j in range(J):
+                    y[n, j] += c * u[k, j] * mask[n, j]
+
+
+# ---- what the model calls ----------------------------------------------------------------------
+def lora_adapter_forward(x, a, b, scale, y, mask=None, z=None, x_drop=None):
+    """y += s dropout(x) A^T B^T in place, where y (N, out) already holds x W^T (it may be a column
+    block of a fused product).  x: (N, in).  z (N, r) and, with a mask, x_drop (N, in) are written
+    when given.  Returns the adapter's cache (a, b, scale, mask, xd, z)."""
+    xd = x if mask is None else np.multiply(x, mask, out=x_drop)   # (N, in)
+    z = np.matmul(xd, a.T, out=z)                                    # (N, r)
+    add_low_rank_kernel(y, z, np.ascontiguousarray(b.T), y.dtype.type(scale), None)   # y += s z B^T
+    return a, b, scale, mask, xd, z
+
+
+def lora_adapter_backward(dy, cache, dx, da=None, db=None, dz=None):
+    """dx += (s dy B A) * m in place, where dx (N, in) already holds the base's dy W.
+    dy: (N, out) (any strides).  Returns (dA, dB), written into ``da``, ``db`` when given; dz (N, r)
+    is scratch.  Reads its cache only."""
+    a, b, scale, mask, xd, z = cache
+    dz = np.matmul(dy, b, out=dz)                     # (N, r)
+    dz *= scale                                       # dz = s dy B
+    db = np.matmul(dy.T, z, out=db)                   # (out, r)
+    db *= scale                                       # dB = s dy^T z
+    da = np.matmul(dz.T, xd, out=da)                  # dA = dz^T xd     (r, in)
+    add_low_rank_kernel(dx, dz, a, dx.dtype.type(1.0), mask)   # dx += (dz A) * m
+    return da, db
+
+
+def lora_forward(x, w, a, b, scale, mask=None, out=None, z=None, x_drop=None):
+    """x: (..., in) -> y: (..., out), cache.  mask: None or x's shape.  The base product is one BLAS
+    call into ``out`` (N, out); z (N, r) and x_drop (N, in) (with a mask) are preallocated rows."""
+    x2 = x.reshape(-1, w.shape[1])
+    mask2 = None if mask is None else mask.reshape(x2.shape)
+    y = np.matmul(x2, w.T, out=out)                   # x W^T    (N, out)
+    adapter = lora_adapter_forward(x2, a, b, scale, y, mask2, z, x_drop)
+    return y.reshape(*x.shape[:-1], w.shape[0]), (x.shape, w, adapter)
+
+
+def lora_backward(dy, cache, dx=None, da=None, db=None, dz=None):
+    """-> (dx, dA, dB), written into ``dx`` (N, in), ``da``, ``db`` when given.  No dW: W is frozen."""
+    x_shape, w, adapter = cache
+    dy2 = dy.reshape(-1, w.shape[0])
+    dx = np.matmul(dy2, w, out=dx)                    # dy W     (N, in)
+    da, db = lora_adapter_backward(dy2, adapter, dx, da, db, dz)
+    return dx.reshape(x_shape), da, db

@@ -1,0 +1,123 @@
+"""npllama's LoRA against PEFT + torch autograd, in float64.
+
+tests/fixtures/lora_peft (made by scripts/make_lora_fixture.py) holds a LoRA adapter on every
+projection of tests/fixtures/hf_gqa, as PEFT's save_pretrained writes it, and PEFT's float64 logits,
+loss and adapter gradients for one batch, without dropout and with given dropout masks on the
+adapters' inputs.  Two independent routes to those numbers:
+
+* npllama.reference with ``lora=``: each adapted projection a ``lora_forward_reference`` and its
+  backward ``lora_backward_reference`` (dA, dB; the frozen weights get no gradient), with the
+  masks given as ``lora_masks=``;
+* the merged model (no dropout): the fast ``npllama.Llama`` with every adapted W replaced by
+  ``merge_lora`` = W + s B A, whose weight gradients G give the adapter's by the chain rule,
+  dA = s B^T G and dB = s G A^T.
+
+These tests only read files (no torch).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import npllama
+from npllama import reference
+from npllama.gradcheck import relative_error
+from npllama.layers.lora import merge_lora
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ADAPTER_DIR = FIXTURES / "lora_peft"
+PEFT_PREFIX = "base_model.model."
+TOLERANCE = 1e-12
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def load_adapter(directory):
+    """{module name: (A, B, scale)} from PEFT's adapter_config.json + adapter_model.safetensors."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    return {key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"):
+            (tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")], scale)
+            for key in tensors if key.endswith(".lora_A.weight")}
+
+
+def from_peft_keys(tensors, prefix):
+    """{"<prefix>base_model.model.<name>": t} -> {"<name>": t}: PEFT's keys as npllama.reference's."""
+    return {key.removeprefix(prefix + PEFT_PREFIX): t for key, t in tensors.items() if key.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def case():
+    base_dir = ADAPTER_DIR / json.loads((ADAPTER_DIR / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cfg = npllama.LlamaConfig.from_hf_dict(json.loads((base_dir / "config.json").read_text()))
+    params = load_file(str(base_dir / "model.safetensors"))
+    ref = load_file(str(ADAPTER_DIR / "reference.safetensors"))
+    return base_dir, cfg, params, load_adapter(ADAPTER_DIR), ref
+
+
+def test_adapter_files_are_in_peft_layout(case):
+    _, cfg, params, lora, ref = case
+    config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == ("LORA", 4, 8, False)
+    assert sorted(config["target_modules"]) == sorted(name.split(".")[1] for name in PROJECTIONS)
+    assert set(lora) == {f"model.layers.{i}.{m}" for i in range(cfg.n_layers) for m in PROJECTIONS}
+    for name, (a, b, scale) in lora.items():
+        d_out, d_in = params[name + ".weight"].shape
+        assert a.shape == (4, d_in) and b.shape == (d_out, 4) and a.dtype == b.dtype == np.float64, name
+        assert scale == 2.0
+        assert np.abs(a).max() <= 1 / np.sqrt(d_in) and b.any(), name    # A as PEFT inits it, B moved
+    stored = set(load_file(str(ADAPTER_DIR / "adapter_model.safetensors")))
+    assert {k.removeprefix("grad.") for k in ref if k.startswith("grad.")} == stored
+
+
+def test_reference_with_lora_matches_peft(case):
+    _, cfg, params, lora, ref = case
+    assert relative_error(reference.forward(params, cfg, ref["tokens"], lora=lora), ref["logits"]) <= TOLERANCE
+    loss, grads = reference.loss_and_grad(params, cfg, ref["tokens"], ref["targets"], lora=lora)
+    assert abs(loss - float(ref["loss"])) <= TOLERANCE * abs(float(ref["loss"]))
+    peft_grads = from_peft_keys(ref, "grad.")
+    assert set(grads) == set(peft_grads)                 # the adapters' gradients, and nothing frozen
+    worst = max(relative_error(grads[key], peft_grads[key]) for key in peft_grads)
+    assert worst <= TOLERANCE, worst
+    # the adapters matter: without them the logits are visibly different
+    assert relative_error(reference.forward(params, cfg, ref["tokens"]), ref["logits"]) > 0.1
+
+
+def test_reference_with_lora_dropout_masks_matches_peft(case):
+    _, cfg, params, lora, ref = case
+    masks = {key.removeprefix("mask."): m for key, m in ref.items() if key.startswith("mask.")}
+    assert set(masks) == set(lora)
+    loss, grads = reference.loss_and_grad(params, cfg, ref["tokens"], ref["targets"], lora=lora, lora_masks=masks)
+    assert abs(loss - float(ref["dropout_loss"])) <= TOLERANCE * abs(float(ref["dropout_loss"]))
+    peft_grads = from_peft_keys(ref, "dropout_grad.")
+    assert set(grads) == set(peft_grads)
+    worst = max(relative_error(grads[key], peft_grads[key]) for key in peft_grads)
+    assert worst <= TOLERANCE, worst
+    # the masks matter: the gradients without them are visibly different
+    no_masks = from_peft_keys(ref, "grad.")
+    assert max(relative_error(no_masks[key], peft_grads[key]) for key in peft_grads) > 0.01
+
+
+def test_reference_refuses_an_adapter_on_no_projection(case):
+    _, cfg, params, lora, ref = case
+    a, b, scale = lora["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ValueError, match="model.layers.0.mlp.upproj"):
+        reference.forward(params, cfg, ref["tokens"], lora={"model.layers.0.mlp.upproj": (a, b, scale)})
+
+
+def test_merged_fast_model_matches_peft(case):
+    base_dir, cfg, params, lora, ref = case
+    model = npllama.Llama.from_pretrained(base_dir, dtype=np.float64)
+    for name, (a, b, scale) in lora.items():
+        model.params[name + ".weight"][...] = merge_lora(params[name + ".weight"], a, b, scale)
+    assert relative_error(model.forward(ref["tokens"]), ref["logits"]) <= TOLERANCE
+    loss, weight_grads = model.loss_and_grad(ref["tokens"], ref["targets"])
+    assert abs(loss - float(ref["loss"])) <= TOLERANCE * abs(float(ref["loss"]))
+    peft_grads = from_peft_keys(ref, "grad.")
+    for name, (a, b, scale) in lora.items():             # W' = W + s B A: dA = s B^T G, dB = s G A^T
+        g = weight_grads[name + ".weight"]
+        assert relative_error(scale * b.T @ g, peft_grads[name + ".lora_A.weight"]) <= TOLERANCE, name
+        assert relative_error(scale * g @ a.T, peft_grads[name + ".lora_B.weight"]) <= TOLERANCE, name
