@@ -3,7 +3,7 @@
 
     python benchmarks/profile_step.py --config 15M-v4k --threads 2 --steps 5 --warmup 2
 
-One step = model.loss_and_grad(x, y) + AdamW.step(flat_grads=...), as in train_throughput.py.
+One step = model.loss_and_grad(x, y, copy=False) + AdamW.step(flat_grads=...), as in train_throughput.py.
 After the warm-up (Numba compilation), the script wraps, in npllama.model and every
 npllama.layers module:
 
@@ -197,7 +197,7 @@ def main(argv=None):
 
     def step(i):
         x, y = batches[i]
-        loss, _ = model.loss_and_grad(x, y)
+        loss, _ = model.loss_and_grad(x, y, copy=False)
         if not args.no_optimizer:
             opt_step(flat_grads=model.flat_grads)
         return loss

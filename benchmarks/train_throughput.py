@@ -6,7 +6,7 @@
 
 One training step = forward + mean cross-entropy + backward + AdamW update, on a (batch, context)
 block of random tokens (seeded; the same blocks for every framework):
-    npllama:  loss, grads = model.loss_and_grad(x, y); opt.step(flat_grads=model.flat_grads)
+    npllama:  loss, grads = model.loss_and_grad(x, y, copy=False); opt.step(flat_grads=model.flat_grads)
               (npllama.optim.AdamW over model.flat_params; --npllama-adamw dict steps over `grads`)
     torch:    opt.zero_grad(); loss = CE(model(x), y); loss.backward(); opt.step()
 
@@ -104,7 +104,7 @@ def worker_check(workdir: Path):
     try:
         # 1) npllama's own initial weights, copied into the PyTorch model through model.params
         model = common.npllama_model(npllama, shape)
-        loss_own, _ = model.loss_and_grad(x, y)
+        loss_own, _ = model.loss_and_grad(x, y, copy=False)
         ref_own = tr.load_params(tr.TorchLlama(shape), model.params)
         with torch.no_grad():
             torch_own = tr.cross_entropy(ref_own(tx), ty).item()
@@ -157,7 +157,7 @@ def worker_train(framework: str, workdir: Path):
 
         def step(i):
             x, y = batches[i]
-            loss, grads = model.loss_and_grad(x, y)
+            loss, grads = model.loss_and_grad(x, y, copy=False)
             if flat:
                 opt.step(flat_grads=model.flat_grads)
             else:

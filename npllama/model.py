@@ -12,6 +12,11 @@ All parameters live in one contiguous buffer ``flat_params`` and all gradients i
 ``flat_grads``; ``params`` and ``grads`` map the Hugging Face names onto views of them.  One
 buffer lets the optimizer update everything in a single pass, and keeping the q/k/v (and
 gate/up) rows next to each other lets one matmul compute all three projections.
+
+This is the fast engine: its passes run the decoder block of layers/block.py on row buffers with
+Numba kernels and split matmuls, and it is held equal to npllama/reference.py, the same model in
+plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
+blocks (``last_hidden_state``) and each new token through the same kernels on one row.
 """
 from __future__ import annotations
 
@@ -20,13 +25,14 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import ConfigError, InputError
 from .formats import hf
-from .layers.block import (LayerBuffers, NormedStream, SharedBuffers, decoder_block_backward_rows,
-                           decoder_block_forward_rows)
-from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward, cross_entropy_forward_kernel
+from .generate import decoding
+from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
+from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
+from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.linear import matmuls, split_matmuls
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
-from .layers.rope import rope_cos_sin, rope_frequencies
+from .layers.rope import rope_frequencies
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 LOSS_CHUNK_ROWS = 1024  # rows of logits at a time in Llama.loss
@@ -88,30 +94,37 @@ def _layer_views(views, flat, layout, cfg):
     return layers
 
 
+class _FinalStream:
+    """The last block's output x (N, D), its final RMSNorm xn (N, D) and 1/rms r (N,)."""
+
+    def __init__(self, x, xn, r):
+        self.x, self.xn, self.r = x, xn, r
+
+
 class _Workspace:
     """Every buffer of a forward (and, with ``keep_activations``, backward) pass over (B, T) tokens.
 
-    Training: one LayerBuffers per layer (what its backward needs), block i's output stream being
-    block i+1's input (``final`` after the last block: x_L, its norm xn and 1/rms);  inference: one
-    LayerBuffers for all layers, h = x and n2 = n1 aliased so the residual stream is updated in
-    place.  logits (N, V) is overwritten by dlogits in training."""
+    Training: one BlockActivations per layer (what its backward needs), block i's output written
+    into block i+1's input x (``final.x`` after the last block);  inference: one in-place
+    BlockActivations for all layers, the residual stream updated in place and the final norm
+    written over the first norm's buffers.  logits (N, V) is overwritten by dlogits in training."""
 
     def __init__(self, cfg, B, T, dtype, rope_freqs, keep_activations):
         N = B * T
-        self.shape = (B, T)
-        self.cos, self.sin = rope_cos_sin(np.arange(T), rope_freqs, dtype)
-        self.shared = SharedBuffers(cfg, N, dtype)
+        self.batch = RowBatch(cfg, B, T, dtype, rope_freqs)
         if keep_activations:
-            self.layers = [LayerBuffers(cfg, N, dtype) for _ in range(cfg.n_layers)]
-            self.final = NormedStream(cfg, N, dtype)
+            self.layers = [BlockActivations(cfg, N, dtype) for _ in range(cfg.n_layers)]
+            e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
+            self.final = _FinalStream(e(N, cfg.dim), e(N, cfg.dim), e(N))
             self.logits = np.empty((N, cfg.vocab_size), dtype=dtype)
             self.losses = np.empty(N, dtype=np.float64)
         else:
-            one = LayerBuffers(cfg, N, dtype)
-            one.h, one.n2, one.r2 = one.x, one.n1, one.r1
+            one = BlockActivations(cfg, N, dtype, in_place=True)
             self.layers = [one] * cfg.n_layers
-            self.final = one
+            self.final = _FinalStream(one.x, one.n1, one.r1)
             self.logits = None  # forward() returns a new array; loss() works in row chunks
+        # where each block writes its output: the next block's input, the final stream after the last
+        self.outputs = [acts.x for acts in self.layers[1:]] + [self.final.x]
 
 
 class Llama:
@@ -193,10 +206,10 @@ class Llama:
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     # ---- forward and backward ------------------------------------------------------------------
-    # The step runs on row buffers (see layers/block.py, "the training path"): every activation of
-    # a (B, T) batch lives in a buffer made on the first call with that shape and reused after, so a
-    # step allocates almost nothing.  Training keeps one set per layer for the backward; forward()
-    # and loss() use a single set for all layers (the residual stream updated in place).
+    # The passes run the blocks of layers/block.py on row buffers: every activation of a (B, T) batch
+    # lives in a buffer made on the first call with that shape and reused after (the attention
+    # kernels still allocate their tiles and outputs per call).  Training keeps one set per layer for
+    # the backward; forward(), loss() and last_hidden_state() use one set for all layers.
     def _workspace(self, B, T, training):
         key = (B, T, bool(training))
         ws = self._workspaces.get(key)
@@ -206,28 +219,29 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, training, logits=None, head=True, dropout_masks=None):
-        """Embedding -> blocks -> final norm (ws.final.n1) -> logits (N, V), into ``logits`` when
-        given, else into the workspace's buffer; ``head=False`` stops before the logits.  The
-        per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``: None, or one
-        checked (N, D) mask pair per layer (``_check_dropout_masks``)."""
+    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None):
+        """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
+        projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout``: draw
+        masks (training with p > 0), unless ``dropout_masks`` gives them: one checked (N, D) pair
+        per layer (``_check_dropout_masks``), applied as given.  ``after_block(i, qkv)`` is called
+        after block i."""
         cfg = self.config
-        B, T = tokens.shape
-        dt = self.dtype.type
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
-        rmsnorm_forward_kernel(first.x, self._layers[0]["attn_norm"], dt(cfg.norm_eps), first.n1, first.r1)
-        for i, (buf, w) in enumerate(zip(ws.layers, self._layers)):
-            nxt = ws.final if i == cfg.n_layers - 1 else ws.layers[i + 1]
-            next_norm_w = self.params["model.norm.weight"] if i == cfg.n_layers - 1 else self._layers[i + 1]["attn_norm"]
-            decoder_block_forward_rows(buf, nxt, ws.shared, w, next_norm_w, ws.cos, ws.sin, B, T, cfg,
-                                       self._dropout_rng, training,
-                                       None if dropout_masks is None else dropout_masks[i])
-        if not head:
-            return None
-        logits = ws.logits if logits is None else logits
-        matmuls((ws.final.n1, self.lm_head.T, logits))
-        return logits
+        for i, (acts, w, out) in enumerate(zip(ws.layers, self._layers, ws.outputs)):
+            acts.mask_attn = acts.mask_ffn = None
+            if dropout_masks is not None:
+                acts.mask_attn, acts.mask_ffn = dropout_masks[i]
+            elif dropout:  # drawn in this order (attention, then feed-forward, layer by layer)
+                acts.mask_attn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
+                acts.mask_ffn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
+            decoder_block_forward_rows(acts, w, out, ws.batch)
+            if after_block is not None:
+                after_block(i, acts.qkv)
+        final = ws.final
+        rmsnorm_forward_kernel(final.x, self.params["model.norm.weight"], self.dtype.type(cfg.norm_eps),
+                               final.xn, final.r)
+        return final.xn
 
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
@@ -235,10 +249,24 @@ class Llama:
         B, T = tokens.shape
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
         with split_matmuls():
-            self._forward_rows(tokens, self._workspace(B, T, False), False, logits=logits)
+            xn = self._forward_rows(tokens, self._workspace(B, T, False), dropout=False)
+            matmuls((xn, self.lm_head.T, logits))
         return logits.reshape(B, T, self.config.vocab_size)
 
     __call__ = forward
+
+    def last_hidden_state(self, tokens, after_block=None) -> np.ndarray:
+        """tokens: int (B, T) -> the final RMSNorm's output (B, T, D), the input of the output
+        projection; no dropout.  It is a buffer of the model that the next pass overwrites.
+
+        ``after_block(i, qkv)``, when given, is called after block i with its q/k/v projection rows
+        qkv: (B*T, (H + 2K) * hd), q and k rotated: how generation fills its key/value cache from
+        the prompt (npllama/generate/decoding.py)."""
+        tokens = self._check_tokens(tokens)
+        B, T = tokens.shape
+        with split_matmuls():
+            xn = self._forward_rows(tokens, self._workspace(B, T, False), dropout=False, after_block=after_block)
+        return xn.reshape(B, T, self.config.dim)
 
     def loss(self, tokens, targets, reduction="mean") -> float:
         """Cross-entropy of ``targets`` (ids or -100 to ignore) without gradients; dropout off.
@@ -253,21 +281,19 @@ class Llama:
         ws = self._workspace(B, T, False)
         rows = min(LOSS_CHUNK_ROWS, B * T)
         logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
-        lse, losses = np.empty(rows), np.empty(rows)
+        losses = np.empty(rows)
         total, targets = 0.0, targets.reshape(-1)
         with split_matmuls():
-            self._forward_rows(tokens, ws, False, head=False)
-            xn = ws.final.n1
+            xn = self._forward_rows(tokens, ws, dropout=False)
             for start in range(0, B * T, rows):
                 stop = min(start + rows, B * T)
                 n = stop - start
                 matmuls((xn[start:stop], self.lm_head.T, logits[:n]))
-                cross_entropy_forward_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, lse[:n], losses[:n])
+                cross_entropy_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, losses[:n])
                 total += float(np.sum(losses[:n]))
-        count = int(np.count_nonzero(targets != IGNORE_INDEX))
         if reduction == "sum":
             return total
-        return total / max(count, 1)
+        return total / count_targets(targets)
 
     def _check_pair(self, tokens, targets):
         tokens = self._check_tokens(tokens)
@@ -298,11 +324,15 @@ class Llama:
             checked.append(tuple(rows))
         return checked
 
-    def loss_and_grad(self, tokens, targets, dropout_masks=None):
+    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, copy=True):
         """Mean cross-entropy over targets != -100, and its gradient for every parameter.
 
-        Returns (loss, grads) where grads maps each name of ``params`` to a view of
-        ``flat_grads``; the next call overwrites them (copy them to keep them).
+        Returns (loss, grads), grads mapping each name of ``params`` to its gradient.
+
+        copy=True (the default): the gradients are a copy, the caller's to keep.
+        copy=False: **grads are views into ``flat_grads``, which the next call to loss_and_grad
+        OVERWRITES**; no copy is made (what the training loop wants: it reads ``flat_grads`` before
+        the next step).
 
         dropout_masks: None to draw dropout masks from the model's generator (when training and
         config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
@@ -313,44 +343,46 @@ class Llama:
         ws = self._workspace(B, T, True)
         with split_matmuls():
             loss = self._loss_and_grad_rows(tokens, targets, ws, masks)
-        return loss, self.grads
+        if not copy:
+            return loss, self.grads
+        return loss, _views(self.flat_grads.copy(), self.layout)
 
     def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None):
         """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
         cfg = self.config
         B, T = tokens.shape
-        logits = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks)
+        dropout = self.training and cfg.dropout > 0.0
+        xn = self._forward_rows(tokens, ws, dropout, dropout_masks=dropout_masks)
+        matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
-        loss, dlogits = cross_entropy_forward_backward(logits, targets.reshape(-1), ws.losses)
+        loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses)
 
         # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W
-        final, shared = ws.final, ws.shared
+        final, scratch = ws.final, ws.batch.scratch
         d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-        matmuls((dlogits.T, final.n1, d_head), (dlogits, self.lm_head, shared.dn))
-        rmsnorm_backward_kernel(shared.dn, final.x, self.params["model.norm.weight"], final.r1, shared.dres,
-                                shared.dw_partial, False)
-        np.sum(shared.dw_partial, axis=0, out=self.grads["model.norm.weight"])
-        for buf, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
-            decoder_block_backward_rows(buf, shared, w, dw, ws.cos, ws.sin, B, T, cfg)
+        matmuls((dlogits.T, final.xn, d_head), (dlogits, self.lm_head, scratch.dn))
+        rmsnorm_backward_kernel(scratch.dn, final.x, self.params["model.norm.weight"], final.r, scratch.dres,
+                                scratch.dw_partial, False)
+        np.sum(scratch.dw_partial, axis=0, out=self.grads["model.norm.weight"])
+        for acts, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
+            decoder_block_backward_rows(acts, w, dw, ws.batch)
         d_embed = self.grads["model.embed_tokens.weight"]
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0
-        embedding_backward(shared.dres, tokens, d_embed)
+        embedding_backward(scratch.dres.reshape(B, T, cfg.dim), tokens, d_embed)
         return loss
 
-    # ---- generation (npllama/generate.py) ------------------------------------------------------
+    # ---- generation (npllama/generate/) --------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None):
         """1-D int array of the new tokens only; see npllama.generate.generate."""
-        from .generate import generate   # at call time: generate imports this module (being split up)
-        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_ids=stop_ids)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None):
         """Yield the same tokens as ``generate``, one at a time."""
-        from .generate import stream   # at call time: generate imports this module (being split up)
-        return stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stop_ids)
 
     # ---- Hugging Face format -------------------------------------------------------------------

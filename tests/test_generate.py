@@ -10,6 +10,7 @@ import pytest
 
 import npllama
 from npllama import generate as gen
+from npllama.generate.cli import IncrementalText
 from npllama.errors import InputError
 from npllama.layers import kv_cache
 from npllama.layers.rope import rope_cos_sin, rope_forward_reference
@@ -106,20 +107,21 @@ def test_decode_attention_reference_is_attention():
         np.testing.assert_allclose(ref[h], p @ v[0, :3], rtol=1e-13)
 
 
-def test_rope_store_kernel_rotates_and_stores():
+@pytest.mark.parametrize("start, n_rows", [(0, 7), (5, 1), (3, 2)])
+def test_kv_cache_store_kernel_writes_its_positions_only(start, n_rows):
+    """Prefill stores all P rows at positions 0.., a step one row at its position."""
     rng = np.random.default_rng(4)
-    H, K, hd, S, pos = 4, 2, 6, 9, 5
-    qkv = rng.normal(size=(H + 2 * K) * hd)
-    original = qkv.copy()
-    cos, sin = rope_cos_sin(np.arange(S), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd), np.float64)
+    H, K, hd, S = 4, 2, 6, 9
+    qkv = rng.normal(size=(n_rows, (H + 2 * K) * hd))
     k_t, v = np.zeros((K, hd, S)), np.zeros((K, S, hd))
-    kv_cache.rope_store_kernel(qkv, cos, sin, pos, H, k_t, v)
-    q_ref, _ = rope_forward_reference(original[:H * hd].reshape(H, hd), cos[pos], sin[pos])
-    k_ref, _ = rope_forward_reference(original[H * hd:(H + K) * hd].reshape(K, hd), cos[pos], sin[pos])
-    np.testing.assert_allclose(qkv[:H * hd].reshape(H, hd), q_ref, rtol=1e-15, atol=1e-15)
-    np.testing.assert_allclose(k_t[:, :, pos], k_ref, rtol=1e-15, atol=1e-15)
-    np.testing.assert_array_equal(v[:, pos], original[(H + K) * hd:].reshape(K, hd))
-    assert not k_t[:, :, :pos].any() and not v[:, pos + 1:].any()   # nothing else written
+    kv_cache.kv_cache_store_kernel(qkv, start, H, k_t, v)
+    stop = start + n_rows
+    k_rows = qkv[:, H * hd:(H + K) * hd].reshape(n_rows, K, hd)
+    v_rows = qkv[:, (H + K) * hd:].reshape(n_rows, K, hd)
+    np.testing.assert_array_equal(k_t[:, :, start:stop], k_rows.transpose(1, 2, 0))
+    np.testing.assert_array_equal(v[:, start:stop], v_rows.transpose(1, 0, 2))
+    assert not k_t[:, :, :start].any() and not k_t[:, :, stop:].any()    # nothing else written
+    assert not v[:, :start].any() and not v[:, stop:].any()
 
 
 @pytest.mark.parametrize("kernel", [kv_cache.matvec_kernel, kv_cache.matvec_parallel_kernel])
@@ -135,19 +137,41 @@ def test_matvec_kernels_equal_matmul(kernel, shape):
     np.testing.assert_allclose(y32, w @ x, atol=1e-5 * np.abs(w).sum(axis=1).max())
 
 
-def test_small_kernels_equal_layer_formulas():
-    rng = np.random.default_rng(5)
-    x, delta, w = rng.normal(size=9), rng.normal(size=9), rng.normal(size=9)
-    x0 = x.copy()
-    out = np.empty(9)
-    kv_cache.add_rmsnorm_kernel(x, delta, w, 1e-5, out)
-    h = x0 + delta
-    np.testing.assert_allclose(x, h, rtol=1e-15)
-    np.testing.assert_allclose(out, w * h / np.sqrt(np.mean(h * h) + 1e-5), rtol=1e-14)
-    gu, hidden = rng.normal(size=10), np.empty(5)
-    kv_cache.swiglu_row_kernel(gu, hidden)
-    a, u = gu[:5], gu[5:]
-    np.testing.assert_allclose(hidden, a / (1 + np.exp(-a)) * u, rtol=1e-14)
+def test_prefill_fills_the_cache_with_the_models_rotated_keys_and_values():
+    """After prefill, the cache holds RoPE(W_k n1) and W_v n1 of every layer and position, as plain
+    NumPy formulas of the block give them (float64, 1e-12)."""
+    model = make_model("llama3_gqa")
+    cfg = model.config
+    H, K, hd, P = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 6
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, size=P)
+    decoder = gen.KVCacheDecoder(model, capacity=P + 2)
+    decoder.prefill(tokens)
+    cos, sin = rope_cos_sin(np.arange(P), model.rope_freqs, np.float64)
+    p = model.params
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+
+    def heads(x, n):     # (P, n*hd) -> (n, P, hd)
+        return x.reshape(P, n, hd).transpose(1, 0, 2)
+
+    x = p["model.embed_tokens.weight"][tokens]
+    for i in range(cfg.n_layers):
+        L = f"model.layers.{i}."
+        n1 = norm(x, p[L + "input_layernorm.weight"])
+        q, _ = rope_forward_reference(heads(n1 @ p[L + "self_attn.q_proj.weight"].T, H), cos, sin)
+        k, _ = rope_forward_reference(heads(n1 @ p[L + "self_attn.k_proj.weight"].T, K), cos, sin)
+        v = heads(n1 @ p[L + "self_attn.v_proj.weight"].T, K)
+        np.testing.assert_allclose(decoder.k_cache_t[i, :, :, :P].transpose(0, 2, 1), k, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(decoder.v_cache[i, :, :P], v, rtol=1e-12, atol=1e-12)
+        s = np.repeat(k, H // K, 0) @ q.transpose(0, 2, 1)   # (H, keys, queries)
+        s = s.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((P, P), -np.inf), 1)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = (a / a.sum(-1, keepdims=True)) @ np.repeat(v, H // K, 0)           # (H, P, hd)
+        x = x + o.transpose(1, 0, 2).reshape(P, H * hd) @ p[L + "self_attn.o_proj.weight"].T
+        n2 = norm(x, p[L + "post_attention_layernorm.weight"])
+        g, u = n2 @ p[L + "mlp.gate_proj.weight"].T, n2 @ p[L + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ p[L + "mlp.down_proj.weight"].T
 
 
 # ---- greedy --------------------------------------------------------------------------------------
@@ -440,7 +464,7 @@ def test_incremental_text_never_shows_half_characters():
     text = " naïve café — 🎉 done"
     ids = tok.encode(text).tolist()
     assert len(ids) > len(text.split())      # multi-byte characters span several byte tokens
-    pieces = gen.IncrementalText(tok, context_ids=tok.encode("To be").tolist())
+    pieces = IncrementalText(tok, context_ids=tok.encode("To be").tolist())
     shown = [pieces.push(t) for t in ids]
     assert not any("\ufffd" in s for s in shown)
     assert "".join(shown) + pieces.flush() == text

@@ -1,9 +1,15 @@
-"""Each layer: the Numba kernel equals the NumPy reference, and the backward equals central
-finite differences in float64 (relative error <= 1e-6; see npllama/gradcheck.py for why)."""
+"""Each layer: the backward equals central finite differences in float64 (relative error <= 1e-6;
+see npllama/gradcheck.py for why), and every Numba kernel that training or generation calls equals
+the NumPy reference in each way it is called: in place or not, accumulating or not, on many rows
+(training, prefill) and on one row through its serial compilation (a decoding step).
+
+Tolerances of kernel against reference: float64 1e-12; float32 2e-5 relative and absolute, on
+inputs of order 1 (float32's epsilon is 1.2e-7, and the references are evaluated in float64)."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from npllama.errors import InputError
 from npllama.gradcheck import numerical_gradient, relative_error
 from npllama.layers import attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
 
@@ -21,7 +27,19 @@ def fd_check(forward, inputs, analytic, dout):
 
 def assert_kernel_equals_reference(kernel, reference, dtype):
     tol = 1e-12 if dtype == np.float64 else 2e-5
+    assert np.asarray(kernel).dtype == dtype
     np.testing.assert_allclose(kernel, reference, rtol=tol, atol=tol)
+
+
+dtypes = pytest.mark.parametrize("dtype", [np.float32, np.float64])
+
+
+def normal(r, shape, dtype, scale=1.0):
+    return r.normal(scale=scale, size=shape).astype(dtype)
+
+
+def f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------
@@ -47,6 +65,62 @@ def test_rmsnorm_kernel_equals_reference(dtype, seed, shape):
     assert_kernel_equals_reference(y, y_ref, dtype)
     for got, want in zip(rmsnorm.rmsnorm_backward(dy, cache), rmsnorm.rmsnorm_backward_reference(dy, cache_ref)):
         assert_kernel_equals_reference(got, want, dtype)
+
+
+@dtypes
+@given(seed=seeds, n=st.integers(1, 9), d=st.integers(1, 40), in_place=st.booleans())
+def test_rmsnorm_forward_kernel_with_residual(dtype, seed, n, d, in_place):
+    """h = x + a, y = RMSNorm(h): h into its own buffer (training) or over x (inference, h=None)."""
+    r = np.random.default_rng(seed)
+    x, a, w = normal(r, (n, d), dtype), normal(r, (n, d), dtype), normal(r, d, dtype)
+    x_before = x.copy()
+    y, rr = np.empty_like(x), np.empty(n, dtype=dtype)
+    h = None if in_place else np.full_like(x, np.nan)
+    rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, a, h)
+    h_ref = x_before.astype(np.float64) + a
+    y_ref, (_, _, r_ref) = rmsnorm.rmsnorm_forward_reference(h_ref, *f64(w), 1e-5)
+    assert_kernel_equals_reference(x if in_place else h, h_ref, dtype)
+    if not in_place:
+        np.testing.assert_array_equal(x, x_before)
+    assert_kernel_equals_reference(y, y_ref, dtype)
+    assert_kernel_equals_reference(rr, r_ref, dtype)
+
+
+@dtypes
+@given(seed=seeds, n=st.integers(1, 20), d=st.integers(1, 40), accumulate=st.booleans())
+def test_rmsnorm_backward_kernel_accumulates(dtype, seed, n, d, accumulate):
+    """accumulate=True adds dx into the residual stream's gradient (the block's backward);
+    the gain's gradient is the sum of the per-chunk partial rows."""
+    r = np.random.default_rng(seed)
+    x, w, dy, dres = normal(r, (n, d), dtype), normal(r, d, dtype), normal(r, (n, d), dtype), normal(r, (n, d), dtype)
+    _, cache = rmsnorm.rmsnorm_forward_reference(*f64(x, w), 1e-5)
+    dx_ref, dw_ref = rmsnorm.rmsnorm_backward_reference(*f64(dy), cache)
+    rr = cache[2].astype(dtype)
+    dx = dres.copy()
+    dw_partial = np.full((rmsnorm.rmsnorm_dw_chunks(n), d), np.nan, dtype=dtype)
+    rmsnorm.rmsnorm_backward_kernel(dy, x, w, rr, dx, dw_partial, accumulate)
+    assert_kernel_equals_reference(dx, dx_ref + (dres if accumulate else 0.0), dtype)
+    assert_kernel_equals_reference(dw_partial.sum(axis=0), dw_ref, dtype)
+
+
+@dtypes
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_one_row_serial_equals_parallel(dtype, residual, rng):
+    """A decoding step's norm (one row, serial compilation) is the training kernel's arithmetic,
+    bit for bit, and the reference's."""
+    x, a, w = normal(rng, (1, 288), dtype), normal(rng, (1, 288), dtype), normal(rng, 288, dtype)
+    outs = []
+    for kernel in (rmsnorm.rmsnorm_forward_kernel, rmsnorm.rmsnorm_forward_kernel_serial):
+        xk, y, rr = x.copy(), np.empty_like(x), np.empty(1, dtype=dtype)
+        if residual:
+            kernel(xk, w, dtype(1e-5), y, rr, a)        # h over x, as decoding does
+        else:
+            kernel(xk, w, dtype(1e-5), y, rr)
+        outs.append((xk, y, rr))
+    for got, want in zip(*outs):
+        np.testing.assert_array_equal(got, want)
+    h = x.astype(np.float64) + (a if residual else 0.0)
+    assert_kernel_equals_reference(outs[1][1], rmsnorm.rmsnorm_forward_reference(h, *f64(w), 1e-5)[0], dtype)
 
 
 # ---- RoPE --------------------------------------------------------------------------------------
@@ -101,6 +175,49 @@ def test_rope_kernel_strided_input(dtype, rng):
     assert_kernel_equals_reference(rope.rope_forward(x, cos, sin)[0], rope.rope_forward_reference(x, cos, sin)[0], dtype)
 
 
+@dtypes
+@given(seed=seeds, b=st.integers(1, 3), t=st.integers(1, 7), heads=st.sampled_from([(1, 1), (4, 2), (3, 1)]),
+       half=st.integers(1, 4))
+def test_rope_kernel_on_qkv_rows(dtype, seed, b, t, heads, half):
+    """One call rotates q's and k's heads in the (B*T, (H+2K)*hd) rows of the q/k/v projection, row
+    n at position n % T, and leaves v alone; sign -1 is the backward."""
+    H, K = heads
+    hd = 2 * half
+    r = np.random.default_rng(seed)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+    cos, sin = rope.rope_cos_sin(np.arange(t), rope.rope_frequencies(hd, 500000.0, scaling), dtype)
+    qkv = normal(r, (b * t, (H + 2 * K) * hd), dtype)
+
+    def as_heads(rows, n_heads):   # (b*t, n_heads*hd) -> (b, n_heads, t, hd)
+        return rows.reshape(b, t, n_heads, hd).transpose(0, 2, 1, 3)
+
+    for sign, reference in ((1.0, lambda x: rope.rope_forward_reference(x, *f64(cos, sin))[0]),
+                            (-1.0, lambda x: rope.rope_backward_reference(x, tuple(f64(cos, sin))))):
+        rows = qkv.copy()
+        rope.rope_kernel(rows, H + K, hd, cos, sin, dtype(sign), 0, t)
+        assert_kernel_equals_reference(as_heads(rows[:, :(H + K) * hd], H + K),
+                                       reference(as_heads(qkv[:, :(H + K) * hd].astype(np.float64), H + K)), dtype)
+        np.testing.assert_array_equal(rows[:, (H + K) * hd:], qkv[:, (H + K) * hd:])
+
+
+@dtypes
+@pytest.mark.parametrize("pos", [0, 5, 11])
+def test_rope_kernel_one_row_at_a_start_position(dtype, pos, rng):
+    """A decoding step: one q/k/v row at position ``pos`` (start=pos), serial compilation, the same
+    numbers as the parallel kernel and as the reference at that position."""
+    H, K, hd = 4, 2, 8
+    cos, sin = rope.rope_cos_sin(np.arange(12), rope.rope_frequencies(hd, 10000.0), dtype)
+    row = normal(rng, (1, (H + 2 * K) * hd), dtype)
+    serial, parallel = row.copy(), row.copy()
+    rope.rope_kernel_serial(serial, H + K, hd, cos, sin, dtype(1.0), pos, 1)
+    rope.rope_kernel(parallel, H + K, hd, cos, sin, dtype(1.0), pos, 1)
+    np.testing.assert_array_equal(serial, parallel)
+    x = row[0, :(H + K) * hd].astype(np.float64).reshape(H + K, hd)
+    want = rope.rope_forward_reference(x, *f64(cos[pos], sin[pos]))[0]
+    assert_kernel_equals_reference(serial[0, :(H + K) * hd].reshape(H + K, hd), want, dtype)
+
+
 # ---- attention ---------------------------------------------------------------------------------
 attn_shapes = st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (3, 3), (6, 2)]),
                         st.integers(1, 6), st.integers(1, 4))
@@ -149,6 +266,8 @@ def test_feedforward_gradients(seed, n, d, f):
     x, w_gu, w_down, dy = r.normal(size=(n, d)), r.normal(size=(2 * f, d)), r.normal(size=(d, f)), r.normal(size=(n, d))
     y, cache = swiglu.feedforward_forward(x, w_gu, w_down)
     dx, dw_gu, dw_down = swiglu.feedforward_backward(dy, cache)
+    for again, first in zip(swiglu.feedforward_backward(dy, cache), (dx, dw_gu, dw_down)):
+        np.testing.assert_array_equal(again, first)           # a backward leaves its cache intact
     fd_check(lambda: swiglu.feedforward_forward(x, w_gu, w_down)[0], {"x": x, "w_gate_up": w_gu, "w_down": w_down},
              {"x": dx, "w_gate_up": dw_gu, "w_down": dw_down}, dy)
     # the definition: W_down (silu(W_gate x) * W_up x)
@@ -156,15 +275,36 @@ def test_feedforward_gradients(seed, n, d, f):
     np.testing.assert_allclose(y, (a / (1 + np.exp(-a)) * u) @ w_down.T, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@dtypes
 @given(seed=seeds, n=st.integers(1, 9), f=st.integers(1, 9))
-def test_swiglu_kernel_equals_reference(dtype, seed, n, f):
+def test_swiglu_kernels_equal_reference(dtype, seed, n, f):
+    """On the [a | u] rows of the gate/up projection; the backward writes [da | du] over them."""
     r = np.random.default_rng(seed)
-    a, u, dh = (r.normal(scale=3.0, size=(n, f)).astype(dtype) for _ in range(3))
-    h, cache = swiglu.swiglu_forward(a, u)
+    au, dh = normal(r, (n, 2 * f), dtype, scale=3.0), normal(r, (n, f), dtype, scale=3.0)
+    a, u = f64(au[:, :f], au[:, f:])
+    h = np.empty((n, f), dtype=dtype)
+    swiglu.swiglu_forward_kernel(au, h)
     assert_kernel_equals_reference(h, swiglu.swiglu_forward_reference(a, u)[0], dtype)
-    for got, want in zip(swiglu.swiglu_backward(dh, cache), swiglu.swiglu_backward_reference(dh, (a, u))):
-        assert_kernel_equals_reference(got, want, dtype)
+    dau = au.copy()
+    swiglu.swiglu_backward_kernel(dh, dau)
+    da, du = swiglu.swiglu_backward_reference(*f64(dh), (a, u))
+    assert_kernel_equals_reference(dau[:, :f], da, dtype)
+    assert_kernel_equals_reference(dau[:, f:], du, dtype)
+    # the layer functions: the same numbers, and the backward leaves its cache as it was
+    h2, cache = swiglu.swiglu_forward(au)
+    np.testing.assert_array_equal(h2, h)
+    np.testing.assert_array_equal(swiglu.swiglu_backward(dh, cache), dau)
+    np.testing.assert_array_equal(cache, au)
+
+
+@dtypes
+def test_swiglu_one_row_serial_equals_parallel(dtype, rng):
+    au = normal(rng, (1, 2 * 768), dtype, scale=3.0)
+    serial, parallel = np.empty((1, 768), dtype=dtype), np.empty((1, 768), dtype=dtype)
+    swiglu.swiglu_forward_kernel_serial(au, serial)
+    swiglu.swiglu_forward_kernel(au, parallel)
+    np.testing.assert_array_equal(serial, parallel)
+    assert_kernel_equals_reference(serial, swiglu.swiglu_forward_reference(*f64(au[:, :768], au[:, 768:]))[0], dtype)
 
 
 @given(seed=seeds, n=st.integers(1, 5), f=st.integers(1, 5))
@@ -199,6 +339,17 @@ def test_embedding_gradients(seed, b, t, v, d):
     np.testing.assert_allclose(dw, ref, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("ids, match", [
+    (np.array([[0, 7]]), "outside \\[0, 7\\)"), (np.array([[-1, 2]]), "-1 is outside"),
+    (np.array([[0.0, 1.0]]), "integers"), (np.array([[0, 1, 2]]), "shape"),
+])
+def test_embedding_backward_checks_ids(ids, match):
+    dweight = np.zeros((7, 3))
+    with pytest.raises(InputError, match=match):
+        embedding.embedding_backward(np.ones((1, 2, 3)), ids, dweight)
+    assert not dweight.any()
+
+
 @given(seed=seeds, p=st.sampled_from([0.1, 0.5, 0.9]))
 def test_dropout(seed, p):
     r = np.random.default_rng(seed)
@@ -229,17 +380,37 @@ def test_cross_entropy_gradients(seed, n, v, n_ignored):
     assert np.all(dlogits[~keep] == 0)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@dtypes
 @given(seed=seeds, n=st.integers(1, 9), v=st.integers(2, 40))
 def test_cross_entropy_kernel_equals_reference(dtype, seed, n, v):
+    """Losses alone (evaluation: the logits untouched), and losses with the gradient written over
+    the logits (training)."""
     r = np.random.default_rng(seed)
-    logits, targets = r.normal(scale=5.0, size=(n, v)).astype(dtype), r.integers(0, v, size=n)
+    logits, targets = normal(r, (n, v), dtype, scale=5.0), r.integers(0, v, size=n)
     targets[r.random(n) < 0.3] = -100
+    loss_ref, cache_ref = cross_entropy.cross_entropy_forward_reference(*f64(logits), targets)
+    dlogits_ref = cross_entropy.cross_entropy_backward_reference(0.7, cache_ref)
+    keep = targets != -100
+    losses_ref = np.where(keep, cache_ref[2] - f64(logits)[0][np.arange(n), np.where(keep, targets, 0)], 0.0)
+
+    z, losses = logits.copy(), np.full(n, np.nan)
+    cross_entropy.cross_entropy_kernel(z, targets, -100, losses)
+    np.testing.assert_array_equal(z, logits)
+    assert_kernel_equals_reference(losses.astype(dtype), losses_ref, dtype)
+
+    count = cross_entropy.count_targets(targets)
+    z, losses = logits.copy(), np.full(n, np.nan)
+    cross_entropy.cross_entropy_kernel(z, targets, -100, losses, dtype(0.7 / count))
+    assert_kernel_equals_reference(losses.astype(dtype), losses_ref, dtype)
+    assert_kernel_equals_reference(z, dlogits_ref, dtype)
+    # the layer functions and the model's fused call give the same numbers
     loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
-    loss_ref, cache_ref = cross_entropy.cross_entropy_forward_reference(logits, targets)
-    assert_kernel_equals_reference(loss, loss_ref, dtype)
-    assert_kernel_equals_reference(cross_entropy.cross_entropy_backward(0.7, cache),
-                                   cross_entropy.cross_entropy_backward_reference(0.7, cache_ref), dtype)
+    assert_kernel_equals_reference(dtype(loss), loss_ref, dtype)
+    np.testing.assert_array_equal(cross_entropy.cross_entropy_backward(0.7, cache), z)
+    z2 = logits.copy()
+    loss2, _ = cross_entropy.cross_entropy_forward_backward(z2, targets, dloss=0.7)
+    assert loss2 == loss
+    np.testing.assert_array_equal(z2, z)
 
 
 def test_cross_entropy_in_place_gradient(rng):

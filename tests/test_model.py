@@ -49,9 +49,10 @@ def test_model_gradients_match_finite_differences(cfg, seed, b, t, data):
         numeric = numerical_gradient(lambda: model.loss(tokens, targets), p, indices=idx).reshape(-1)[idx]
         analytic = grads[name].reshape(-1)
         # relative to the scale of the whole gradient of this parameter, as relative_error does; a
-        # gradient that is exactly zero (q and k when only position 0 has a target: it attends to
-        # itself alone) is held to an absolute 1e-9, above the ~1e-11 noise of the differences
-        err = np.max(np.abs(analytic[idx] - numeric)) / max(np.max(np.abs(analytic)), 1e-3)
+        # gradient that is exactly zero or tiny (q and k when only position 0 has a target: it
+        # attends to itself alone) is held to an absolute 1e-8, above the error of the differences
+        # (measured up to ~1.5e-9 here: h^2 times the third derivative, with weights of std 0.5)
+        err = np.max(np.abs(analytic[idx] - numeric)) / max(np.max(np.abs(analytic)), 1e-2)
         assert err < 1e-6, f"{name}: relative error {err:.2e} (config {cfg})"
 
 
@@ -66,6 +67,23 @@ def test_float32_close_to_float64(rng):
     assert g32["model.norm.weight"].dtype == np.float32
     np.testing.assert_allclose(l32, l64, rtol=1e-5)
     assert relative_error(m32.flat_grads, m64.flat_grads) < 1e-4
+
+
+def test_loss_and_grad_copies_unless_asked_not_to(rng):
+    """copy=True: the gradients survive the next call; copy=False: views into flat_grads, which
+    the next call overwrites."""
+    cfg = npllama.LlamaConfig(vocab_size=20, dim=8, n_layers=1, n_heads=2, hidden_dim=8, max_seq_len=8)
+    m = random_model(cfg, 2)
+    a, b = rng.integers(0, 20, size=(2, 2, 8))
+    _, kept = m.loss_and_grad(a, a)
+    first = m.flat_grads.copy()
+    _, views = m.loss_and_grad(b, b, copy=False)
+    assert not np.array_equal(m.flat_grads, first)
+    assert not any(np.shares_memory(g, m.flat_grads) for g in kept.values())
+    np.testing.assert_array_equal(np.concatenate([g.ravel() for g in kept.values()]), first)  # layout order
+    assert all(np.shares_memory(g, m.flat_grads) for g in views.values())
+    m.loss_and_grad(a, a, copy=False)
+    np.testing.assert_array_equal(np.concatenate([g.ravel() for g in views.values()]), first)  # overwritten
 
 
 def test_params_are_views_of_flat_buffers():

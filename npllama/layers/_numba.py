@@ -18,6 +18,7 @@ FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to
 1e-12) and never changes how inf or NaN behave.
 """
 import os
+import types as pytypes
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -37,6 +38,19 @@ jit_parallel_reassoc = numba.njit(cache=True, parallel=True, fastmath=REASSOC)
 prange = numba.prange
 
 
+def serial(kernel):
+    """The same Python function as ``kernel``, compiled without ``parallel=True`` (prange runs as a
+    plain range): for calls on one row, as in a decoding step, where waking the thread pool costs
+    more than the work (measured: ~1 ms per call to a parallel kernel on a busy 2-core machine, ~1 us
+    serial).  It is a copy of the function object under the name ``<name>_serial`` so that Numba's
+    on-disk cache, keyed by the function's name, keeps the two compilations apart."""
+    f = kernel.py_func
+    twin = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__, twin.__doc__ = f.__module__, f.__doc__
+    return numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(twin)
+
+
 # ---- exp: exact for float64, vectorisable for float32 -----------------------------------------
 # libm's expf is a scalar call (~5-10 ns) that keeps LLVM from vectorising the loop around it, and
 # softmax cross-entropy and SwiGLU take tens of millions of them per training step.  For float32,
@@ -49,7 +63,7 @@ prange = numba.prange
 # n = -127 gives exponent bits 0 and the result is exactly 0 (exp(-inf) = 0, as masked scores
 # need); from there up to -87.34 it is subnormal.  At the top it saturates at exp(88) = 1.65e38
 # (never inf, also for x = +inf); NaN stays NaN.  float64 keeps np.exp, exact to the last bit.
-# Used, through ``fast_exp``, by attention, cross-entropy and SwiGLU.
+# Used, through ``fast_exp``, by attention (training and decoding), cross-entropy and SwiGLU.
 @intrinsic
 def _pow2_float32(typingctx, n):
     """2**n as float32 for a float32 n holding an integer in [-127, 127], by building the bits."""

@@ -78,11 +78,12 @@ def attention_backward_reference(do, cache):
 # product runs its innermost loop over keys j, contiguous in memory: that is the direction LLVM
 # vectorises, for any hd (a loop over hd = 8 would be one AVX register, left scalar by LLVM).
 #
-# fastmath: "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses a*b + c into
-# one FMA; both change rounding only at the 1e-16 level in float64 (tests hold the kernels to the
-# reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf.  exp is _numba's
-# ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf, exactly 0 at -inf), the
-# one SwiGLU and cross-entropy use.
+# fastmath (FASTMATH): "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses
+# a*b + c into one FMA, "nsz" lets it ignore the sign of zero (0.0 * x may become 0.0), "arcp" lets
+# it compute a division as a multiplication by the reciprocal (o = acc / l).  All four change rounding only at the 1e-16 level in float64 (tests hold
+# the kernels to the reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf (``_max``
+# alone has full fastmath, see there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32
+# a vectorisable Cephes expf, exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 jit_helper = numba.njit(cache=True, fastmath=FASTMATH)

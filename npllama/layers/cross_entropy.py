@@ -7,11 +7,15 @@ and the loss is the mean over the M rows that remain:  L = (1/M) sum_n l_n.
 Backward: dl_n/dz_v = softmax(z)_v - [v = y_n], so
     dz[n, v] = dL/M * (exp(z_v - lse_n) - [v = y_n])     for kept rows, 0 for ignored rows.
 
-Shapes: logits, dlogits: (N, V); targets: int (N,); lse: (N,).
+One kernel, ``cross_entropy_kernel``, gives the per-row losses and, when asked, the gradient,
+written over the logits in training (the (N, V) logits buffer is then the only one) or into a new
+array; evaluation asks for the losses alone.
+
+Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 """
 import numpy as np
 
-from ._numba import fast_exp, jit_parallel, jit_parallel_reassoc, prange
+from ._numba import fast_exp, jit_parallel_reassoc, prange
 
 IGNORE_INDEX = -100
 
@@ -36,56 +40,28 @@ def cross_entropy_backward_reference(dloss, cache):
     return dlogits * (dloss / count)
 
 
-# ---- kernels -----------------------------------------------------------------------------------
-@jit_parallel
-def cross_entropy_forward_kernel(logits, targets, ignore_index, lse, losses):
-    N, V = logits.shape
-    for n in prange(N):
-        m = -np.inf
-        for v in range(V):
-            if logits[n, v] > m:
-                m = logits[n, v]
-        total = 0.0
-        for v in range(V):
-            total += fast_exp(logits[n, v] - m)
-        lse[n] = m + np.log(total)
-        t = targets[n]
-        losses[n] = 0.0 if t == ignore_index else lse[n] - logits[n, t]
-
-
-@jit_parallel
-def cross_entropy_backward_kernel(logits, targets, ignore_index, lse, scale, dlogits):
-    # dlogits may be the logits array itself: each element is read before it is written.
-    N, V = logits.shape
-    for n in prange(N):
-        t = targets[n]
-        if t == ignore_index:
-            for v in range(V):
-                dlogits[n, v] = 0.0
-        else:
-            for v in range(V):
-                dlogits[n, v] = fast_exp(logits[n, v] - lse[n]) * scale
-            dlogits[n, t] -= scale
-
-
+# ---- kernel ------------------------------------------------------------------------------------
 @jit_parallel_reassoc
-def cross_entropy_fused_kernel(logits, targets, ignore_index, scale, losses):
-    """Loss and gradient in one pass per row, the gradient written over the logits:
+def cross_entropy_kernel(logits, targets, ignore_index, losses, scale=None):
+    """losses[n] = lse_n - z[n, t_n]  (0 for ignored rows), and, when ``scale`` is given, the
+    gradient written over the logits:
 
-        losses[n] = lse_n - z[n, t_n]
-        z[n, :]  <- scale * (softmax(z[n, :]) - onehot(t_n))      (0 for ignored rows)
+        z[n, :]  <-  scale * (softmax(z[n, :]) - onehot(t_n))      (0 for ignored rows)
 
-    with scale = dL/M.  exp(z_v - m) (m the row max) is computed once, stored in place, summed, and
-    the stored values are rescaled by scale / sum: a (N, V) logits buffer is the only one.  The
-    sum accumulates in float64, with "reassoc" so it runs in vector lanes (float64 results move by
-    ~1e-16); exp is ``fast_exp``."""
+    with scale = dL/M.  exp(z_v - m) (m the row max) is computed once, stored in place, summed,
+    and the stored values rescaled by scale / sum.  The sum accumulates in float64, with "reassoc"
+    so it runs in vector lanes (float64 results move by ~1e-16); exp is ``fast_exp``.
+    ``scale is None`` (the losses alone, the logits left as they are) is decided when Numba
+    compiles.  The gradient goes over the logits rather than into a second array argument because
+    Numba compiles a parallel loop as if its arrays never shared memory."""
     N, V = logits.shape
     for n in prange(N):
         t = targets[n]
         if t == ignore_index:
             losses[n] = 0.0
-            for v in range(V):
-                logits[n, v] = 0.0
+            if scale is not None:
+                for v in range(V):
+                    logits[n, v] = 0.0
             continue
         z_target = logits[n, t]
         m = logits[n, 0]
@@ -94,13 +70,20 @@ def cross_entropy_fused_kernel(logits, targets, ignore_index, scale, losses):
         total = 0.0
         for v in range(V):
             e = fast_exp(logits[n, v] - m)
-            logits[n, v] = e
+            if scale is not None:
+                logits[n, v] = e
             total += e
         losses[n] = m + np.log(total) - z_target
-        k = logits.dtype.type(scale / total)
-        for v in range(V):
-            logits[n, v] *= k
-        logits[n, t] -= scale
+        if scale is not None:
+            k = logits.dtype.type(scale / total)
+            for v in range(V):
+                logits[n, v] *= k
+            logits[n, t] -= scale
+
+
+def count_targets(targets, ignore_index=IGNORE_INDEX):
+    """M, the number of rows that count (at least 1, so that a batch of ignored rows gives 0)."""
+    return max(int(np.count_nonzero(targets != ignore_index)), 1)
 
 
 def cross_entropy_forward_backward(logits, targets, losses=None, ignore_index=IGNORE_INDEX, dloss=1.0):
@@ -108,27 +91,28 @@ def cross_entropy_forward_backward(logits, targets, losses=None, ignore_index=IG
 
     Returns (loss as a Python float, logits, which now hold dL/dlogits * dloss).  ``losses`` is an
     optional float64 (N,) work buffer."""
-    N = logits.shape[0]
-    losses = np.empty(N, dtype=np.float64) if losses is None else losses
-    count = max(int(np.count_nonzero(targets != ignore_index)), 1)
-    cross_entropy_fused_kernel(logits, targets, ignore_index, logits.dtype.type(dloss / count), losses)
+    losses = np.empty(logits.shape[0], dtype=np.float64) if losses is None else losses
+    count = count_targets(targets, ignore_index)
+    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(dloss / count))
     return float(np.sum(losses) / count), logits
 
 
-# ---- what the model calls ----------------------------------------------------------------------
+# ---- the layer functions -------------------------------------------------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     """logits: (N, V); targets: int (N,) -> (mean loss as a Python float, cache)."""
-    N = logits.shape[0]
-    lse = np.empty(N, dtype=np.float64)
-    losses = np.empty(N, dtype=np.float64)
-    cross_entropy_forward_kernel(logits, targets, ignore_index, lse, losses)
-    count = max(int(np.count_nonzero(targets != ignore_index)), 1)
-    return float(np.sum(losses) / count), (logits, targets, lse, count, ignore_index)
+    losses = np.empty(logits.shape[0], dtype=np.float64)
+    cross_entropy_kernel(logits, targets, ignore_index, losses)
+    count = count_targets(targets, ignore_index)
+    return float(np.sum(losses) / count), (logits, targets, count, ignore_index)
 
 
 def cross_entropy_backward(dloss, cache, out=None):
-    """-> dlogits (N, V); ``out`` may be the logits array to reuse its memory."""
-    logits, targets, lse, count, ignore_index = cache
+    """-> dlogits (N, V), a new array or ``out`` (which may be the logits array to reuse its memory).
+    The softmax is computed again from the cached logits: the forward keeps nothing (N, V)."""
+    logits, targets, count, ignore_index = cache
     out = np.empty_like(logits) if out is None else out
-    cross_entropy_backward_kernel(logits, targets, ignore_index, lse, dloss / count, out)
+    if out is not logits:
+        np.copyto(out, logits)
+    losses = np.empty(logits.shape[0], dtype=np.float64)
+    cross_entropy_kernel(out, targets, ignore_index, losses, logits.dtype.type(dloss / count))
     return out

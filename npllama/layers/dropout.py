@@ -12,9 +12,15 @@ def dropout_forward(x, p, rng, training):
     """x: any shape; rng: np.random.Generator. Returns (y, mask) where mask is None when inactive."""
     if not training or p == 0.0:
         return x, None
-    mask = (rng.random(x.shape) >= p).astype(x.dtype)
-    mask *= 1.0 / (1.0 - p)
+    mask = dropout_mask(x.shape, p, rng, x.dtype)
     return x * mask, mask
+
+
+def dropout_mask(shape, p, rng, dtype):
+    """A mask of entries 0 (probability p) or 1/(1-p), drawn with one ``rng.random(shape)``."""
+    mask = (rng.random(shape) >= p).astype(dtype)
+    mask *= 1.0 / (1.0 - p)
+    return mask
 
 
 def dropout_backward(dy, cache):

@@ -7,6 +7,7 @@ Backward:  each row of the table receives the sum of the upstream gradients of t
 """
 import numpy as np
 
+from ..errors import InputError
 from ._numba import jit
 
 
@@ -19,9 +20,18 @@ def embedding_forward(ids, weight):
 
 def embedding_backward(dout, cache, dweight):
     """dout: (B, T, D). Adds into dweight (V, D) in place (it may already hold the tied lm_head
-    gradient) and returns it."""
-    ids = cache
-    scatter_add_rows(ids.reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
+    gradient) and returns it.  The ids are checked first: the kernel does not check its indices,
+    and an id outside [0, V) would write outside the table."""
+    ids = np.asarray(cache)
+    V, D = dweight.shape
+    if ids.dtype.kind not in "iu":
+        raise InputError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = ids[(ids < 0) | (ids >= V)].flat[0]
+        raise InputError(f"embedding id {int(bad)} is outside [0, {V})")
+    if dout.shape != ids.shape + (D,):
+        raise InputError(f"embedding gradient has shape {dout.shape}, expected {ids.shape + (D,)}")
+    scatter_add_rows(ids.reshape(-1), dout.reshape(-1, D), dweight)
     return dweight
 
 

@@ -1,4 +1,4 @@
-"""One decoding step over a key/value cache: the kernels of ``npllama.generate``.
+"""Decoding over a key/value cache: the kernels that only ``npllama.generate`` uses.
 
 When a model writes text one token at a time, the keys and values of the tokens already seen never
 change (a token only attends to the past), so each layer keeps them in a cache and a new token
@@ -20,8 +20,9 @@ Cache layout, per layer:
     values v_cache:   (K, S, hd)   o_d += p_j v[j, d] runs over contiguous d, for the same reason
 S is the cache's capacity; only the first ``length`` positions are read.
 
-The step kernels work on one token (B = 1) and are serial (at batch 1 most calls take a few
-microseconds, less than a parallel region costs to start), except the matrix-vector product of
+The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, compiled
+without threads (``_numba.serial``).  The kernels here are serial too (at batch 1 most calls take a
+few microseconds, less than a parallel region costs to start), except the matrix-vector product of
 large matrices when Numba has more than one thread.
 
 Matrix-vector products y = W x (W row-major (out, in), as every weight here) are a Numba kernel
@@ -36,7 +37,7 @@ order changes, as it does between BLAS builds, and the result is deterministic o
 import numba
 import numpy as np
 
-from ._numba import jit
+from ._numba import fast_exp, jit
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
         for d in range(hd):
             out[h, d] = 0.0
         for j in range(length):
-            p = np.exp(scores[j] - m)
+            p = fast_exp(scores[j] - m)
             total += p
             for d in range(hd):
                 out[h, d] += p * v_cache[g, j, d]
@@ -88,70 +89,18 @@ def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
 
 
 @jit
-def rope_store_kernel(qkv, cos, sin, pos, n_heads, k_cache_t, v_cache):
-    """Rotate the new token's q (in place in qkv) and k by the angles of position ``pos`` and write
-    k and v into the cache at ``pos``.
-
-    qkv: (H*hd + 2*K*hd,) = [q | k | v] as the W_qkv projection lays them out; cos, sin: tables
-    (>= pos+1, hd/2). Same rotation as layers.rope:  y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin."""
+def kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache):
+    """Write the keys and values of rows qkv: (N, (H + 2K) * hd), the q/k/v projection of positions
+    start .. start+N-1 with k already rotated, into the cache at those positions (prefill: all P
+    rows at once; a decoding step: one)."""
     K, hd, _ = k_cache_t.shape
-    half = hd // 2
-    for h in range(n_heads):
-        b = h * hd
-        for i in range(half):
-            cs = cos[pos, i]
-            sn = sin[pos, i]
-            x1 = qkv[b + i]
-            x2 = qkv[b + i + half]
-            qkv[b + i] = x1 * cs - x2 * sn
-            qkv[b + i + half] = x2 * cs + x1 * sn
     k0 = n_heads * hd
     v0 = k0 + K * hd
-    for g in range(K):
-        b = k0 + g * hd
-        for i in range(half):
-            cs = cos[pos, i]
-            sn = sin[pos, i]
-            x1 = qkv[b + i]
-            x2 = qkv[b + i + half]
-            k_cache_t[g, i, pos] = x1 * cs - x2 * sn
-            k_cache_t[g, i + half, pos] = x2 * cs + x1 * sn
-        for d in range(hd):
-            v_cache[g, pos, d] = qkv[v0 + g * hd + d]
-
-
-@jit
-def decode_attention_step_kernel(qkv, q, cos, sin, pos, k_cache_t, v_cache, scores, out):
-    """rope_store_kernel then decode_attention_kernel over positions 0..pos: one call per layer.
-    q: the (H, hd) view of qkv's first H*hd entries; out: (H, hd)."""
-    rope_store_kernel(qkv, cos, sin, pos, q.shape[0], k_cache_t, v_cache)
-    decode_attention_kernel(q, k_cache_t, v_cache, pos + 1, scores, out)
-
-
-@jit
-def add_rmsnorm_kernel(x, delta, w, eps, out):
-    """The residual update and the next RMSNorm in one pass over a single row:
-        x <- x + delta;   out = w * x / sqrt(mean(x^2) + eps)
-    (the same arithmetic as layers.rmsnorm's kernel: the sum of squares is accumulated in float64)."""
-    D = x.shape[0]
-    ss = 0.0
-    for d in range(D):
-        xd = x[d] + delta[d]
-        x[d] = xd
-        ss += xd * xd
-    r = 1.0 / np.sqrt(ss / D + eps)
-    for d in range(D):
-        out[d] = w[d] * (x[d] * r)
-
-
-@jit
-def swiglu_row_kernel(gate_up, out):
-    """out = silu(a) * u for one row, a = gate_up[:F], u = gate_up[F:] (as layers.swiglu)."""
-    F = out.shape[0]
-    for f in range(F):
-        a = gate_up[f]
-        sig = 1.0 / (1.0 + np.exp(-a))
-        out[f] = a * sig * gate_up[F + f]
+    for n in range(qkv.shape[0]):
+        for g in range(K):
+            for d in range(hd):
+                k_cache_t[g, d, start + n] = qkv[n, k0 + g * hd + d]
+                v_cache[g, start + n, d] = qkv[n, v0 + g * hd + d]
 
 
 # A matrix with at least this many entries gets the parallel matvec when Numba has > 1 thread.

@@ -10,16 +10,18 @@ Backward, with g = dy * w (the gradient reaching xhat):
     dr/dx_i = -r^3 x_i / D, so
     dx_i = r g_i + sum_j g_j x_j dr/dx_i = r (g_i - xhat_i * mean_j(g_j xhat_j))
 
-In the model every RMSNorm but the first follows a residual add, h = x + a, so the training path
-fuses the two (``add_rmsnorm_forward_kernel``: one pass writes h, y and r).  In the backward the
-residual's gradient passes through the add unchanged, so the norm's dx is *added* to the residual
-stream's gradient in place (``rmsnorm_backward_kernel(..., accumulate=True)``).
+One kernel does the forward everywhere (training, prefill and a decoding step, which is N = 1 row):
+``rmsnorm_forward_kernel``, optionally fused with the residual add that precedes the norm inside a
+block,  h = x + a,  y = RMSNorm(h)  (one pass writes h, y and r; h may be x itself, updating the
+residual stream in place).  In the backward the residual's gradient passes through the add
+unchanged, so the model *adds* the norm's dx to the residual stream's gradient in place
+(``rmsnorm_backward_kernel(..., accumulate=True)``).
 
 Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ._numba import jit_parallel, prange
+from ._numba import jit_parallel, prange, serial
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -42,41 +44,43 @@ def rmsnorm_backward_reference(dy, cache):
 # Sums of squares and dot products accumulate in float64 (a serial chain either way); the
 # elementwise loops stay in the array's dtype (r is cast back), so they vectorise for float32.
 @jit_parallel
-def rmsnorm_forward_kernel(x, w, eps, y, r):
+def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
+    """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
+
+    With ``residual``: first h = x + residual, written to ``h``, or over x when h is None (an
+    in-place residual stream; not h=x: Numba compiles a parallel loop as if its arrays never
+    shared memory), then y = RMSNorm(h).  Which arguments are None is decided when Numba compiles,
+    not per element."""
     N, D = x.shape
     for n in prange(N):
         ss = 0.0
         for d in range(D):
-            ss += x[n, d] * x[n, d]
-        rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
-        r[n] = rn
-        for d in range(D):
-            y[n, d] = w[d] * (x[n, d] * rn)
-
-
-@jit_parallel
-def add_rmsnorm_forward_kernel(x, a, w, eps, h, y, r):
-    """The residual add and the next RMSNorm in one pass:  h = x + a,  y = RMSNorm(h).
-
-    h may be x itself (an in-place residual stream)."""
-    N, D = x.shape
-    for n in prange(N):
-        ss = 0.0
-        for d in range(D):
-            v = x[n, d] + a[n, d]
-            h[n, d] = v
+            v = x[n, d]
+            if residual is not None:
+                v = v + residual[n, d]
+                if h is None:
+                    x[n, d] = v
+                else:
+                    h[n, d] = v
             ss += v * v
         rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
         r[n] = rn
         for d in range(D):
-            y[n, d] = w[d] * (h[n, d] * rn)
+            if residual is None or h is None:
+                v = x[n, d]
+            else:
+                v = h[n, d]
+            y[n, d] = w[d] * (v * rn)
+
+
+rmsnorm_forward_kernel_serial = serial(rmsnorm_forward_kernel)   # one row (a decoding step)
 
 
 @jit_parallel
 def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
     """dx = RMSNorm backward of dy, or dx += it when ``accumulate`` (dx is then the residual
-    stream's gradient, which passes through the skip connection unchanged).  dy may be dx's memory
-    only when not accumulating: each row of dy is read in full before that row of dx is written.
+    stream's gradient, which passes through the skip connection unchanged).  dx shares no memory
+    with the inputs (Numba compiles a parallel loop as if its arrays never did).
 
     dw is a sum over rows; each chunk of rows accumulates its own partial row (no races), and the
     caller sums the partials."""
@@ -106,7 +110,7 @@ def rmsnorm_dw_chunks(n_rows):
     return max(1, min(8, n_rows))
 
 
-# ---- what the model calls ----------------------------------------------------------------------
+# ---- the layer functions (the model calls the kernels) -------------------------------------
 def rmsnorm_forward(x, w, eps):
     """x: (..., D), w: (D,) -> y: (..., D), cache = (x, w, r)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))

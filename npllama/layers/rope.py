@@ -12,13 +12,18 @@ A rotation is orthogonal, so the backward is the rotation by -theta (its transpo
     dx1 =  dy1 cos + dy2 sin
     dx2 = -dy1 sin + dy2 cos
 
-Shapes: x, y: (B, heads, T, hd) (any strides); cos, sin: (T, hd/2).
+One kernel, ``rope_kernel``, rotates in place the heads of rows laid out as the fused q/k/v
+projection writes them, (N, heads * hd), row n holding position  start + n % seq_len:  training
+and prefill (start 0, seq_len T: rows are (batch, position) pairs) and a decoding step (one row at
+position start) call it alike, the backward with sign -1.
+
+Shapes: x, y: (B, heads, T, hd) in the layer functions; cos, sin: (positions, hd/2).
 """
 import math
 
 import numpy as np
 
-from ._numba import jit_parallel, prange
+from ._numba import jit_parallel, prange, serial
 
 
 def rope_frequencies(head_dim, theta, scaling=None):
@@ -67,34 +72,15 @@ def rope_backward_reference(dy, cache):
 
 # ---- kernel ------------------------------------------------------------------------------------
 @jit_parallel
-def rope_rotate_kernel(x, cos, sin, sign, out):
-    """out = rotation of x by sign * theta. sign = +1: forward; sign = -1: backward."""
-    B, NH, T, hd = x.shape
-    half = hd // 2
-    for bh in prange(B * NH):
-        b = bh // NH
-        h = bh % NH
-        for t in range(T):
-            for i in range(half):
-                c = cos[t, i]
-                s = sign * sin[t, i]
-                x1 = x[b, h, t, i]
-                x2 = x[b, h, t, i + half]
-                out[b, h, t, i] = x1 * c - x2 * s
-                out[b, h, t, i + half] = x2 * c + x1 * s
-
-
-@jit_parallel
-def rope_rows_inplace_kernel(x, n_heads, head_dim, seq_len, cos, sin, sign):
-    """Rotate in place the first ``n_heads`` heads of every row of x: (N, >= n_heads * hd), the
-    (batch * position, heads * hd) layout the fused q/k/v projection writes, where row n holds
-    position n % seq_len.  q's heads and then k's are the first H + K heads of a q/k/v row, so one
-    call rotates both (sign = +1) or, in the backward, both gradients (sign = -1).  Rows are
-    contiguous here, so this is one pass over memory without the strided (B, heads, T, hd) walk."""
+def rope_kernel(x, n_heads, head_dim, cos, sin, sign, start, seq_len):
+    """Rotate in place by sign * theta (sign = +1 forward, -1 backward) the first ``n_heads`` heads
+    of every row of x: (N, >= n_heads * hd), row n at position start + n % seq_len.  q's heads and
+    then k's are the first H + K heads of a q/k/v row, so one call rotates both (or, in the
+    backward, both gradients).  Rows are contiguous: one pass over memory."""
     N = x.shape[0]
     half = head_dim // 2
     for n in prange(N):
-        t = n % seq_len
+        t = start + n % seq_len
         for h in range(n_heads):
             base = h * head_dim
             for i in range(half):
@@ -106,19 +92,23 @@ def rope_rows_inplace_kernel(x, n_heads, head_dim, seq_len, cos, sin, sign):
                 x[n, base + half + i] = x2 * c + x1 * s
 
 
-# ---- what the model calls ----------------------------------------------------------------------
-def rope_forward(x, cos, sin, out=None):
-    """x: (B, heads, T, hd) -> y (contiguous unless ``out`` is given), cache = (cos, sin)."""
-    if out is None:
-        out = np.empty(x.shape, dtype=x.dtype)
-    rope_rotate_kernel(x, cos, sin, x.dtype.type(1.0), out)
-    return out, (cos, sin)
+rope_kernel_serial = serial(rope_kernel)   # one row (a decoding step)
 
 
-def rope_backward(dy, cache, out=None):
-    """dy: (B, heads, T, hd) -> dx; written into ``out`` (any strides) when given."""
+# ---- the layer functions (CS231n pattern, over (B, heads, T, hd)) ---------------------------------
+def _rotate(x, cos, sin, sign):
+    B, NH, T, hd = x.shape
+    rows = np.array(x, dtype=x.dtype, order="C").reshape(B * NH * T, hd)   # a copy: one head per row
+    rope_kernel(rows, 1, hd, cos, sin, x.dtype.type(sign), 0, T)
+    return rows.reshape(x.shape)
+
+
+def rope_forward(x, cos, sin):
+    """x: (B, heads, T, hd), any strides -> y: contiguous (B, heads, T, hd), cache = (cos, sin)."""
+    return _rotate(x, cos, sin, 1.0), (cos, sin)
+
+
+def rope_backward(dy, cache):
+    """dy: (B, heads, T, hd) -> dx: contiguous (B, heads, T, hd) (the rotation by -theta)."""
     cos, sin = cache
-    if out is None:
-        out = np.empty(dy.shape, dtype=dy.dtype)
-    rope_rotate_kernel(dy, cos, sin, dy.dtype.type(-1.0), out)
-    return out
+    return _rotate(dy, cos, sin, -1.0)

@@ -5,15 +5,19 @@ The elementwise part, with sigma the logistic function and silu(a) = a sigma(a):
     du = dh * silu(a)
     da = dh * u * silu'(a),   silu'(a) = sigma(a) (1 + a (1 - sigma(a)))
 
-The gate and up weights are stacked into one (2F, D) matrix so a single matmul produces both
-(a = first F columns, u = last F columns); the two linear backward passes are the usual ones.
+The gate and up weights are stacked into one (2F, D) matrix so a single matmul produces both:
+au = x W_gate_up^T holds a = au[:, :F] and u = au[:, F:] side by side in each row.  The kernels
+work on that layout: ``swiglu_forward_kernel(au, h)``, and ``swiglu_backward_kernel(dh, au)``,
+which writes [da | du], the gradient the gate/up matmul's backward wants, over au (the model's
+training step needs au no more; ``swiglu_backward`` gives it a copy).  A decoding step calls the
+same forward on one row.
 
 Shapes: x: (N, D); W_gate, W_up: (F, D) stacked as W_gate_up: (2F, D); W_down: (D, F);
-a, u, h: (N, F).
+a, u, h: (N, F); au, dau: (N, 2F).
 """
 import numpy as np
 
-from ._numba import fast_exp, jit_parallel, prange
+from ._numba import fast_exp, jit_parallel, prange, serial
 from .linear import linear_backward, linear_forward
 
 
@@ -33,32 +37,8 @@ def swiglu_backward_reference(dh, cache):
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
 @jit_parallel
-def swiglu_forward_kernel(a, u, h):
-    N, F = a.shape
-    one = a.dtype.type(1.0)
-    for n in prange(N):
-        for f in range(F):
-            sig = one / (one + fast_exp(-a[n, f]))
-            h[n, f] = a[n, f] * sig * u[n, f]
-
-
-@jit_parallel
-def swiglu_backward_kernel(dh, a, u, da, du):
-    N, F = a.shape
-    one = a.dtype.type(1.0)
-    for n in prange(N):
-        for f in range(F):
-            sig = one / (one + fast_exp(-a[n, f]))
-            silu = a[n, f] * sig
-            du[n, f] = dh[n, f] * silu
-            da[n, f] = dh[n, f] * u[n, f] * sig * (one + a[n, f] * (one - sig))
-
-
-# The same two kernels on the (N, 2F) output of the fused gate/up matmul, a = au[:, :F] and
-# u = au[:, F:], contiguous rows.  The backward overwrites au with (da, du): that is where the
-# gate/up matmul's backward wants them, and a and u are not needed afterwards.
-@jit_parallel
-def swiglu_forward_rows_kernel(au, h):
+def swiglu_forward_kernel(au, h):
+    """h = silu(a) * u,  a = au[:, :F],  u = au[:, F:]."""
     N, F = h.shape
     one = au.dtype.type(1.0)
     for n in prange(N):
@@ -68,8 +48,14 @@ def swiglu_forward_rows_kernel(au, h):
             h[n, f] = a * sig * au[n, F + f]
 
 
+swiglu_forward_kernel_serial = serial(swiglu_forward_kernel)   # one row (a decoding step)
+
+
 @jit_parallel
-def swiglu_backward_rows_inplace_kernel(dh, au):
+def swiglu_backward_kernel(dh, au):
+    """au <- [da | du]:  da = dh * u * silu'(a),  du = dh * silu(a), in place.  (In place rather
+    than into a second array argument: Numba compiles a parallel loop as if its arrays never shared
+    memory, so an output that may be an input is not allowed.)"""
     N, F = dh.shape
     one = au.dtype.type(1.0)
     for n in prange(N):
@@ -81,37 +67,34 @@ def swiglu_backward_rows_inplace_kernel(dh, au):
             au[n, f] = dh[n, f] * u * sig * (one + a * (one - sig))
 
 
-def swiglu_forward(a, u):
-    """a, u: (N, F) (any strides) -> h: (N, F), cache = (a, u)."""
-    h = np.empty(a.shape, dtype=a.dtype)
-    swiglu_forward_kernel(a, u, h)
-    return h, (a, u)
+# ---- the layer functions -------------------------------------------------------------------------
+def swiglu_forward(au):
+    """au: (N, 2F) = [a | u] -> h: (N, F), cache = au."""
+    au = np.ascontiguousarray(au)
+    h = np.empty((au.shape[0], au.shape[1] // 2), dtype=au.dtype)
+    swiglu_forward_kernel(au, h)
+    return h, au
 
 
-def swiglu_backward(dh, cache, da=None, du=None):
-    """-> (da, du), written into the given arrays (any strides) when given."""
-    a, u = cache
-    da = np.empty(a.shape, dtype=a.dtype) if da is None else da
-    du = np.empty(u.shape, dtype=u.dtype) if du is None else du
-    swiglu_backward_kernel(dh, a, u, da, du)
-    return da, du
+def swiglu_backward(dh, cache):
+    """dh: (N, F) -> dau: (N, 2F) = [da | du], a new array (the cache is left as it was)."""
+    dau = cache.copy()
+    swiglu_backward_kernel(np.ascontiguousarray(dh), dau)
+    return dau
 
 
-# ---- the whole feed-forward block --------------------------------------------------------------
 def feedforward_forward(x, w_gate_up, w_down):
-    """x: (N, D); w_gate_up: (2F, D); w_down: (D, F) -> y: (N, D)."""
-    F = w_down.shape[1]
+    """x: (N, D); w_gate_up: (2F, D); w_down: (D, F) -> y: (N, D), cache."""
     au, cache_gate_up = linear_forward(x, w_gate_up)         # (N, 2F) = [a | u]
-    h = np.empty((au.shape[0], F), dtype=au.dtype)
-    swiglu_forward_rows_kernel(au, h)                        # (N, F)
+    h, cache_swiglu = swiglu_forward(au)                     # (N, F)
     y, cache_down = linear_forward(h, w_down)                # (N, D)
-    return y, (cache_gate_up, au, cache_down)
+    return y, (cache_gate_up, cache_swiglu, cache_down)
 
 
 def feedforward_backward(dy, cache, dw_gate_up=None, dw_down=None):
-    """-> (dx, dw_gate_up, dw_down).  Overwrites the cached gate/up activations (use a cache once)."""
-    cache_gate_up, au, cache_down = cache
+    """-> (dx, dw_gate_up, dw_down); the weight gradients go into the given arrays when given."""
+    cache_gate_up, cache_swiglu, cache_down = cache
     dh, dw_down = linear_backward(dy, cache_down, dw_down)
-    swiglu_backward_rows_inplace_kernel(dh, au)              # au <- [da | du]
-    dx, dw_gate_up = linear_backward(au, cache_gate_up, dw_gate_up)
+    dau = swiglu_backward(dh, cache_swiglu)                  # (N, 2F) = [da | du]
+    dx, dw_gate_up = linear_backward(dau, cache_gate_up, dw_gate_up)
     return dx, dw_gate_up, dw_down

@@ -351,7 +351,7 @@ def forward_backward(model, batches, grad_buffer: np.ndarray | None = None) -> t
         raise ValueError("forward_backward needs at least one micro-batch")
     total = 0.0
     for k, (x, y) in enumerate(batches):
-        loss, _ = model.loss_and_grad(x, y)
+        loss, _ = model.loss_and_grad(x, y, copy=False)
         total += float(loss)
         if len(batches) == 1:
             return total, model.flat_grads

@@ -1,0 +1,159 @@
+"""`npllama generate`: load a run directory or a Hugging Face directory, encode the prompt, print
+the continuation as it is decoded, and a one-line report (prefill and decoding speed) on stderr."""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..errors import CheckpointError, InputError
+from ..model import Llama
+from .decoding import generate, stream
+from .sampling import check_stop_ids
+
+
+def add_arguments(parser):
+    parser.add_argument("path", metavar="RUN_OR_HF_DIR",
+                        help="a run directory of `npllama train`, or a Hugging Face Llama directory "
+                             "(config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", default="",
+                        help='text to continue ("-" reads it from stdin, dropping one trailing newline); '
+                             "default: start from the BOS / end-of-text token")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
+    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                        help="0 = greedy (then --top-k/--top-p are ignored); default 0.8")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
+    parser.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                        help="keep the most likely tokens up to cumulative probability P (1 = off); default 0.95")
+    parser.add_argument("--seed", type=int, default=None, metavar="S",
+                        help="sampling seed (default: a random one, printed at the end)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="threads for BLAS and Numba (default: their own defaults)")
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, handed out piece by piece as it becomes final.
+
+    Each push decodes the whole list again (a token can be half of a UTF-8 character, and
+    decoders such as SentencePiece's treat the first token specially), preceded by a few context
+    ids (the end of the prompt) whose own text is cut off, so a leading space is kept.  Text
+    ending in U+FFFD (an incomplete UTF-8 sequence) is held back until later tokens complete it
+    or the generation ends."""
+
+    def __init__(self, tokenizer, context_ids=()):
+        self.tokenizer = tokenizer
+        self.context = [int(t) for t in context_ids]
+        self.base = tokenizer.decode(self.context) if self.context else ""
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self.context + self.ids)
+        if text.startswith(self.base):
+            return text[len(self.base):]
+        return self.tokenizer.decode(self.ids)
+
+    def _release(self, text: str) -> str:
+        if not text.startswith(self.emitted):
+            return ""  # the decoder rewrote text already shown: nothing sensible to add
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        return self._release(self._text().rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        return self._release(self._text()) if self.ids else ""
+
+
+def _read_prompt(arg: str) -> str:
+    if arg != "-":
+        return arg
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text
+
+
+def run(args) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (give a run directory or a Hugging Face model directory)")
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json; `npllama generate` needs it to encode the prompt and "
+                              "decode the output (a run directory of `npllama train` has one; for a Hugging Face "
+                              "model, put its tokenizer.json beside config.json)")
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    text = _read_prompt(args.prompt)
+    model = Llama.from_pretrained(path, dtype=np.float64 if args.dtype == "float64" else np.float32)
+    model.eval()
+    tokenizer = model.tokenizer
+    if tokenizer is None:  # from_pretrained found no tokenizer after all
+        raise CheckpointError(f"{path}: no tokenizer was loaded from tokenizer.json")
+    ids = [int(t) for t in tokenizer.encode(text)]
+    # Llama checkpoints are trained with a BOS first; npllama's own tokenizers have none.
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else (None if ids else tokenizer.eos_id)
+    if start is not None:
+        ids = [start] + ids
+    if not ids:
+        raise InputError("the prompt is empty and the tokenizer has no BOS or end-of-text token to start "
+                         "from: give a --prompt")
+    seed = args.seed
+    if seed is None and args.temperature > 0:
+        seed = secrets.randbelow(2 ** 31)
+    warm_up(model.dtype)
+    stats: dict = {}
+    tokens = stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=seed, stats=stats)
+    stops = check_stop_ids(model, None)
+    out = sys.stdout
+    pieces = IncrementalText(tokenizer, context_ids=ids[-4:])
+    try:
+        out.write(text)
+        out.flush()
+        for token in tokens:
+            if token in stops:
+                break     # the end-of-text token itself is not printed
+            piece = pieces.push(token)
+            if piece:
+                out.write(piece)
+                out.flush()
+        out.write(pieces.flush() + ("\n" if out.isatty() else ""))
+        out.flush()
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        return 0
+    _report(stats, seed if args.temperature > 0 else None)
+    return 0
+
+
+def warm_up(dtype) -> None:
+    """Run every kernel of a generation once on a tiny model of the same dtype, so that Numba's
+    one-off start (loading its compiled-code cache, ~1 s) is not counted as prefill time."""
+    tiny = Llama(LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8,
+                             max_seq_len=4), dtype=dtype)
+    generate(tiny, [1, 2], 2)
+    generate(tiny, [1], 1, temperature=1.0, top_k=4, top_p=0.9, seed=0)
+
+
+def _report(stats: dict, seed) -> None:
+    def rate(n, s):
+        return f"{n / s:,.1f} tok/s" if s > 0 and n > 0 else "-"
+
+    reason = {"stop_id": "end-of-text", "max_new_tokens": "--max-new-tokens", "context": "context limit"}[stats["stop"]]
+    line = (f"npllama: prompt {stats['prompt_tokens']} tokens, prefill {stats['prefill_s']:.3f} s "
+            f"({rate(stats['prompt_tokens'], stats['prefill_s'])}); {stats['new_tokens']} new tokens, "
+            f"decode {rate(stats['decode_steps'], stats['decode_s'])}; stopped at {reason}")
+    if seed is not None:
+        line += f"; seed {seed}"
+    print(line, file=sys.stderr)

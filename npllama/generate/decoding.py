@@ -1,0 +1,195 @@
+"""Decoding with a key/value cache: prefill, one step per new token, and generate / stream.
+
+    new_ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                       seed=None, stop_ids=None)        # 1-D int64 array of the new tokens only
+    for token in stream(model, prompt_ids, ...): ...    # the same tokens, one at a time
+
+Prefill.  The prompt goes through the model's own blocks in one pass over a (1, P) batch
+(``Llama.last_hidden_state``, the rows path of layers/block.py that training runs), which hands
+each layer's rotated keys and its values to the cache as it goes.
+
+A step.  Each new token then costs one step: its own embedding row through each layer, with the
+same RMSNorm, RoPE and SwiGLU kernels as training on one row (their serial compilations), attention
+as a single query against the cache (``layers.kv_cache``), and the projections as matrix-vector
+products (a Numba kernel, faster than BLAS's gemv at this shape).  A token's keys and values depend
+only on the tokens before it, so the logits of a step equal those of a full forward pass over the
+whole sequence (tests/test_generate.py holds them equal to ~1e-12 in float64).  The cache, the
+RoPE tables of every position and the step's work buffers are made once per generation; a step
+allocates only small array views.
+
+How to choose each token is npllama/generate/sampling.py.
+
+Stopping.  Generation ends after ``max_new_tokens`` tokens, after a token in ``stop_ids`` (which
+is returned as the last token, as Hugging Face does, so the caller sees why it stopped; default:
+the tokenizer's end-of-text id when the model has a tokenizer with one, else none), or at the
+context limit: prompt plus new tokens never exceed ``max_seq_len``, so a prompt of exactly
+``max_seq_len`` tokens gives no new token, and only a prompt longer than that is an error.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import InputError
+from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
+from ..layers.rmsnorm import rmsnorm_forward_kernel_serial as rmsnorm_row
+from ..layers.rope import rope_cos_sin, rope_kernel_serial as rope_row
+from ..layers.swiglu import swiglu_forward_kernel_serial as swiglu_row
+from .sampling import check_prompt, check_sampling, check_stop_ids, greedy_token, sample_token
+
+
+class KVCacheDecoder:
+    """The decoding state of one sequence (batch 1) of a Llama: cache, RoPE tables, work buffers.
+
+    ``prefill(prompt)`` runs the prompt and returns the logits at its last position; each
+    ``step(token)`` appends one token and returns the logits at its position.  The returned array
+    is a buffer that the next call overwrites.
+
+    capacity: positions the cache can hold (at most ``max_seq_len``).  A generation of n new
+    tokens after a prompt of P needs P + n - 1: the last token is returned, never fed back.
+    Keys are stored transposed, (n_layers, K, hd, capacity), values as (n_layers, K, capacity, hd),
+    in the model's dtype (see layers/kv_cache.py for why).
+    """
+
+    def __init__(self, model, capacity: int):
+        cfg = model.config
+        if not 1 <= capacity <= cfg.max_seq_len:
+            raise InputError(f"cache capacity must be in [1, max_seq_len={cfg.max_seq_len}], got {capacity}")
+        dt = model.dtype
+        L, H, K, hd, D, F = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.hidden_dim
+        self.model, self.config, self.capacity = model, cfg, capacity
+        self.k_cache_t = np.empty((L, K, hd, capacity), dtype=dt)
+        self.v_cache = np.empty((L, K, capacity, hd), dtype=dt)
+        self.cos, self.sin = rope_cos_sin(np.arange(capacity), model.rope_freqs, dt)
+        self.eps = dt.type(cfg.norm_eps)  # the same rounded eps as in training
+        self.one = dt.type(1.0)
+        # per layer: weights, its cache, and the matvec kernel of each matrix (all looked up once)
+        self.layers = [(w, self.k_cache_t[i], self.v_cache[i], matvec_for(w["wqkv"]), matvec_for(w["wo"]),
+                        matvec_for(w["w_gate_up"]), matvec_for(w["w_down"])) for i, w in enumerate(model._layers)]
+        self.embed = model.params["model.embed_tokens.weight"]
+        self.norm_w = model.params["model.norm.weight"]
+        self.lm_head = model.lm_head
+        self.lm_head_matvec = matvec_for(self.lm_head)
+        # work buffers of a step: one row (1, width) for the row kernels, with 1-D views for matvec
+        e = lambda *shape: np.empty(shape, dtype=dt)  # noqa: E731
+        self.x = e(1, D)                                     # the residual stream
+        self.xn, self.r = e(1, D), e(1)                      # its RMSNorm and 1/rms
+        self.delta = e(1, D)                                 # what a branch adds to x
+        self.qkv = e(1, (H + 2 * K) * hd)
+        self.q = self.qkv[0, :H * hd].reshape(H, hd)         # view: rotated in place
+        self.attn = e(H, hd)
+        self.gate_up = e(1, 2 * F)
+        self.hidden = e(1, F)
+        self.scores = e(capacity)
+        self.logits = e(cfg.vocab_size)
+        self.rows = (self.x[0], self.xn[0], self.delta[0], self.qkv[0], self.attn.reshape(H * hd),
+                     self.gate_up[0], self.hidden[0])         # 1-D views of the buffers above
+        self.length = 0                                      # positions filled
+
+    def prefill(self, tokens) -> np.ndarray:
+        """tokens: int (P,), 1 <= P <= capacity -> logits (V,) at position P-1.
+
+        The model's own blocks over the P positions (``Llama.last_hidden_state``), each layer's
+        rotated keys and values stored in the cache as its block finishes."""
+        P = len(tokens)
+        if not 1 <= P <= self.capacity:
+            raise InputError(f"prefill needs 1 to {self.capacity} tokens, got {P}")
+        H = self.config.n_heads
+
+        def store(layer, qkv):           # qkv: (P, (H + 2K) hd), q and k rotated
+            kv_cache_store_kernel(qkv, 0, H, self.k_cache_t[layer], self.v_cache[layer])
+
+        hidden = self.model.last_hidden_state(np.asarray(tokens).reshape(1, P), after_block=store)
+        self.lm_head_matvec(self.lm_head, hidden[0, -1], self.logits)   # only the last position's logits
+        self.length = P
+        return self.logits
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token (at position ``length``) -> logits (V,) at that position."""
+        pos = self.length
+        if pos >= self.capacity:
+            raise InputError(f"the cache is full ({self.capacity} positions)")
+        H, K, hd = self.config.n_heads, self.config.n_kv_heads, self.config.head_dim
+        x, xn, r, delta, qkv, gate_up, hidden = self.x, self.xn, self.r, self.delta, self.qkv, self.gate_up, self.hidden
+        x_row, xn_row, delta_row, qkv_row, attn_row, gate_up_row, hidden_row = self.rows
+        eps, one, cos, sin = self.eps, self.one, self.cos, self.sin
+        np.copyto(x_row, self.embed[token])
+        for w, k_cache_t, v_cache, matvec_qkv, matvec_o, matvec_gate_up, matvec_down in self.layers:
+            # h = x + W_o attention(rope(q), rope(k), v) over the cache,  n1 = RMSNorm(x)
+            rmsnorm_row(x, w["attn_norm"], eps, xn, r)
+            matvec_qkv(w["wqkv"], xn_row, qkv_row)
+            rope_row(qkv, H + K, hd, cos, sin, one, pos, 1)
+            kv_cache_store_kernel(qkv, pos, H, k_cache_t, v_cache)
+            decode_attention_kernel(self.q, k_cache_t, v_cache, pos + 1, self.scores, self.attn)
+            matvec_o(w["wo"], attn_row, delta_row)
+            # out = h + W_down swiglu(W_gate_up n2),  n2 = RMSNorm(h), h written over x
+            rmsnorm_row(x, w["ffn_norm"], eps, xn, r, delta)
+            matvec_gate_up(w["w_gate_up"], xn_row, gate_up_row)
+            swiglu_row(gate_up, hidden)
+            matvec_down(w["w_down"], hidden_row, delta_row)
+            np.add(x, delta, out=x)
+        rmsnorm_row(x, self.norm_w, eps, xn, r)
+        self.lm_head_matvec(self.lm_head, xn_row, self.logits)
+        self.length = pos + 1
+        return self.logits
+
+
+# ---- generate / stream ------------------------------------------------------------------------------
+def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+           stop_ids=None, stats=None):
+    """Yield the new token ids (Python ints) one at a time; see the module docstring.
+
+    The arguments are checked here, before the first token is asked for.  ``stats``, when a dict,
+    receives timings: prompt_tokens, prefill_s (prefill and choosing the first token),
+    decode_steps, decode_s (time inside the steps and choosing their tokens, not the consumer's),
+    new_tokens and stop ("stop_id", "max_new_tokens" or "context")."""
+    prompt = check_prompt(model, prompt_ids)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    stops = check_stop_ids(model, stop_ids)
+    temperature = float(temperature)
+    top_p = None if top_p is None else float(top_p)
+    top_k = None if top_k is None else int(top_k)
+    return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats)
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+             stop_ids=None, stats=None) -> np.ndarray:
+    """The new tokens only, as a 1-D int64 array (the tokens ``stream`` yields)."""
+    tokens = stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop_ids=stop_ids, stats=stats)
+    return np.fromiter(tokens, dtype=np.int64)
+
+
+def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats):
+    stats = {} if stats is None else stats
+    P = prompt.size
+    room = model.config.max_seq_len - P
+    n_new = min(max_new_tokens, room)
+    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, new_tokens=0,
+                 stop="context" if room < max_new_tokens else "max_new_tokens")
+    if n_new == 0:
+        return
+    if temperature == 0.0:
+        choose = greedy_token
+    else:
+        rng = np.random.default_rng(seed)
+
+        def choose(logits):
+            return sample_token(logits, temperature, top_k, top_p, rng)
+
+    t0 = time.perf_counter()
+    decoder = KVCacheDecoder(model, capacity=P + n_new - 1)
+    token = choose(decoder.prefill(prompt))
+    stats["prefill_s"] = time.perf_counter() - t0
+    for i in range(n_new):
+        if i > 0:
+            t0 = time.perf_counter()
+            token = choose(decoder.step(token))
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += 1
+        stats["new_tokens"] = i + 1
+        yield token
+        if token in stops:
+            stats["stop"] = "stop_id"
+            return
