@@ -26,6 +26,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import types  # noqa: E402
+from numba.core import event as numba_events  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
@@ -110,3 +111,22 @@ def exp_float32_array(x):
     for i in range(x.size):
         out[i] = exp_float32(x[i])
     return out
+
+
+# ---- how long compiling takes ------------------------------------------------------------------
+class CompileClock:
+    """Seconds Numba spends compiling (not loading from its on-disk cache) while in the ``with``
+    block; ``seconds`` may be read inside it.  Nested compilations count once."""
+
+    def __enter__(self):
+        self._listener = numba_events.TimingListener()
+        numba_events.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        numba_events.unregister("numba:compile", self._listener)
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return self._listener.duration if self._listener.done else 0.0
