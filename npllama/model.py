@@ -20,6 +20,8 @@ blocks (``last_hidden_state``) and each new token through the same kernels on on
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .config import LlamaConfig
@@ -31,6 +33,7 @@ from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_for
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.linear import matmuls, split_matmuls
+from .layers.lora import lora_init
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
 
@@ -58,6 +61,25 @@ def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     layout.append(("model.norm.weight", (D,)))
     if not cfg.tie_embeddings:
         layout.append(("lm_head.weight", (cfg.vocab_size, D)))
+    return layout
+
+
+# LoRA targets as PEFT names them (target_modules), and where each sits in a layer
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_MODULES = {t: ("mlp." if t in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + t for t in LORA_TARGETS}
+
+
+def lora_layout(cfg: LlamaConfig, rank: int, targets) -> list[tuple[str, tuple[int, ...]]]:
+    """(PEFT name without "base_model.model.", shape) of every adapter matrix, in the order they sit
+    in the trainable buffer: per layer and target, A (r, in) then B (out, r)."""
+    shapes = dict(parameter_layout(cfg))
+    layout = []
+    for i in range(cfg.n_layers):
+        for target in LORA_TARGETS:
+            if target in targets:
+                module = f"model.layers.{i}.{LORA_MODULES[target]}"
+                d_out, d_in = shapes[module + ".weight"]
+                layout += [(module + ".lora_A.weight", (rank, d_in)), (module + ".lora_B.weight", (d_out, rank))]
     return layout
 
 
@@ -127,6 +149,17 @@ class _Workspace:
         self.outputs = [acts.x for acts in self.layers[1:]] + [self.final.x]
 
 
+class LoraSettings(NamedTuple):
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]   # PEFT's target_modules, in LORA_TARGETS order
+    dropout: float             # on the adapters' inputs
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class Llama:
     def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32):
         if not isinstance(config, LlamaConfig):
@@ -144,6 +177,7 @@ class Llama:
         self.grads = _views(self.flat_grads, self.layout)
         self._layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
         self._layer_grads = _layer_views(self.grads, self.flat_grads, self.layout, cfg)
+        self.lora = None  # LoraSettings once add_lora froze the base
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
@@ -165,6 +199,56 @@ class Llama:
             else:
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 p[...] = rng.normal(0.0, std, size=shape)
+
+    # ---- LoRA (layers/lora.py, docs/12-lora.md) -----------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, targets=LORA_TARGETS, dropout: float = 0.0, seed: int = 0):
+        """Freeze every base weight and put a LoRA adapter on each ``targets`` projection of every
+        layer: y = x W^T + (alpha / rank) dropout(x) A^T B^T, A and B initialised as PEFT does
+        (B = 0: the model computes exactly what the base does until a step moves B).
+
+        The adapters are views (``lora_params``, PEFT's names without "base_model.model.") into one
+        trainable buffer ``flat_lora``; ``flat_grads`` / ``grads`` become the gradient of that
+        buffer only: the base's gradient buffer is dropped, and the backward computes no gradient of
+        a frozen weight (``trainable_params`` / ``flat_trainable`` are what an optimizer updates)."""
+        if self.lora is not None:
+            raise ConfigError("this model has LoRA adapters already")
+        targets = tuple(targets)
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ConfigError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, got {', '.join(unknown) or 'none'}")
+        if int(rank) != rank or rank < 1 or not alpha > 0 or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {rank}, {alpha}, {dropout}")
+        cfg, rank = self.config, int(rank)
+        self.lora = LoraSettings(rank, float(alpha), tuple(t for t in LORA_TARGETS if t in targets), float(dropout))
+        self.lora_layout = lora_layout(cfg, rank, targets)
+        self.flat_lora = np.zeros(sum(int(np.prod(s)) for _, s in self.lora_layout), dtype=self.dtype)
+        self.lora_params = _views(self.flat_lora, self.lora_layout)
+        rng = np.random.default_rng(seed)
+        for name, shape in self.lora_layout:
+            if name.endswith(".lora_A.weight"):
+                module = name.removesuffix(".lora_A.weight")
+                d_out, d_in = self.params[module + ".weight"].shape
+                self.lora_params[name][...] = lora_init(rng, d_in, d_out, rank, self.dtype)[0]
+        self.flat_grads = np.zeros_like(self.flat_lora)
+        self.grads = _views(self.flat_grads, self.lora_layout)
+        self._layer_grads = [None] * cfg.n_layers
+        self._adapters = self._adapter_views(self.lora_params)
+        self._adapter_grads = self._adapter_views(self.grads)
+        return self
+
+    def _adapter_views(self, views):
+        """Per layer, {target: (A, B)} of ``views`` keyed like ``lora_layout``."""
+        return [{t: tuple(views[f"model.layers.{i}.{LORA_MODULES[t]}.lora_{m}.weight"] for m in "AB")
+                 for t in self.lora.targets} for i in range(self.config.n_layers)]
+
+    @property
+    def trainable_params(self):
+        """What training updates: the adapters with LoRA, else every parameter (views of ``flat_trainable``)."""
+        return self.params if self.lora is None else self.lora_params
+
+    @property
+    def flat_trainable(self):
+        return self.flat_params if self.lora is None else self.flat_lora
 
     @property
     def lm_head(self):
@@ -219,12 +303,13 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None):
+    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None, lora_masks=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout``: draw
         masks (training with p > 0), unless ``dropout_masks`` gives them: one checked (N, D) pair
-        per layer (``_check_dropout_masks``), applied as given.  ``after_block(i, qkv)`` is called
-        after block i."""
+        per layer (``_check_dropout_masks``), applied as given; likewise the LoRA adapters' input
+        masks (training with lora dropout > 0), unless ``lora_masks`` ({module name: (N, in)}) gives
+        them.  ``after_block(i, qkv)`` is called after block i."""
         cfg = self.config
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
@@ -232,16 +317,31 @@ class Llama:
             acts.mask_attn = acts.mask_ffn = None
             if dropout_masks is not None:
                 acts.mask_attn, acts.mask_ffn = dropout_masks[i]
-            elif dropout:  # drawn in this order (attention, then feed-forward, layer by layer)
+            elif dropout and cfg.dropout > 0.0:  # drawn in this order (attention, then feed-forward, layer by layer)
                 acts.mask_attn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
                 acts.mask_ffn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
-            decoder_block_forward_rows(acts, w, out, ws.batch)
+            adapters = None if self.lora is None else self._layer_adapters(i, acts, dropout, lora_masks)
+            decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
             if after_block is not None:
                 after_block(i, acts.qkv)
         final = ws.final
         rmsnorm_forward_kernel(final.x, self.params["model.norm.weight"], self.dtype.type(cfg.norm_eps),
                                final.xn, final.r)
         return final.xn
+
+    def _layer_adapters(self, i, acts, dropout, lora_masks):
+        """Layer i's adapters for the block: {target: (A, B, scale, mask or None)}.  Masks are
+        given (``lora_masks``) or drawn when training with LoRA dropout, after the layer's own."""
+        scale, p = self.lora.scale, self.lora.dropout
+        adapters = {}
+        for target, (a, b) in self._adapters[i].items():
+            mask = None
+            if lora_masks is not None:
+                mask = lora_masks.get(f"model.layers.{i}.{LORA_MODULES[target]}")
+            elif dropout and p > 0.0:
+                mask = dropout_mask((acts.x.shape[0], a.shape[1]), p, self._dropout_rng, self.dtype)
+            adapters[target] = (a, b, scale, mask)
+        return adapters
 
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
@@ -324,10 +424,11 @@ class Llama:
             checked.append(tuple(rows))
         return checked
 
-    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, copy=True):
-        """Mean cross-entropy over targets != -100, and its gradient for every parameter.
+    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, lora_masks=None, copy=True):
+        """Mean cross-entropy over targets != -100, and its gradient for every trainable parameter.
 
-        Returns (loss, grads), grads mapping each name of ``params`` to its gradient.
+        Returns (loss, grads), grads mapping each name of ``trainable_params`` to its gradient (with
+        LoRA: the adapters' only, as npllama.reference.loss_and_grad(lora=...) returns them).
 
         copy=True (the default): the gradients are a copy, the caller's to keep.
         copy=False: **grads are views into ``flat_grads``, which the next call to loss_and_grad
@@ -336,36 +437,65 @@ class Llama:
 
         dropout_masks: None to draw dropout masks from the model's generator (when training and
         config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
-        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does)."""
+        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does).
+        lora_masks: with LoRA, the dropout masks of the adapters' inputs ({module name: (B, T, in)},
+        none for a module not named), instead of drawing them."""
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
         masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
+        adapter_masks = None if lora_masks is None else self._check_lora_masks(lora_masks, B, T)
         ws = self._workspace(B, T, True)
         with split_matmuls():
-            loss = self._loss_and_grad_rows(tokens, targets, ws, masks)
+            loss = self._loss_and_grad_rows(tokens, targets, ws, masks, adapter_masks)
         if not copy:
             return loss, self.grads
-        return loss, _views(self.flat_grads.copy(), self.layout)
+        return loss, _views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
 
-    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None):
-        """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
+    def _check_lora_masks(self, masks, B, T):
+        """{module name: (B, T, in)} -> {module name: (B*T, in)} of the model's dtype."""
+        if self.lora is None:
+            raise InputError("lora_masks given but the model has no LoRA adapters")
+        checked = {}
+        for name, mask in masks.items():
+            if name + ".lora_A.weight" not in self.lora_params:
+                raise InputError(f"lora_masks: {name!r} is not a module with a LoRA adapter")
+            d_in = self.lora_params[name + ".lora_A.weight"].shape[1]
+            mask = np.asarray(mask)
+            if mask.dtype.kind not in "biuf" or mask.shape != (B, T, d_in):
+                raise InputError(f"lora_masks[{name!r}] must be a real array of shape {(B, T, d_in)}, "
+                                 f"got {mask.dtype} {mask.shape}")
+            checked[name] = np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, d_in)
+        return checked
+
+    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, lora_masks=None):
+        """loss_and_grad on the workspace's buffers (checked inputs); returns the loss.  With LoRA
+        the base is frozen: only input gradients flow through it, and the output projection, the
+        norms and the embedding get no gradient."""
         cfg = self.config
         B, T = tokens.shape
-        dropout = self.training and cfg.dropout > 0.0
-        xn = self._forward_rows(tokens, ws, dropout, dropout_masks=dropout_masks)
+        xn = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks, lora_masks=lora_masks)
         matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses)
 
         # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W
         final, scratch = ws.final, ws.batch.scratch
-        d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-        matmuls((dlogits.T, final.xn, d_head), (dlogits, self.lm_head, scratch.dn))
+        frozen = self.lora is not None
+        if frozen:
+            matmuls((dlogits, self.lm_head, scratch.dn))
+        else:
+            d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+            matmuls((dlogits.T, final.xn, d_head), (dlogits, self.lm_head, scratch.dn))
         rmsnorm_backward_kernel(scratch.dn, final.x, self.params["model.norm.weight"], final.r, scratch.dres,
                                 scratch.dw_partial, False)
-        np.sum(scratch.dw_partial, axis=0, out=self.grads["model.norm.weight"])
-        for acts, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
-            decoder_block_backward_rows(acts, w, dw, ws.batch)
+        if not frozen:
+            np.sum(scratch.dw_partial, axis=0, out=self.grads["model.norm.weight"])
+        adapter_grads = self._adapter_grads if frozen else [None] * cfg.n_layers
+        for acts, w, dw, dlora in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads),
+                                      reversed(adapter_grads)):
+            decoder_block_backward_rows(acts, w, dw, ws.batch, dlora)
+        if frozen:                  # the embedding is frozen: the gradient stops here
+            return loss
         d_embed = self.grads["model.embed_tokens.weight"]
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0

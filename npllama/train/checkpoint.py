@@ -82,8 +82,9 @@ def _load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
 
 
 def _make_optimizer(model, cfg: TrainConfig):
-    return AdamW(model.params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                 weight_decay=cfg.weight_decay, flat_params=model.flat_params)
+    """AdamW over what trains: with LoRA the adapters' buffer only (no state for frozen weights)."""
+    return AdamW(model.trainable_params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 weight_decay=cfg.weight_decay, flat_params=model.flat_trainable)
 
 
 def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:

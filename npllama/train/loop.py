@@ -59,7 +59,7 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
         say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
         return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     say(_describe(run), verbose)
-    grad_buffer = np.empty_like(model.flat_params) if cfg.grad_accum > 1 else None
+    grad_buffer = np.empty_like(model.flat_grads) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
     with Session(run, t_start, resumed=resume is not None, progress=progress, verbose=verbose) as s:
