@@ -25,15 +25,15 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import LlamaConfig
-from .errors import ConfigError, InputError
-from .formats import hf
+from .errors import CheckpointError, ConfigError, InputError
+from .formats import hf, peft
 from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.linear import matmuls, split_matmuls
-from .layers.lora import lora_init
+from .layers.lora import lora_init, merge_lora
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
 
@@ -178,6 +178,7 @@ class Llama:
         self._layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
         self._layer_grads = _layer_views(self.grads, self.flat_grads, self.layout, cfg)
         self.lora = None  # LoraSettings once add_lora froze the base
+        self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
@@ -503,22 +504,45 @@ class Llama:
         return loss
 
     # ---- generation (npllama/generate/) --------------------------------------------------------
+    # The decoding step runs its own kernels on the base weights, so a model with LoRA adapters
+    # generates with a merged copy (merge_adapters): the same function, one weight per projection.
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None):
         """1-D int array of the new tokens only; see npllama.generate.generate."""
+        if self.lora is not None:
+            return merge_adapters(self).generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
         return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_ids=stop_ids)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None):
         """Yield the same tokens as ``generate``, one at a time."""
+        if self.lora is not None:
+            return merge_adapters(self).stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stop_ids)
 
     # ---- Hugging Face format -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if any)."""
+        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if
+        any), or from a PEFT LoRA adapter directory (adapter_config.json): its base model (found
+        through base_model_name_or_path, relative to the adapter directory first) with the adapter
+        applied, and the adapter directory's tokenizer.json if it has one."""
+        if peft.is_adapter_dir(path):
+            config = peft.read_adapter_config(path)
+            base = peft.base_model_path(path, config)
+            model = cls.from_pretrained(base, dtype=dtype)
+            targets = config["target_modules"]
+            unknown = sorted(set(targets) - set(LORA_TARGETS))
+            if unknown:
+                raise CheckpointError(f"{path}: target_modules {unknown} are not projections npllama adapts "
+                                      f"({', '.join(LORA_TARGETS)})")
+            model.add_lora(config["r"], config["lora_alpha"], targets, config.get("lora_dropout") or 0.0)
+            peft.load_adapter_weights(path, model.lora_params)
+            model.lora_base = base
+            model.tokenizer = hf.load_tokenizer(path, model.config) or model.tokenizer
+            return model
         cfg, files = hf.open_pretrained(path)
         model = cls(cfg, dtype=dtype)
         hf.load_weights(path, files, cfg, model.params)
@@ -526,4 +550,27 @@ class Llama:
         return model
 
     def save_pretrained(self, path):
+        """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""
         hf.save_pretrained(path, self.config, self.params, self.tokenizer)
+
+    def save_adapter(self, path, base_path):
+        """The LoRA adapters as a PEFT adapter directory whose base_model_name_or_path is ``base_path``."""
+        if self.lora is None:
+            raise ConfigError("this model has no LoRA adapters to save")
+        peft.save_adapter(path, self.lora, self.lora_params, base_path)
+
+
+def merge_adapters(model: Llama) -> Llama:
+    """A new model without adapters whose every adapted weight is W + (alpha/r) B A (layers/lora.py's
+    merge_lora): what a LoRA model computes without dropout, in a plain Llama (its tokenizer too)."""
+    merged = Llama(model.config, dtype=model.dtype)
+    merged.flat_params[...] = model.flat_params
+    merged.tokenizer = model.tokenizer
+    if model.lora is not None:
+        for name, a in model.lora_params.items():
+            if name.endswith(".lora_A.weight"):
+                module = name.removesuffix(".lora_A.weight")
+                b = model.lora_params[module + ".lora_B.weight"]
+                merged.params[module + ".weight"][...] = merge_lora(model.params[module + ".weight"], a, b,
+                                                                    model.lora.scale)
+    return merged
