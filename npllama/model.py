@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import LlamaConfig
+from .config import LORA_TARGETS, LlamaConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .formats import hf, peft
 from .generate import decoding
@@ -64,8 +64,7 @@ def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     return layout
 
 
-# LoRA targets as PEFT names them (target_modules), and where each sits in a layer
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# where each LoRA target (PEFT's target_modules) sits in a layer
 LORA_MODULES = {t: ("mlp." if t in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + t for t in LORA_TARGETS}
 
 

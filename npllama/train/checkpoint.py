@@ -8,6 +8,7 @@ complete checkpoint; on resume the recorded SHA-256 of the two safetensors files
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -23,8 +24,10 @@ from ..data import BatchSampler, TokenDataset, generator_from_state, load_text, 
 from ..errors import CheckpointError, ConfigError, NpllamaError
 from ..files import (COMMIT_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write, commit_staged_write,
                      file_sha256, read_json, recover_staged_write)
+from ..formats import hf
+from ..formats.peft import ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
-from ..model import Llama
+from ..model import Llama, merge_adapters
 from ..optim import AdamW, lr_at
 from ..threads import live_thread_counts
 from ..tokenizer import Tokenizer
@@ -60,10 +63,22 @@ class Run:
     train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
     plan: dict = field(default_factory=dict)
     last_checkpoint_step: int | None = None
+    base_sha256: str | None = None      # LoRA: the frozen base's weights, checked on resume
+
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
                      total_steps=self.total_steps, min_lr=self.config.final_lr, kind=self.config.schedule)
+
+
+def _weights_file(model) -> str:
+    return MODEL_FILE if model.lora is None else ADAPTER_FILE
+
+
+def base_weights_sha256(base_dir) -> str:
+    """One SHA-256 over the base model's config.json and weight files (a LoRA run trains against it)."""
+    paths = [Path(base_dir) / "config.json", *hf.weight_files(base_dir)]
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
 def say(msg: str, verbose: bool) -> None:
@@ -114,6 +129,12 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
             raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
                               "checkpoint's own tokenizer")
         model = Llama.from_pretrained(init_dir, dtype=dtype)
+        if model.lora is not None:                    # a LoRA run or adapter directory
+            if cfg.lora_rank is not None:
+                raise ConfigError(f"--init-from {init_dir}: LoRA on top of a LoRA adapter is not supported; "
+                                  f"start from its base {model.lora_base} (or drop --lora-rank to fine-tune "
+                                  "the merged model)")
+            model = merge_adapters(model)
         tokenizer = model.tokenizer
         if model.config.max_seq_len < cfg.seq_len:
             raise ConfigError(f"--init-from {init_dir}: the model's context is {model.config.max_seq_len} "
@@ -125,6 +146,10 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
         cfg.vocab_size = model.config.vocab_size
         say(f"fine-tuning from {init_dir} ({model.num_parameters() / 1e6:.2f}M parameters, "
             f"its tokenizer of {tokenizer.vocab_size} tokens)", verbose)
+        if cfg.lora_rank is not None:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout, seed=cfg.seed)
+            say(f"LoRA: rank {cfg.lora_rank} on {cfg.lora_targets}, {model.flat_lora.size:,} trainable parameters; "
+                "the base is frozen", verbose)
     else:
         t0 = time.monotonic()
         train_text, _ = split_train_val(text, cfg.val_fraction)
@@ -153,8 +178,10 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     model._dropout_rng = np.random.default_rng(cfg.seed + 1)
     model.train()
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
+    base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler)
+               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler,
+               base_sha256=base_sha256)
 
 
 def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
@@ -166,10 +193,13 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
     """
     # A finite loss does not prove finite weights (a huge step can overflow them after the loss
     # was computed), and a checkpoint with inf/nan weights would replace the last good one.
-    if not np.isfinite(run.model.flat_params).all():
+    if not np.isfinite(run.model.flat_trainable).all():
         raise diverged(run, run.step, "the weights are not finite")
     stage = begin_staged_write(run.run_dir, last=(STATE_FILE,))
-    run.model.save_pretrained(stage)
+    if run.model.lora is None:
+        run.model.save_pretrained(stage)
+    else:        # the adapter in PEFT's layout; the frozen base stays where it is (its hash in the state)
+        run.model.save_adapter(stage, run.config.init_from)
     arrays, opt_meta = run.optimizer.state_dict()
     write_safetensors(stage / OPTIMIZER_FILE, arrays, {"format": "npllama-adamw", "step": str(run.step)})
     del arrays
@@ -193,7 +223,8 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         "plan": run.plan,
         "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
         # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
-        "files_sha256": {name: file_sha256(stage / name) for name in (MODEL_FILE, OPTIMIZER_FILE)},
+        "files_sha256": {name: file_sha256(stage / name) for name in (_weights_file(run.model), OPTIMIZER_FILE)},
+        "lora_base_sha256": None if run.model.lora is None else run.base_sha256,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(stage / STATE_FILE, state)
@@ -231,6 +262,12 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     data = _load_dataset(cfg, tokenizer, run_dir, text)
 
     model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype])
+    base_sha256 = None
+    if model.lora is not None:
+        base_sha256 = base_weights_sha256(model.lora_base)
+        if base_sha256 != state.get("lora_base_sha256"):
+            raise CheckpointError(f"{model.lora_base}: the base model of this LoRA run changed since it was "
+                                  "trained; resuming would not continue the same run")
     model.tokenizer = tokenizer
     model.config.dropout = cfg.dropout   # config.json does not carry dropout back
     model.train()
@@ -247,7 +284,8 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
                text_sha256=state["data"]["text_sha256"], optimizer=optimizer, sampler=sampler, step=step,
                total_steps=total, warmup_steps=state["warmup_steps"], tokens_seen=state["tokens_seen"],
-               train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step)
+               train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step,
+               base_sha256=base_sha256)
 
 
 def _validated_state(state, state_path) -> dict:
@@ -275,9 +313,10 @@ def _validated_state(state, state_path) -> dict:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e12:
         raise bad("train_seconds", "must be a non-negative number")
     digests = state.get("files_sha256")
-    if not isinstance(digests, dict) or set(digests) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
-            isinstance(d, str) and len(d) == 64 for d in digests.values()):
-        raise bad("files_sha256", f"must map exactly {MODEL_FILE} and {OPTIMIZER_FILE} to SHA-256 digests")
+    if not isinstance(digests, dict) or set(digests) not in ({MODEL_FILE, OPTIMIZER_FILE}, {ADAPTER_FILE, OPTIMIZER_FILE}) \
+            or not all(isinstance(d, str) and len(d) == 64 for d in digests.values()):
+        raise bad("files_sha256", f"must map exactly {MODEL_FILE} (or {ADAPTER_FILE}) and {OPTIMIZER_FILE} to "
+                  "SHA-256 digests")
     data = state.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("text_sha256"), str):
         raise bad("data", "must hold the corpus text_sha256")
