@@ -129,3 +129,12 @@ def test_cli_lora_train(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "LoRA: rank 2" in err and "bits/byte" in err and "done: 3 steps" in err
     assert json.loads((d / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    # `npllama generate RUN` on the LoRA run: the base with the adapter, greedy = the merged model's tokens
+    assert cli.main(["generate", str(d), "--prompt", "ROMEO", "--max-new-tokens", "6", "--temperature", "0",
+                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    model = npllama.Llama.from_pretrained(d)
+    merged = npllama.model.merge_adapters(model)
+    ids = model.tokenizer.encode("ROMEO")
+    expected = model.tokenizer.decode(merged.generate(np.array(ids), 6))
+    assert expected and expected in out
