@@ -12,6 +12,7 @@ from npllama.errors import ConfigError, InputError
 from npllama.gradcheck import relative_error
 from npllama.layers.dropout import dropout_mask
 from npllama.model import LORA_TARGETS
+from npllama.optim import AdamW
 
 TOLERANCE = 1e-12
 CONFIGS = {
@@ -136,7 +137,6 @@ def test_lora_refuses_bad_settings():
 
 
 def test_adamw_holds_state_for_the_adapters_only():
-    from npllama.optim import AdamW
     cfg = CONFIGS["tied"]
     model, base, _ = lora_model(cfg, LORA_TARGETS)
     before = model.flat_lora.copy()

@@ -15,6 +15,7 @@ adapters' inputs.  Two independent routes to those numbers:
 These tests only read files (no torch).
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file
 
 import npllama
 from npllama import reference
+from npllama.errors import CheckpointError
 from npllama.gradcheck import relative_error
 from npllama.layers.lora import merge_lora
 
@@ -163,8 +165,6 @@ def test_merge_adapters_computes_the_adapter_form(case):
 
 
 def test_adapter_dir_errors_name_the_problem(tmp_path):
-    import shutil
-    from npllama.errors import CheckpointError
     bad = tmp_path / "adapter"
     shutil.copytree(ADAPTER_DIR, bad)
     config = json.loads((bad / "adapter_config.json").read_text())

@@ -40,3 +40,10 @@ def test_npllama_adapter_loads_in_peft(targets, tmp_path):
     # the adapter is what makes them equal: the base alone is visibly different
     plain = npllama.Llama.from_pretrained(BASE_DIR, dtype=np.float32).forward(tokens)
     assert relative_error(plain, peft_logits) > 1e-3
+    # the merged model, saved as a Hugging Face checkpoint, loads in transformers with the same logits
+    npllama.model.merge_adapters(model).save_pretrained(tmp_path / "merged")
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
+                                                           attn_implementation="eager")
+    with torch.no_grad():
+        merged_logits = merged(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    assert relative_error(merged_logits, peft_logits) <= TOLERANCE

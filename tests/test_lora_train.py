@@ -2,6 +2,8 @@
 is a PEFT adapter directory, progress/evaluation/samples work, a run resumes exactly after an
 interrupt, the NaN guard holds, and a changed base is refused on resume."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -66,8 +68,6 @@ def test_lora_run_trains_the_adapters_only(base, tmp_path):
 
 
 def test_lora_resume_after_interrupt_is_exact(base, tmp_path):
-    import os
-    import signal
     ref = tmp_path / "ref"
     train(lora_config(base, ref, lora_dropout=0.2, checkpoint_interval=2), progress=False, verbose=False)
     d = tmp_path / "run"
