@@ -138,6 +138,12 @@ def test_from_pretrained_adapter_dir_applies_the_adapter(case):
     peft_grads = from_peft_keys(ref, "dropout_grad.")
     assert set(grads) == set(peft_grads)
     assert max(relative_error(grads[key], peft_grads[key]) for key in peft_grads) <= TOLERANCE
+    # the adapter's lora_dropout (0.25): drawn when training, off in eval mode
+    no_dropout = from_peft_keys(ref, "grad.")
+    _, drawn = model.loss_and_grad(ref["tokens"], ref["targets"])
+    assert max(relative_error(drawn[key], no_dropout[key]) for key in no_dropout) > 0.01
+    _, grads = model.eval().loss_and_grad(ref["tokens"], ref["targets"])
+    assert max(relative_error(grads[key], no_dropout[key]) for key in no_dropout) <= TOLERANCE
 
 
 def test_saved_adapter_round_trips_in_peft_layout(case, tmp_path):
