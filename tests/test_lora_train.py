@@ -47,7 +47,8 @@ def test_lora_run_trains_the_adapters_only(base, tmp_path):
     _, src = base
     before = (src / "model.safetensors").read_bytes()
     d = tmp_path / "run"
-    result = train(lora_config(base, d, lora_targets="q_proj,v_proj,down_proj"), progress=False, verbose=False)
+    result = train(lora_config(base, d, lora_targets="q_proj,v_proj,down_proj", grad_accum=2), progress=False,
+                   verbose=False)
     assert result.step == 6 and np.isfinite(result.final_eval["val_loss"])
     for name in ADAPTER_FILES:
         assert (d / name).is_file(), name
