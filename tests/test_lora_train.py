@@ -85,6 +85,22 @@ def test_lora_resume_after_interrupt_is_exact(base, tmp_path):
     for name in ("adapter_model.safetensors", OPTIMIZER_FILE):
         assert (d / name).read_bytes() == (ref / name).read_bytes(), name
 
+    # a crash (no save) at step 5: the step-4 checkpoint is what is left, and the run goes on from it
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, loss, run):
+        if step == 5:
+            raise Crash
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        train(lora_config(base, crashed, lora_dropout=0.2, checkpoint_interval=2), progress=False, verbose=False,
+              on_step=crash_at_5)
+    assert json.loads((crashed / STATE_FILE).read_text())["step"] == 4
+    train(resume=crashed, progress=False, verbose=False)
+    assert step_losses(crashed) == step_losses(ref)
+
 
 def test_lora_nan_guard_and_changed_base(base, tmp_path):
     corpus, src = base
