@@ -506,20 +506,23 @@ class Llama:
     # The decoding step runs its own kernels on the base weights, so a model with LoRA adapters
     # generates with a merged copy (merge_adapters): the same function, one weight per projection.
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stop_ids=None):
-        """1-D int array of the new tokens only; see npllama.generate.generate."""
+                 stop_ids=None, slide=False):
+        """1-D int array of the new tokens only; see npllama.generate.generate (``slide=True``: go on
+        past the context over a sliding window)."""
         if self.lora is not None:
-            return merge_adapters(self).generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+            return merge_adapters(self).generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                                 slide)
         return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_ids=stop_ids)
+                                 seed=seed, stop_ids=stop_ids, slide=slide)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-               stop_ids=None):
+               stop_ids=None, slide=False):
         """Yield the same tokens as ``generate``, one at a time."""
         if self.lora is not None:
-            return merge_adapters(self).stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+            return merge_adapters(self).stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                               slide)
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, stop_ids=stop_ids)
+                               seed=seed, stop_ids=stop_ids, slide=slide)
 
     # ---- Hugging Face format -------------------------------------------------------------------
     @classmethod
