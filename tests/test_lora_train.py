@@ -12,6 +12,7 @@ import npllama
 from npllama import cli
 from npllama.data import load_text
 from npllama.errors import CheckpointError, ConfigError
+from npllama.gradcheck import relative_error
 from npllama.train import OPTIMIZER_FILE, STATE_FILE, TrainConfig, TrainingDiverged, new_run, read_metrics, train
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", OPTIMIZER_FILE, STATE_FILE)
@@ -124,11 +125,11 @@ def test_lora_nan_guard_and_changed_base(base, tmp_path):
 
 
 def test_lora_options_are_checked(base, tmp_path):
-    with pytest.raises(ConfigError, match="lora_rank needs init_from"):
+    with pytest.raises(ConfigError, match="--lora-rank needs --init-from"):
         TrainConfig(lora_rank=4)
-    with pytest.raises(ConfigError, match="lora_targets"):
+    with pytest.raises(ConfigError, match="--lora-targets"):
         lora_config(base, tmp_path, lora_targets="q_proj,qkv")
-    with pytest.raises(ConfigError, match="lora_dropout"):
+    with pytest.raises(ConfigError, match="--lora-dropout"):
         lora_config(base, tmp_path, lora_dropout=1.0)
     run = new_run(lora_config(base, tmp_path / "r"), verbose=False)
     assert run.optimizer.flat_params is run.model.flat_lora
@@ -155,3 +156,22 @@ def test_cli_lora_train(base, tmp_path, capsys):
     ids = model.tokenizer.encode("ROMEO")
     expected = model.tokenizer.decode(merged.generate(np.array(ids), 6))
     assert expected and expected in out
+
+
+def test_export_merge_writes_the_merged_model(base, tmp_path, capsys):
+    d = tmp_path / "run"
+    train(lora_config(base, d, steps=3, eval_interval=0, sample_tokens=0), progress=False, verbose=False)
+    assert cli.main(["export", str(d), "--to", "gguf"]) == 1
+    assert "pass --merge" in capsys.readouterr().err
+    assert cli.main(["export", str(base[1]), "--merge"]) == 1               # a model without an adapter
+    assert "no LoRA adapter" in capsys.readouterr().err
+    assert cli.main(["export", str(d), "--merge"]) == 0
+    out = tmp_path / "run-hf"
+    merged = npllama.Llama.from_pretrained(out)
+    assert merged.lora is None and (out / "tokenizer.json").is_file()
+    lora = npllama.Llama.from_pretrained(d)
+    np.testing.assert_array_equal(merged.flat_params, npllama.model.merge_adapters(lora).flat_params)
+    tokens = np.arange(12).reshape(2, 6)
+    assert relative_error(merged.forward(tokens), lora.forward(tokens)) <= 1e-5   # float32
+    assert cli.main(["export", str(d), "--merge"]) == 1                      # no overwrite without --force
+    assert cli.main(["export", str(d), "--merge", "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0

@@ -132,10 +132,10 @@ class TrainConfig:
         number("lora_dropout", 0.0, 1.0, hi_open=True)
         targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
         if not targets or not set(targets) <= set(LORA_TARGETS):
-            raise ConfigError(f"lora_targets must be a comma-separated subset of {','.join(LORA_TARGETS)}, "
+            raise ConfigError(f"{flag('lora_targets')} must be a comma-separated subset of {','.join(LORA_TARGETS)}, "
                               f"got {_short(self.lora_targets)}")
         if self.lora_rank is not None and self.init_from is None:
-            raise ConfigError("lora_rank needs init_from: LoRA fine-tunes a trained model (--init-from MODEL)")
+            raise ConfigError(f"{flag('lora_rank')} needs {flag('init_from')}: LoRA fine-tunes a trained model")
         number("time_budget", 0.0, lo_open=True)
         number("lr", 0.0, lo_open=True)
         number("min_lr", allow_none=True)
