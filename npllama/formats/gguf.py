@@ -22,10 +22,12 @@ translation into npllama's model:
 * the config, from the ``llama.*`` keys.
 
 Memory: a tensor is dequantized a chunk of rows at a time straight into its destination array,
-so loading needs the final weights plus one chunk, and the memory-mapped file's pages.
+so loading needs the final weights plus one chunk and the file's pages of the tensor being read
+(those of the tensors already read are released from the process as it goes).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from pathlib import Path
@@ -94,8 +96,19 @@ class _Reader(gguf.GGUFReader):
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if type(self.data) is np.memmap:
+            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (see release)
             self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
         return super()._get(offset, dtype, count, override_order)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the whole pages of file bytes [start, stop) from this process (madvise DONTNEED;
+        the page cache keeps them and a later access reads them again): without it the pages of
+        every tensor dequantized would stay counted in the process's memory until the file is
+        closed."""
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = stop // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self.file_map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class GGUFCheckpoint:
@@ -214,7 +227,8 @@ class GGUFCheckpoint:
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
-        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted."""
+        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted; then
+        the file's pages of the tensor are released from the process (``_Reader.release``)."""
         t = self.tensors[name]
         rows, cols = self.shape(name) if len(t.shape) == 2 else (1, int(t.shape[0]))
         target = out.reshape(rows, cols)
@@ -229,6 +243,7 @@ class GGUFCheckpoint:
                 target[r0:r0 + step] = w
             else:  # GGUF row 2j + i of a head is HF row i * hd/2 + j
                 target[r0:r0 + step].reshape(-1, 2, hd // 2, cols)[...] = w.reshape(-1, hd // 2, 2, cols).swapaxes(1, 2)
+        self.reader.release(t.data_offset, t.data_offset + t.n_bytes)
         return out
 
 
