@@ -121,8 +121,42 @@ def worker_decode(framework: str, workdir: Path):
 # llama2.c
 # ======================================================================================================
 
+# run.c's tokenizer is fixed (BOS 1, the token of " " first, then the prompt's characters), so the
+# benchmark gives it a synthetic tokenizer.bin in which every id is one character: a prompt string
+# then encodes to exactly the benchmark's ids (no two pieces concatenate into a third, so nothing
+# merges) and the printed output maps back to ids one character per token.
+BOS_ID = 1
+SPACE_ID = 3
+_FIRST_CHAR = 0x4E00          # CJK Unified Ideographs; 0x4E00 + 32000 stays below the surrogates
+
+
+def llama2c_piece(token_id: int) -> str:
+    if token_id == BOS_ID:
+        return "\n<s>\n"
+    if token_id == SPACE_ID:
+        return " "
+    return chr(_FIRST_CHAR + token_id)
+
+
+def llama2c_prompt_text(prompt_ids) -> str:
+    """The ``-i`` string that run.c encodes to ``prompt_ids``, which must be [BOS, SPACE_ID, ...]."""
+    ids = list(prompt_ids)
+    if ids[:2] != [BOS_ID, SPACE_ID] or any(i in (BOS_ID, SPACE_ID) for i in ids[2:]):
+        raise ValueError("prompt must be [BOS, SPACE_ID, ids not in {BOS, SPACE_ID}...] for llama2.c")
+    return "".join(llama2c_piece(i) for i in ids[2:])
+
+
+def llama2c_parse_output(stdout: str, prompt_ids) -> list[int]:
+    """Generated ids from run.c's stdout (which echoes the prompt after BOS, minus the leading space)."""
+    text = stdout[:-1] if stdout.endswith("\n") else stdout
+    ids = [SPACE_ID if ch == " " else ord(ch) - _FIRST_CHAR for ch in text]
+    echoed = len(prompt_ids) - 2
+    if ids[:echoed] != list(prompt_ids[2:]):
+        raise ValueError("llama2.c's output does not start with the prompt; tokenizer mismatch?")
+    return ids[echoed:]
+
+
 def run_llama2c(binary: str, workdir: Path, run: dict, threads: int) -> dict:
-    from benchmarks import llama2c_export as l2c
     prompt, n_new = run["prompt"], run["new_tokens"]
     steps = len(prompt) + n_new - 1          # run.c counts positions, BOS included
     # a tiny Python parent reports the binary's own peak RSS (RUSAGE_CHILDREN) on its last stderr line
@@ -130,7 +164,7 @@ def run_llama2c(binary: str, workdir: Path, run: dict, threads: int) -> dict:
                    "print('RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                    "sys.exit(r.returncode)")
     cmd = [sys.executable, "-c", rss_wrapper, binary, str(workdir / "model.bin"), "-z", str(workdir / "tokenizer.bin"), "-t", "0", "-n", str(steps),
-           "-s", "1", "-i", l2c.prompt_text(prompt)]
+           "-s", "1", "-i", llama2c_prompt_text(prompt)]
     rates, walls, ids, rss_kb, others = [], [], None, 0, []
     for i in range(run["warmup"] + run["repeats"]):
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), common.system_busy_seconds(), time.perf_counter()
@@ -149,7 +183,7 @@ def run_llama2c(binary: str, workdir: Path, run: dict, threads: int) -> dict:
         rates.append(float(m.group(1)))
         m = re.search(r"RSS_KB (\d+)", err)
         rss_kb = max(rss_kb, int(m.group(1)) if m else 0)
-        ids = l2c.parse_output(proc.stdout.decode("utf-8"), prompt)
+        ids = llama2c_parse_output(proc.stdout.decode("utf-8"), prompt)
     timed = rates[run["warmup"]:]
     out = {"framework": f"llama2c:{Path(binary).name}", "binary": binary, "achieved_tok_s": timed,
            "tokens_per_s": statistics.median(timed), "process_wall_s": walls, "new_ids": ids,
@@ -177,10 +211,9 @@ def main(argv=None):
     P, N = args.prompt_len, args.new_tokens
     if P + N > shape.max_seq_len:
         raise SystemExit(f"--prompt-len + --new-tokens = {P + N} exceeds the context {shape.max_seq_len}")
-    from benchmarks import llama2c_export as l2c
     rng = np.random.default_rng(args.seed + 7)
-    pool = np.setdiff1d(np.arange(shape.vocab_size), [0, 2, l2c.BOS_ID, l2c.SPACE_ID])
-    prompt = [l2c.BOS_ID, l2c.SPACE_ID] + [int(t) for t in rng.choice(pool, size=P - 2)]
+    pool = np.setdiff1d(np.arange(shape.vocab_size), [0, 2, BOS_ID, SPACE_ID])
+    prompt = [BOS_ID, SPACE_ID] + [int(t) for t in rng.choice(pool, size=P - 2)]
     mean_ctx = P + (N - 1) / 2                    # average number of cached positions a new token sees
     flops_tok = common.decode_flops_per_token(shape, mean_ctx)
     weight_bytes = 4 * common.matmul_weight_count(shape)
@@ -198,8 +231,10 @@ def main(argv=None):
                "warmup": args.warmup, "repeats": args.repeats}
         (workdir / "run.json").write_text(json.dumps(run))
         if args.llama2c:
-            l2c.write_checkpoint(workdir / "model.bin", shape, weights)
-            l2c.write_tokenizer(workdir / "tokenizer.bin", shape.vocab_size)
+            from npllama.formats.llama2c import write_llama2c, write_tokenizer_bin
+            write_llama2c(workdir / "model.bin", shape.npllama_config(), weights, version=0)
+            write_tokenizer_bin(workdir / "tokenizer.bin", [llama2c_piece(i).encode() for i in range(shape.vocab_size)],
+                                [0.0] * shape.vocab_size)
         del weights
         for binary in args.llama2c:
             say(f"running llama2.c {binary} ...")

@@ -1,4 +1,4 @@
-"""The `npllama` command: train, generate, gradcheck, plot.
+"""The `npllama` command: train, generate, gradcheck, plot, export.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` before NumPy and
@@ -25,6 +25,7 @@ SUBCOMMANDS = {
                   "check every layer's backward and the whole model's (fast and reference) against finite "
                   "differences (float64)"),
     "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
+    "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .formats import gguf, hf
+from .formats import gguf, hf, llama2c
 from .formats.gguf import is_gguf
 from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
@@ -402,7 +402,9 @@ class Llama:
         * a Hugging Face directory or a run directory of `npllama train` (config.json, safetensors
           weights, tokenizer.json and tokenizer_config.json if any);
         * a ``.gguf`` file, or a directory holding one and no config.json (npllama.formats.gguf:
-          weights dequantized, config, tokenizer and chat template from its metadata, if any).
+          weights dequantized, config, tokenizer and chat template from its metadata, if any);
+        * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (npllama.formats.llama2c; no
+          tokenizer: llama2.c keeps it in a tokenizer.bin of its own).
 
         The parameters are allocated once, left at zero (``init=False``), and the weights read
         straight into them from the memory-mapped file, so loading needs the final weights plus
@@ -418,9 +420,14 @@ class Llama:
             gguf.load_weights(ckpt, model.params)
             model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
             return model
+        if llama2c.is_llama2c(path):
+            ckpt = llama2c.open_llama2c(path)
+            model = cls(ckpt.config, dtype=dtype, init=False)
+            llama2c.load_weights(ckpt, model.params)
+            return model
         if path.is_file():
-            raise CheckpointError(f"{path}: not a GGUF file (give a .gguf file, a Hugging Face directory or a run "
-                                  "directory)")
+            raise CheckpointError(f"{path}: neither a GGUF file nor a llama2.c .bin (give one of those, a Hugging "
+                                  "Face directory or a run directory)")
         cfg, files = hf.open_pretrained(path)
         model = cls(cfg, dtype=dtype, init=False)
         hf.load_weights(path, files, cfg, model.params)

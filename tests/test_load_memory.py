@@ -1,6 +1,7 @@
 """Loading is memory-lean: Llama.from_pretrained's peak memory, measured in a fresh process on a
 generated model of ~50 MB of float32 weights stored as float32 (the file as large as the weights,
-the worst case), stays within 1.5x the final weights.
+the worst case) in each format it reads (safetensors, GGUF, llama2.c), stays within 1.5x the final
+weights.
 
 The measure: (VmHWM after loading - VmRSS just before) / bytes of the loaded parameters, in a
 subprocess whose peak is reset (/proc/self/clear_refs) after the imports.  Without the lean path a
@@ -17,6 +18,7 @@ import pytest
 
 import test_gguf
 from npllama import Llama, LlamaConfig
+from npllama.formats.llama2c import write_llama2c
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = LlamaConfig(vocab_size=4096, dim=512, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=2048, max_seq_len=64,
@@ -56,14 +58,16 @@ def source():
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "llama2c"])
 def test_peak_memory_while_loading_is_within_one_and_a_half_times_the_weights(tmp_path, source, fmt):
     if fmt == "safetensors":
         source.save_pretrained(tmp_path)
         path = tmp_path
-    else:
+    elif fmt == "gguf":
         path = tmp_path / "m.gguf"
         test_gguf.write_gguf(path, source.params, CFG)
+    else:
+        path = write_llama2c(tmp_path / "m.bin", CFG, source.params)
     measured = peak_ratio(path)
     assert measured["checksum"] == pytest.approx(float(np.sum(source.flat_params, dtype=np.float64)), rel=1e-12)
     assert measured["ratio"] <= BOUND, measured

@@ -10,15 +10,10 @@ translation into npllama's model:
 * names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` etc. (``GGUF_NAMES``);
   no ``output.weight`` means the output projection is tied to the embedding;
 * the rotary row order.  Hugging Face's Llama rotates the two halves of each head against each
-  other (``rotate_half``: pairs (j, j + hd/2)); llama.cpp rotates adjacent pairs (2j, 2j + 1).
-  llama.cpp's converter therefore permutes the rows of W_q and W_k within each head so that
-  HF row (half i, index j) lands at GGUF row 2j + i::
-
-      gguf = hf.reshape(n_head, 2, hd // 2, D).swapaxes(1, 2).reshape(n_head * hd, D)
-
-  and reading undoes it:  ``hf = gguf.reshape(n_head, hd // 2, 2, D).swapaxes(1, 2)`` (n_head is
-  the number of KV heads for W_k).  Rows of one head never leave it, so the undoing works on any
-  run of whole heads, which is what lets a tensor be dequantized in row chunks;
+  other, llama.cpp adjacent pairs; llama.cpp's converter reorders the rows of W_q and W_k within
+  each head (npllama.formats.rope_rows) and reading undoes it.  Rows of one head never leave it,
+  so the undoing works on any run of whole heads, which is what lets a tensor be dequantized in
+  row chunks;
 * the config, from the ``llama.*`` keys.
 
 Memory: a tensor is dequantized a chunk of rows at a time straight into its destination array,
@@ -27,7 +22,6 @@ so loading needs the final weights plus one chunk and the file's pages of the te
 """
 from __future__ import annotations
 
-import mmap
 import os
 import re
 from pathlib import Path
@@ -36,6 +30,8 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
+from ..files import release_pages
+from .rope_rows import deinterleave_rope_rows
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -96,19 +92,9 @@ class _Reader(gguf.GGUFReader):
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if type(self.data) is np.memmap:
-            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (see release)
+            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (read_into)
             self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
         return super()._get(offset, dtype, count, override_order)
-
-    def release(self, start: int, stop: int) -> None:
-        """Drop the whole pages of file bytes [start, stop) from this process (madvise DONTNEED;
-        the page cache keeps them and a later access reads them again): without it the pages of
-        every tensor dequantized would stay counted in the process's memory until the file is
-        closed."""
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = stop // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            self.file_map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class GGUFCheckpoint:
@@ -228,7 +214,7 @@ class GGUFCheckpoint:
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
         """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted; then
-        the file's pages of the tensor are released from the process (``_Reader.release``)."""
+        the file's pages of the tensor are released from the process (``files.release_pages``)."""
         t = self.tensors[name]
         rows, cols = self.shape(name) if len(t.shape) == 2 else (1, int(t.shape[0]))
         target = out.reshape(rows, cols)
@@ -241,9 +227,9 @@ class GGUFCheckpoint:
             w = gguf.quants.dequantize(data[r0:r0 + step], t.tensor_type)   # (r, cols) float32
             if n_head is None:
                 target[r0:r0 + step] = w
-            else:  # GGUF row 2j + i of a head is HF row i * hd/2 + j
-                target[r0:r0 + step].reshape(-1, 2, hd // 2, cols)[...] = w.reshape(-1, hd // 2, 2, cols).swapaxes(1, 2)
-        self.reader.release(t.data_offset, t.data_offset + t.n_bytes)
+            else:
+                target[r0:r0 + step] = deinterleave_rope_rows(w, hd)
+        release_pages(self.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
         return out
 
 

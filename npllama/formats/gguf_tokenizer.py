@@ -86,7 +86,7 @@ def read_gguf_tokenizer(ckpt: GGUFCheckpoint) -> GGUFTokenizer:
         raise CheckpointError(f"{ckpt.path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
     hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
                            # a CONTROL token outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
-                           if ty == CONTROL and (kind != "gpt2" or set(t) <= _BYTE_ALPHABET)])
+                           if ty == CONTROL and (kind != "gpt2" or set(t) <= BYTE_ALPHABET)])
     hf.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
 
     def token(key):
@@ -115,13 +115,13 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_SPELLING = _gpt2_bytes_to_unicode()
-_BYTE_ALPHABET = frozenset(_BYTE_SPELLING.values())
+BYTE_SPELLING = _gpt2_bytes_to_unicode()
+BYTE_ALPHABET = frozenset(BYTE_SPELLING.values())
 
 
 def _byte_level_spelling(token: str) -> str:
     # Some converters store a few tokens as raw text; respell them in the byte alphabet.
-    return token if set(token) <= _BYTE_ALPHABET else "".join(_BYTE_SPELLING[b] for b in token.encode("utf-8"))
+    return token if set(token) <= BYTE_ALPHABET else "".join(BYTE_SPELLING[b] for b in token.encode("utf-8"))
 
 
 def _byte_level_bpe(ckpt: GGUFCheckpoint, tokens: list[str]) -> tokenizers.Tokenizer:

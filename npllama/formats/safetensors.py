@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..files import atomic_write_bytes, open_regular_file, parse_json
+from ..files import atomic_write_bytes, open_regular_file, parse_json, release_pages
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 # Metadata key holding the SHA-256 of everything after the header. Safetensors has no checksum of
@@ -142,7 +142,7 @@ def iter_safetensors(path):
         raise CheckpointError(f"{path}: file changed size while being read")
     expected_digest = metadata.get(CHECKSUM_KEY)
     digest = hashlib.sha256() if expected_digest is not None else None
-    hashed, released = data_start, 0   # file offsets: hashed up to, pages released below (page-aligned)
+    hashed = released = data_start   # file offsets: hashed up to, pages released below
     for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         start, end = (data_start + o for o in info["data_offsets"])
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -151,10 +151,8 @@ def iter_safetensors(path):
             hashed = end
         yield name, info["dtype"], np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize,
                                                  offset=start).reshape(info["shape"])
-        page_end = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if page_end > released:
-            mapped.madvise(mmap.MADV_DONTNEED, released, page_end - released)
-            released = page_end
+        release_pages(mapped, released, end)
+        released = end
     if digest is not None:
         digest.update(memoryview(mapped)[hashed:])
         if digest.hexdigest() != expected_digest:
