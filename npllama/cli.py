@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from . import __version__
 from .errors import NpllamaError
 from .threads import thread_limit
 
@@ -58,7 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="npllama", description="A Llama in NumPy with hand-written backward passes.")
+    parser.add_argument("--version", action="version", version=f"npllama {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices   # name -> its parser, whose usage errors name it
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
@@ -87,7 +90,9 @@ def main(argv=None) -> int:
 
 def _run(argv) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # answered by the subcommand's parser, so that the hint is `npllama train --help`
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

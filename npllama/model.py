@@ -383,16 +383,17 @@ class Llama:
 
     # ---- generation (npllama/generate/) --------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stop_ids=None):
-        """1-D int array of the new tokens only; see npllama.generate.generate."""
+                 stop_ids=None, slide=False):
+        """1-D int array of the new tokens only; see npllama.generate.generate (``slide=True``: go on
+        past the context over a sliding window)."""
         return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_ids=stop_ids)
+                                 seed=seed, stop_ids=stop_ids, slide=slide)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-               stop_ids=None):
+               stop_ids=None, slide=False):
         """Yield the same tokens as ``generate``, one at a time."""
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, stop_ids=stop_ids)
+                               seed=seed, stop_ids=stop_ids, slide=slide)
 
     # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod

@@ -2,7 +2,7 @@
 
 Left panel: training loss per step (faint) with its moving average, and the held-out loss at each
 evaluation, both in nats per token.  Right panel: held-out bits per byte.  matplotlib is an optional
-extra (``pip install "npllama[plot]"``); without it the command says so and exits with an error.
+extra (``pip install -e ".[plot]"`` in a clone, as the README says); without it the command says so and exits with an error.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 from .errors import ConfigError
 from .train.checkpoint import read_metrics
 
-MISSING_MATPLOTLIB = ("npllama plot needs matplotlib, which is not installed: "
-                      "pip install \"npllama[plot]\" (or pip install matplotlib)")
+MISSING_MATPLOTLIB = ("npllama plot needs matplotlib, which is not installed: pip install -e \".[plot]\" "
+                      "in your npllama clone (or pip install matplotlib)")
 
 
 def moving_average(values, window: int) -> np.ndarray:
@@ -27,6 +27,32 @@ def moving_average(values, window: int) -> np.ndarray:
     idx = np.arange(1, x.size + 1)
     lo = np.maximum(idx - window, 0)
     return (c[idx] - c[lo]) / (idx - lo)
+
+
+def held_out_curves(evals: list[dict]) -> list[dict]:
+    """The held-out figures to draw, each ``{label, steps, val_loss, val_bpb, final}``.
+
+    Periodic evaluations cover the first eval_tokens held-out tokens, the final one all of them (a
+    different, usually harder, text), so they are not joined: the periodic curve ends with the final
+    evaluation's figure on the periodic tokens (its "subset"), and the figure on all held-out tokens
+    is a point of its own.  Each label says which tokens it covers."""
+    def tokens(r, where):
+        return f", {where} {r['val_tokens']:,} tokens" if "val_tokens" in r else ""
+
+    periodic = [r for r in evals if not r.get("final")]
+    final = [r for r in evals if r.get("final")][-1:]
+    if final and "subset" in final[0]:
+        periodic.append({"step": final[0]["step"], **final[0]["subset"]})
+    curves = []
+    if periodic:
+        curves.append({"label": f"held-out{tokens(periodic[-1], 'first')} (periodic)", "final": False,
+                       **{k: [r[k] for r in periodic] for k in ("val_loss", "val_bpb")},
+                       "steps": [r["step"] for r in periodic]})
+    if final:
+        curves.append({"label": f"held-out{tokens(final[0], 'all')} (final)", "final": True,
+                       "steps": [final[0]["step"]], "val_loss": [final[0]["val_loss"]],
+                       "val_bpb": [final[0]["val_bpb"]]})
+    return curves
 
 
 def plot_run(run_dir, out=None, smooth: int | None = None) -> Path:
@@ -53,17 +79,12 @@ def plot_run(run_dir, out=None, smooth: int | None = None) -> Path:
         ax_loss.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
         ax_loss.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.6,
                      label=f"train (mean of {window})")
-    # The final evaluation covers all held-out text, the periodic ones its first eval_tokens tokens:
-    # draw it as its own marker rather than joining it to the curve.
-    periodic = [r for r in evals if not r.get("final")]
+    for curve in held_out_curves(evals):
+        style = dict(marker="*", linestyle="none", color="tab:red", markersize=11) if curve["final"] \
+            else dict(marker="o", color="tab:orange", markersize=3.5)
+        for ax, key in ((ax_loss, "val_loss"), (ax_bpb, "val_bpb")):
+            ax.plot(curve["steps"], curve[key], label=curve["label"], **style)
     final = [r for r in evals if r.get("final")]
-    for ax, key in ((ax_loss, "val_loss"), (ax_bpb, "val_bpb")):
-        if periodic:
-            ax.plot([r["step"] for r in periodic], [r[key] for r in periodic], "o-", color="tab:orange",
-                    markersize=3.5, label="held-out (periodic)")
-        if final:
-            ax.plot([final[-1]["step"]], [final[-1][key]], "*", color="tab:red", markersize=11,
-                    label="held-out (final, all)")
     if final:
         ax_bpb.annotate(f"{final[-1]['val_bpb']:.3f}", (final[-1]["step"], final[-1]["val_bpb"]),
                         textcoords="offset points", xytext=(-10, 8), ha="right")

@@ -38,7 +38,10 @@ def files(tmp_path_factory):
 
 # (arguments, a piece of the expected error message)
 CASES = {
-    "unknown option": (["train", "--bogus-option"], "unrecognized arguments: --bogus-option"),
+    "unknown option": (["train", "--bogus-option"], "unrecognized arguments: --bogus-option (see 'npllama train --help')"),
+    "unknown top-level option": (["--bogus-option"], "unrecognized arguments: --bogus-option (see 'npllama --help')"),
+    "time budget not positive": (["train", "--time-budget", "0"], "--time-budget must be a number > 0, got 0.0"),
+    "heads do not divide dim": (["train", "--n-heads", "5"], "--n-heads 5 must divide dim 128 (from --preset small)"),
     "unknown command": (["bogus-command"], "invalid choice"),
     "missing corpus": (["train", "--data", "missing.txt", *TINY], "missing.txt"),
     "empty corpus": (["train", "--data", "empty.txt", *TINY], "empty"),

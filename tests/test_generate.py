@@ -2,6 +2,7 @@
 argmax of those logits, sampling draws from the right distribution reproducibly, stops are
 honoured, bad arguments are refused, and `npllama generate` prints what generate() produces."""
 import io
+import re
 import sys
 import types
 
@@ -359,6 +360,58 @@ def test_context_limit():
         model.generate(np.arange(13) % 50, 1)
 
 
+# ---- past the context: a sliding window -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gqa", "llama3_gqa"])
+def test_cache_after_a_slide_equals_full_forward_over_the_window(name):
+    """A slide re-prefills a full cache with the end of the text: its logits, and those of every step
+    after it, are those of a full forward pass over the window (float64, to 1e-12)."""
+    model = make_model(name, max_seq_len=12)
+    tokens = np.random.default_rng(4).integers(0, 50, size=24)
+    decoder = gen.KVCacheDecoder(model, capacity=12)
+    decoder.prefill(tokens[:12])                        # the cache is full
+    keep = gen.decoding.slide_window(12)
+    assert keep == 6
+    start = 12 - keep
+    full = model.forward(tokens[start:start + 12][None])[0]    # the window, growing to a full context again
+    scale = np.max(np.abs(full))
+    errors = [np.max(np.abs(decoder.prefill(tokens[start:12]) - full[keep - 1]))]
+    for t in range(12, start + 12):
+        errors.append(np.max(np.abs(decoder.step(int(tokens[t])) - full[t - start])))
+    assert decoder.length == 12
+    assert max(errors) <= 1e-12 * scale, f"max error {max(errors):.2e} (logit scale {scale:.2f})"
+
+
+def test_generation_slides_past_the_context():
+    model = make_model("gqa", max_seq_len=12)
+    prompt = [3, 1, 4, 1, 5]
+    stats = {}
+    new = gen.generate(model, prompt, 40, slide=True, stats=stats)
+    assert new.shape == (40,) and stats["stop"] == "max_new_tokens" and stats["new_tokens"] == 40
+    # greedy: each token is the argmax of a full forward pass over what the cache held, which is the
+    # whole text until it fills 12 positions, then its last 6 tokens, growing again to 12, ...
+    text = prompt + new.tolist()
+    start, slides = 0, 0
+    for j in range(len(prompt), len(text)):
+        if j - start > 12:                   # the cache held text[start:j-1], full: slide
+            start, slides = j - 6, slides + 1
+        logits = model.forward(np.array(text[start:j])[None])[0, -1]
+        assert text[j] == int(np.argmax(logits)), f"token {j} (window {start}:{j})"
+    assert stats["slides"] == slides >= 5
+    # without slide (the API's default) it stops at the context; the tokens up to there agree
+    stats = {}
+    assert gen.generate(model, prompt, 40, stats=stats).tolist() == new[:7].tolist()
+    assert stats["stop"] == "context" and stats["slides"] == 0
+    # sampling slides as well, reproducibly; stream gives the same tokens
+    sampled = model.generate(prompt, 30, temperature=1.0, seed=3, slide=True)
+    assert sampled.shape == (30,)
+    assert list(model.stream(prompt, 30, temperature=1.0, seed=3, slide=True)) == sampled.tolist()
+    # a prompt that fills the context: the first token from it, then a slide
+    assert model.generate(np.arange(12), 8, slide=True).shape == (8,)
+    with pytest.raises(InputError, match="slide"):
+        model.generate(prompt, 3, slide="yes")
+
+
 # ---- bad arguments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt, match", [
@@ -456,6 +509,44 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run_cli([tmp_path / "no_tok", "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert "tokenizer.json" in err and err.count("\n") == 1
+
+
+def test_cli_generates_past_the_context(run_dir, capsys):
+    """The model's context is 64 tokens: 150 new ones slide the window twice or more, greedy output
+    is what generate(slide=True) gives, and the report says so."""
+    rc = run_cli([run_dir, "--prompt", "Whether", "--max-new-tokens", 150, "--temperature", 0])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    model = npllama.Llama.from_pretrained(run_dir)
+    tok = model.tokenizer
+    new = model.generate(tok.encode("Whether"), 150, slide=True, stop_ids=[]).tolist()
+    assert tok.eos_id not in new, "the fixture's model stops early; pick another prompt"
+    assert out == "Whether" + tok.decode(new)
+    prompt_len = len(tok.encode("Whether"))
+    assert f"prompt {prompt_len} token{'s' if prompt_len != 1 else ''}," in err
+    assert "150 new tokens" in err and "stopped at --max-new-tokens" in err
+    assert re.search(r"the 64-token context was full [2-9] times, each time generation went on over its last 32 "
+                     r"tokens", err), err
+    # --no-slide stops at the context, as generate() does by default
+    assert run_cli([run_dir, "--prompt", "Whether", "--max-new-tokens", 150, "--temperature", 0, "--no-slide"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{64 - prompt_len} new tokens" in err and "stopped at context limit" in err
+    assert out == "Whether" + tok.decode(new[:64 - prompt_len])
+
+
+def test_cli_messages_name_the_options(run_dir, capsys):
+    assert run_cli([run_dir, "--top-p", 1.5]) == 1
+    assert capsys.readouterr().err == "npllama: error: --top-p must be a number in (0, 1], got 1.5\n"
+    assert run_cli([run_dir, "--max-new-tokens", -1]) == 1
+    assert capsys.readouterr().err == "npllama: error: --max-new-tokens must be an integer >= 0, got -1\n"
+    assert run_cli([run_dir, "--top-k", 0]) == 1
+    assert capsys.readouterr().err == "npllama: error: --top-k must be an integer >= 1, got 0\n"
+    # one prompt token (no BOS: the end-of-text token starts an empty prompt): "1 token", singular
+    assert run_cli([run_dir, "--max-new-tokens", 1, "--temperature", 0]) == 0
+    assert "npllama: prompt 1 token, " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli([run_dir, "--help"])
+    assert "sliding window" in capsys.readouterr().out
 
 
 def test_incremental_text_never_shows_half_characters():

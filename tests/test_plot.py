@@ -57,3 +57,23 @@ def test_plot_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="nothing|no training"):
         plot_run(tmp_path)
+
+
+def test_held_out_curves_say_which_tokens(tmp_path):
+    """Periodic and final evaluations are drawn apart (they read different held-out tokens), each
+    labelled with its tokens; the final figure on the periodic tokens continues the periodic curve."""
+    from npllama.plot import held_out_curves
+    from npllama.train import read_metrics
+    write_metrics(tmp_path)             # an older run: no token counts, no subset
+    evals = [r for r in read_metrics(tmp_path) if r.get("kind") == "eval"]
+    periodic, final = held_out_curves(evals)
+    assert (periodic["label"], final["label"]) == ("held-out (periodic)", "held-out (final)")
+    assert periodic["steps"] == [0, 10, 20] and final["steps"] == [30]
+    evals = [{"step": 0, "kind": "eval", "val_loss": 5.0, "val_bpb": 4.0, "val_tokens": 100},
+             {"step": 9, "kind": "eval", "val_loss": 3.0, "val_bpb": 2.5, "val_tokens": 1234, "final": True,
+              "subset": {"val_loss": 2.9, "val_bpb": 2.4, "val_tokens": 100, "val_bytes": 300}}]
+    periodic, final = held_out_curves(evals)
+    assert periodic == {"label": "held-out, first 100 tokens (periodic)", "final": False, "steps": [0, 9],
+                        "val_loss": [5.0, 2.9], "val_bpb": [4.0, 2.4]}
+    assert final == {"label": "held-out, all 1,234 tokens (final)", "final": True, "steps": [9],
+                     "val_loss": [3.0], "val_bpb": [2.5]}

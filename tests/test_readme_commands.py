@@ -1,4 +1,5 @@
 """The README's commands do what a newcomer expects of them."""
+import math
 import re
 import subprocess
 import sys
@@ -24,3 +25,26 @@ def test_readme_test_command_prints_pytest_summary_line():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^1 passed", proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in order in one namespace, as a reader pastes them (in
+    an empty directory: they may write files)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
+    assert blocks, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme"}
+    for block in blocks:
+        exec(compile(block, str(ROOT / "README.md"), "exec"), namespace)
+    # the API example: logits of every position, and an untrained model's loss near ln(vocab)
+    cfg, tokens = namespace["cfg"], namespace["tokens"]
+    assert namespace["logits"].shape == (*tokens.shape, cfg.vocab_size)
+    assert abs(float(namespace["loss"]) - math.log(cfg.vocab_size)) < 0.5
+    assert set(namespace["grads"]) == set(namespace["model"].params)
+
+
+def test_npllama_version():
+    import npllama
+    proc = subprocess.run([sys.executable, "-m", "npllama.cli", "--version"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"npllama {npllama.__version__}\n", proc

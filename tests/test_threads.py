@@ -107,3 +107,33 @@ def test_thread_limit_in_a_running_process_sets_and_restores_the_live_counts():
         assert os.environ["RAYON_NUM_THREADS"] == "1"        # the tokenizers' pool may not have started
     assert live_thread_counts() == before
     assert {var: os.environ.get(var) for var in THREAD_VARS} == env_before
+
+
+THREADING_LAYER_PROBE = """
+import ctypes, sys
+if sys.argv[1] == "gomp-first":
+    ctypes.CDLL("libgomp.so.1")            # as `import torch` does: an OpenMP runtime already loaded
+import numpy as np
+import numba
+from npllama.layers.rmsnorm import rmsnorm_forward_kernel
+x = np.ones((4, 8))
+rmsnorm_forward_kernel(x, np.ones(8), 1e-5, np.empty_like(x), np.empty(4))
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("order, layer", [("gomp-first", "workqueue"), ("npllama-alone", "omp")])
+def test_numba_avoids_an_openmp_runtime_started_before_npllama(tmp_path, order, layer):
+    """An OpenMP runtime loaded before npllama has read OMP_WAIT_POLICY without npllama's PASSIVE;
+    Numba must then not share it (its spinning workers made a step 1.7x slower beside torch)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        pytest.skip("no libgomp.so.1 on this machine to stand in for torch's OpenMP runtime")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", THREADING_LAYER_PROBE, order], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == layer

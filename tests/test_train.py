@@ -303,9 +303,17 @@ def test_model_config_from_preset_and_overrides():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(lr=0.0), "lr"), (dict(batch_size=0), "batch_size"), (dict(preset="huge"), "preset"),
-    (dict(dropout=1.0), "dropout"), (dict(dtype="float16"), "dtype"), (dict(min_lr=1.0, lr=0.1), "min_lr"),
-    (dict(steps=2.5), "steps"), (dict(schedule="exp"), "schedule"), (dict(val_fraction=0.0), "val_fraction"),
+    (dict(lr=0.0), "^--lr must be a number > 0, got 0.0$"), (dict(batch_size=0), "--batch-size"),
+    (dict(preset="huge"), "--preset"), (dict(dropout=1.0), r"--dropout must be a number in \[0, 1\)"),
+    (dict(dtype="float16"), "--dtype"), (dict(min_lr=1.0, lr=0.1), "--min-lr"), (dict(steps=2.5), "--steps"),
+    (dict(schedule="exp"), "--schedule"), (dict(val_fraction=0.0), "--val-fraction"),
+    (dict(time_budget=-1), "^--time-budget must be a number > 0, got -1$"),
+    # the model's shape, before any tokenizer is trained
+    (dict(n_heads=5), r"^--n-heads 5 must divide dim 128 \(from --preset small\)"),
+    (dict(dim=100, n_heads=8), "^--n-heads 8 must divide --dim 100:"),
+    (dict(dim=48, n_heads=16), "channels per head must be even"),
+    (dict(n_kv_heads=3), r"^--n-kv-heads 3 must divide n_heads 4 \(from --preset small\)"),
+    (dict(vocab_size=200), "--vocab-size must be at least 257"),
 ])
 def test_bad_config_values_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):

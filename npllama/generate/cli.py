@@ -4,6 +4,7 @@ on stderr.  With ``--chat``: a conversation through the checkpoint's chat templa
 (npllama.chat), one message per line of stdin until its end (Ctrl-D), or the one ``--prompt``."""
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import sys
@@ -15,8 +16,8 @@ from ..chat import chat
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
-from .decoding import generate, stream
-from .sampling import check_stop_ids
+from .decoding import generate, slide_window, stream
+from .sampling import check_sampling, check_stop_ids
 
 
 def add_arguments(parser):
@@ -32,7 +33,12 @@ def add_arguments(parser):
                              "the answers streamed, the history kept within the context; Ctrl-D (end of "
                              "input) to leave")
     parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                        help="default 256; past the model's context (max_seq_len tokens, prompt included) "
+                             "generation goes on over a sliding window: when the context is full, its last "
+                             "half is run again as a fresh context and decoding continues (see --no-slide)")
+    parser.add_argument("--slide", action=argparse.BooleanOptionalAction, default=True,
+                        help="at the context limit, go on over a sliding window (default); --no-slide stops there")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
                         help="0 = greedy (then --top-k/--top-p are ignored); default 0.8")
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
@@ -93,8 +99,7 @@ def run(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, flags=True)
     if args.system is not None and not args.chat:
         raise InputError("--system is a chat's system message: give --chat too")
     text = _read_prompt(args.prompt)
@@ -121,7 +126,7 @@ def run(args) -> int:
     warm_up(model.dtype)
     stats: dict = {}
     tokens = stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=seed, stats=stats)
+                    top_p=args.top_p, seed=seed, stats=stats, slide=args.slide)
     stops = check_stop_ids(model, None)
     out = sys.stdout
     pieces = IncrementalText(tokenizer, context_ids=ids[-4:])
@@ -143,7 +148,7 @@ def run(args) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, out.fileno())
         return 0
-    _report(stats, seed if args.temperature > 0 else None)
+    _report(stats, seed if args.temperature > 0 else None, model.config.max_seq_len)
     return 0
 
 
@@ -198,15 +203,21 @@ def warm_up(dtype) -> None:
     generate(tiny, [1], 1, temperature=1.0, top_k=4, top_p=0.9, seed=0)
 
 
-def _report(stats: dict, seed) -> None:
+def _report(stats: dict, seed, context: int) -> None:
     def rate(n, s):
         return f"{n / s:,.1f} tok/s" if s > 0 and n > 0 else "-"
 
+    def count(n, what):
+        return f"{n:,} {what}{'' if n == 1 else 's'}"
+
     reason = {"stop_id": f"{stats.get('stop_token')} (a stop token)", "max_new_tokens": "--max-new-tokens",
               "context": "context limit"}[stats["stop"]]
-    line = (f"npllama: prompt {stats['prompt_tokens']} tokens, prefill {stats['prefill_s']:.3f} s "
-            f"({rate(stats['prompt_tokens'], stats['prefill_s'])}); {stats['new_tokens']} new tokens, "
+    line = (f"npllama: prompt {count(stats['prompt_tokens'], 'token')}, prefill {stats['prefill_s']:.3f} s "
+            f"({rate(stats['prompt_tokens'], stats['prefill_s'])}); {count(stats['new_tokens'], 'new token')}, "
             f"decode {rate(stats['decode_steps'], stats['decode_s'])}; stopped at {reason}")
+    if stats["slides"]:
+        line += (f"; the {context}-token context was full {count(stats['slides'], 'time')}, each time "
+                 f"generation went on over its last {slide_window(context)} tokens")
     if seed is not None:
         line += f"; seed {seed}"
     print(line, file=sys.stderr)

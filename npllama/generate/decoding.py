@@ -1,8 +1,8 @@
 """Decoding with a key/value cache: prefill, one step per new token, and generate / stream.
 
     new_ids = generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                       seed=None, stop_ids=None)        # 1-D int64 array of the new tokens only
-    for token in stream(model, prompt_ids, ...): ...    # the same tokens, one at a time
+                       seed=None, stop_ids=None, slide=False)   # 1-D int64 array of the new tokens only
+    for token in stream(model, prompt_ids, ...): ...            # the same tokens, one at a time
 
 Prefill.  The prompt goes through the model's own blocks in one pass over a (1, P) batch
 (``Llama.last_hidden_state``, the rows path of layers/block.py that training runs), which hands
@@ -24,6 +24,13 @@ is returned as the last token, as Hugging Face does, so the caller sees why it s
 the ``stop_ids`` of the model's tokenizer, eos and end-of-turn tokens, else none), or at the
 context limit: prompt plus new tokens never exceed ``max_seq_len``, so a prompt of exactly
 ``max_seq_len`` tokens gives no new token, and only a prompt longer than that is an error.
+
+Past the context (``slide=True``, the default of `npllama generate`).  When the cache is full, the
+last ``max_seq_len // 2`` tokens of the text so far (``slide_window``) are prefilled again as a
+fresh context, at positions 0, 1, ..., and decoding goes on from there; so the logits after a slide
+are those of a full forward pass over that window, and the model sees at most ``max_seq_len``
+tokens back, as in training.  Half the context is kept so that a prefill (which costs about as much
+as the steps it replaces) comes every ``max_seq_len // 2`` tokens, not at every token.
 """
 from __future__ import annotations
 
@@ -137,37 +144,45 @@ class KVCacheDecoder:
 
 # ---- generate / stream ------------------------------------------------------------------------------
 def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-           stop_ids=None, stats=None):
+           stop_ids=None, stats=None, slide=False):
     """Yield the new token ids (Python ints) one at a time; see the module docstring.
 
-    The arguments are checked here, before the first token is asked for.  ``stats``, when a dict,
-    receives timings: prompt_tokens, prefill_s (prefill and choosing the first token),
-    decode_steps, decode_s (time inside the steps and choosing their tokens, not the consumer's),
-    new_tokens and stop ("stop_id", "max_new_tokens" or "context")."""
+    The arguments are checked here, before the first token is asked for.  ``slide``: at the context
+    limit go on over a sliding window instead of stopping.  ``stats``, when a dict, receives
+    timings: prompt_tokens, prefill_s (prefill and choosing the first token), decode_steps, decode_s
+    (time inside the steps and the slides' prefills and choosing their tokens, not the consumer's),
+    new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
+    "context")."""
     prompt = check_prompt(model, prompt_ids)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stops = check_stop_ids(model, stop_ids)
+    if not isinstance(slide, bool):
+        raise InputError(f"slide must be True or False, got {slide!r}")
     temperature = float(temperature)
     top_p = None if top_p is None else float(top_p)
     top_k = None if top_k is None else int(top_k)
-    return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats)
+    return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats, slide)
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             stop_ids=None, stats=None) -> np.ndarray:
+             stop_ids=None, stats=None, slide=False) -> np.ndarray:
     """The new tokens only, as a 1-D int64 array (the tokens ``stream`` yields)."""
     tokens = stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, stop_ids=stop_ids, stats=stats)
+                    seed=seed, stop_ids=stop_ids, stats=stats, slide=slide)
     return np.fromiter(tokens, dtype=np.int64)
 
 
-def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats):
+def slide_window(max_seq_len: int) -> int:
+    """Tokens a full cache is cut back to (the end of the text so far): half the context."""
+    return max(1, max_seq_len // 2)
+
+
+def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats, slide):
     stats = {} if stats is None else stats
-    P = prompt.size
-    room = model.config.max_seq_len - P
-    n_new = min(max_new_tokens, room)
-    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, new_tokens=0,
-                 stop="context" if room < max_new_tokens else "max_new_tokens")
+    P, context = prompt.size, model.config.max_seq_len
+    n_new = max_new_tokens if slide else min(max_new_tokens, context - P)
+    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, new_tokens=0, slides=0,
+                 stop="context" if n_new < max_new_tokens else "max_new_tokens")
     if n_new == 0:
         return
     if temperature == 0.0:
@@ -179,16 +194,24 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
             return sample_token(logits, temperature, top_k, top_p, rng)
 
     t0 = time.perf_counter()
-    decoder = KVCacheDecoder(model, capacity=P + n_new - 1)
+    decoder = KVCacheDecoder(model, capacity=min(P + n_new - 1, context))
     token = choose(decoder.prefill(prompt))
     stats["prefill_s"] = time.perf_counter() - t0
+    text = list(prompt) if slide else None      # what a slide keeps the end of
     for i in range(n_new):
         if i > 0:
             t0 = time.perf_counter()
-            token = choose(decoder.step(token))
+            if decoder.length < decoder.capacity:
+                logits = decoder.step(token)
+            else:   # the cache is full (only with slide): go on over the end of the text
+                logits = decoder.prefill(text[-slide_window(context):])
+                stats["slides"] += 1
+            token = choose(logits)
             stats["decode_s"] += time.perf_counter() - t0
             stats["decode_steps"] += 1
         stats["new_tokens"] = i + 1
+        if text is not None:
+            text.append(token)
         if token in stops:
             stats["stop"] = "stop_id"   # before the yield: the consumer may stop reading at this token
             yield token

@@ -140,17 +140,23 @@ def check_prompt(model, prompt_ids) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p, seed):
+def check_sampling(max_new_tokens, temperature, top_k, top_p, seed, flags: bool = False):
+    """Raise InputError naming the first bad argument: as the Python keyword (``top_p ... or None``)
+    or, with ``flags``, as the command-line option the user typed (``--top-p``)."""
+    def name(keyword):
+        return "--" + keyword.replace("_", "-") if flags else keyword
+
+    unset = "" if flags else " or None"
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise InputError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise InputError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        raise InputError(f"{name('top_k')} must be an integer >= 1{unset}, got {top_k!r}")
     if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
-        raise InputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        raise InputError(f"{name('top_p')} must be a number in (0, 1]{unset}, got {top_p!r}")
     if seed is not None and (not _is_int(seed) or seed < 0):
-        raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        raise InputError(f"{name('seed')} must be an integer >= 0{unset}, got {seed!r}")
 
 
 def check_stop_ids(model, stop_ids) -> frozenset:

@@ -20,12 +20,37 @@ FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to
 import os
 import types as pytypes
 
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtime_loaded() -> bool:
+    """Whether an OpenMP runtime is already mapped into this process (e.g. torch's libgomp, loaded
+    by ``import torch``).  A runtime reads OMP_WAIT_POLICY once, when it loads: one loaded before
+    npllama never sees the PASSIVE below, and its busy-waiting workers then fight OpenBLAS's threads
+    for the cores (measured: ``import torch`` first made a training step 1.7x slower)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(name in line for line in f for name in OPENMP_RUNTIMES)
+    except OSError:
+        return False
+
+
+# Numba's parallel kernels run on an OpenMP pool ("omp" threading layer).  If another library has
+# already started an OpenMP runtime with its own wait policy, Numba would share it; take Numba's own
+# pthread pool ("workqueue", whose idle workers sleep) instead, unless the user chose a layer.
+AVOID_SHARED_OPENMP = openmp_runtime_loaded() and "NUMBA_THREADING_LAYER" not in os.environ
+if AVOID_SHARED_OPENMP:
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
+
+if AVOID_SHARED_OPENMP:
+    numba.config.THREADING_LAYER = "workqueue"   # Numba may have been imported (and configured) before
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import types  # noqa: E402
+from numba.core import event as numba_events  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
@@ -110,3 +135,22 @@ def exp_float32_array(x):
     for i in range(x.size):
         out[i] = exp_float32(x[i])
     return out
+
+
+# ---- how long compiling takes ------------------------------------------------------------------
+class CompileClock:
+    """Seconds Numba spends compiling (not loading from its on-disk cache) while in the ``with``
+    block; ``seconds`` may be read inside it.  Nested compilations count once."""
+
+    def __enter__(self):
+        self._listener = numba_events.TimingListener()
+        numba_events.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        numba_events.unregister("numba:compile", self._listener)
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return self._listener.duration if self._listener.done else 0.0

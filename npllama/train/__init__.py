@@ -9,6 +9,7 @@
     loop.py         train(): the step, in the style of nanoGPT's train.py, and its bookkeeping
     planner.py      how many steps fit in a time budget
     checkpoint.py   a run: set up, saved as one unit, restored exactly; the metrics log
+    progress.py     what a run shows: the progress bar (or plain lines), samples made safe for a terminal
     cli.py          the command line
 
 Length of a run.  ``--steps N`` fixes it (use it for reproducible runs).  Without it,
@@ -30,8 +31,12 @@ Run directory (``--out-dir``, default ``runs/<data>-<time>``):
                                                     states, data/tokenizer fingerprints, the live
                                                     thread counts, and the SHA-256 of both
                                                     safetensors files
-    metrics.jsonl                                   one JSON line per step and per evaluation
+    metrics.jsonl                                   one JSON line per step, evaluation and sample
     tokens/                                         the tokenized corpus (cache)
+
+A run directory is made only once the configuration has been checked, and a fresh run that ends
+before its first checkpoint (an error, Ctrl-C) removes it again, so a run directory holds a
+checkpoint to --resume; only a SIGKILL before that leaves one without, which the same command reuses.
 
 Exact resume.  The state holds everything a step depends on: weights, AdamW moments and step
 count, the data sampler's generator, the dropout generator and the planned schedule.  So

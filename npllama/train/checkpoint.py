@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -21,8 +22,8 @@ from tqdm import tqdm
 
 from ..data import BatchSampler, TokenDataset, generator_from_state, load_text, split_train_val, text_sha256
 from ..errors import CheckpointError, ConfigError, NpllamaError
-from ..files import (COMMIT_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write, commit_staged_write,
-                     file_sha256, read_json, recover_staged_write)
+from ..files import (COMMIT_DIR, STAGING_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write,
+                     commit_staged_write, file_sha256, read_json, recover_staged_write)
 from ..formats.safetensors import read_safetensors, write_safetensors
 from ..model import Llama
 from ..optim import AdamW, lr_at
@@ -60,6 +61,8 @@ class Run:
     train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
     plan: dict = field(default_factory=dict)
     last_checkpoint_step: int | None = None
+    created_dir: bool = False           # this run made run_dir (removed again if it never saves)
+    setup_seconds: dict = field(default_factory=dict)   # seconds of each part of this session's setup
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
@@ -87,7 +90,12 @@ def _make_optimizer(model, cfg: TrainConfig):
 
 
 def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
-    """Set up a fresh run (or a fine-tune with ``init_from``): run dir, tokenizer, tokens, model."""
+    """Set up a fresh run (or a fine-tune with ``init_from``): run dir, tokenizer, tokens, model.
+
+    The configuration was checked when it was made (TrainConfig); here the corpus is read and
+    checked before anything is written, and if setting up fails the run directory is removed again
+    (``discard_unsaved_run``), so that no half-made run is left to --resume.
+    """
     cfg = dataclasses.replace(cfg)
     # Absolute paths, so that --resume works from any working directory.
     if cfg.data is not None:
@@ -100,9 +108,6 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     if (run_dir / STATE_FILE).exists() or (run_dir / COMMIT_DIR).exists():
         raise ConfigError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                           "or choose another --out-dir")
-    dtype = DTYPES[cfg.dtype]
-
-    text = load_text(cfg.data)
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
         explicit = [n for n in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim") if getattr(cfg, n)]
@@ -112,6 +117,20 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
         if not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
                               "checkpoint's own tokenizer")
+    text = load_text(cfg.data)
+    created = not run_dir.exists()
+    try:
+        return _set_up(cfg, run_dir, created, text, verbose)
+    except BaseException:
+        discard_unsaved_run(run_dir, created)
+        raise
+
+
+def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: bool) -> Run:
+    dtype = DTYPES[cfg.dtype]
+    setup = {}    # seconds of each part of setting up, for the start-up line
+    if cfg.init_from is not None:
+        init_dir = Path(cfg.init_from)
         model = Llama.from_pretrained(init_dir, dtype=dtype)
         tokenizer = model.tokenizer
         if model.config.max_seq_len < cfg.seq_len:
@@ -134,8 +153,9 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
             raise ConfigError(f"--vocab-size {cfg.vocab_size} is more than this text supports: BPE found "
                               f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
                               f"--vocab-size {tokenizer.vocab_size} or less, or more text")
-        say(f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens in "
-            f"{time.monotonic() - t0:.1f}s", verbose)
+        setup["tokenizer"] = time.monotonic() - t0
+        say(f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens in {setup['tokenizer']:.1f}s",
+            verbose)
         model = None
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / "tokenizer.json")
@@ -143,8 +163,9 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
 
     t0 = time.monotonic()
     data = _load_dataset(cfg, tokenizer, run_dir, text)
+    setup["tokenizing"] = time.monotonic() - t0
     say(f"data: {len(data.train_tokens):,} training and {len(data.val_tokens):,} held-out tokens "
-        f"({data.val_bytes:,} bytes held out), tokenized in {time.monotonic() - t0:.1f}s", verbose)
+        f"({data.val_bytes:,} bytes held out), tokenized in {setup['tokenizing']:.1f}s", verbose)
     if model is None:
         model = Llama(model_config(cfg, tokenizer.vocab_size), seed=cfg.seed, dtype=dtype)
         model.tokenizer = tokenizer
@@ -153,7 +174,22 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     model.train()
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler)
+               text_sha256=text_sha256(text), optimizer=_make_optimizer(model, cfg), sampler=sampler,
+               created_dir=created, setup_seconds=setup)
+
+
+def discard_unsaved_run(run_dir: Path, created: bool) -> None:
+    """Undo the setting up of a run that never saved a checkpoint: remove the run directory if this
+    run made it, else only the files it wrote there.  Nothing is left that --resume would refuse."""
+    if (run_dir / STATE_FILE).exists() or (run_dir / COMMIT_DIR).exists():
+        return   # a checkpoint after all (saved, or being moved into place): keep everything
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in ("tokenizer.json", METRICS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (TOKENS_DIR, STAGING_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
@@ -208,8 +244,14 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     recover_staged_write(run_dir, last=(STATE_FILE,))   # finish (or discard) a checkpoint a crash interrupted
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
-        raise CheckpointError(f"{run_dir}: no {STATE_FILE}, so not a resumable npllama run (to start "
-                              f"from its weights use --init-from)")
+        if (run_dir / MODEL_FILE).is_file():
+            hint = "to start from its weights use --init-from"
+        elif (run_dir / "tokenizer.json").is_file():
+            hint = ("a run killed before its first checkpoint; start it again with the same options "
+                    f"and --out-dir {run_dir}")
+        else:
+            hint = "give the directory that npllama train printed"
+        raise CheckpointError(f"{run_dir}: no {STATE_FILE}, so not a resumable npllama run ({hint})")
     state = _validated_state(read_json(state_path, STATE_FILE), state_path)
     for name, digest in state["files_sha256"].items():
         path = run_dir / name

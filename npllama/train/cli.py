@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(read_config_file(args.config))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in fields})
-    source = f"config file {args.config} + command line" if getattr(args, "config", None) else "command line"
+    source = f"config file {args.config} + command line" if getattr(args, "config", None) else None
     return TrainConfig.from_dict(values, source=source)
 
 

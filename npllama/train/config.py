@@ -14,9 +14,12 @@ import numpy as np
 from ..config import LlamaConfig, _short
 from ..data import DEFAULT_VAL_FRACTION
 from ..errors import ConfigError, one_line
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, N_BYTE_TOKENS
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 SCHEDULES = ("cosine", "linear", "constant")
+SAMPLE_LINES = 4                                               # of a sample, shown on the terminal
+MIN_VOCAB_SIZE = N_BYTE_TOKENS + len(DEFAULT_SPECIAL_TOKENS)   # what a byte-level BPE starts from
 
 # Model shapes by name; hidden_dim defaults to Llama's rule (see llama_hidden_dim), n_kv_heads to
 # n_heads.  "small" is the default of `npllama train`, chosen by the sweep in the README.
@@ -78,7 +81,10 @@ class TrainConfig:
     eval_tokens: int = _opt(16384, "held-out tokens used by the periodic evaluations", type=int)
     final_eval_tokens: int | None = _opt(None, "held-out tokens of the final evaluation (default: all)",
                                          type=int)
-    sample_tokens: int = _opt(120, "tokens generated at each evaluation (0: none)", type=int)
+    sample_interval: int = _opt(500, "show a sample every this many steps, besides at the start and the end "
+                                "(0: only those)", type=int)
+    sample_tokens: int = _opt(64, "tokens generated for each sample; the terminal shows its first "
+                              f"{SAMPLE_LINES} lines (0: no samples)", type=int)
     sample_prompt: str = _opt("\n", "prompt of the evaluation samples", type=str)
     sample_temperature: float = _opt(0.8, "sampling temperature of the evaluation samples", type=float)
     sample_top_k: int | None = _opt(40, "top-k of the evaluation samples", type=int)
@@ -93,7 +99,7 @@ class TrainConfig:
             if v is None and allow_none:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise ConfigError(f"{name} must be a{' non-negative' if allow_zero else ' positive'} "
+                raise ConfigError(f"{flag(name)} must be a{' non-negative' if allow_zero else ' positive'} "
                                   f"integer, got {v!r}")
 
         def number(name, lo=0.0, hi=math.inf, lo_open=False, hi_open=False, allow_none=False):
@@ -102,8 +108,7 @@ class TrainConfig:
                 return
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-                raise ConfigError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, "
-                                  f"{hi}{')' if hi_open else ']'}, got {v!r}")
+                raise ConfigError(f"{flag(name)} must be {_range(lo, hi, lo_open, hi_open)}, got {v!r}")
             setattr(self, name, float(v))
 
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps",
@@ -111,7 +116,8 @@ class TrainConfig:
             positive_int(name, allow_none=True)
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "eval_tokens"):
             positive_int(name)
-        for name in ("warmup_steps", "eval_interval", "sample_tokens", "checkpoint_interval", "seed"):
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval",
+                     "seed"):
             positive_int(name, allow_zero=True)
         number("val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         number("dropout", 0.0, 1.0, hi_open=True)
@@ -127,17 +133,51 @@ class TrainConfig:
         for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
-                raise ConfigError(f"{name} must be one of {list(options)}, got {_short(v)}")
+                raise ConfigError(f"{flag(name)} must be one of {', '.join(options)}; got {_short(v)}")
         if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+            raise ConfigError(f"--tie-embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         for name in ("data", "init_from", "out_dir"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
-                raise ConfigError(f"{name} must be a non-empty path string, got {v!r}")
+                raise ConfigError(f"{flag(name)} must be a non-empty path, got {v!r}")
         if not isinstance(self.sample_prompt, str):
-            raise ConfigError(f"sample_prompt must be a string, got {self.sample_prompt!r}")
+            raise ConfigError(f"--sample-prompt must be a string, got {self.sample_prompt!r}")
+        if self.init_from is None:
+            self._check_model_shape()
+
+    def _check_model_shape(self) -> None:
+        """The fresh model's shape and vocabulary, checked before any work (a tokenizer takes
+        seconds to train); with --init-from they come from the checkpoint instead."""
+        dims = self.model_dims()
+        given = {name: f"{flag(name)} {dims[name]}" if getattr(self, name) is not None
+                 else f"{name} {dims[name]} (from --preset {self.preset})" for name in ("dim", "n_heads")}
+        if dims["dim"] % dims["n_heads"]:
+            raise ConfigError(f"{given['n_heads']} must divide {given['dim']}: each head gets dim / n_heads "
+                              "channels")
+        if (dims["dim"] // dims["n_heads"]) % 2:
+            raise ConfigError(f"--dim / --n-heads = {dims['dim']} / {dims['n_heads']} = "
+                              f"{dims['dim'] // dims['n_heads']} channels per head must be even (rotary "
+                              "embeddings rotate pairs of channels)")
+        if self.n_kv_heads is not None and dims["n_heads"] % self.n_kv_heads:
+            raise ConfigError(f"--n-kv-heads {self.n_kv_heads} must divide {given['n_heads']}: "
+                              "each key/value head serves the same number of query heads")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} ({N_BYTE_TOKENS} byte tokens "
+                              f"and the special {', '.join(DEFAULT_SPECIAL_TOKENS)}), got {self.vocab_size}")
+        try:
+            model_config(self, self.vocab_size)
+        except ConfigError as e:
+            raise ConfigError(f"the model options do not make a Llama: {e}") from None
+
+    def model_dims(self) -> dict[str, int]:
+        """dim, n_layers, n_heads: the preset's, overridden by any given explicitly."""
+        dims = dict(PRESETS[self.preset])
+        for name in ("dim", "n_layers", "n_heads"):
+            if getattr(self, name) is not None:
+                dims[name] = getattr(self, name)
+        return dims
 
     @property
     def final_lr(self) -> float:
@@ -151,8 +191,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
-        """Build from ``{field: value}``; dashes in keys count as underscores; unknown keys are errors."""
+    def from_dict(cls, values: dict, source: str | None = "config") -> "TrainConfig":
+        """Build from ``{field: value}``; dashes in keys count as underscores; unknown keys are errors.
+        Errors start with ``source: `` (the file the values came from; None: the command line)."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a table of options, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -160,12 +201,25 @@ class TrainConfig:
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(known))})")
+                raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(known))}; "
+                                  "see npllama train --help)")
             clean[name] = value
         try:
             return cls(**clean)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def flag(name: str) -> str:
+    """The command-line option of a TrainConfig field (what the user typed, also in a --config file)."""
+    return "--" + name.replace("_", "-")
+
+
+def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    """'a number > 0', 'a number in [0, 1)', ... (``hi`` may be inf)."""
+    if hi == math.inf:
+        return f"a number {'>' if lo_open else '>='} {lo:g}"
+    return f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
 def read_config_file(path) -> dict:
@@ -205,10 +259,7 @@ def llama_hidden_dim(dim: int) -> int:
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
     """The LlamaConfig of a fresh model: the preset, overridden by any explicit dimension."""
-    dims = dict(PRESETS[cfg.preset])
-    for name in ("dim", "n_layers", "n_heads"):
-        if getattr(cfg, name) is not None:
-            dims[name] = getattr(cfg, name)
+    dims = cfg.model_dims()
     return LlamaConfig(
         vocab_size=vocab_size, dim=dims["dim"], n_layers=dims["n_layers"], n_heads=dims["n_heads"],
         n_kv_heads=cfg.n_kv_heads or dims["n_heads"],

@@ -12,9 +12,11 @@ bar, time-budget planning, evaluations, checkpoints, Ctrl-C).
 
 Evaluation (every ``eval_interval`` steps, at step 0 and at the end): mean held-out cross-entropy
 and bits per byte, bpb = (sum of -ln p over the held-out tokens) / (UTF-8 bytes of that text) / ln 2,
-which does not depend on the tokenizer, plus a short sample.  Periodic evaluations use the first
-``eval_tokens`` tokens of the held-out text (the same ones each time, so the curve is not noisy);
-the final one uses the whole held-out text (or ``final_eval_tokens``).
+which does not depend on the tokenizer.  Periodic evaluations use the first ``eval_tokens`` tokens
+of the held-out text (the same ones each time, so the curve is not noisy); the final one uses the
+whole held-out text (or ``final_eval_tokens``) and reports those first tokens too, the figure to
+compare with the periodic ones.  A short sample at step 0, every ``sample_interval`` steps and at
+the end.
 """
 from __future__ import annotations
 
@@ -28,16 +30,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data import get_batch, iter_eval_batches
 from ..errors import ConfigError
 from ..optim import clip_grad_norm
 from ..threads import live_thread_counts
-from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, load_run, new_run, read_metrics, save_checkpoint,
-                         say)
-from .config import TrainConfig
+from ..layers._numba import CompileClock
+from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, discard_unsaved_run, load_run, new_run,
+                         read_metrics, save_checkpoint, say)
+from .config import SAMPLE_LINES, TrainConfig
 from .planner import BudgetPlanner
+from .progress import Progress, hms, progress_text, sample_lines
 
 
 def train(config: TrainConfig | None = None, *, resume=None, progress: bool = True, verbose: bool = True,
@@ -46,24 +49,36 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
 
     ``on_step(step, loss, run)`` is called after every optimizer step (tests use it to interrupt).
     Raises TrainingDiverged when the loss, the gradient norm or (when saving) the weights are not
-    finite; nothing is saved then, so the last checkpoint on disk is the last good state.
+    finite; nothing is saved then, so the last checkpoint on disk is the last good state.  A fresh
+    run that ends before its first checkpoint (an error, an interrupt before the first step)
+    removes its run directory again.
     """
     t_start = time.monotonic()
     if (config is None) == (resume is None):
         if resume is not None:
             raise ConfigError("give either a config or resume=RUN_DIR, not both")
         config = TrainConfig()
-    run = load_run(resume, verbose) if resume is not None else new_run(config, verbose)
+    with CompileClock() as compiling:
+        run = load_run(resume, verbose) if resume is not None else new_run(config, verbose)
+        try:
+            return _train(run, t_start, compiling, resume is not None, progress, verbose, on_step)
+        except BaseException:
+            discard_unsaved_run(run.run_dir, run.created_dir)   # (keeps a directory holding a checkpoint)
+            raise
+
+
+def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool, verbose: bool,
+           on_step) -> TrainResult:
     cfg, model = run.config, run.model
-    if resume is not None and run.step >= run.total_steps:
+    if resumed and run.step >= run.total_steps:
         say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
         return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     say(_describe(run), verbose)
     grad_buffer = np.empty_like(model.flat_params) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
-    with Session(run, t_start, resumed=resume is not None, progress=progress, verbose=verbose) as s:
-        s.start(grad_buffer)           # a fresh run: step-0 evaluation, number of steps
+    with Session(run, t_start, compiling, resumed, progress, verbose) as s:
+        s.start(grad_buffer)           # a fresh run: step-0 evaluation and sample, number of steps
         while run.step < run.total_steps and not s.stop.requested:
             t0 = time.perf_counter()
             lr = run.lr_at(run.step)
@@ -79,35 +94,43 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
             s.log_step(loss, lr, norm, time.perf_counter() - t0)   # may re-plan run.total_steps
             if on_step is not None:
                 on_step(run.step, loss, run)
-            if run.step < run.total_steps:               # (after the last step, finish() does both)
+            if run.step < run.total_steps:               # (after the last step, finish() does all three)
                 if cfg.eval_interval > 0 and run.step % cfg.eval_interval == 0:
                     s.evaluate()
+                if cfg.sample_interval > 0 and run.step % cfg.sample_interval == 0:
+                    s.sample()
                 if cfg.checkpoint_interval > 0 and run.step % cfg.checkpoint_interval == 0:
                     s.checkpoint()
-        s.finish()                     # final evaluation and checkpoint, or the interrupt's checkpoint
+        s.finish()                     # final evaluation, sample and checkpoint, or the interrupt's checkpoint
     return s.result
 
 
 class Session:
     """One session of a run (from start or resume to the end or an interrupt): everything around
-    the step -- metrics.jsonl, the progress bar, the time-budget planner, evaluations, checkpoints,
-    and Ctrl-C/SIGTERM, which end the session after the current step with a checkpoint."""
+    the step -- metrics.jsonl, the progress, the time-budget planner, evaluations, samples,
+    checkpoints, and Ctrl-C/SIGTERM, which end the session after the current step with a checkpoint."""
 
-    def __init__(self, run: Run, t_start: float, resumed: bool, progress: bool, verbose: bool):
+    def __init__(self, run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool,
+                 verbose: bool):
         cfg, val_tokens = run.config, run.data.val_tokens
-        self.run, self.t_start, self.resumed, self.progress, self.verbose = run, t_start, resumed, progress, verbose
+        self.run, self.t_start, self.compiling, self.resumed, self.verbose = run, t_start, compiling, resumed, verbose
         self.metrics = MetricsLog(run.run_dir / METRICS_FILE)
         if resumed:
             self.metrics.truncate_after(run.step)
+        # Periodic evaluations read the first eval_tokens held-out tokens, the final one all of them
+        # (or final_eval_tokens) and, to compare with the periodic ones, those first tokens again.
         self.eval_tokens = min(cfg.eval_tokens, len(val_tokens))
         self.final_tokens = len(val_tokens) if cfg.final_eval_tokens is None \
             else min(cfg.final_eval_tokens, len(val_tokens))
+        self.final_subset = self.eval_tokens if cfg.eval_interval > 0 and self.eval_tokens < self.final_tokens \
+            else None
         self.result = TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps or 0)
         self.stop = StopSignals()
         self.planner: BudgetPlanner | None = None
-        self.pbar = None
-        self.ema_step = None           # smoothed seconds per step, for the progress bar
+        self.progress = Progress(progress and verbose)
+        self.ema_step = None           # smoothed seconds per step, for the time left
         self.window_losses = []        # training losses since the last evaluation
+        self.evaluated = False         # (the first evaluation's line says which tokens they all read)
         self.session_start = time.monotonic()
 
     def __enter__(self):
@@ -115,27 +138,28 @@ class Session:
         return self
 
     def __exit__(self, *exc):
-        if self.pbar is not None:
-            self.pbar.close()
+        self.progress.close()
         self.metrics.close()
         return self.stop.__exit__(*exc)
 
     def elapsed(self) -> float:
-        """Training wall time of the run so far, earlier sessions included."""
+        """Training wall time of the run so far, earlier sessions included (the ``elapsed`` of every
+        metrics.jsonl row; setup is not included)."""
         return self.run.train_seconds + time.monotonic() - self.session_start
 
     def start(self, grad_buffer) -> None:
-        """For a fresh run, the step-0 evaluation (which also measures what an evaluation costs) and
-        the number of steps; then the progress bar.  A resumed run keeps its saved plan."""
+        """For a fresh run, the step-0 evaluation and sample (which also measure what they cost) and
+        the number of steps.  A resumed run keeps its saved plan."""
         run, cfg = self.run, self.run.config
         if not self.resumed:
             if cfg.steps is None:
-                self.planner = BudgetPlanner(cfg, self.t_start, self.eval_tokens, self.final_tokens,
+                self.planner = BudgetPlanner(cfg, self.t_start, self.eval_tokens,
+                                             self.final_tokens + (self.final_subset or 0),
                                              checkpoint_seconds=0.3 + 4 * run.model.flat_params.nbytes / 200e6)
                 self.planner.observe_step(_measure_step_seconds(run, grad_buffer))
-            ev = _eval_and_sample(run, self.eval_tokens, self.stop) if cfg.eval_interval > 0 else None
-            if ev is not None:
-                self._record_eval(ev, time.monotonic() - self.t_start)
+            if cfg.eval_interval > 0:
+                self.evaluate()
+            self.sample()
             if self.planner is None:
                 run.total_steps = cfg.steps
                 run.plan = {"mode": "steps", "steps": cfg.steps}
@@ -143,47 +167,86 @@ class Session:
                 run.total_steps = self.planner.plan(0, 1)
                 run.plan = {**self.planner.summary(), "setup_seconds": round(time.monotonic() - self.t_start, 3),
                             "first_plan": run.total_steps, "planned_steps": run.total_steps}
-                step_s = self.planner.step_seconds()
-                say(f"time budget {cfg.time_budget:.0f}s: {time.monotonic() - self.t_start:.0f}s spent on "
-                    f"setup, {step_s:.3f}s/step measured -> {run.total_steps} steps "
-                    f"(~{cfg.tokens_per_step / step_s:,.0f} tokens/s; re-planned every "
-                    f"{self.planner.REPLAN_EVERY} steps)", self.verbose)
             run.warmup_steps = min(cfg.warmup_steps, run.total_steps)
+        say(self._setup_line(), self.verbose)
         self.result.total_steps = run.total_steps
-        self.pbar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
-                         disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+
+    def _setup_line(self) -> str:
+        """Where the time before the first step went, compiling included; the machine's speed; the plan."""
+        run, cfg = self.run, self.run.config
+        total = time.monotonic() - self.t_start
+        parts = [f"{what} {seconds:.1f}s" for what, seconds in run.setup_seconds.items()]
+        if self.compiling.seconds >= 0.05:
+            parts.append(f"compiling Numba kernels {self.compiling.seconds:.1f}s (first run only)")
+        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds:.1f}s")
+        line = f"setup {total:.1f}s: " + ", ".join(parts)
+        if self.verbose:
+            line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
+                     "(steps and tokens/s scale with it)")
+        if self.planner is not None:
+            step_s = self.planner.step_seconds()
+            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step (~{cfg.tokens_per_step / step_s:,.0f} "
+                     f"tokens/s) -> {run.total_steps:,} steps, re-planned every {self.planner.REPLAN_EVERY} steps")
+        return line
 
     def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
         """Record a finished step; every ``REPLAN_EVERY`` steps of a time-budgeted run, re-plan."""
         run, cfg, planner = self.run, self.run.config, self.planner
-        self.ema_step = seconds if self.ema_step is None else 0.9 * self.ema_step + 0.1 * seconds
+        # (a session's first step may compile kernels: the average starts afresh at the second)
+        self.ema_step = seconds if len(self.result.losses) < 2 else 0.9 * self.ema_step + 0.1 * seconds
         if planner is not None:
             planner.observe_step(seconds)
             if run.step % planner.REPLAN_EVERY == 0 and run.step < run.total_steps:
                 run.total_steps = planner.plan(run.step, run.warmup_steps)
                 run.plan.update(planner.summary(), planned_steps=run.total_steps)
-                self.pbar.total = self.result.total_steps = run.total_steps
+                self.result.total_steps = run.total_steps
         self.window_losses.append(loss)
         self.result.losses.append(loss)
         self.metrics.write({"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm, "step_seconds": seconds,
                             "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed()})
-        left = (run.total_steps - run.step) * self.ema_step
-        self.pbar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {cfg.tokens_per_step / self.ema_step:,.0f} tok/s "
-                                  f"left {_hms(left)}", refresh=False)
-        self.pbar.update(1)
+        tokens_per_second = cfg.tokens_per_step / self.ema_step
+        if planner is not None:   # progress in seconds of the budget: the step total moves as it re-plans
+            spent = time.monotonic() - self.t_start
+            self.progress.update(spent / cfg.time_budget,
+                                 progress_text(run.step, None, loss, tokens_per_second, cfg.time_budget - spent))
+        else:
+            left = (run.total_steps - run.step) * self.ema_step
+            self.progress.update(run.step / run.total_steps,
+                                 progress_text(run.step, run.total_steps, loss, tokens_per_second, left))
 
     def evaluate(self) -> None:
-        ev = _eval_and_sample(self.run, self.eval_tokens, self.stop)
-        if ev is not None:
+        ev = _evaluate(self.run, self.eval_tokens, self.stop)
+        if ev is None:
+            return
+        if self.window_losses:
             ev["train_loss"] = float(np.mean(self.window_losses))
             self.window_losses = []
-            self._record_eval(ev, self.elapsed())
-
-    def _record_eval(self, ev: dict, elapsed: float, final: bool = False) -> None:
-        if self.planner is not None and not final:
+        if self.planner is not None:
             self.planner.observe_eval(ev)
-        self.metrics.write({"step": self.run.step, "kind": "eval", **ev, "elapsed": elapsed})
-        _report_eval(self.run, ev, self.verbose, final)
+        self._record_eval(ev)
+
+    def _record_eval(self, ev: dict) -> None:
+        self.metrics.write({"step": self.run.step, "kind": "eval", **ev, "elapsed": self.elapsed()})
+        say(_eval_lines(self.run.step, ev, len(self.run.data.val_tokens), not self.evaluated), self.verbose)
+        self.evaluated = True
+
+    def sample(self) -> None:
+        """A short sample of the model's text: in metrics.jsonl whole, on the terminal its first
+        lines with control characters escaped."""
+        cfg = self.run.config
+        t0 = time.perf_counter()
+        text = generate_sample(self.run.model, self.run.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                               cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
+        if text is None:
+            return
+        seconds = time.perf_counter() - t0
+        if self.planner is not None:
+            self.planner.observe_sample(seconds)
+        self.metrics.write({"step": self.run.step, "kind": "sample", "text": text, "seconds": seconds,
+                            "elapsed": self.elapsed()})
+        lines = sample_lines(text, SAMPLE_LINES)
+        say("\n".join([f"step {self.run.step}: sample" + (":" if lines else " (only blank lines)")]
+                      + ["  " + line for line in lines]), self.verbose)
 
     def checkpoint(self) -> None:
         """Save; the time a save takes counts as training time, and the planner learns it."""
@@ -194,10 +257,10 @@ class Session:
             self.planner.observe_checkpoint(time.monotonic() - self.session_start)
 
     def finish(self) -> None:
-        """After the last step: the final evaluation and checkpoint.  After an interrupt: a
+        """After the last step: the final evaluation, sample and checkpoint.  After an interrupt: a
         checkpoint (unless the last one is current) and how to resume."""
         run, result = self.run, self.result
-        self.pbar.close()
+        self.progress.close()
         run.train_seconds += time.monotonic() - self.session_start
         self.session_start = time.monotonic()
         if self.stop.requested and run.step < run.total_steps:
@@ -209,36 +272,68 @@ class Session:
                 say(f"\n{result.signal_name}: stopped at step {run.step} of {run.total_steps}; checkpoint saved "
                     f"in {run.run_dir}.\nResume with:  npllama train --resume {run.run_dir}", True)
             else:
-                say(f"\n{result.signal_name}: stopped before the first step; nothing to save", True)
+                self.metrics.close()
+                discard_unsaved_run(run.run_dir, run.created_dir)
+                say(f"\n{result.signal_name}: stopped before the first step; nothing saved", True)
         else:
-            ev = _eval_and_sample(run, self.final_tokens, self.stop)
+            ev = self._final_eval()
             if ev is not None:
-                ev["train_loss"] = float(np.mean(self.window_losses)) if self.window_losses else None
-                ev["final"] = True
-                self._record_eval(ev, self.elapsed(), final=True)
+                self._record_eval(ev)
                 result.final_eval = ev
+            self.sample()
             save_checkpoint(run, self.metrics)
         result.step = run.step
         result.wall_seconds = time.monotonic() - self.t_start
-        steps = [r for r in read_metrics(run.run_dir) if "loss" in r]
+        steps = [r for r in read_metrics(run.run_dir) if "loss" in r] if run.step > 0 else []
         if steps:   # the median over the run: robust to the first steps and to evaluation hiccups
             result.tokens_per_second = float(np.median([r["tokens_per_second"] for r in steps]))
         if not result.interrupted:
             ev = result.final_eval
-            say(f"done: {run.step} steps in {_hms(result.wall_seconds)} wall time, "
-                f"median {result.tokens_per_second or 0:,.0f} tokens/s"
+            compiled = f" ({self.compiling.seconds:.0f}s compiling)" if self.compiling.seconds >= 1 else ""
+            say(f"done: {run.step:,} steps in {hms(result.wall_seconds)}{compiled}, median "
+                f"{result.tokens_per_second or 0:,.0f} tokens/s"
                 + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "")
-                + f"; model saved in {run.run_dir}", self.verbose)
+                + f"\nmodel saved in {run.run_dir}", self.verbose)
+
+    def _final_eval(self) -> dict | None:
+        """The final evaluation, and that of the periodic evaluations' tokens under "subset"."""
+        ev = _evaluate(self.run, self.final_tokens, self.stop)
+        if ev is None:
+            return None
+        if self.window_losses:
+            ev["train_loss"] = float(np.mean(self.window_losses))
+        ev["final"] = True
+        if self.final_subset is not None:
+            subset = _evaluate(self.run, self.final_subset, self.stop)
+            if subset is not None:
+                ev["subset"] = {k: subset[k] for k in ("val_loss", "val_bpb", "val_tokens", "val_bytes")}
+        return ev
 
 
 def _describe(run: Run) -> str:
-    """The start-up line: model, batch, run directory, and the threads really in use."""
+    """The start-up lines: model, batch and the threads really in use, run directory."""
     c, cfg, threads = run.model.config, run.config, live_thread_counts()
-    return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters (dim {c.dim}, {c.n_layers} layers, "
-            f"{c.n_heads} heads, {c.n_kv_heads} kv heads, hidden {c.hidden_dim}, vocab {c.vocab_size}, "
-            f"context {cfg.seq_len}, {cfg.dtype}); batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} "
-            f"= {cfg.tokens_per_step:,} tokens/step; threads: OpenBLAS {threads['openblas']}, Numba "
-            f"{threads['numba']}; run dir {run.run_dir}")
+    kv = f" ({c.n_kv_heads} kv)" if c.n_kv_heads != c.n_heads else ""
+    return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters: dim {c.dim}, {c.n_layers} layers, "
+            f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
+            f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
+            f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}\nrun dir {run.run_dir}")
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The machine's float32 matrix-multiply rate now (best of ``repeats`` n x n @ n x n, 2 n^3 FLOP
+    each), with the threads this process uses: the figure to compare training speeds across
+    machines by (about 0.1 s; the benchmarks measure the same at n = 2048)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, n, n), dtype=np.float32)
+    c = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=c)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def forward_backward(model, batches, grad_buffer: np.ndarray | None = None) -> tuple[float, np.ndarray]:
@@ -337,42 +432,40 @@ def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
     return float(np.median(times[1:])) * 1.02
 
 
-def _eval_and_sample(run: Run, n_tokens: int | None, stop: StopSignals) -> dict | None:
-    cfg, data = run.config, run.data
-    tokens = data.val_tokens
-    if n_tokens is not None and n_tokens < len(tokens):
-        tokens = tokens[:n_tokens]
-        n_bytes = len(run.tokenizer.decode(np.asarray(tokens)).encode("utf-8"))
-    else:
-        n_bytes = data.val_bytes
+def _evaluate(run: Run, n_tokens: int, stop: StopSignals) -> dict | None:
+    """``evaluate`` on the first ``n_tokens`` held-out tokens, timed (``eval_seconds``)."""
+    data = run.data
+    tokens = data.val_tokens[:n_tokens]
+    n_bytes = data.val_bytes if len(tokens) == len(data.val_tokens) \
+        else len(run.tokenizer.decode(np.asarray(tokens)).encode("utf-8"))
     t0 = time.perf_counter()
-    result = evaluate(run.model, tokens, data.eval_context_token, n_bytes, cfg.batch_size, cfg.seq_len,
-                      should_stop=lambda: stop.requested)
-    if result is None:
-        return None
-    t1 = time.perf_counter()
-    result["sample"] = generate_sample(run.model, run.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
-                                       cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
-    result["eval_seconds"] = t1 - t0
-    result["sample_seconds"] = time.perf_counter() - t1
+    result = evaluate(run.model, tokens, data.eval_context_token, n_bytes, run.config.batch_size,
+                      run.config.seq_len, should_stop=lambda: stop.requested)
+    if result is not None:
+        result["eval_seconds"] = time.perf_counter() - t0
     return result
 
 
-def _report_eval(run: Run, ev: dict, verbose: bool, final: bool = False) -> None:
-    what = "final eval on all held-out text" if final and ev["val_tokens"] == len(run.data.val_tokens) \
-        else ("final eval" if final else "eval")
-    say(f"step {run.step}: {what}: val loss {ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte "
-        f"({ev['val_tokens']:,} tokens)", verbose)
-    if ev.get("sample") is not None:
-        say("  sample: " + ev["sample"].strip().replace("\n", "\n          ")[:800], verbose)
+def _held_out(n_tokens: int, n_held_out: int) -> str:
+    return f"all {n_held_out:,} held-out tokens" if n_tokens >= n_held_out else f"first {n_tokens:,} held-out tokens"
 
 
-def _hms(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+def _eval_lines(step: int, ev: dict, n_held_out: int, say_tokens: bool) -> str:
+    """``step 500: held-out 2.1234 bits/byte, loss 3.4567; train loss 3.5100`` (``say_tokens``: which
+    held-out tokens, said at a session's first evaluation).  The final evaluation says which tokens
+    it covers, and gives a second line on the periodic evaluations' tokens, comparable with theirs."""
+    def figures(e):
+        return f"{e['val_bpb']:.4f} bits/byte, loss {e['val_loss']:.4f}"
 
+    train = f"; train loss {ev['train_loss']:.4f}" if ev.get("train_loss") is not None else ""
+    if not ev.get("final"):
+        tokens = f" ({_held_out(ev['val_tokens'], n_held_out)}, as every periodic eval)" if say_tokens else ""
+        return f"step {step}: held-out {figures(ev)}{tokens}{train}"
+    line = f"step {step}: final eval on {_held_out(ev['val_tokens'], n_held_out)}: {figures(ev)}{train}"
+    if "subset" in ev:
+        line += (f"\nstep {step}: final eval on the periodic evals' first {ev['subset']['val_tokens']:,}: "
+                 f"{figures(ev['subset'])}")
+    return line
 
 
 @dataclass

@@ -10,19 +10,20 @@ from .config import TrainConfig
 
 
 def plan_steps(seconds_left: float, step_seconds: float, eval_seconds: float, eval_interval: int,
-               final_eval_seconds: float, checkpoint_seconds: float, checkpoint_interval: int) -> int:
+               final_eval_seconds: float, checkpoint_seconds: float, checkpoint_interval: int,
+               sample_seconds: float = 0.0, sample_interval: int = 0) -> int:
     """Steps that fit in ``seconds_left``: the largest N with
 
-        N * (step + eval / eval_interval + checkpoint / checkpoint_interval) + final_eval + checkpoint
-            <= seconds_left
+        N * (step + eval / eval_interval + checkpoint / checkpoint_interval + sample / sample_interval)
+            + final_eval + checkpoint  <=  seconds_left
 
-    (an interval of 0 means no periodic evaluations / checkpoints); at least 1.
+    (an interval of 0 means no periodic evaluations / checkpoints / samples); at least 1.
     """
     per_step = step_seconds
-    if eval_interval > 0:
-        per_step += eval_seconds / eval_interval
-    if checkpoint_interval > 0:
-        per_step += checkpoint_seconds / checkpoint_interval
+    for seconds, interval in ((eval_seconds, eval_interval), (checkpoint_seconds, checkpoint_interval),
+                              (sample_seconds, sample_interval)):
+        if interval > 0:
+            per_step += seconds / interval
     usable = seconds_left - final_eval_seconds - checkpoint_seconds
     return max(1, int(usable // per_step)) if per_step > 0 else 1
 
@@ -37,8 +38,8 @@ class BudgetPlanner:
                 at least step + 1 and warmup_steps
 
     Evaluation costs are kept in units of the step time at which they were measured (an
-    evaluation of n tokens costs about n * c step-times), so that they scale with the machine's
-    current speed too; checkpoint costs (disk) are kept in seconds.  The learning-rate schedule
+    evaluation of n tokens costs about n * c step-times, a sample s step-times), so that they scale
+    with the machine's current speed too; checkpoint costs (disk) are kept in seconds.  The learning-rate schedule
     follows the latest total (its warmup part does not depend on it).  Only the first session of a
     run re-plans; a resumed run keeps the plan it saved, so it continues exactly its schedule.
     """
@@ -64,18 +65,21 @@ class BudgetPlanner:
         del self.step_times[:-self.WINDOW]
 
     def observe_eval(self, ev: dict) -> None:
-        step = self.step_seconds()
-        self.eval_steps_per_token = ev["eval_seconds"] / max(ev["val_tokens"], 1) / step
-        self.sample_steps = ev["sample_seconds"] / step
+        self.eval_steps_per_token = ev["eval_seconds"] / max(ev["val_tokens"], 1) / self.step_seconds()
+
+    def observe_sample(self, seconds: float) -> None:
+        self.sample_steps = seconds / self.step_seconds()
 
     def observe_checkpoint(self, seconds: float) -> None:
         self.checkpoint_seconds = seconds
 
     def costs(self) -> dict:
-        """Current estimates, in seconds, of a step, a periodic and the final evaluation."""
+        """Current estimates, in seconds, of a step, a periodic evaluation, a sample, and the final
+        evaluation (with its sample)."""
         step = self.step_seconds()
         return {"step_seconds": step,
-                "eval_seconds": (self.eval_steps_per_token * self.eval_tokens + self.sample_steps) * step,
+                "eval_seconds": self.eval_steps_per_token * self.eval_tokens * step,
+                "sample_seconds": self.sample_steps * step,
                 "final_eval_seconds": (self.eval_steps_per_token * self.final_tokens + self.sample_steps) * step,
                 "checkpoint_seconds": self.checkpoint_seconds}
 
@@ -83,7 +87,8 @@ class BudgetPlanner:
         c = self.costs()
         left = self.cfg.time_budget - (time.monotonic() - self.t_start)
         more = plan_steps(left, c["step_seconds"], c["eval_seconds"], self.cfg.eval_interval,
-                          c["final_eval_seconds"], c["checkpoint_seconds"], self.cfg.checkpoint_interval)
+                          c["final_eval_seconds"], c["checkpoint_seconds"], self.cfg.checkpoint_interval,
+                          c["sample_seconds"], self.cfg.sample_interval)
         return max(step + more, step + 1, min_total)
 
     def summary(self) -> dict:
