@@ -100,7 +100,7 @@ def test_plain_generation_stops_at_the_end_of_turn_token_and_starts_with_bos_if_
     n_prompt = tokenizer.encode("hello there").size
     done = npllama([tmp_path, "--prompt", "hello there", "--temperature", 0, "--max-new-tokens", 5])
     assert done.stdout == "hello there"
-    assert f"prompt {n_prompt} tokens" in done.stderr and "1 new token;" in done.stderr
+    assert f"prompt {n_prompt} tokens" in done.stderr and "1 new token," in done.stderr
     assert "stopped at <|im_end|> (a stop token)" in done.stderr
 
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
