@@ -48,7 +48,8 @@ def median_ms(fn, repeats, warmup=2):
 
 
 def model_layout_inputs(np, shape, dtype, seed=0):
-    """q, k contiguous; v, do strided views, exactly as decoder_block_forward/backward make them."""
+    """q, k contiguous (as ``rope_forward`` returns them); v, do strided views of one q/k/v array.
+    (``decoder_block_forward_rows`` passes q and k as strided views too, rotated in place.)"""
     B, H, K, T, hd = shape
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, (H + 2 * K) * hd)).astype(dtype)

@@ -97,14 +97,15 @@ class BenchConfig:
     notes: str = ""
 
 
-def _cfg(name, vocab, dim, layers, heads, kv_heads, hidden, context, batch, notes=""):
+def _cfg(name, vocab, dim, layers, heads, kv_heads, hidden, context, batch, notes="", tied=True):
     shape = ModelShape(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                       hidden_dim=hidden, max_seq_len=context, tie_embeddings=True)
+                       hidden_dim=hidden, max_seq_len=context, tie_embeddings=tied)
     return BenchConfig(name=name, shape=shape, batch_size=batch, seq_len=context, notes=notes)
 
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c for c in (
+        _cfg("default", 2048, 128, 4, 4, 4, 352, 128, 16, "`npllama train`'s default model (untied)", tied=False),
         _cfg("260K", 512, 64, 5, 8, 4, 172, 512, 8, "llama2.c's stories260K shape (GQA 8/4)"),
         _cfg("15M-v4k", 4096, 288, 6, 6, 6, 768, 256, 8, "stories15M body with a 4096-token vocab"),
         _cfg("15M", 32000, 288, 6, 6, 6, 768, 256, 8, "llama2.c's stories15M shape (Llama-2 vocab)"),
@@ -224,7 +225,9 @@ def import_framework(framework: str, threads: int):
     (its thread counts set), timed.  Returns (npllama or torch_reference, seconds, peak RSS MB after)."""
     t0 = time.perf_counter()
     import numpy  # noqa: F401  (part of either framework's import cost)
-    if framework == "npllama":
+    if framework == "npllama-after-torch":   # a notebook that compares: torch is imported first
+        import torch  # noqa: F401
+    if framework.startswith("npllama"):
         module = import_npllama()
     else:
         import torch  # noqa: F401

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
-FRAMEWORKS = ("npllama", "torch", "torch-compile", "hf")
+FRAMEWORKS = ("npllama", "torch", "torch-compile", "hf", "npllama-after-torch")
 SCRIPT = Path(__file__).resolve()
 
 
@@ -140,7 +140,7 @@ def worker_train(framework: str, workdir: Path):
     o = run["optim"]
     losses = []
     t_build = time.perf_counter()
-    if framework == "npllama":
+    if framework.startswith("npllama"):
         npllama = lib
         model = common.npllama_model(npllama, shape, weights)
         del weights
