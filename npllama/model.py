@@ -20,13 +20,15 @@ blocks (``last_hidden_state``) and each new token through the same kernels on on
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import LORA_TARGETS, LlamaConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .formats import hf, peft
+from .formats import gguf, hf, llama2c, peft
+from .formats.gguf import is_gguf
 from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
@@ -36,6 +38,7 @@ from .layers.linear import matmuls, split_matmuls
 from .layers.lora import lora_init, merge_lora
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
+from .tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 LOSS_CHUNK_ROWS = 1024  # rows of logits at a time in Llama.loss
@@ -160,7 +163,11 @@ class LoraSettings(NamedTuple):
 
 
 class Llama:
-    def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32):
+    """The model.  ``init=False`` leaves every parameter at zero instead of drawing the initial
+    weights: for a loader that fills them (``from_pretrained``), which then needs no throw-away
+    random draw of the size of the model; the zero pages are not even touched until written."""
+
+    def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32, init: bool = True):
         if not isinstance(config, LlamaConfig):
             raise ConfigError(f"Llama needs a LlamaConfig, got {type(config).__name__}")
         dtype = np.dtype(dtype)
@@ -183,7 +190,8 @@ class Llama:
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._workspaces = {}  # (B, T, training) -> _Workspace; at most one shape per mode
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
 
     # ---- parameters ----------------------------------------------------------------------------
     def init_weights(self, seed: int = 0):
@@ -524,13 +532,29 @@ class Llama:
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, slide=slide)
 
-    # ---- Hugging Face format -------------------------------------------------------------------
+    # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if
-        any), or from a PEFT LoRA adapter directory (adapter_config.json): its base model (found
-        through base_model_name_or_path, relative to the adapter directory first) with the adapter
-        applied, and the adapter directory's tokenizer.json if it has one."""
+        """A model, with its tokenizer, from
+
+        * a Hugging Face directory or a run directory of `npllama train` (config.json, safetensors
+          weights, tokenizer.json and tokenizer_config.json if any);
+        * a ``.gguf`` file, or a directory holding one and no config.json (npllama.formats.gguf:
+          weights dequantized, config, tokenizer and chat template from its metadata, if any);
+        * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (npllama.formats.llama2c; no
+          tokenizer: llama2.c keeps it in a tokenizer.bin of its own);
+        * a PEFT LoRA adapter directory (adapter_config.json): its base model (any of the above, found
+          through base_model_name_or_path, relative to the adapter directory first) with the adapter
+          applied, and the adapter directory's tokenizer.json if it has one.
+
+        The parameters are allocated once, left at zero (``init=False``), and the weights read
+        straight into them from the memory-mapped file, so loading needs the final weights plus
+        about one tensor: tests/test_load_memory.py holds the peak to 1.5x the weights.
+
+        Raises:
+            CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).
+        """
+        path = Path(path)
         if peft.is_adapter_dir(path):
             config = peft.read_adapter_config(path)
             base = peft.base_model_path(path, config)
@@ -545,8 +569,22 @@ class Llama:
             model.lora_base = base
             model.tokenizer = hf.load_tokenizer(path, model.config) or model.tokenizer
             return model
+        if is_gguf(path) or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+            ckpt = gguf.open_gguf(path)
+            model = cls(ckpt.config, dtype=dtype, init=False)
+            gguf.load_weights(ckpt, model.params)
+            model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
+            return model
+        if llama2c.is_llama2c(path):
+            ckpt = llama2c.open_llama2c(path)
+            model = cls(ckpt.config, dtype=dtype, init=False)
+            llama2c.load_weights(ckpt, model.params)
+            return model
+        if path.is_file():
+            raise CheckpointError(f"{path}: neither a GGUF file nor a llama2.c .bin (give one of those, a Hugging "
+                                  "Face directory or a run directory)")
         cfg, files = hf.open_pretrained(path)
-        model = cls(cfg, dtype=dtype)
+        model = cls(cfg, dtype=dtype, init=False)
         hf.load_weights(path, files, cfg, model.params)
         model.tokenizer = hf.load_tokenizer(path, cfg)
         return model

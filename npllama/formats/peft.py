@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..files import atomic_write_json, read_json
-from .safetensors import read_safetensors, to_float, write_safetensors
+from .safetensors import copy_float, read_safetensors, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -79,7 +79,7 @@ def load_adapter_weights(directory, lora_params: dict[str, np.ndarray]) -> None:
         if tuple(arr.shape) != lora_params[name].shape:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
                                   f"{lora_params[name].shape}")
-        lora_params[name][...] = to_float(st_dtype, arr, lora_params[name].dtype, f"{path}: tensor {key!r}")
+        copy_float(st_dtype, arr, lora_params[name], f"{path}: tensor {key!r}")
         seen.add(name)
     missing = sorted(set(lora_params) - seen)
     if missing:
