@@ -17,6 +17,11 @@ This is the fast engine: its passes run the decoder block of layers/block.py on 
 Numba kernels and split matmuls, and it is held equal to npllama/reference.py, the same model in
 plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
 blocks (``last_hidden_state``) and each new token through the same kernels on one row.
+
+Why one module of ~600 lines: the engine's passes, the parameter layout they rely on, the input
+checks, the LoRA adapters (views into a second flat buffer that the same passes read) and the
+``from_pretrained`` dispatch over the checkpoint formats are one class; the formats themselves live
+in npllama/formats/ and the block in npllama/layers/block.py.
 """
 from __future__ import annotations
 

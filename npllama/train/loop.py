@@ -17,6 +17,10 @@ of the held-out text (the same ones each time, so the curve is not noisy); the f
 whole held-out text (or ``final_eval_tokens``) and reports those first tokens too, the figure to
 compare with the periodic ones.  A short sample at step 0, every ``sample_interval`` steps and at
 the end.
+
+Why one module of over 500 lines: ``Session`` (progress, metrics, evaluations, samples,
+checkpoints, Ctrl-C/SIGTERM, the time-budget re-plans) is all state of the loop it serves; split
+off, every method would need the loop's locals passed in.
 """
 from __future__ import annotations
 
