@@ -20,7 +20,8 @@ from .threads import thread_limit
 
 SUBCOMMANDS = {
     "train": ("npllama.train.cli", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
-    "generate": ("npllama.generate.cli", "sample text from a run directory or a Hugging Face Llama directory"),
+    "generate": ("npllama.generate.cli", "sample text from, or chat with (--chat), a run directory, a Hugging Face "
+                 "Llama directory or a .gguf file"),
     "gradcheck": ("npllama.gradcheck",
                   "check every layer's backward and the whole model's (fast and reference) against finite "
                   "differences (float64)"),

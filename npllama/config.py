@@ -11,6 +11,9 @@ from .errors import ConfigError
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+# the projections a LoRA adapter can sit on, as PEFT's target_modules names them
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 512

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -116,6 +117,17 @@ def _object_without_duplicate_keys(pairs):
                 raise ValueError(f"duplicate key {key[:100]!r}")
             seen.add(key)
     return obj
+
+
+def release_pages(mapped: mmap.mmap, start: int, stop: int) -> None:
+    """Drop the whole pages of bytes [start, stop) of the read-only file mapping ``mapped`` from this
+    process (madvise DONTNEED: the page cache keeps them, and a later access reads them again).
+    A loader calls it on each tensor once copied, so that the file's pages do not stay counted in
+    the process's memory beside the weights until the file is closed."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = stop // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def parse_json(raw: bytes, where: str, what: str = "JSON"):

@@ -17,22 +17,33 @@ This is the fast engine: its passes run the decoder block of layers/block.py on 
 Numba kernels and split matmuls, and it is held equal to npllama/reference.py, the same model in
 plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
 blocks (``last_hidden_state``) and each new token through the same kernels on one row.
+
+Why one module of ~600 lines: the engine's passes, the parameter layout they rely on, the input
+checks, the LoRA adapters (views into a second flat buffer that the same passes read) and the
+``from_pretrained`` dispatch over the checkpoint formats are one class; the formats themselves live
+in npllama/formats/ and the block in npllama/layers/block.py.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 import numpy as np
 
-from .config import LlamaConfig
-from .errors import ConfigError, InputError
-from .formats import hf
+from .config import LORA_TARGETS, LlamaConfig
+from .errors import CheckpointError, ConfigError, InputError
+from .formats import gguf, hf, llama2c, peft
+from .formats.gguf import is_gguf
 from .generate import decoding
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.linear import matmuls, split_matmuls
+from .layers.lora import lora_init, merge_lora
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
+from .tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 LOSS_CHUNK_ROWS = 1024  # rows of logits at a time in Llama.loss
@@ -61,6 +72,24 @@ def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     return layout
 
 
+# where each LoRA target (PEFT's target_modules) sits in a layer
+LORA_MODULES = {t: ("mlp." if t in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + t for t in LORA_TARGETS}
+
+
+def lora_layout(cfg: LlamaConfig, rank: int, targets) -> list[tuple[str, tuple[int, ...]]]:
+    """(PEFT name without "base_model.model.", shape) of every adapter matrix, in the order they sit
+    in the trainable buffer: per layer and target, A (r, in) then B (out, r)."""
+    shapes = dict(parameter_layout(cfg))
+    layout = []
+    for i in range(cfg.n_layers):
+        for target in LORA_TARGETS:
+            if target in targets:
+                module = f"model.layers.{i}.{LORA_MODULES[target]}"
+                d_out, d_in = shapes[module + ".weight"]
+                layout += [(module + ".lora_A.weight", (rank, d_in)), (module + ".lora_B.weight", (d_out, rank))]
+    return layout
+
+
 def _views(flat, layout):
     views, offset = {}, 0
     for name, shape in layout:
@@ -81,6 +110,7 @@ def _backward_ranges(layout, cfg):
     starts = [offsets[f"model.layers.{i}.input_layernorm.weight"] for i in range(cfg.n_layers)]
     bounds = [offsets["model.embed_tokens.weight"], *starts, offsets["model.norm.weight"], offset]
     return [(bounds[j], bounds[j + 1]) for j in reversed(range(len(bounds) - 1))]
+
 
 
 def _layer_views(views, flat, layout, cfg):
@@ -140,8 +170,23 @@ class _Workspace:
         self.outputs = [acts.x for acts in self.layers[1:]] + [self.final.x]
 
 
+class LoraSettings(NamedTuple):
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]   # PEFT's target_modules, in LORA_TARGETS order
+    dropout: float             # on the adapters' inputs
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class Llama:
-    def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32):
+    """The model.  ``init=False`` leaves every parameter at zero instead of drawing the initial
+    weights: for a loader that fills them (``from_pretrained``), which then needs no throw-away
+    random draw of the size of the model; the zero pages are not even touched until written."""
+
+    def __init__(self, config: LlamaConfig, seed: int = 0, dtype=np.float32, init: bool = True):
         if not isinstance(config, LlamaConfig):
             raise ConfigError(f"Llama needs a LlamaConfig, got {type(config).__name__}")
         dtype = np.dtype(dtype)
@@ -157,13 +202,16 @@ class Llama:
         self.grads = _views(self.flat_grads, self.layout)
         self._layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
         self._layer_grads = _layer_views(self.grads, self.flat_grads, self.layout, cfg)
+        self.lora = None  # LoraSettings once add_lora froze the base
+        self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._workspaces = {}  # (B, T, training) -> _Workspace; at most one shape per mode
         self._grad_ranges = _backward_ranges(self.layout, cfg)
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
 
     # ---- parameters ----------------------------------------------------------------------------
     def init_weights(self, seed: int = 0):
@@ -179,6 +227,56 @@ class Llama:
             else:
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 p[...] = rng.normal(0.0, std, size=shape)
+
+    # ---- LoRA (layers/lora.py, docs/12-lora.md) -----------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, targets=LORA_TARGETS, dropout: float = 0.0, seed: int = 0):
+        """Freeze every base weight and put a LoRA adapter on each ``targets`` projection of every
+        layer: y = x W^T + (alpha / rank) dropout(x) A^T B^T, A and B initialised as PEFT does
+        (B = 0: the model computes exactly what the base does until a step moves B).
+
+        The adapters are views (``lora_params``, PEFT's names without "base_model.model.") into one
+        trainable buffer ``flat_lora``; ``flat_grads`` / ``grads`` become the gradient of that
+        buffer only: the base's gradient buffer is dropped, and the backward computes no gradient of
+        a frozen weight (``trainable_params`` / ``flat_trainable`` are what an optimizer updates)."""
+        if self.lora is not None:
+            raise ConfigError("this model has LoRA adapters already")
+        targets = tuple(targets)
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ConfigError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, got {', '.join(unknown) or 'none'}")
+        if int(rank) != rank or rank < 1 or not alpha > 0 or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {rank}, {alpha}, {dropout}")
+        cfg, rank = self.config, int(rank)
+        self.lora = LoraSettings(rank, float(alpha), tuple(t for t in LORA_TARGETS if t in targets), float(dropout))
+        self.lora_layout = lora_layout(cfg, rank, targets)
+        self.flat_lora = np.zeros(sum(int(np.prod(s)) for _, s in self.lora_layout), dtype=self.dtype)
+        self.lora_params = _views(self.flat_lora, self.lora_layout)
+        rng = np.random.default_rng(seed)
+        for name, shape in self.lora_layout:
+            if name.endswith(".lora_A.weight"):
+                module = name.removesuffix(".lora_A.weight")
+                d_out, d_in = self.params[module + ".weight"].shape
+                self.lora_params[name][...] = lora_init(rng, d_in, d_out, rank, self.dtype)[0]
+        self.flat_grads = np.zeros_like(self.flat_lora)
+        self.grads = _views(self.flat_grads, self.lora_layout)
+        self._layer_grads = [None] * cfg.n_layers
+        self._adapters = self._adapter_views(self.lora_params)
+        self._adapter_grads = self._adapter_views(self.grads)
+        return self
+
+    def _adapter_views(self, views):
+        """Per layer, {target: (A, B)} of ``views`` keyed like ``lora_layout``."""
+        return [{t: tuple(views[f"model.layers.{i}.{LORA_MODULES[t]}.lora_{m}.weight"] for m in "AB")
+                 for t in self.lora.targets} for i in range(self.config.n_layers)]
+
+    @property
+    def trainable_params(self):
+        """What training updates: the adapters with LoRA, else every parameter (views of ``flat_trainable``)."""
+        return self.params if self.lora is None else self.lora_params
+
+    @property
+    def flat_trainable(self):
+        return self.flat_params if self.lora is None else self.flat_lora
 
     @property
     def lm_head(self):
@@ -233,12 +331,13 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None):
+    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None, lora_masks=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout``: draw
         masks (training with p > 0), unless ``dropout_masks`` gives them: one checked (N, D) pair
-        per layer (``_check_dropout_masks``), applied as given.  ``after_block(i, qkv)`` is called
-        after block i."""
+        per layer (``_check_dropout_masks``), applied as given; likewise the LoRA adapters' input
+        masks (training with lora dropout > 0), unless ``lora_masks`` ({module name: (N, in)}) gives
+        them.  ``after_block(i, qkv)`` is called after block i."""
         cfg = self.config
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
@@ -246,16 +345,31 @@ class Llama:
             acts.mask_attn = acts.mask_ffn = None
             if dropout_masks is not None:
                 acts.mask_attn, acts.mask_ffn = dropout_masks[i]
-            elif dropout:  # drawn in this order (attention, then feed-forward, layer by layer)
+            elif dropout and cfg.dropout > 0.0:  # drawn in this order (attention, then feed-forward, layer by layer)
                 acts.mask_attn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
                 acts.mask_ffn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
-            decoder_block_forward_rows(acts, w, out, ws.batch)
+            adapters = None if self.lora is None else self._layer_adapters(i, acts, dropout, lora_masks)
+            decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
             if after_block is not None:
                 after_block(i, acts.qkv)
         final = ws.final
         rmsnorm_forward_kernel(final.x, self.params["model.norm.weight"], self.dtype.type(cfg.norm_eps),
                                final.xn, final.r)
         return final.xn
+
+    def _layer_adapters(self, i, acts, dropout, lora_masks):
+        """Layer i's adapters for the block: {target: (A, B, scale, mask or None)}.  Masks are
+        given (``lora_masks``) or drawn when training with LoRA dropout, after the layer's own."""
+        scale, p = self.lora.scale, self.lora.dropout
+        adapters = {}
+        for target, (a, b) in self._adapters[i].items():
+            mask = None
+            if lora_masks is not None:
+                mask = lora_masks.get(f"model.layers.{i}.{LORA_MODULES[target]}")
+            elif dropout and p > 0.0:
+                mask = dropout_mask((acts.x.shape[0], a.shape[1]), p, self._dropout_rng, self.dtype)
+            adapters[target] = (a, b, scale, mask)
+        return adapters
 
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
@@ -338,62 +452,96 @@ class Llama:
             checked.append(tuple(rows))
         return checked
 
-    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, copy=True, dloss=1.0, on_grads_ready=None):
-        """Mean cross-entropy over targets != -100, and its gradient for every parameter.
+    def loss_and_grad(self, tokens, targets, dropout_masks=None, *, lora_masks=None, copy=True, dloss=1.0,
+                      on_grads_ready=None):
+        """Mean cross-entropy over targets != -100, and its gradient for every trainable parameter.
 
-        Returns (loss, grads), grads mapping each name of ``params`` to its gradient.
+        Returns (loss, grads), grads mapping each name of ``trainable_params`` to its gradient (with
+        LoRA: the adapters' only, as npllama.reference.loss_and_grad(lora=...) returns them).
 
         copy=True (the default): the gradients are a copy, the caller's to keep.
         copy=False: **grads are views into ``flat_grads``, which the next call to loss_and_grad
         OVERWRITES**; no copy is made (what the training loop wants: it reads ``flat_grads`` before
         the next step).
 
+        dropout_masks: None to draw dropout masks from the model's generator (when training and
+        config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
+        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does).
+        lora_masks: with LoRA, the dropout masks of the adapters' inputs ({module name: (B, T, in)},
+        none for a module not named), instead of drawing them.
+
         dloss: the gradient is that of ``dloss * loss`` (the loss returned is not scaled); data
         parallel training weighs each micro-batch by its share of the global batch this way.
         on_grads_ready(lo, hi): called during the backward each time ``flat_grads[lo:hi]`` is final
         -- the head, then each block from the last to the first, then the embedding; each range
-        ends where the previous one began -- so that their all-reduce can start while the backward
-        goes on (npllama/train/distributed.py).
-
-        dropout_masks: None to draw dropout masks from the model's generator (when training and
-        config.dropout > 0), else one (attn_mask, ffn_mask) pair per layer, each (B, T, D) with
-        entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does)."""
+        ends where the previous one began (with LoRA: the whole buffer once, at the end) -- so that
+        their all-reduce can start while the backward goes on (npllama/train/distributed.py)."""
         tokens, targets = self._check_pair(tokens, targets)
         B, T = tokens.shape
         masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
+        adapter_masks = None if lora_masks is None else self._check_lora_masks(lora_masks, B, T)
         ws = self._workspace(B, T, True)
         with split_matmuls():
-            loss = self._loss_and_grad_rows(tokens, targets, ws, masks, dloss, on_grads_ready)
+            loss = self._loss_and_grad_rows(tokens, targets, ws, masks, adapter_masks, dloss, on_grads_ready)
         if not copy:
             return loss, self.grads
-        return loss, _views(self.flat_grads.copy(), self.layout)
+        return loss, _views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
 
-    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, dloss=1.0, on_grads_ready=None):
-        """loss_and_grad on the workspace's buffers (checked inputs); returns the loss."""
+    def _check_lora_masks(self, masks, B, T):
+        """{module name: (B, T, in)} -> {module name: (B*T, in)} of the model's dtype."""
+        if self.lora is None:
+            raise InputError("lora_masks given but the model has no LoRA adapters")
+        checked = {}
+        for name, mask in masks.items():
+            if name + ".lora_A.weight" not in self.lora_params:
+                raise InputError(f"lora_masks: {name!r} is not a module with a LoRA adapter")
+            d_in = self.lora_params[name + ".lora_A.weight"].shape[1]
+            mask = np.asarray(mask)
+            if mask.dtype.kind not in "biuf" or mask.shape != (B, T, d_in):
+                raise InputError(f"lora_masks[{name!r}] must be a real array of shape {(B, T, d_in)}, "
+                                 f"got {mask.dtype} {mask.shape}")
+            checked[name] = np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, d_in)
+        return checked
+
+    def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, lora_masks=None, dloss=1.0,
+                            on_grads_ready=None):
+        """loss_and_grad on the workspace's buffers (checked inputs); returns the loss.  With LoRA
+        the base is frozen: only input gradients flow through it, and the output projection, the
+        norms and the embedding get no gradient."""
         cfg = self.config
         B, T = tokens.shape
-        ranges = iter(self._grad_ranges)
+        frozen = self.lora is not None
+        ranges = iter([(0, self.flat_grads.size)] if frozen else self._grad_ranges)
 
         def done():   # the next range of flat_grads is final
             if on_grads_ready is not None:
                 on_grads_ready(*next(ranges))
-        dropout = self.training and cfg.dropout > 0.0
-        xn = self._forward_rows(tokens, ws, dropout, dropout_masks=dropout_masks)
+        xn = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks, lora_masks=lora_masks)
         matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses, dloss=dloss)
 
         # output projection: logits = xn W^T  ->  dW = dlogits^T xn,  dxn = dlogits W
         final, scratch = ws.final, ws.batch.scratch
-        d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-        matmuls((dlogits.T, final.xn, d_head), (dlogits, self.lm_head, scratch.dn))
+        if frozen:
+            matmuls((dlogits, self.lm_head, scratch.dn))
+        else:
+            d_head = self.grads["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+            matmuls((dlogits.T, final.xn, d_head), (dlogits, self.lm_head, scratch.dn))
         rmsnorm_backward_kernel(scratch.dn, final.x, self.params["model.norm.weight"], final.r, scratch.dres,
                                 scratch.dw_partial, False)
-        np.sum(scratch.dw_partial, axis=0, out=self.grads["model.norm.weight"])
-        done()
-        for acts, w, dw in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads)):
-            decoder_block_backward_rows(acts, w, dw, ws.batch)
+        if not frozen:
+            np.sum(scratch.dw_partial, axis=0, out=self.grads["model.norm.weight"])
             done()
+        adapter_grads = self._adapter_grads if frozen else [None] * cfg.n_layers
+        for acts, w, dw, dlora in zip(reversed(ws.layers), reversed(self._layers), reversed(self._layer_grads),
+                                      reversed(adapter_grads)):
+            decoder_block_backward_rows(acts, w, dw, ws.batch, dlora)
+            if not frozen:
+                done()
+        if frozen:                  # the embedding is frozen: the gradient stops here
+            done()
+            return loss
         d_embed = self.grads["model.embed_tokens.weight"]
         if not cfg.tie_embeddings:
             d_embed[...] = 0.0
@@ -402,28 +550,106 @@ class Llama:
         return loss
 
     # ---- generation (npllama/generate/) --------------------------------------------------------
+    # The decoding step runs its own kernels on the base weights, so a model with LoRA adapters
+    # generates with a merged copy (merge_adapters): the same function, one weight per projection.
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None, slide=False):
         """1-D int array of the new tokens only; see npllama.generate.generate (``slide=True``: go on
         past the context over a sliding window)."""
+        if self.lora is not None:
+            return merge_adapters(self).generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                                 slide)
         return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed, stop_ids=stop_ids, slide=slide)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None, slide=False):
         """Yield the same tokens as ``generate``, one at a time."""
+        if self.lora is not None:
+            return merge_adapters(self).stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                               slide)
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, slide=slide)
 
-    # ---- Hugging Face format -------------------------------------------------------------------
+    # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        """A model from a Hugging Face directory (config.json, safetensors weights, tokenizer.json if any)."""
+        """A model, with its tokenizer, from
+
+        * a Hugging Face directory or a run directory of `npllama train` (config.json, safetensors
+          weights, tokenizer.json and tokenizer_config.json if any);
+        * a ``.gguf`` file, or a directory holding one and no config.json (npllama.formats.gguf:
+          weights dequantized, config, tokenizer and chat template from its metadata, if any);
+        * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (npllama.formats.llama2c; no
+          tokenizer: llama2.c keeps it in a tokenizer.bin of its own);
+        * a PEFT LoRA adapter directory (adapter_config.json): its base model (any of the above, found
+          through base_model_name_or_path, relative to the adapter directory first) with the adapter
+          applied, and the adapter directory's tokenizer.json if it has one.
+
+        The parameters are allocated once, left at zero (``init=False``), and the weights read
+        straight into them from the memory-mapped file, so loading needs the final weights plus
+        about one tensor: tests/test_load_memory.py holds the peak to 1.5x the weights.
+
+        Raises:
+            CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).
+        """
+        path = Path(path)
+        if peft.is_adapter_dir(path):
+            config = peft.read_adapter_config(path)
+            base = peft.base_model_path(path, config)
+            model = cls.from_pretrained(base, dtype=dtype)
+            targets = config["target_modules"]
+            unknown = sorted(set(targets) - set(LORA_TARGETS))
+            if unknown:
+                raise CheckpointError(f"{path}: target_modules {unknown} are not projections npllama adapts "
+                                      f"({', '.join(LORA_TARGETS)})")
+            model.add_lora(config["r"], config["lora_alpha"], targets, config.get("lora_dropout") or 0.0)
+            peft.load_adapter_weights(path, model.lora_params)
+            model.lora_base = base
+            model.tokenizer = hf.load_tokenizer(path, model.config) or model.tokenizer
+            return model
+        if is_gguf(path) or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+            ckpt = gguf.open_gguf(path)
+            model = cls(ckpt.config, dtype=dtype, init=False)
+            gguf.load_weights(ckpt, model.params)
+            model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
+            return model
+        if llama2c.is_llama2c(path):
+            ckpt = llama2c.open_llama2c(path)
+            model = cls(ckpt.config, dtype=dtype, init=False)
+            llama2c.load_weights(ckpt, model.params)
+            return model
+        if path.is_file():
+            raise CheckpointError(f"{path}: neither a GGUF file nor a llama2.c .bin (give one of those, a Hugging "
+                                  "Face directory or a run directory)")
         cfg, files = hf.open_pretrained(path)
-        model = cls(cfg, dtype=dtype)
+        model = cls(cfg, dtype=dtype, init=False)
         hf.load_weights(path, files, cfg, model.params)
         model.tokenizer = hf.load_tokenizer(path, cfg)
         return model
 
     def save_pretrained(self, path):
+        """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""
         hf.save_pretrained(path, self.config, self.params, self.tokenizer)
+
+    def save_adapter(self, path, base_path):
+        """The LoRA adapters as a PEFT adapter directory whose base_model_name_or_path is ``base_path``."""
+        if self.lora is None:
+            raise ConfigError("this model has no LoRA adapters to save")
+        peft.save_adapter(path, self.lora, self.lora_params, base_path)
+
+
+def merge_adapters(model: Llama) -> Llama:
+    """A new model without adapters whose every adapted weight is W + (alpha/r) B A (layers/lora.py's
+    merge_lora): what a LoRA model computes without dropout, in a plain Llama (its tokenizer too)."""
+    merged = Llama(model.config, dtype=model.dtype)
+    merged.flat_params[...] = model.flat_params
+    merged.tokenizer = model.tokenizer
+    if model.lora is not None:
+        for name, a in model.lora_params.items():
+            if name.endswith(".lora_A.weight"):
+                module = name.removesuffix(".lora_A.weight")
+                b = model.lora_params[module + ".lora_B.weight"]
+                merged.params[module + ".weight"][...] = merge_lora(model.params[module + ".weight"], a, b,
+                                                                    model.lora.scale)
+    return merged

@@ -18,6 +18,10 @@ or so.  m and v are kept in the parameter's dtype.
 The update runs in a Numba kernel (``adamw_update_kernel``) that reads each element of p, g, m, v
 once and writes p, m, v once, with no temporary arrays.  ``adamw_update_reference`` is the same
 arithmetic in plain NumPy, in the same order, kept as the readable definition and for tests.
+
+Why one module of ~520 lines: AdamW (flat-buffer and per-array modes), its state's save/load with
+field-by-field validation (a resumed run must refuse a foreign or torn file), gradient clipping and
+the learning-rate schedules are the optimizer's one job; half of the length is that validation.
 """
 from __future__ import annotations
 

@@ -139,7 +139,9 @@ class Tokenizer:
         """Load a ``tokenizer.json`` (or a directory containing one, e.g. a HF checkpoint).
 
         When a ``tokenizer_config.json`` lies beside it, its ``eos_token``/``bos_token`` choose
-        ``eos_id``/``bos_id``.
+        ``eos_id``/``bos_id``, its ``chat_template`` is the chat template and its
+        ``add_bos_token`` sets ``add_bos`` (without it: whether tokenizer.json's post-processor
+        puts the BOS first, as Llama-3's does).
 
         Raises:
             CheckpointError: the file is missing, is not JSON, or is not a valid tokenizer.
@@ -160,8 +162,12 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
-        eos_token, bos_token, chat_template = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
-        return cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template)
+        eos_token, bos_token, chat_template, add_bos = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
+        tokenizer = cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template)
+        if add_bos is None:
+            add_bos = tokenizer.bos_id is not None and hf.encode("", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
+        tokenizer.add_bos = add_bos
+        return tokenizer
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -204,6 +210,20 @@ class Tokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         atomic_write_bytes(path, [self.to_str().encode("utf-8")])
+        return path
+
+    def save_config(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer_config.json`` (as transformers names them: bos_token, eos_token,
+        add_bos_token, chat_template) atomically into ``directory``, what ``from_file`` reads back
+        beside tokenizer.json.  Returns the path of the file written."""
+        path = Path(directory) / TOKENIZER_CONFIG_FILE
+        config = {"add_bos_token": self.add_bos}
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            if token_id is not None:
+                config[key] = self.id_to_token(token_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        atomic_write_bytes(path, [json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8")])
         return path
 
     # ------------------------------------------------------------------------------ properties
@@ -359,9 +379,9 @@ def split_at_safe_newlines(text: str, chunk_chars: int) -> list[str]:
     return pieces
 
 
-def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | None]:
-    """eos/bos token strings and the chat template from a HF tokenizer_config.json (or, for the
-    template, the chat_template.jinja beside it), each None when absent or unreadable."""
+def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | None, bool | None]:
+    """eos/bos token strings, the chat template and add_bos_token from a HF tokenizer_config.json
+    (or, for the template, the chat_template.jinja beside it), each None when absent or unreadable."""
     jinja = path.parent / "chat_template.jinja"
     template = None
     if jinja.is_file():
@@ -370,14 +390,14 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
         except (OSError, UnicodeDecodeError):
             warnings.warn(f"{jinja}: unreadable, no chat template", UserWarning, stacklevel=3)
     if not path.is_file():
-        return None, None, template
+        return None, None, template, None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         # The tokenizer itself is fine; the eos/bos fall back to the candidate lists.
         warnings.warn(f"{path}: unreadable, eos/bos tokens guessed from the vocabulary", UserWarning,
                       stacklevel=3)
-        return None, None, template
+        return None, None, template, None
 
     def token_text(value):
         if isinstance(value, dict):
@@ -385,11 +405,12 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
         return value if isinstance(value, str) else None
 
     if not isinstance(config, dict):
-        return None, None, template
+        return None, None, template, None
     if template is None:
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+    add_bos = config.get("add_bos_token")
     return (token_text(config.get("eos_token")), token_text(config.get("bos_token")),
-            template if isinstance(template, str) else None)
+            template if isinstance(template, str) else None, add_bos if isinstance(add_bos, bool) else None)

@@ -336,12 +336,12 @@ def test_stop_ids_end_generation_and_are_returned():
     assert stats["stop"] == "stop_id" and stats["new_tokens"] == first + 1
 
 
-def test_default_stop_is_tokenizer_eos():
+def test_default_stops_are_the_tokenizers_stop_ids():
     model = make_model("gqa")
     free = model.generate([1, 2, 3], 12).tolist()   # no tokenizer: no stop
     assert len(free) == 12
-    model.tokenizer = types.SimpleNamespace(eos_id=free[3])
-    first = free.index(free[3])
+    model.tokenizer = types.SimpleNamespace(stop_ids=(free[5], free[3]))   # eos and an end-of-turn token
+    first = min(free.index(free[3]), free.index(free[5]))
     np.testing.assert_array_equal(model.generate([1, 2, 3], 12), free[:first + 1])
     np.testing.assert_array_equal(model.generate([1, 2, 3], 12, stop_ids=[]), free)   # [] = never stop
 
@@ -503,7 +503,7 @@ def test_cli_sampling_reproducible_by_seed(run_dir, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run_cli([tmp_path / "nope", "--prompt", "x"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("npllama: error:") and "no such directory" in err and err.count("\n") == 1
+    assert err.startswith("npllama: error:") and "no such file or directory" in err and err.count("\n") == 1
     model = npllama.Llama(npllama.LlamaConfig(vocab_size=20, dim=8, n_layers=1, n_heads=2, hidden_dim=8))
     model.save_pretrained(tmp_path / "no_tok")
     assert run_cli([tmp_path / "no_tok", "--prompt", "x"]) == 1

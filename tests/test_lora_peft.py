@@ -15,6 +15,7 @@ adapters' inputs.  Two independent routes to those numbers:
 These tests only read files (no torch).
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file
 
 import npllama
 from npllama import reference
+from npllama.errors import CheckpointError
 from npllama.gradcheck import relative_error
 from npllama.layers.lora import merge_lora
 
@@ -121,3 +123,61 @@ def test_merged_fast_model_matches_peft(case):
         g = weight_grads[name + ".weight"]
         assert relative_error(scale * b.T @ g, peft_grads[name + ".lora_A.weight"]) <= TOLERANCE, name
         assert relative_error(scale * g @ a.T, peft_grads[name + ".lora_B.weight"]) <= TOLERANCE, name
+
+
+def test_from_pretrained_adapter_dir_applies_the_adapter(case):
+    _, cfg, params, lora, ref = case
+    model = npllama.Llama.from_pretrained(ADAPTER_DIR, dtype=np.float64)
+    assert model.lora.rank == 4 and model.lora.scale == 2.0 and model.lora_base == (ADAPTER_DIR / "../hf_gqa").resolve()
+    logits = model.forward(ref["tokens"])
+    assert relative_error(logits, reference.forward(params, cfg, ref["tokens"], lora=lora)) <= TOLERANCE
+    assert relative_error(logits, ref["logits"]) <= TOLERANCE
+    masks = {key.removeprefix("mask."): m for key, m in ref.items() if key.startswith("mask.")}
+    loss, grads = model.loss_and_grad(ref["tokens"], ref["targets"], lora_masks=masks)
+    assert abs(loss - float(ref["dropout_loss"])) <= TOLERANCE * abs(float(ref["dropout_loss"]))
+    peft_grads = from_peft_keys(ref, "dropout_grad.")
+    assert set(grads) == set(peft_grads)
+    assert max(relative_error(grads[key], peft_grads[key]) for key in peft_grads) <= TOLERANCE
+    # the adapter's lora_dropout (0.25): drawn when training, off in eval mode
+    no_dropout = from_peft_keys(ref, "grad.")
+    _, drawn = model.loss_and_grad(ref["tokens"], ref["targets"])
+    assert max(relative_error(drawn[key], no_dropout[key]) for key in no_dropout) > 0.01
+    _, grads = model.eval().loss_and_grad(ref["tokens"], ref["targets"])
+    assert max(relative_error(grads[key], no_dropout[key]) for key in no_dropout) <= TOLERANCE
+
+
+def test_saved_adapter_round_trips_in_peft_layout(case, tmp_path):
+    base_dir, _, _, _, ref = case
+    model = npllama.Llama.from_pretrained(ADAPTER_DIR, dtype=np.float64)
+    model.save_adapter(tmp_path / "adapter", base_dir.resolve())
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == \
+        ("LORA", 4, 8.0, str(base_dir.resolve()))
+    assert sorted(config["target_modules"]) == sorted(name.split(".")[1] for name in PROJECTIONS)
+    assert set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) == \
+        set(load_file(str(ADAPTER_DIR / "adapter_model.safetensors")))
+    again = npllama.Llama.from_pretrained(tmp_path / "adapter", dtype=np.float64)
+    np.testing.assert_array_equal(again.forward(ref["tokens"]), model.forward(ref["tokens"]))
+
+
+def test_merge_adapters_computes_the_adapter_form(case):
+    _, _, _, _, ref = case
+    model = npllama.Llama.from_pretrained(ADAPTER_DIR, dtype=np.float64)
+    merged = npllama.model.merge_adapters(model)
+    assert merged.lora is None
+    assert relative_error(merged.forward(ref["tokens"]), ref["logits"]) <= TOLERANCE
+    prompt = ref["tokens"][0, :3]
+    np.testing.assert_array_equal(model.generate(prompt, 4), merged.generate(prompt, 4))
+
+
+def test_adapter_dir_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "adapter"
+    shutil.copytree(ADAPTER_DIR, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "nowhere"}))
+    with pytest.raises(CheckpointError, match="nowhere"):
+        npllama.Llama.from_pretrained(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(ADAPTER_DIR / "../hf_gqa"),
+                                                         "use_dora": True}))
+    with pytest.raises(CheckpointError, match="use_dora"):
+        npllama.Llama.from_pretrained(bad)

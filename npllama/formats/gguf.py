@@ -17,7 +17,8 @@ translation into npllama's model:
 * the config, from the ``llama.*`` keys.
 
 Memory: a tensor is dequantized a chunk of rows at a time straight into its destination array,
-so loading needs the final weights plus one chunk, and the memory-mapped file's pages.
+so loading needs the final weights plus one chunk and the file's pages of the tensor being read
+(those of the tensors already read are released from the process as it goes).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
+from ..files import release_pages
 from .rope_rows import deinterleave_rope_rows
 
 Q = gguf.GGMLQuantizationType
@@ -90,6 +92,7 @@ class _Reader(gguf.GGUFReader):
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if type(self.data) is np.memmap:
+            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (read_into)
             self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
         return super()._get(offset, dtype, count, override_order)
 
@@ -210,7 +213,8 @@ class GGUFCheckpoint:
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
-        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted."""
+        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted; then
+        the file's pages of the tensor are released from the process (``files.release_pages``)."""
         t = self.tensors[name]
         rows, cols = self.shape(name) if len(t.shape) == 2 else (1, int(t.shape[0]))
         target = out.reshape(rows, cols)
@@ -225,6 +229,7 @@ class GGUFCheckpoint:
                 target[r0:r0 + step] = w
             else:
                 target[r0:r0 + step] = deinterleave_rope_rows(w, hd)
+        release_pages(self.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
         return out
 
 

@@ -1,5 +1,5 @@
 """The Hugging Face model directory: config.json, model.safetensors (or shards listed by
-model.safetensors.index.json) and tokenizer.json.
+model.safetensors.index.json), tokenizer.json and tokenizer_config.json.
 
 Loading is in steps, so that the model allocates its parameters itself and the weights are read
 straight into them: ``open_pretrained`` (the config and the weight files, refusing a config whose
@@ -17,7 +17,7 @@ from ..config import LlamaConfig
 from ..errors import CheckpointError
 from ..files import atomic_write_json, open_regular_file, read_json
 from ..tokenizer import Tokenizer
-from .safetensors import read_safetensors, to_float, write_safetensors
+from .safetensors import copy_float, iter_safetensors, write_safetensors
 
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 SMALLEST_FLOAT_BYTES = 2  # F16/BF16: the fewest bytes a stored weight can take
@@ -108,10 +108,12 @@ def open_pretrained(directory) -> tuple[LlamaConfig, list[Path]]:
 def load_weights(directory, files: list[Path], cfg: LlamaConfig, params: dict[str, np.ndarray]) -> None:
     """Fill ``params`` (name -> array of the expected shape; converted to its dtype) from ``files``:
     every tensor must be expected, appear once, have the expected shape and be finite, and every
-    expected one must be there."""
+    expected one must be there.  The files are memory-mapped and each tensor is converted straight
+    into its parameter (``iter_safetensors``, ``copy_float``): loading needs the parameters plus
+    about one tensor."""
     seen = {}
     for path in files:
-        for name, (st_dtype, arr) in read_safetensors(path).items():
+        for name, st_dtype, arr in iter_safetensors(path):
             if name.endswith(IGNORED_TENSOR_SUFFIXES):
                 continue
             if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -123,7 +125,7 @@ def load_weights(directory, files: list[Path], cfg: LlamaConfig, params: dict[st
             if tuple(arr.shape) != params[name].shape:
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, "
                                       f"config.json implies {params[name].shape}")
-            params[name][...] = to_float(st_dtype, arr, params[name].dtype, f"{path}: tensor {name!r}")
+            copy_float(st_dtype, arr, params[name], f"{path}: tensor {name!r}")
             seen[name] = path
     missing = sorted(set(params) - set(seen))
     if missing:
@@ -144,7 +146,8 @@ def load_tokenizer(directory, cfg: LlamaConfig) -> Tokenizer | None:
 
 
 def save_pretrained(directory, cfg: LlamaConfig, params: dict[str, np.ndarray], tokenizer: Tokenizer | None):
-    """Write config.json, model.safetensors (``params`` as they are) and tokenizer.json if any."""
+    """Write config.json, model.safetensors (``params`` as they are) and, with a tokenizer,
+    tokenizer.json and tokenizer_config.json (bos/eos, add_bos, the chat template)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", params, {"format": "pt"})
@@ -152,6 +155,7 @@ def save_pretrained(directory, cfg: LlamaConfig, params: dict[str, np.ndarray], 
     hf["torch_dtype"] = hf["dtype"] = np.result_type(*params.values()).name
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
+        tokenizer.save_config(directory)
         if tokenizer.eos_id is not None:
             hf.setdefault("eos_token_id", tokenizer.eos_id)
     atomic_write_json(directory / "config.json", hf)

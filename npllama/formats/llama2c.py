@@ -35,6 +35,7 @@ generates id 1.  ``llama2c_vocabulary`` makes a byte-level BPE tokenizer fit tho
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, release_pages
 from .byte_level import byte_level_vocabulary
 from .rope_rows import deinterleave_rope_rows, interleave_rope_rows
 
@@ -215,19 +216,24 @@ class Llama2cCheckpoint:
             raise CheckpointError(f"{path}: {size:,} bytes, but its {what} implies {expected:,} "
                                   f"({'truncated' if size < expected else 'trailing data'}; not a llama2.c checkpoint?)")
         data = np.memmap(path, dtype="<f4", mode="r", offset=offset)
-        self.tensors, start = {}, 0   # HF name -> its float32 values in the file, in the file's row order
+        # numpy maps from the allocation boundary below ``offset``: where the file's bytes sit in the map
+        self._map, map_start = data._mmap, offset - offset % mmap.ALLOCATIONGRANULARITY
+        self.tensors, self._spans, start = {}, {}, 0   # HF name -> its float32 values, in the file's row order
         for name, shape in sections:
             n = math.prod(shape)
             if name != _FREQS:
                 self.tensors[name] = data[start:start + n].reshape(shape)
+                self._spans[name] = (offset - map_start + 4 * start, offset - map_start + 4 * (start + n))
             start += n
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
-        """Copy tensor ``name`` (a Hugging Face name) into ``out``, W_q/W_k rows in HF's RoPE order."""
+        """Copy tensor ``name`` (a Hugging Face name) into ``out``, W_q/W_k rows in HF's RoPE order;
+        then the file's pages of the tensor are released from the process (``files.release_pages``)."""
         w = self.tensors[name]
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w = deinterleave_rope_rows(w, self.config.head_dim)
         out[...] = w
+        release_pages(self._map, *self._spans[name])
         return out
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
-from ..files import atomic_write_bytes, open_regular_file, parse_json
+from ..files import atomic_write_bytes, open_regular_file, parse_json, release_pages
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 # Metadata key holding the SHA-256 of everything after the header. Safetensors has no checksum of
@@ -122,42 +123,68 @@ def read_safetensors_header(path):
         return _read_header(f, path, size)
 
 
-def read_safetensors(path, names=None) -> dict[str, tuple[str, np.ndarray]]:
-    """-> {name: (safetensors dtype, array)}; BF16 arrays come back as their raw uint16 bits.
+def iter_safetensors(path):
+    """Yield (name, safetensors dtype, array) for every tensor, in file order; BF16 arrays come as
+    their raw uint16 bits.  The header is validated before anything is mapped.
 
-    The whole data section is read once (so memory is bounded by the file's size) and, when the
-    file carries npllama's checksum, verified against it. Arrays are read-only views of it."""
+    The file is memory-mapped, not read: each array is a read-only view of the map, and once the
+    caller has moved on to the next tensor the pages of the ones before are released from this
+    process (madvise DONTNEED: the page cache keeps them, a later access reads them again), so
+    loading holds one tensor of the file at a time beside the caller's own copy.  When the file
+    carries npllama's checksum it is verified as the tensors go by, and a mismatch raises once
+    the last one has been yielded: consume the whole iterator before trusting what it gave."""
     path = Path(path)
     f, size = open_regular_file(path, "safetensors file")
     with f:
         header, metadata, data_start = _read_header(f, path, size)
-        data = f.read(size - data_start)
-    if len(data) != size - data_start:
-        raise CheckpointError(f"{path}: file shrank while being read")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if len(mapped) != size:
+        raise CheckpointError(f"{path}: file changed size while being read")
     expected_digest = metadata.get(CHECKSUM_KEY)
-    if expected_digest is not None and hashlib.sha256(data).hexdigest() != expected_digest:
-        raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupt (changed since it was "
-                              "written)")
-    out = {}
-    for name, info in header.items():
-        if names is not None and name not in names:
-            continue
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]], count=(end - start) //
-                            SAFETENSORS_DTYPES[info["dtype"]].itemsize, offset=start).reshape(info["shape"])
-        out[name] = (info["dtype"], arr)
-    return out
+    digest = hashlib.sha256() if expected_digest is not None else None
+    hashed = released = data_start   # file offsets: hashed up to, pages released below
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        start, end = (data_start + o for o in info["data_offsets"])
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if digest is not None:
+            digest.update(memoryview(mapped)[hashed:end])
+            hashed = end
+        yield name, info["dtype"], np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                                 offset=start).reshape(info["shape"])
+        release_pages(mapped, released, end)
+        released = end
+    if digest is not None:
+        digest.update(memoryview(mapped)[hashed:])
+        if digest.hexdigest() != expected_digest:
+            raise CheckpointError(f"{path}: checksum mismatch, the tensor data is corrupt (changed since it "
+                                  "was written)")
 
 
-def to_float(st_dtype, arr, dtype, where):
+def read_safetensors(path, names=None) -> dict[str, tuple[str, np.ndarray]]:
+    """-> {name: (safetensors dtype, array)} of every tensor (or those in ``names``), copied out
+    of the file (``iter_safetensors``, checksum verified); BF16 arrays as their raw uint16 bits."""
+    return {name: (st_dtype, arr.copy()) for name, st_dtype, arr in iter_safetensors(path)
+            if names is None or name in names}
+
+
+def copy_float(st_dtype, arr, out: np.ndarray, where) -> np.ndarray:
+    """Write the floating-point tensor ``arr`` (BF16 as raw bits) into ``out``, converted to its
+    dtype in place (no temporary of the tensor's size for F32/F16/F64, nor for BF16 into float32).
+
+    Raises:
+        CheckpointError: not a floating-point tensor, or NaN / infinite values (float64 beyond
+            float32's range among them)."""
     if st_dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{where}: expected a floating-point tensor, got {st_dtype}")
-    if st_dtype == "BF16":  # bfloat16 is the top half of a float32
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range -> inf, refused below
-        out = arr.astype(dtype)
-    if not np.all(np.isfinite(out)):
+    if st_dtype == "BF16" and out.dtype == np.float32:  # bfloat16 is the top half of a float32
+        bits = out.view(np.uint32)
+        bits[...] = arr
+        bits <<= 16
+    elif st_dtype == "BF16":
+        out[...] = (arr.astype(np.uint32) << 16).view(np.float32)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(out, arr, casting="unsafe")
+    if not np.isfinite(out).all():
         raise CheckpointError(f"{where}: contains NaN or infinite values")
     return out
-
-

@@ -1,5 +1,7 @@
-"""`npllama generate`: load a run directory or a Hugging Face directory, encode the prompt, print
-the continuation as it is decoded, and a one-line report (prefill and decoding speed) on stderr."""
+"""`npllama generate`: load a run directory, a Hugging Face directory or a GGUF file, encode the
+prompt, print the continuation as it is decoded, and a one-line report (prefill and decoding speed)
+on stderr.  With ``--chat``: a conversation through the checkpoint's chat template
+(npllama.chat), one message per line of stdin until its end (Ctrl-D), or the one ``--prompt``."""
 from __future__ import annotations
 
 import argparse
@@ -10,20 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chat import chat
 from ..config import LlamaConfig
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
 from .decoding import generate, slide_window, stream
 from .sampling import check_sampling, check_stop_ids
 
 
 def add_arguments(parser):
-    parser.add_argument("path", metavar="RUN_OR_HF_DIR",
-                        help="a run directory of `npllama train`, or a Hugging Face Llama directory "
-                             "(config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("path", metavar="MODEL",
+                        help="a run directory of `npllama train`, a Hugging Face Llama directory "
+                             "(config.json, model.safetensors, tokenizer.json) or a .gguf file")
     parser.add_argument("--prompt", default="",
                         help='text to continue ("-" reads it from stdin, dropping one trailing newline); '
-                             "default: start from the BOS / end-of-text token")
+                             "default: start from the BOS / end-of-text token.  With --chat: the one "
+                             "message to answer")
+    parser.add_argument("--chat", action="store_true",
+                        help="talk to the model through its chat template: one message per line of stdin, "
+                             "the answers streamed, the history kept within the context; Ctrl-D (end of "
+                             "input) to leave")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                         help="default 256; past the model's context (max_seq_len tokens, prompt included) "
                              "generation goes on over a sliding window: when the context is full, its last "
@@ -89,31 +98,31 @@ def _read_prompt(arg: str) -> str:
 def run(args) -> int:
     path = Path(args.path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (give a run directory or a Hugging Face model directory)")
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer.json; `npllama generate` needs it to encode the prompt and "
-                              "decode the output (a run directory of `npllama train` has one; for a Hugging Face "
-                              "model, put its tokenizer.json beside config.json)")
+        raise CheckpointError(f"{path}: no such file or directory")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, flags=True)
+    if args.system is not None and not args.chat:
+        raise InputError("--system is a chat's system message: give --chat too")
     text = _read_prompt(args.prompt)
     model = Llama.from_pretrained(path, dtype=np.float64 if args.dtype == "float64" else np.float32)
     model.eval()
     tokenizer = model.tokenizer
-    if tokenizer is None:  # from_pretrained found no tokenizer after all
-        raise CheckpointError(f"{path}: no tokenizer was loaded from tokenizer.json")
-    ids = [int(t) for t in tokenizer.encode(text)]
-    # Llama checkpoints are trained with a BOS first; npllama's own tokenizers have none.
-    start = tokenizer.bos_id if tokenizer.bos_id is not None else (None if ids else tokenizer.eos_id)
-    if start is not None:
-        ids = [start] + ids
-    if not ids:
-        raise InputError("the prompt is empty and the tokenizer has no BOS or end-of-text token to start "
-                         "from: give a --prompt")
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer; `npllama generate` needs one to encode the prompt and decode "
+                              "the output (a run directory of `npllama train` has one; for a Hugging Face model, "
+                              "put its tokenizer.json beside config.json)")
     seed = args.seed
     if seed is None and args.temperature > 0:
         seed = secrets.randbelow(2 ** 31)
+    if args.chat:
+        return _chat(model, path, text, args, seed)
+    ids = [int(t) for t in tokenizer.encode(text)]
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids     # what the model saw before each training text
+    if not ids:  # nothing to continue: start from the BOS or the end-of-text token
+        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    if ids[0] is None:
+        raise InputError("the prompt is empty and the tokenizer has no BOS or end-of-text token to start "
+                         "from: give a --prompt")
     warm_up(model.dtype)
     stats: dict = {}
     tokens = stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -126,7 +135,8 @@ def run(args) -> int:
         out.flush()
         for token in tokens:
             if token in stops:
-                break     # the end-of-text token itself is not printed
+                stats["stop_token"] = tokenizer.id_to_token(token)
+                break     # the stop token itself is not printed
             piece = pieces.push(token)
             if piece:
                 out.write(piece)
@@ -140,6 +150,48 @@ def run(args) -> int:
         return 0
     _report(stats, seed if args.temperature > 0 else None, model.config.max_seq_len)
     return 0
+
+
+def _chat(model, path, prompt: str, args, seed) -> int:
+    """``--chat``: answer the one ``--prompt``, or each line of stdin until its end."""
+    if model.tokenizer.chat_template is None:
+        raise ConfigError(f"{path}: the checkpoint has no chat template, which --chat needs (use --prompt "
+                          "without --chat to continue a text)")
+    if args.prompt:
+        messages = iter([prompt])
+        read_message = lambda: next(messages, None)  # noqa: E731
+    else:
+        read_message = _read_line
+    out = sys.stdout
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
+    chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+    if seed is not None and args.temperature > 0:
+        print(f"npllama: seed {seed}", file=sys.stderr)
+    return 0
+
+
+def _read_line() -> str | None:
+    """The next non-blank line of stdin without its newline (after a "> " prompt on a terminal);
+    None at the end of input (Ctrl-D)."""
+    while True:
+        if sys.stdin.isatty():
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                return None
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return None
+            line = line.rstrip("\n")
+        if line.strip():
+            return line
 
 
 def warm_up(dtype) -> None:
@@ -158,7 +210,8 @@ def _report(stats: dict, seed, context: int) -> None:
     def count(n, what):
         return f"{n:,} {what}{'' if n == 1 else 's'}"
 
-    reason = {"stop_id": "end-of-text", "max_new_tokens": "--max-new-tokens", "context": "context limit"}[stats["stop"]]
+    reason = {"stop_id": f"{stats.get('stop_token')} (a stop token)", "max_new_tokens": "--max-new-tokens",
+              "context": "context limit"}[stats["stop"]]
     line = (f"npllama: prompt {count(stats['prompt_tokens'], 'token')}, prefill {stats['prefill_s']:.3f} s "
             f"({rate(stats['prompt_tokens'], stats['prefill_s'])}); {count(stats['new_tokens'], 'new token')}, "
             f"decode {rate(stats['decode_steps'], stats['decode_s'])}; stopped at {reason}")

@@ -21,7 +21,7 @@ How to choose each token is npllama/generate/sampling.py.
 
 Stopping.  Generation ends after ``max_new_tokens`` tokens, after a token in ``stop_ids`` (which
 is returned as the last token, as Hugging Face does, so the caller sees why it stopped; default:
-the tokenizer's end-of-text id when the model has a tokenizer with one, else none), or at the
+the ``stop_ids`` of the model's tokenizer, eos and end-of-turn tokens, else none), or at the
 context limit: prompt plus new tokens never exceed ``max_seq_len``, so a prompt of exactly
 ``max_seq_len`` tokens gives no new token, and only a prompt longer than that is an error.
 
@@ -212,7 +212,8 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
         stats["new_tokens"] = i + 1
         if text is not None:
             text.append(token)
-        yield token
         if token in stops:
-            stats["stop"] = "stop_id"
+            stats["stop"] = "stop_id"   # before the yield: the consumer may stop reading at this token
+            yield token
             return
+        yield token

@@ -160,12 +160,11 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, seed, flags: bool 
 
 
 def check_stop_ids(model, stop_ids) -> frozenset:
-    """None -> the tokenizer's end-of-text id (when there is one); an int or a sequence of ints."""
+    """None -> the tokenizer's ``stop_ids`` (eos and the end-of-turn tokens such as ``<|im_end|>``),
+    none without a tokenizer; else an int or a sequence of ints."""
     V = model.config.vocab_size
     if stop_ids is None:
-        tokenizer = getattr(model, "tokenizer", None)
-        eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-        return frozenset() if eos is None or not 0 <= eos < V else frozenset([int(eos)])
+        stop_ids = getattr(getattr(model, "tokenizer", None), "stop_ids", ())
     if _is_int(stop_ids):
         stop_ids = [stop_ids]
     try:

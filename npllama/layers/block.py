@@ -40,6 +40,7 @@ import numpy as np
 
 from .attention import attention_backward, attention_forward
 from .linear import matmuls
+from .lora import lora_adapter_backward, lora_adapter_forward
 from .rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
 from .rope import rope_cos_sin, rope_kernel
 from .swiglu import swiglu_backward_kernel, swiglu_forward_kernel
@@ -61,7 +62,8 @@ class BlockActivations:
     x: block input;  n1, r1: its RMSNorm (output, 1/rms);  qkv: q and k rotated, v;  o: attention
     output, heads merged;  h: after the attention residual;  n2, r2: its RMSNorm;  au: [a | u] gate
     and up projections;  g: SwiGLU output;  attn_cache: the attention's cache;  mask_attn, mask_ffn:
-    the dropout masks (N, D) the caller sets before the forward, or None for no dropout.
+    the dropout masks (N, D) the caller sets before the forward, or None for no dropout;
+    lora_caches: the LoRA adapters' caches by projection ("q_proj", ...), empty without adapters.
 
     ``in_place=True`` (inference, no backward): h, n2, r2 are x, n1, r1, so that one set serves
     every layer and the residual stream is updated in place."""
@@ -80,6 +82,7 @@ class BlockActivations:
         self.g = e(N, F)
         self.attn_cache = None
         self.mask_attn = self.mask_ffn = None
+        self.lora_caches = {}
 
 
 class BlockScratch:
@@ -98,67 +101,116 @@ class BlockScratch:
         self.dw_partial = e(rmsnorm_dw_chunks(N), cfg.dim)
 
 
+def projection_columns(cfg):
+    """Each projection's columns in the output of the fused product it is part of: q, k, v in qkv,
+    gate and up in au; o_proj and down_proj are products of their own (all columns)."""
+    q, kv, F = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    return {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv),
+            "o_proj": slice(None), "gate_proj": slice(0, F), "up_proj": slice(F, 2 * F), "down_proj": slice(None)}
+
+
 class RowBatch:
     """What every block of a pass over a (B, T) batch shares: the config, the shape, the RoPE
-    tables of positions 0 .. T-1 and the scratch buffers."""
+    tables of positions 0 .. T-1, the projections' columns and the scratch buffers."""
 
     def __init__(self, cfg, B, T, dtype, rope_freqs):
         self.cfg, self.B, self.T = cfg, B, T
         self.cos, self.sin = rope_cos_sin(np.arange(T), rope_freqs, dtype)
+        self.columns = projection_columns(cfg)
         self.scratch = BlockScratch(cfg, B * T, dtype)
 
 
-def decoder_block_forward_rows(acts, w, out, batch):
+# LoRA (layers/lora.py): a projection y = x W^T with an adapter gets y += s dropout(x) A^T B^T added
+# into its columns of the fused product, and in the backward dx += s (dy B A) * m, dA, dB.
+def _adapters_forward(acts, adapters, names, x, y, columns):
+    for name in names:
+        if name in adapters:
+            a, b, scale, mask = adapters[name]
+            acts.lora_caches[name] = lora_adapter_forward(x, a, b, scale, y[:, columns[name]], mask)
+
+
+def _adapters_backward(acts, adapter_grads, names, dy, dx, columns):
+    for name in names:
+        if name in acts.lora_caches:
+            da, db = adapter_grads[name]
+            lora_adapter_backward(dy[:, columns[name]], acts.lora_caches.pop(name), dx, da, db)
+
+
+def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     """Forward of one block: reads acts.x (and the dropout masks in ``acts``), fills the rest of
     ``acts`` and writes the block's output to ``out`` (N, D): the next block's input, or acts.x
-    itself when ``acts`` is in place."""
+    itself when ``acts`` is in place.  adapters: None, or LoRA adapters by projection
+    ({"q_proj": (A, B, scale, mask or None), ...}; mask (N, in) is the dropout on the adapter's input)."""
     cfg, B, T, s = batch.cfg, batch.B, batch.T, batch.scratch
+    adapters, cols = adapters or {}, batch.columns
+    acts.lora_caches = {}
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     dt = acts.x.dtype.type
     eps = dt(cfg.norm_eps)
     # attention branch:  h = x + Dropout(W_o attention(rope(q), rope(k), v))
     rmsnorm_forward_kernel(acts.x, w["attn_norm"], eps, acts.n1, acts.r1)
     matmuls((acts.n1, w["wqkv"].T, acts.qkv))
+    _adapters_forward(acts, adapters, ("q_proj", "k_proj", "v_proj"), acts.n1, acts.qkv, cols)
     rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, T)
     q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
     o, acts.attn_cache = attention_forward(q, k, v)
     np.copyto(acts.o.reshape(B, T, H, hd), o.transpose(0, 2, 1, 3))
     matmuls((acts.o, w["wo"].T, s.proj))
+    _adapters_forward(acts, adapters, ("o_proj",), acts.o, s.proj, cols)
     if acts.mask_attn is not None:
         s.proj *= acts.mask_attn
     h = None if acts.h is acts.x else acts.h                     # None: over x, in place
     rmsnorm_forward_kernel(acts.x, w["ffn_norm"], eps, acts.n2, acts.r2, s.proj, h)
     # feed-forward branch:  out = h + Dropout(W_down swiglu(W_gate_up n2))
     matmuls((acts.n2, w["w_gate_up"].T, acts.au))
+    _adapters_forward(acts, adapters, ("gate_proj", "up_proj"), acts.n2, acts.au, cols)
     swiglu_forward_kernel(acts.au, acts.g)
     matmuls((acts.g, w["w_down"].T, s.proj))
+    _adapters_forward(acts, adapters, ("down_proj",), acts.g, s.proj, cols)
     if acts.mask_ffn is not None:
         s.proj *= acts.mask_ffn
     np.add(acts.h, s.proj, out=out)
 
 
-def decoder_block_backward_rows(acts, w, dw, batch):
+def _input_gradient(dy, x, w, dw_name, dx, dw):
+    """dx = dy W of a projection y = x W^T, and dW = dy^T x into dw[dw_name] unless dw is None
+    (frozen weights: no weight-gradient product)."""
+    if dw is None:
+        matmuls((dy, w, dx))
+    else:
+        matmuls((dy.T, x, dw[dw_name]), (dy, w, dx))
+
+
+def decoder_block_backward_rows(acts, w, dw, batch, adapter_grads=None):
     """Backward of one block.  On entry batch.scratch.dres holds dL/d(block output); on return
-    dL/d(block input).  The weight gradients are written into ``dw``'s buffers.  Overwrites acts.au
-    with its gradient and drops the attention cache (see the module docstring)."""
+    dL/d(block input).  The weight gradients are written into ``dw``'s buffers; dw=None: the
+    block's weights are frozen and none is computed.  adapter_grads: the LoRA adapters' (dA, dB)
+    buffers by projection, for the adapters of the forward.  Overwrites acts.au with its gradient
+    and drops the attention cache (see the module docstring)."""
     cfg, B, T, s = batch.cfg, batch.B, batch.T, batch.scratch
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dres = s.dres
+    dres, cols = s.dres, batch.columns
     # feed-forward branch:  out = h + W_down swiglu(W_gate_up n2)
     df = dres if acts.mask_ffn is None else np.multiply(dres, acts.mask_ffn, out=s.proj)
-    matmuls((df.T, acts.g, dw["w_down"]), (df, w["w_down"], s.dg))
+    _input_gradient(df, acts.g, w["w_down"], "w_down", s.dg, dw)
+    _adapters_backward(acts, adapter_grads, ("down_proj",), df, s.dg, cols)
     swiglu_backward_kernel(s.dg, acts.au)                       # [da | du] over au
-    matmuls((acts.au.T, acts.n2, dw["w_gate_up"]), (acts.au, w["w_gate_up"], s.dn))
+    _input_gradient(acts.au, acts.n2, w["w_gate_up"], "w_gate_up", s.dn, dw)
+    _adapters_backward(acts, adapter_grads, ("gate_proj", "up_proj"), acts.au, s.dn, cols)
     rmsnorm_backward_kernel(s.dn, acts.h, w["ffn_norm"], acts.r2, dres, s.dw_partial, True)
-    np.sum(s.dw_partial, axis=0, out=dw["ffn_norm"])
+    if dw is not None:
+        np.sum(s.dw_partial, axis=0, out=dw["ffn_norm"])
     # attention branch:  h = x + W_o attention(rope(q), rope(k), v)
     da = dres if acts.mask_attn is None else np.multiply(dres, acts.mask_attn, out=s.proj)
-    matmuls((da.T, acts.o, dw["wo"]), (da, w["wo"], s.do))
+    _input_gradient(da, acts.o, w["wo"], "wo", s.do, dw)
+    _adapters_backward(acts, adapter_grads, ("o_proj",), da, s.do, cols)
     do = s.do.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
     dq, dk, dv = split_heads(s.dqkv.reshape(B, T, -1), H, K, hd)
     attention_backward(do, acts.attn_cache, dq=dq, dk=dk, dv=dv)
     acts.attn_cache = None
     rope_kernel(s.dqkv, H + K, hd, batch.cos, batch.sin, s.dqkv.dtype.type(-1.0), 0, T)
-    matmuls((s.dqkv.T, acts.n1, dw["wqkv"]), (s.dqkv, w["wqkv"], s.dn))
+    _input_gradient(s.dqkv, acts.n1, w["wqkv"], "wqkv", s.dn, dw)
+    _adapters_backward(acts, adapter_grads, ("q_proj", "k_proj", "v_proj"), s.dqkv, s.dn, cols)
     rmsnorm_backward_kernel(s.dn, acts.x, w["attn_norm"], acts.r1, dres, s.dw_partial, True)
-    np.sum(s.dw_partial, axis=0, out=dw["attn_norm"])
+    if dw is not None:
+        np.sum(s.dw_partial, axis=0, out=dw["attn_norm"])

@@ -8,6 +8,7 @@ complete checkpoint; on resume the recorded SHA-256 of the two safetensors files
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from ..data import BatchSampler, TokenDataset, generator_from_state, load_text, 
 from ..errors import CheckpointError, ConfigError, NpllamaError
 from ..files import (COMMIT_DIR, STAGING_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write,
                      commit_staged_write, file_sha256, read_json, recover_staged_write)
+from ..formats import hf
+from ..formats.peft import ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
-from ..model import Llama
+from ..model import Llama, merge_adapters
 from ..optim import AdamW, lr_at
 from ..threads import live_thread_counts
 from ..tokenizer import Tokenizer
@@ -65,11 +68,22 @@ class Run:
     last_checkpoint_step: int | None = None
     created_dir: bool = False           # this run made run_dir (removed again if it never saves)
     setup_seconds: dict = field(default_factory=dict)   # seconds of each part of this session's setup
+    base_sha256: str | None = None      # LoRA: the frozen base's weights, checked on resume
     world: World = field(default_factory=World)   # the ranks training this run (distributed.py)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
                      total_steps=self.total_steps, min_lr=self.config.final_lr, kind=self.config.schedule)
+
+
+def _weights_file(model) -> str:
+    return MODEL_FILE if model.lora is None else ADAPTER_FILE
+
+
+def base_weights_sha256(base_dir) -> str:
+    """One SHA-256 over the base model's config.json and weight files (a LoRA run trains against it)."""
+    paths = [Path(base_dir) / "config.json", *hf.weight_files(base_dir)]
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
 def say(msg: str, verbose: bool) -> None:
@@ -88,8 +102,9 @@ def _load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
 
 
 def make_optimizer(model, cfg: TrainConfig):
-    return AdamW(model.params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                 weight_decay=cfg.weight_decay, flat_params=model.flat_params)
+    """AdamW over what trains: with LoRA the adapters' buffer only (no state for frozen weights)."""
+    return AdamW(model.trainable_params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 weight_decay=cfg.weight_decay, flat_params=model.flat_trainable)
 
 
 def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
@@ -135,6 +150,12 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
         model = Llama.from_pretrained(init_dir, dtype=dtype)
+        if model.lora is not None:                    # a LoRA run or adapter directory
+            if cfg.lora_rank is not None:
+                raise ConfigError(f"--init-from {init_dir}: LoRA on top of a LoRA adapter is not supported; "
+                                  f"start from its base {model.lora_base} (or drop --lora-rank to fine-tune "
+                                  "the merged model)")
+            model = merge_adapters(model)
         tokenizer = model.tokenizer
         if model.config.max_seq_len < cfg.seq_len:
             raise ConfigError(f"--init-from {init_dir}: the model's context is {model.config.max_seq_len} "
@@ -146,6 +167,10 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
         cfg.vocab_size = model.config.vocab_size
         say(f"fine-tuning from {init_dir} ({model.num_parameters() / 1e6:.2f}M parameters, "
             f"its tokenizer of {tokenizer.vocab_size} tokens)", verbose)
+        if cfg.lora_rank is not None:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lora_dropout, seed=cfg.seed)
+            say(f"LoRA: rank {cfg.lora_rank} on {cfg.lora_targets}, {model.flat_lora.size:,} trainable parameters; "
+                "the base is frozen", verbose)
     else:
         t0 = time.monotonic()
         train_text, _ = split_train_val(text, cfg.val_fraction)
@@ -176,9 +201,10 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
     model._dropout_rng = np.random.default_rng(cfg.seed + 1)
     model.train()
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
+    base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
                text_sha256=text_sha256(text), optimizer=make_optimizer(model, cfg), sampler=sampler,
-               created_dir=created, setup_seconds=setup)
+               created_dir=created, setup_seconds=setup, base_sha256=base_sha256)
 
 
 def discard_unsaved_run(run_dir: Path, created: bool) -> None:
@@ -204,14 +230,17 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
     """
     # A finite loss does not prove finite weights (a huge step can overflow them after the loss
     # was computed), and a checkpoint with inf/nan weights would replace the last good one.
-    if not np.isfinite(run.model.flat_params).all():
+    if not np.isfinite(run.model.flat_trainable).all():
         raise diverged(run, run.step, "the weights are not finite")
     rank_states = run.world.gather_rank_states(run.model)   # every rank takes part; rank 0 writes
     if rank_states is None:
         run.last_checkpoint_step = run.step
         return
     stage = begin_staged_write(run.run_dir, last=(STATE_FILE,))
-    run.model.save_pretrained(stage)
+    if run.model.lora is None:
+        run.model.save_pretrained(stage)
+    else:        # the adapter in PEFT's layout; the frozen base stays where it is (its hash in the state)
+        run.model.save_adapter(stage, run.config.init_from)
     arrays, opt_meta = run.optimizer.state_dict()
     write_safetensors(stage / OPTIMIZER_FILE, arrays, {"format": "npllama-adamw", "step": str(run.step)})
     del arrays
@@ -236,7 +265,8 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         **({"ranks": {"size": len(rank_states), "dropout_rngs": rank_states}} if len(rank_states) > 1 else {}),
         "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
         # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
-        "files_sha256": {name: file_sha256(stage / name) for name in (MODEL_FILE, OPTIMIZER_FILE)},
+        "files_sha256": {name: file_sha256(stage / name) for name in (_weights_file(run.model), OPTIMIZER_FILE)},
+        "lora_base_sha256": None if run.model.lora is None else run.base_sha256,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(stage / STATE_FILE, state)
@@ -280,6 +310,12 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     data = _load_dataset(cfg, tokenizer, run_dir, text)
 
     model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype])
+    base_sha256 = None
+    if model.lora is not None:
+        base_sha256 = base_weights_sha256(model.lora_base)
+        if base_sha256 != state.get("lora_base_sha256"):
+            raise CheckpointError(f"{model.lora_base}: the base model of this LoRA run changed since it was "
+                                  "trained; resuming would not continue the same run")
     model.tokenizer = tokenizer
     model.config.dropout = cfg.dropout   # config.json does not carry dropout back
     model.train()
@@ -296,7 +332,8 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
                text_sha256=state["data"]["text_sha256"], optimizer=optimizer, sampler=sampler, step=step,
                total_steps=total, warmup_steps=state["warmup_steps"], tokens_seen=state["tokens_seen"],
-               train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step)
+               train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step,
+               base_sha256=base_sha256)
 
 
 def _validated_state(state, state_path) -> dict:
@@ -324,9 +361,10 @@ def _validated_state(state, state_path) -> dict:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e12:
         raise bad("train_seconds", "must be a non-negative number")
     digests = state.get("files_sha256")
-    if not isinstance(digests, dict) or set(digests) != {MODEL_FILE, OPTIMIZER_FILE} or not all(
-            isinstance(d, str) and len(d) == 64 for d in digests.values()):
-        raise bad("files_sha256", f"must map exactly {MODEL_FILE} and {OPTIMIZER_FILE} to SHA-256 digests")
+    if not isinstance(digests, dict) or set(digests) not in ({MODEL_FILE, OPTIMIZER_FILE}, {ADAPTER_FILE, OPTIMIZER_FILE}) \
+            or not all(isinstance(d, str) and len(d) == 64 for d in digests.values()):
+        raise bad("files_sha256", f"must map exactly {MODEL_FILE} (or {ADAPTER_FILE}) and {OPTIMIZER_FILE} to "
+                  "SHA-256 digests")
     data = state.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("text_sha256"), str):
         raise bad("data", "must hold the corpus text_sha256")

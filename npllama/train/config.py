@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LlamaConfig, _short
+from ..config import LORA_TARGETS, LlamaConfig, _short
 from ..data import DEFAULT_VAL_FRACTION
 from ..errors import ConfigError, one_line
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, N_BYTE_TOKENS
@@ -58,6 +58,13 @@ class TrainConfig:
     dtype: str = _opt("float32", "parameter and activation dtype", choices=tuple(DTYPES))
     init_from: str | None = _opt(None, "start from this Hugging Face checkpoint or npllama run (its "
                                  "weights and tokenizer) instead of a fresh model", metavar="DIR")
+    # LoRA (with --init-from): train low-rank adapters on a frozen model
+    lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on the frozen --init-from model "
+                                 "instead of every weight", type=int)
+    lora_alpha: float = _opt(16.0, "LoRA scale numerator: the adapter adds (alpha / rank) B A", type=float)
+    lora_dropout: float = _opt(0.0, "dropout probability on the LoRA adapters' inputs", type=float)
+    lora_targets: str = _opt(",".join(LORA_TARGETS), "projections that get LoRA adapters, comma-separated",
+                             type=str, metavar="NAMES")
     # batches
     seq_len: int = _opt(128, "context length of a training window (tokens)", flags=("--context",), type=int)
     batch_size: int = _opt(16, "windows per micro-batch", type=int)
@@ -112,7 +119,7 @@ class TrainConfig:
             setattr(self, name, float(v))
 
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps",
-                     "final_eval_tokens", "sample_top_k"):
+                     "final_eval_tokens", "sample_top_k", "lora_rank"):
             positive_int(name, allow_none=True)
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "eval_tokens"):
             positive_int(name)
@@ -121,6 +128,14 @@ class TrainConfig:
             positive_int(name, allow_zero=True)
         number("val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         number("dropout", 0.0, 1.0, hi_open=True)
+        number("lora_alpha", 0.0, lo_open=True)
+        number("lora_dropout", 0.0, 1.0, hi_open=True)
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
+        if not targets or not set(targets) <= set(LORA_TARGETS):
+            raise ConfigError(f"{flag('lora_targets')} must be a comma-separated subset of {','.join(LORA_TARGETS)}, "
+                              f"got {_short(self.lora_targets)}")
+        if self.lora_rank is not None and self.init_from is None:
+            raise ConfigError(f"{flag('lora_rank')} needs {flag('init_from')}: LoRA fine-tunes a trained model")
         number("time_budget", 0.0, lo_open=True)
         number("lr", 0.0, lo_open=True)
         number("min_lr", allow_none=True)

@@ -215,8 +215,10 @@ class World:
     def gather_rank_states(self, model) -> list[dict] | None:
         """For a checkpoint: every rank's dropout generator state, in rank order, on rank 0 (None
         on the others), after checking that all ranks hold the very same weights."""
-        mine = {"dropout_rng": model._dropout_rng.bit_generator.state,
-                "weights_sha256": hashlib.sha256(model.flat_params.data).hexdigest()}
+        digest = hashlib.sha256(model.flat_params.data)
+        if model.lora is not None:
+            digest.update(model.flat_trainable.data)
+        mine = {"dropout_rng": model._dropout_rng.bit_generator.state, "weights_sha256": digest.hexdigest()}
         everyone = self.all_gather(mine, "gathering the ranks' states for a checkpoint")
         for rank, theirs in enumerate(everyone):
             if theirs["weights_sha256"] != everyone[0]["weights_sha256"]:

@@ -17,6 +17,10 @@ of the held-out text (the same ones each time, so the curve is not noisy); the f
 whole held-out text (or ``final_eval_tokens``) and reports those first tokens too, the figure to
 compare with the periodic ones.  A short sample at step 0, every ``sample_interval`` steps and at
 the end.
+
+Why one module of over 500 lines: ``Session`` (progress, metrics, evaluations, samples,
+checkpoints, Ctrl-C/SIGTERM, the time-budget re-plans) is all state of the loop it serves; split
+off, every method would need the loop's locals passed in.
 """
 from __future__ import annotations
 
@@ -86,7 +90,7 @@ def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, pro
     say(_describe(run), verbose)
     if run.world.size > 1:
         say(run.world.describe(), verbose)
-    grad_buffer = np.empty_like(model.flat_params) if cfg.grad_accum > 1 else None
+    grad_buffer = np.empty_like(model.flat_grads) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
     with Session(run, t_start, compiling, resumed, progress, verbose) as s:

@@ -51,7 +51,10 @@ def _header(run: Run) -> dict:
     saved_ranks = None
     if run.step > 0:   # a resumed run: the dropout streams its ranks saved (load_run checked the file)
         saved_ranks = _checked_ranks(json.loads((run.run_dir / STATE_FILE).read_text(encoding="utf-8")).get("ranks"))
+    lora = run.model.lora
     return {"config": run.config.to_dict(), "run_dir": str(run.run_dir), "model": run.model.config.to_dict(),
+            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+                                               "dropout": lora.dropout},
             "tokenizer": run.tokenizer.to_str(), "text_sha256": run.text_sha256,
             "data": {"train_bytes": run.data.train_bytes, "val_bytes": run.data.val_bytes,
                      "train": token_cache_meta(cache, "train"), "val": token_cache_meta(cache, "val")},
@@ -75,6 +78,9 @@ def _follower_run(header: dict, world: World) -> Run:
     cfg = TrainConfig.from_dict(header["config"], source="rank 0's configuration")
     tokenizer = Tokenizer.from_str(header["tokenizer"])
     model = Llama(LlamaConfig.from_dict(header["model"]), dtype=DTYPES[cfg.dtype])   # weights: from rank 0
+    if header["lora"] is not None:
+        lora = header["lora"]
+        model.add_lora(lora["rank"], lora["alpha"], lora["targets"], lora["dropout"], seed=cfg.seed)
     model.tokenizer = tokenizer
     model.train()
     placeholder = np.zeros(cfg.seq_len + 1, dtype=np.uint16)   # the tokens come in _share_tokens
@@ -117,9 +123,11 @@ def _share_tokens(run: Run, header: dict, world: World) -> None:
 
 
 def _share_arrays(run: Run, world: World) -> None:
-    """Rank 0's weights and AdamW moments into every rank's."""
+    """Rank 0's weights (with LoRA: the base and the adapters) and AdamW moments into every rank's."""
     world.bcast_(run.model.flat_params, "receiving the weights from rank 0")
-    for name in run.model.params:
+    if run.model.lora is not None:
+        world.bcast_(run.model.flat_trainable, "receiving the adapters from rank 0")
+    for name in run.optimizer.m:
         world.bcast_(run.optimizer.m[name], "receiving the optimizer state from rank 0")
         world.bcast_(run.optimizer.v[name], "receiving the optimizer state from rank 0")
 
