@@ -151,6 +151,21 @@ def test_two_ranks_equal_one_process_in_float32_to_rounding(corpus, tmp_path):
 
 
 @needs_mpi
+@pytest.mark.slow
+def test_lora_on_two_ranks_equals_one_process(corpus, tmp_path):
+    base = run(1, options(corpus, tmp_path / "base", steps=1, checkpoint_interval=0))
+    assert base.returncode == 0, base.stderr
+    lora = dict(init_from=tmp_path / "base", lora_rank=4, steps=4)
+    one = run(1, options(corpus, tmp_path / "one", **lora))
+    two = run(2, options(corpus, tmp_path / "two", **lora))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-12, atol=0)
+    adapters = [np.concatenate([a.ravel() for _, (_, a) in sorted(read_safetensors(d / "adapter_model.safetensors")
+                                                                 .items())]) for d in (tmp_path / "two", tmp_path / "one")]
+    assert relative(*adapters) <= 1e-12
+
+
+@needs_mpi
 def test_too_small_a_batch_for_the_ranks_is_one_line(corpus, tmp_path):
     proc = run(2, options(corpus, tmp_path / "run", batch_size=1))
     assert proc.returncode == 1
