@@ -245,13 +245,14 @@ def check_against_functional(model, cfg, tokens, targets, logits, loss, grads) -
     }
 
 
-def finite_difference_check(model, tokens, targets, grads, generator, n_entries=8, h=1e-5) -> float:
-    """Largest |FD - autograd| over a few random weights, relative to the largest gradient entry overall."""
+def finite_difference_check(model, tokens, targets, grads, generator, n_entries=8, h=1e-5, params=None) -> float:
+    """Largest |FD - autograd| over a few random entries of ``params`` (default: the model's named
+    parameters; grads has the same names), relative to the largest gradient entry overall."""
     scale = max(float(g.abs().max()) for g in grads.values())
     names = list(grads)
     worst = 0.0
     with torch.no_grad():
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters()) if params is None else params
         for _ in range(n_entries):
             name = names[int(torch.randint(len(names), (1,), generator=generator))]
             flat = params[name].view(-1)

@@ -53,7 +53,7 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_float64 import causal_lm_loss, float64_llama  # noqa: E402
-from make_hf_fixture import load_float64, random_batch, relative_error  # noqa: E402
+from make_hf_fixture import finite_difference_check, load_float64, random_batch, relative_error  # noqa: E402
 
 FIXTURE_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 BASE = FIXTURE_ROOT / "hf_gqa"
@@ -118,26 +118,6 @@ def chain_rule_check(model, lora, tokens, targets, logits, grads) -> dict:
     return {"merged logits": relative_error(logits, merged_logits.detach()), "chain-rule grads(max)": worst}
 
 
-def finite_difference_check(model, lora, tokens, targets, grads, generator, n_entries=8, h=1e-5) -> float:
-    """Largest |FD - autograd| over a few adapter entries, relative to the largest adapter gradient."""
-    scale = max(float(g.abs().max()) for g in grads.values())
-    names = list(lora)
-    worst = 0.0
-    with torch.no_grad():
-        for _ in range(n_entries):
-            name = names[int(torch.randint(len(names), (1,), generator=generator))]
-            flat = lora[name].view(-1)
-            j = int(torch.randint(flat.numel(), (1,), generator=generator))
-            old = flat[j].item()
-            flat[j] = old + h
-            plus = causal_lm_loss(model(input_ids=tokens).logits, targets).item()
-            flat[j] = old - h
-            minus = causal_lm_loss(model(input_ids=tokens).logits, targets).item()
-            flat[j] = old
-            worst = max(worst, abs((plus - minus) / (2 * h) - grads[name].view(-1)[j].item()) / scale)
-    return worst
-
-
 class FixedMask(torch.nn.Module):
     """Inverted dropout with a given mask, in place of a LoRA module's nn.Dropout."""
 
@@ -197,8 +177,8 @@ def main() -> None:
         grads = dict(zip(lora, torch.autograd.grad(loss, list(lora.values()))))
         logits = logits.detach()
         report = chain_rule_check(model, lora, tokens, targets, logits, grads)
-        report["finite differences (h=1e-5)"] = finite_difference_check(model, lora, tokens, targets, grads,
-                                                                         generator)
+        report["finite differences (h=1e-5)"] = finite_difference_check(model, tokens, targets, grads, generator,
+                                                                         params=lora)
         masks, dropout_loss, dropout_grads = dropout_reference(model, lora, tokens, targets, generator)
     worst = max(report["merged logits"], report["chain-rule grads(max)"])
     assert worst <= AGREEMENT_LIMIT, f"PEFT's float64 reference disagrees with the merged model by {worst:.2e}"
