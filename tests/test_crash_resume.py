@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,19 +264,40 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(corpus, reference, tmp
     try:
         (mount / "corpus.txt").write_text((corpus / "corpus.txt").read_text())
         run_dir = mount / "run"
-        proc = start_train(["--data", "corpus.txt", *TINY, "--steps", str(STEPS), "--checkpoint-interval", "1",
-                            "--out-dir", "run"], mount, tmp_path / "full.log")
-        wait_until(lambda: saved_step(run_dir) >= 3, proc)
-        # fill the disk, leaving a few pages for metrics lines but not enough for a checkpoint
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        left = max(0, free - 24 * 1024)
-        with open(mount / "filler", "wb", buffering=0) as f:
-            try:
-                while left > 0:
-                    left -= f.write(b"\0" * min(left, 1 << 20))
-            except OSError as e:   # the run wrote in between: the disk is only fuller
-                if e.errno != errno.ENOSPC:
-                    raise
+        for attempt in range(5):
+            proc = start_train(["--data", "corpus.txt", *TINY, "--steps", str(STEPS), "--checkpoint-interval",
+                                "1", "--out-dir", "run"], mount, tmp_path / "full.log")
+            wait_until(lambda: saved_step(run_dir) >= 3, proc)
+            # Freeze the run while the disk fills (its steps take milliseconds), between two saves: a
+            # save under way when the disk fills could still finish (its last small files fit in the
+            # pages left) and then free the previous checkpoint's space for the next one.
+            while True:
+                proc.send_signal(signal.SIGSTOP)
+                if not ((run_dir / STAGING_DIR).exists() or (run_dir / COMMIT_DIR).exists()):
+                    break
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(0.001)
+            if saved_step(run_dir) < STEPS:   # a save is still to come
+                break
+            # frozen after its last save (a loaded machine): start again
+            proc.kill()
+            proc.wait()
+            proc.log_file.close()
+            shutil.rmtree(run_dir)
+        else:
+            raise AssertionError("5 runs each reached their last step before they could be frozen")
+        try:
+            free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+            left = max(0, free - 24 * 1024)
+            with open(mount / "filler", "wb", buffering=0) as f:
+                try:
+                    while left > 0:
+                        left -= f.write(b"\0" * min(left, 1 << 20))
+                except OSError as e:   # (tmpfs overhead: the disk is only fuller)
+                    if e.errno != errno.ENOSPC:
+                        raise
+        finally:
+            proc.send_signal(signal.SIGCONT)
         log = finish(proc)
         assert proc.returncode == 1, log
         no_traceback(log)
