@@ -1,0 +1,103 @@
+"""A machine-wide cache of what a fresh run makes from its corpus before it trains: the BPE tokenizer
+trained on the text and the token ids of its training and held-out parts.
+
+Training the default 2048-token tokenizer on the bundled Shakespeare and tokenizing the text take
+~2.5 s, most of a later run's start-up.  Both depend only on the text, the vocabulary size, the
+held-out fraction and the tokenizers library, so they are kept under one key of those in
+``$NPLLAMA_CORPUS_CACHE`` (default ``$NPLLAMA_CACHE/corpora``, else ``~/.cache/npllama/corpora``;
+``NPLLAMA_CORPUS_CACHE=0`` switches the cache off) and copied into each run directory, which keeps
+its own copy (``--resume`` and the other ranks of an MPI job read the tokens there).
+
+Nothing in the cache is trusted blindly: the token files carry the sidecars of a run's token cache
+(tokenizer and text SHA-256, sizes; data.cached_tokens checks them and tokenizes again on any
+mismatch), and a tokenizer file that does not load is trained again.  A cache that cannot be
+written is skipped (the run goes on without it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..files import atomic_write_bytes
+from ..tokenizer import Tokenizer
+
+ENV_DIR = "NPLLAMA_CORPUS_CACHE"
+FORMAT = 1   # bump when what is stored, or how the tokenizer is trained, changes
+TOKEN_FILES = ("train.tokens", "val.tokens", "train.json", "val.json")   # (sidecars last: see copy_tokens)
+
+
+def cache_root() -> Path | None:
+    """The cache directory, or None when switched off."""
+    chosen = os.environ.get(ENV_DIR)
+    if chosen == "0":
+        return None
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("NPLLAMA_CACHE") or Path.home() / ".cache" / "npllama") / "corpora"
+
+
+def entry_dir(text_sha256: str, vocab_size: int, val_fraction: float) -> Path | None:
+    """The directory of one (text, vocabulary size, held-out fraction), or None when switched off."""
+    root = cache_root()
+    if root is None:
+        return None
+    import tokenizers
+    key = json.dumps([FORMAT, text_sha256, vocab_size, repr(float(val_fraction)), tokenizers.__version__])
+    return root / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def load_tokenizer(entry: Path | None) -> Tokenizer | None:
+    """The tokenizer stored in ``entry``, or None (no entry, none stored, or a file that does not load)."""
+    if entry is None or not (entry / "tokenizer.json").is_file():
+        return None
+    try:
+        return Tokenizer.from_file(entry / "tokenizer.json")
+    except Exception:   # (a damaged file: train again and write over it)
+        return None
+
+
+def store_tokenizer(entry: Path | None, tokenizer: Tokenizer) -> None:
+    if entry is None:
+        return
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(entry / "tokenizer.json")   # (atomic)
+    except OSError:
+        pass
+
+
+def copy_tokens(source: Path | None, dest: Path | None) -> bool:
+    """Copy the token files and their sidecars from one token directory to another (the cache and a
+    run's ``tokens/``), each written atomically (files.atomic_write_bytes), the sidecars last: a copy
+    cut short leaves tokens without a sidecar, which data.cached_tokens ignores and rebuilds.
+    Returns whether the files were copied."""
+    if source is None or dest is None or not all((source / name).is_file() for name in TOKEN_FILES):
+        return False
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in TOKEN_FILES:
+            atomic_write_bytes(dest / name, _chunks(source / name))
+    except OSError:   # (files.WriteError is one too)
+        return False
+    return True
+
+
+def _chunks(path: Path, size: int = 1 << 22):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+def sidecar_stamps(tokens_dir: Path) -> tuple:
+    """What changes when data.cached_tokens rewrites a sidecar (it does so only when it tokenizes
+    again): whether copied tokens were used as they are."""
+    stamps = []
+    for name in ("train.json", "val.json"):
+        try:
+            st = (tokens_dir / name).stat()
+            stamps.append((st.st_ino, st.st_mtime_ns))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
