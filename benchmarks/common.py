@@ -152,16 +152,20 @@ def set_torch_threads(threads: int) -> None:
 
 # ---- child processes ------------------------------------------------------------------------------
 
-def run_worker(script: Path, argv: list[str], threads: int, timeout: float = 3600.0) -> dict:
+def run_worker(script: Path, argv: list[str], threads: int, timeout: float = 3600.0,
+               stream_stderr: bool = False) -> dict:
     """Run ``python script --worker ...`` in a fresh process; return its result dict.
 
     The worker prints one line ``BENCH_RESULT_JSON {...}``; anything else it prints is passed
     through to our stderr so warnings stay visible. A crash becomes ``{"error": ...}``.
+    ``stream_stderr``: the worker's stderr goes straight to ours as it runs (a long worker's progress),
+    instead of being kept for the error message.
     """
     cmd = [sys.executable, str(script), *argv]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=child_env(threads), stdout=subprocess.PIPE,
+                              stderr=None if stream_stderr else subprocess.PIPE, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd)}"}
     wall = time.perf_counter() - t0
@@ -172,7 +176,8 @@ def run_worker(script: Path, argv: list[str], threads: int, timeout: float = 360
         elif line.strip():
             print(f"  [{argv[1] if len(argv) > 1 else 'worker'}] {line}", file=sys.stderr)
     if result is None:
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        tail = ("(its output is above)" if stream_stderr
+                else "\n".join((proc.stderr or "").strip().splitlines()[-15:]))
         return {"error": f"worker exited with code {proc.returncode} and no result:\n{tail}"}
     result["process_wall_s"] = wall
     return result
@@ -548,6 +553,20 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def format_markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """The rows as a Markdown table; columns as in ``format_table``. Missing values print as '-'."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return (format(v, fmt) if fmt else str(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" if fmt in ("", "s") else "---:" for _, _, fmt in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r, key, fmt) for key, _, fmt in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -22,6 +22,16 @@ array methods (``.reshape``, fancy indexing) and the timers' own cost (~1 us per
 counted in "calls/step").  Wrapping adds a little time, so the total is a bit above
 train_throughput.py's figure.
 
+How far each part is from the machine's limit.  Every wrapped call also counts its work: FLOPs for
+matmuls (2·M·K·N per product) and attention (causal: forward 2·B·H·T²·hd, backward 5·B·H·T²·hd,
+the products its tiles compute), bytes for everything else (the sizes of its array arguments, each
+read or written once: a lower bound on its memory traffic; AdamW 7 x the buffer).  The "limit ms"
+column is that work at the machine's measured rate -- FLOPs at the float32 2048² sgemm rate, bytes
+at the rate ``threads`` Numba threads read an array of the category's typical call size (so a
+call whose arrays fit in the caches is held to the cache's rate, a bigger one to memory's; never
+less than memory's rate, which small reads miss by the cost of starting the threads) -- and
+"x limit" is the measured time over it: 1.0 would be at the machine's limit.
+
 On a shared machine use the median over several steps (printed) and compare runs made at the same
 time; "cpu s/step" (all threads) is steadier than wall time when other processes compete.
 """
@@ -61,12 +71,40 @@ def category_of(name: str) -> str:
     return "other kernels"
 
 
+def _arrays(args, kwargs):
+    import numpy as np
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, np.ndarray):
+            yield a
+        elif isinstance(a, (tuple, list)):
+            yield from (x for x in a if isinstance(x, np.ndarray))
+
+
+def work_of(category, name, args, kwargs):
+    """(FLOPs, bytes) of one wrapped call (see the module docstring)."""
+    if name == "matmuls":
+        flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in args)
+        return flops, sum(a.nbytes + b.nbytes + c.nbytes for a, b, c in args)
+    if name == "attention_forward":
+        B, H, T, hd = args[0].shape
+        return 2 * B * H * T * T * hd, 4 * args[0].nbytes
+    if name == "attention_backward":
+        B, H, T, hd = args[1][0].shape
+        return 5 * B * H * T * T * hd, 8 * args[1][0].nbytes
+    if category == "optimizer":
+        return 0, 7 * kwargs["flat_grads"].nbytes
+    return 0, sum(a.nbytes for a in _arrays(args, kwargs))
+
+
 class Profiler:
-    """Exclusive wall time per category, with a stack so nested wrapped calls are not counted twice."""
+    """Exclusive wall time per category, with a stack so nested wrapped calls are not counted twice;
+    and each category's work (``work_of``)."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
         self.calls = defaultdict(int)
+        self.flops = defaultdict(float)
+        self.bytes = defaultdict(float)
         self.stack = []  # per open call: time spent in wrapped children so far
         self.enabled = False
         self.matmul_shapes = False  # True: one category per matmul shape and layout
@@ -86,6 +124,12 @@ class Profiler:
                 children = prof.stack.pop()
                 prof.seconds[category] += dt - children
                 prof.calls[category] += 1
+                name = getattr(fn, "__name__", "")
+                # a call around wrapped calls leaves its work to them, but for attention, counted as a whole
+                if name in ("attention_forward", "attention_backward") or (not children and category != "attention"):
+                    flops, nbytes = work_of(category, name, args, kwargs)
+                    prof.flops[category] += flops
+                    prof.bytes[category] += nbytes
                 if prof.stack:
                     prof.stack[-1] += dt
         timed.__wrapped__ = fn
@@ -158,6 +202,47 @@ def instrument(prof):
     return patched
 
 
+def read_gbs(nbytes: int, threads: int) -> float:
+    """GB/s at which ``threads`` Numba threads read a float32 array of ``nbytes`` (best of several
+    reads; the array is read once before, so one that fits in the caches is read from them)."""
+    import numpy as np
+
+    kernel = _parallel_sum_kernel()
+    a = np.ones(max(nbytes // 4, 4096 * threads), dtype=np.float32)
+    per = a.size // threads
+    kernel(a, threads, per)
+    best = float("inf")
+    for _ in range(20 if a.nbytes < (64 << 20) else 3):
+        t = time.perf_counter()
+        kernel(a, threads, per)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+_KERNEL = None
+
+
+def _parallel_sum_kernel():
+    """One sum per thread over its share of the array (compiled on first use)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+        import numpy as np
+
+        @numba.njit(parallel=True, fastmath=True)
+        def parallel_sum(a, threads, per):
+            total = np.zeros(threads, dtype=np.float32)
+            for t in numba.prange(threads):
+                part = a[t * per:(t + 1) * per]   # (indexed from 0: no wraparound check, so it vectorises)
+                s = np.float32(0.0)
+                for i in range(per):
+                    s += part[i]
+                total[t] = s
+            return total.sum()
+        _KERNEL = parallel_sum
+    return _KERNEL
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="15M-v4k", choices=list(common.CONFIGS))
@@ -211,14 +296,14 @@ def main(argv=None):
 
     per_step = []  # (wall, cpu, {category: seconds}, {category: calls})
     for i in range(args.warmup, args.warmup + args.steps):
-        prof.seconds.clear()
-        prof.calls.clear()
+        for counter in (prof.seconds, prof.calls, prof.flops, prof.bytes):
+            counter.clear()
         prof.enabled = True
         c0, t0 = time.process_time(), time.perf_counter()
         step(i)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         prof.enabled = False
-        per_step.append((wall, cpu, dict(prof.seconds), dict(prof.calls)))
+        per_step.append((wall, cpu, dict(prof.seconds), dict(prof.calls), dict(prof.flops), dict(prof.bytes)))
 
     walls = [s[0] for s in per_step]
     cats = sorted({c for s in per_step for c in s[2]})
@@ -236,11 +321,38 @@ def main(argv=None):
     busy = common.busy_warning(args.threads) if hasattr(common, "busy_warning") else None
     if busy:
         print(busy)
+    peak = common.matmul_peak_gflops("numpy")["gflops"]
+    flops = {c: statistics.median(s[4].get(c, 0.0) for s in per_step) for c in cats}
+    nbytes = {c: statistics.median(s[5].get(c, 0.0) for s in per_step) for c in cats}
+    memory_gbs = read_gbs(256 << 20, args.threads)
+    bandwidth = {}   # GB/s at each category's typical call size (at least memory's: the caches are not slower)
+    for c in cats:
+        if not flops[c] and nbytes[c] and calls[c]:
+            bandwidth[c] = max(read_gbs(int(nbytes[c] / calls[c]), args.threads), memory_gbs)
+    print(f"limits: float32 2048² sgemm {peak:.0f} GFLOP/s; read rate ({args.threads} threads) "
+          f"{read_gbs(1 << 20, args.threads):.0f} GB/s for 1 MB (caches), {memory_gbs:.0f} GB/s for 256 MB (memory)")
     rows = sorted(med.items(), key=lambda kv: -kv[1]) + [("python + glue", glue)]
-    print(f"\n{'category':<16} {'ms/step':>9} {'share':>7} {'calls/step':>11}")
-    for c, s in rows:
-        print(f"{c:<16} {1e3 * s:9.1f} {100 * s / total:6.1f}% {calls.get(c, ''):>11}")
-    print(f"{'total (median)':<16} {1e3 * total:9.1f}         -> {B * T / total:,.0f} tokens/s")
+    width = max(16, max(len(c) for c, _ in rows))
+    print(f"\n{'category':<{width}} {'ms/step':>9} {'share':>7} {'calls/step':>11} {'work/step':>12} "
+          f"{'rate':>13} {'limit ms':>9} {'x limit':>8}")
+    limit_total = 0.0
+    for c, sec in rows:
+        work = rate = limit = ratio = ""
+        if flops.get(c):
+            limit_s = flops[c] / peak / 1e9
+            work, rate = f"{flops[c] / 1e9:.2f} GFLOP", f"{flops[c] / sec / 1e9:.0f} GFLOP/s"
+        elif nbytes.get(c) and c in bandwidth:
+            limit_s = nbytes[c] / bandwidth[c] / 1e9
+            work, rate = f"{nbytes[c] / 1e6:.1f} MB", f"{nbytes[c] / sec / 1e9:.1f} GB/s"
+        else:
+            limit_s = None
+        if limit_s is not None:
+            limit_total += limit_s
+            limit, ratio = f"{1e3 * limit_s:.2f}", f"{sec / limit_s:.1f}"
+        print(f"{c:<{width}} {1e3 * sec:9.1f} {100 * sec / total:6.1f}% {calls.get(c, ''):>11} {work:>12} "
+              f"{rate:>13} {limit:>9} {ratio:>8}")
+    print(f"{'total (median)':<{width}} {1e3 * total:9.1f}         -> {B * T / total:,.0f} tokens/s; "
+          f"at the limits {1e3 * limit_total:.1f} ms -> {B * T / limit_total:,.0f} tokens/s")
     print(f"peak RSS {common.peak_rss_mb():.0f} MB")
 
 

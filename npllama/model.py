@@ -410,14 +410,14 @@ class Llama:
         rows = min(LOSS_CHUNK_ROWS, B * T)
         logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
         losses = np.empty(rows)
-        total, targets = 0.0, targets.reshape(-1)
+        total, targets, zero = 0.0, targets.reshape(-1), self.dtype.type(0.0)   # (scale 0: no gradient)
         with split_matmuls():
             xn = self._forward_rows(tokens, ws, dropout=False)
             for start in range(0, B * T, rows):
                 stop = min(start + rows, B * T)
                 n = stop - start
                 matmuls((xn[start:stop], self.lm_head.T, logits[:n]))
-                cross_entropy_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, losses[:n])
+                cross_entropy_kernel(logits[:n], targets[start:stop], IGNORE_INDEX, losses[:n], zero)
                 total += float(np.sum(losses[:n]))
         if reduction == "sum":
             return total

@@ -340,6 +340,10 @@ class Tokenizer:
         if self._cut_at_newlines is None:
             spec = json.loads(self.hf_tokenizer.to_str())
             pre = spec.get("pre_tokenizer") or {}
+            # A Sequence of that one ByteLevel is the same pre-tokenizer: how the GGUF reader rebuilds
+            # GPT-2-style ones (SmolLM2's); encoded whole, its corpus costs ~10x the memory.
+            if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+                pre = pre["pretokenizers"][0] or {}
             added = [t.get("content", "") for t in spec.get("added_tokens") or []]
             self._cut_at_newlines = bool(
                 spec.get("normalizer") is None and pre.get("type") == "ByteLevel"

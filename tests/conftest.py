@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -6,6 +8,12 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("npllama", deadline=None, max_examples=20,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("npllama")
+
+# Training in the tests compiles its kernels in-process: no second compiling process per run
+# (npllama/train/precompile.py), which tests/test_precompile.py tests on its own.
+os.environ["NPLLAMA_PRECOMPILE"] = "0"
+# Nor a machine-wide corpus cache (npllama/train/corpus_cache.py): every run trains its tokenizer.
+os.environ["NPLLAMA_CORPUS_CACHE"] = "0"
 
 
 @pytest.fixture

@@ -70,13 +70,17 @@ def test_rmsnorm_kernel_equals_reference(dtype, seed, shape):
 @dtypes
 @given(seed=seeds, n=st.integers(1, 9), d=st.integers(1, 40), in_place=st.booleans())
 def test_rmsnorm_forward_kernel_with_residual(dtype, seed, n, d, in_place):
-    """h = x + a, y = RMSNorm(h): h into its own buffer (training) or over x (inference, h=None)."""
+    """h = x + a, y = RMSNorm(h): h into its own buffer (the parallel kernel: training and
+    inference), or over x (the serial twin, h=x: a decoding step)."""
     r = np.random.default_rng(seed)
     x, a, w = normal(r, (n, d), dtype), normal(r, (n, d), dtype), normal(r, d, dtype)
     x_before = x.copy()
     y, rr = np.empty_like(x), np.empty(n, dtype=dtype)
-    h = None if in_place else np.full_like(x, np.nan)
-    rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, a, h)
+    if in_place:
+        rmsnorm.rmsnorm_forward_kernel_serial(x, w, dtype(1e-5), y, rr, a, x)
+    else:
+        h = np.full_like(x, np.nan)
+        rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, a, h)
     h_ref = x_before.astype(np.float64) + a
     y_ref, (_, _, r_ref) = rmsnorm.rmsnorm_forward_reference(h_ref, *f64(w), 1e-5)
     assert_kernel_equals_reference(x if in_place else h, h_ref, dtype)
@@ -112,8 +116,10 @@ def test_rmsnorm_one_row_serial_equals_parallel(dtype, residual, rng):
     outs = []
     for kernel in (rmsnorm.rmsnorm_forward_kernel, rmsnorm.rmsnorm_forward_kernel_serial):
         xk, y, rr = x.copy(), np.empty_like(x), np.empty(1, dtype=dtype)
-        if residual:
-            kernel(xk, w, dtype(1e-5), y, rr, a)        # h over x, as decoding does
+        if residual:   # h into its own buffer (parallel), h over x as decoding does (serial)
+            h = np.empty_like(x) if kernel is rmsnorm.rmsnorm_forward_kernel else xk
+            kernel(xk, w, dtype(1e-5), y, rr, a, h)
+            xk = h
         else:
             kernel(xk, w, dtype(1e-5), y, rr)
         outs.append((xk, y, rr))
@@ -394,7 +400,7 @@ def test_cross_entropy_kernel_equals_reference(dtype, seed, n, v):
     losses_ref = np.where(keep, cache_ref[2] - f64(logits)[0][np.arange(n), np.where(keep, targets, 0)], 0.0)
 
     z, losses = logits.copy(), np.full(n, np.nan)
-    cross_entropy.cross_entropy_kernel(z, targets, -100, losses)
+    cross_entropy.cross_entropy_kernel(z, targets, -100, losses, dtype(0.0))
     np.testing.assert_array_equal(z, logits)
     assert_kernel_equals_reference(losses.astype(dtype), losses_ref, dtype)
 

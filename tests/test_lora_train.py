@@ -3,6 +3,7 @@ is a PEFT adapter directory, progress/evaluation/samples work, a run resumes exa
 interrupt, the NaN guard holds, and a changed base is refused on resume."""
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -146,6 +147,8 @@ def test_cli_lora_train(base, tmp_path, capsys):
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "LoRA: rank 2" in err and "bits/byte" in err and "done: 3 steps" in err
+    peak = float(re.search(r"peak memory ([0-9.]+) GB", err).group(1))   # VmHWM: NumPy + Numba alone are > 0.05 GB
+    assert 0.05 < peak < 64
     assert json.loads((d / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     # `npllama generate RUN` on the LoRA run: the base with the adapter, greedy = the merged model's tokens
     assert cli.main(["generate", str(d), "--prompt", "ROMEO", "--max-new-tokens", "6", "--temperature", "0",
@@ -175,3 +178,66 @@ def test_export_merge_writes_the_merged_model(base, tmp_path, capsys):
     assert relative_error(merged.forward(tokens), lora.forward(tokens)) <= 1e-5   # float32
     assert cli.main(["export", str(d), "--merge"]) == 1                      # no overwrite without --force
     assert cli.main(["export", str(d), "--merge", "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+
+
+def test_fine_tune_from_a_gguf_file_keeps_its_tokenizer(base, tmp_path):
+    """--init-from a .gguf (no tokenizer.json beside it: the tokenizer is in its metadata), LoRA and full:
+    the GGUF's own tokenizer with its chat template, the adapter's base is the .gguf, resume checks its hash."""
+    from npllama.formats.gguf_writer import write_gguf
+    corpus, src = base
+    model = npllama.Llama.from_pretrained(src)
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    gguf = write_gguf(tmp_path / "base.gguf", model.config, model.params, model.tokenizer)
+    from_gguf = npllama.Llama.from_pretrained(gguf)
+
+    d = tmp_path / "lora"
+    result = train(lora_config(base, d, init_from=str(gguf), steps=4, checkpoint_interval=2), progress=False,
+                   verbose=False)
+    assert result.step == 4 and result.final_eval["val_bpb"] > 0
+    assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf)
+    lora = npllama.Llama.from_pretrained(d)
+    assert lora.tokenizer.fingerprint == from_gguf.tokenizer.fingerprint
+    assert lora.tokenizer.chat_template == model.tokenizer.chat_template    # tokenizer_config.json in the run
+    np.testing.assert_array_equal(lora.flat_params, from_gguf.flat_params)
+    assert any(p.any() for k, p in lora.lora_params.items() if ".lora_B." in k)
+
+    # a resumed run checks the .gguf it trains against
+    (d / STATE_FILE).write_text((d / STATE_FILE).read_text().replace('"total_steps": 4', '"total_steps": 6'))
+    train(resume=d, progress=False, verbose=False)
+    assert json.loads((d / STATE_FILE).read_text())["step"] == 6
+    (d / STATE_FILE).write_text((d / STATE_FILE).read_text().replace('"total_steps": 6', '"total_steps": 8'))
+    model.params["model.norm.weight"][0] += 1.0
+    write_gguf(gguf, model.config, model.params, model.tokenizer)
+    with pytest.raises(CheckpointError, match="base model of this LoRA run changed"):
+        train(resume=d, progress=False, verbose=False)
+
+    full = tmp_path / "full"
+    result = train(lora_config(base, full, init_from=str(gguf), lora_rank=None, steps=2), progress=False,
+                   verbose=False)
+    assert result.step == 2 and (full / "model.safetensors").is_file()
+    tuned = npllama.Llama.from_pretrained(full)
+    assert tuned.tokenizer.fingerprint == from_gguf.tokenizer.fingerprint
+    assert tuned.tokenizer.chat_template == model.tokenizer.chat_template
+    assert not np.array_equal(tuned.flat_params, npllama.Llama.from_pretrained(gguf).flat_params)
+
+
+def test_a_gguf_without_a_tokenizer_cannot_be_fine_tuned(base, tmp_path):
+    from test_gguf import CFG, random_model, write_gguf as write_bare_gguf   # llama.cpp's writer, no tokenizer
+    bare = tmp_path / "bare.gguf"
+    write_bare_gguf(bare, random_model(CFG).params, CFG)
+    d = tmp_path / "run"
+    with pytest.raises(ConfigError, match="bare.gguf: the checkpoint has no tokenizer.*fine-tuning needs the "
+                                          "checkpoint's own tokenizer"):
+        new_run(lora_config(base, d, init_from=str(bare)), verbose=False)
+    assert not d.exists()
+
+
+def test_fine_tuning_learning_rate_and_warmup_defaults(base, tmp_path):
+    corpus, src = base
+    assert (TrainConfig().lr, TrainConfig().warmup_steps) == (3e-3, 50)
+    assert (TrainConfig(init_from=str(src)).lr, TrainConfig(init_from=str(src)).warmup_steps) == (1e-4, 10)
+    assert TrainConfig(init_from=str(src), lora_rank=8).lr == 1e-3
+    assert (TrainConfig(init_from=str(src), lr=2e-2, warmup_steps=0).lr,
+            TrainConfig(init_from=str(src), lr=2e-2, warmup_steps=0).warmup_steps) == (2e-2, 0)
+    saved = TrainConfig(init_from=str(src), lora_rank=8).to_dict()
+    assert (saved["lr"], saved["warmup_steps"]) == (1e-3, 10)     # a resumed run keeps what it trained with

@@ -146,6 +146,24 @@ def test_encode_long_equals_encode(tricky_tok, text, chunk_chars):
                                   tricky_tok.encode(text))
 
 
+@given(TRICKY, st.integers(1, 40))
+@settings(max_examples=100)
+def test_encode_long_cuts_a_sequence_of_one_byte_level_pre_tokenizer(tricky_tok, text, chunk_chars):
+    """The GGUF reader wraps GPT-2's ByteLevel in a Sequence (SmolLM2): the same words, so the same
+    safe cuts; a Split before the ByteLevel (Llama-3's regex) is another pre-tokenizer: encoded whole."""
+    from tokenizers import pre_tokenizers
+    wrapped = tokenizers.Tokenizer.from_str(tricky_tok.hf_tokenizer.to_str())
+    wrapped.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=True)])
+    t = Tokenizer(wrapped)
+    assert t._can_cut_at_newlines()
+    np.testing.assert_array_equal(t.encode_long(text, chunk_chars=chunk_chars), tricky_tok.encode(text))
+    split = tokenizers.Tokenizer.from_str(tricky_tok.hf_tokenizer.to_str())
+    split.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(r"\n"), "isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert not Tokenizer(split)._can_cut_at_newlines()
+
+
 def test_encode_long_cut_rule_matters():
     """Cutting at every newline would change the ids (newline+spaces is one word to the GPT-2
     regex); the safe cuts never do, whatever the chunk size."""

@@ -98,10 +98,13 @@ class KVCacheDecoder:
         """tokens: int (P,), 1 <= P <= capacity -> logits (V,) at position P-1.
 
         The model's own blocks over the P positions (``Llama.last_hidden_state``), each layer's
-        rotated keys and values stored in the cache as its block finishes."""
+        rotated keys and values stored in the cache as its block finishes; one token is a step."""
         P = len(tokens)
         if not 1 <= P <= self.capacity:
             raise InputError(f"prefill needs 1 to {self.capacity} tokens, got {P}")
+        if P == 1:   # the same as a step at position 0 (and no one-row compilation of the batch kernels)
+            self.length = 0
+            return self.step(int(tokens[0]))
         H = self.config.n_heads
 
         def store(layer, qkv):           # qkv: (P, (H + 2K) hd), q and k rotated
@@ -131,7 +134,7 @@ class KVCacheDecoder:
             decode_attention_kernel(self.q, k_cache_t, v_cache, pos + 1, self.scores, self.attn)
             matvec_o(w["wo"], attn_row, delta_row)
             # out = h + W_down swiglu(W_gate_up n2),  n2 = RMSNorm(h), h written over x
-            rmsnorm_row(x, w["ffn_norm"], eps, xn, r, delta)
+            rmsnorm_row(x, w["ffn_norm"], eps, xn, r, delta, x)   # h = x + delta over x
             matvec_gate_up(w["w_gate_up"], xn_row, gate_up_row)
             swiglu_row(gate_up, hidden)
             matvec_down(w["w_down"], hidden_row, delta_row)

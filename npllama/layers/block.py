@@ -65,8 +65,9 @@ class BlockActivations:
     the dropout masks (N, D) the caller sets before the forward, or None for no dropout;
     lora_caches: the LoRA adapters' caches by projection ("q_proj", ...), empty without adapters.
 
-    ``in_place=True`` (inference, no backward): h, n2, r2 are x, n1, r1, so that one set serves
-    every layer and the residual stream is updated in place."""
+    ``in_place=True`` (inference, no backward): n2, r2 are n1, r1, so that one set serves every
+    layer, and the block's output goes back into x (h has a buffer of its own all the same: the
+    parallel norm kernel must not write over its input)."""
 
     def __init__(self, cfg, N, dtype, in_place=False):
         D, F, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
@@ -74,10 +75,8 @@ class BlockActivations:
         self.x, self.n1, self.r1 = e(N, D), e(N, D), e(N)
         self.qkv = e(N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd)
         self.o = e(N, cfg.n_heads * hd)
-        if in_place:
-            self.h, self.n2, self.r2 = self.x, self.n1, self.r1
-        else:
-            self.h, self.n2, self.r2 = e(N, D), e(N, D), e(N)
+        self.h = e(N, D)
+        self.n2, self.r2 = (self.n1, self.r1) if in_place else (e(N, D), e(N))
         self.au = e(N, 2 * F)
         self.g = e(N, F)
         self.attn_cache = None
@@ -159,8 +158,7 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     _adapters_forward(acts, adapters, ("o_proj",), acts.o, s.proj, cols)
     if acts.mask_attn is not None:
         s.proj *= acts.mask_attn
-    h = None if acts.h is acts.x else acts.h                     # None: over x, in place
-    rmsnorm_forward_kernel(acts.x, w["ffn_norm"], eps, acts.n2, acts.r2, s.proj, h)
+    rmsnorm_forward_kernel(acts.x, w["ffn_norm"], eps, acts.n2, acts.r2, s.proj, acts.h)
     # feed-forward branch:  out = h + Dropout(W_down swiglu(W_gate_up n2))
     matmuls((acts.n2, w["w_gate_up"].T, acts.au))
     _adapters_forward(acts, adapters, ("gate_proj", "up_proj"), acts.n2, acts.au, cols)

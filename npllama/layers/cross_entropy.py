@@ -42,24 +42,26 @@ def cross_entropy_backward_reference(dloss, cache):
 
 # ---- kernel ------------------------------------------------------------------------------------
 @jit_parallel_reassoc
-def cross_entropy_kernel(logits, targets, ignore_index, losses, scale=None):
-    """losses[n] = lse_n - z[n, t_n]  (0 for ignored rows), and, when ``scale`` is given, the
+def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
+    """losses[n] = lse_n - z[n, t_n]  (0 for ignored rows), and, when ``scale`` is not 0, the
     gradient written over the logits:
 
         z[n, :]  <-  scale * (softmax(z[n, :]) - onehot(t_n))      (0 for ignored rows)
 
-    with scale = dL/M.  exp(z_v - m) (m the row max) is computed once, stored in place, summed,
-    and the stored values rescaled by scale / sum.  The sum accumulates in float64, with "reassoc"
-    so it runs in vector lanes (float64 results move by ~1e-16); exp is ``fast_exp``.
-    ``scale is None`` (the losses alone, the logits left as they are) is decided when Numba
-    compiles.  The gradient goes over the logits rather than into a second array argument because
-    Numba compiles a parallel loop as if its arrays never shared memory."""
+    with scale = dL/M; scale = 0 gives the losses alone and leaves the logits as they are (a
+    runtime choice, so that evaluation and training share one compilation).  exp(z_v - m) (m the
+    row max) is computed once, stored in place, summed, and the stored values rescaled by
+    scale / sum.  The sum accumulates in float64, with "reassoc" so it runs in vector lanes (float64
+    results move by ~1e-16); exp is ``fast_exp``.  The gradient goes over the logits rather than
+    into a second array argument because Numba compiles a parallel loop as if its arrays never
+    shared memory."""
     N, V = logits.shape
+    gradient = scale != 0.0
     for n in prange(N):
         t = targets[n]
         if t == ignore_index:
             losses[n] = 0.0
-            if scale is not None:
+            if gradient:
                 for v in range(V):
                     logits[n, v] = 0.0
             continue
@@ -68,13 +70,16 @@ def cross_entropy_kernel(logits, targets, ignore_index, losses, scale=None):
         for v in range(1, V):
             m = max(m, logits[n, v])
         total = 0.0
-        for v in range(V):
-            e = fast_exp(logits[n, v] - m)
-            if scale is not None:
+        if gradient:
+            for v in range(V):
+                e = fast_exp(logits[n, v] - m)
                 logits[n, v] = e
-            total += e
+                total += e
+        else:
+            for v in range(V):
+                total += fast_exp(logits[n, v] - m)
         losses[n] = m + np.log(total) - z_target
-        if scale is not None:
+        if gradient:
             k = logits.dtype.type(scale / total)
             for v in range(V):
                 logits[n, v] *= k
@@ -101,7 +106,7 @@ def cross_entropy_forward_backward(logits, targets, losses=None, ignore_index=IG
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     """logits: (N, V); targets: int (N,) -> (mean loss as a Python float, cache)."""
     losses = np.empty(logits.shape[0], dtype=np.float64)
-    cross_entropy_kernel(logits, targets, ignore_index, losses)
+    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(0.0))
     count = count_targets(targets, ignore_index)
     return float(np.sum(losses) / count), (logits, targets, count, ignore_index)
 

@@ -12,7 +12,7 @@ Backward, with g = dy * w (the gradient reaching xhat):
 
 One kernel does the forward everywhere (training, prefill and a decoding step, which is N = 1 row):
 ``rmsnorm_forward_kernel``, optionally fused with the residual add that precedes the norm inside a
-block,  h = x + a,  y = RMSNorm(h)  (one pass writes h, y and r; h may be x itself, updating the
+block,  h = x + a,  y = RMSNorm(h)  (one pass writes h, y and r; in a decoding step h is x itself, updating the
 residual stream in place).  In the backward the residual's gradient passes through the add
 unchanged, so the model *adds* the norm's dx to the residual stream's gradient in place
 (``rmsnorm_backward_kernel(..., accumulate=True)``).
@@ -47,10 +47,10 @@ def rmsnorm_backward_reference(dy, cache):
 def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
 
-    With ``residual``: first h = x + residual, written to ``h``, or over x when h is None (an
-    in-place residual stream; not h=x: Numba compiles a parallel loop as if its arrays never
-    shared memory), then y = RMSNorm(h).  Which arguments are None is decided when Numba compiles,
-    not per element."""
+    With ``residual`` (and then ``h``): first h = x + residual, written to h, then y = RMSNorm(h).
+    h may be x itself (an in-place residual stream) only in the serial twin: Numba compiles a
+    parallel loop as if its arrays never shared memory.  Whether residual is None is decided when
+    Numba compiles, not per element; so a run compiles two versions, with and without it."""
     N, D = x.shape
     for n in prange(N):
         ss = 0.0
@@ -58,18 +58,12 @@ def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
             v = x[n, d]
             if residual is not None:
                 v = v + residual[n, d]
-                if h is None:
-                    x[n, d] = v
-                else:
-                    h[n, d] = v
+                h[n, d] = v
             ss += v * v
         rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
         r[n] = rn
         for d in range(D):
-            if residual is None or h is None:
-                v = x[n, d]
-            else:
-                v = h[n, d]
+            v = x[n, d] if residual is None else h[n, d]
             y[n, d] = w[d] * (v * rn)
 
 

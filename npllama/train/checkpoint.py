@@ -26,12 +26,14 @@ from ..errors import CheckpointError, ConfigError, NpllamaError
 from ..files import (COMMIT_DIR, STAGING_DIR, atomic_write_bytes, atomic_write_json, begin_staged_write,
                      commit_staged_write, file_sha256, read_json, recover_staged_write)
 from ..formats import hf
+from ..formats.gguf import find_gguf
 from ..formats.peft import ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
 from ..model import Llama, merge_adapters
 from ..optim import AdamW, lr_at
 from ..threads import live_thread_counts
-from ..tokenizer import Tokenizer
+from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
+from . import corpus_cache
 from .config import DTYPES, TrainConfig, model_config
 from .distributed import World
 
@@ -80,9 +82,17 @@ def _weights_file(model) -> str:
     return MODEL_FILE if model.lora is None else ADAPTER_FILE
 
 
-def base_weights_sha256(base_dir) -> str:
-    """One SHA-256 over the base model's config.json and weight files (a LoRA run trains against it)."""
-    paths = [Path(base_dir) / "config.json", *hf.weight_files(base_dir)]
+def base_weights_sha256(base) -> str:
+    """One SHA-256 over the base model's files (a LoRA run trains against it): a single-file
+    checkpoint (.gguf, llama2.c .bin) or a directory's one .gguf as Llama.from_pretrained finds them,
+    else a Hugging Face directory's config.json and weight files."""
+    base = Path(base)
+    if base.is_file():
+        paths = [base]
+    elif not (base / "config.json").exists() and any(base.glob("*.gguf")):
+        paths = [find_gguf(base)]
+    else:
+        paths = [base / "config.json", *hf.weight_files(base)]
     return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
@@ -132,7 +142,9 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
         if explicit:
             raise ConfigError(f"--init-from takes the model shape from {init_dir}; do not also give "
                               f"{', '.join('--' + n.replace('_', '-') for n in explicit)}")
-        if not (init_dir / "tokenizer.json").is_file():
+        # (a Hugging Face directory is checked here, before seconds of loading; a .gguf carries its
+        # tokenizer in its metadata, which _set_up checks once the model is loaded)
+        if (init_dir / "config.json").is_file() and not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
                               "checkpoint's own tokenizer")
     text = load_text(cfg.data)
@@ -147,6 +159,7 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
 def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: bool) -> Run:
     dtype = DTYPES[cfg.dtype]
     setup = {}    # seconds of each part of setting up, for the start-up line
+    text_digest = text_sha256(text)
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
         model = Llama.from_pretrained(init_dir, dtype=dtype)
@@ -157,6 +170,9 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
                                   "the merged model)")
             model = merge_adapters(model)
         tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise ConfigError(f"--init-from {init_dir}: the checkpoint has no tokenizer (no tokenizer.json, no "
+                              "tokenizer in the GGUF metadata); fine-tuning needs the checkpoint's own tokenizer")
         if model.config.max_seq_len < cfg.seq_len:
             raise ConfigError(f"--init-from {init_dir}: the model's context is {model.config.max_seq_len} "
                               f"tokens, shorter than --seq-len {cfg.seq_len}")
@@ -173,27 +189,44 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
                 "the base is frozen", verbose)
     else:
         t0 = time.monotonic()
-        train_text, _ = split_train_val(text, cfg.val_fraction)
-        with warnings.catch_warnings():   # a short vocabulary is an error here, not a warning
-            warnings.simplefilter("ignore", UserWarning)
-            tokenizer = Tokenizer.train(train_text, cfg.vocab_size)  # never sees the held-out text
-        if tokenizer.vocab_size < cfg.vocab_size:
-            raise ConfigError(f"--vocab-size {cfg.vocab_size} is more than this text supports: BPE found "
-                              f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
-                              f"--vocab-size {tokenizer.vocab_size} or less, or more text")
+        cached = corpus_cache.entry_dir(text_digest, cfg.vocab_size, cfg.val_fraction)
+        tokenizer = corpus_cache.load_tokenizer(cached)
+        if tokenizer is None:
+            train_text, _ = split_train_val(text, cfg.val_fraction)
+            with warnings.catch_warnings():   # a short vocabulary is an error here, not a warning
+                warnings.simplefilter("ignore", UserWarning)
+                tokenizer = Tokenizer.train(train_text, cfg.vocab_size)  # never sees the held-out text
+            if tokenizer.vocab_size < cfg.vocab_size:
+                raise ConfigError(f"--vocab-size {cfg.vocab_size} is more than this text supports: BPE found "
+                                  f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
+                                  f"--vocab-size {tokenizer.vocab_size} or less, or more text")
+            corpus_cache.store_tokenizer(cached, tokenizer)
+            how = f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens"
+        else:
+            how = (f"byte-level BPE tokenizer of {tokenizer.vocab_size} tokens trained on this text by an earlier "
+                   f"run, read from {cached}")
         setup["tokenizer"] = time.monotonic() - t0
-        say(f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens in {setup['tokenizer']:.1f}s",
-            verbose)
+        say(f"{how} in {setup['tokenizer']:.1f}s", verbose)
         model = None
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / "tokenizer.json")
+    if cfg.init_from is not None:
+        # The checkpoint's eos/bos and chat template, which a LoRA run directory (no config.json, no
+        # model.safetensors) would otherwise lose: `npllama generate RUN --chat` needs the template.
+        tokenizer.save_config(run_dir)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)   # left by a run stopped before its first save
 
     t0 = time.monotonic()
-    data = _load_dataset(cfg, tokenizer, run_dir, text)
+    copied = cfg.init_from is None and corpus_cache.copy_tokens(cached, run_dir / TOKENS_DIR)
+    copied_stamps = corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR)
+    data = _load_dataset(cfg, tokenizer, run_dir, text)   # (checks copied tokens; tokenizes again if stale)
+    from_cache = copied and corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR) == copied_stamps
+    if cfg.init_from is None and not from_cache:
+        corpus_cache.copy_tokens(run_dir / TOKENS_DIR, cached)
     setup["tokenizing"] = time.monotonic() - t0
     say(f"data: {len(data.train_tokens):,} training and {len(data.val_tokens):,} held-out tokens "
-        f"({data.val_bytes:,} bytes held out), tokenized in {setup['tokenizing']:.1f}s", verbose)
+        f"({data.val_bytes:,} bytes held out), {'read from the cache' if from_cache else 'tokenized'} in "
+        f"{setup['tokenizing']:.1f}s", verbose)
     if model is None:
         model = Llama(model_config(cfg, tokenizer.vocab_size), seed=cfg.seed, dtype=dtype)
         model.tokenizer = tokenizer
@@ -203,7 +236,7 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
     base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=text_sha256(text), optimizer=make_optimizer(model, cfg), sampler=sampler,
+               text_sha256=text_digest, optimizer=make_optimizer(model, cfg), sampler=sampler,
                created_dir=created, setup_seconds=setup, base_sha256=base_sha256)
 
 
@@ -215,7 +248,7 @@ def discard_unsaved_run(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in ("tokenizer.json", METRICS_FILE):
+    for name in ("tokenizer.json", TOKENIZER_CONFIG_FILE, METRICS_FILE):
         (run_dir / name).unlink(missing_ok=True)
     for name in (TOKENS_DIR, STAGING_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)

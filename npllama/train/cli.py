@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         flags = ["--" + f.name.replace("_", "-"), *meta["flags"]]
         default = getattr(defaults, f.name)
-        shown = "" if default is None else f" (default: {default!r})" if isinstance(default, str) \
-            else f" (default: {default})"
+        # (a help that states its own default -- one that depends on other options -- is left as it is)
+        shown = "" if default is None or "(default" in meta["help"] \
+            else f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=meta["help"] + shown)
         if meta["type"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

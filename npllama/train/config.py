@@ -21,6 +21,15 @@ SCHEDULES = ("cosine", "linear", "constant")
 SAMPLE_LINES = 4                                               # of a sample, shown on the terminal
 MIN_VOCAB_SIZE = N_BYTE_TOKENS + len(DEFAULT_SPECIAL_TOKENS)   # what a byte-level BPE starts from
 
+# Learning rate and warmup when none is given: a fresh model's (the README's sweep), or a pretrained
+# one's (--init-from).  3e-3 ruins a pretrained model: 24 full fine-tuning steps of SmolLM2-135M on
+# Shakespeare (batch 4 x 128, 3 warmup steps, cosine) took its held-out bits/byte from 1.794 up to
+# 2.095, where 3e-4 / 1e-4 / 3e-5 took it down to 1.658 / 1.628 / 1.667.  LoRA's few parameters
+# (alpha/r = 2) want a larger step: 3e-4 / 1e-3 / 3e-3 gave 1.694 / 1.626 / 1.612; 1e-3 leaves a margin
+# for longer runs.  Fine-tuning runs are short (tens to hundreds of steps): 10 warmup steps, not 50.
+SCRATCH_LR, FINE_TUNE_LR, LORA_LR = 3e-3, 1e-4, 1e-3
+SCRATCH_WARMUP, FINE_TUNE_WARMUP = 50, 10
+
 # Model shapes by name; hidden_dim defaults to Llama's rule (see llama_hidden_dim), n_kv_heads to
 # n_heads.  "small" is the default of `npllama train`, chosen by the sweep in the README.
 PRESETS: dict[str, dict[str, int]] = {
@@ -74,9 +83,11 @@ class TrainConfig:
     time_budget: float = _opt(300.0, "with no --steps: plan the steps to end after about this many "
                               "seconds of wall time", type=float, metavar="SECONDS")
     # optimizer and schedule
-    lr: float = _opt(3e-3, "peak learning rate", type=float)
+    lr: float | None = _opt(None, f"peak learning rate (default: {SCRATCH_LR:g}; fine-tuning with --init-from "
+                            f"{FINE_TUNE_LR:g}, with --lora-rank too {LORA_LR:g})", type=float)
     min_lr: float | None = _opt(None, "final learning rate of the decay (default lr/10)", type=float)
-    warmup_steps: int = _opt(50, "linear warmup steps", type=int)
+    warmup_steps: int | None = _opt(None, f"linear warmup steps (default: {SCRATCH_WARMUP}; fine-tuning with "
+                                    f"--init-from {FINE_TUNE_WARMUP})", type=int)
     schedule: str = _opt("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
     weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (matrices only)", type=float)
     beta1: float = _opt(0.9, "AdamW beta1", type=float)
@@ -118,6 +129,10 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be {_range(lo, hi, lo_open, hi_open)}, got {v!r}")
             setattr(self, name, float(v))
 
+        if self.lr is None:
+            self.lr = SCRATCH_LR if self.init_from is None else LORA_LR if self.lora_rank is not None else FINE_TUNE_LR
+        if self.warmup_steps is None:
+            self.warmup_steps = SCRATCH_WARMUP if self.init_from is None else FINE_TUNE_WARMUP
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "steps",
                      "final_eval_tokens", "sample_top_k", "lora_rank"):
             positive_int(name, allow_none=True)

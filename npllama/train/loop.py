@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
 from ..data import BatchSampler, iter_eval_batches
@@ -46,6 +47,7 @@ from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, discard_unsave
 from .config import SAMPLE_LINES, TrainConfig
 from .distributed import World, current_world, end_job_on_error, local_batches
 from .planner import BudgetPlanner
+from . import precompile
 from .progress import Progress, hms, progress_text, sample_lines
 from .ranks import setup_run
 
@@ -71,18 +73,30 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
         config = TrainConfig()
     world = current_world()
     verbose = verbose and world.root
-    with CompileClock() as compiling:
-        run = setup_run(world, config, resume, verbose)
-        try:
-            return _train(run, t_start, compiling, resume is not None, progress, verbose, on_step)
-        except BaseException:
-            if world.root:   # (the run directory is rank 0's)
-                discard_unsaved_run(run.run_dir, run.created_dir)   # (keeps a directory holding a checkpoint)
-            raise
+    # a first run: the kernels needed after the forward compile in a second process meanwhile
+    precompiler = precompile.start(_kernel_spec(config), numba.get_num_threads()) \
+        if resume is None and world.size == 1 else None
+    try:
+        with CompileClock() as compiling:
+            run = setup_run(world, config, resume, verbose)
+            try:
+                return _train(run, t_start, compiling, precompiler, resume is not None, progress, verbose, on_step)
+            except BaseException:
+                if world.root:   # (the run directory is rank 0's)
+                    discard_unsaved_run(run.run_dir, run.created_dir)   # (keeps a directory holding a checkpoint)
+                raise
+    finally:
+        if precompiler is not None:
+            precompiler.stop()
 
 
-def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool, verbose: bool,
-           on_step) -> TrainResult:
+def _kernel_spec(cfg: TrainConfig) -> dict:
+    return precompile.kernel_spec(cfg.dtype, cfg.dropout, cfg.lora_rank, cfg.lora_targets, cfg.lora_dropout,
+                                  cfg.sample_temperature, cfg.sample_top_k)
+
+
+def _train(run: Run, t_start: float, compiling: CompileClock, precompiler, resumed: bool, progress: bool,
+           verbose: bool, on_step) -> TrainResult:
     cfg, model = run.config, run.model
     if resumed and run.step >= run.total_steps:
         say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
@@ -93,7 +107,7 @@ def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, pro
     grad_buffer = np.empty_like(model.flat_grads) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
-    with Session(run, t_start, compiling, resumed, progress, verbose) as s:
+    with Session(run, t_start, compiling, precompiler, resumed, progress, verbose) as s:
         s.start(grad_buffer)           # a fresh run: step-0 evaluation and sample, number of steps
         while run.step < run.total_steps and not s.stop_agreed():
             t0 = time.perf_counter()
@@ -126,10 +140,11 @@ class Session:
     the step -- metrics.jsonl, the progress, the time-budget planner, evaluations, samples,
     checkpoints, and Ctrl-C/SIGTERM, which end the session after the current step with a checkpoint."""
 
-    def __init__(self, run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool,
-                 verbose: bool):
+    def __init__(self, run: Run, t_start: float, compiling: CompileClock, precompiler, resumed: bool,
+                 progress: bool, verbose: bool):
         cfg, val_tokens = run.config, run.data.val_tokens
         self.run, self.t_start, self.compiling, self.resumed, self.verbose = run, t_start, compiling, resumed, verbose
+        self.precompiler = precompiler
         self.metrics = MetricsLog(run.run_dir / METRICS_FILE if run.world.root else None)
         if resumed:
             self.metrics.truncate_after(run.step)
@@ -174,10 +189,13 @@ class Session:
         the number of steps.  A resumed run keeps its saved plan."""
         run, cfg = self.run, self.run.config
         if not self.resumed:
+            self._finish_compiling()
             if cfg.steps is None:
                 self.planner = BudgetPlanner(cfg, self.t_start, self.eval_tokens,
                                              self.final_tokens + (self.final_subset or 0),
-                                             checkpoint_seconds=0.3 + 4 * run.model.flat_params.nbytes / 200e6)
+                                             # (a save writes what trains and its two AdamW moments: with
+                                             # LoRA the adapters, not the frozen base)
+                                             checkpoint_seconds=0.3 + 4 * run.model.flat_trainable.nbytes / 200e6)
                 self.planner.observe_step(_measure_step_seconds(run, grad_buffer))
             if cfg.eval_interval > 0:
                 self.evaluate()
@@ -194,14 +212,31 @@ class Session:
         self.result.total_steps = run.total_steps
         run.world.step_report()   # (communication is counted per step from here)
 
+    def _finish_compiling(self) -> None:
+        """With a second process compiling the kernels of the backward, AdamW and sampling
+        (precompile.py): the forward's kernels here, on one held-out batch, then wait for it to
+        finish a training step's (and, in ``sample``, for the rest)."""
+        if self.precompiler is None:
+            return
+        cfg, data = self.run.config, self.run.data
+        x, y = next(iter_eval_batches(data.val_tokens, cfg.batch_size, cfg.seq_len, data.eval_context_token))
+        self.run.model.loss(x, y)
+        self.precompiler.wait("step")
+
     def _setup_line(self) -> str:
         """Where the time before the first step went, compiling included; the machine's speed; the plan."""
         run, cfg = self.run, self.run.config
         total = time.monotonic() - self.t_start
         parts = [f"{what} {seconds:.1f}s" for what, seconds in run.setup_seconds.items()]
+        waited = 0.0 if self.precompiler is None else self.precompiler.waited_seconds
         if self.compiling.seconds >= 0.05:
             parts.append(f"compiling Numba kernels {self.compiling.seconds:.1f}s (first run only)")
-        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds:.1f}s")
+        if waited >= 0.05:
+            parts.append(f"waiting {waited:.1f}s for a second process compiling the rest")
+        if self.precompiler is not None and self.precompiler.failed is not None:
+            parts.append(f"(the second compiling process ended with exit code {self.precompiler.failed}: "
+                         "the run compiles the rest itself)")
+        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds - waited:.1f}s")
         line = f"setup {total:.1f}s: " + ", ".join(parts)
         if self.verbose:
             line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
@@ -262,6 +297,8 @@ class Session:
         cfg = self.run.config
         if not self.run.world.root:   # data parallel: rank 0 samples, the others wait at the next step
             return
+        if self.precompiler is not None:
+            self.precompiler.wait("all")
         t0 = time.perf_counter()
         text = generate_sample(self.run.model, self.run.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
@@ -316,12 +353,14 @@ class Session:
         steps = [r for r in read_metrics(run.run_dir) if "loss" in r] if run.step > 0 and run.world.root else []
         if steps:   # the median over the run: robust to the first steps and to evaluation hiccups
             result.tokens_per_second = float(np.median([r["tokens_per_second"] for r in steps]))
+        result.peak_rss_bytes = peak_rss_bytes()
         if not result.interrupted:
             ev = result.final_eval
             compiled = f" ({self.compiling.seconds:.0f}s compiling)" if self.compiling.seconds >= 1 else ""
+            memory = f", peak memory {result.peak_rss_bytes / 1e9:.2f} GB" if result.peak_rss_bytes else ""
             say(f"done: {run.step:,} steps in {hms(result.wall_seconds)}{compiled}, median "
                 f"{result.tokens_per_second or 0:,.0f} tokens/s"
-                + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "")
+                + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "") + memory
                 + f"\nmodel saved in {run.run_dir}", self.verbose)
 
     def _final_eval(self) -> dict | None:
@@ -347,6 +386,24 @@ def _describe(run: Run) -> str:
             f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
             f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
             f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}\nrun dir {run.run_dir}")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far: VmHWM on Linux, else getrusage's ru_maxrss
+    (kilobytes on Linux, bytes on macOS); None where neither exists (Windows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -525,6 +582,7 @@ class TrainResult:
     losses: list = field(default_factory=list)
     tokens_per_second: float | None = None
     wall_seconds: float = 0.0
+    peak_rss_bytes: int | None = None   # the process's peak resident memory at the end of the session
 
     @property
     def exit_code(self) -> int:
