@@ -124,7 +124,8 @@ def _max(s, n):
 # or unused, so the loops stop at the diagonal: `triangle` says which operand is triangular.
 # They stop at the next multiple of LANES past it, not at the diagonal itself: a row of any length
 # then runs as whole vectors (16 float32 per AVX-512 register), with no scalar remainder loop, which
-# costs more than the few extra products (measured on an AVX-512 Xeon: forward + backward 7-8% faster at head_dim 32-48, 1% at 8).
+# costs more than the few extra products (measured on an AVX-512 Xeon: forward + backward 7-8%
+# faster at head_dim 32-48, 1% at 8).
 # The extra products are exact no-ops or overwritten: past the diagonal the triangular operand
 # (P, dS) holds zeros, and the scores computed there are set to 0 by the softmax pass.
 FULL, C_LOWER, B_LOWER = 0, 1, 2
