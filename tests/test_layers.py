@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from npllama.errors import InputError
 from npllama.gradcheck import numerical_gradient, relative_error
-from npllama.layers import attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
+from npllama.layers import _numba, attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
 
 GRAD_TOL = 1e-6
 seeds = st.integers(0, 2**31 - 1)
@@ -417,6 +417,36 @@ def test_cross_entropy_kernel_equals_reference(dtype, seed, n, v):
     loss2, _ = cross_entropy.cross_entropy_forward_backward(z2, targets, dloss=0.7)
     assert loss2 == loss
     np.testing.assert_array_equal(z2, z)
+
+
+@dtypes
+@given(seed=seeds, n=st.integers(1, 70), special=st.sampled_from([None, np.inf, -np.inf]))
+def test_array_max_equals_numpy(dtype, seed, n, special):
+    """The vectorised row max (attention, cross-entropy) is exactly NumPy's, infinities included."""
+    r = np.random.default_rng(seed)
+    x = normal(r, (n + 5,), dtype, scale=10.0)
+    if special is not None:
+        x[r.integers(0, n)] = special
+    assert _numba.array_max(x, n) == np.max(x[:n])
+
+
+@dtypes
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_cross_entropy_kernel_non_finite_logit_gives_non_finite_loss(dtype, bad):
+    """A +inf or NaN logit makes that row's loss NaN (what the training NaN guard looks for), not a
+    finite number; a -inf logit is a token of probability 0, left out of the sum exactly."""
+    logits = np.linspace(-2, 2, 3 * 40).reshape(3, 40).astype(dtype)
+    targets = np.array([1, 2, 3])
+    z, losses = logits.copy(), np.empty(3)
+    z[1, 17] = bad
+    cross_entropy.cross_entropy_kernel(z, targets, -100, losses, dtype(0.0))
+    assert np.isnan(losses[1]) and np.all(np.isfinite(losses[[0, 2]]))
+    z, losses = logits.copy(), np.empty(3)
+    z[1, 17] = -np.inf
+    cross_entropy.cross_entropy_kernel(z, targets, -100, losses, dtype(0.0))
+    rest = np.delete(logits[1].astype(np.float64), 17)
+    expected = np.log(np.exp(rest).sum()) - logits[1, 2]
+    np.testing.assert_allclose(losses[1], expected, rtol=1e-6 if dtype == np.float32 else 1e-14)
 
 
 def test_cross_entropy_in_place_gradient(rng):

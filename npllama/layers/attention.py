@@ -23,11 +23,9 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 """
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import prange
-from numba.extending import intrinsic
 
-from ._numba import fast_exp
+from ._numba import array_max, fast_exp
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -80,10 +78,11 @@ def attention_backward_reference(do, cache):
 #
 # fastmath (FASTMATH): "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses
 # a*b + c into one FMA, "nsz" lets it ignore the sign of zero (0.0 * x may become 0.0), "arcp" lets
-# it compute a division as a multiplication by the reciprocal (o = acc / l).  All four change rounding only at the 1e-16 level in float64 (tests hold
-# the kernels to the reference at 1e-12).  No "nnan"/"ninf": the running max starts at -inf (``_max``
-# alone has full fastmath, see there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32
-# a vectorisable Cephes expf, exactly 0 at -inf), the one every kernel uses.
+# it compute a division as a multiplication by the reciprocal (o = acc / l).  All four change
+# rounding only at the 1e-16 level in float64 (tests hold the kernels to the reference at 1e-12).
+# No "nnan"/"ninf": the running max starts at -inf (_numba's ``array_max`` alone has "nnan", see
+# there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
+# exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
@@ -94,28 +93,6 @@ def block_size(hd):
     one unit (q, k, v, scores, ~100-200 KB) in L2 for the head widths of small Llamas; the loops stop
     at the diagonal, so large tiles waste nothing there (measured: 128 beats 64 by ~5-15%)."""
     return 128
-
-
-@intrinsic
-def _maxnum(typingctx, a, b):
-    """LLVM's maxnum: a max that LLVM knows how to vectorise as a reduction (Python's max is a
-    compare and branch it leaves scalar: 20x slower here)."""
-    sig = a(a, b)
-
-    def codegen(context, builder, signature, args):
-        t = args[0].type
-        return builder.call(builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t])), args)
-    return sig, codegen
-
-
-@numba.njit(cache=True, fastmath=True)
-def _max(s, n):
-    """max(s[:n]).  Full fastmath ("nnan" included) is what lets the reduction vectorise: scores are
-    finite unless the inputs are not, and then the output is NaN whatever this returns."""
-    m = s[0]
-    for j in range(1, n):
-        m = _maxnum(m, s[j])
-    return m
 
 
 # Tile products.  Two rows of the output at a time and four terms of the sum per sweep: each load of
@@ -264,7 +241,7 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
             for r in range(rows):
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
-                m_new = max(m[r], _max(p, n_keys))
+                m_new = max(m[r], array_max(p, n_keys))
                 alpha = fast_exp(m[r] - m_new)
                 row_sum = p.dtype.type(0.0)
                 for j in range(n_keys):

@@ -15,7 +15,7 @@ Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 """
 import numpy as np
 
-from ._numba import fast_exp, jit_parallel_reassoc, prange
+from ._numba import array_max, fast_exp, jit_parallel_reassoc, prange
 
 IGNORE_INDEX = -100
 
@@ -66,9 +66,7 @@ def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
                     logits[n, v] = 0.0
             continue
         z_target = logits[n, t]
-        m = logits[n, 0]
-        for v in range(1, V):
-            m = max(m, logits[n, v])
+        m = array_max(logits[n], V)
         total = 0.0
         if gradient:
             for v in range(V):
