@@ -21,7 +21,7 @@ Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ._numba import jit_parallel, prange, serial
+from ._numba import jit_parallel_reassoc, prange, serial
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -41,9 +41,12 @@ def rmsnorm_backward_reference(dy, cache):
 
 
 # ---- kernels -----------------------------------------------------------------------------------
-# Sums of squares and dot products accumulate in float64 (a serial chain either way); the
-# elementwise loops stay in the array's dtype (r is cast back), so they vectorise for float32.
-@jit_parallel
+# Sums of squares and dot products accumulate in float64; "reassoc" (jit_parallel_reassoc) lets
+# LLVM split those sums into vector lanes -- without it each row's sum is one scalar chain, and the
+# kernels took ~1.6x as long (2048 x 128 float32: forward 322 -> 190 us, backward 311 -> 201 us);
+# float64 results move at the 1e-16 level.  The elementwise loops stay in the array's dtype (r is
+# cast back), so they vectorise for float32.
+@jit_parallel_reassoc
 def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
 
@@ -70,7 +73,7 @@ def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
 rmsnorm_forward_kernel_serial = serial(rmsnorm_forward_kernel)   # one row (a decoding step)
 
 
-@jit_parallel
+@jit_parallel_reassoc
 def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
     """dx = RMSNorm backward of dy, or dx += it when ``accumulate`` (dx is then the residual
     stream's gradient, which passes through the skip connection unchanged).  dx shares no memory
