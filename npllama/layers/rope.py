@@ -76,20 +76,25 @@ def rope_kernel(x, n_heads, head_dim, cos, sin, sign, start, seq_len):
     """Rotate in place by sign * theta (sign = +1 forward, -1 backward) the first ``n_heads`` heads
     of every row of x: (N, >= n_heads * hd), row n at position start + n % seq_len.  q's heads and
     then k's are the first H + K heads of a q/k/v row, so one call rotates both (or, in the
-    backward, both gradients).  Rows are contiguous: one pass over memory."""
+    backward, both gradients).  Rows are contiguous: one pass over memory.  Each head's two halves
+    are taken as views indexed from 0: an offset index (base + i) carries Numba's negative-index
+    check, which keeps LLVM from vectorising well (measured: 2048 rows x 8 heads of 32, 910 -> 680
+    us)."""
     N = x.shape[0]
     half = head_dim // 2
     for n in prange(N):
         t = start + n % seq_len
+        cos_t, sin_t, row = cos[t], sin[t], x[n]
         for h in range(n_heads):
-            base = h * head_dim
+            first = row[h * head_dim:h * head_dim + half]
+            second = row[h * head_dim + half:(h + 1) * head_dim]
             for i in range(half):
-                c = cos[t, i]
-                s = sign * sin[t, i]
-                x1 = x[n, base + i]
-                x2 = x[n, base + half + i]
-                x[n, base + i] = x1 * c - x2 * s
-                x[n, base + half + i] = x2 * c + x1 * s
+                c = cos_t[i]
+                s = sign * sin_t[i]
+                x1 = first[i]
+                x2 = second[i]
+                first[i] = x1 * c - x2 * s
+                second[i] = x2 * c + x1 * s
 
 
 rope_kernel_serial = serial(rope_kernel)   # one row (a decoding step)
