@@ -6,7 +6,7 @@ those libraries read their thread count once, when they are first imported.
 
 Every measured framework runs in its own child process (``run_worker``), for three reasons:
 thread variables are set in the child's environment before anything is imported, peak RSS
-(``ru_maxrss``) belongs to that framework alone, and one framework's crash or missing module
+(VmHWM) belongs to that framework alone, and one framework's crash or missing module
 cannot take the others down.
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from npllama.memory import peak_rss_bytes   # (the standard library only: no NumPy started)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -201,16 +202,9 @@ def worker_main(fn, args) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process since it exec'd: VmHWM on Linux (ru_maxrss would
-    start at the parent's peak at fork time, which is a floor, not this framework's own figure)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process, in MB (npllama.memory.peak_rss_bytes: VmHWM on
+    Linux, the figure of this framework's own process)."""
+    return (peak_rss_bytes() or 0) / 2**20
 
 
 def import_npllama():

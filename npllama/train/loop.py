@@ -37,6 +37,7 @@ import numba
 import numpy as np
 
 from ..data import BatchSampler, iter_eval_batches
+from ..memory import peak_rss_bytes
 from ..errors import ConfigError
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
@@ -386,24 +387,6 @@ def _describe(run: Run) -> str:
             f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
             f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
             f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}\nrun dir {run.run_dir}")
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory so far: VmHWM on Linux, else getrusage's ru_maxrss
-    (kilobytes on Linux, bytes on macOS); None where neither exists (Windows)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
