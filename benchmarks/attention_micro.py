@@ -28,8 +28,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (B, H, K, T, hd): the attention shapes of the 260K and 15M training configs
+# name -> (B, H, K, T, hd): the attention shapes of the default, 260K and 15M training configs
 SHAPES = {
+    "default": (16, 4, 4, 128, 32),
     "260K": (8, 8, 4, 512, 8),
     "15M": (8, 6, 6, 256, 48),
 }
@@ -71,6 +72,7 @@ def load_attention(impl_file):
     import importlib.util
     spec = importlib.util.spec_from_file_location("attention_under_test", impl_file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # (Numba's cache looks the module up by name)
     spec.loader.exec_module(module)
     return module
 
@@ -150,7 +152,7 @@ def main():
             pass
     rows = []
     print(f"{'shape':6} {'(B,H,K,T,hd)':20} {'impl':8} {'thr':>3} {'fwd ms':>9} {'bwd ms':>9} {'total':>9}")
-    for shape_name in args.shape or ["260K", "15M"]:
+    for shape_name in args.shape or ["default", "260K", "15M"]:
         for threads in args.threads or [1, 2]:
             for impl in impls:
                 r = run_child(impl, shape_name, threads, args.repeats, args.impl_file)

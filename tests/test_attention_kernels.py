@@ -86,7 +86,8 @@ def test_key_block_splits_balance_causal_work():
 
 
 def test_strided_inputs_and_outputs(monkeypatch):
-    # The model passes v and do as strided views and asks for dv in a strided view of dqkv.
+    # The model passes v and do as strided views, asks for o in a (B, H, T, hd) view of its
+    # (B, T, H * hd) buffer and for dv in a strided view of dqkv.
     monkeypatch.setattr(attention, "block_size", lambda hd: 8)
     r = np.random.default_rng(7)
     B, T, H, K, hd = 2, 19, 4, 2, 6
@@ -96,11 +97,16 @@ def test_strided_inputs_and_outputs(monkeypatch):
     do = heads(r.normal(size=(B, T, H * hd)), H)
     dqkv = np.full_like(qkv, np.nan)
     dq, dk, dv = heads(dqkv[..., :H * hd], H), heads(dqkv[..., H * hd:(H + K) * hd], K), heads(dqkv[..., (H + K) * hd:], K)
-    o, cache = attention.attention_forward(q, k, v)
+    o_merged = np.full((B, T, H * hd), np.nan)
+    o, cache = attention.attention_forward(q, k, v, o=heads(o_merged, H))
     attention.attention_backward(do, cache, dq=dq, dk=dk, dv=dv)
     o_ref, cache_ref = attention.attention_forward_reference(q, k, v)
     np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
-    assert o.flags.c_contiguous
+    np.testing.assert_array_equal(o_merged, o.transpose(0, 2, 1, 3).reshape(B, T, H * hd))
+    # without o, the output has that same layout: heads side by side in each row
+    o_new, _ = attention.attention_forward(q, k, v)
+    assert o_new.transpose(0, 2, 1, 3).flags.c_contiguous
+    np.testing.assert_array_equal(o_new, o)
     for g, w in zip((dq, dk, dv), attention.attention_backward_reference(do, cache_ref)):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
     assert not np.isnan(dqkv).any()

@@ -13,6 +13,7 @@ from npllama.train import precompile
 
 # The kernels the forward pass compiles (the stand-ins of precompile.forward_only), by Numba name.
 FORWARD_KERNELS = {"rmsnorm_forward_kernel", "rope_kernel", "swiglu_forward_kernel", "attention_forward_kernel",
+                   "pack_key_tiles",
                    "cross_entropy_kernel"}
 
 SCRIPT = textwrap.dedent("""

@@ -116,6 +116,14 @@ def _lanes_up(i):
 
 
 @jit_helper
+def _padding_end(r, block):
+    """In a diagonal tile, where the columns of row r that the products read end: P and dS rows are
+    read as whole vectors (above) up to _lanes_up(r + 4) at most, so only the zeros from the
+    diagonal to there need writing, not the rest of the row (which cost ~25% of the softmax pass)."""
+    return min(block, _lanes_up(r + 4))
+
+
+@jit_helper
 def _matmul(A, B, C, m, k, n, accumulate, triangle):
     """C[:m, :n] (+)= A[:m, :k] @ B[:k, :n], all C-contiguous; innermost loop along rows of B and C."""
     k4 = k - k % 4
@@ -199,17 +207,22 @@ def _matmul_bt_add(A, B, C, m, k, n, a_lower):
 @jit_kernel
 def pack_key_tiles(x, tiles):
     """tiles[b, h, kb, d, j] = x[b, h, kb * block + j, d], zero past T: (B, K, T, hd) in any strides
-    -> contiguous (B, K, n_blocks, hd, block), one transposed tile per key block.  (Indexing a tile
-    from 0 also matters: an offset index j0 + j would carry Numba's negative-index wraparound check,
-    which stops LLVM from vectorising.)"""
+    -> contiguous (B, K, n_blocks, hd, block), one transposed tile per key block.  Each tile is
+    written row by row (contiguous stores) from a view of its keys, both indexed from 0: an offset
+    index j0 + j would carry Numba's negative-index wraparound check, which stops LLVM from
+    vectorising."""
     B, K, T, hd = x.shape
-    block = tiles.shape[4]
-    for bk in prange(B * K):
-        b, kh = bk // K, bk % K
-        for t in range(tiles.shape[2] * block):
-            kb, j = t // block, t % block
-            for d in range(hd):
-                tiles[b, kh, kb, d, j] = x[b, kh, t, d] if t < T else 0.0
+    n_blocks, block = tiles.shape[2], tiles.shape[4]
+    for unit in prange(B * K * n_blocks):
+        b, kh, kb = unit // (K * n_blocks), unit // n_blocks % K, unit % n_blocks
+        keys = x[b, kh, kb * block:min(T, (kb + 1) * block)]
+        tile = tiles[b, kh, kb]
+        for d in range(hd):
+            row = tile[d]
+            for j in range(keys.shape[0]):
+                row[j] = keys[j, d]
+            for j in range(keys.shape[0], block):
+                row[j] = 0.0
 
 
 @jit_kernel
@@ -247,7 +260,7 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
                 for j in range(n_keys):
                     p[j] = fast_exp(p[j] - m_new)
                     row_sum += p[j]
-                for j in range(n_keys, block):
+                for j in range(n_keys, _padding_end(r, block)):
                     p[j] = 0.0
                 l[r] = alpha * l[r] + row_sum
                 m[r] = m_new
@@ -316,7 +329,7 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
                         for j in range(n_keys):
                             p[j] = fast_exp(p[j] - lse_i)
                             ds[j] = p[j] * (ds[j] - D_i)
-                        for j in range(n_keys, block):
+                        for j in range(n_keys, _padding_end(r, block)):
                             p[j] = 0.0
                             ds[j] = 0.0
                     lower = B_LOWER if diagonal else FULL
@@ -356,31 +369,37 @@ def _key_tiles(x, block):
 
 
 # ---- what the model calls ----------------------------------------------------------------------
-def attention_forward(q, k, v):
-    """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd) contiguous, cache."""
+def attention_forward(q, k, v, o=None):
+    """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
+
+    o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
+    (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
+    layout.  The cache keeps K and V as the kernels' packed tiles (the backward reads the same
+    tiles: no second packing)."""
     B, H, T, hd = q.shape
     block = block_size(hd)
     scale = q.dtype.type(1.0 / np.sqrt(hd))
-    o = np.empty((B, H, T, hd), dtype=q.dtype)
+    if o is None:
+        o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    attention_forward_kernel(q, _key_tiles(k, block), _key_tiles(v, block), scale, o, lse)
-    return o, (q, k, v, o, lse)
+    k_tiles, v_tiles = _key_tiles(k, block), _key_tiles(v, block)
+    attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse)
+    return o, (q, k_tiles, v_tiles, o, lse)
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
     """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
-    q, k, v, o, lse = cache
+    q, k_tiles, v_tiles, o, lse = cache
     B, H, T, hd = q.shape
-    block = block_size(hd)
+    kv_shape = (B, k_tiles.shape[1], T, hd)
     dq = np.empty(q.shape, dtype=q.dtype) if dq is None else dq
-    dk = np.empty(k.shape, dtype=k.dtype) if dk is None else dk
-    dv = np.empty(v.shape, dtype=v.dtype) if dv is None else dv
+    dk = np.empty(kv_shape, dtype=q.dtype) if dk is None else dk
+    dv = np.empty(kv_shape, dtype=q.dtype) if dv is None else dv
     scale = q.dtype.type(1.0 / np.sqrt(hd))
-    splits = key_block_splits(B, k.shape[1], -(-T // block), numba.get_num_threads())
+    splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], numba.get_num_threads())
     n_splits = len(splits) - 1
     dq_parts = dq[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
-    attention_backward_kernel(q, _key_tiles(k, block), _key_tiles(v, block), o, lse, do, scale,
-                              splits, dq_parts, dk, dv)
+    attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, splits, dq_parts, dk, dv)
     if n_splits > 1:
         np.sum(dq_parts, axis=0, out=dq)
     return dq, dk, dv

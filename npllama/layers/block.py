@@ -152,8 +152,7 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     _adapters_forward(acts, adapters, ("q_proj", "k_proj", "v_proj"), acts.n1, acts.qkv, cols)
     rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, T)
     q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
-    o, acts.attn_cache = attention_forward(q, k, v)
-    np.copyto(acts.o.reshape(B, T, H, hd), o.transpose(0, 2, 1, 3))
+    _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3))
     matmuls((acts.o, w["wo"].T, s.proj))
     _adapters_forward(acts, adapters, ("o_proj",), acts.o, s.proj, cols)
     if acts.mask_attn is not None:

@@ -134,10 +134,11 @@ def start(spec: dict, threads: int) -> Precompiler | None:
 
 
 # ---- the second process's side -------------------------------------------------------------------
-def _attention_forward_types_only(q, k, v):
+def _attention_forward_types_only(q, k, v, o):
     """attention_forward's outputs and cache, of the right types, with no kernel run."""
-    o = np.zeros(q.shape, dtype=q.dtype)
-    return o, (q, k, v, o, np.zeros(q.shape[:3], dtype=q.dtype))
+    tiles = lambda x: np.zeros(x.shape[:2] + (1, x.shape[3], x.shape[2]), dtype=x.dtype)
+    o[...] = 0.0
+    return o, (q, tiles(k), tiles(v), o, np.zeros(q.shape[:3], dtype=q.dtype))
 
 
 def _nothing(*args, **kwargs):
