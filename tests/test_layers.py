@@ -5,6 +5,7 @@ the NumPy reference in each way it is called: in place or not, accumulating or n
 
 Tolerances of kernel against reference: float64 1e-12; float32 2e-5 relative and absolute, on
 inputs of order 1 (float32's epsilon is 1.2e-7, and the references are evaluated in float64)."""
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -456,3 +457,39 @@ def test_cross_entropy_in_place_gradient(rng):
     got = cross_entropy.cross_entropy_backward(1.0, cache, out=logits)
     assert got is logits
     np.testing.assert_array_equal(got, expected)
+
+
+# ---- units of work shared among threads (run_on_threads, claim_unit) ------------------------------
+@numba.njit(nogil=True)
+def _count_claims(counts, who, thread_ids, next_unit):
+    me = thread_ids[_numba.claim_unit(thread_ids[-1:])]     # a number of its own for each thread
+    while True:
+        unit = _numba.claim_unit(next_unit)
+        if unit >= counts.shape[0]:
+            break
+        counts[unit] += 1
+        who[unit] = me
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_on_threads_runs_every_unit_exactly_once(threads):
+    # Every unit is claimed by exactly one thread (the counter is one atomic add), whatever the thread
+    # count; with more than one thread the work really is shared (all the units on one thread
+    # would mean the pool never started).
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"Numba was started with {numba.config.NUMBA_NUM_THREADS} threads")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        shared = 0
+        for _ in range(20):
+            n = 200_000
+            counts, who = np.zeros(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+            thread_ids = np.append(np.arange(threads, dtype=np.int64), 0)   # last: the ids' counter
+            _numba.run_on_threads(_count_claims, counts, who, thread_ids)
+            assert (counts == 1).all()
+            assert set(np.unique(who)) <= set(range(threads))
+            shared += len(np.unique(who)) > 1
+        assert shared > 0 if threads > 1 else shared == 0
+    finally:
+        numba.set_num_threads(previous)

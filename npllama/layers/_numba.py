@@ -170,6 +170,52 @@ def array_max(x, n):
     return m
 
 
+# ---- work shared among threads without a parallel loop ---------------------------------------------
+# A ``prange`` kernel is compiled twice over (Numba outlines the loop body into a function of its own,
+# then optimises and emits it again inside the kernel): the two attention kernels took ~10 s of a
+# first run's ~20 s of compiling with prange, ~4 s without.  ``run_on_threads`` gets the same
+# parallelism from a plain kernel: the kernel, compiled with nogil=True, loops taking the next unit of
+# work from a shared counter (``claim_unit``, an atomic add) until none is left, and runs on the
+# calling thread and on numba.get_num_threads() - 1 pool threads at once.  A thread that starts late
+# (waking a pool thread and passing the GIL costs ~20-100 us) simply takes fewer units.
+@intrinsic
+def _atomic_add_one(typingctx, counter):
+    """counter[0] += 1 as one atomic instruction; returns the value before."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def claim_unit(next_unit):
+    """The next unit of work for this thread (next_unit: a 1-element int64 array all threads share)."""
+    return _atomic_add_one(next_unit)
+
+
+_pool = {"executor": None, "threads": 0}
+
+
+def run_on_threads(kernel, *args):
+    """kernel(*args, next_unit) on numba.get_num_threads() threads at once (the calling thread and
+    pool threads); the kernel claims its units of work with ``claim_unit(next_unit)``."""
+    n = numba.get_num_threads()
+    next_unit = np.zeros(1, dtype=np.int64)
+    if n <= 1:
+        kernel(*args, next_unit)
+        return
+    if _pool["threads"] < n - 1:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool["executor"] = ThreadPoolExecutor(n - 1, thread_name_prefix="npllama-kernel")
+        _pool["threads"] = n - 1
+    helpers = [_pool["executor"].submit(kernel, *args, next_unit) for _ in range(n - 1)]
+    kernel(*args, next_unit)
+    for helper in helpers:
+        helper.result()
+
+
 # ---- how long compiling takes ------------------------------------------------------------------
 class CompileClock:
     """Seconds Numba spends compiling (not loading from its on-disk cache) while in the ``with``

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._numba import array_max, fast_exp
+from ._numba import array_max, claim_unit, fast_exp, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -85,6 +85,7 @@ def attention_backward_reference(do, cache):
 # exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
+jit_shared_kernel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)   # run with run_on_threads
 jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
 
 
@@ -225,8 +226,8 @@ def pack_key_tiles(x, tiles):
                 row[j] = 0.0
 
 
-@jit_kernel
-def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
+@jit_shared_kernel
+def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
     """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
     key tiles (FlashAttention): per query row the running max m, the running sum
     l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
@@ -234,19 +235,25 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
     B, H, T, hd = q.shape
     G = H // k_tiles.shape[1]
     n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
-    for unit in prange(B * H * n_blocks):
-        bh, qb = unit // n_blocks, unit % n_blocks
+    qc = np.empty((block, hd), dtype=q.dtype)                # this thread's buffers
+    acc = np.empty((block, hd), dtype=q.dtype)
+    m = np.empty(block, dtype=q.dtype)
+    l = np.empty(block, dtype=q.dtype)
+    P = np.empty((block, block), dtype=q.dtype)              # scores, then probabilities
+    n_units = B * H * n_blocks
+    while True:
+        unit = claim_unit(next_unit)
+        if unit >= n_units:
+            break
+        qb, bh = n_blocks - 1 - unit // (B * H), unit % (B * H)     # the longest rows of keys first
         b, h = bh // H, bh % H
         i0 = qb * block
         rows = min(block, T - i0)
-        qc = np.empty((block, hd), dtype=q.dtype)
-        acc = np.zeros((block, hd), dtype=q.dtype)
-        m = np.full(block, -np.inf, dtype=q.dtype)
-        l = np.zeros(block, dtype=q.dtype)
-        P = np.empty((block, block), dtype=q.dtype)          # scores, then probabilities
         for r in range(rows):
+            m[r], l[r] = -np.inf, 0.0
             for d in range(hd):
                 qc[r, d] = scale * q[b, h, i0 + r, d]
+                acc[r, d] = 0.0
         for kb in range(qb + 1):
             kT, vT = k_tiles[b, h // G, kb], v_tiles[b, h // G, kb]
             diagonal = kb == qb                                  # then P[r, j] = 0 for j > r
@@ -273,8 +280,8 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse):
             lse[b, h, i0 + r] = m[r] + np.log(l[r])
 
 
-@jit_kernel
-def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_starts, dq_parts, dk, dv):
+@jit_shared_kernel
+def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_starts, dq_parts, dk, dv, next_unit):
     """One unit of parallel work = (batch b, kv head kh, range of key blocks): it owns the dk, dv
     rows of its keys, so no two units write the same dk/dv.  It walks the G query heads of the group
     and every query block at or below its keys, rebuilds P from lse, and accumulates dkT, dvT in
@@ -286,21 +293,32 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
     G = H // K
     n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
     n_splits = split_starts.shape[0] - 1
-    for unit in prange(B * K * n_splits):
+    most_blocks = 0
+    for split in range(n_splits):
+        most_blocks = max(most_blocks, split_starts[split + 1] - split_starts[split])
+    dk_all = np.empty((most_blocks, hd, block), dtype=q.dtype)   # this thread's buffers
+    dv_all = np.empty((most_blocks, hd, block), dtype=q.dtype)
+    qc = np.empty((block, hd), dtype=q.dtype)                # c q block, and transposed
+    qcT = np.empty((hd, block), dtype=q.dtype)
+    do_b = np.empty((block, hd), dtype=q.dtype)              # do block, and transposed
+    doT = np.empty((hd, block), dtype=q.dtype)
+    dq_b = np.empty((block, hd), dtype=q.dtype)
+    D = np.empty(block, dtype=q.dtype)                       # D_i = do_i . o_i
+    P = np.empty((block, block), dtype=q.dtype)
+    dS = np.empty((block, block), dtype=q.dtype)             # dP, then dS
+    n_units = B * K * n_splits
+    while True:
+        unit = claim_unit(next_unit)
+        if unit >= n_units:
+            break
         bk, split = unit // n_splits, unit % n_splits
         b, kh = bk // K, bk % K
         kb_lo, kb_hi = split_starts[split], split_starts[split + 1]
         key_lo, key_hi = kb_lo * block, min(kb_hi * block, T)
-        dk_tiles = np.zeros((kb_hi - kb_lo, hd, block), dtype=q.dtype)   # transposed, like k_tiles
-        dv_tiles = np.zeros((kb_hi - kb_lo, hd, block), dtype=q.dtype)
-        qc = np.empty((block, hd), dtype=q.dtype)            # c q block, and transposed
-        qcT = np.empty((hd, block), dtype=q.dtype)
-        do_b = np.empty((block, hd), dtype=q.dtype)          # do block, and transposed
-        doT = np.empty((hd, block), dtype=q.dtype)
-        dq_b = np.empty((block, hd), dtype=q.dtype)
-        D = np.empty(block, dtype=q.dtype)                   # D_i = do_i . o_i
-        P = np.empty((block, block), dtype=q.dtype)
-        dS = np.empty((block, block), dtype=q.dtype)         # dP, then dS
+        dk_tiles = dk_all[:kb_hi - kb_lo]                    # transposed, like k_tiles
+        dv_tiles = dv_all[:kb_hi - kb_lo]
+        dk_tiles[...] = 0.0
+        dv_tiles[...] = 0.0
         for h in range(kh * G, (kh + 1) * G):
             for i in range(key_lo):                          # queries before our keys get nothing
                 for d in range(hd):
@@ -383,7 +401,7 @@ def attention_forward(q, k, v, o=None):
         o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
     lse = np.empty((B, H, T), dtype=q.dtype)
     k_tiles, v_tiles = _key_tiles(k, block), _key_tiles(v, block)
-    attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse)
+    run_on_threads(attention_forward_kernel, q, k_tiles, v_tiles, scale, o, lse)
     return o, (q, k_tiles, v_tiles, o, lse)
 
 
@@ -399,7 +417,7 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
     splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], numba.get_num_threads())
     n_splits = len(splits) - 1
     dq_parts = dq[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
-    attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, splits, dq_parts, dk, dv)
+    run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, o, lse, do, scale, splits, dq_parts, dk, dv)
     if n_splits > 1:
         np.sum(dq_parts, axis=0, out=dq)
     return dq, dk, dv
