@@ -41,6 +41,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -108,12 +109,15 @@ class Profiler:
         self.stack = []  # per open call: time spent in wrapped children so far
         self.enabled = False
         self.matmul_shapes = False  # True: one category per matmul shape and layout
+        self.thread = threading.get_ident()   # the thread whose calls are timed
 
     def wrap(self, fn, category):
         prof = self
 
         def timed(*args, **kwargs):
-            if not prof.enabled:
+            # (calls on other threads -- a kernel's share of work on a pool thread -- run inside a
+            # call of this thread, which counts their time)
+            if not prof.enabled or threading.get_ident() != prof.thread:
                 return fn(*args, **kwargs)
             prof.stack.append(0.0)
             t0 = time.perf_counter()

@@ -251,9 +251,10 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
         rows = min(block, T - i0)
         for r in range(rows):
             m[r], l[r] = -np.inf, 0.0
+            q_r, qc_r, acc_r = q[b, h, i0 + r], qc[r], acc[r]
             for d in range(hd):
-                qc[r, d] = scale * q[b, h, i0 + r, d]
-                acc[r, d] = 0.0
+                qc_r[d] = scale * q_r[d]
+                acc_r[d] = 0.0
         for kb in range(qb + 1):
             kT, vT = k_tiles[b, h // G, kb], v_tiles[b, h // G, kb]
             diagonal = kb == qb                                  # then P[r, j] = 0 for j > r
@@ -275,8 +276,9 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
                     acc[r, d] *= alpha
             _matmul_bt_add(P, vT, acc, rows, block, hd, diagonal)                   # acc += P vT^T
         for r in range(rows):
+            o_r, acc_r, inv_l = o[b, h, i0 + r], acc[r], 1.0 / l[r]
             for d in range(hd):
-                o[b, h, i0 + r, d] = acc[r, d] / l[r]
+                o_r[d] = acc_r[d] * inv_l
             lse[b, h, i0 + r] = m[r] + np.log(l[r])
 
 
