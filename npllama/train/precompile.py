@@ -1,6 +1,6 @@
 """A first run's Numba kernels compiled on two cores instead of one.
 
-The first run on a machine (or after npllama's kernels changed) compiles ~20 Numba kernels, ~15 s
+The first run on a machine (or after npllama's kernels changed) compiles ~20 Numba kernels, ~10 s
 of one core before its first step; later runs load them from Numba's on-disk cache in well under a
 second.  Numba compiles one function at a time in a process (its compiler lock), but a kernel that
 one process compiled and saved is loaded, not compiled, by another process that asks for it later.
