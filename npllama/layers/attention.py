@@ -300,10 +300,9 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
         most_blocks = max(most_blocks, split_starts[split + 1] - split_starts[split])
     dk_all = np.empty((most_blocks, hd, block), dtype=q.dtype)   # this thread's buffers
     dv_all = np.empty((most_blocks, hd, block), dtype=q.dtype)
-    qc = np.empty((block, hd), dtype=q.dtype)                # c q block, and transposed
-    qcT = np.empty((hd, block), dtype=q.dtype)
-    do_b = np.empty((block, hd), dtype=q.dtype)              # do block, and transposed
-    doT = np.empty((hd, block), dtype=q.dtype)
+    qc = np.empty((block, hd), dtype=q.dtype)                # c q block
+    do_b = np.empty((block, hd), dtype=q.dtype)              # do block
+    qcT, doT = qc.T, do_b.T                                  # (views: _matmul reads A as scalars)
     dq_b = np.empty((block, hd), dtype=q.dtype)
     D = np.empty(block, dtype=q.dtype)                       # D_i = do_i . o_i
     P = np.empty((block, block), dtype=q.dtype)
@@ -329,12 +328,14 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
                 i0 = qb * block
                 rows = min(block, T - i0)
                 for r in range(rows):
+                    q_r, do_r, o_r = q[b, h, i0 + r], do[b, h, i0 + r], o[b, h, i0 + r]
+                    qc_r, do_b_r, dq_b_r = qc[r], do_b[r], dq_b[r]
                     Dr = q.dtype.type(0.0)
                     for d in range(hd):
-                        qc[r, d] = qcT[d, r] = scale * q[b, h, i0 + r, d]
-                        do_b[r, d] = doT[d, r] = do[b, h, i0 + r, d]
-                        dq_b[r, d] = 0.0
-                        Dr += do_b[r, d] * o[b, h, i0 + r, d]
+                        qc_r[d] = scale * q_r[d]
+                        do_b_r[d] = do_r[d]
+                        dq_b_r[d] = 0.0
+                        Dr += do_r[d] * o_r[d]
                     D[r] = Dr
                 for kb in range(kb_lo, min(qb + 1, kb_hi)):
                     kT, vT = k_tiles[b, kh, kb], v_tiles[b, kh, kb]
