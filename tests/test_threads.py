@@ -150,3 +150,38 @@ def test_numba_avoids_an_openmp_runtime_started_before_npllama(tmp_path, order):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == layer
+
+
+FORK_PROBE = """
+import os, sys, time
+import numpy as np
+from npllama import Llama, LlamaConfig
+cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=48, max_seq_len=128)
+model = Llama(cfg, dtype=np.float32, seed=0).train()
+x = np.random.default_rng(0).integers(0, 64, size=(4, 128))
+loss, _ = model.loss_and_grad(x, x, copy=False)      # starts the matmul and attention thread pools
+pid = os.fork()
+if pid == 0:
+    again, _ = model.loss_and_grad(x, x, copy=False)
+    os._exit(0 if again == loss else 3)
+for _ in range(600):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.1)
+os.kill(pid, 9)
+sys.exit("the forked child hung")
+"""
+
+
+def test_a_forked_child_trains_with_new_thread_pools(tmp_path):
+    # A child made by fork() inherits npllama's thread pools without their threads: it must start
+    # new ones, not wait forever on work handed to a thread that does not exist.  (Numba's OpenMP
+    # layer refuses fork() once it has run; TBB's, which Numba takes beside torch, allows it.)
+    if not _tbb_layer_available():
+        pytest.skip("Numba's TBB threading layer is not available (the tbb package)")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="tbb", NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -196,6 +196,8 @@ def claim_unit(next_unit):
 
 
 _pool = {"executor": None, "threads": 0}
+# A child made by fork() inherits the executor but not its threads: start a new pool there.
+os.register_at_fork(after_in_child=lambda: _pool.update(executor=None, threads=0))
 
 
 def run_on_threads(kernel, *args):

@@ -5,6 +5,8 @@ Backward:  dx = dy W                      (N, out) @ (out, in) -> (N, in)
            dW = dy^T x                    (out, N) @ (N, in)   -> (out, in)
 Leading dimensions of x are flattened into N.
 """
+import os
+
 import numpy as np
 
 from ..threads import openblas_threads_api
@@ -42,6 +44,8 @@ def linear_backward(dy, cache, dweight=None):
 # ship it), or with NPLLAMA_SPLIT_MATMULS=0, every product is one ordinary BLAS call.
 MIN_SPLIT_ROWS = 64     # no row block smaller than this
 _split = {"threads": 1, "pool": None, "pool_threads": 0}
+# A child made by fork() inherits the executor but not its threads: start a new pool there.
+os.register_at_fork(after_in_child=lambda: _split.update(pool=None, pool_threads=0))
 
 
 def _row_blocks(n_rows, n_blocks):
@@ -75,7 +79,6 @@ class split_matmuls:
     """Context manager: inside, ``matmuls`` splits products across the BLAS thread budget."""
 
     def __enter__(self):
-        import os
         self.restore = None
         if _split["threads"] > 1 or os.environ.get("NPLLAMA_SPLIT_MATMULS", "1") == "0":
             return self
