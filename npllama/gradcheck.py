@@ -60,6 +60,14 @@ def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1
     return grad
 
 
+def richardson_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-4,
+                        indices=None) -> np.ndarray:
+    """Richardson's extrapolation of two central differences, (4 D(h/2) - D(h)) / 3: the h^2 term of
+    their truncation error cancels, so a larger h (smaller rounding error, ~eps |L| / h) can be
+    used where the third derivative is large.  Same arguments as ``numerical_gradient``."""
+    return (4 * numerical_gradient(loss_fn, x, h / 2, indices) - numerical_gradient(loss_fn, x, h, indices)) / 3
+
+
 def _pair(analytic, numeric):
     analytic = np.asarray(analytic, dtype=np.float64)
     numeric = np.asarray(numeric, dtype=np.float64)
@@ -68,14 +76,16 @@ def _pair(analytic, numeric):
     return analytic, numeric
 
 
-def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+def relative_error(analytic: np.ndarray, numeric: np.ndarray, smallest_scale: float = 0.0) -> float:
     """max |a - n| / max(max |a|, max |n|): the worst error relative to the gradient's scale.
 
     Scaling by the largest entry (rather than entry by entry) keeps entries that are zero up to
     rounding from dominating, while still failing on any entry that is wrong by a visible amount.
+    ``smallest_scale``: the scale is taken no smaller than this (a gradient below what finite
+    differences resolve is then held to an absolute error instead).
     """
     analytic, numeric = _pair(analytic, numeric)
-    scale = max(np.max(np.abs(analytic), initial=0.0), np.max(np.abs(numeric), initial=0.0))
+    scale = max(np.max(np.abs(analytic), initial=0.0), np.max(np.abs(numeric), initial=0.0), smallest_scale)
     if scale == 0.0:
         return 0.0
     return float(np.max(np.abs(analytic - numeric)) / scale)

@@ -26,8 +26,8 @@ import npllama
 from npllama import reference
 from npllama.cli import main
 from npllama.errors import InputError
-from npllama.gradcheck import (LLAMA3_SCALING, elementwise_relative_error, numerical_gradient,
-                               random_dropout_masks, random_params, relative_error, sampled_entries)
+from npllama.gradcheck import (LLAMA3_SCALING, elementwise_relative_error, numerical_gradient, random_dropout_masks,
+                               random_params, relative_error, richardson_gradient, sampled_entries)
 from npllama.layers import linear
 from npllama.layers.attention import block_size, key_block_splits
 from npllama.threads import openblas_threads_api
@@ -245,10 +245,8 @@ def test_reference_gradients_match_finite_differences(cfg, b, t, seed):
     loss = lambda: reference.loss_and_grad(params, cfg, tokens, targets, masks)[0]  # noqa: E731
     for name, p in params.items():
         idx = sampled_entries(grads[name], r, n=10)   # the largest entry and 9 at random
-        numeric = ((4 * numerical_gradient(loss, p, h=5e-5, indices=idx) - numerical_gradient(loss, p, h=1e-4, indices=idx))
-                   / 3).reshape(-1)[idx]
-        analytic = grads[name].reshape(-1)[idx]
-        err = np.max(np.abs(analytic - numeric)) / max(np.max(np.abs(analytic)), np.max(np.abs(numeric)), FD_SCALE)
+        numeric = richardson_gradient(loss, p, h=1e-4, indices=idx).reshape(-1)[idx]
+        err = relative_error(grads[name].reshape(-1)[idx], numeric, smallest_scale=FD_SCALE)
         assert err < 1e-6, f"{name}: relative error {err:.2e} ({cfg})"
 
 
@@ -261,6 +259,18 @@ def test_elementwise_relative_error_is_cs231ns():
     assert elementwise_relative_error(np.zeros(3), np.zeros(3)) == 0.0
     with pytest.raises(ValueError, match="shape mismatch"):
         elementwise_relative_error(np.zeros(2), np.zeros(3))
+
+
+def test_richardson_gradient_cancels_the_h2_error_and_the_scale_floor():
+    # exp(3x) has a large third derivative: at h = 1e-4 a central difference is off by h^2 f(3)/6
+    # relative (1.5e-8), Richardson's extrapolation by ~h^4 (and rounding, ~1e-12)
+    x = np.array([0.3, -0.7])
+    loss = lambda: float(np.sum(np.exp(3 * x)))                    # noqa: E731
+    exact = 3 * np.exp(3 * x)
+    assert relative_error(exact, numerical_gradient(loss, x, h=1e-4)) > 1e-9
+    assert relative_error(exact, richardson_gradient(loss, x, h=1e-4)) < 1e-10
+    assert relative_error(np.array([1e-9]), np.array([2e-9])) == pytest.approx(0.5)
+    assert relative_error(np.array([1e-9]), np.array([2e-9]), smallest_scale=1e-5) == pytest.approx(1e-4)
 
 
 def test_gradcheck_checks_the_reference_model(capsys):
