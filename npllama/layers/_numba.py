@@ -20,6 +20,8 @@ FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to
 import os
 import types as pytypes
 
+from ..threads import helper_threads
+
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 
@@ -195,24 +197,16 @@ def claim_unit(next_unit):
     return _atomic_add_one(next_unit)
 
 
-_pool = {"executor": None, "threads": 0}
-# A child made by fork() inherits the executor but not its threads: start a new pool there.
-os.register_at_fork(after_in_child=lambda: _pool.update(executor=None, threads=0))
-
-
 def run_on_threads(kernel, *args):
     """kernel(*args, next_unit) on numba.get_num_threads() threads at once (the calling thread and
-    pool threads); the kernel claims its units of work with ``claim_unit(next_unit)``."""
+    npllama's helper threads); the kernel claims its units of work with ``claim_unit(next_unit)``."""
     n = numba.get_num_threads()
     next_unit = np.zeros(1, dtype=np.int64)
     if n <= 1:
         kernel(*args, next_unit)
         return
-    if _pool["threads"] < n - 1:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool["executor"] = ThreadPoolExecutor(n - 1, thread_name_prefix="npllama-kernel")
-        _pool["threads"] = n - 1
-    helpers = [_pool["executor"].submit(kernel, *args, next_unit) for _ in range(n - 1)]
+    pool = helper_threads(n - 1)
+    helpers = [pool.submit(kernel, *args, next_unit) for _ in range(n - 1)]
     kernel(*args, next_unit)
     for helper in helpers:
         helper.result()

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from ..threads import openblas_threads_api
+from ..threads import helper_threads, openblas_threads_api
 
 
 def linear_forward(x, weight, out=None):
@@ -43,9 +43,7 @@ def linear_backward(dy, cache, dweight=None):
 # step.  Without a BLAS whose thread count can be set (found: OpenBLAS on Linux, as NumPy's wheels
 # ship it), or with NPLLAMA_SPLIT_MATMULS=0, every product is one ordinary BLAS call.
 MIN_SPLIT_ROWS = 64     # no row block smaller than this
-_split = {"threads": 1, "pool": None, "pool_threads": 0}
-# A child made by fork() inherits the executor but not its threads: start a new pool there.
-os.register_at_fork(after_in_child=lambda: _split.update(pool=None, pool_threads=0))
+_split = {"threads": 1}
 
 
 def _row_blocks(n_rows, n_blocks):
@@ -69,7 +67,8 @@ def matmuls(*products):
         return
     per_product = max(1, n // len(products))
     tasks = [(a[s:e], b, out[s:e]) for a, b, out in products for s, e in _row_blocks(a.shape[0], per_product)]
-    futures = [_split["pool"].submit(_matmul_task, *t) for t in tasks[1:]]
+    pool = helper_threads(n - 1)
+    futures = [pool.submit(_matmul_task, *t) for t in tasks[1:]]
     _matmul_task(*tasks[0])
     for f in futures:
         f.result()
@@ -86,12 +85,6 @@ class split_matmuls:
         n = api[0]() if api is not None else 1
         if n <= 1:
             return self
-        if _split["pool_threads"] != n:
-            from concurrent.futures import ThreadPoolExecutor
-            if _split["pool"] is not None:
-                _split["pool"].shutdown()
-            _split["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="npllama-matmul")
-            _split["pool_threads"] = n
         api[1](1)
         _split["threads"], self.restore = n, (api[1], n)
         return self
