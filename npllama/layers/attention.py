@@ -295,7 +295,9 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
     G = H // K
     n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
     n_splits = split_starts.shape[0] - 1
-    most_blocks = np.max(np.diff(split_starts))                   # the longest key range
+    most_blocks = 0
+    for split in range(n_splits):
+        most_blocks = max(most_blocks, split_starts[split + 1] - split_starts[split])
     dk_all = np.empty((most_blocks, hd, block), dtype=q.dtype)   # this thread's buffers
     dv_all = np.empty((most_blocks, hd, block), dtype=q.dtype)
     qc = np.empty((block, hd), dtype=q.dtype)                # c q block
