@@ -10,7 +10,9 @@ npllama.layers module:
   * every Numba kernel (a dispatcher in the module's globals), sorted into a category by the
     layer file that defines it (rmsnorm, rope, swiglu, cross_entropy, embedding, attention, ...);
   * the attention entry points ``attention_forward`` / ``attention_backward`` (category attention,
-    whatever they do inside: attention.py is timed as a whole);
+    whatever they do inside: attention.py is timed as a whole), and the functions that run a row
+    kernel on the threads (``rmsnorm_forward_kernel`` runs ``rmsnorm_forward_rows``: the wait for
+    the helper thread's share is in their category);
   * ``matmuls`` (layers/linear.py: every matmul of the step, one call per product or per backward
     pair dW, dx) is "matmul (BLAS)"; every NumPy function called through ``np.`` elsewhere is
     "numpy other" (allocations, copies, sums);
@@ -177,6 +179,7 @@ def instrument(prof):
     """Patch the globals of npllama.model and npllama.layers.*; returns the number of patched names."""
     import importlib
     import pkgutil
+    import types
 
     import numba.core.registry
     import numpy as np
@@ -184,7 +187,8 @@ def instrument(prof):
     import npllama.layers
     modules = [importlib.import_module("npllama.model")]
     modules += [importlib.import_module(f"npllama.layers.{m.name}")
-                for m in pkgutil.iter_modules(npllama.layers.__path__)]
+                for m in pkgutil.iter_modules(npllama.layers.__path__)
+                if m.name != "_numba"]   # (its helper threads' plumbing: counted in the calls around it)
     proxy = numpy_proxy(np, prof)
     patched = 0
     for mod in modules:
@@ -196,6 +200,11 @@ def instrument(prof):
                 patched += 1
             elif name in ("attention_forward", "attention_backward") and callable(val):
                 setattr(mod, name, prof.wrap(val, "attention"))
+                patched += 1
+            elif name.endswith("_kernel") and isinstance(val, types.FunctionType):
+                # a row kernel run on the threads (``swiglu_forward_kernel`` runs ``swiglu_forward_rows``):
+                # its wait for the helper thread's share counts in its category too
+                setattr(mod, name, prof.wrap(val, category_of(val.__module__.rsplit(".", 1)[-1])))
                 patched += 1
             elif name == "matmuls" and mod.__name__ != "npllama.layers.linear":
                 setattr(mod, name, _matmuls_timed(val, prof))

@@ -55,26 +55,6 @@ def openblas_threads_api() -> BlasThreads | None:
     return None
 
 
-# ---- npllama's helper threads -------------------------------------------------------------------
-# A step hands work to threads of its own at two places: the halves of a split matmul
-# (layers/linear.py) and the attention kernels' units (layers/_numba.py: run_on_threads).  They
-# never run at the same time, so they share one pool.
-_helpers = {"executor": None, "threads": 0}
-# A child made by fork() inherits the executor but not its threads: it starts a new pool.
-os.register_at_fork(after_in_child=lambda: _helpers.update(executor=None, threads=0))
-
-
-def helper_threads(n: int):
-    """A thread pool (concurrent.futures.ThreadPoolExecutor) of at least ``n`` threads, shared."""
-    if _helpers["threads"] < n:
-        from concurrent.futures import ThreadPoolExecutor
-        if _helpers["executor"] is not None:
-            _helpers["executor"].shutdown(wait=False)
-        _helpers["executor"] = ThreadPoolExecutor(n, thread_name_prefix="npllama-helper")
-        _helpers["threads"] = n
-    return _helpers["executor"]
-
-
 @contextlib.contextmanager
 def thread_limit(n: int):
     """At most ``n`` threads for each library inside the block: through its own call for a library

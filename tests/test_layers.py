@@ -71,14 +71,14 @@ def test_rmsnorm_kernel_equals_reference(dtype, seed, shape):
 @dtypes
 @given(seed=seeds, n=st.integers(1, 9), d=st.integers(1, 40), in_place=st.booleans())
 def test_rmsnorm_forward_kernel_with_residual(dtype, seed, n, d, in_place):
-    """h = x + a, y = RMSNorm(h): h into its own buffer (the parallel kernel: training and
-    inference), or over x (the serial twin, h=x: a decoding step)."""
+    """h = x + a, y = RMSNorm(h): h into its own buffer (training and inference), or over x (h=x:
+    the residual stream of a decoding step)."""
     r = np.random.default_rng(seed)
     x, a, w = normal(r, (n, d), dtype), normal(r, (n, d), dtype), normal(r, d, dtype)
     x_before = x.copy()
     y, rr = np.empty_like(x), np.empty(n, dtype=dtype)
     if in_place:
-        rmsnorm.rmsnorm_forward_kernel_serial(x, w, dtype(1e-5), y, rr, a, x)
+        rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, a, x)
     else:
         h = np.full_like(x, np.nan)
         rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, a, h)
@@ -110,24 +110,21 @@ def test_rmsnorm_backward_kernel_accumulates(dtype, seed, n, d, accumulate):
 
 @dtypes
 @pytest.mark.parametrize("residual", [False, True])
-def test_rmsnorm_one_row_serial_equals_parallel(dtype, residual, rng):
-    """A decoding step's norm (one row, serial compilation) is the training kernel's arithmetic,
-    bit for bit, and the reference's."""
-    x, a, w = normal(rng, (1, 288), dtype), normal(rng, (1, 288), dtype), normal(rng, 288, dtype)
-    outs = []
-    for kernel in (rmsnorm.rmsnorm_forward_kernel, rmsnorm.rmsnorm_forward_kernel_serial):
-        xk, y, rr = x.copy(), np.empty_like(x), np.empty(1, dtype=dtype)
-        if residual:   # h into its own buffer (parallel), h over x as decoding does (serial)
-            h = np.empty_like(x) if kernel is rmsnorm.rmsnorm_forward_kernel else xk
-            kernel(xk, w, dtype(1e-5), y, rr, a, h)
-            xk = h
-        else:
-            kernel(xk, w, dtype(1e-5), y, rr)
-        outs.append((xk, y, rr))
-    for got, want in zip(*outs):
-        np.testing.assert_array_equal(got, want)
-    h = x.astype(np.float64) + (a if residual else 0.0)
-    assert_kernel_equals_reference(outs[1][1], rmsnorm.rmsnorm_forward_reference(h, *f64(w), 1e-5)[0], dtype)
+def test_rmsnorm_one_row_equals_its_row_in_a_batch(dtype, residual, rng):
+    """A decoding step's norm (one row: one unit of work, on the calling thread, h over x) is the
+    arithmetic of the same row among 40 spread over the threads, bit for bit, and the reference's."""
+    x, a, w = normal(rng, (40, 288), dtype), normal(rng, (40, 288), dtype), normal(rng, 288, dtype)
+    y, rr, h = np.empty_like(x), np.empty(40, dtype=dtype), np.empty_like(x)
+    rmsnorm.rmsnorm_forward_kernel(x, w, dtype(1e-5), y, rr, *((a, h) if residual else ()))
+    for n in (0, 17, 39):
+        xn, yn, rn = x[n:n + 1].copy(), np.empty((1, 288), dtype=dtype), np.empty(1, dtype=dtype)
+        rmsnorm.rmsnorm_forward_kernel(xn, w, dtype(1e-5), yn, rn, *((a[n:n + 1], xn) if residual else ()))
+        np.testing.assert_array_equal(yn[0], y[n])
+        np.testing.assert_array_equal(rn[0], rr[n])
+        if residual:
+            np.testing.assert_array_equal(xn[0], h[n])
+    want = x.astype(np.float64) + (a if residual else 0.0)
+    assert_kernel_equals_reference(y, rmsnorm.rmsnorm_forward_reference(want, *f64(w), 1e-5)[0], dtype)
 
 
 # ---- RoPE --------------------------------------------------------------------------------------
@@ -211,18 +208,18 @@ def test_rope_kernel_on_qkv_rows(dtype, seed, b, t, heads, half):
 @dtypes
 @pytest.mark.parametrize("pos", [0, 5, 11])
 def test_rope_kernel_one_row_at_a_start_position(dtype, pos, rng):
-    """A decoding step: one q/k/v row at position ``pos`` (start=pos), serial compilation, the same
-    numbers as the parallel kernel and as the reference at that position."""
+    """A decoding step: one q/k/v row at position ``pos`` (start=pos), on the calling thread, the
+    same numbers as that position's row among 12 spread over the threads, and as the reference."""
     H, K, hd = 4, 2, 8
     cos, sin = rope.rope_cos_sin(np.arange(12), rope.rope_frequencies(hd, 10000.0), dtype)
-    row = normal(rng, (1, (H + 2 * K) * hd), dtype)
-    serial, parallel = row.copy(), row.copy()
-    rope.rope_kernel_serial(serial, H + K, hd, cos, sin, dtype(1.0), pos, 1)
-    rope.rope_kernel(parallel, H + K, hd, cos, sin, dtype(1.0), pos, 1)
-    np.testing.assert_array_equal(serial, parallel)
-    x = row[0, :(H + K) * hd].astype(np.float64).reshape(H + K, hd)
+    rows = normal(rng, (12, (H + 2 * K) * hd), dtype)
+    one, batch = rows[pos:pos + 1].copy(), rows.copy()
+    rope.rope_kernel(one, H + K, hd, cos, sin, dtype(1.0), pos, 1)
+    rope.rope_kernel(batch, H + K, hd, cos, sin, dtype(1.0), 0, 12)
+    np.testing.assert_array_equal(one[0], batch[pos])
+    x = rows[pos, :(H + K) * hd].astype(np.float64).reshape(H + K, hd)
     want = rope.rope_forward_reference(x, *f64(cos[pos], sin[pos]))[0]
-    assert_kernel_equals_reference(serial[0, :(H + K) * hd].reshape(H + K, hd), want, dtype)
+    assert_kernel_equals_reference(one[0, :(H + K) * hd].reshape(H + K, hd), want, dtype)
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -305,13 +302,17 @@ def test_swiglu_kernels_equal_reference(dtype, seed, n, f):
 
 
 @dtypes
-def test_swiglu_one_row_serial_equals_parallel(dtype, rng):
-    au = normal(rng, (1, 2 * 768), dtype, scale=3.0)
-    serial, parallel = np.empty((1, 768), dtype=dtype), np.empty((1, 768), dtype=dtype)
-    swiglu.swiglu_forward_kernel_serial(au, serial)
-    swiglu.swiglu_forward_kernel(au, parallel)
-    np.testing.assert_array_equal(serial, parallel)
-    assert_kernel_equals_reference(serial, swiglu.swiglu_forward_reference(*f64(au[:, :768], au[:, 768:]))[0], dtype)
+def test_swiglu_one_row_equals_its_row_in_a_batch(dtype, rng):
+    """A decoding step's SwiGLU (one row, on the calling thread) is the arithmetic of the same row
+    among 40 spread over the threads, bit for bit, and the reference's."""
+    au = normal(rng, (40, 2 * 768), dtype, scale=3.0)
+    batch = np.empty((40, 768), dtype=dtype)
+    swiglu.swiglu_forward_kernel(au, batch)
+    for n in (0, 21, 39):
+        one = np.empty((1, 768), dtype=dtype)
+        swiglu.swiglu_forward_kernel(au[n:n + 1], one)
+        np.testing.assert_array_equal(one[0], batch[n])
+    assert_kernel_equals_reference(batch, swiglu.swiglu_forward_reference(*f64(au[:, :768], au[:, 768:]))[0], dtype)
 
 
 @given(seed=seeds, n=st.integers(1, 5), f=st.integers(1, 5))

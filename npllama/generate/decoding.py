@@ -9,7 +9,7 @@ Prefill.  The prompt goes through the model's own blocks in one pass over a (1, 
 each layer's rotated keys and its values to the cache as it goes.
 
 A step.  Each new token then costs one step: its own embedding row through each layer, with the
-same RMSNorm, RoPE and SwiGLU kernels as training on one row (their serial compilations), attention
+same RMSNorm, RoPE and SwiGLU kernels as training on one row (one unit of work: this thread alone), attention
 as a single query against the cache (``layers.kv_cache``), and the projections as matrix-vector
 products (a Numba kernel, faster than BLAS's gemv at this shape).  A token's keys and values depend
 only on the tokens before it, so the logits of a step equal those of a full forward pass over the
@@ -40,9 +40,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
-from ..layers.rmsnorm import rmsnorm_forward_kernel_serial as rmsnorm_row
-from ..layers.rope import rope_cos_sin, rope_kernel_serial as rope_row
-from ..layers.swiglu import swiglu_forward_kernel_serial as swiglu_row
+from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
+from ..layers.rope import rope_cos_sin, rope_kernel as rope_row
+from ..layers.swiglu import swiglu_forward_kernel as swiglu_row
 from .sampling import check_prompt, check_sampling, check_stop_ids, greedy_token, sample_token
 
 

@@ -3,24 +3,24 @@
 Threads: Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
 with the BLAS variables, before NumPy is imported); ``numba.set_num_threads`` lowers it later.
 
-A training step alternates BLAS calls (OpenBLAS's own thread pool) and Numba kernels (an OpenMP
-pool): two pools on the same cores.  By default an OpenMP worker busy-waits after each parallel
-loop, stealing the core from the BLAS thread that runs next (and OpenBLAS's workers do the same to
-Numba's).  So, unless the user chose otherwise, OMP_WAIT_POLICY=PASSIVE: idle OpenMP workers sleep
-at once (a wake-up costs ~10-50 us, against ~1-10 ms per kernel here).  It must be set before the
-OpenMP runtime loads, i.e. before the first parallel kernel runs, which is after this import.  The
-OpenBLAS counterpart, OPENBLAS_THREAD_TIMEOUT (log2 of the cycles a worker spins, 4..30), is read
-when NumPy loads OpenBLAS, so only a launcher can set it (before importing NumPy).
+Threads of a training step: npllama's own (``HelperThreads`` below).  Every matmul is split into
+single-threaded BLAS calls (layers/linear.py) and every kernel -- attention's, and the row kernels
+of RMSNorm, RoPE, SwiGLU, cross-entropy and LoRA -- shares its units of work out among the same
+threads (``run_on_threads``), so one pool serves the whole step and no two pools take turns on the
+cores (earlier, Numba's OpenMP pool ran the kernels and OpenBLAS's pool the matmuls).  Numba's own
+thread pool now runs only the parallel matrix-vector product of a decoding step (layers/kv_cache.py).
+For that pool, unless the user chose otherwise, OMP_WAIT_POLICY=PASSIVE: idle OpenMP workers sleep
+at once instead of spinning on cores that BLAS then needs.  It must be set before the OpenMP runtime
+loads, i.e. before the first parallel kernel runs, which is after this import.
 
-fastmath: off by default (the float64 checks want IEEE results).  ``jit_parallel_reassoc`` allows
+fastmath: off by default (the float64 checks want IEEE results).  ``jit_rows_reassoc`` allows
 only "reassoc" and "contract": LLVM may then split a sum into vector lanes and fuse a*b + c into one
 FMA, which changes float64 results at the 1e-16 level (the tests hold kernels to their references at
 1e-12) and never changes how inf or NaN behave.
 """
 import os
-import types as pytypes
-
-from ..threads import helper_threads
+import threading
+import time
 
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
@@ -37,7 +37,7 @@ def openmp_runtime_loaded() -> bool:
         return False
 
 
-# Numba's parallel kernels run on an OpenMP pool ("omp" threading layer; with the PASSIVE policy
+# Numba's parallel kernels (the decoding matvec) run on an OpenMP pool ("omp" threading layer; with the PASSIVE policy
 # below), also when TBB is installed (Numba's own default would then prefer TBB).  If another library
 # has already started an OpenMP runtime with its own wait policy, Numba would share it; take another
 # pool instead: TBB's when the ``tbb`` package is installed (the ``[torch]`` extra brings it; as fast
@@ -67,22 +67,6 @@ from numba.extending import intrinsic, overload  # noqa: E402
 # first run pays the compile cost.
 REASSOC = {"reassoc", "contract"}
 jit = numba.njit(cache=True)
-jit_parallel = numba.njit(cache=True, parallel=True)
-jit_parallel_reassoc = numba.njit(cache=True, parallel=True, fastmath=REASSOC)
-prange = numba.prange
-
-
-def serial(kernel):
-    """The same Python function as ``kernel``, compiled without ``parallel=True`` (prange runs as a
-    plain range): for calls on one row, as in a decoding step, where waking the thread pool costs
-    more than the work (measured: ~1 ms per call to a parallel kernel on a busy 2-core machine, ~1 us
-    serial).  It is a copy of the function object under the name ``<name>_serial`` so that Numba's
-    on-disk cache, keyed by the function's name, keeps the two compilations apart."""
-    f = kernel.py_func
-    twin = pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    twin.__module__, twin.__doc__ = f.__module__, f.__doc__
-    return numba.njit(cache=True, fastmath=kernel.targetoptions.get("fastmath", False))(twin)
 
 
 # ---- exp: exact for float64, vectorisable for float32 -----------------------------------------
@@ -197,19 +181,165 @@ def claim_unit(next_unit):
     return _atomic_add_one(next_unit)
 
 
-def run_on_threads(kernel, *args):
+# Row kernels (RMSNorm, RoPE, SwiGLU, cross-entropy, ...): one unit of work = ROWS_PER_UNIT rows.
+# They were ``prange`` loops, compiled twice over like attention's (~0.25 s more per kernel, and
+# ~0.3 s to set up Numba's parallel compiler in each process); as plain kernels they run as fast
+# (measured: SwiGLU forward after a matmul, 2048 x 352, 2.21 vs 2.24 ms with the matmul).
+# error_model="numpy": a division by zero gives inf instead of raising, so Numba emits no check
+# in the loops, which would keep LLVM from vectorising them (a parallel loop's body is compiled
+# that way already; without it the same SwiGLU loop ran 5x slower).
+ROWS_PER_UNIT = 16
+jit_rows = numba.njit(cache=True, nogil=True, error_model="numpy")
+jit_rows_reassoc = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
+
+
+@numba.njit(cache=True)
+def claim_rows(next_unit):
+    """First row of this thread's next ROWS_PER_UNIT rows (past the last row: no rows are left)."""
+    return _atomic_add_one(next_unit) * ROWS_PER_UNIT
+
+
+def row_units(n_rows):
+    """Units of work of a row kernel over ``n_rows`` rows."""
+    return -(-n_rows // ROWS_PER_UNIT)
+
+
+def run_on_threads(kernel, *args, n_units=None):
     """kernel(*args, next_unit) on numba.get_num_threads() threads at once (the calling thread and
-    npllama's helper threads); the kernel claims its units of work with ``claim_unit(next_unit)``."""
-    n = numba.get_num_threads()
+    npllama's helper threads), or on fewer when there are only ``n_units`` units of work (one unit:
+    on the calling thread alone, as in a decoding step); the kernel claims its units with
+    ``claim_unit(next_unit)`` or ``claim_rows``."""
+    n = numba.get_num_threads() if n_units is None else min(numba.get_num_threads(), n_units)
     next_unit = np.zeros(1, dtype=np.int64)
     if n <= 1:
         kernel(*args, next_unit)
         return
-    pool = helper_threads(n - 1)
-    helpers = [pool.submit(kernel, *args, next_unit) for _ in range(n - 1)]
-    kernel(*args, next_unit)
-    for helper in helpers:
-        helper.result()
+    helper_threads(n - 1).run([(kernel, args + (next_unit,))] * n)
+
+
+# ---- npllama's helper threads -----------------------------------------------------------------------
+# A step hands work to threads of its own many times: the halves of each split matmul
+# (layers/linear.py) and the units of each attention and row kernel (``run_on_threads``), ~100
+# times per step of the default model, each a few hundred microseconds of work.  Waking a sleeping
+# thread for each costs ~40 us on these virtual machines (the idle vCPU halts; a semaphore handoff
+# measured 75 us there and back), and the woken thread then waits for the GIL too.  So a helper
+# that has finished a job keeps watching for the next one for a while (SPIN_CHECKS reads of a
+# counter, ~50-100 us, in a nogil loop that holds no GIL) before it sleeps on a semaphore, and the
+# calling thread waits for its helpers the same way.  Between steps (evaluation, a checkpoint) they
+# sleep, so an idle run takes no CPU.
+SPIN_CHECKS = 1_000_000
+SETTLE_CHECKS = 10_000
+
+
+@intrinsic
+def _atomic_load(typingctx, counter):
+    """counter[0], read anew each time (a plain load in a loop that stores nothing would be hoisted
+    out of it)."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.load_atomic(data, "acquire", 8)
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _spin_until_changed(counter, seen, checks):
+    """Whether counter[0] differs from ``seen`` within ``checks`` reads."""
+    for _ in range(checks):
+        if _atomic_load(counter) != seen:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_then_watch(finished, posted, seen, checks):
+    """finished[0] += 1, then ``_spin_until_changed(posted, seen, checks)``: a helper says its job
+    is done only once it holds no GIL, so the caller, who needs the GIL next, never waits for it.
+    A new job seen, it waits SETTLE_CHECKS more reads before it takes the GIL: by then the caller,
+    who posted the job holding the GIL, is in its own share of the work and holds none (a thread
+    that finds the GIL taken sleeps until it is released, and waking costs ~40 us here)."""
+    _atomic_add_one(finished)
+    if not _spin_until_changed(posted, seen, checks):
+        return False
+    _spin_until_changed(posted, seen + 1, SETTLE_CHECKS)
+    return True
+
+
+class HelperThreads:
+    """``n`` helper threads; ``run(jobs)`` runs the first job on the calling thread and the others
+    on helpers at once, and returns when all are done (raising the first error)."""
+
+    def __init__(self, n):
+        self.n = n
+        self.jobs = [None] * n
+        self.errors = [None] * n
+        self.posted = [np.zeros(1, dtype=np.int64) for _ in range(n)]     # jobs given to helper i
+        self.finished = [np.zeros(1, dtype=np.int64) for _ in range(n)]   # jobs it has done, + 1
+        self.sleeping = [False] * n
+        self.wake = [threading.Semaphore(0) for _ in range(n)]
+        for i in range(n):
+            threading.Thread(target=self._serve, args=(i,), daemon=True, name=f"npllama-helper-{i}").start()
+        for i in range(n):   # (each says it is ready with its first "finished")
+            self._wait_finished(i, 0)
+
+    def _serve(self, i):
+        seen, posted = 0, self.posted[i]
+        changed = _finish_then_watch(self.finished[i], posted, seen, SPIN_CHECKS)
+        while True:
+            while not changed:                    # asleep until run() posts a job
+                self.sleeping[i] = True
+                if posted[0] == seen:             # (checked after saying so: a post in between wakes it)
+                    self.wake[i].acquire()        # (a stale wake-up only makes one more round)
+                self.sleeping[i] = False
+                changed = _spin_until_changed(posted, seen, 1)
+            seen += 1
+            fn, args = self.jobs[i]
+            try:
+                fn(*args)
+            except BaseException as error:   # (handed to the caller)
+                self.errors[i] = error
+            self.jobs[i] = None
+            changed = _finish_then_watch(self.finished[i], posted, seen, SPIN_CHECKS)
+
+    def _wait_finished(self, i, seen):
+        while not _spin_until_changed(self.finished[i], seen, SPIN_CHECKS):
+            time.sleep(50e-6)   # (a long job: look again now and then)
+
+    def run(self, jobs):
+        jobs = list(jobs)
+        if len(jobs) - 1 > self.n:
+            raise ValueError(f"{len(jobs)} jobs for {self.n} helper threads and the calling thread")
+        helpers = range(len(jobs) - 1)
+        seen = [int(self.finished[i][0]) for i in helpers]
+        for i in helpers:
+            self.jobs[i] = jobs[i + 1]
+            self.posted[i][0] += 1
+            if self.sleeping[i]:
+                self.wake[i].release()
+        try:
+            fn, args = jobs[0]
+            fn(*args)
+        finally:
+            for i in helpers:
+                self._wait_finished(i, seen[i])
+        for i in helpers:
+            if self.errors[i] is not None:
+                error, self.errors[i] = self.errors[i], None
+                raise error
+
+
+_helpers = {"pool": None}
+# A child made by fork() inherits the pool object but not its threads: it starts a new pool.
+os.register_at_fork(after_in_child=lambda: _helpers.update(pool=None))
+
+
+def helper_threads(n):
+    """The shared HelperThreads, with at least ``n`` threads."""
+    pool = _helpers["pool"]
+    if pool is None or pool.n < n:
+        pool = _helpers["pool"] = HelperThreads(n)   # (the old one's threads sleep for good)
+    return pool
 
 
 # ---- how long compiling takes ------------------------------------------------------------------

@@ -23,7 +23,6 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 """
 import numba
 import numpy as np
-from numba import prange
 
 from ._numba import array_max, claim_unit, fast_exp, run_on_threads
 
@@ -84,7 +83,6 @@ def attention_backward_reference(do, cache):
 # there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
 # exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-jit_kernel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 jit_shared_kernel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)   # run with run_on_threads
 jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
 
@@ -205,25 +203,34 @@ def _matmul_bt_add(A, B, C, m, k, n, a_lower):
             C[r, d] += s0
 
 
-@jit_kernel
-def pack_key_tiles(x, tiles):
-    """tiles[b, h, kb, d, j] = x[b, h, kb * block + j, d], zero past T: (B, K, T, hd) in any strides
-    -> contiguous (B, K, n_blocks, hd, block), one transposed tile per key block.  Each tile is
-    written row by row (contiguous stores) from a view of its keys, both indexed from 0: an offset
-    index j0 + j would carry Numba's negative-index wraparound check, which stops LLVM from
-    vectorising."""
-    B, K, T, hd = x.shape
-    n_blocks, block = tiles.shape[2], tiles.shape[4]
-    for unit in prange(B * K * n_blocks):
+@jit_helper
+def _pack_tile(keys, tile):
+    """tile[d, j] = keys[j, d], zero past the keys: one transposed tile, written row by row
+    (contiguous stores).  Both are indexed from 0: an offset index j0 + j would carry Numba's
+    negative-index wraparound check, which stops LLVM from vectorising."""
+    for d in range(tile.shape[0]):
+        row = tile[d]
+        for j in range(keys.shape[0]):
+            row[j] = keys[j, d]
+        for j in range(keys.shape[0], tile.shape[1]):
+            row[j] = 0.0
+
+
+@jit_shared_kernel
+def pack_key_tiles(k, v, k_tiles, v_tiles, next_unit):
+    """k_tiles[b, h, kb, d, j] = k[b, h, kb * block + j, d], zero past T, and v_tiles alike:
+    (B, K, T, hd) in any strides -> contiguous (B, K, n_blocks, hd, block), one transposed tile per
+    key block.  A unit of work is one key block of one (b, kv head)."""
+    B, K, T, hd = k.shape
+    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
+    while True:
+        unit = claim_unit(next_unit)
+        if unit >= B * K * n_blocks:
+            break
         b, kh, kb = unit // (K * n_blocks), unit // n_blocks % K, unit % n_blocks
-        keys = x[b, kh, kb * block:min(T, (kb + 1) * block)]
-        tile = tiles[b, kh, kb]
-        for d in range(hd):
-            row = tile[d]
-            for j in range(keys.shape[0]):
-                row[j] = keys[j, d]
-            for j in range(keys.shape[0], block):
-                row[j] = 0.0
+        rows = slice(kb * block, min(T, (kb + 1) * block))
+        _pack_tile(k[b, kh, rows], k_tiles[b, kh, kb])
+        _pack_tile(v[b, kh, rows], v_tiles[b, kh, kb])
 
 
 @jit_shared_kernel
@@ -382,11 +389,13 @@ def key_block_splits(B, K, n_blocks, threads):
     return np.unique(np.concatenate([[0], cuts, [n_blocks]])).astype(np.int64)
 
 
-def _key_tiles(x, block):
-    B, K, T, hd = x.shape
-    tiles = np.empty((B, K, -(-T // block), hd, block), dtype=x.dtype)
-    pack_key_tiles(x, tiles)
-    return tiles
+def _key_tiles(k, v, block):
+    """K and V as the kernels' transposed tiles (see ``pack_key_tiles``)."""
+    B, K, T, hd = k.shape
+    shape = (B, K, -(-T // block), hd, block)
+    k_tiles, v_tiles = np.empty(shape, dtype=k.dtype), np.empty(shape, dtype=k.dtype)
+    run_on_threads(pack_key_tiles, k, v, k_tiles, v_tiles, n_units=B * K * shape[2])
+    return k_tiles, v_tiles
 
 
 # ---- what the model calls ----------------------------------------------------------------------
@@ -403,7 +412,7 @@ def attention_forward(q, k, v, o=None):
     if o is None:
         o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    k_tiles, v_tiles = _key_tiles(k, block), _key_tiles(v, block)
+    k_tiles, v_tiles = _key_tiles(k, v, block)
     run_on_threads(attention_forward_kernel, q, k_tiles, v_tiles, scale, o, lse)
     return o, (q, k_tiles, v_tiles, o, lse)
 

@@ -15,7 +15,7 @@ Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 """
 import numpy as np
 
-from ._numba import array_max, fast_exp, jit_parallel_reassoc, prange
+from ._numba import ROWS_PER_UNIT, array_max, claim_rows, fast_exp, jit_rows_reassoc, row_units, run_on_threads
 
 IGNORE_INDEX = -100
 
@@ -41,8 +41,8 @@ def cross_entropy_backward_reference(dloss, cache):
 
 
 # ---- kernel ------------------------------------------------------------------------------------
-@jit_parallel_reassoc
-def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
+@jit_rows_reassoc
+def cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit):
     """losses[n] = lse_n - z[n, t_n]  (0 for ignored rows), and, when ``scale`` is not 0, the
     gradient written over the logits:
 
@@ -52,36 +52,48 @@ def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
     runtime choice, so that evaluation and training share one compilation).  exp(z_v - m) (m the
     row max) is computed once, stored in place, summed, and the stored values rescaled by
     scale / sum.  The sum accumulates in float64, with "reassoc" so it runs in vector lanes (float64
-    results move by ~1e-16); exp is ``fast_exp``.  The gradient goes over the logits rather than
-    into a second array argument because Numba compiles a parallel loop as if its arrays never
-    shared memory."""
+    results move by ~1e-16); exp is ``fast_exp``.  The gradient goes over the logits: a training
+    step needs no second (N, V) array."""
     N, V = logits.shape
     gradient = scale != 0.0
-    for n in prange(N):
-        t = targets[n]
-        if t == ignore_index:
-            losses[n] = 0.0
+    while True:
+        first = claim_rows(next_unit)
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            t = targets[n]
+            z = logits[n]
+            if t == ignore_index:
+                losses[n] = 0.0
+                if gradient:
+                    for v in range(V):
+                        z[v] = 0.0
+                continue
+            z_target = z[t]
+            m = array_max(z, V)
+            total = 0.0
             if gradient:
                 for v in range(V):
-                    logits[n, v] = 0.0
-            continue
-        z_target = logits[n, t]
-        m = array_max(logits[n], V)
-        total = 0.0
-        if gradient:
-            for v in range(V):
-                e = fast_exp(logits[n, v] - m)
-                logits[n, v] = e
-                total += e
-        else:
-            for v in range(V):
-                total += fast_exp(logits[n, v] - m)
-        losses[n] = m + np.log(total) - z_target
-        if gradient:
-            k = logits.dtype.type(scale / total)
-            for v in range(V):
-                logits[n, v] *= k
-            logits[n, t] -= scale
+                    e = fast_exp(z[v] - m)
+                    z[v] = e
+                    total += e
+            else:
+                for v in range(V):
+                    total += fast_exp(z[v] - m)
+            losses[n] = m + np.log(total) - z_target
+            if gradient:
+                k = logits.dtype.type(scale / total)
+                for v in range(V):
+                    z[v] *= k
+                z[t] -= scale
+
+
+def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
+    """``cross_entropy_rows`` on the threads, ROWS_PER_UNIT rows at a time."""
+    run_on_threads(cross_entropy_rows, logits, targets, ignore_index, losses, scale,
+                   n_units=row_units(logits.shape[0]))
+
+
 
 
 def count_targets(targets, ignore_index=IGNORE_INDEX):

@@ -20,10 +20,10 @@ Cache layout, per layer:
     values v_cache:   (K, S, hd)   o_d += p_j v[j, d] runs over contiguous d, for the same reason
 S is the cache's capacity; only the first ``length`` positions are read.
 
-The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, compiled
-without threads (``_numba.serial``).  The kernels here are serial too (at batch 1 most calls take a
-few microseconds, less than a parallel region costs to start), except the matrix-vector product of
-large matrices when Numba has more than one thread.
+The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, on the
+calling thread (one row is one unit of work: ``_numba.run_on_threads``).  The kernels here are
+serial too (at batch 1 most calls take a few microseconds, less than handing work to another thread
+costs), except the matrix-vector product of large matrices when Numba has more than one thread.
 
 Matrix-vector products y = W x (W row-major (out, in), as every weight here) are a Numba kernel
 rather than BLAS: OpenBLAS's row-major gemv ("T" kernel) streams the 37 MB output projection of a

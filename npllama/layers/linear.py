@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from ..threads import helper_threads, openblas_threads_api
+from ..threads import openblas_threads_api
+from ._numba import helper_threads
 
 
 def linear_forward(x, weight, out=None):
@@ -67,11 +68,7 @@ def matmuls(*products):
         return
     per_product = max(1, n // len(products))
     tasks = [(a[s:e], b, out[s:e]) for a, b, out in products for s, e in _row_blocks(a.shape[0], per_product)]
-    pool = helper_threads(n - 1)
-    futures = [pool.submit(_matmul_task, *t) for t in tasks[1:]]
-    _matmul_task(*tasks[0])
-    for f in futures:
-        f.result()
+    helper_threads(n - 1).run([(_matmul_task, t) for t in tasks])
 
 
 class split_matmuls:

@@ -43,7 +43,7 @@ B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
 """
 import numpy as np
 
-from ._numba import jit_parallel, prange
+from ._numba import ROWS_PER_UNIT, claim_rows, jit_rows, row_units, run_on_threads
 
 
 # ---- init and merge ----------------------------------------------------------------------------
@@ -86,21 +86,34 @@ def lora_backward_reference(dy, cache):
 # y's dtype (a Python float would promote float32 arithmetic to float64).  y may be a column block
 # of a wider array (any strides).  With a mask each term is multiplied by the mask entry, which is
 # (z u) * mask up to rounding and needs no temporary row.
-@jit_parallel
-def add_low_rank_kernel(y, z, u, scale, mask):
+@jit_rows
+def add_low_rank_rows(y, z, u, scale, mask, next_unit):
     """y += scale * (z u), elementwise times ``mask`` unless it is None.
-    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J)."""
+    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J).  Rows are taken a
+    unit at a time (``claim_rows``)."""
     N, J = y.shape
     R = z.shape[1]
-    for n in prange(N):
-        for k in range(R):
-            c = scale * z[n, k]
-            if mask is None:
-                for j in range(J):
-                    y[n, j] += c * u[k, j]
-            else:
-                for j in range(J):
-                    y[n, j] += c * u[k, j] * mask[n, j]
+    while True:
+        first = claim_rows(next_unit)
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            y_row = y[n]
+            for k in range(R):
+                c = scale * z[n, k]
+                u_row = u[k]
+                if mask is None:
+                    for j in range(J):
+                        y_row[j] += c * u_row[j]
+                else:
+                    m_row = mask[n]
+                    for j in range(J):
+                        y_row[j] += c * u_row[j] * m_row[j]
+
+
+def add_low_rank_kernel(y, z, u, scale, mask):
+    """``add_low_rank_rows`` on the threads."""
+    run_on_threads(add_low_rank_rows, y, z, u, scale, mask, n_units=row_units(y.shape[0]))
 
 
 # ---- what the model calls ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ._numba import jit_parallel_reassoc, prange, serial
+from ._numba import ROWS_PER_UNIT, claim_rows, claim_unit, jit_rows_reassoc, row_units, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -41,65 +41,83 @@ def rmsnorm_backward_reference(dy, cache):
 
 
 # ---- kernels -----------------------------------------------------------------------------------
-# Sums of squares and dot products accumulate in float64; "reassoc" (jit_parallel_reassoc) lets
+# Sums of squares and dot products accumulate in float64; "reassoc" (jit_rows_reassoc) lets
 # LLVM split those sums into vector lanes -- without it each row's sum is one scalar chain, and the
 # kernels took ~1.6x as long (2048 x 128 float32: forward 322 -> 190 us, backward 311 -> 201 us);
 # float64 results move at the 1e-16 level.  The elementwise loops stay in the array's dtype (r is
-# cast back), so they vectorise for float32.
-@jit_parallel_reassoc
-def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
+# cast back), so they vectorise for float32.  The ``*_rows`` kernels take their rows a unit at a
+# time (``claim_rows``) and run on every thread at once through the functions after them.
+@jit_rows_reassoc
+def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
 
-    With ``residual`` (and then ``h``): first h = x + residual, written to h, then y = RMSNorm(h).
-    h may be x itself (an in-place residual stream) only in the serial twin: Numba compiles a
-    parallel loop as if its arrays never shared memory.  Whether residual is None is decided when
-    Numba compiles, not per element; so a run compiles two versions, with and without it."""
+    With ``residual`` (and then ``h``): first h = x + residual, written to h, then y = RMSNorm(h)
+    (h may be x itself: an in-place residual stream, as in a decoding step).  Whether residual is
+    None is decided when Numba compiles, not per element; so a run compiles two versions, with and
+    without it."""
     N, D = x.shape
-    for n in prange(N):
-        ss = 0.0
-        for d in range(D):
-            v = x[n, d]
+    while True:
+        first = claim_rows(next_unit)
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            x_row, y_row = x[n], y[n]
+            v_row = x_row
             if residual is not None:
-                v = v + residual[n, d]
-                h[n, d] = v
-            ss += v * v
-        rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
-        r[n] = rn
-        for d in range(D):
-            v = x[n, d] if residual is None else h[n, d]
-            y[n, d] = w[d] * (v * rn)
+                res_row, v_row = residual[n], h[n]
+                for d in range(D):
+                    v_row[d] = x_row[d] + res_row[d]
+            ss = 0.0                     # (a loop of its own: the same sum whether h is x or not)
+            for d in range(D):
+                ss += v_row[d] * v_row[d]
+            rn = x.dtype.type(1.0 / np.sqrt(ss / D + eps))
+            r[n] = rn
+            for d in range(D):
+                y_row[d] = w[d] * (v_row[d] * rn)
 
 
-rmsnorm_forward_kernel_serial = serial(rmsnorm_forward_kernel)   # one row (a decoding step)
+def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
+    """``rmsnorm_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(rmsnorm_forward_rows, x, w, eps, y, r, residual, h, n_units=row_units(x.shape[0]))
 
 
-@jit_parallel_reassoc
-def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
+@jit_rows_reassoc
+def rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
     """dx = RMSNorm backward of dy, or dx += it when ``accumulate`` (dx is then the residual
     stream's gradient, which passes through the skip connection unchanged).  dx shares no memory
-    with the inputs (Numba compiles a parallel loop as if its arrays never did).
+    with the inputs.
 
-    dw is a sum over rows; each chunk of rows accumulates its own partial row (no races), and the
-    caller sums the partials."""
+    dw is a sum over rows; the rows are cut into dw_partial.shape[0] chunks (the units of work),
+    each chunk accumulates its own partial row (no races), and the caller sums the partials."""
     N, D = x.shape
     n_chunks = dw_partial.shape[0]
-    for c in prange(n_chunks):
+    while True:
+        c = claim_unit(next_unit)
+        if c >= n_chunks:
+            break
+        dw_c = dw_partial[c]
         for d in range(D):
-            dw_partial[c, d] = 0.0
+            dw_c[d] = 0.0
         for n in range(c * N // n_chunks, (c + 1) * N // n_chunks):
             rn = r[n]
+            dy_row, x_row, dx_row = dy[n], x[n], dx[n]
             dot = 0.0
             for d in range(D):
-                dot += dy[n, d] * w[d] * x[n, d]
+                dot += dy_row[d] * w[d] * x_row[d]
             k = x.dtype.type(dot * rn * rn / D)  # mean(g * xhat) * r
             for d in range(D):
-                xhat = x[n, d] * rn
-                dw_partial[c, d] += dy[n, d] * xhat
-                g = rn * (dy[n, d] * w[d] - x[n, d] * k)
+                xhat = x_row[d] * rn
+                dw_c[d] += dy_row[d] * xhat
+                g = rn * (dy_row[d] * w[d] - x_row[d] * k)
                 if accumulate:
-                    dx[n, d] += g
+                    dx_row[d] += g
                 else:
-                    dx[n, d] = g
+                    dx_row[d] = g
+
+
+def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
+    """``rmsnorm_backward_rows`` on the threads."""
+    run_on_threads(rmsnorm_backward_rows, dy, x, w, r, dx, dw_partial, accumulate, n_units=dw_partial.shape[0])
 
 
 def rmsnorm_dw_chunks(n_rows):

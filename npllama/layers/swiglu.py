@@ -17,7 +17,7 @@ a, u, h: (N, F); au, dau: (N, 2F).
 """
 import numpy as np
 
-from ._numba import fast_exp, jit_parallel, prange, serial
+from ._numba import ROWS_PER_UNIT, claim_rows, fast_exp, jit_rows, row_units, run_on_threads
 from .linear import linear_backward, linear_forward
 
 
@@ -36,35 +36,53 @@ def swiglu_backward_reference(dh, cache):
 # ---- kernels -----------------------------------------------------------------------------------
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
-@jit_parallel
-def swiglu_forward_kernel(au, h):
+# The ``*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_rows``) and run on every
+# thread at once through the functions after them (_numba.py: ``run_on_threads``).
+@jit_rows
+def swiglu_forward_rows(au, h, next_unit):
     """h = silu(a) * u,  a = au[:, :F],  u = au[:, F:]."""
     N, F = h.shape
     one = au.dtype.type(1.0)
-    for n in prange(N):
-        for f in range(F):
-            a = au[n, f]
-            sig = one / (one + fast_exp(-a))
-            h[n, f] = a * sig * au[n, F + f]
+    while True:
+        first = claim_rows(next_unit)
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            a_row, u_row, h_row = au[n, :F], au[n, F:], h[n]
+            for f in range(F):
+                a = a_row[f]
+                sig = one / (one + fast_exp(-a))
+                h_row[f] = a * sig * u_row[f]
 
 
-swiglu_forward_kernel_serial = serial(swiglu_forward_kernel)   # one row (a decoding step)
+def swiglu_forward_kernel(au, h):
+    """``swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(swiglu_forward_rows, au, h, n_units=row_units(h.shape[0]))
 
 
-@jit_parallel
-def swiglu_backward_kernel(dh, au):
-    """au <- [da | du]:  da = dh * u * silu'(a),  du = dh * silu(a), in place.  (In place rather
-    than into a second array argument: Numba compiles a parallel loop as if its arrays never shared
-    memory, so an output that may be an input is not allowed.)"""
+@jit_rows
+def swiglu_backward_rows(dh, au, next_unit):
+    """au <- [da | du]:  da = dh * u * silu'(a),  du = dh * silu(a), in place (the model's
+    training step needs au no more)."""
     N, F = dh.shape
     one = au.dtype.type(1.0)
-    for n in prange(N):
-        for f in range(F):
-            a = au[n, f]
-            u = au[n, F + f]
-            sig = one / (one + fast_exp(-a))
-            au[n, F + f] = dh[n, f] * a * sig
-            au[n, f] = dh[n, f] * u * sig * (one + a * (one - sig))
+    while True:
+        first = claim_rows(next_unit)
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            a_row, u_row, dh_row = au[n, :F], au[n, F:], dh[n]
+            for f in range(F):
+                a = a_row[f]
+                u = u_row[f]
+                sig = one / (one + fast_exp(-a))
+                u_row[f] = dh_row[f] * a * sig
+                a_row[f] = dh_row[f] * u * sig * (one + a * (one - sig))
+
+
+def swiglu_backward_kernel(dh, au):
+    """``swiglu_backward_rows`` on the threads."""
+    run_on_threads(swiglu_backward_rows, dh, au, n_units=row_units(dh.shape[0]))
 
 
 # ---- the layer functions -------------------------------------------------------------------------

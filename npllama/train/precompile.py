@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import model
 from ..config import LlamaConfig
+from ..generate import decoding
 from ..layers import block, cross_entropy
 from ..layers.kv_cache import matvec_kernel, matvec_parallel_kernel
 from ..optim import AdamW, clip_grad_norm
@@ -151,7 +152,10 @@ def forward_only():
     return [(block, "rmsnorm_forward_kernel", _nothing), (model, "rmsnorm_forward_kernel", _nothing),
             (block, "rope_kernel", _nothing), (block, "swiglu_forward_kernel", _nothing),
             (block, "attention_forward", _attention_forward_types_only),
-            (cross_entropy, "cross_entropy_kernel", _nothing)]
+            (cross_entropy, "cross_entropy_kernel", _nothing),
+            # a decoding step runs the same row kernels on one row, with the same types
+            (decoding, "rmsnorm_row", _nothing), (decoding, "rope_row", _nothing),
+            (decoding, "swiglu_row", _nothing)]
 
 
 def compile_late_kernels(spec: dict, on_step_done=lambda: None) -> None:
@@ -172,18 +176,18 @@ def compile_late_kernels(spec: dict, on_step_done=lambda: None) -> None:
             for module, name, _, stand_in in swapped:
                 setattr(module, name, stand_in)
             tiny.loss_and_grad(tokens, tokens, copy=False)
+            tiny.flat_grads[:] = 0.0
+            clip_grad_norm(tiny.flat_grads, 1.0)
+            AdamW(tiny.trainable_params, 1e-3, weight_decay=0.1, flat_params=tiny.flat_trainable).step(
+                flat_grads=tiny.flat_grads, lr=1e-3)
+            on_step_done()
+            tiny.eval()
+            sample = spec["sample"]
+            tiny.generate(np.array([1]), 2, temperature=0.8 if sample["temperature"] else 0.0,
+                           top_k=4 if sample["top_k"] else None, seed=0)
         finally:
             for module, name, kernel, _ in swapped:
                 setattr(module, name, kernel)
-        tiny.flat_grads[:] = 0.0
-        clip_grad_norm(tiny.flat_grads, 1.0)
-        AdamW(tiny.trainable_params, 1e-3, weight_decay=0.1, flat_params=tiny.flat_trainable).step(
-            flat_grads=tiny.flat_grads, lr=1e-3)
-        on_step_done()
-        tiny.eval()
-        sample = spec["sample"]
-        tiny.generate(np.array([1]), 2, temperature=0.8 if sample["temperature"] else 0.0,
-                       top_k=4 if sample["top_k"] else None, seed=0)
         w, x, out = np.zeros((4, 4), dtype=dtype), np.zeros(4, dtype=dtype), np.zeros(4, dtype=dtype)
         matvec_kernel(w, x, out)            # which of the two a run's sample takes depends on its sizes
         matvec_parallel_kernel(w, x, out)
