@@ -32,8 +32,7 @@ RESULT_MARKER = "BENCH_RESULT_JSON "
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 # The environment the benchmark was started with.  Children start from it rather than from
-# os.environ as it is later: importing npllama in the parent (``ModelShape.npllama_config``) sets
-# OMP_WAIT_POLICY=PASSIVE, which must not reach the PyTorch workers.
+# os.environ as it is later (whatever the parent's imports set must not reach the workers).
 LAUNCH_ENV = dict(os.environ)
 
 

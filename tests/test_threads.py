@@ -109,47 +109,47 @@ def test_thread_limit_in_a_running_process_sets_and_restores_the_live_counts():
     assert {var: os.environ.get(var) for var in THREAD_VARS} == env_before
 
 
-THREADING_LAYER_PROBE = """
-import ctypes, sys
-if sys.argv[1] == "gomp-first":
-    ctypes.CDLL("libgomp.so.1")            # as `import torch` does: an OpenMP runtime already loaded
-import numpy as np
-import numba
-from npllama.layers.rmsnorm import rmsnorm_forward_kernel
-x = np.ones((4, 8))
-rmsnorm_forward_kernel(x, np.ones(8), 1e-5, np.empty_like(x), np.empty(4))
-print(numba.threading_layer())
-"""
+def test_no_kernel_runs_on_numbas_thread_pool():
+    """Every npllama kernel shares its work among npllama's own helper threads (run_on_threads), none
+    is a Numba parallel kernel: Numba's pool -- an OpenMP runtime that torch may have started before
+    npllama with busy-waiting workers (it made a step 1.7x slower) -- runs nothing of npllama's."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    import npllama
+    kernels = {}
+    for info in pkgutil.walk_packages(npllama.__path__, "npllama."):
+        if info.name.endswith("precompile"):   # (it runs nothing of its own, but imports all)
+            continue
+        module = importlib.import_module(info.name)
+        kernels.update({f"{info.name}.{name}": value for name, value in vars(module).items()
+                        if isinstance(value, CPUDispatcher)})
+    assert len(kernels) >= 20, sorted(kernels)   # (the search finds them: attention's, the rows kernels, ...)
+    parallel = sorted(name for name, kernel in kernels.items() if kernel.targetoptions.get("parallel"))
+    assert not parallel, f"Numba parallel kernels: {parallel}"
 
 
-def _tbb_layer_available() -> bool:
-    """Whether Numba can load its TBB threading layer here (the ``tbb`` package, a version it takes)."""
-    probe = ("from numba.np.ufunc.parallel import _check_tbb_version_compatible as check; check(); "
-             "from numba.np.ufunc import tbbpool")
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+def test_a_step_shares_its_work_with_a_helper_thread(monkeypatch):
+    """With two threads, a training step hands work to npllama's helper thread: the matmul halves
+    and the kernels' units (the settings in effect, whatever was imported first)."""
+    import numba
 
-
-@pytest.mark.parametrize("order", ["gomp-first", "npllama-alone"])
-def test_numba_avoids_an_openmp_runtime_started_before_npllama(tmp_path, order):
-    """An OpenMP runtime loaded before npllama has read OMP_WAIT_POLICY without npllama's PASSIVE;
-    Numba must then not share it (its spinning workers made a step 1.7x slower beside torch), and
-    takes TBB's pool when it can (Numba's own workqueue otherwise: slower by a few %)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libgomp.so.1")
-    except OSError:
-        pytest.skip("no libgomp.so.1 on this machine to stand in for torch's OpenMP runtime")
-    if order == "npllama-alone":
-        layer = "omp"
-    else:
-        layer = "tbb" if _tbb_layer_available() else "workqueue"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY", "OMP_WAIT_POLICY")}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", THREADING_LAYER_PROBE, order], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == layer
+    from npllama import Llama, LlamaConfig
+    from npllama.layers import _numba
+    from npllama.layers.linear import split_matmuls
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread here")
+    jobs = []
+    original = _numba.HelperThreads.run
+    monkeypatch.setattr(_numba.HelperThreads, "run", lambda self, js: (jobs.append(len(js)), original(self, js))[1])
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=48, max_seq_len=128)
+    model = Llama(cfg, dtype=np.float32, seed=0).train()
+    x = np.random.default_rng(0).integers(0, 64, size=(4, 128))
+    with thread_limit(2), split_matmuls():
+        model.loss_and_grad(x, x, copy=False)
+    assert len(jobs) >= 10 and all(n == 2 for n in jobs), jobs
 
 
 FORK_PROBE = """
@@ -175,12 +175,9 @@ sys.exit("the forked child hung")
 
 
 def test_a_forked_child_trains_with_new_thread_pools(tmp_path):
-    # A child made by fork() inherits npllama's thread pools without their threads: it must start
-    # new ones, not wait forever on work handed to a thread that does not exist.  (Numba's OpenMP
-    # layer refuses fork() once it has run; TBB's, which Numba takes beside torch, allows it.)
-    if not _tbb_layer_available():
-        pytest.skip("Numba's TBB threading layer is not available (the tbb package)")
-    env = dict(os.environ, NUMBA_THREADING_LAYER="tbb", NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2",
+    # A child made by fork() inherits npllama's helper threads' pool without its threads: it must
+    # start a new one, not wait forever on work handed to a thread that does not exist.
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)

@@ -1,17 +1,17 @@
 """Shared Numba settings and helpers: every kernel is compiled once per dtype and cached on disk.
 
-Threads: Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
+Thread count: Numba's.  Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
 with the BLAS variables, before NumPy is imported); ``numba.set_num_threads`` lowers it later.
 
-Threads of a training step: npllama's own (``HelperThreads`` below).  Every matmul is split into
-single-threaded BLAS calls (layers/linear.py) and every kernel -- attention's, and the row kernels
-of RMSNorm, RoPE, SwiGLU, cross-entropy and LoRA -- shares its units of work out among the same
-threads (``run_on_threads``), so one pool serves the whole step and no two pools take turns on the
-cores (earlier, Numba's OpenMP pool ran the kernels and OpenBLAS's pool the matmuls).  Numba's own
-thread pool now runs only the parallel matrix-vector product of a decoding step (layers/kv_cache.py).
-For that pool, unless the user chose otherwise, OMP_WAIT_POLICY=PASSIVE: idle OpenMP workers sleep
-at once instead of spinning on cores that BLAS then needs.  It must be set before the OpenMP runtime
-loads, i.e. before the first parallel kernel runs, which is after this import.
+Threads: npllama's own (``HelperThreads`` below), as many as Numba's thread count says.  Every
+matmul of a step is split into single-threaded BLAS calls (layers/linear.py) and every kernel --
+attention's, the row kernels of RMSNorm, RoPE, SwiGLU, cross-entropy and LoRA, a decoding step's
+large matrix-vector products -- shares its units of work out among the same threads
+(``run_on_threads``), so one pool serves the whole step and no two pools take turns on the cores.
+No kernel is a Numba ``parallel=True`` one: Numba's own thread pool runs nothing of npllama's.
+(It used to run the kernels on an OpenMP pool, with OpenBLAS's pool running the matmuls; an OpenMP
+runtime started by torch before npllama, with its busy-waiting workers, then made a step 1.7x
+slower.  tests/test_threads.py checks that no kernel uses Numba's pool.)
 
 fastmath: off by default (the float64 checks want IEEE results).  ``jit_rows_reassoc`` allows
 only "reassoc" and "contract": LLVM may then split a sum into vector lanes and fuse a*b + c into one
@@ -22,46 +22,12 @@ import os
 import threading
 import time
 
-OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
-
-
-def openmp_runtime_loaded() -> bool:
-    """Whether an OpenMP runtime is already mapped into this process (e.g. torch's libgomp, loaded
-    by ``import torch``).  A runtime reads OMP_WAIT_POLICY once, when it loads: one loaded before
-    npllama never sees the PASSIVE below, and its busy-waiting workers then fight OpenBLAS's threads
-    for the cores (measured: ``import torch`` first made a training step 1.7x slower)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return any(name in line for line in f for name in OPENMP_RUNTIMES)
-    except OSError:
-        return False
-
-
-# Numba's parallel kernels (the decoding matvec) run on an OpenMP pool ("omp" threading layer; with the PASSIVE policy
-# below), also when TBB is installed (Numba's own default would then prefer TBB).  If another library
-# has already started an OpenMP runtime with its own wait policy, Numba would share it; take another
-# pool instead: TBB's when the ``tbb`` package is installed (the ``[torch]`` extra brings it; as fast
-# as the OpenMP pool here), else Numba's own pthread pool ("workqueue", whose idle workers sleep; it
-# wakes two threads per kernel where OpenMP wakes one: measured 3-13% slower per training step on
-# an AVX-512 Xeon).  Numba takes the first layer of its priority list that loads.  A user's own
-# NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY is left alone.
-USER_CHOSE_LAYER = "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ
-AVOID_SHARED_OPENMP = openmp_runtime_loaded() and not USER_CHOSE_LAYER
-LAYER_PRIORITY = ["tbb", "workqueue", "omp"] if AVOID_SHARED_OPENMP else ["omp", "tbb", "workqueue"]
-if not USER_CHOSE_LAYER:   # (in the environment: Numba reads it again at each compilation)
-    os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = " ".join(LAYER_PRIORITY)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba  # noqa: E402
-
-if not USER_CHOSE_LAYER:   # Numba may have been imported (and configured) before
-    numba.config.THREADING_LAYER = "default"
-    numba.config.THREADING_LAYER_PRIORITY = list(LAYER_PRIORITY)
-import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
-from numba import types  # noqa: E402
-from numba.core import event as numba_events  # noqa: E402
-from numba.extending import intrinsic, overload  # noqa: E402
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import event as numba_events
+from numba.extending import intrinsic, overload
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
 # first run pays the compile cost.

@@ -23,7 +23,8 @@ S is the cache's capacity; only the first ``length`` positions are read.
 The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, on the
 calling thread (one row is one unit of work: ``_numba.run_on_threads``).  The kernels here are
 serial too (at batch 1 most calls take a few microseconds, less than handing work to another thread
-costs), except the matrix-vector product of large matrices when Numba has more than one thread.
+costs), except the matrix-vector product of large matrices, shared among the threads when there
+are several (``matvec_parallel_kernel``).
 
 Matrix-vector products y = W x (W row-major (out, in), as every weight here) are a Numba kernel
 rather than BLAS: OpenBLAS's row-major gemv ("T" kernel) streams the 37 MB output projection of a
@@ -37,7 +38,7 @@ order changes, as it does between BLAS builds, and the result is deterministic o
 import numba
 import numpy as np
 
-from ._numba import fast_exp, jit
+from ._numba import claim_unit, fast_exp, jit, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -149,17 +150,25 @@ def matvec_kernel(w, x, y):
     _matvec_rows(w, x, y, 0, w.shape[0])
 
 
-@numba.njit(cache=True, fastmath=MATVEC_FASTMATH, parallel=True)
-def matvec_parallel_kernel(w, x, y):
-    """matvec_kernel with blocks of rows spread over Numba's threads (the same sums per row)."""
+@numba.njit(cache=True, fastmath=MATVEC_FASTMATH, nogil=True)
+def matvec_rows(w, x, y, next_unit):
+    """matvec_kernel over blocks of MATVEC_ROWS_PER_TASK rows, one block per ``claim_unit`` (the same
+    sums per row)."""
     N = w.shape[0]
-    n_tasks = (N + MATVEC_ROWS_PER_TASK - 1) // MATVEC_ROWS_PER_TASK
-    for t in numba.prange(n_tasks):
+    while True:
+        t = claim_unit(next_unit)
+        if t * MATVEC_ROWS_PER_TASK >= N:
+            break
         _matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
 
 
+def matvec_parallel_kernel(w, x, y):
+    """``matvec_rows`` on the threads (_numba.py: ``run_on_threads``)."""
+    run_on_threads(matvec_rows, w, x, y, n_units=-(-w.shape[0] // MATVEC_ROWS_PER_TASK))
+
+
 def matvec_for(w):
-    """The matvec kernel to use for weight w: parallel for big matrices when Numba has threads."""
+    """The matvec kernel to use for weight w: on every thread for big matrices, else this one."""
     if numba.get_num_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
         return matvec_parallel_kernel
     return matvec_kernel
