@@ -154,15 +154,11 @@ def claim_unit(next_unit):
 # error_model="numpy": a division by zero gives inf instead of raising, so Numba emits no check
 # in the loops, which would keep LLVM from vectorising them (a parallel loop's body is compiled
 # that way already; without it the same SwiGLU loop ran 5x slower).
+# A kernel's unit u is its rows u * ROWS_PER_UNIT .. (u + 1) * ROWS_PER_UNIT - 1 (``claim_unit`` gives u;
+# the kernel multiplies, so that one compiled kernel holds the one value it uses).
 ROWS_PER_UNIT = 16
 jit_rows = numba.njit(cache=True, nogil=True, error_model="numpy")
 jit_rows_reassoc = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
-
-
-@numba.njit(cache=True)
-def claim_rows(next_unit):
-    """First row of this thread's next ROWS_PER_UNIT rows (past the last row: no rows are left)."""
-    return _atomic_add_one(next_unit) * ROWS_PER_UNIT
 
 
 def row_units(n_rows):
@@ -170,17 +166,24 @@ def row_units(n_rows):
     return -(-n_rows // ROWS_PER_UNIT)
 
 
+NO_UNIT_LEFT = 1 << 40   # a counter past every kernel's last unit (times its rows per unit: no overflow)
+
+
 def run_on_threads(kernel, *args, n_units=None):
     """kernel(*args, next_unit) on numba.get_num_threads() threads at once (the calling thread and
     npllama's helper threads), or on fewer when there are only ``n_units`` units of work (one unit:
     on the calling thread alone, as in a decoding step); the kernel claims its units with
-    ``claim_unit(next_unit)`` or ``claim_rows``."""
+    ``claim_unit(next_unit)``."""
     n = numba.get_num_threads() if n_units is None else min(numba.get_num_threads(), n_units)
-    next_unit = np.zeros(1, dtype=np.int64)
     if n <= 1:
-        kernel(*args, next_unit)
+        kernel(*args, np.zeros(1, dtype=np.int64))
         return
-    helper_threads(n - 1).run([(kernel, args + (next_unit,))] * n)
+    # First a call with no unit left, on this thread: a kernel not compiled yet for these types is
+    # compiled (or loaded) here, before a helper thread can ask for it (measured: a first run's
+    # gradients then came out bit-identical from run to run, which they did not when either thread
+    # could compile first); afterwards it costs one dispatch, ~1 us.
+    kernel(*args, np.full(1, NO_UNIT_LEFT, dtype=np.int64))
+    helper_threads(n - 1).run([(kernel, args + (np.zeros(1, dtype=np.int64),))] * n)
 
 
 # ---- npllama's helper threads -----------------------------------------------------------------------

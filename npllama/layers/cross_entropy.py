@@ -15,7 +15,7 @@ Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, array_max, claim_rows, fast_exp, jit_rows_reassoc, row_units, run_on_threads
+from ._numba import ROWS_PER_UNIT, array_max, claim_unit, fast_exp, jit_rows_reassoc, row_units, run_on_threads
 
 IGNORE_INDEX = -100
 
@@ -57,7 +57,7 @@ def cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit):
     N, V = logits.shape
     gradient = scale != 0.0
     while True:
-        first = claim_rows(next_unit)
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):

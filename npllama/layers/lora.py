@@ -43,7 +43,7 @@ B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_rows, jit_rows, row_units, run_on_threads
+from ._numba import ROWS_PER_UNIT, claim_unit, jit_rows, row_units, run_on_threads
 
 
 # ---- init and merge ----------------------------------------------------------------------------
@@ -90,11 +90,11 @@ def lora_backward_reference(dy, cache):
 def add_low_rank_rows(y, z, u, scale, mask, next_unit):
     """y += scale * (z u), elementwise times ``mask`` unless it is None.
     y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J).  Rows are taken a
-    unit at a time (``claim_rows``)."""
+    unit at a time (``claim_unit``)."""
     N, J = y.shape
     R = z.shape[1]
     while True:
-        first = claim_rows(next_unit)
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):

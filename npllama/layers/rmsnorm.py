@@ -21,7 +21,7 @@ Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_rows, claim_unit, jit_rows_reassoc, row_units, run_on_threads
+from ._numba import ROWS_PER_UNIT, claim_unit, jit_rows_reassoc, row_units, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def rmsnorm_backward_reference(dy, cache):
 # kernels took ~1.6x as long (2048 x 128 float32: forward 322 -> 190 us, backward 311 -> 201 us);
 # float64 results move at the 1e-16 level.  The elementwise loops stay in the array's dtype (r is
 # cast back), so they vectorise for float32.  The ``*_rows`` kernels take their rows a unit at a
-# time (``claim_rows``) and run on every thread at once through the functions after them.
+# time (``claim_unit``) and run on every thread at once through the functions after them.
 @jit_rows_reassoc
 def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
@@ -57,7 +57,7 @@ def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
     without it."""
     N, D = x.shape
     while True:
-        first = claim_rows(next_unit)
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):

@@ -17,7 +17,7 @@ a, u, h: (N, F); au, dau: (N, 2F).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_rows, fast_exp, jit_rows, row_units, run_on_threads
+from ._numba import ROWS_PER_UNIT, claim_unit, fast_exp, jit_rows, row_units, run_on_threads
 from .linear import linear_backward, linear_forward
 
 
@@ -36,7 +36,7 @@ def swiglu_backward_reference(dh, cache):
 # ---- kernels -----------------------------------------------------------------------------------
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
-# The ``*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_rows``) and run on every
+# The ``*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
 # thread at once through the functions after them (_numba.py: ``run_on_threads``).
 @jit_rows
 def swiglu_forward_rows(au, h, next_unit):
@@ -44,7 +44,7 @@ def swiglu_forward_rows(au, h, next_unit):
     N, F = h.shape
     one = au.dtype.type(1.0)
     while True:
-        first = claim_rows(next_unit)
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
@@ -67,7 +67,7 @@ def swiglu_backward_rows(dh, au, next_unit):
     N, F = dh.shape
     one = au.dtype.type(1.0)
     while True:
-        first = claim_rows(next_unit)
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
