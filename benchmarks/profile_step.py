@@ -99,6 +99,14 @@ def work_of(category, name, args, kwargs):
     return 0, sum(a.nbytes for a in _arrays(args, kwargs))
 
 
+def _no_unit_left(args):
+    """Whether this is run_on_threads's first call of a kernel, with no unit of work left (it only makes
+    sure the kernel is compiled on the calling thread): not counted."""
+    from npllama.layers._numba import NO_UNIT_LEFT
+    last = args[-1] if args else None
+    return getattr(last, "shape", None) == (1,) and last.dtype.kind == "i" and last[0] >= NO_UNIT_LEFT
+
+
 class Profiler:
     """Exclusive wall time per category, with a stack so nested wrapped calls are not counted twice;
     and each category's work (``work_of``)."""
@@ -119,7 +127,7 @@ class Profiler:
         def timed(*args, **kwargs):
             # (calls on other threads -- a kernel's share of work on a pool thread -- run inside a
             # call of this thread, which counts their time)
-            if not prof.enabled or threading.get_ident() != prof.thread:
+            if not prof.enabled or threading.get_ident() != prof.thread or _no_unit_left(args):
                 return fn(*args, **kwargs)
             prof.stack.append(0.0)
             t0 = time.perf_counter()

@@ -39,7 +39,8 @@ def linear_backward(dy, cache, dweight=None):
 # step (``split_matmuls``) BLAS is set to one thread and npllama hands each of its n threads whole,
 # independent single-threaded BLAS calls: a row block of a forward product, or, in a backward,
 # dx = dy W on one thread and dW = dy^T x on the other (the same FLOPs).  The threads meet once
-# per call.  NumPy releases the GIL inside matmul, so plain Python threads run them in parallel.
+# per call.  NumPy releases the GIL inside matmul, so npllama's helper threads (layers/_numba.py:
+# ``HelperThreads``, the same that run the kernels' units) run them in parallel.
 # n is the thread count BLAS had (OPENBLAS_NUM_THREADS, i.e. ``--threads``), restored after the
 # step.  Without a BLAS whose thread count can be set (found: OpenBLAS on Linux, as NumPy's wheels
 # ship it), or with NPLLAMA_SPLIT_MATMULS=0, every product is one ordinary BLAS call.
