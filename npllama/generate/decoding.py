@@ -9,12 +9,12 @@ Prefill.  The prompt goes through the model's own blocks in one pass over a (1, 
 each layer's rotated keys and its values to the cache as it goes.
 
 A step.  Each new token then costs one step: its own embedding row through each layer, with the
-same RMSNorm, RoPE and SwiGLU kernels as training on one row (one unit of work: this thread alone), attention
-as a single query against the cache (``layers.kv_cache``), and the projections as matrix-vector
-products (a Numba kernel, faster than BLAS's gemv at this shape).  A token's keys and values depend
-only on the tokens before it, so the logits of a step equal those of a full forward pass over the
-whole sequence (tests/test_generate.py holds them equal to ~1e-12 in float64).  The cache, the
-RoPE tables of every position and the step's work buffers are made once per generation; a step
+same RMSNorm, RoPE and SwiGLU kernels as training on one row (one unit of work, on this thread
+alone), attention as a single query against the cache (``layers.kv_cache``), and the projections as
+matrix-vector products (a Numba kernel, faster than BLAS's gemv at this shape).  A token's keys and
+values depend only on the tokens before it, so the logits of a step equal those of a full forward
+pass over the whole sequence (tests/test_generate.py holds them equal to ~1e-12 in float64).  The
+cache, the RoPE tables of every position and the step's work buffers are made once per generation; a step
 allocates only small array views.
 
 How to choose each token is npllama/generate/sampling.py.

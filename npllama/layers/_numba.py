@@ -1,7 +1,8 @@
 """Shared Numba settings and helpers: every kernel is compiled once per dtype and cached on disk.
 
-Thread count: Numba's.  Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama --threads N`` sets it,
-with the BLAS variables, before NumPy is imported); ``numba.set_num_threads`` lowers it later.
+Thread count: Numba's.  Numba reads NUMBA_NUM_THREADS when it is first imported (``npllama
+--threads N`` sets it, with the BLAS variables, before NumPy is imported); ``numba.set_num_threads``
+lowers it later.
 
 Threads: npllama's own (``HelperThreads`` below), as many as Numba's thread count says.  Every
 matmul of a step is split into single-threaded BLAS calls (layers/linear.py) and every kernel --
@@ -154,8 +155,8 @@ def claim_unit(next_unit):
 # error_model="numpy": a division by zero gives inf instead of raising, so Numba emits no check
 # in the loops, which would keep LLVM from vectorising them (a parallel loop's body is compiled
 # that way already; without it the same SwiGLU loop ran 5x slower).
-# A kernel's unit u is its rows u * ROWS_PER_UNIT .. (u + 1) * ROWS_PER_UNIT - 1 (``claim_unit`` gives u;
-# the kernel multiplies, so that one compiled kernel holds the one value it uses).
+# A kernel's unit u is its rows u * ROWS_PER_UNIT .. (u + 1) * ROWS_PER_UNIT - 1 (``claim_unit``
+# gives u; the kernel multiplies, so that one compiled kernel holds the one value it uses).
 ROWS_PER_UNIT = 16
 jit_rows = numba.njit(cache=True, nogil=True, error_model="numpy")
 jit_rows_reassoc = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)

@@ -23,9 +23,9 @@ Length of a run.  ``--steps N`` fixes it (use it for reproducible runs).  Withou
 evaluation -- takes about S seconds of wall time.  A first plan comes from the step-0 evaluation
 (a step taken as three forward passes; a few throw-away steps when there is no evaluation); as the
 machine is shared and its speed drifts, the plan is then redone every 10 steps from the recent step
-times (``BudgetPlanner``), and the learning-rate schedule follows the latest plan (warmup does not depend on it; the decay is stretched or shrunk).  The
-planned total is saved with each checkpoint, and a resumed run keeps it and no longer re-plans, so
-it continues exactly the schedule it was on.
+times (``BudgetPlanner``), and the learning-rate schedule follows the latest plan (warmup does not
+depend on it; the decay is stretched or shrunk).  The planned total is saved with each checkpoint,
+and a resumed run keeps it and no longer re-plans, so it continues exactly the schedule it was on.
 
 Run directory (``--out-dir``, default ``runs/<data>-<time>``):
 
