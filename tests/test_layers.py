@@ -496,3 +496,30 @@ def test_run_on_threads_runs_every_unit_exactly_once(threads):
         assert shared > 0 if threads > 1 else shared == 0
     finally:
         numba.set_num_threads(previous)
+
+
+def test_helper_threads_run_every_job_once_and_hand_back_errors():
+    # HelperThreads.run: the first job on the calling thread, one job per helper, all done on return
+    # (also when the helpers slept in between), and a helper's error raised in the caller, after
+    # which the pool still works.
+    import threading
+    import time
+    pool = _numba.HelperThreads(3)
+    for pause in (0.0, 0.01):   # (a pause lets the helpers stop watching and fall asleep)
+        time.sleep(pause)
+        ran = []
+        pool.run([(lambda i=i: ran.append((i, threading.get_ident())), ()) for i in range(4)])
+        assert sorted(i for i, _ in ran) == [0, 1, 2, 3]
+        assert len({ident for _, ident in ran}) == 4                      # each on a thread of its own
+        assert dict(ran)[0] == threading.get_ident()                      # the first one here
+
+    def fail():
+        raise ValueError("from a helper")
+    with pytest.raises(ValueError, match="from a helper"):
+        pool.run([(lambda: None, ()), (fail, ())])
+    ran = []
+    pool.run([(ran.append, (1,)), (ran.append, (2,))])
+    assert sorted(ran) == [1, 2]
+    with pytest.raises(ValueError, match="5 jobs for 3 helper threads"):
+        pool.run([(lambda: None, ())] * 5)
+
