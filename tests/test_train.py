@@ -1,5 +1,6 @@
 """Training loop: accumulation, exact resume, interrupts, divergence, fine-tuning, config, CLI."""
 import json
+import re
 import math
 import os
 import signal
@@ -290,6 +291,19 @@ def test_time_budget_plans_and_records_the_steps(corpus, tmp_path):
     assert plan["mode"] == "time_budget" and plan["planned_steps"] == state["total_steps"] == result.step
     assert plan["step_seconds"] > 0
     assert len(step_losses(d)) == result.step >= 1
+
+
+def test_a_budget_too_small_for_the_final_evaluation_is_said(corpus, tmp_path, capsys):
+    # a budget gone before the first step: the setup line warns that the run will overrun it (one
+    # step and the final evaluation still run); a budget with room for them says nothing of the kind
+    result = train(tiny(corpus, tmp_path / "small", steps=None, time_budget=1e-3), progress=False, verbose=True)
+    err = capsys.readouterr().err
+    assert result.step == 1
+    assert re.search(r"warning: the time budget leaves 0s after setup, less than one step, a checkpoint and "
+                     r"the final evaluation \(~\d+s on 600 held-out tokens\): the run will take longer", err), err
+    train(tiny(corpus, tmp_path / "roomy", steps=None, time_budget=4.0, final_eval_tokens=200), progress=False,
+          verbose=True)
+    assert "warning: the time budget" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- config

@@ -247,6 +247,12 @@ class Session:
             step_s = self.planner.step_seconds()
             line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step (~{cfg.tokens_per_step / step_s:,.0f} "
                      f"tokens/s) -> {run.total_steps:,} steps, re-planned every {self.planner.REPLAN_EVERY} steps")
+            costs, left = self.planner.costs(), cfg.time_budget - total
+            if costs["final_eval_seconds"] + costs["checkpoint_seconds"] + step_s > left:
+                line += (f"\nwarning: the time budget leaves {max(left, 0.0):.0f}s after setup, less than one step, "
+                         f"a checkpoint and the final evaluation (~{costs['final_eval_seconds']:.0f}s on "
+                         f"{self.final_tokens + (self.final_subset or 0):,} held-out tokens): the run will take longer "
+                         "than the budget (a larger --time-budget, or a smaller --final-eval-tokens, fits)")
         return line
 
     def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
