@@ -520,6 +520,10 @@ def test_helper_threads_run_every_job_once_and_hand_back_errors():
     ran = []
     pool.run([(ran.append, (1,)), (ran.append, (2,))])
     assert sorted(ran) == [1, 2]
+    # several errors in one call (the caller's own too): one is raised, none is left for a later call
+    with pytest.raises(ValueError):
+        pool.run([(fail, ()), (fail, ()), (fail, ())])
+    pool.run([(lambda: None, ())] * 4)
     with pytest.raises(ValueError, match="5 jobs for 3 helper threads"):
         pool.run([(lambda: None, ())] * 5)
 

@@ -94,8 +94,6 @@ def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
                    n_units=row_units(logits.shape[0]))
 
 
-
-
 def count_targets(targets, ignore_index=IGNORE_INDEX):
     """M, the number of rows that count (at least 1, so that a batch of ignored rows gives 0)."""
     return max(int(np.count_nonzero(targets != ignore_index)), 1)

@@ -38,7 +38,7 @@ order changes, as it does between BLAS builds, and the result is deterministic o
 import numba
 import numpy as np
 
-from ._numba import claim_unit, fast_exp, jit, run_on_threads
+from ._numba import claim_unit, fast_exp, jit, row_units, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def matvec_rows(w, x, y, next_unit):
 
 def matvec_parallel_kernel(w, x, y):
     """``matvec_rows`` on the threads (_numba.py: ``run_on_threads``)."""
-    run_on_threads(matvec_rows, w, x, y, n_units=-(-w.shape[0] // MATVEC_ROWS_PER_TASK))
+    run_on_threads(matvec_rows, w, x, y, n_units=row_units(w.shape[0], MATVEC_ROWS_PER_TASK))
 
 
 def matvec_for(w):
