@@ -19,10 +19,13 @@ seeds = st.integers(0, 2**31 - 1)
 
 
 def fd_check(forward, inputs, analytic, dout):
-    """Finite-difference check of sum(dout * forward()) against the analytic gradients."""
+    """Finite-difference check of sum(dout * forward()) against the analytic gradients.  A gradient
+    that is zero in exact arithmetic (attention's dq with one key) comes out at the 1e-16 level,
+    below what finite differences resolve (~1e-10, see npllama/gradcheck.py): scales under 1e-8
+    are held to an absolute error of GRAD_TOL * 1e-8 instead."""
     loss = lambda: float(np.sum(dout * forward()))
     for name, x in inputs.items():
-        err = relative_error(analytic[name], numerical_gradient(loss, x))
+        err = relative_error(analytic[name], numerical_gradient(loss, x), smallest_scale=1e-8)
         assert err < GRAD_TOL, f"{name}: relative error {err:.2e}"
 
 

@@ -182,3 +182,24 @@ def test_a_forked_child_trains_with_new_thread_pools(tmp_path):
     proc = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_kernels_compile_for_512_bit_vectors_unless_the_cpu_features_are_set():
+    # On an AVX-512 CPU npllama drops LLVM's preference for 256-bit vectors (layers/_numba.py);
+    # a NUMBA_CPU_FEATURES set by the user is left as it is.
+    import llvmlite.binding as llvm
+    probe = ("import os, numba; import npllama.layers._numba; "
+             "from numba.core.registry import cpu_target; "
+             "print(cpu_target.target_context.codegen()._tm_features); print(os.environ.get('NUMBA_CPU_FEATURES'))")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    features, _ = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                 check=True).stdout.splitlines()
+    host = llvm.get_host_cpu_features()
+    if host.get("avx512f", False):
+        assert features == host.flatten() + ",-prefer-256-bit"
+    else:
+        assert features == host.flatten()
+    mine = "+sse2,+avx"
+    features, seen = subprocess.run([sys.executable, "-c", probe], env=dict(env, NUMBA_CPU_FEATURES=mine),
+                                    capture_output=True, text=True, check=True).stdout.splitlines()
+    assert features == seen == mine

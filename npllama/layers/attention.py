@@ -24,7 +24,8 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 import numba
 import numpy as np
 
-from ._numba import array_max, claim_unit, fast_exp, run_on_threads
+from ._numba import (MR, VECTOR_BYTES, array_max, claim_unit, fast_exp, run_on_threads, tile_update_1,
+                     tile_update_2)
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -64,16 +65,20 @@ def attention_backward_reference(do, cache):
 # ---- kernels -----------------------------------------------------------------------------------
 # Tiles.  Queries are taken in blocks of `block` rows, keys in blocks of `block` columns; a unit of
 # work pairs one query block with every key block at or left of the diagonal (tiles above it are
-# never visited, and in the diagonal tile P is zeroed for j > i).  Per tile the work is five small
-# matrix products and one elementwise pass:
+# never visited).  Per tile the work is five small matrix products and one elementwise pass:
 #     S  = qc kT                 (block x hd) (hd x block)       qc = c q: 1/sqrt(hd) folded in
 #     P  = exp(S - lse)          elementwise (forward: online softmax, below)
 #     dP = do vT,  dS = P (dP - D)
-#     dvT += doT P,  dkT += qcT dS,  dq += dS kT^T              (backward)
-#     acc += P vT^T                                             (forward)
-# K and V are packed once per call as transposed tiles, kT[d, j] = k[j0 + j, d], so that every
-# product runs its innermost loop over keys j, contiguous in memory: that is the direction LLVM
-# vectorises, for any hd (a loop over hd = 8 would be one AVX register, left scalar by LLVM).
+#     dvT += doT P,  dkT += qcT dS,  dq += dS K                  (backward)
+#     acc += P V                                                 (forward)
+# The products are made of ``tile_update`` calls (_numba.py): MR rows of C by one or two vectors
+# of columns, kept in registers over the whole sum.  So every operand's rows are padded: K and V
+# are packed once per call, both transposed (kT[d, j] = k[j0 + j, d], for S and dP) and as rows
+# (K[j, d], for P V and dS K), with head_dim padded to whole vectors (hd_pad) and the block to
+# whole tiles (block_pad), the padding zero; the q, do blocks are copied into padded buffers too.
+# In the diagonal tile the causal structure is used: a row block's scores stop after the tile that
+# holds its diagonal (``_computed_end``), the softmax pass writes zeros from the diagonal to there,
+# and the products whose A or B is P or dS sum only over the terms that can be nonzero.
 #
 # fastmath (FASTMATH): "reassoc" lets LLVM split the sums into vector lanes, "contract" fuses
 # a*b + c into one FMA, "nsz" lets it ignore the sign of zero (0.0 * x may become 0.0), "arcp" lets
@@ -94,159 +99,140 @@ def block_size(hd):
     return 128
 
 
-# Tile products.  Two rows of the output at a time and four terms of the sum per sweep: each load of
-# B serves two rows and each load/store of C four multiply-adds (~55 GFLOP/s on one AVX2 core at
-# these sizes, against ~40 for one row).  In the diagonal tile half the products are known zeros
-# or unused, so the loops stop at the diagonal: `triangle` says which operand is triangular.
-# They stop at the next multiple of LANES past it, not at the diagonal itself: a row of any length
-# then runs as whole vectors (16 float32 per AVX-512 register), with no scalar remainder loop, which
-# costs more than the few extra products (measured on an AVX-512 Xeon: forward + backward 7-8%
-# faster at head_dim 32-48, 1% at 8).
-# The extra products are exact no-ops or overwritten: past the diagonal the triangular operand
-# (P, dS) holds zeros, and the scores computed there are set to 0 by the softmax pass.
-FULL, C_LOWER, B_LOWER = 0, 1, 2
+# The softmax passes run over whole vectors of LANES numbers (16 float32 per AVX-512 register), the
+# numbers past a row's last key set to 0 by a select: no scalar remainder loop, which cost more
+# than the rest of the pass (measured: the backward 12% faster at the default model's shape).
 LANES = 16
 
 
 @jit_helper
-def _lanes_up(i):
-    """i rounded up to a multiple of LANES."""
-    return (i + LANES - 1) // LANES * LANES
+def _round_up(i, step):
+    return (i + step - 1) // step * step
 
 
 @jit_helper
-def _padding_end(r, block):
-    """In a diagonal tile, where the columns of row r that the products read end: P and dS rows are
-    read as whole vectors (above) up to _lanes_up(r + 4) at most, so only the zeros from the
-    diagonal to there need writing, not the rest of the row (which cost ~25% of the softmax pass)."""
-    return min(block, _lanes_up(r + 4))
+def _tile_width(C):
+    """Columns of one ``tile_update_2``: two vectors of C's dtype."""
+    return 2 * VECTOR_BYTES // C.itemsize
 
 
 @jit_helper
-def _matmul(A, B, C, m, k, n, accumulate, triangle):
-    """C[:m, :n] (+)= A[:m, :k] @ B[:k, :n], all C-contiguous; innermost loop along rows of B and C."""
-    k4 = k - k % 4
-    m2 = m - m % 2
-    for r in range(0, m2, 2):                     # two rows of C per pass over B
-        c, e = C[r], C[r + 1]
-        n_r = min(n, _lanes_up(r + 2)) if triangle == C_LOWER else n
-        if not accumulate:
-            for j in range(n_r):
-                c[j] = 0.0
-                e[j] = 0.0
-        for d in range(0, k4, 4):                 # four terms of the sum per sweep
-            n_d = min(n_r, _lanes_up(d + 4)) if triangle == B_LOWER else n_r
-            b0, b1, b2, b3 = B[d], B[d + 1], B[d + 2], B[d + 3]
-            a0, a1, a2, a3 = A[r, d], A[r, d + 1], A[r, d + 2], A[r, d + 3]
-            f0, f1, f2, f3 = A[r + 1, d], A[r + 1, d + 1], A[r + 1, d + 2], A[r + 1, d + 3]
-            for j in range(n_d):
-                x0, x1, x2, x3 = b0[j], b1[j], b2[j], b3[j]
-                c[j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                e[j] += f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3
-        for d in range(k4, k):
-            n_d = min(n_r, _lanes_up(d + 1)) if triangle == B_LOWER else n_r
-            b, a, f = B[d], A[r, d], A[r + 1, d]
-            for j in range(n_d):
-                c[j] += a * b[j]
-                e[j] += f * b[j]
-    for r in range(m2, m):                        # a last odd row
-        c = C[r]
-        n_r = min(n, _lanes_up(r + 1)) if triangle == C_LOWER else n
-        if not accumulate:
-            for j in range(n_r):
-                c[j] = 0.0
-        for d in range(k):
-            n_d = min(n_r, _lanes_up(d + 1)) if triangle == B_LOWER else n_r
-            b, a = B[d], A[r, d]
-            for j in range(n_d):
-                c[j] += a * b[j]
+def _computed_end(r, n, width):
+    """In a diagonal tile, the columns of row r that the scores are computed for (and then P and dS
+    hold, zero past the diagonal): those of the tiles of `width` columns that reach its row block's
+    diagonal.  What the later products read of row r lies within."""
+    return min(n, _round_up(r - r % MR + MR, width))
 
 
 @jit_helper
-def _matmul_bt_add(A, B, C, m, k, n, a_lower):
-    """C[:m, :n] += A[:m, :k] @ B[:n, :k].T: dot products along rows of A and B, a 2 x 4 block of C
-    at a time.  a_lower: A[r, j] = 0 for j > r, so the sums stop there."""
-    n4 = n - n % 4
-    m2 = m - m % 2
-    zero = C.dtype.type(0.0)
-    for r in range(0, m2, 2):
-        a, e = A[r], A[r + 1]
-        k_r = min(k, _lanes_up(r + 2)) if a_lower else k
-        for d in range(0, n4, 4):
-            b0, b1, b2, b3 = B[d], B[d + 1], B[d + 2], B[d + 3]
-            s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = zero
-            for j in range(k_r):
-                x, y = a[j], e[j]
-                s0 += x * b0[j]
-                s1 += x * b1[j]
-                s2 += x * b2[j]
-                s3 += x * b3[j]
-                t0 += y * b0[j]
-                t1 += y * b1[j]
-                t2 += y * b2[j]
-                t3 += y * b3[j]
-            C[r, d] += s0
-            C[r, d + 1] += s1
-            C[r, d + 2] += s2
-            C[r, d + 3] += s3
-            C[r + 1, d] += t0
-            C[r + 1, d + 1] += t1
-            C[r + 1, d + 2] += t2
-            C[r + 1, d + 3] += t3
-    for r in range(m):                            # what is left: columns past n4, a last odd row
-        k_r = min(k, _lanes_up(r + 1)) if a_lower else k
-        for d in range(n4 if r < m2 else 0, n):
-            b, a = B[d], A[r]
-            s0 = zero
-            for j in range(k_r):
-                s0 += a[j] * b[j]
-            C[r, d] += s0
+def _update_columns(A, a_row, a_col, B, b_row, C, c_row, n, k, accumulate):
+    """C[c_row:c_row+MR, :n] (+)= A[a_row:a_row+MR, a_col:a_col+k] @ B[b_row:b_row+k, :n] (n: whole
+    vectors)."""
+    width = _tile_width(C)
+    for j in range(0, n - n % width, width):
+        tile_update_2(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
+    if n % width:
+        tile_update_1(A, a_row, a_col, B, b_row, n - n % width, C, c_row, n - n % width, k, accumulate)
 
 
 @jit_helper
-def _pack_tile(keys, tile):
-    """tile[d, j] = keys[j, d], zero past the keys: one transposed tile, written row by row
-    (contiguous stores).  Both are indexed from 0: an offset index j0 + j would carry Numba's
-    negative-index wraparound check, which stops LLVM from vectorising."""
-    for d in range(tile.shape[0]):
-        row = tile[d]
-        for j in range(keys.shape[0]):
+def _scores(A, B, C, rows, k, n, diagonal):
+    """C[:rows, :n] = A[:rows, :k] @ B[:k, :n], in the diagonal tile only the columns of
+    ``_computed_end`` (rows: a multiple of MR)."""
+    for r in range(0, rows, MR):
+        _update_columns(A, r, 0, B, 0, C, r, _computed_end(r, n, _tile_width(C)) if diagonal else n, k, False)
+
+
+@jit_helper
+def _add_lower_times(A, B, C, rows, k, n, diagonal):
+    """C[:rows, :n] += A[:rows, :k] @ B[:k, :n], where in the diagonal tile A is lower triangular
+    (A[r, j] = 0 for j > r): row block r sums over j < r + MR only."""
+    for r in range(0, rows, MR):
+        _update_columns(A, r, 0, B, 0, C, r, n, min(k, r + MR) if diagonal else k, True)
+
+
+@jit_helper
+def _add_times_lower(A, B, C, m, rows, n, diagonal):
+    """C[:m, :n] += A[:m, :rows] @ B[:rows, :n], where in the diagonal tile B is lower triangular
+    (B[i, j] = 0 for j > i): a tile of columns from j sums over i >= j only (m: a multiple of MR)."""
+    width = _tile_width(C)
+    for j in range(0, n, width):
+        first = j if diagonal else 0
+        if first >= rows:
+            break
+        for r in range(0, m, MR):
+            tile_update_2(A, r, first, B, first, j, C, r, j, rows - first, True)
+
+
+@jit_helper
+def _load_block(x, scale, buffer, rows):
+    """buffer[:rows, :hd] = scale * x[:rows], zero elsewhere (x: (rows, hd), buffer: padded)."""
+    hd = x.shape[1]
+    for r in range(rows):
+        x_r, out = x[r], buffer[r]
+        for d in range(hd):
+            out[d] = scale * x_r[d]
+        out[hd:] = 0.0
+    buffer[rows:] = 0.0
+
+
+@jit_helper
+def _pack_tiles(keys, transposed, as_rows):
+    """transposed[d, j] = as_rows[j, d] = keys[j, d], zero past the keys and past head_dim.  Rows
+    are indexed from 0 and written whole, with no test per element: an offset index j0 + j would
+    carry Numba's negative-index wraparound check, and either keeps LLVM from vectorising."""
+    n_keys, hd = keys.shape
+    transposed[hd:] = 0.0
+    for d in range(hd):
+        row = transposed[d]
+        for j in range(n_keys):
             row[j] = keys[j, d]
-        for j in range(keys.shape[0], tile.shape[1]):
-            row[j] = 0.0
+        row[n_keys:] = 0.0
+    _load_block(keys, keys.dtype.type(1.0), as_rows, n_keys)
 
 
 @jit_shared_kernel
-def pack_key_tiles(k, v, k_tiles, v_tiles, next_unit):
-    """k_tiles[b, h, kb, d, j] = k[b, h, kb * block + j, d], zero past T, and v_tiles alike:
-    (B, K, T, hd) in any strides -> contiguous (B, K, n_blocks, hd, block), one transposed tile per
-    key block.  A unit of work is one key block of one (b, kv head)."""
+def pack_key_tiles(k, v, block, k_tiles, v_tiles, k_rows, v_rows, next_unit):
+    """(B, K, T, hd) in any strides -> the kernels' tiles, one per key block of `block` keys:
+    k_tiles[b, h, kb, d, j] = k_rows[b, h, kb, j, d] = k[b, h, kb * block + j, d], zero past T and
+    past hd (k_tiles: (B, K, n_blocks, hd_pad, block_pad), k_rows: (B, K, n_blocks, block_pad,
+    hd_pad)), and v's alike.  A unit of work is one key block of one (b, kv head)."""
     B, K, T, hd = k.shape
-    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
+    n_blocks = k_tiles.shape[2]
     while True:
         unit = claim_unit(next_unit)
         if unit >= B * K * n_blocks:
             break
         b, kh, kb = unit // (K * n_blocks), unit // n_blocks % K, unit % n_blocks
         rows = slice(kb * block, min(T, (kb + 1) * block))
-        _pack_tile(k[b, kh, rows], k_tiles[b, kh, kb])
-        _pack_tile(v[b, kh, rows], v_tiles[b, kh, kb])
+        _pack_tiles(k[b, kh, rows], k_tiles[b, kh, kb], k_rows[b, kh, kb])
+        _pack_tiles(v[b, kh, rows], v_tiles[b, kh, kb], v_rows[b, kh, kb])
+
+
+@jit_helper
+def _softmax_tail(p, n_keys, end):
+    """p[n_keys:end] = 0, past a row's last key (whole vectors up to _round_up(n_keys, LANES): see
+    LANES): the first part is written by the caller's vector loop."""
+    for j in range(_round_up(n_keys, LANES), end):
+        p[j] = 0.0
 
 
 @jit_shared_kernel
-def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
+def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit):
     """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
     key tiles (FlashAttention): per query row the running max m, the running sum
     l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
     raises the max to m', the old l and acc are first scaled by alpha = exp(m - m')."""
     B, H, T, hd = q.shape
     G = H // k_tiles.shape[1]
-    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
-    qc = np.empty((block, hd), dtype=q.dtype)                # this thread's buffers
-    acc = np.empty((block, hd), dtype=q.dtype)
+    n_blocks, hd_pad, block_pad = k_tiles.shape[2], k_tiles.shape[3], k_tiles.shape[4]
+    qc = np.empty((block_pad, hd_pad), dtype=q.dtype)        # this thread's buffers
+    acc = np.empty((block_pad, hd_pad), dtype=q.dtype)
     m = np.empty(block, dtype=q.dtype)
     l = np.empty(block, dtype=q.dtype)
-    P = np.empty((block, block), dtype=q.dtype)              # scores, then probabilities
+    P = np.empty((block_pad, block_pad), dtype=q.dtype)      # scores, then probabilities
+    zero = q.dtype.type(0.0)
+    width = _tile_width(P)
     n_units = B * H * n_blocks
     while True:
         unit = claim_unit(next_unit)
@@ -256,32 +242,31 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
         b, h = bh // H, bh % H
         i0 = qb * block
         rows = min(block, T - i0)
-        for r in range(rows):
-            m[r], l[r] = -np.inf, 0.0
-            q_r, qc_r, acc_r = q[b, h, i0 + r], qc[r], acc[r]
-            for d in range(hd):
-                qc_r[d] = scale * q_r[d]
-                acc_r[d] = 0.0
+        rows_pad = _round_up(rows, MR)
+        _load_block(q[b, h, i0:i0 + rows], scale, qc, rows)
+        acc[...] = 0.0
+        m[:rows] = -np.inf
+        l[:rows] = 0.0
         for kb in range(qb + 1):
-            kT, vT = k_tiles[b, h // G, kb], v_tiles[b, h // G, kb]
-            diagonal = kb == qb                                  # then P[r, j] = 0 for j > r
-            _matmul(qc, kT, P, rows, hd, block, False, C_LOWER if diagonal else FULL)  # S = qc kT
+            diagonal = kb == qb
+            _scores(qc, k_tiles[b, h // G, kb], P, rows_pad, hd, block_pad, diagonal)   # S = qc kT
             for r in range(rows):
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
                 m_new = max(m[r], array_max(p, n_keys))
                 alpha = fast_exp(m[r] - m_new)
-                row_sum = p.dtype.type(0.0)
-                for j in range(n_keys):
-                    p[j] = fast_exp(p[j] - m_new)
+                row_sum = zero
+                for j in range(_round_up(n_keys, LANES)):
+                    e = fast_exp(p[j] - m_new)
+                    p[j] = e if j < n_keys else zero
                     row_sum += p[j]
-                for j in range(n_keys, _padding_end(r, block)):
-                    p[j] = 0.0
+                _softmax_tail(p, n_keys, _computed_end(r, block_pad, width) if diagonal else block_pad)
                 l[r] = alpha * l[r] + row_sum
                 m[r] = m_new
-                for d in range(hd):
-                    acc[r, d] *= alpha
-            _matmul_bt_add(P, vT, acc, rows, block, hd, diagonal)                   # acc += P vT^T
+                acc_r = acc[r]
+                for d in range(hd_pad):
+                    acc_r[d] *= alpha
+            _add_lower_times(P, v_rows[b, h // G, kb], acc, rows_pad, block_pad, hd_pad, diagonal)  # acc += P V
         for r in range(rows):
             o_r, acc_r, inv_l = o[b, h, i0 + r], acc[r], 1.0 / l[r]
             for d in range(hd):
@@ -290,7 +275,8 @@ def attention_forward_kernel(q, k_tiles, v_tiles, scale, o, lse, next_unit):
 
 
 @jit_shared_kernel
-def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_starts, dq_parts, dk, dv, next_unit):
+def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, split_starts, dq_parts, dk, dv,
+                              next_unit):
     """One unit of parallel work = (batch b, kv head kh, range of key blocks): it owns the dk, dv
     rows of its keys, so no two units write the same dk/dv.  It walks the G query heads of the group
     and every query block at or below its keys, rebuilds P from lse, and accumulates dkT, dvT in
@@ -300,20 +286,22 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
     B, H, T, hd = q.shape
     K = k_tiles.shape[1]
     G = H // K
-    n_blocks, block = k_tiles.shape[2], k_tiles.shape[4]
+    n_blocks, hd_pad, block_pad = k_tiles.shape[2], k_tiles.shape[3], k_tiles.shape[4]
     n_splits = split_starts.shape[0] - 1
     most_blocks = 0
     for split in range(n_splits):
         most_blocks = max(most_blocks, split_starts[split + 1] - split_starts[split])
-    dk_all = np.empty((most_blocks, hd, block), dtype=q.dtype)   # this thread's buffers
-    dv_all = np.empty((most_blocks, hd, block), dtype=q.dtype)
-    qc = np.empty((block, hd), dtype=q.dtype)                # c q block
-    do_b = np.empty((block, hd), dtype=q.dtype)              # do block
-    qcT, doT = qc.T, do_b.T                                  # (views: _matmul reads A as scalars)
-    dq_b = np.empty((block, hd), dtype=q.dtype)
+    dk_all = np.empty((most_blocks, hd_pad, block_pad), dtype=q.dtype)   # this thread's buffers
+    dv_all = np.empty((most_blocks, hd_pad, block_pad), dtype=q.dtype)
+    qc = np.empty((block_pad, hd_pad), dtype=q.dtype)        # c q block
+    do_b = np.empty((block_pad, hd_pad), dtype=q.dtype)      # do block
+    qcT, doT = qc.T, do_b.T                                  # (views: ``tile_update`` takes A in any strides)
+    dq_b = np.empty((block_pad, hd_pad), dtype=q.dtype)
     D = np.empty(block, dtype=q.dtype)                       # D_i = do_i . o_i
-    P = np.empty((block, block), dtype=q.dtype)
-    dS = np.empty((block, block), dtype=q.dtype)             # dP, then dS
+    P = np.empty((block_pad, block_pad), dtype=q.dtype)
+    dS = np.empty((block_pad, block_pad), dtype=q.dtype)     # dP, then dS
+    zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
+    width = _tile_width(P)
     n_units = B * K * n_splits
     while True:
         unit = claim_unit(next_unit)
@@ -334,36 +322,34 @@ def attention_backward_kernel(q, k_tiles, v_tiles, o, lse, do, scale, split_star
             for qb in range(kb_lo, n_blocks):
                 i0 = qb * block
                 rows = min(block, T - i0)
+                rows_pad = _round_up(rows, MR)
+                _load_block(q[b, h, i0:i0 + rows], scale, qc, rows)
+                _load_block(do[b, h, i0:i0 + rows], one, do_b, rows)
+                dq_b[...] = 0.0
                 for r in range(rows):
-                    q_r, do_r, o_r = q[b, h, i0 + r], do[b, h, i0 + r], o[b, h, i0 + r]
-                    qc_r, do_b_r, dq_b_r = qc[r], do_b[r], dq_b[r]
-                    Dr = q.dtype.type(0.0)
+                    do_r, o_r = do[b, h, i0 + r], o[b, h, i0 + r]
+                    Dr = zero
                     for d in range(hd):
-                        qc_r[d] = scale * q_r[d]
-                        do_b_r[d] = do_r[d]
-                        dq_b_r[d] = 0.0
                         Dr += do_r[d] * o_r[d]
                     D[r] = Dr
                 for kb in range(kb_lo, min(qb + 1, kb_hi)):
-                    kT, vT = k_tiles[b, kh, kb], v_tiles[b, kh, kb]
                     diagonal = kb == qb                              # then P, dS lower triangular
-                    lower = C_LOWER if diagonal else FULL
-                    _matmul(qc, kT, P, rows, hd, block, False, lower)     # S = qc kT
-                    _matmul(do_b, vT, dS, rows, hd, block, False, lower)  # dP = do vT
+                    _scores(qc, k_tiles[b, kh, kb], P, rows_pad, hd, block_pad, diagonal)     # S = qc kT
+                    _scores(do_b, v_tiles[b, kh, kb], dS, rows_pad, hd, block_pad, diagonal)  # dP = do vT
                     for r in range(rows):
                         p, ds = P[r], dS[r]
                         lse_i, D_i = lse[b, h, i0 + r], D[r]
                         n_keys = min(block, i0 + r + 1 - kb * block)
-                        for j in range(n_keys):
-                            p[j] = fast_exp(p[j] - lse_i)
-                            ds[j] = p[j] * (ds[j] - D_i)
-                        for j in range(n_keys, _padding_end(r, block)):
-                            p[j] = 0.0
-                            ds[j] = 0.0
-                    lower = B_LOWER if diagonal else FULL
-                    _matmul(doT, P, dv_tiles[kb - kb_lo], hd, rows, block, True, lower)  # dvT += doT P
-                    _matmul(qcT, dS, dk_tiles[kb - kb_lo], hd, rows, block, True, lower)  # dkT += qcT dS
-                    _matmul_bt_add(dS, kT, dq_b, rows, block, hd, diagonal)              # dq += dS kT^T
+                        for j in range(_round_up(n_keys, LANES)):
+                            e = fast_exp(p[j] - lse_i)
+                            p[j] = e if j < n_keys else zero
+                            ds[j] = p[j] * (ds[j] - D_i) if j < n_keys else zero
+                        end = _computed_end(r, block_pad, width) if diagonal else block_pad
+                        _softmax_tail(p, n_keys, end)
+                        _softmax_tail(ds, n_keys, end)
+                    _add_times_lower(doT, P, dv_tiles[kb - kb_lo], hd_pad, rows, block_pad, diagonal)  # dvT += doT P
+                    _add_times_lower(qcT, dS, dk_tiles[kb - kb_lo], hd_pad, rows, block_pad, diagonal)  # dkT += qcT dS
+                    _add_lower_times(dS, k_rows[b, kh, kb], dq_b, rows_pad, block_pad, hd_pad, diagonal)  # dq += dS K
                 for r in range(rows):
                     for d in range(hd):
                         dq_parts[split, b, h, i0 + r, d] = scale * dq_b[r, d]
@@ -389,37 +375,44 @@ def key_block_splits(B, K, n_blocks, threads):
     return np.unique(np.concatenate([[0], cuts, [n_blocks]])).astype(np.int64)
 
 
-def _key_tiles(k, v, block):
-    """K and V as the kernels' transposed tiles (see ``pack_key_tiles``)."""
-    B, K, T, hd = k.shape
-    shape = (B, K, -(-T // block), hd, block)
-    k_tiles, v_tiles = np.empty(shape, dtype=k.dtype), np.empty(shape, dtype=k.dtype)
-    run_on_threads(pack_key_tiles, k, v, k_tiles, v_tiles, n_units=B * K * shape[2])
-    return k_tiles, v_tiles
+def key_tile_buffers(B, K, T, hd, dtype):
+    """Arrays for the kernels' tiles of K and V (see ``pack_key_tiles``): [k_tiles, v_tiles,
+    k_rows, v_rows].  The model makes them once per layer and shape (layers/block.py) and passes
+    them to every forward: a few MB a layer, which fresh from the allocator would cost page faults
+    on each step (measured: 0.4 ms of a 0.7 ms packing at the default model's shape)."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    block = block_size(hd)
+    n_blocks, hd_pad = -(-T // block), _round_up(hd, lanes)
+    block_pad = _round_up(block, max(2 * lanes, LANES))     # whole tiles, whole LANES
+    transposed, as_rows = (B, K, n_blocks, hd_pad, block_pad), (B, K, n_blocks, block_pad, hd_pad)
+    return [np.empty(shape, dtype=dtype) for shape in (transposed, transposed, as_rows, as_rows)]
 
 
 # ---- what the model calls ----------------------------------------------------------------------
-def attention_forward(q, k, v, o=None):
+def attention_forward(q, k, v, o=None, tiles=None):
     """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
 
     o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
     (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
-    layout.  The cache keeps K and V as the kernels' packed tiles (the backward reads the same
-    tiles: no second packing)."""
+    layout.  K and V are packed into the kernels' tiles, in ``tiles`` (from ``key_tile_buffers``)
+    when given; the cache keeps them (the backward reads the same tiles: no second packing)."""
     B, H, T, hd = q.shape
     block = block_size(hd)
     scale = q.dtype.type(1.0 / np.sqrt(hd))
     if o is None:
         o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    k_tiles, v_tiles = _key_tiles(k, v, block)
-    run_on_threads(attention_forward_kernel, q, k_tiles, v_tiles, scale, o, lse)
-    return o, (q, k_tiles, v_tiles, o, lse)
+    if tiles is None:
+        tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
+    k_tiles, v_tiles, k_rows, v_rows = tiles
+    run_on_threads(pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
+    run_on_threads(attention_forward_kernel, q, k_tiles, v_rows, block, scale, o, lse)
+    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse)
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
     """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
-    q, k_tiles, v_tiles, o, lse = cache
+    q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse = cache
     B, H, T, hd = q.shape
     kv_shape = (B, k_tiles.shape[1], T, hd)
     dq = np.empty(q.shape, dtype=q.dtype) if dq is None else dq
@@ -429,7 +422,8 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
     splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], numba.get_num_threads())
     n_splits = len(splits) - 1
     dq_parts = dq[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
-    run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, o, lse, do, scale, splits, dq_parts, dk, dv)
+    run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,
+                   dk, dv)
     if n_splits > 1:
         np.sum(dq_parts, axis=0, out=dq)
     return dq, dk, dv

@@ -38,7 +38,7 @@ au: (N, 2F); g: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/
 """
 import numpy as np
 
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_forward, key_tile_buffers
 from .linear import matmuls
 from .lora import lora_adapter_backward, lora_adapter_forward
 from .rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
@@ -79,6 +79,7 @@ class BlockActivations:
         self.n2, self.r2 = (self.n1, self.r1) if in_place else (e(N, D), e(N))
         self.au = e(N, 2 * F)
         self.g = e(N, F)
+        self.key_tiles = None                                       # made by the first forward (it knows B, T)
         self.attn_cache = None
         self.mask_attn = self.mask_ffn = None
         self.lora_caches = {}
@@ -152,7 +153,10 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     _adapters_forward(acts, adapters, ("q_proj", "k_proj", "v_proj"), acts.n1, acts.qkv, cols)
     rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, T)
     q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
-    _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3))
+    if acts.key_tiles is None:
+        acts.key_tiles = key_tile_buffers(B, K, T, hd, acts.qkv.dtype)
+    _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3),
+                                           tiles=acts.key_tiles)
     matmuls((acts.o, w["wo"].T, s.proj))
     _adapters_forward(acts, adapters, ("o_proj",), acts.o, s.proj, cols)
     if acts.mask_attn is not None:

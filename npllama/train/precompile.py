@@ -42,6 +42,7 @@ from .. import model
 from ..config import LlamaConfig
 from ..generate import decoding
 from ..layers import block, cross_entropy
+from ..layers.attention import block_size
 from ..layers.kv_cache import matvec_kernel, matvec_parallel_kernel
 from ..optim import AdamW, clip_grad_norm
 
@@ -68,7 +69,7 @@ def marker_path(spec: dict) -> Path:
     stamps = sorted((str(p.relative_to(PACKAGE_DIR)), p.stat().st_mtime_ns, p.stat().st_size)
                     for p in PACKAGE_DIR.rglob("*.py"))
     key = json.dumps([spec, stamps, str(PACKAGE_DIR), numba.__version__, sys.version,
-                      os.environ.get("NUMBA_CACHE_DIR", "")], sort_keys=True)
+                      os.environ.get("NUMBA_CACHE_DIR", ""), os.environ.get("NUMBA_CPU_FEATURES", "")], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_dir = os.environ.get("NUMBA_CACHE_DIR") or PACKAGE_DIR / "__pycache__"
     return Path(cache_dir) / f"npllama-precompiled-{digest}"
@@ -135,11 +136,12 @@ def start(spec: dict, threads: int) -> Precompiler | None:
 
 
 # ---- the second process's side -------------------------------------------------------------------
-def _attention_forward_types_only(q, k, v, o):
+def _attention_forward_types_only(q, k, v, o, tiles):
     """attention_forward's outputs and cache, of the right types, with no kernel run."""
-    tiles = lambda x: np.zeros(x.shape[:2] + (1, x.shape[3], x.shape[2]), dtype=x.dtype)
+    for t in tiles:
+        t[...] = 0.0
     o[...] = 0.0
-    return o, (q, tiles(k), tiles(v), o, np.zeros(q.shape[:3], dtype=q.dtype))
+    return o, (q, tuple(tiles), block_size(q.shape[3]), o, np.zeros(q.shape[:3], dtype=q.dtype))
 
 
 def _nothing(*args, **kwargs):
