@@ -157,3 +157,20 @@ def test_tile_update_equals_matmul(dtype, width, seed, tiles, k, accumulate, tra
     _tile_products(A, B, C, k, accumulate, width)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * max(1, k))
+
+
+def test_inputs_and_outputs_whose_last_axis_is_strided():
+    # The kernels read and write rows as contiguous vectors (_numba.contiguous_row); arrays whose
+    # last axis is strided go through contiguous copies, in and out.
+    r = np.random.default_rng(3)
+    B, H, K, T, hd = 2, 4, 2, 11, 6
+    q, k, v, do = random_qkv(r, B, H, K, T, hd, np.float64)
+    fortran = lambda x: np.asfortranarray(x)              # noqa: E731 (last axis strided)
+    outputs = [np.full(s, np.nan, order="F") for s in ((B, H, T, hd), (B, H, T, hd), (B, K, T, hd), (B, K, T, hd))]
+    o, cache = attention.attention_forward(fortran(q), fortran(k), fortran(v), o=outputs[0])
+    grads = attention.attention_backward(fortran(do), cache, *outputs[1:])
+    o_ref, cache_ref = attention.attention_forward_reference(q, k, v)
+    assert o is outputs[0] and all(g is want for g, want in zip(grads, outputs[1:]))
+    np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, attention.attention_backward_reference(do, cache_ref)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)

@@ -24,8 +24,8 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 import numba
 import numpy as np
 
-from ._numba import (MR, VECTOR_BYTES, array_max, claim_unit, fast_exp, run_on_threads, tile_update_1,
-                     tile_update_2)
+from ._numba import (MR, VECTOR_BYTES, claim_unit, contiguous_row, fast_exp, run_on_threads, tile_update_1,
+                     tile_update_2, vector_max)
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -165,11 +165,11 @@ def _add_times_lower(A, B, C, m, rows, n, diagonal):
 
 
 @jit_helper
-def _load_block(x, scale, buffer, rows):
-    """buffer[:rows, :hd] = scale * x[:rows], zero elsewhere (x: (rows, hd), buffer: padded)."""
-    hd = x.shape[1]
+def _load_block(x, b, h, first, rows, scale, buffer):
+    """buffer[:rows, :hd] = scale * x[b, h, first:first + rows], zero elsewhere (buffer: padded)."""
+    hd = x.shape[3]
     for r in range(rows):
-        x_r, out = x[r], buffer[r]
+        x_r, out = contiguous_row(x, b, h, first + r), buffer[r]
         for d in range(hd):
             out[d] = scale * x_r[d]
         out[hd:] = 0.0
@@ -177,18 +177,16 @@ def _load_block(x, scale, buffer, rows):
 
 
 @jit_helper
-def _pack_tiles(keys, transposed, as_rows):
-    """transposed[d, j] = as_rows[j, d] = keys[j, d], zero past the keys and past head_dim.  Rows
-    are indexed from 0 and written whole, with no test per element: an offset index j0 + j would
-    carry Numba's negative-index wraparound check, and either keeps LLVM from vectorising."""
-    n_keys, hd = keys.shape
+def _pack_tiles(keys, b, kh, first, n_keys, transposed, as_rows):
+    """transposed[d, j] = as_rows[j, d] = keys[b, kh, first + j, d], zero past the keys and past
+    head_dim."""
+    hd = keys.shape[3]
+    _load_block(keys, b, kh, first, n_keys, keys.dtype.type(1.0), as_rows)
     transposed[hd:] = 0.0
-    for d in range(hd):
-        row = transposed[d]
-        for j in range(n_keys):
-            row[j] = keys[j, d]
-        row[n_keys:] = 0.0
-    _load_block(keys, keys.dtype.type(1.0), as_rows, n_keys)
+    for d in range(hd):                    # (from as_rows: its rows are padded, so every row of
+        row = transposed[d]                # the transposed tile, past the keys too, is written)
+        for j in range(row.shape[0]):
+            row[j] = as_rows[j, d]
 
 
 @jit_shared_kernel
@@ -204,9 +202,10 @@ def pack_key_tiles(k, v, block, k_tiles, v_tiles, k_rows, v_rows, next_unit):
         if unit >= B * K * n_blocks:
             break
         b, kh, kb = unit // (K * n_blocks), unit // n_blocks % K, unit % n_blocks
-        rows = slice(kb * block, min(T, (kb + 1) * block))
-        _pack_tiles(k[b, kh, rows], k_tiles[b, kh, kb], k_rows[b, kh, kb])
-        _pack_tiles(v[b, kh, rows], v_tiles[b, kh, kb], v_rows[b, kh, kb])
+        first = kb * block
+        n_keys = min(T, first + block) - first
+        _pack_tiles(k, b, kh, first, n_keys, k_tiles[b, kh, kb], k_rows[b, kh, kb])
+        _pack_tiles(v, b, kh, first, n_keys, v_tiles[b, kh, kb], v_rows[b, kh, kb])
 
 
 @jit_helper
@@ -243,7 +242,7 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
         i0 = qb * block
         rows = min(block, T - i0)
         rows_pad = _round_up(rows, MR)
-        _load_block(q[b, h, i0:i0 + rows], scale, qc, rows)
+        _load_block(q, b, h, i0, rows, scale, qc)
         acc[...] = 0.0
         m[:rows] = -np.inf
         l[:rows] = 0.0
@@ -253,7 +252,7 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
             for r in range(rows):
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
-                m_new = max(m[r], array_max(p, n_keys))
+                m_new = max(m[r], vector_max(p, n_keys))
                 alpha = fast_exp(m[r] - m_new)
                 row_sum = zero
                 for j in range(_round_up(n_keys, LANES)):
@@ -268,7 +267,7 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
                     acc_r[d] *= alpha
             _add_lower_times(P, v_rows[b, h // G, kb], acc, rows_pad, block_pad, hd_pad, diagonal)  # acc += P V
         for r in range(rows):
-            o_r, acc_r, inv_l = o[b, h, i0 + r], acc[r], 1.0 / l[r]
+            o_r, acc_r, inv_l = contiguous_row(o, b, h, i0 + r), acc[r], 1.0 / l[r]
             for d in range(hd):
                 o_r[d] = acc_r[d] * inv_l
             lse[b, h, i0 + r] = m[r] + np.log(l[r])
@@ -316,18 +315,18 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
         dk_tiles[...] = 0.0
         dv_tiles[...] = 0.0
         for h in range(kh * G, (kh + 1) * G):
+            dq = dq_parts[split]
             for i in range(key_lo):                          # queries before our keys get nothing
-                for d in range(hd):
-                    dq_parts[split, b, h, i, d] = 0.0
+                contiguous_row(dq, b, h, i)[:] = 0.0
             for qb in range(kb_lo, n_blocks):
                 i0 = qb * block
                 rows = min(block, T - i0)
                 rows_pad = _round_up(rows, MR)
-                _load_block(q[b, h, i0:i0 + rows], scale, qc, rows)
-                _load_block(do[b, h, i0:i0 + rows], one, do_b, rows)
+                _load_block(q, b, h, i0, rows, scale, qc)
+                _load_block(do, b, h, i0, rows, one, do_b)
                 dq_b[...] = 0.0
                 for r in range(rows):
-                    do_r, o_r = do[b, h, i0 + r], o[b, h, i0 + r]
+                    do_r, o_r = do_b[r], contiguous_row(o, b, h, i0 + r)
                     Dr = zero
                     for d in range(hd):
                         Dr += do_r[d] * o_r[d]
@@ -351,13 +350,15 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
                     _add_times_lower(qcT, dS, dk_tiles[kb - kb_lo], hd_pad, rows, block_pad, diagonal)  # dkT += qcT dS
                     _add_lower_times(dS, k_rows[b, kh, kb], dq_b, rows_pad, block_pad, hd_pad, diagonal)  # dq += dS K
                 for r in range(rows):
+                    dq_r, dq_b_r = contiguous_row(dq, b, h, i0 + r), dq_b[r]
                     for d in range(hd):
-                        dq_parts[split, b, h, i0 + r, d] = scale * dq_b[r, d]
+                        dq_r[d] = scale * dq_b_r[d]
         for j in range(key_lo, key_hi):
             kb, jj = j // block - kb_lo, j % block
+            dk_j, dv_j = contiguous_row(dk, b, kh, j), contiguous_row(dv, b, kh, j)
             for d in range(hd):
-                dk[b, kh, j, d] = dk_tiles[kb, d, jj]
-                dv[b, kh, j, d] = dv_tiles[kb, d, jj]
+                dk_j[d] = dk_tiles[kb, d, jj]
+                dv_j[d] = dv_tiles[kb, d, jj]
 
 
 def key_block_splits(B, K, n_blocks, threads):
@@ -389,25 +390,46 @@ def key_tile_buffers(B, K, T, hd, dtype):
 
 
 # ---- what the model calls ----------------------------------------------------------------------
+def _rows_contiguous(x):
+    """Whether the kernels can read or write x's rows as they are (``contiguous_row``)."""
+    return x.shape[-1] <= 1 or x.strides[-1] == x.itemsize
+
+
+def _readable(x):
+    return x if _rows_contiguous(x) else np.ascontiguousarray(x)
+
+
+def _writable(out, shape, dtype):
+    """(array the kernel writes, array to copy it into afterwards or None)."""
+    if out is None:
+        return np.empty(shape, dtype=dtype), None
+    return (out, None) if _rows_contiguous(out) else (np.empty(shape, dtype=dtype), out)
+
+
 def attention_forward(q, k, v, o=None, tiles=None):
     """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
 
     o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
     (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
     layout.  K and V are packed into the kernels' tiles, in ``tiles`` (from ``key_tile_buffers``)
-    when given; the cache keeps them (the backward reads the same tiles: no second packing)."""
+    when given; the cache keeps them (the backward reads the same tiles: no second packing).
+    (Arrays whose last axis is not contiguous go through contiguous copies.)"""
     B, H, T, hd = q.shape
     block = block_size(hd)
     scale = q.dtype.type(1.0 / np.sqrt(hd))
+    q, k, v = _readable(q), _readable(k), _readable(v)
     if o is None:
         o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
+    o_kernel, o_copy = _writable(o, q.shape, q.dtype)
     lse = np.empty((B, H, T), dtype=q.dtype)
     if tiles is None:
         tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
     k_tiles, v_tiles, k_rows, v_rows = tiles
     run_on_threads(pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
-    run_on_threads(attention_forward_kernel, q, k_tiles, v_rows, block, scale, o, lse)
-    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse)
+    run_on_threads(attention_forward_kernel, q, k_tiles, v_rows, block, scale, o_kernel, lse)
+    if o_copy is not None:
+        np.copyto(o_copy, o_kernel)
+    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse)
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
@@ -415,15 +437,19 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
     q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse = cache
     B, H, T, hd = q.shape
     kv_shape = (B, k_tiles.shape[1], T, hd)
-    dq = np.empty(q.shape, dtype=q.dtype) if dq is None else dq
-    dk = np.empty(kv_shape, dtype=q.dtype) if dk is None else dk
-    dv = np.empty(kv_shape, dtype=q.dtype) if dv is None else dv
+    do = _readable(do)
+    (dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy) = (
+        _writable(dq, q.shape, q.dtype), _writable(dk, kv_shape, q.dtype), _writable(dv, kv_shape, q.dtype))
     scale = q.dtype.type(1.0 / np.sqrt(hd))
     splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], numba.get_num_threads())
     n_splits = len(splits) - 1
-    dq_parts = dq[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
+    dq_parts = dq_kernel[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
     run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,
-                   dk, dv)
+                   dk_kernel, dv_kernel)
     if n_splits > 1:
-        np.sum(dq_parts, axis=0, out=dq)
-    return dq, dk, dv
+        np.sum(dq_parts, axis=0, out=dq_kernel)
+    for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)):
+        if copy is not None:
+            np.copyto(copy, kernel_out)
+    return tuple(kernel_out if copy is None else copy
+                 for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)))
