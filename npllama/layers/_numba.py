@@ -448,8 +448,9 @@ def contiguous_row(typingctx, x, i, j, k):
 @intrinsic
 def vector_max(typingctx, x, n):
     """max(x[:n]) (n >= 1) in whole vectors: x, contiguous, must have room up to n rounded up to whole
-    vectors (lanes = VECTOR_BYTES / itemsize); what lies past n there is read but ignored.  NaN is
-    skipped, as by ``array_max`` (llvm.maxnum).  In attention's softmax ``array_max`` ran as one
+    vectors (lanes = VECTOR_BYTES / itemsize); what lies past n there is read but ignored.  With
+    "nnan" on the maxima, as ``array_max`` has: a NaN in x may be skipped or returned (callers
+    exponentiate x afterwards, and the exp of that element carries the NaN into their result).  In attention's softmax ``array_max`` ran as one
     scalar chain of maxima (~4 cycles a number: a quarter of the forward's time at the default
     model's shape)."""
     sig = x.dtype(x, types.intp)
@@ -479,8 +480,8 @@ def vector_max(typingctx, x, n):
             values = builder.load(builder.gep(data, [loop.index]), align=itemsize)
             index = builder.add(splat(builder.mul(loop.index, ir.Constant(i64, lanes))), offsets)
             values = builder.select(builder.icmp_signed("<", index, limit), values, lowest)
-            builder.store(builder.call(maxnum, [builder.load(acc), values]), acc)
-        return builder.call(reduce, [builder.load(acc)])
+            builder.store(builder.call(maxnum, [builder.load(acc), values], fastmath=("nnan",)), acc)
+        return builder.call(reduce, [builder.load(acc)], fastmath=("nnan",))
     return sig, codegen
 
 
