@@ -128,33 +128,35 @@ def test_float32_exp_is_accurate():
 
 
 @numba.njit(cache=True)
-def _tile_products(A, B, C, k, accumulate, width):
-    """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `width` vectors (C: MR rows a tile)."""
-    lanes = _numba.VECTOR_BYTES // C.itemsize
+def _tile_products(A, B, C, k, accumulate, halves):
+    """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (4: two
+    vectors, 2: one, 1: half of one; C: MR rows a tile)."""
+    columns = halves * _numba.VECTOR_BYTES // C.itemsize // 2
     for r in range(0, C.shape[0], _numba.MR):
-        for j in range(0, C.shape[1], width * lanes):
-            if width == 2:
+        for j in range(0, C.shape[1], columns):
+            if halves == 4:
                 _numba.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
-            else:
+            elif halves == 2:
                 _numba.tile_update_1(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+            else:
+                _numba.tile_update_half(A, r, 1, B, 2, j, C, r, j, k, accumulate)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("halves", [1, 2, 4])
 @given(seed=st.integers(0, 2**31 - 1), tiles=st.integers(1, 3), k=st.integers(0, 40),
        accumulate=st.booleans(), transposed=st.booleans())
-def test_tile_update_equals_matmul(dtype, width, seed, tiles, k, accumulate, transposed):
+def test_tile_update_equals_matmul(dtype, halves, seed, tiles, k, accumulate, transposed):
     # C[r, j] (+)= sum_d A[r, 1 + d] B[2 + d, j]: offsets into A and B, A in either layout.
     r = np.random.default_rng(seed)
-    lanes = _numba.VECTOR_BYTES // np.dtype(dtype).itemsize
-    m, n = _numba.MR * tiles, width * lanes * tiles
+    m, n = _numba.MR * tiles, halves * _numba.VECTOR_BYTES // np.dtype(dtype).itemsize // 2 * tiles
     A = r.normal(size=(m, k + 1)).astype(dtype)
     if transposed:
         A = np.ascontiguousarray(A.T).T                   # the same numbers, column-major
     B = r.normal(size=(k + 2, n)).astype(dtype)
     C = r.normal(size=(m, n)).astype(dtype)
     want = (C if accumulate else 0) + A[:, 1:].astype(np.float64) @ B[2:].astype(np.float64)
-    _tile_products(A, B, C, k, accumulate, width)
+    _tile_products(A, B, C, k, accumulate, halves)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * max(1, k))
 

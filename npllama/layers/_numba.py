@@ -351,11 +351,11 @@ except RuntimeError:        # (a CPU whose features LLVM cannot read)
     VECTOR_BYTES = 32
 
 
-def _tile_update(width):
+def _tile_update(width, vector_bytes=VECTOR_BYTES):
     @intrinsic
     def tile_update(typingctx, A, a_row, a_col, B, b_row, b_col, C, c_row, c_col, k, accumulate):
         """C[c_row + i, c_col + j] (+)= sum_{d < k} A[a_row + i, a_col + d] B[b_row + d, b_col + j]
-        for i < MR, j < width * lanes (lanes = VECTOR_BYTES / itemsize).  A: any strides; the rows of
+        for i < MR, j < width * lanes (lanes = vector_bytes / itemsize).  A: any strides; the rows of
         B and C must be contiguous.  accumulate=False: C = the product."""
         i = types.intp
         sig = types.void(A, i, i, B, i, i, C, i, i, i, types.boolean)
@@ -364,7 +364,7 @@ def _tile_update(width):
             A_, a_row, a_col, B_, b_row, b_col, C_, c_row, c_col, k, accumulate = args
             elt = context.get_value_type(signature.args[0].dtype)
             itemsize = context.get_abi_sizeof(elt)
-            lanes = VECTOR_BYTES // itemsize
+            lanes = vector_bytes // itemsize
             vec, i64 = ir.VectorType(elt, lanes), ir.IntType(64)
 
             def origin(index, value, row, col):      # (byte address of element [row, col], row stride)
@@ -380,7 +380,7 @@ def _tile_update(width):
             b0, b_s0, _ = origin(3, B_, b_row, b_col)
             c0, c_s0, _ = origin(6, C_, c_row, c_col)
             row_offset = lambda stride, r: builder.mul(stride, ir.Constant(i64, r))  # noqa: E731
-            vector_offset = lambda v: ir.Constant(i64, v * VECTOR_BYTES)           # noqa: E731
+            vector_offset = lambda v: ir.Constant(i64, v * vector_bytes)           # noqa: E731
             c_vectors = [[at(builder.gep(c0, [row_offset(c_s0, r)]), vector_offset(v), vec) for v in range(width)]
                          for r in range(MR)]
             acc = [[cgutils.alloca_once(builder, vec) for _ in range(width)] for _ in range(MR)]
@@ -414,6 +414,7 @@ def _tile_update(width):
 
 tile_update_1 = _tile_update(1)       # MR x one vector
 tile_update_2 = _tile_update(2)       # MR x two vectors
+tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (head_dim 8 in float32)
 
 
 

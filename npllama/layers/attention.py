@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from ._numba import (MR, VECTOR_BYTES, claim_unit, contiguous_row, fast_exp, run_on_threads, tile_update_1,
-                     tile_update_2, vector_max)
+                     tile_update_2, tile_update_half, vector_max)
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def attention_backward_reference(do, cache):
 # The products are made of ``tile_update`` calls (_numba.py): MR rows of C by one or two vectors
 # of columns, kept in registers over the whole sum.  So every operand's rows are padded: K and V
 # are packed once per call, both transposed (kT[d, j] = k[j0 + j, d], for S and dP) and as rows
-# (K[j, d], for P V and dS K), with head_dim padded to whole vectors (hd_pad) and the block to
+# (K[j, d], for P V and dS K), with head_dim padded to whole half vectors (hd_pad) and the block to
 # whole tiles (block_pad), the padding zero; the q, do blocks are copied into padded buffers too.
 # In the diagonal tile the causal structure is used: a row block's scores stop after the tile that
 # holds its diagonal (``_computed_end``), the softmax pass writes zeros from the diagonal to there,
@@ -127,12 +127,16 @@ def _computed_end(r, n, width):
 @jit_helper
 def _update_columns(A, a_row, a_col, B, b_row, C, c_row, n, k, accumulate):
     """C[c_row:c_row+MR, :n] (+)= A[a_row:a_row+MR, a_col:a_col+k] @ B[b_row:b_row+k, :n] (n: whole
-    vectors)."""
+    half vectors)."""
     width = _tile_width(C)
     for j in range(0, n - n % width, width):
         tile_update_2(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
-    if n % width:
-        tile_update_1(A, a_row, a_col, B, b_row, n - n % width, C, c_row, n - n % width, k, accumulate)
+    j = n - n % width
+    if n - j >= width // 2:
+        tile_update_1(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
+        j += width // 2
+    if j < n:
+        tile_update_half(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
 
 
 @jit_helper
@@ -301,6 +305,7 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
     dS = np.empty((block_pad, block_pad), dtype=q.dtype)     # dP, then dS
     zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
     width = _tile_width(P)
+    hd_rows = _round_up(hd, MR)             # the rows of the dkT, dvT tiles worth computing
     n_units = B * K * n_splits
     while True:
         unit = claim_unit(next_unit)
@@ -346,8 +351,8 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
                         end = _computed_end(r, block_pad, width) if diagonal else block_pad
                         _softmax_tail(p, n_keys, end)
                         _softmax_tail(ds, n_keys, end)
-                    _add_times_lower(doT, P, dv_tiles[kb - kb_lo], hd_pad, rows, block_pad, diagonal)  # dvT += doT P
-                    _add_times_lower(qcT, dS, dk_tiles[kb - kb_lo], hd_pad, rows, block_pad, diagonal)  # dkT += qcT dS
+                    _add_times_lower(doT, P, dv_tiles[kb - kb_lo], hd_rows, rows, block_pad, diagonal)  # dvT += doT P
+                    _add_times_lower(qcT, dS, dk_tiles[kb - kb_lo], hd_rows, rows, block_pad, diagonal)  # dkT += qcT dS
                     _add_lower_times(dS, k_rows[b, kh, kb], dq_b, rows_pad, block_pad, hd_pad, diagonal)  # dq += dS K
                 for r in range(rows):
                     dq_r, dq_b_r = contiguous_row(dq, b, h, i0 + r), dq_b[r]
@@ -383,7 +388,7 @@ def key_tile_buffers(B, K, T, hd, dtype):
     on each step (measured: 0.4 ms of a 0.7 ms packing at the default model's shape)."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     block = block_size(hd)
-    n_blocks, hd_pad = -(-T // block), _round_up(hd, lanes)
+    n_blocks, hd_pad = -(-T // block), _round_up(hd, max(lanes // 2, MR))    # (whole half vectors)
     block_pad = _round_up(block, max(2 * lanes, LANES))     # whole tiles, whole LANES
     transposed, as_rows = (B, K, n_blocks, hd_pad, block_pad), (B, K, n_blocks, block_pad, hd_pad)
     return [np.empty(shape, dtype=dtype) for shape in (transposed, transposed, as_rows, as_rows)]
