@@ -177,3 +177,40 @@ def test_bad_dtype_raises():
     cfg = npllama.LlamaConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=8, max_seq_len=6)
     with pytest.raises(ConfigError, match="float32 or float64"):
         npllama.Llama(cfg, dtype=np.float16)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_batch_split_among_threads_gives_the_whole_batchs_loss_and_gradient(lora):
+    # With two threads loss_and_grad runs the batch as two parts, one per thread, and sums their
+    # gradients (model.py, _batch_parts): the same loss and gradient as the whole batch on one
+    # thread, with an odd batch (parts of 1 and 2 sequences), ignored targets spread unevenly (each
+    # part's mean weighed by its targets) and dropout drawn from the model's generator (the parts
+    # take their rows of the same masks).
+    import numba
+
+    from npllama.layers.linear import split_matmuls
+    from npllama.threads import thread_limit
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread here")
+    cfg = npllama.LlamaConfig(vocab_size=30, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24,
+                              max_seq_len=9, dropout=0.2)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 30, size=(3, 9))
+    y = x.copy()
+    y[0, :7] = -100                                   # the first part: 2 of its 9 targets count
+
+    def run(threads, steps):
+        m = random_model(cfg, 3).train()
+        if lora:
+            m.add_lora(2, 4.0, dropout=0.3, seed=1)
+            m.flat_lora[...] = np.random.default_rng(2).normal(size=m.flat_lora.size)
+        with thread_limit(threads), split_matmuls():
+            for _ in range(steps):
+                loss, grads = m.loss_and_grad(x, y)
+        return loss, grads
+    for steps in (1, 2):                              # parts one after the other, then at once
+        whole_loss, whole = run(1, steps)
+        loss, parts = run(2, steps)
+        assert abs(loss - whole_loss) < 1e-12 * abs(whole_loss)
+        for name, g in whole.items():
+            np.testing.assert_allclose(parts[name], g, rtol=1e-11, atol=1e-13, err_msg=name)

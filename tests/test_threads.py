@@ -132,8 +132,12 @@ def test_no_kernel_runs_on_numbas_thread_pool():
 
 
 def test_a_step_shares_its_work_with_a_helper_thread(monkeypatch):
-    """With two threads, a training step hands work to npllama's helper thread: the matmul halves
-    and the kernels' units (the settings in effect, whatever was imported first)."""
+    """With two threads a training step runs half the batch on npllama's helper thread (from the
+    second step of a shape on: the first runs the halves one after the other on the calling thread,
+    where the kernels compile); a batch of one sequence instead shares out each matmul's halves and
+    each kernel's units (the settings in effect, whatever was imported first)."""
+    import threading
+
     import numba
 
     from npllama import Llama, LlamaConfig
@@ -141,14 +145,24 @@ def test_a_step_shares_its_work_with_a_helper_thread(monkeypatch):
     from npllama.layers.linear import split_matmuls
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba has one thread here")
-    jobs = []
+    jobs, part_threads = [], []
     original = _numba.HelperThreads.run
     monkeypatch.setattr(_numba.HelperThreads, "run", lambda self, js: (jobs.append(len(js)), original(self, js))[1])
+    part = Llama._loss_and_grad_rows
+    monkeypatch.setattr(Llama, "_loss_and_grad_rows",
+                        lambda self, *a, **k: (part_threads.append(threading.get_ident()), part(self, *a, **k))[1])
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=48, max_seq_len=128)
     model = Llama(cfg, dtype=np.float32, seed=0).train()
     x = np.random.default_rng(0).integers(0, 64, size=(4, 128))
     with thread_limit(2), split_matmuls():
-        model.loss_and_grad(x, x, copy=False)
+        first, _ = model.loss_and_grad(x, x)
+        assert jobs == [] and len(part_threads) == 2 and len(set(part_threads)) == 1    # one after the other
+        jobs.clear(), part_threads.clear()
+        again, _ = model.loss_and_grad(x, x)
+        assert jobs == [2] and len(set(part_threads)) == 2 and threading.get_ident() in part_threads
+        assert again == first
+        jobs.clear()
+        model.loss_and_grad(x[:1], x[:1], copy=False)
     assert len(jobs) >= 10 and all(n == 2 for n in jobs), jobs
 
 

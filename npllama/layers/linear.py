@@ -72,6 +72,24 @@ def matmuls(*products):
     helper_threads(n - 1).run([(_matmul_task, t) for t in tasks])
 
 
+def split_threads():
+    """How many threads ``matmuls`` splits products among (1 outside ``split_matmuls``)."""
+    return _split["threads"]
+
+
+class one_thread_per_matmul:
+    """Context manager: inside ``split_matmuls``, every product one BLAS call on the calling thread
+    (for work already spread over the threads: the model's batch parts, model.py)."""
+
+    def __enter__(self):
+        self.threads, _split["threads"] = _split["threads"], 1
+        return self
+
+    def __exit__(self, *exc):
+        _split["threads"] = self.threads
+        return False
+
+
 class split_matmuls:
     """Context manager: inside, ``matmuls`` splits products across the BLAS thread budget."""
 
