@@ -335,8 +335,9 @@ class Llama:
     # ---- forward and backward ------------------------------------------------------------------
     # The passes run the blocks of layers/block.py on row buffers: every activation of a (B, T) batch
     # lives in a buffer made on the first call with that shape and reused after (the attention
-    # kernels still allocate their tiles and outputs per call).  Training keeps one set per layer for
-    # the backward; forward(), loss() and last_hidden_state() use one set for all layers.
+    # kernels' K/V tiles too; their small outputs are allocated per call).  Training keeps one set
+    # per layer for the backward (one such workspace per part of the batch, see _batch_parts);
+    # forward(), loss() and last_hidden_state() use one set for all layers.
     def _workspace(self, B, T, training, part=0):
         key = (B, T, bool(training), part)
         ws = self._workspaces.get(key)
@@ -526,8 +527,8 @@ class Llama:
     # With n threads (``split_matmuls``: n single-threaded BLAS calls at a time) a training step runs
     # as n steps on parts of the batch at once, each on one thread with its own buffers, and their
     # gradients are summed: the threads then meet once per step instead of at every matmul and kernel
-    # (~100 times), and each works on its own rows only (measured, 2 threads: the default model
-    # 97 -> 89 ms a step, 15M-v4k 443 -> 413, 260K 144 -> 129).  The first step of a shape runs its
+    # (~100 times), and each works on its own rows only (measured on 2 threads, loss_and_grad alone:
+    # the default model 97 -> 89 ms, 15M-v4k 443 -> 413, 260K 144 -> 129).  The first step of a shape runs its
     # parts one after the other on the calling thread, so that every kernel compiles there (see
     # run_on_threads); the arithmetic is the same either way (each part runs on one thread).
     def _batch_parts(self, B):
@@ -557,11 +558,11 @@ class Llama:
         order: per layer the attention's and the feed-forward's (``base``), then the adapters'
         inputs' (``lora``)."""
         cfg = self.config
+        if not self.training:
+            return None, None
         p_base = cfg.dropout if base else 0.0
         p_lora = self.lora.dropout if lora and self.lora is not None else 0.0
         masks, lora_masks = [], {}
-        if not self.training:
-            return None, None
         for i in range(cfg.n_layers):
             if p_base > 0.0:
                 masks.append(tuple(dropout_mask((N, cfg.dim), p_base, self._dropout_rng, self.dtype) for _ in range(2)))
