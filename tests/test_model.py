@@ -206,7 +206,11 @@ def test_a_batch_split_among_threads_gives_the_whole_batchs_loss_and_gradient(lo
             m.flat_lora[...] = np.random.default_rng(2).normal(size=m.flat_lora.size)
         with thread_limit(threads), split_matmuls():
             for _ in range(steps):
-                loss, grads = m.loss_and_grad(x, y)
+                ready = []
+                loss, grads = m.loss_and_grad(x, y, on_grads_ready=lambda lo, hi: ready.append((lo, hi)))
+        # every range of flat_grads reported once, in the backward's order (MPI's all-reduce reads them)
+        assert ready[0][1] == m.flat_grads.size and ready[-1][0] == 0
+        assert all(ready[i][0] == ready[i + 1][1] for i in range(len(ready) - 1))
         return loss, grads
     for steps in (1, 2):                              # parts one after the other, then at once
         whole_loss, whole = run(1, steps)
