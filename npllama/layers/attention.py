@@ -84,8 +84,8 @@ def attention_backward_reference(do, cache):
 # a*b + c into one FMA, "nsz" lets it ignore the sign of zero (0.0 * x may become 0.0), "arcp" lets
 # it compute a division as a multiplication by the reciprocal (o = acc / l).  All four change
 # rounding only at the 1e-16 level in float64 (tests hold the kernels to the reference at 1e-12).
-# No "nnan"/"ninf": the running max starts at -inf (_numba's ``array_max`` alone has "nnan", see
-# there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
+# No "nnan"/"ninf": the running max starts at -inf (_numba's ``vector_max``, the row maxima, alone
+# has "nnan", see there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
 # exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 jit_shared_kernel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)   # run with run_on_threads
@@ -195,7 +195,7 @@ def _pack_tiles(keys, b, kh, first, n_keys, transposed, as_rows):
 
 @jit_shared_kernel
 def pack_key_tiles(k, v, block, k_tiles, v_tiles, k_rows, v_rows, next_unit):
-    """(B, K, T, hd) in any strides -> the kernels' tiles, one per key block of `block` keys:
+    """(B, K, T, hd), the last axis contiguous -> the kernels' tiles, one per key block of `block` keys:
     k_tiles[b, h, kb, d, j] = k_rows[b, h, kb, j, d] = k[b, h, kb * block + j, d], zero past T and
     past hd (k_tiles: (B, K, n_blocks, hd_pad, block_pad), k_rows: (B, K, n_blocks, block_pad,
     hd_pad)), and v's alike.  A unit of work is one key block of one (b, kv head)."""
@@ -225,7 +225,9 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
     """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
     key tiles (FlashAttention): per query row the running max m, the running sum
     l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
-    raises the max to m', the old l and acc are first scaled by alpha = exp(m - m')."""
+    raises the max to m', the old l and acc are first scaled by alpha = exp(m - m').  (q and o, like
+    every (B, heads, T, hd) array of both kernels, have their last axis contiguous: their rows are
+    read and written as vectors, ``contiguous_row``; attention_forward / _backward see to it.)"""
     B, H, T, hd = q.shape
     G = H // k_tiles.shape[1]
     n_blocks, hd_pad, block_pad = k_tiles.shape[2], k_tiles.shape[3], k_tiles.shape[4]
