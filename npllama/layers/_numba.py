@@ -344,11 +344,13 @@ def helper_threads(n):
 # vectors) block of C stays in registers while the sum runs over k, each step loading `width`
 # vectors of a row of B and MR numbers of a column of A (each broadcast to a vector) for MR * width
 # fused multiply-adds (~150 GFLOP/s for float32 on the same core).
-MR = 4                      # rows of C per tile
 try:
     VECTOR_BYTES = 64 if llvm.get_host_cpu_features().get("avx512f", False) else 32
 except RuntimeError:        # (a CPU whose features LLVM cannot read)
     VECTOR_BYTES = 32
+# Rows of C per tile: 8 x 2 vectors are 16 accumulators, half of AVX-512's 32 registers (each step
+# of the sum then loads 2 vectors and 8 numbers for 16 multiply-adds); AVX2 has 16 registers: 4 rows.
+MR = 8 if VECTOR_BYTES == 64 else 4
 
 
 def _tile_update(width, vector_bytes=VECTOR_BYTES):
