@@ -305,7 +305,7 @@ def main(argv=None):
 
     from npllama.layers.linear import split_matmuls
     with split_matmuls():
-        parts = len(model._batch_parts(B)) if hasattr(model, "_batch_parts") else 1
+        parts = len(model._batch_parts(B))
 
     prof = Profiler()
     opt_step = prof.wrap(opt.step, "optimizer")
@@ -351,30 +351,29 @@ def main(argv=None):
     busy = common.busy_warning(args.threads) if hasattr(common, "busy_warning") else None
     if busy:
         print(busy)
-    peak = common.matmul_peak_gflops("numpy")["gflops"]
+    sgemm = {args.threads: common.matmul_peak_gflops("numpy")["gflops"]}   # GFLOP/s by thread count
     threads_of = lambda c: args.threads if parts == 1 or c == "optimizer" else 1   # noqa: E731
     if parts > 1:
         from npllama.threads import openblas_threads_api
         api = openblas_threads_api()
         if api is not None:
             api.set(1)
-            peak_one = common.matmul_peak_gflops("numpy")["gflops"]
+            sgemm[1] = common.matmul_peak_gflops("numpy")["gflops"]
             api.set(args.threads)
         else:
-            peak_one = peak / args.threads
+            sgemm[1] = sgemm[args.threads] / args.threads
         print(f"the step runs as {parts} parts of the batch at once, one per thread: the times below are the "
               f"calling thread's, on its part ({B // parts} of the {B} sequences); the limits one thread's")
     flops = {c: statistics.median(s[4].get(c, 0.0) for s in per_step) for c in cats}
     nbytes = {c: statistics.median(s[5].get(c, 0.0) for s in per_step) for c in cats}
-    memory_gbs = {n: read_gbs(256 << 20, n) for n in {args.threads, 1 if parts > 1 else args.threads}}
+    memory_gbs = {n: read_gbs(256 << 20, n) for n in sgemm}
     bandwidth = {}   # GB/s at each category's typical call size (at least memory's: the caches are not slower)
     for c in cats:
         if not flops[c] and nbytes[c] and calls[c]:
             n = threads_of(c)
             bandwidth[c] = max(read_gbs(int(nbytes[c] / calls[c]), n), memory_gbs[n])
     for n in sorted(memory_gbs, reverse=True):
-        sgemm = peak if n == args.threads else peak_one
-        print(f"limits ({n} thread{'s' if n > 1 else ''}): float32 2048² sgemm {sgemm:.0f} GFLOP/s; read rate "
+        print(f"limits ({n} thread{'s' if n > 1 else ''}): float32 2048² sgemm {sgemm[n]:.0f} GFLOP/s; read rate "
               f"{read_gbs(1 << 20, n):.0f} GB/s for 1 MB (caches), {memory_gbs[n]:.0f} GB/s for 256 MB (memory)")
     rows = sorted(med.items(), key=lambda kv: -kv[1]) + [("python + glue", glue)]
     width = max(16, max(len(c) for c, _ in rows))
@@ -384,7 +383,7 @@ def main(argv=None):
     for c, sec in rows:
         work = rate = limit = ratio = ""
         if flops.get(c):
-            limit_s = flops[c] / (peak if threads_of(c) == args.threads else peak_one) / 1e9
+            limit_s = flops[c] / sgemm[threads_of(c)] / 1e9
             work, rate = f"{flops[c] / 1e9:.2f} GFLOP", f"{flops[c] / sec / 1e9:.0f} GFLOP/s"
         elif nbytes.get(c) and c in bandwidth:
             limit_s = nbytes[c] / bandwidth[c] / 1e9

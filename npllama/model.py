@@ -222,7 +222,6 @@ class Llama:
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._workspaces = {}  # (B, T, training, part) -> _Workspace; at most one shape per mode and part
         self._part_grads = {}  # part -> _GradBuffers of the batch parts after the first (see _batch_parts)
-        self._parts_run = set()   # the (B, T, part) that have run once (see _batch_parts)
         self._grad_ranges = _backward_ranges(self.layout, cfg)
         if init:
             self.init_weights(seed)
@@ -347,24 +346,18 @@ class Llama:
             self._workspaces[key] = ws
         return ws
 
-    def _forward_rows(self, tokens, ws, dropout, after_block=None, dropout_masks=None, lora_masks=None):
+    def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
-        projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout``: draw
-        masks (training with p > 0), unless ``dropout_masks`` gives them: one checked (N, D) pair
-        per layer (``_check_dropout_masks``), applied as given; likewise the LoRA adapters' input
-        masks (training with lora dropout > 0), unless ``lora_masks`` ({module name: (N, in)}) gives
-        them.  ``after_block(i, qkv)`` is called after block i."""
+        projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``:
+        None (no dropout) or one (N, D) pair per layer, applied as given; ``lora_masks``: None or the
+        LoRA adapters' input masks ({module name: (N, in)}, none for a module not named).  A training
+        step draws them first (``_draw_masks``).  ``after_block(i, qkv)`` is called after block i."""
         cfg = self.config
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
         for i, (acts, w, out) in enumerate(zip(ws.layers, self._layers, ws.outputs)):
-            acts.mask_attn = acts.mask_ffn = None
-            if dropout_masks is not None:
-                acts.mask_attn, acts.mask_ffn = dropout_masks[i]
-            elif dropout and cfg.dropout > 0.0:  # drawn in this order (attention, then feed-forward, layer by layer)
-                acts.mask_attn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
-                acts.mask_ffn = dropout_mask(acts.x.shape, cfg.dropout, self._dropout_rng, self.dtype)
-            adapters = None if self.lora is None else self._layer_adapters(i, acts, dropout, lora_masks)
+            acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
+            adapters = None if self.lora is None else self._layer_adapters(i, lora_masks)
             decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
             if after_block is not None:
                 after_block(i, acts.qkv)
@@ -373,19 +366,11 @@ class Llama:
                                final.xn, final.r)
         return final.xn
 
-    def _layer_adapters(self, i, acts, dropout, lora_masks):
-        """Layer i's adapters for the block: {target: (A, B, scale, mask or None)}.  Masks are
-        given (``lora_masks``) or drawn when training with LoRA dropout, after the layer's own."""
-        scale, p = self.lora.scale, self.lora.dropout
-        adapters = {}
-        for target, (a, b) in self._adapters[i].items():
-            mask = None
-            if lora_masks is not None:
-                mask = lora_masks.get(f"model.layers.{i}.{LORA_MODULES[target]}")
-            elif dropout and p > 0.0:
-                mask = dropout_mask((acts.x.shape[0], a.shape[1]), p, self._dropout_rng, self.dtype)
-            adapters[target] = (a, b, scale, mask)
-        return adapters
+    def _layer_adapters(self, i, lora_masks):
+        """Layer i's adapters for the block: {target: (A, B, scale, mask or None)}."""
+        masks = {} if lora_masks is None else lora_masks
+        return {target: (a, b, self.lora.scale, masks.get(f"model.layers.{i}.{LORA_MODULES[target]}"))
+                for target, (a, b) in self._adapters[i].items()}
 
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
@@ -393,7 +378,7 @@ class Llama:
         B, T = tokens.shape
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspace(B, T, False), dropout=False)
+            xn = self._forward_rows(tokens, self._workspace(B, T, False))
             matmuls((xn, self.lm_head.T, logits))
         return logits.reshape(B, T, self.config.vocab_size)
 
@@ -409,7 +394,7 @@ class Llama:
         tokens = self._check_tokens(tokens)
         B, T = tokens.shape
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspace(B, T, False), dropout=False, after_block=after_block)
+            xn = self._forward_rows(tokens, self._workspace(B, T, False), after_block=after_block)
         return xn.reshape(B, T, self.config.dim)
 
     def loss(self, tokens, targets, reduction="mean") -> float:
@@ -428,7 +413,7 @@ class Llama:
         losses = np.empty(rows)
         total, targets, zero = 0.0, targets.reshape(-1), self.dtype.type(0.0)   # (scale 0: no gradient)
         with split_matmuls():
-            xn = self._forward_rows(tokens, ws, dropout=False)
+            xn = self._forward_rows(tokens, ws)
             for start in range(0, B * T, rows):
                 stop = min(start + rows, B * T)
                 n = stop - start
@@ -496,6 +481,9 @@ class Llama:
         B, T = tokens.shape
         masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
         adapter_masks = None if lora_masks is None else self._check_lora_masks(lora_masks, B, T)
+        drawn, drawn_lora = self._draw_masks(B * T, base=masks is None, lora=adapter_masks is None)
+        masks = drawn if masks is None else masks
+        adapter_masks = drawn_lora if adapter_masks is None else adapter_masks
         with split_matmuls():
             parts = self._batch_parts(B)
             if len(parts) == 1:
@@ -531,6 +519,11 @@ class Llama:
     # the default model 97 -> 89 ms, 15M-v4k 443 -> 413, 260K 144 -> 129).  The first step of a shape runs its
     # parts one after the other on the calling thread, so that every kernel compiles there (see
     # run_on_threads); the arithmetic is the same either way (each part runs on one thread).
+    def _finished_ranges(self):
+        """The ranges of flat_grads in the order the backward finishes them (``on_grads_ready``):
+        with LoRA the whole buffer once."""
+        return [(0, self.flat_grads.size)] if self.lora is not None else self._grad_ranges
+
     def _batch_parts(self, B):
         """[lo, hi) batch rows of each part: one per thread (as many as there are rows)."""
         n = min(linear.split_threads(), B)
@@ -554,9 +547,9 @@ class Llama:
         return g
 
     def _draw_masks(self, N, base=True, lora=True):
-        """The dropout masks a training forward over N rows draws (None where it draws none), in its
-        order: per layer the attention's and the feed-forward's (``base``), then the adapters'
-        inputs' (``lora``)."""
+        """The dropout masks of a training step over N rows, drawn from the model's generator (None
+        where there is no dropout): per layer the attention's and the feed-forward's (``base``),
+        then the adapters' inputs' (``lora``), in that order.  The step's parts take their rows."""
         cfg = self.config
         if not self.training:
             return None, None
@@ -577,9 +570,6 @@ class Llama:
         after the first are added into flat_grads.  Each part's gradient is weighed by its share of the
         batch's targets (its share of dloss), so that they add up to the batch's."""
         B, T = tokens.shape
-        drawn, drawn_lora = self._draw_masks(B * T, base=dropout_masks is None, lora=lora_masks is None)
-        dropout_masks = drawn if dropout_masks is None else dropout_masks
-        lora_masks = drawn_lora if lora_masks is None else lora_masks
         total = count_targets(targets)
         counts = [count_targets(targets[lo:hi]) for lo, hi in parts]
 
@@ -597,16 +587,15 @@ class Llama:
             finally:
                 numba.set_num_threads(threads)
         with linear.one_thread_per_matmul():
-            if all((B, T, k) in self._parts_run for k in range(len(parts))):
+            if all((hi - lo, T, True, k) in self._workspaces for k, (lo, hi) in enumerate(parts)):
                 helper_threads(len(parts) - 1).run([(run_part, (k,)) for k in range(len(parts))])
-            else:
+            else:                              # (a new shape: its parts in turn, see above)
                 for k in range(len(parts)):
                     run_part(k)
-                    self._parts_run.add((B, T, k))
         for k in range(1, len(parts)):
             self.flat_grads += self._grad_buffers(k).flat
         if on_grads_ready is not None:
-            for lo, hi in [(0, self.flat_grads.size)] if self.lora is not None else self._grad_ranges:
+            for lo, hi in self._finished_ranges():
                 on_grads_ready(lo, hi)
         # the mean of the rows' losses (each part's CE left them in its workspace), summed as the
         # whole batch's are: the same number as a step on the whole batch
@@ -623,12 +612,12 @@ class Llama:
         B, T = tokens.shape
         frozen = self.lora is not None
         g = self._grad_buffers(0) if g is None else g
-        ranges = iter([(0, g.flat.size)] if frozen else self._grad_ranges)
+        ranges = iter(self._finished_ranges())
 
         def done():   # the next range of flat_grads is final
             if on_grads_ready is not None:
                 on_grads_ready(*next(ranges))
-        xn = self._forward_rows(tokens, ws, self.training, dropout_masks=dropout_masks, lora_masks=lora_masks)
+        xn = self._forward_rows(tokens, ws, dropout_masks=dropout_masks, lora_masks=lora_masks)
         matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses, dloss=dloss)

@@ -38,19 +38,20 @@ from numba.extending import intrinsic, overload
 # the host's features without that preference, before Numba compiles anything of npllama's (Numba
 # reads it when it first compiles; it is part of the key of its on-disk cache).  It applies to the
 # whole process, and to the processes it starts (precompile's).
-def _prefer_512_bit_vectors():
-    if os.environ.get("NUMBA_CPU_FEATURES"):
-        return
+def _host_features():
     try:
-        features = llvm.get_host_cpu_features()
+        return llvm.get_host_cpu_features()
     except RuntimeError:        # (a CPU whose features LLVM cannot read)
-        return
-    if features.get("avx512f", False) and features.get("prefer-256-bit", None) is not False:
-        os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
-        numba.core.config.reload_config()
+        return None
 
 
-_prefer_512_bit_vectors()
+HOST_FEATURES = _host_features()
+HOST_HAS_AVX512 = HOST_FEATURES is not None and HOST_FEATURES.get("avx512f", False)
+if (HOST_HAS_AVX512 and not os.environ.get("NUMBA_CPU_FEATURES")
+        and HOST_FEATURES.get("prefer-256-bit", None) is not False):
+    os.environ["NUMBA_CPU_FEATURES"] = HOST_FEATURES.flatten() + ",-prefer-256-bit"
+    numba.core.config.reload_config()
+
 
 # cache=True writes the compiled machine code next to the source (__pycache__), so only the very
 # first run pays the compile cost.
@@ -344,13 +345,27 @@ def helper_threads(n):
 # vectors) block of C stays in registers while the sum runs over k, each step loading `width`
 # vectors of a row of B and MR numbers of a column of A (each broadcast to a vector) for MR * width
 # fused multiply-adds (~150 GFLOP/s for float32 on the same core).
-try:
-    VECTOR_BYTES = 64 if llvm.get_host_cpu_features().get("avx512f", False) else 32
-except RuntimeError:        # (a CPU whose features LLVM cannot read)
-    VECTOR_BYTES = 32
+VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
 # Rows of C per tile: 8 x 2 vectors are 16 accumulators, half of AVX-512's 32 registers (each step
 # of the sum then loads 2 vectors and 8 numbers for 16 multiply-adds); AVX2 has 16 registers: 4 rows.
 MR = 8 if VECTOR_BYTES == 64 else 4
+
+
+def _splat(builder, value, vector_type):
+    """A vector of ``vector_type`` holding ``value`` in every lane (LLVM IR)."""
+    undef = ir.Constant(vector_type, ir.Undefined)
+    lane0 = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
+                                                            [0] * vector_type.count))
+
+
+def _element_address(builder, data, strides, indices):
+    """The byte address (i8*) of the element at ``indices`` of an array with ``data`` and byte
+    ``strides`` (LLVM IR; as many indices as leading strides used)."""
+    offset = builder.mul(indices[0], strides[0])
+    for index, stride in zip(indices[1:], strides[1:]):
+        offset = builder.add(offset, builder.mul(index, stride))
+    return builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [offset])
 
 
 def _tile_update(width, vector_bytes=VECTOR_BYTES):
@@ -372,8 +387,7 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
             def origin(index, value, row, col):      # (byte address of element [row, col], row stride)
                 arr = context.make_array(signature.args[index])(context, builder, value)
                 s0, s1 = cgutils.unpack_tuple(builder, arr.strides, 2)
-                offset = builder.add(builder.mul(row, s0), builder.mul(col, s1))
-                return builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [offset]), s0, s1
+                return _element_address(builder, arr.data, (s0, s1), (row, col)), s0, s1
 
             def at(base, offset, ty):                # ty* at base + offset bytes
                 return builder.bitcast(builder.gep(base, [offset]), ty.as_pointer())
@@ -393,17 +407,13 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
                     builder.store(start, acc[r][v])
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
                                                  f"llvm.fma.v{lanes}f{itemsize * 8}")
-            undef = ir.Constant(vec, ir.Undefined)
-            broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
             with cgutils.for_range(builder, k) as loop:
                 d = loop.index
                 b_row_d = builder.gep(b0, [builder.mul(d, b_s0)])
                 b_vectors = [builder.load(at(b_row_d, vector_offset(v), vec), align=itemsize) for v in range(width)]
                 a_column_d = builder.gep(a0, [builder.mul(d, a_s1)])
                 for r in range(MR):
-                    a = builder.load(at(a_column_d, row_offset(a_s0, r), elt))
-                    a = builder.shuffle_vector(builder.insert_element(undef, a, ir.Constant(ir.IntType(32), 0)),
-                                               undef, broadcast)
+                    a = _splat(builder, builder.load(at(a_column_d, row_offset(a_s0, r), elt)), vec)
                     for v in range(width):
                         builder.store(builder.call(fma, [a, b_vectors[v], builder.load(acc[r][v])]), acc[r][v])
             for r in range(MR):
@@ -417,7 +427,6 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
 tile_update_1 = _tile_update(1)       # MR x one vector
 tile_update_2 = _tile_update(2)       # MR x two vectors
 tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (head_dim 8 in float32)
-
 
 
 @intrinsic
@@ -437,10 +446,7 @@ def contiguous_row(typingctx, x, i, j, k):
         arr = context.make_array(signature.args[0])(context, builder, args[0])
         strides = cgutils.unpack_tuple(builder, arr.strides, 4)
         shape = cgutils.unpack_tuple(builder, arr.shape, 4)
-        offset = builder.add(builder.add(builder.mul(args[1], strides[0]), builder.mul(args[2], strides[1])),
-                             builder.mul(args[3], strides[2]))
-        data = builder.bitcast(builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [offset]),
-                               arr.data.type)
+        data = builder.bitcast(_element_address(builder, arr.data, strides[:3], args[1:4]), arr.data.type)
         row = context.make_array(row_type)(context, builder)
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(x.dtype)))
         populate_array(row, data=data, shape=[shape[3]], strides=[itemsize], itemsize=itemsize,
@@ -448,14 +454,15 @@ def contiguous_row(typingctx, x, i, j, k):
         return impl_ret_borrowed(context, builder, row_type, row._getvalue())
     return sig, codegen
 
+
 @intrinsic
 def vector_max(typingctx, x, n):
     """max(x[:n]) (n >= 1) in whole vectors: x, contiguous, must have room up to n rounded up to whole
     vectors (lanes = VECTOR_BYTES / itemsize); what lies past n there is read but ignored.  With
     "nnan" on the maxima, as ``array_max`` has: a NaN in x may be skipped or returned (callers
-    exponentiate x afterwards, and the exp of that element carries the NaN into their result).  In attention's softmax ``array_max`` ran as one
-    scalar chain of maxima (~4 cycles a number: a quarter of the forward's time at the default
-    model's shape)."""
+    exponentiate x afterwards, and the exp of that element carries the NaN into their result).
+    In attention's softmax ``array_max`` ran as one scalar chain of maxima (~4 cycles a number: a
+    quarter of the forward's time at the default model's shape)."""
     sig = x.dtype(x, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -471,17 +478,13 @@ def vector_max(typingctx, x, n):
                                                 f"llvm.maxnum.v{lanes}f{itemsize * 8}")
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [vec]),
                                                 f"llvm.vector.reduce.fmax.v{lanes}f{itemsize * 8}")
-        undef = ir.Constant(index_vec, ir.Undefined)
-        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        splat = lambda i: builder.shuffle_vector(builder.insert_element(undef, i, ir.Constant(ir.IntType(32), 0)),  # noqa: E731
-                                                 undef, broadcast)
-        offsets, limit = ir.Constant(index_vec, list(range(lanes))), splat(n)
+        offsets, limit = ir.Constant(index_vec, list(range(lanes))), _splat(builder, n, index_vec)
         acc = cgutils.alloca_once_value(builder, lowest)
         n_vectors = builder.sdiv(builder.add(n, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes))
         data = builder.bitcast(arr.data, vec.as_pointer())
         with cgutils.for_range(builder, n_vectors) as loop:
             values = builder.load(builder.gep(data, [loop.index]), align=itemsize)
-            index = builder.add(splat(builder.mul(loop.index, ir.Constant(i64, lanes))), offsets)
+            index = builder.add(_splat(builder, builder.mul(loop.index, ir.Constant(i64, lanes)), index_vec), offsets)
             values = builder.select(builder.icmp_signed("<", index, limit), values, lowest)
             builder.store(builder.call(maxnum, [builder.load(acc), values], fastmath=("nnan",)), acc)
         return builder.call(reduce, [builder.load(acc)], fastmath=("nnan",))

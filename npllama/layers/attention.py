@@ -321,8 +321,8 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
         dv_tiles = dv_all[:kb_hi - kb_lo]
         dk_tiles[...] = 0.0
         dv_tiles[...] = 0.0
+        dq = dq_parts[split]
         for h in range(kh * G, (kh + 1) * G):
-            dq = dq_parts[split]
             for i in range(key_lo):                          # queries before our keys get nothing
                 contiguous_row(dq, b, h, i)[:] = 0.0
             for qb in range(kb_lo, n_blocks):
