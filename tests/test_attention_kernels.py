@@ -18,7 +18,7 @@ from npllama.layers import _numba, attention
 def tiles_of(block):
     """Run the kernels with `block` x `block` tiles instead of the default size."""
     default = attention.block_size
-    attention.block_size = lambda hd: block
+    attention.block_size = lambda hd, T: block
     try:
         yield
     finally:
@@ -61,7 +61,7 @@ def test_tiled_kernels_equal_reference_float32(block):
 def test_backward_key_splits_sum_to_the_same_gradients(monkeypatch, n_splits):
     # With few (batch, kv head) pairs the backward cuts the keys into ranges, one unit each, and
     # sums the partial dq of the ranges: the result must not depend on the cut.
-    monkeypatch.setattr(attention, "block_size", lambda hd: 4)
+    monkeypatch.setattr(attention, "block_size", lambda hd, T: 4)
     r = np.random.default_rng(n_splits)
     q, k, v, do = random_qkv(r, 1, 2, 1, 23, 5, np.float64)
     _, cache = attention.attention_forward(q, k, v)
@@ -89,7 +89,7 @@ def test_key_block_splits_balance_causal_work():
 def test_strided_inputs_and_outputs(monkeypatch):
     # The model passes v and do as strided views, asks for o in a (B, H, T, hd) view of its
     # (B, T, H * hd) buffer and for dv in a strided view of dqkv.
-    monkeypatch.setattr(attention, "block_size", lambda hd: 8)
+    monkeypatch.setattr(attention, "block_size", lambda hd, T: 8)
     r = np.random.default_rng(7)
     B, T, H, K, hd = 2, 19, 4, 2, 6
     qkv = r.normal(size=(B, T, (H + 2 * K) * hd))

@@ -122,7 +122,7 @@ def test_fast_path_equals_reference_on_small_configs(cfg, b, t, seed):
 
 
 LARGE_CASES = {
-    # B*K = 1: split-key attention backward; T = 300: 3 tiles; 300 rows: row-split matmuls
+    # B*K = 1: split-key attention backward; T = 300: 2 tiles (head_dim 8: tiles of 256); 300 rows: row-split matmuls
     "mqa_tied_llama3_dropout": (dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=24,
                                      max_seq_len=300, rope_theta=500000.0, tie_embeddings=True, dropout=0.2,
                                      rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 64}),
@@ -132,9 +132,10 @@ LARGE_CASES = {
                                        max_seq_len=257, dropout=0.1,
                                        rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 64}),
                                   1, 257),
-    # B*K = 4 = 2 * threads: whole-key units; 2 tiles per row; no dropout (Llama.loss compared too)
+    # B*K = 4 = 2 * threads: whole-key units; 2 tiles per row (head_dim 24: tiles of 128); no dropout
+    # (Llama.loss compared too)
     "gqa_untied_batch": (dict(vocab_size=31, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=20,
-                              max_seq_len=200), 2, 200),
+                              head_dim=24, max_seq_len=200), 2, 200),
 }
 
 
@@ -160,7 +161,7 @@ def test_large_cases_switch_on_the_fast_paths(two_threads):
     seen = set()
     for name, (kwargs, B, T) in LARGE_CASES.items():
         cfg = npllama.LlamaConfig(**kwargs)
-        n_tiles = -(-T // block_size(cfg.head_dim))
+        n_tiles = -(-T // block_size(cfg.head_dim, T))
         assert n_tiles >= 2, name
         assert B * T // linear.MIN_SPLIT_ROWS >= 2, name                   # >= 2 row blocks of >= 64 rows
         if len(key_block_splits(B, cfg.n_kv_heads, n_tiles, numba.get_num_threads())) > 2:

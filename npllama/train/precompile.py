@@ -141,7 +141,7 @@ def _attention_forward_types_only(q, k, v, o, tiles):
     for t in tiles:
         t[...] = 0.0
     o[...] = 0.0
-    return o, (q, tuple(tiles), block_size(q.shape[3]), o, np.zeros(q.shape[:3], dtype=q.dtype))
+    return o, (q, tuple(tiles), block_size(q.shape[3], q.shape[2]), o, np.zeros(q.shape[:3], dtype=q.dtype))
 
 
 def _nothing(*args, **kwargs):
