@@ -592,8 +592,7 @@ class Llama:
             else:                              # (a new shape: its parts in turn, see above)
                 for k in range(len(parts)):
                     run_part(k)
-        for k in range(1, len(parts)):
-            self.flat_grads += self._grad_buffers(k).flat
+        self._add_part_grads(len(parts))
         if on_grads_ready is not None:
             for lo, hi in self._finished_ranges():
                 on_grads_ready(lo, hi)
@@ -601,6 +600,19 @@ class Llama:
         # whole batch's are: the same number as a step on the whole batch
         rows = np.concatenate([self._workspace(hi - lo, T, True, k).losses for k, (lo, hi) in enumerate(parts)])
         return float(np.sum(rows) / total)
+
+    def _add_part_grads(self, n_parts):
+        """flat_grads += the gradients of parts 1..n_parts-1, on n_parts threads (each adds one slice
+        of the buffers, in the same order: the same sums).  Memory-bound: for 15M-v4k's 7.7M
+        gradients, from memory, 3.4 ms on one thread, 2.1 ms on two."""
+        others = [self._grad_buffers(k).flat for k in range(1, n_parts)]
+        bounds = np.linspace(0, self.flat_grads.size, n_parts + 1).astype(np.int64) // 16 * 16
+
+        def add_slice(lo, hi):
+            for g in others:
+                np.add(self.flat_grads[lo:hi], g[lo:hi], out=self.flat_grads[lo:hi])
+        bounds[-1] = self.flat_grads.size
+        helper_threads(n_parts - 1).run([(add_slice, (bounds[i], bounds[i + 1])) for i in range(n_parts)])
 
     def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, lora_masks=None, dloss=1.0,
                             on_grads_ready=None, g=None):
