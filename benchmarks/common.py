@@ -225,6 +225,8 @@ def import_framework(framework: str, threads: int):
     import numpy  # noqa: F401  (part of either framework's import cost)
     if framework == "npllama-after-torch":   # a notebook that compares: torch is imported first
         import torch  # noqa: F401
+    if framework == "npllama-numpy-blas":    # npllama's matmuls by NumPy's BLAS even with MKL installed
+        os.environ["NPLLAMA_BLAS"] = "numpy"
     if framework.startswith("npllama"):
         module = import_npllama()
     else:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
-FRAMEWORKS = ("npllama", "torch", "torch-compile", "hf", "npllama-after-torch")
+FRAMEWORKS = ("npllama", "torch", "torch-compile", "hf", "npllama-after-torch", "npllama-numpy-blas")
 SCRIPT = Path(__file__).resolve()
 
 
@@ -163,8 +163,9 @@ def worker_train(framework: str, workdir: Path):
             else:
                 opt.step(grads)
             losses.append(float(loss))
+        from npllama.layers._blas import BLAS
         extra = {"numpy": np.__version__, "npllama_file": getattr(npllama, "__file__", None),
-                 "adamw": run["npllama_adamw"]}
+                 "adamw": run["npllama_adamw"], "blas": BLAS}
     else:
         import torch
         tr = lib
@@ -301,6 +302,8 @@ def main(argv=None):
                 rounds[fw].append(r)
                 if "error" in r:
                     say(f"  {fw} failed: {r['error']}")
+                elif rnd == 0 and "blas" in r:
+                    say(f"  {fw}'s matmuls: {r['blas']}")
                 elif args.rounds > 1:
                     say(f"  median {r['median_s'] * 1e3:.1f} ms/step, others {r.get('others_cpus') or 0:.2f} CPUs")
         peaks = measure_peaks(peaks)     # again at the end: the best of the two is the machine's peak

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from ..threads import openblas_threads_api
+from ._blas import matmul_one_thread
 from ._numba import helper_threads
 
 
@@ -44,8 +45,10 @@ def linear_backward(dy, cache, dweight=None):
 # n is the thread count BLAS had (OPENBLAS_NUM_THREADS, i.e. ``--threads``), restored after the
 # step.  Without a BLAS whose thread count can be set (found: OpenBLAS on Linux, as NumPy's wheels
 # ship it), or with NPLLAMA_SPLIT_MATMULS=0, every product is one ordinary BLAS call.
+# Where BLAS runs on one thread per call (inside ``split_matmuls``), the calls are
+# ``matmul_one_thread``: MKL's when it is installed (layers/_blas.py), else NumPy's.
 MIN_SPLIT_ROWS = 64     # no row block smaller than this
-_split = {"threads": 1}
+_split = {"threads": 1, "one_thread": False}
 
 
 def _row_blocks(n_rows, n_blocks):
@@ -54,7 +57,7 @@ def _row_blocks(n_rows, n_blocks):
 
 
 def _matmul_task(a, b, out):
-    np.matmul(a, b, out=out)
+    matmul_one_thread(a, b, out)
 
 
 def matmuls(*products):
@@ -64,8 +67,9 @@ def matmuls(*products):
     product's rows cut into n / len(products) blocks) run concurrently, one on the calling thread."""
     n = _split["threads"]
     if n <= 1:
+        matmul = matmul_one_thread if _split["one_thread"] else np.matmul
         for a, b, out in products:
-            np.matmul(a, b, out=out)
+            matmul(a, b, out)
         return
     per_product = max(1, n // len(products))
     tasks = [(a[s:e], b, out[s:e]) for a, b, out in products for s, e in _row_blocks(a.shape[0], per_product)]
@@ -95,18 +99,21 @@ class split_matmuls:
 
     def __enter__(self):
         self.restore = None
-        if _split["threads"] > 1 or os.environ.get("NPLLAMA_SPLIT_MATMULS", "1") == "0":
+        if _split["one_thread"] or os.environ.get("NPLLAMA_SPLIT_MATMULS", "1") == "0":
             return self
         api = openblas_threads_api()
-        n = api[0]() if api is not None else 1
-        if n <= 1:
+        if api is None:
             return self
-        api[1](1)
-        _split["threads"], self.restore = n, (api[1], n)
+        n = api[0]()
+        if n > 1:
+            api[1](1)
+        self.restore = (api[1], n)
+        _split.update(threads=n, one_thread=True)
         return self
 
     def __exit__(self, *exc):
         if self.restore is not None:
-            _split["threads"] = 1
-            self.restore[0](self.restore[1])
+            _split.update(threads=1, one_thread=False)
+            if self.restore[1] > 1:
+                self.restore[0](self.restore[1])
         return False

@@ -1,0 +1,84 @@
+"""The single-threaded BLAS call (layers/_blas.py): MKL's gemm when the ``mkl`` package is installed,
+else np.matmul.  Whichever runs, ``matmul_one_thread`` must give NumPy's product for every layout
+the model hands it (rows as they are, transposes, row blocks, single rows and columns) and fall back
+to NumPy for the layouts BLAS cannot read in place."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npllama.layers import _blas
+from npllama.layers._blas import matmul_one_thread
+
+
+def _layout(rng, rows, cols, dtype, how):
+    """A (rows, cols) array of the given memory layout."""
+    if how == "rows":
+        return rng.standard_normal((rows, cols)).astype(dtype)
+    if how == "transposed":                                   # like W.T
+        return rng.standard_normal((cols, rows)).astype(dtype).T
+    if how == "row block":                                    # like a[s:e] of a wider buffer's columns
+        return rng.standard_normal((rows + 3, cols + 5)).astype(dtype)[2:2 + rows, 1:1 + cols]
+    if how == "strided":                                      # every other column: no BLAS layout
+        return rng.standard_normal((rows, 2 * cols)).astype(dtype)[:, ::2]
+    raise ValueError(how)
+
+
+LAYOUTS = ("rows", "transposed", "row block", "strided")
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 40), n=st.integers(1, 40),
+       a_how=st.sampled_from(LAYOUTS), b_how=st.sampled_from(LAYOUTS),
+       out_how=st.sampled_from(("rows", "row block", "transposed")),
+       dtype=st.sampled_from((np.float32, np.float64)), seed=st.integers(0, 2**16))
+def test_matmul_one_thread_equals_numpy_for_every_layout(m, k, n, a_how, b_how, out_how, dtype, seed):
+    rng = np.random.default_rng(seed)
+    a, b = _layout(rng, m, k, dtype, a_how), _layout(rng, k, n, dtype, b_how)
+    out = _layout(rng, m, n, dtype, out_how)
+    returned = matmul_one_thread(a, b, out)
+    assert returned is out
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    # the rounding of a sum of k products: float64 to ~1e-15, float32 to ~1e-7, relative to the sizes
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    assert np.all(np.abs(out - expected) <= tol * scale + 1e-30)
+
+
+def test_matmul_one_thread_agrees_with_numpy_at_a_training_steps_shapes():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 128))
+    w = rng.standard_normal((352, 128))
+    dy = rng.standard_normal((256, 352))
+    for a, b in ((x, w.T), (dy, w), (dy.T, x)):
+        out = np.empty((a.shape[0], b.shape[1]))
+        matmul_one_thread(a, b, out)
+        np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_output_overlapping_an_input_is_left_to_numpy():
+    a = np.arange(16.0).reshape(4, 4)
+    expected = a @ a
+    matmul_one_thread(a, a, a)          # NumPy copies what overlaps; BLAS would read what it wrote
+    np.testing.assert_array_equal(a, expected)
+
+
+def test_the_blas_setting(monkeypatch):
+    monkeypatch.setenv("NPLLAMA_BLAS", "numpy")
+    assert _blas._load_mkl() == (None, None)
+    monkeypatch.setenv("NPLLAMA_BLAS", "openblas")
+    with pytest.raises(ValueError, match="NPLLAMA_BLAS must be auto, mkl or numpy"):
+        _blas._load_mkl()
+    monkeypatch.setattr(_blas, "_mkl_library_path", lambda: None)      # as without the mkl package
+    monkeypatch.setenv("NPLLAMA_BLAS", "mkl")
+    with pytest.raises(ImportError, match="NPLLAMA_BLAS=mkl.*not installed"):
+        _blas._load_mkl()
+    monkeypatch.setenv("NPLLAMA_BLAS", "auto")
+    assert _blas._load_mkl() == (None, None)
+
+
+def test_mkl_when_installed_runs_sequentially():
+    if _blas._mkl is None:
+        pytest.skip("MKL is not installed (the [mkl] extra)")
+    assert _blas.BLAS.startswith("MKL ") and _blas.BLAS.endswith("(sequential)")
+    assert _blas._mkl.MKL_Get_Max_Threads() == 1       # the sequential layer: no threads of its own
