@@ -41,6 +41,16 @@ def assert_matches_reference(q, k, v, do, tol):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype, hd, block", [(np.float64, 20, 5), (np.float64, 24, 128), (np.float32, 48, 128)])
+def test_heads_of_three_vectors(dtype, hd, block):
+    # Rows of three vectors once padded (float64 hd 20 and 24, float32 hd 48, as the llama2.c 15M
+    # model's) take ``tile_update_3`` on AVX-512 (THREE_VECTOR_TILES); the rest of the kernels' paths
+    # as for other widths.  150 positions: two tiles of 128, several of 5.
+    r = np.random.default_rng(hd)
+    with tiles_of(block):
+        assert_matches_reference(*random_qkv(r, 2, 4, 2, 150, hd, dtype), tol=1e-12 if dtype == np.float64 else 2e-5)
+
+
 @given(seed=st.integers(0, 2**31 - 1), block=st.integers(1, 9), t=st.integers(1, 40),
        heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), hd=st.sampled_from([1, 3, 4, 5, 8, 9]),
        b=st.integers(1, 2))
@@ -129,12 +139,14 @@ def test_float32_exp_is_accurate():
 
 @numba.njit(cache=True)
 def _tile_products(A, B, C, k, accumulate, halves):
-    """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (4: two
-    vectors, 2: one, 1: half of one; C: MR rows a tile)."""
+    """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (6: three
+    vectors, 4: two, 2: one, 1: half of one; C: MR rows a tile)."""
     columns = halves * _numba.VECTOR_BYTES // C.itemsize // 2
     for r in range(0, C.shape[0], _numba.MR):
         for j in range(0, C.shape[1], columns):
-            if halves == 4:
+            if halves == 6:
+                _numba.tile_update_3(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+            elif halves == 4:
                 _numba.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             elif halves == 2:
                 _numba.tile_update_1(A, r, 1, B, 2, j, C, r, j, k, accumulate)
@@ -143,7 +155,7 @@ def _tile_products(A, B, C, k, accumulate, halves):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("halves", [1, 2, 4])
+@pytest.mark.parametrize("halves", [1, 2, 4, 6])
 @given(seed=st.integers(0, 2**31 - 1), tiles=st.integers(1, 3), k=st.integers(0, 40),
        accumulate=st.booleans(), transposed=st.booleans())
 def test_tile_update_equals_matmul(dtype, halves, seed, tiles, k, accumulate, transposed):

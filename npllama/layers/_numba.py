@@ -426,6 +426,7 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
 
 tile_update_1 = _tile_update(1)       # MR x one vector
 tile_update_2 = _tile_update(2)       # MR x two vectors
+tile_update_3 = _tile_update(3)       # MR x three vectors (with AVX-512 only: 24 accumulators of 32 registers)
 tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (head_dim 8 in float32)
 
 
