@@ -1,14 +1,15 @@
 """The single-threaded BLAS call behind npllama's matrix products: out = a @ b.
 
-NumPy's wheels ship OpenBLAS.  Intel's MKL (the PyPI package ``mkl``: ``pip install 'npllama[mkl]'``,
-x86-64 only) is the BLAS PyTorch's CPU build multiplies with, and on the products of a small
-Llama's training step -- inner dimensions of 128-768, ~1000 rows -- it is faster (measured on one
-core of an AVX-512 Xeon, GFLOP/s, MKL / OpenBLAS: x W^T 165-188 / 145-160, dy W 154-174 / 146-155,
-dy^T x 150-153 / 135-142 at the default model's shapes; a whole default training step 82 -> 75.5 ms
-and 15M-v4k's 424 -> 387 ms).  When that package is installed npllama calls its ``cblas_sgemm`` and
-``cblas_dgemm`` through ctypes, which, like NumPy's matmul, releases the GIL, so npllama's helper
-threads run products side by side (linear.py).  MKL runs in its sequential threading layer: it
-starts no threads of its own (nor loads an OpenMP runtime) -- npllama shares out the work.
+NumPy's wheels ship OpenBLAS.  Intel's MKL (the PyPI package ``mkl``, which the ``[mkl]`` extra
+installs on x86-64 Linux: ``pip install -e '.[mkl]'``) is the BLAS PyTorch's CPU build multiplies
+with, and on the products of a small Llama's training step -- inner dimensions of 128-768, ~1000
+rows -- it is faster (measured on one core of an AVX-512 Xeon, GFLOP/s, MKL / OpenBLAS: x W^T
+165-188 / 145-160, dy W 154-174 / 146-155, dy^T x 150-153 / 135-142 at the default model's shapes;
+a whole default training step 82 -> 75.5 ms and 15M-v4k's 424 -> 387 ms).  When that package is
+installed npllama calls its ``cblas_sgemm`` and ``cblas_dgemm`` through ctypes, which, like NumPy's
+matmul, releases the GIL, so npllama's helper threads run products side by side (linear.py).  MKL
+runs in its sequential threading layer: it starts no threads of its own (nor loads an OpenMP
+runtime) -- npllama shares out the work.
 
 ``NPLLAMA_BLAS`` chooses: ``auto`` (the default: MKL when installed), ``numpy`` (never MKL),
 ``mkl`` (an error when MKL cannot be loaded).  ``BLAS`` names the one in use.
@@ -16,7 +17,9 @@ starts no threads of its own (nor loads an OpenMP runtime) -- npllama shares out
 import ctypes
 import importlib.metadata
 import os
+import platform
 import re
+import sys
 
 import numpy as np
 
@@ -67,6 +70,18 @@ _mkl, _mkl_version = _load_mkl()
 _version = re.search(r"Version ([0-9.]+)", _mkl_version or "")
 BLAS = (f"MKL {_version.group(1) if _version else ''} (sequential)".replace("  ", " ") if _mkl is not None
         else "NumPy's BLAS")
+
+
+def _blas_advice(mkl_loaded, system, machine, choice):
+    """What the training log adds after the BLAS's name where MKL could be installed but is not
+    (and was not turned off)."""
+    if not mkl_loaded and system == "linux" and machine == "x86_64" and choice == "auto":
+        return " (the [mkl] extra, pip install -e '.[mkl]', brings MKL's: faster)"
+    return ""
+
+
+BLAS_ADVICE = _blas_advice(_mkl is not None, sys.platform, platform.machine(),
+                           os.environ.get("NPLLAMA_BLAS", "auto").strip().lower())
 
 
 def _blas_operand(x):
