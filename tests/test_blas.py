@@ -90,3 +90,35 @@ def test_the_training_log_suggests_mkl_only_where_it_would_load():
     assert _blas._blas_advice(False, "linux", "x86_64", "numpy") == ""        # turned off
     assert _blas._blas_advice(False, "linux", "aarch64", "auto") == ""        # no wheel
     assert _blas._blas_advice(False, "darwin", "x86_64", "auto") == ""
+
+
+MKL_BESIDE_TORCH = """
+import os, sys
+import torch                                       # first, as a notebook comparing with PyTorch does
+import numpy as np
+from npllama.layers import _blas
+if _blas._mkl is None:
+    print("no mkl"); sys.exit(0)
+threads = lambda: len(os.listdir("/proc/self/task"))
+a, b = np.random.default_rng(0).standard_normal((2, 300, 300)).astype(np.float32)
+out = np.empty_like(a)
+before = threads()
+_blas.matmul_one_thread(a, b, out)
+assert np.allclose(out, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-4, atol=1e-3)
+assert threads() == before, (before, threads())      # MKL started no thread of its own
+assert _blas._mkl.MKL_Get_Max_Threads() == 1 and _blas.BLAS.endswith("(sequential)")
+print("ok", _blas.BLAS)
+"""
+
+
+def test_mkl_stays_sequential_beside_torch():
+    """PyTorch's CPU build carries its own MKL and OpenMP runtime; imported first, it must not
+    change the MKL npllama loads: sequential, no threads of its own, the right products."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    if _blas._mkl is None:
+        pytest.skip("MKL is not installed (the [mkl] extra)")
+    result = subprocess.run([sys.executable, "-c", MKL_BESIDE_TORCH], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok MKL"), result.stdout
