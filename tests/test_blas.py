@@ -122,3 +122,27 @@ def test_mkl_stays_sequential_beside_torch():
     result = subprocess.run([sys.executable, "-c", MKL_BESIDE_TORCH], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok MKL"), result.stdout
+
+
+def test_a_training_steps_products_go_through_the_one_thread_blas_call(monkeypatch):
+    """Inside ``split_matmuls`` (every model pass) each product is a ``matmul_one_thread`` call --
+    MKL's when installed -- on whichever thread runs it; outside, NumPy's own (threaded) matmul."""
+    import threading
+
+    from npllama import Llama, LlamaConfig
+    from npllama.layers import linear
+    calls = []
+    original = linear.matmul_one_thread
+    monkeypatch.setattr(linear, "matmul_one_thread",
+                        lambda a, b, out: (calls.append(threading.get_ident()), original(a, b, out))[1])
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, hidden_dim=48, max_seq_len=16)
+    model = Llama(cfg, dtype=np.float32, seed=0).train()
+    x = np.random.default_rng(0).integers(0, 64, size=(4, 16))
+    model.loss_and_grad(x, x)
+    # at least one call per product: per layer 4 forward ones (qkv, o, gate/up, down) and 8 backward
+    # ones (dW and dx of each), plus the output projection's 3 (more when products are split, or
+    # the batch runs in parts, one per thread)
+    assert len(calls) >= 2 * (4 + 8) + 3
+    calls.clear()
+    linear.matmuls((np.ones((3, 4), np.float32), np.ones((4, 5), np.float32), np.empty((3, 5), np.float32)))
+    assert calls == []                                   # outside split_matmuls: NumPy's matmul
