@@ -25,6 +25,7 @@ import numpy as np
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SEQUENTIAL = 1          # MKL_THREADING_SEQUENTIAL
+_MKL_EXTRA = "the [mkl] extra: pip install -e '.[mkl]'"
 
 
 def _mkl_library_path():
@@ -39,17 +40,23 @@ def _mkl_library_path():
     return None
 
 
-def _load_mkl():
-    """(libmkl_rt with its gemm signatures set, its version) or (None, None), by NPLLAMA_BLAS."""
+def _blas_choice():
+    """NPLLAMA_BLAS: auto (the default), mkl or numpy."""
     choice = os.environ.get("NPLLAMA_BLAS", "auto").strip().lower()
     if choice not in ("auto", "mkl", "numpy"):
         raise ValueError(f"NPLLAMA_BLAS must be auto, mkl or numpy, got {choice!r}")
+    return choice
+
+
+def _load_mkl():
+    """(libmkl_rt with its gemm signatures set, its version) or (None, None), by NPLLAMA_BLAS."""
+    choice = _blas_choice()
     if choice == "numpy":
         return None, None
     path = _mkl_library_path()
     try:
         if path is None:
-            raise OSError("the mkl package is not installed (pip install 'npllama[mkl]')")
+            raise OSError(f"the mkl package is not installed ({_MKL_EXTRA})")
         lib = ctypes.CDLL(path)
         if lib.MKL_Set_Threading_Layer(_SEQUENTIAL) != _SEQUENTIAL:   # (before any other MKL call)
             raise OSError(f"{path}: MKL would not take its sequential threading layer")
@@ -68,20 +75,19 @@ def _load_mkl():
 
 _mkl, _mkl_version = _load_mkl()
 _version = re.search(r"Version ([0-9.]+)", _mkl_version or "")
-BLAS = (f"MKL {_version.group(1) if _version else ''} (sequential)".replace("  ", " ") if _mkl is not None
-        else "NumPy's BLAS")
+BLAS = ("NumPy's BLAS" if _mkl is None else f"MKL {_version.group(1)} (sequential)" if _version
+        else "MKL (sequential)")
 
 
 def _blas_advice(mkl_loaded, system, machine, choice):
     """What the training log adds after the BLAS's name where MKL could be installed but is not
     (and was not turned off)."""
     if not mkl_loaded and system == "linux" and machine == "x86_64" and choice == "auto":
-        return " (the [mkl] extra, pip install -e '.[mkl]', brings MKL's: faster)"
+        return f" ({_MKL_EXTRA}, brings MKL's: faster)"
     return ""
 
 
-BLAS_ADVICE = _blas_advice(_mkl is not None, sys.platform, platform.machine(),
-                           os.environ.get("NPLLAMA_BLAS", "auto").strip().lower())
+BLAS_ADVICE = _blas_advice(_mkl is not None, sys.platform, platform.machine(), _blas_choice())
 
 
 def _blas_operand(x):

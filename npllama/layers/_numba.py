@@ -203,10 +203,11 @@ def run_on_threads(kernel, *args, n_units=None):
         kernel(*args, np.zeros(1, dtype=np.int64))
         return
     # First a call with no unit left, on this thread: a kernel not compiled yet for these types is
-    # compiled (or loaded) here, before a helper thread can ask for it.  (When either thread could
-    # compile first, about half of the processes that compiled the kernels got float32 gradients
-    # 6.3e-05 from PyTorch's instead of 9.0e-07; with this call, 5 of 5.)  Afterwards it costs one
-    # dispatch, ~1 us.
+    # compiled (or loaded) here, once, before a helper thread can ask for it and wait on Numba's
+    # compiler lock.  Afterwards it costs one dispatch, ~1 us.  (A float32 gradient 6.3e-05 from
+    # PyTorch's instead of ~9e-07, once put down to which thread compiled first, was PyTorch's own:
+    # its first backward in a process varies, benchmarks/README.md; npllama's is bit-identical from
+    # process to process.)
     kernel(*args, np.full(1, NO_UNIT_LEFT, dtype=np.int64))
     helper_threads(n - 1).run([(kernel, args + (np.zeros(1, dtype=np.int64),))] * n)
 
