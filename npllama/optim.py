@@ -18,6 +18,8 @@ or so.  m and v are kept in the parameter's dtype.
 The update runs in a Numba kernel (``adamw_update_kernel``) that reads each element of p, g, m, v
 once and writes p, m, v once, with no temporary arrays.  ``adamw_update_reference`` is the same
 arithmetic in plain NumPy, in the same order, kept as the readable definition and for tests.
+With ``flat_params`` a step runs it on every thread (``adamw_update_units``: the flat buffers in
+units of UNIT elements, each unit one kernel call), as clipping's sum of squares and scaling do.
 
 Why one module of ~520 lines: AdamW (flat-buffer and per-array modes), its state's save/load with
 field-by-field validation (a resumed run must refuse a foreign or torn file), gradient clipping and
@@ -32,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from .errors import CheckpointError, ConfigError, InputError
+from .layers._numba import claim_unit, run_on_threads
 
 STATE_FORMAT = "npllama-adamw"
 STATE_VERSION = 1
@@ -121,38 +124,63 @@ def adamw_update_kernel(p, g, m, v, decay_factor, one_minus_beta1, beta2, one_mi
         p[i] = p[i] * decay_factor - step_size * (mi / denom)
 
 
-@njit(cache=True, error_model="numpy")
-def _sum_of_squares_kernel(x):  # pragma: no cover - compiled
-    """sum(x_i^2) of a 1-D array, accumulated in float64 whatever x's dtype.
+# The flat step and the gradient norm run on every thread (npllama's, ``run_on_threads``): the
+# buffer is cut into units of UNIT elements that the threads take in turn.  Measured, 7.2M float32
+# parameters, two threads against one: the update 6.7 -> 3.2 ms, the sum of squares 4.4 -> 2.0 ms.
+UNIT = 1 << 15
 
-    Eight independent partial sums: without fastmath a single accumulator is one long dependency
-    chain (one add latency per element); eight chains run ~2.3x faster and, as a bonus, round less.
-    """
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def adamw_update_units(p, g, m, v, unit_bounds, unit_decayed, decay_factors, one_minus_beta1, beta2,
+                       one_minus_beta2, step_size, bias_correction2_sqrt, eps, next_unit):  # pragma: no cover
+    """``adamw_update_kernel`` on each unit [unit_bounds[u, 0], unit_bounds[u, 1]) of the flat
+    buffers, with decay factor decay_factors[unit_decayed[u]] (a unit lies within one run of equal
+    weight decay).  Elementwise: the results are those of one call over each run, bit for bit,
+    whatever the number of threads."""
+    while True:
+        u = claim_unit(next_unit)
+        if u >= unit_bounds.shape[0]:
+            break
+        lo, hi = unit_bounds[u, 0], unit_bounds[u, 1]
+        adamw_update_kernel(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], decay_factors[unit_decayed[u]],
+                            one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def sum_of_squares_units(x, partial, next_unit):  # pragma: no cover - compiled
+    """partial[u] = sum of x_i^2 over unit u of a 1-D array, accumulated in float64 whatever x's
+    dtype.  "reassoc" lets LLVM split each unit's sum into vector lanes (partial sums that also
+    round less than one running sum); units of a fixed size and their sum in a fixed order make the
+    result independent of the number of threads."""
     n = x.size
-    n8 = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    for i in range(0, n8, 8):
-        x0 = np.float64(x[i])
-        x1 = np.float64(x[i + 1])
-        x2 = np.float64(x[i + 2])
-        x3 = np.float64(x[i + 3])
-        x4 = np.float64(x[i + 4])
-        x5 = np.float64(x[i + 5])
-        x6 = np.float64(x[i + 6])
-        x7 = np.float64(x[i + 7])
-        a0 += x0 * x0
-        a1 += x1 * x1
-        a2 += x2 * x2
-        a3 += x3 * x3
-        a4 += x4 * x4
-        a5 += x5 * x5
-        a6 += x6 * x6
-        a7 += x7 * x7
-    total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    for i in range(n8, n):
-        xi = np.float64(x[i])
-        total += xi * xi
-    return total
+    while True:
+        u = claim_unit(next_unit)
+        if u >= partial.size:
+            break
+        total = 0.0
+        for i in range(u * UNIT, min(n, (u + 1) * UNIT)):
+            xi = np.float64(x[i])
+            total += xi * xi
+        partial[u] = total
+
+
+def sum_of_squares(x: np.ndarray) -> float:
+    """sum(x_i^2) of a 1-D contiguous array, in float64, on every thread."""
+    partial = np.empty(-(-x.size // UNIT), dtype=np.float64)
+    run_on_threads(sum_of_squares_units, x, partial, n_units=partial.size)
+    return float(np.sum(partial))
+
+
+@njit(cache=True, nogil=True)
+def scale_units(x, factor, next_unit):  # pragma: no cover - compiled
+    """x *= factor (x 1-D, factor of x's dtype), a unit of UNIT elements at a time."""
+    n = x.size
+    while True:
+        lo = claim_unit(next_unit) * UNIT
+        if lo >= n:
+            break
+        for i in range(lo, min(n, lo + UNIT)):
+            x[i] *= factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +313,11 @@ class AdamW:
             else:
                 runs.append([start, stop, wd])
         self._flat_runs = [tuple(r) for r in runs]
+        # the runs cut into units for ``adamw_update_units``: bounds, and whether the unit is decayed
+        units = [(lo, min(lo + UNIT, stop), wd != 0.0) for start, stop, wd in self._flat_runs
+                 for lo in range(start, stop, UNIT)]
+        self._unit_bounds = np.array([u[:2] for u in units], dtype=np.int64).reshape(-1, 2)
+        self._unit_decayed = np.array([u[2] for u in units], dtype=np.int64)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, grads: Mapping[str, np.ndarray] | None = None, lr: float | None = None, *,
@@ -340,9 +373,10 @@ class AdamW:
                              f"{fp.shape}, got {getattr(flat_grads, 'dtype', type(flat_grads))} "
                              f"{getattr(flat_grads, 'shape', '')}")
         step = self.t + 1
-        for start, stop, wd in self._flat_runs:
-            adamw_update_kernel(fp[start:stop], flat_grads[start:stop], self._flat_m[start:stop],
-                                self._flat_v[start:stop], *self._coefficients(fp.dtype, lr, wd, step))
+        plain, decayed = (self._coefficients(fp.dtype, lr, wd, step) for wd in (0.0, self.weight_decay))
+        decay_factors = np.array([plain.decay_factor, decayed.decay_factor], dtype=fp.dtype)
+        run_on_threads(adamw_update_units, fp, flat_grads, self._flat_m, self._flat_v, self._unit_bounds,
+                       self._unit_decayed, decay_factors, *plain[1:], n_units=len(self._unit_bounds))
         self.t = step
 
     # ---- checkpointing ----------------------------------------------------------------------
@@ -463,12 +497,15 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray] | np.ndarray, max_norm: float
     arrays = [grads] if isinstance(grads, np.ndarray) else list(grads.values())
     sum_sq = 0.0
     for g in arrays:
-        sum_sq += _sum_of_squares_kernel(np.ascontiguousarray(g).reshape(-1))
+        sum_sq += sum_of_squares(np.ascontiguousarray(g).reshape(-1))
     total = math.sqrt(sum_sq)
     if math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + CLIP_EPS)
         for g in arrays:
-            g *= g.dtype.type(scale)
+            if g.flags.c_contiguous:
+                run_on_threads(scale_units, g.reshape(-1), g.dtype.type(scale), n_units=-(-g.size // UNIT))
+            else:
+                g *= g.dtype.type(scale)
     return total
 
 

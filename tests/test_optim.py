@@ -18,8 +18,10 @@ from npllama.optim import (
     adamw_coefficients,
     adamw_update_kernel,
     adamw_update_reference,
+    UNIT,
     clip_grad_norm,
     lr_at,
+    sum_of_squares,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "adamw_trajectory.safetensors"
@@ -212,6 +214,77 @@ def test_flat_buffers_give_the_same_trajectory_as_separate_arrays(dtype):
         np.testing.assert_array_equal(opt_flat.v[n], opt_sep.v[n])
     np.testing.assert_array_equal(flat[3 * 5:3 * 5 + 2], [7.0, 7.0])  # the gap is left alone
     assert np.shares_memory(opt_flat.m["model.norm.weight"], opt_flat._flat_m)
+
+
+def _on_threads(n):
+    """numba.set_num_threads(n) for a with-block (at most the threads Numba has)."""
+    import contextlib
+
+    import numba
+
+    @contextlib.contextmanager
+    def threads():
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(before)
+    return threads()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_flat_step_in_units_on_threads_is_the_reference_bit_for_bit(dtype, threads):
+    # parameters larger than a unit and not multiples of it, decayed and not, so that units end
+    # inside runs and runs inside units; every element against the NumPy reference, exactly
+    rng = np.random.default_rng(11)
+    sizes = {"model.embed_tokens.weight": (3, UNIT + 7), "model.norm.weight": (2 * UNIT + 5,),
+             "model.layers.0.mlp.down_proj.weight": (5, 1001), "model.layers.0.input_layernorm.weight": (9,)}
+    separate = {n: rng.standard_normal(s).astype(dtype) for n, s in sizes.items()}
+    flat, views = flat_model(separate)
+    flat_grads, grad_views = flat_model({n: np.zeros_like(p) for n, p in separate.items()})
+    opt = AdamW(views, lr=0.01, weight_decay=0.1, flat_params=flat)
+    assert len(opt._unit_bounds) > len(opt._flat_runs) > 1
+    m = {n: np.zeros_like(p) for n, p in separate.items()}
+    v = {n: np.zeros_like(p) for n, p in separate.items()}
+    with _on_threads(threads):
+        for step in range(1, 4):
+            for n in separate:
+                grad_views[n][...] = rng.standard_normal(separate[n].shape) * 10.0 ** rng.uniform(-3, 1)
+            opt.step(flat_grads=flat_grads, lr=0.01 * step)
+            for n, p in separate.items():
+                wd = 0.1 if p.ndim >= 2 else 0.0
+                c = adamw_coefficients(dtype, lr=0.01 * step, beta1=0.9, beta2=0.95, eps=1e-8,
+                                       weight_decay=wd, step=step)
+                adamw_update_reference(p, grad_views[n].copy(), m[n], v[n], *c)
+    for n in separate:
+        np.testing.assert_array_equal(views[n], separate[n])
+        np.testing.assert_array_equal(opt.m[n], m[n])
+        np.testing.assert_array_equal(opt.v[n], v[n])
+    np.testing.assert_array_equal(flat[3 * (UNIT + 7):3 * (UNIT + 7) + 2], [7.0, 7.0])   # the gap
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_of_squares_in_units_is_exact_to_float64_and_the_same_on_any_thread_count(dtype):
+    rng = np.random.default_rng(12)
+    for n in (0, 1, UNIT - 1, UNIT, 3 * UNIT + 17):
+        x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, size=n)).astype(dtype)
+        exact = math.fsum(float(e) ** 2 for e in x.astype(np.float64))   # (float64 squares: exact enough)
+        with _on_threads(1):
+            one = sum_of_squares(x)
+        with _on_threads(2):
+            two = sum_of_squares(x)
+        assert one == two
+        assert one == pytest.approx(exact, rel=1e-13, abs=0)
+
+
+def test_clipping_scales_a_large_buffer_as_numpy_would():
+    g = np.random.default_rng(13).standard_normal(2 * UNIT + 3).astype(np.float32)
+    expected = g.copy()
+    total = clip_grad_norm(g, max_norm=1.0)
+    expected *= np.float32(1.0 / (total + 1e-6))
+    np.testing.assert_array_equal(g, expected)
 
 
 def test_flat_mode_rejects_params_that_are_not_views_and_bad_flat_grads():
