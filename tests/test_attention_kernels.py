@@ -67,6 +67,20 @@ def test_tiled_kernels_equal_reference_float32(block):
         assert_matches_reference(*random_qkv(r, 2, 4, 2, 45, 8, np.float32), tol=2e-5)
 
 
+@pytest.mark.parametrize("hd, t, heads", [(8, 300, (4, 2)), (3, 45, (2, 1)), (5, 257, (2, 2))])
+def test_heads_of_half_a_vector_take_key_pairs(hd, t, heads):
+    # float32 heads of <= 8 numbers (half an AVX-512 vector; <= 4 with AVX2): K and V packed in pairs
+    # of keys, P V and dS K by ``tile_update_pairs`` (see attention._add_lower_times); the default
+    # tiles (256 wide past 128 positions), an odd number of keys in the last tile.
+    r = np.random.default_rng(hd)
+    q, k, v, do = random_qkv(r, 2, heads[0], heads[1], t, hd, np.float32)
+    lanes = _numba.VECTOR_BYTES // 4
+    tiles = attention.key_tile_buffers(2, heads[1], t, hd, np.float32)
+    block_pad = tiles[0].shape[4]
+    assert tiles[2].shape[3:] == ((block_pad // 2, lanes) if hd <= lanes // 2 else (block_pad, tiles[0].shape[3]))
+    assert_matches_reference(q, k, v, do, tol=2e-5)
+
+
 @pytest.mark.parametrize("n_splits", [2, 3, 5])
 def test_backward_key_splits_sum_to_the_same_gradients(monkeypatch, n_splits):
     # With few (batch, kv head) pairs the backward cuts the keys into ranges, one unit each, and
@@ -140,11 +154,14 @@ def test_float32_exp_is_accurate():
 @numba.njit(cache=True)
 def _tile_products(A, B, C, k, accumulate, halves):
     """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (6: three
-    vectors, 4: two, 2: one, 1: half of one; C: MR rows a tile)."""
-    columns = halves * _numba.VECTOR_BYTES // C.itemsize // 2
+    vectors, 4: two, 2: one, 1: half of one; C: MR rows a tile); halves=0: ``tile_update_pairs``
+    (one vector, k pairs of A's columns from column 2, B's rows from row 1)."""
+    columns = (halves or 2) * _numba.VECTOR_BYTES // C.itemsize // 2
     for r in range(0, C.shape[0], _numba.MR):
         for j in range(0, C.shape[1], columns):
-            if halves == 6:
+            if halves == 0:
+                _numba.tile_update_pairs(A, r, 2, B, 1, j, C, r, j, k, accumulate)
+            elif halves == 6:
                 _numba.tile_update_3(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             elif halves == 4:
                 _numba.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
@@ -169,6 +186,25 @@ def test_tile_update_equals_matmul(dtype, halves, seed, tiles, k, accumulate, tr
     C = r.normal(size=(m, n)).astype(dtype)
     want = (C if accumulate else 0) + A[:, 1:].astype(np.float64) @ B[2:].astype(np.float64)
     _tile_products(A, B, C, k, accumulate, halves)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(C, want, rtol=tol, atol=tol * max(1, k))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(seed=st.integers(0, 2**31 - 1), tiles=st.integers(1, 3), k=st.integers(0, 40), accumulate=st.booleans())
+def test_tile_update_pairs_equals_matmul(dtype, seed, tiles, k, accumulate):
+    # C[r, l] (+)= sum_d A[r, 2 + 2d + l % 2] B[1 + d, l]: lane l of C sums the even (l even) or the
+    # odd columns of A against B's rows, which hold two keys' numbers interleaved
+    r = np.random.default_rng(seed)
+    lanes = _numba.VECTOR_BYTES // np.dtype(dtype).itemsize
+    m, n = _numba.MR * tiles, lanes * tiles
+    A = r.normal(size=(m, 2 * k + 3)).astype(dtype)
+    B = r.normal(size=(k + 1, n)).astype(dtype)
+    C = r.normal(size=(m, n)).astype(dtype)
+    parity = np.arange(n) % 2
+    A64 = A.astype(np.float64)
+    want = (C if accumulate else 0) + sum(A64[:, 2 + 2 * d + parity] * B[1 + d].astype(np.float64) for d in range(k))
+    _tile_products(A, B, C, k, accumulate, 0)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * max(1, k))
 

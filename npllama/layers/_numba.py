@@ -369,12 +369,17 @@ def _element_address(builder, data, strides, indices):
     return builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [offset])
 
 
-def _tile_update(width, vector_bytes=VECTOR_BYTES):
+def _tile_update(width, vector_bytes=VECTOR_BYTES, pairs=False):
     @intrinsic
     def tile_update(typingctx, A, a_row, a_col, B, b_row, b_col, C, c_row, c_col, k, accumulate):
         """C[c_row + i, c_col + j] (+)= sum_{d < k} A[a_row + i, a_col + d] B[b_row + d, b_col + j]
         for i < MR, j < width * lanes (lanes = vector_bytes / itemsize).  A: any strides; the rows of
-        B and C must be contiguous.  accumulate=False: C = the product."""
+        B and C must be contiguous.  accumulate=False: C = the product.
+
+        pairs=True (``tile_update_pairs``): the sum runs over 2k columns of A, two at a time:
+        C[c_row + i, c_col + j] (+)= sum_{d < k} A[a_row + i, a_col + 2d + j % 2] B[b_row + d, b_col + j],
+        the two numbers of A one 64-bit load broadcast to every pair of lanes (A's rows must then be
+        contiguous too)."""
         i = types.intp
         sig = types.void(A, i, i, B, i, i, C, i, i, i, types.boolean)
 
@@ -384,6 +389,8 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
             itemsize = context.get_abi_sizeof(elt)
             lanes = vector_bytes // itemsize
             vec, i64 = ir.VectorType(elt, lanes), ir.IntType(64)
+            pair = ir.VectorType(elt, 2)
+            pair_lanes = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [j % 2 for j in range(lanes)])
 
             def origin(index, value, row, col):      # (byte address of element [row, col], row stride)
                 arr = context.make_array(signature.args[index])(context, builder, value)
@@ -412,9 +419,13 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
                 d = loop.index
                 b_row_d = builder.gep(b0, [builder.mul(d, b_s0)])
                 b_vectors = [builder.load(at(b_row_d, vector_offset(v), vec), align=itemsize) for v in range(width)]
-                a_column_d = builder.gep(a0, [builder.mul(d, a_s1)])
+                a_column_d = builder.gep(a0, [builder.mul(builder.shl(d, ir.Constant(i64, 1)) if pairs else d, a_s1)])
                 for r in range(MR):
-                    a = _splat(builder, builder.load(at(a_column_d, row_offset(a_s0, r), elt)), vec)
+                    if pairs:
+                        two = builder.load(at(a_column_d, row_offset(a_s0, r), pair), align=itemsize)
+                        a = builder.shuffle_vector(two, ir.Constant(pair, ir.Undefined), pair_lanes)
+                    else:
+                        a = _splat(builder, builder.load(at(a_column_d, row_offset(a_s0, r), elt)), vec)
                     for v in range(width):
                         builder.store(builder.call(fma, [a, b_vectors[v], builder.load(acc[r][v])]), acc[r][v])
             for r in range(MR):
@@ -428,7 +439,10 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES):
 tile_update_1 = _tile_update(1)       # MR x one vector
 tile_update_2 = _tile_update(2)       # MR x two vectors
 tile_update_3 = _tile_update(3)       # MR x three vectors (with AVX-512 only: 24 accumulators of 32 registers)
-tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (head_dim 8 in float32)
+tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (the last of head_dim 24, 40, ... in float32)
+# MR x one vector of interleaved pairs: a product whose C is half a vector wide (attention's P V and
+# dS K at head_dim <= 8 in float32) as one of full vectors over half as many steps (attention.py: PAIRS)
+tile_update_pairs = _tile_update(1, pairs=True)
 
 
 @intrinsic
