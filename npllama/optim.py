@@ -296,8 +296,8 @@ class AdamW:
         """Precompute what each step loops over.
 
         Always: (name, wd) per parameter, for steps given a dict of grads.  Flat mode also: maximal runs [start, stop) of the flat
-        buffer whose parameters are adjacent and share the same weight decay, so a Llama step is a
-        few long kernel calls instead of one per tensor.
+        buffer whose parameters are adjacent and share the same weight decay, cut into units of UNIT
+        elements that the threads share out (``adamw_update_units``) instead of one call per tensor.
         """
         def wd_of(name):
             return self.weight_decay if name in self.decayed else 0.0

@@ -441,7 +441,8 @@ tile_update_2 = _tile_update(2)       # MR x two vectors
 tile_update_3 = _tile_update(3)       # MR x three vectors (with AVX-512 only: 24 accumulators of 32 registers)
 tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (the last of head_dim 24, 40, ... in float32)
 # MR x one vector of interleaved pairs: a product whose C is half a vector wide (attention's P V and
-# dS K at head_dim <= 8 in float32) as one of full vectors over half as many steps (attention.py: PAIRS)
+# dS K at head_dim <= 8 in float32) as one of full vectors over half as many steps (attention.py, above
+# _add_lower_times)
 tile_update_pairs = _tile_update(1, pairs=True)
 
 

@@ -401,7 +401,7 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
                             p, ds = P[r], dS[r]
                             lse_i, D_i = lse[b, h, i0 + r], D[r]
                             n_keys = min(block, i0 + r + 1 - kb * block)
-                            if n_keys == n_cols:
+                            if n_keys == n_cols:              # (no select: 260K's backward 3 % faster)
                                 for j in range(n_cols):
                                     e = fast_exp(p[j] - lse_i)
                                     p[j] = e
