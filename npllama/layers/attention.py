@@ -284,7 +284,7 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
     m = np.empty(block, dtype=q.dtype)
     l = np.empty(block, dtype=q.dtype)
     P = np.empty((block_pad, block_pad), dtype=q.dtype)      # scores, then probabilities
-    zero = q.dtype.type(0.0)
+    zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
     width = _tile_width(P)
     n_units = B * H * n_blocks
     while True:
@@ -321,7 +321,9 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
                     acc_r[d] *= alpha
             _add_lower_times(P, v_rows[b, h // G, kb], acc, rows_pad, block_pad, hd_pad, diagonal, paired)  # acc += P V
         for r in range(rows):
-            o_r, acc_r, inv_l = contiguous_row(o, b, h, i0 + r), acc[r], 1.0 / l[r]
+            # (1/l in the data's dtype, like all the kernels' arithmetic: a bare 1.0 made the row's
+            # loop convert every number to float64 and back; alone that loop then ran ~4x slower)
+            o_r, acc_r, inv_l = contiguous_row(o, b, h, i0 + r), acc[r], one / l[r]
             if paired:
                 for d in range(hd):
                     o_r[d] = (acc_r[2 * d] + acc_r[2 * d + 1]) * inv_l
