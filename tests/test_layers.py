@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 from npllama.errors import InputError
 from npllama.gradcheck import numerical_gradient, relative_error
 from npllama.layers import _numba, attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
+from npllama.threads import thread_limit
 
 GRAD_TOL = 1e-6
 seeds = st.integers(0, 2**31 - 1)
@@ -482,9 +483,7 @@ def test_run_on_threads_runs_every_unit_exactly_once(threads):
     # would mean the pool never started).
     if threads > numba.config.NUMBA_NUM_THREADS:
         pytest.skip(f"Numba was started with {numba.config.NUMBA_NUM_THREADS} threads")
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
+    with thread_limit(threads):
         shared = 0
         for _ in range(20):
             n = 200_000
@@ -497,8 +496,6 @@ def test_run_on_threads_runs_every_unit_exactly_once(threads):
             assert set(np.unique(who)) <= set(range(threads + 1))
             shared += len(np.unique(who)) > 1
         assert shared > 0 if threads > 1 else shared == 0
-    finally:
-        numba.set_num_threads(previous)
 
 
 def test_helper_threads_run_every_job_once_and_hand_back_errors():

@@ -23,6 +23,7 @@ from npllama.optim import (
     lr_at,
     sum_of_squares,
 )
+from npllama.threads import thread_limit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "adamw_trajectory.safetensors"
 
@@ -216,23 +217,6 @@ def test_flat_buffers_give_the_same_trajectory_as_separate_arrays(dtype):
     assert np.shares_memory(opt_flat.m["model.norm.weight"], opt_flat._flat_m)
 
 
-def _on_threads(n):
-    """numba.set_num_threads(n) for a with-block (at most the threads Numba has)."""
-    import contextlib
-
-    import numba
-
-    @contextlib.contextmanager
-    def threads():
-        before = numba.get_num_threads()
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-        try:
-            yield
-        finally:
-            numba.set_num_threads(before)
-    return threads()
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_flat_step_in_units_on_threads_is_the_reference_bit_for_bit(dtype, threads):
@@ -248,7 +232,7 @@ def test_the_flat_step_in_units_on_threads_is_the_reference_bit_for_bit(dtype, t
     assert len(opt._unit_bounds) > len(opt._flat_runs) > 1
     m = {n: np.zeros_like(p) for n, p in separate.items()}
     v = {n: np.zeros_like(p) for n, p in separate.items()}
-    with _on_threads(threads):
+    with thread_limit(threads):
         for step in range(1, 4):
             for n in separate:
                 grad_views[n][...] = rng.standard_normal(separate[n].shape) * 10.0 ** rng.uniform(-3, 1)
@@ -271,9 +255,9 @@ def test_sum_of_squares_in_units_is_exact_to_float64_and_the_same_on_any_thread_
     for n in (0, 1, UNIT - 1, UNIT, 3 * UNIT + 17):
         x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, size=n)).astype(dtype)
         exact = math.fsum(float(e) ** 2 for e in x.astype(np.float64))   # (float64 squares: exact enough)
-        with _on_threads(1):
+        with thread_limit(1):
             one = sum_of_squares(x)
-        with _on_threads(2):
+        with thread_limit(2):
             two = sum_of_squares(x)
         assert one == two
         assert one == pytest.approx(exact, rel=1e-13, abs=0)

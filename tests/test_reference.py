@@ -30,7 +30,7 @@ from npllama.gradcheck import (LLAMA3_SCALING, elementwise_relative_error, numer
                                random_params, relative_error, richardson_gradient, sampled_entries)
 from npllama.layers import linear
 from npllama.layers.attention import block_size, key_block_splits
-from npllama.threads import openblas_threads_api
+from npllama.threads import openblas_threads_api, thread_limit
 from test_hf_fixture import FIXTURES, HF_FIXTURES, load_reference, relative_error as hf_error
 
 EQUAL = 1e-12   # fast path vs reference, float64, norm-wise relative
@@ -147,12 +147,8 @@ def two_threads():
     if numba.config.NUMBA_NUM_THREADS < 2 or api is None:
         yield False
         return
-    numba_before, blas_before = numba.get_num_threads(), api[0]()
-    numba.set_num_threads(2)
-    api[1](2)
-    yield True
-    numba.set_num_threads(numba_before)
-    api[1](blas_before)
+    with thread_limit(2):
+        yield True
 
 
 def test_large_cases_switch_on_the_fast_paths(two_threads):
