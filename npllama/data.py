@@ -32,7 +32,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -47,41 +47,164 @@ CACHE_FORMAT = 1                              # bump when the cache layout chang
 
 # ------------------------------------------------------------------------------------- text
 
-def load_text(path: str | os.PathLike | None = None) -> str:
+# What a folder's files count as text by default: common prose, markup, data and source suffixes
+# (each also gzip-compressed, ``x.py.gz``).  Anything else needs --include; binaries are skipped.
+TEXT_SUFFIXES = frozenset("""
+    .txt .text .md .markdown .rst .adoc .org .tex .bib .csv .tsv .json .jsonl .yaml .yml .toml .ini .cfg
+    .conf .xml .html .htm .css .scss .svg
+    .py .pyi .pyx .c .h .cc .cpp .cxx .hpp .hh .cs .java .kt .kts .scala .go .rs .swift .m .mm
+    .js .jsx .mjs .cjs .ts .tsx .vue .rb .php .pl .pm .lua .r .jl .hs .ml .mli .ex .exs .erl .clj .lisp
+    .el .scm .sh .bash .zsh .fish .ps1 .bat .sql .proto .f90 .f .asm .s .cmake .mk .gradle .dart .zig .nim
+    """.split())
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A training corpus as read from disk: its documents (one per file) and what was left out.
+
+    Attributes:
+        source: what was read, for messages ("file a.txt", "directory src", "the bundled corpus").
+        documents: ``(name, text)`` per file read, in sorted order (``name`` relative to a folder).
+        skipped: ``(name, why)`` per file of a folder left out: "binary", "not UTF-8" (a file
+            matching the patterns whose content is not text).
+        unmatched: number of files of a folder not matching the patterns, by suffix (hidden files
+            and folders, names starting with ".", are not even looked at).
+    """
+    source: str
+    documents: tuple[tuple[str, str], ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    unmatched: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The documents joined: each ends with a newline, then one more: a blank line between files.
+        A single file is its text unchanged."""
+        return join_documents(text for _, text in self.documents)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(len(text.encode("utf-8")) for _, text in self.documents)
+
+    def describe(self, max_names: int = 6) -> str:
+        """One or two lines for the log: which files were read, how many bytes, what was skipped."""
+        sizes = [(name, len(text.encode("utf-8"))) for name, text in self.documents]
+        if len(sizes) == 1 and not self.skipped and not self.unmatched:
+            return f"corpus: {self.source}, {sizes[0][1]:,} bytes"
+        shown = ", ".join(f"{name} ({size:,} B)" for name, size in sizes[:max_names])
+        more = f", ... and {len(sizes) - max_names:,} more" if len(sizes) > max_names else ""
+        line = f"corpus: {self.source}: {len(sizes):,} files, {self.n_bytes:,} bytes: {shown}{more}"
+        left_out = []
+        if self.skipped:
+            names = ", ".join(f"{name} ({why})" for name, why in self.skipped[:max_names])
+            left_out.append(f"{len(self.skipped):,} skipped as not text: {names}"
+                            + (", ..." if len(self.skipped) > max_names else ""))
+        if self.unmatched:
+            counts = ", ".join(f"{suffix or '(no suffix)'} {n:,}" for suffix, n in self.unmatched[:max_names])
+            left_out.append(f"{sum(n for _, n in self.unmatched):,} not matching the file patterns ({counts}"
+                            + (", ..." if len(self.unmatched) > max_names else "") + ")")
+        return line + ("\ncorpus: left out " + "; ".join(left_out) if left_out else "")
+
+
+def join_documents(texts) -> str:
+    """Texts joined with a blank line between them (a newline is added to one that lacks it); empty
+    texts are dropped.  A single text comes back unchanged."""
+    texts = [t for t in texts if t]
+    if len(texts) == 1:
+        return texts[0]
+    return "\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
+
+
+def parse_include(include: str | None) -> tuple[str, ...] | None:
+    """``"*.py,docs/*.md"`` -> ``("*.py", "docs/*.md")``; None -> None (the default suffixes)."""
+    if include is None:
+        return None
+    patterns = tuple(p.strip() for p in include.split(",") if p.strip())
+    if not patterns:
+        raise ConfigError(f"--include must name at least one file pattern such as '*.py', got {include!r}")
+    return patterns
+
+
+def matches(relative: str, patterns: tuple[str, ...] | None) -> bool:
+    """Whether a folder's file (its path relative to the folder, with /) is read: with no patterns,
+    when its suffix (before a final .gz) is one of TEXT_SUFFIXES; else when a pattern matches it as
+    ``PurePath.match`` does (from the right: ``*.py`` matches ``a/b.py``)."""
+    path = PurePosixPath(relative)
+    if patterns is None:
+        name = path.name[:-3] if path.name.endswith(".gz") else path.name
+        return PurePosixPath(name).suffix.lower() in TEXT_SUFFIXES
+    return any(path.match(p) for p in patterns)
+
+
+def load_corpus(path: str | os.PathLike | None = None, include: str | None = None) -> Corpus:
     """Read a training corpus.
 
     Args:
         path: ``None`` for the bundled Shakespeare corpus; a UTF-8 text file (``.gz`` is
-            decompressed); or a directory, whose ``*.txt`` files (searched recursively, sorted by
-            relative path) are joined with one blank line between files. A leading UTF-8 byte-order
-            mark is dropped; nothing else is changed (line endings stay as they are).
+            decompressed); or a directory, whose text files (see ``matches``; searched recursively
+            without entering hidden folders, sorted by relative path) are the documents.  A leading
+            UTF-8 byte-order mark is dropped; nothing else is changed (line endings stay as they are).
+        include: comma-separated file patterns for a directory (default: TEXT_SUFFIXES).
     Raises:
-        DataError: path missing, a file not UTF-8 or binary (the file is named), a directory with
-            no ``.txt`` file, or a corpus that is empty / only whitespace.
+        DataError: path missing, a single file not UTF-8 or binary (the file is named), a directory
+            with no text file, or a corpus that is empty / only whitespace.  Inside a directory a
+            binary or non-UTF-8 file is skipped (and listed in ``skipped``) instead.
     """
+    patterns = parse_include(include)
     if path is None:
         resource = importlib.resources.files("npllama").joinpath(BUNDLED_CORPUS)
         text = _decode_text(gzip.decompress(resource.read_bytes()), f"<bundled {BUNDLED_CORPUS}>")
-        source = "the bundled corpus"
+        corpus = Corpus("the bundled corpus", (("shakespeare.txt", text),))
     else:
         root = Path(path)
         if root.is_dir():
-            files = sorted((p for p in root.rglob("*.txt") if p.is_file()),
-                           key=lambda p: p.relative_to(root).as_posix())
-            if not files:
-                raise DataError(f"no .txt files in directory {root}")
-            texts = [_read_text_file(p) for p in files]
-            # Each file ends with a newline, then one more newline: a blank line between files.
-            text = "\n".join(t if t.endswith("\n") else t + "\n" for t in texts if t)
-            source = f"directory {root} ({len(files)} .txt files)"
+            corpus = _load_folder(root, patterns)
         elif root.is_file():
-            text = _read_text_file(root)
-            source = f"file {root}"
+            corpus = Corpus(f"file {root}", ((root.name, _read_text_file(root)),))
         else:
             raise DataError(f"corpus path not found: {root}")
-    if not text.strip():
-        raise DataError(f"corpus is empty: {source} has no text")
-    return text
+    if not any(text.strip() for _, text in corpus.documents):
+        raise DataError(f"corpus is empty: {corpus.source} has no text")
+    return corpus
+
+
+def _load_folder(root: Path, patterns: tuple[str, ...] | None) -> Corpus:
+    files, unmatched = [], {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]      # .git, .venv, ...: never text to learn
+        for name in names:
+            p = Path(folder) / name
+            relative = p.relative_to(root).as_posix()
+            if name.startswith(".") or not p.is_file():
+                continue
+            if matches(relative, patterns):
+                files.append((relative, p))
+            else:
+                suffix = p.suffix.lower()
+                unmatched[suffix] = unmatched.get(suffix, 0) + 1
+    files.sort()
+    documents, skipped = [], []
+    for relative, p in files:
+        try:
+            text = _read_text_file(p)
+        except DataError as e:
+            if "binary" in str(e) or "not UTF-8" in str(e):
+                skipped.append((relative, "binary" if "binary" in str(e) else "not UTF-8"))
+                continue
+            raise
+        if text:
+            documents.append((relative, text))
+    what = "the default text and source suffixes" if patterns is None else "--include " + ",".join(patterns)
+    if not documents:
+        found = f"; {len(skipped)} matching files are not text" if skipped else ""
+        raise DataError(f"no text files in directory {root} (looked for {what}{found}); "
+                        "choose the files with --include, e.g. --include '*.py,*.md'")
+    by_count = tuple(sorted(unmatched.items(), key=lambda kv: (-kv[1], kv[0])))
+    return Corpus(f"directory {root}", tuple(documents), tuple(skipped), by_count)
+
+
+def load_text(path: str | os.PathLike | None = None, include: str | None = None) -> str:
+    """The text of ``load_corpus(path, include)``: its documents joined (``Corpus.text``)."""
+    return load_corpus(path, include).text
 
 
 def _read_text_file(path: Path) -> str:
@@ -121,8 +244,7 @@ def split_train_val(text: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> tu
     character, back to just after a newline at most ``v`` characters earlier; with neither the
     nominal cut is kept. Both parts are non-empty.
     """
-    if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    _check_val_fraction(val_fraction)
     n = len(text)
     if n < 2:
         raise DataError(f"corpus of {n} characters is too short to split into train and validation")
@@ -134,6 +256,130 @@ def split_train_val(text: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> tu
         newline = text.rfind("\n", max(0, nominal - 1 - val_chars), nominal - 1)
     cut = newline + 1 if newline >= 0 else nominal
     return text[:cut], text[cut:]
+
+
+def _check_val_fraction(val_fraction) -> None:
+    if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
+# How the held-out set is drawn from a corpus (`npllama train --val-split`).
+VAL_SPLITS = ("per-file", "documents", "tail")
+VAL_SPLIT_SEED = 0   # of --val-split documents: the same files for every run of a corpus, comparable
+
+
+@dataclass(frozen=True)
+class Split:
+    """A corpus cut into training and held-out text, and a sentence saying what was held out."""
+    train_text: str
+    val_text: str
+    description: str
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over both texts: what a tokenizer and tokens made from them depend on."""
+        return hashlib.sha256(f"{text_sha256(self.train_text)} {text_sha256(self.val_text)}".encode()).hexdigest()
+
+
+def split_corpus(corpus: Corpus, val_fraction: float = DEFAULT_VAL_FRACTION, how: str = "per-file",
+                 val_corpus: Corpus | None = None) -> Split:
+    """Cut ``corpus`` into training and held-out text.
+
+    how:
+        ``"per-file"``: the last ``val_fraction`` of every file, cut at a line boundary: every file
+            (language, module, author) is represented.  A file's share is rounded to whole lines, the
+            rounding carried over to the next file so the total stays near ``val_fraction``; no file
+            gives more than half of itself.  With one file this is ``"tail"``.
+        ``"documents"``: whole files drawn at random (seed ``VAL_SPLIT_SEED``) until they hold
+            ``val_fraction`` of the bytes: for many short documents, where a file's tail is no text.
+        ``"tail"``: the last ``val_fraction`` of the joined text (``split_train_val``).
+    ``val_corpus`` (``--val-data``): all of ``corpus`` trains and ``val_corpus`` is the held-out set.
+    Train and held-out parts are joined like ``Corpus.text`` (a blank line between files).
+    """
+    if val_corpus is not None:
+        train, val = corpus.text, val_corpus.text
+        return Split(train, val, f"held-out set: {val_corpus.source} ({_bytes(val)}), given by --val-data; all of "
+                                 f"{corpus.source} trains")
+    _check_val_fraction(val_fraction)
+    if how not in VAL_SPLITS:
+        raise ConfigError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {how!r}")
+    share = f"{100 * val_fraction:g}%"
+    if how == "tail" or len(corpus.documents) == 1:
+        text = corpus.text
+        train, val = split_train_val(text, val_fraction)
+        first = _document_at(corpus, len(train))
+        where = "" if len(corpus.documents) == 1 else f", from {first} on"
+        what = "" if how == "tail" or len(corpus.documents) > 1 else " (the corpus is one file)"
+        return Split(train, val, f"held-out set: the last {share} of the text{what}{where} ({_bytes(val)})")
+    if how == "documents":
+        return _split_documents(corpus, val_fraction, share)
+    train_parts, val_parts, owed, n_files = [], [], 0.0, 0
+    for _, text in corpus.documents:
+        owed += val_fraction * len(text)
+        cut = _line_cut(text, len(text) - min(owed, len(text) / 2))
+        train_parts.append(text[:cut])
+        if cut < len(text):
+            val_parts.append(text[cut:])
+            owed -= len(text) - cut
+            n_files += 1
+    if not val_parts:
+        raise DataError(f"--val-split per-file found no file of {corpus.source} with lines to hold out (each is one "
+                        "line): use --val-split documents or tail, or --val-data")
+    train, val = join_documents(train_parts), join_documents(val_parts)
+    return Split(train, val, f"held-out set: the last ~{share} of each file, cut at a line ({n_files:,} of "
+                             f"{len(corpus.documents):,} files; {_bytes(val)}, {_percent(val, train)})")
+
+
+def _split_documents(corpus: Corpus, val_fraction: float, share: str) -> Split:
+    n = len(corpus.documents)
+    sizes = [len(text.encode("utf-8")) for _, text in corpus.documents]
+    order = np.random.default_rng(VAL_SPLIT_SEED).permutation(n)
+    held, total, target = set(), 0, val_fraction * sum(sizes)
+    for i in order:                               # (a file that would overshoot twice the share is passed over)
+        if total >= target:
+            break
+        if total + sizes[i] <= 2 * target and len(held) < n - 1:
+            held.add(int(i))
+            total += sizes[i]
+    if not held:
+        raise DataError(f"--val-split documents: every file of {corpus.source} is more than twice the held-out "
+                        f"share ({share}); use --val-split per-file")
+    train = join_documents(text for i, (_, text) in enumerate(corpus.documents) if i not in held)
+    val = join_documents(text for i, (_, text) in enumerate(corpus.documents) if i in held)
+    names = [corpus.documents[i][0] for i in sorted(held)]
+    shown = ", ".join(names[:6]) + (f", ... and {len(names) - 6} more" if len(names) > 6 else "")
+    return Split(train, val, f"held-out set: {len(held):,} of {n:,} whole files drawn at random (seed "
+                             f"{VAL_SPLIT_SEED}) for ~{share} of the bytes: {shown} ({_bytes(val)}, "
+                             f"{_percent(val, train)})")
+
+
+def _line_cut(text: str, nominal: float) -> int:
+    """The line boundary of ``text`` (0, just after a newline, or len(text)) nearest ``nominal``,
+    not 0: a file keeps at least its first line for training."""
+    nominal = int(round(nominal))
+    after = text.find("\n", max(nominal - 1, 0))
+    before = text.rfind("\n", 0, max(nominal - 1, 0) + 1)
+    candidates = [len(text)] + [i + 1 for i in (before, after) if i >= 0]
+    return min(candidates, key=lambda c: (abs(c - nominal), -c))
+
+
+def _document_at(corpus: Corpus, offset: int) -> str:
+    """The name of the document that holds character ``offset`` of ``corpus.text``."""
+    position = 0
+    for name, text in corpus.documents:
+        position += len(text) + (0 if text.endswith("\n") else 1) + 1
+        if offset < position:
+            return name
+    return corpus.documents[-1][0]
+
+
+def _bytes(text: str) -> str:
+    return f"{len(text.encode('utf-8')):,} bytes"
+
+
+def _percent(val: str, train: str) -> str:
+    v, t = len(val.encode("utf-8")), len(train.encode("utf-8"))
+    return f"{100 * v / max(v + t, 1):.1f}% of the corpus"
 
 
 # ----------------------------------------------------------------------------------- tokens
@@ -244,6 +490,13 @@ class TokenDataset:
         """Split ``text`` (``split_train_val``) and tokenize both parts; ``cache_dir=None`` keeps
         the tokens in memory, otherwise they are cached as ``train.tokens``/``val.tokens``."""
         train_text, val_text = split_train_val(text, val_fraction)
+        return cls.from_texts(train_text, val_text, tokenizer, cache_dir)
+
+    @classmethod
+    def from_texts(cls, train_text: str, val_text: str, tokenizer,
+                   cache_dir: str | os.PathLike | None = None) -> "TokenDataset":
+        """Tokenize a training and a held-out text (a ``Split``'s, or any two); ``cache_dir`` as in
+        ``from_text``."""
         if cache_dir is None:
             dtype = token_dtype(tokenizer.vocab_size)
             train = _encode(tokenizer, train_text).astype(dtype)

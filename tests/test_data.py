@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllama.data import (DEFAULT_VAL_FRACTION, IGNORE_INDEX, BatchSampler, TokenDataset, bits_per_byte, cached_tokens,
-                          count_eval_targets, get_batch, iter_eval_batches, load_text, split_train_val,
+                          count_eval_targets, get_batch, iter_eval_batches, load_corpus, load_text, split_corpus,
+                          split_train_val, VAL_SPLITS,
                           token_dtype)
 from npllama.errors import CheckpointError, ConfigError, DataError, NpllamaError
 from npllama.tokenizer import Tokenizer
@@ -70,9 +71,39 @@ def test_load_text_folder_sorted_and_joined(tmp_path):
     (tmp_path / "a.txt").write_text("first")          # no final newline: one is added
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_text("third\n\n")  # its own trailing blank line is kept
-    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / "notes.md").write_text("markdown")    # a text suffix too
     (tmp_path / "empty.txt").write_text("")
-    assert load_text(tmp_path) == "first\n\nsecond\n\nthird\n\n"
+    (tmp_path / "model.bin").write_bytes(b"\x00\x01")  # not a text suffix: not even opened
+    assert load_text(tmp_path) == "first\n\nsecond\n\nmarkdown\n\nthird\n\n"
+    assert load_text(tmp_path, include="*.txt") == "first\n\nsecond\n\nthird\n\n"
+
+
+def test_load_corpus_takes_source_files_skips_binaries_and_says_so(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("def f(x):\n    return x\n")
+    (tmp_path / "pkg" / "mod.cpython-311.pyc").write_bytes(b"\x00\x0d\x0d\x0a")
+    (tmp_path / "run.sh").write_text("echo hi\n")
+    (tmp_path / "Makefile").write_text("all:\n")
+    (tmp_path / "image.svg").write_bytes(b"\x89PNG\x00")  # a text suffix holding a binary: skipped
+    (tmp_path / "latin1.c").write_bytes("/* café */".encode("latin-1"))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config.toml").write_text("hidden folders are never read\n")
+    (tmp_path / ".hidden.py").write_text("nor hidden files\n")
+    corpus = load_corpus(tmp_path)
+    assert [name for name, _ in corpus.documents] == ["pkg/mod.py", "run.sh"]
+    assert corpus.skipped == (("image.svg", "binary"), ("latin1.c", "not UTF-8"))
+    assert dict(corpus.unmatched) == {".pyc": 1, "": 1}
+    log = corpus.describe()
+    assert "2 files, 31 bytes: pkg/mod.py (23 B), run.sh (8 B)" in log
+    assert "2 skipped as not text: image.svg (binary), latin1.c (not UTF-8)" in log
+    assert "2 not matching the file patterns ((no suffix) 1, .pyc 1)" in log
+    # --include: patterns matched from the right of the relative path, comma-separated
+    assert [n for n, _ in load_corpus(tmp_path, include="Makefile, pkg/*.py").documents] == ["Makefile", "pkg/mod.py"]
+    with pytest.raises(DataError, match=r"no text files in directory .*--include \*.rs.*--include '\*.py,\*.md'"):
+        load_corpus(tmp_path, include="*.rs")
+    with pytest.raises(ConfigError, match="--include must name"):
+        load_corpus(tmp_path, include=" , ")
+    assert load_corpus(tmp_path / "run.sh").describe() == f"corpus: file {tmp_path / 'run.sh'}, 8 bytes"
 
 
 def test_load_text_errors(tmp_path):
@@ -96,12 +127,9 @@ def test_load_text_errors(tmp_path):
         load_text(latin1)
     folder = tmp_path / "folder"
     folder.mkdir()
-    (folder / "x.md").write_text("not a txt")
-    with pytest.raises(DataError, match="no .txt files.*folder"):
-        load_text(folder)
-    # A bad file inside a folder is named.
+    (folder / "x.png").write_text("not text by its name")
     (folder / "bad.txt").write_bytes(b"\xff\xfe")
-    with pytest.raises(DataError, match="bad.txt"):
+    with pytest.raises(DataError, match="no text files in directory.*folder.*1 matching files are not text"):
         load_text(folder)
     assert issubclass(DataError, NpllamaError) and issubclass(DataError, ValueError)
 
@@ -140,6 +168,84 @@ def test_split_errors():
     with pytest.raises(DataError, match="too short"):
         split_train_val("a")
     assert split_train_val("ab") == ("a", "b")
+
+
+def _six_languages(tmp_path):
+    """A folder of six 'languages' of different sizes (letters standing for scripts), sorted so that
+    the last 5 % of the joined text is all the last language."""
+    folder = tmp_path / "langs"
+    folder.mkdir()
+    for i, lang in enumerate("abcdef"):
+        lines = [f"{lang * (3 + (k % 7))} {k}" for k in range(200 + 150 * i)]
+        (folder / f"{lang}.txt").write_text("\n".join(lines) + "\n")
+    return load_corpus(folder)
+
+
+def test_held_out_tail_of_the_text_is_one_language_per_file_is_all(tmp_path):
+    corpus = _six_languages(tmp_path)
+    tail = split_corpus(corpus, 0.05, "tail")
+    assert (tail.train_text, tail.val_text) == split_train_val(corpus.text, 0.05)
+    assert set(tail.val_text) <= set("f 0123456789\n")           # the issue: one language only
+    assert "the last 5% of the text, from f.txt on" in tail.description
+
+    split = split_corpus(corpus, 0.05, "per-file")
+    val_bytes, total = len(split.val_text.encode()), len(corpus.text.encode())
+    assert 0.045 < val_bytes / total < 0.055
+    for lang, text in corpus.documents:                          # each file: its last lines, roughly 5 %
+        held = [line for line in split.val_text.splitlines() if line.startswith(lang[0] * 3)]
+        assert held and "\n".join(held) + "\n" in text and text.endswith("\n".join(held) + "\n")
+        assert 0.02 < len("\n".join(held)) / len(text) < 0.09
+    # nothing lost, nothing twice: the lines of train and val together are the corpus's lines
+    lines = lambda t: sorted(line for line in t.split("\n") if line)
+    assert lines(split.train_text + "\n" + split.val_text) == lines(corpus.text)
+    assert "the last ~5% of each file, cut at a line (6 of 6 files" in split.description
+    assert "5.0% of the corpus" in split.description
+
+
+def test_held_out_whole_documents_drawn_with_the_fixed_seed(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"doc{i:02d}.md").write_text(f"# doc {i}\n" + "words " * (50 + 7 * i) + "\n")
+    corpus = load_corpus(folder)
+    split = split_corpus(corpus, 0.1, "documents")
+    assert split == split_corpus(corpus, 0.1, "documents")       # the same files every time
+    held = [text for _, text in corpus.documents if text in split.val_text]
+    assert 2 <= len(held) < 40
+    assert all(text not in split.train_text for text in held)
+    docs = lambda t: [d.strip() for d in t.split("\n\n")]
+    assert sorted(docs(split.train_text) + docs(split.val_text)) == sorted(docs(corpus.text))
+    share = len(split.val_text) / len(corpus.text)
+    assert 0.1 <= share < 0.2
+    assert f"{len(held)} of 40 whole files drawn at random (seed 0)" in split.description
+    one = load_corpus(folder / "doc00.md")
+    assert split_corpus(one, 0.1, "documents").val_text == split_train_val(one.text, 0.1)[1]  # one file: its tail
+
+
+def test_held_out_val_data_and_errors(tmp_path):
+    corpus = _six_languages(tmp_path)
+    (tmp_path / "val.txt").write_text("held out\n")
+    split = split_corpus(corpus, 0.05, "per-file", val_corpus=load_corpus(tmp_path / "val.txt"))
+    assert split.train_text == corpus.text and split.val_text == "held out\n"
+    assert split.description == f"held-out set: file {tmp_path / 'val.txt'} (9 bytes), given by --val-data; " \
+                                f"all of {corpus.source} trains"
+    assert split.digest != split_corpus(corpus).digest
+    with pytest.raises(ConfigError, match="--val-split must be one of per-file, documents, tail"):
+        split_corpus(corpus, 0.05, "random")
+    (tmp_path / "one_line").mkdir()
+    for name in "xy":
+        (tmp_path / "one_line" / f"{name}.txt").write_text("a single line")
+    with pytest.raises(DataError, match="no file .* with lines to hold out"):
+        split_corpus(load_corpus(tmp_path / "one_line"), 0.05, "per-file")
+    assert VAL_SPLITS[0] == "per-file"
+
+
+def test_dataset_from_a_split(tok, tmp_path):
+    corpus = _six_languages(tmp_path)
+    split = split_corpus(corpus)
+    data = TokenDataset.from_texts(split.train_text, split.val_text, tok)
+    assert tok.decode(data.train_tokens) == split.train_text and tok.decode(data.val_tokens) == split.val_text
+    assert data.val_bytes == len(split.val_text.encode())
 
 
 # ---------------------------------------------------------------------------------- datasets
