@@ -25,7 +25,8 @@ SUBCOMMANDS = {
     "gradcheck": ("npllama.gradcheck",
                   "check every layer's backward and the whole model's (fast and reference) against finite "
                   "differences (float64)"),
-    "plot": ("npllama.plot", "draw the loss curves of a run directory to a PNG"),
+    "plot": ("npllama.plot", "draw the loss curves of one run, or several together, to a PNG (against steps, "
+             "tokens or wall time; --csv for a table)"),
     "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
 }
 

@@ -1,4 +1,5 @@
 """`npllama plot`: loss curves from metrics.jsonl (matplotlib is optional)."""
+import importlib.util
 import json
 import sys
 
@@ -77,3 +78,49 @@ def test_held_out_curves_say_which_tokens(tmp_path):
                         "val_loss": [5.0, 2.9], "val_bpb": [4.0, 2.4]}
     assert final == {"label": "held-out, all 1,234 tokens (final)", "final": True, "steps": [9],
                      "val_loss": [3.0], "val_bpb": [2.5]}
+
+
+def write_timed_metrics(run_dir, n_steps, tokens_per_step, seconds_per_step, start_loss):
+    """metrics.jsonl as a real run writes it: tokens/s, step seconds and elapsed time per step."""
+    lines = [{"step": 0, "kind": "eval", "val_loss": start_loss, "val_bpb": start_loss / 2, "elapsed": 0.0}]
+    for s in range(1, n_steps + 1):
+        lines.append({"step": s, "loss": start_loss - 0.01 * s, "lr": 1e-3, "step_seconds": seconds_per_step,
+                      "tokens_per_second": tokens_per_step / seconds_per_step, "elapsed": s * seconds_per_step})
+        if s % 10 == 0:
+            lines.append({"step": s, "kind": "eval", "val_loss": start_loss - 0.009 * s,
+                          "val_bpb": (start_loss - 0.009 * s) / 2, "elapsed": s * seconds_per_step + 0.1,
+                          "final": s == n_steps})
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_several_runs_against_steps_tokens_and_time_with_a_csv(tmp_path, monkeypatch, capsys):
+    from npllama.plot import RunCurves, plot_runs
+    small, big = tmp_path / "small", tmp_path / "big"
+    write_timed_metrics(small, 30, tokens_per_step=2048, seconds_per_step=0.25, start_loss=5.0)
+    write_timed_metrics(big, 20, tokens_per_step=4096, seconds_per_step=1.5, start_loss=6.0)
+    curves = RunCurves(big)
+    assert curves.tokens_per_step == 4096
+    np.testing.assert_allclose(curves.x([0, 10, 20], "tokens"), [0, 40960, 81920])
+    np.testing.assert_allclose(curves.x([0, 10, 20], "time"), [0, 15.0, 30.0])
+    np.testing.assert_allclose(curves.x([0, 10, 20], "step"), [0, 10, 20])
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plot", str(small), str(big), "--x", "tokens", "--csv", "runs.csv"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == ["runs.csv", "compare.png"]
+    rows = (tmp_path / "runs.csv").read_text().splitlines()
+    assert rows[0] == "run,step,tokens,elapsed,kind,loss,lr,val_loss,val_bpb,final"
+    assert len(rows) == 1 + (30 + 4) + (20 + 3)        # every step and evaluation of both runs
+    assert "small,10,20480,2.5,train,4.9,0.001,,,0" in rows
+    assert "big,20,81920,30.1,eval,,,5.82,2.91,1" in rows
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_MAGIC
+        for x in ("step", "time"):
+            png = plot_runs([small, big], tmp_path / f"{x}.png", x=x)
+            assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="--x must be one of step, tokens, time"):
+        plot_runs([small], x="epochs")
+    write_metrics(tmp_path, 5)                 # an old run's metrics: no tokens/s, no wall times
+    with pytest.raises(ConfigError, match="does not give the tokens per step; plot it against --x step"):
+        plot_runs([tmp_path], x="tokens")
