@@ -2,9 +2,11 @@
 argmax of those logits, sampling draws from the right distribution reproducibly, stops are
 honoured, bad arguments are refused, and `npllama generate` prints what generate() produces."""
 import io
+import os
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -559,3 +561,90 @@ def test_incremental_text_never_shows_half_characters():
     shown = [pieces.push(t) for t in ids]
     assert not any("\ufffd" in s for s in shown)
     assert "".join(shown) + pieces.flush() == text
+
+
+def test_report_on_a_line_of_its_own_when_stdout_and_stderr_share_a_file(run_dir, tmp_path):
+    """`npllama generate ... > out 2>&1`: the statistics line starts a line of its own after the text
+    (which, not on a terminal, gets no newline of its own)."""
+    import subprocess
+    both = tmp_path / "both.txt"
+    with open(both, "w") as f:
+        subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(run_dir), "--prompt", "To be",
+                        "--max-new-tokens", "5", "--temperature", "0"], stdout=f, stderr=subprocess.STDOUT,
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    lines = both.read_text().split("\n")
+    assert lines[0].startswith("To be") and "npllama: prompt" not in lines[0]
+    assert lines[1].startswith("npllama: prompt 2 tokens") and lines[2] == ""
+    with open(both, "w") as out:   # stdout to a file, stderr elsewhere: the text exactly as generated
+        subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(run_dir), "--prompt", "To be",
+                        "--max-new-tokens", "5", "--temperature", "0"], stdout=out, stderr=subprocess.PIPE,
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert both.read_text() == lines[0]
+
+
+def test_token_healing_respells_a_trailing_indent():
+    """The issue's case: code trains as 'ĊĠĠĠ' + 'Ġreturn', so a prompt ending in four spaces of
+    indent ends in a token ('ĊĠĠĠĠ') the model saw only before more spaces.  Healing backs up over it
+    and lets the model spell the indent again: the healed prompt's continuation is the text's own."""
+    from npllama.generate.healing import TokenHealing
+    from npllama.tokenizer import Tokenizer
+    code = "".join(f"def f{i}(n):\n    return n + {i}\n\n\ndef g{i}(n):\n        pass\n\n" for i in range(200))
+    tok = Tokenizer.train(code, vocab_size=300)
+    prompt = "def f7(n):\n    "
+    ids = tok.encode(prompt).tolist()
+    assert tok.decode(ids[-1:]).strip() == ""
+    healing = TokenHealing.of(tok, ids)
+    assert healing.removed_text == "\n    " and healing.active
+    allowed = {tok.id_to_token(i) for i in healing.allowed_ids()}
+    assert tok.id_to_token(ids[-healing.n_removed]) in allowed    # the prompt's own spelling stays possible
+    assert all(t.startswith(healing.remaining) or healing.remaining.startswith(t) for t in allowed)
+    assert "<|endoftext|>" not in allowed
+    # train a tiny model on the code: healed, greedy decoding writes "return" at the trained indent
+    cfg = npllama.LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                              max_seq_len=32)
+    model = npllama.Llama(cfg, seed=0)
+    from npllama.data import BatchSampler
+    from npllama.optim import AdamW
+    data = tok.encode(code)
+    sampler, opt = BatchSampler(data, 16, 32, seed=0), AdamW(model.params, lr=1e-2, flat_params=model.flat_params)
+    for _ in range(60):
+        x, y = sampler.next_batch()
+        model.loss_and_grad(x, y)
+        opt.step(flat_grads=model.flat_grads)
+    plain = tok.decode(ids + gen.generate(model, ids, 3).tolist())
+    healed = TokenHealing.of(tok, ids)
+    new = gen.generate(model, ids[:-healed.n_removed], 3, healing=healed)
+    text = tok.decode(ids[:-healed.n_removed] + new.tolist())
+    assert text.startswith("def f7(n):\n    return"), (text, plain)
+    assert not plain.startswith("def f7(n):\n    return"), plain      # what the issue saw
+    assert TokenHealing.of(tok, tok.encode("def f7(n):").tolist()) is None   # nothing to heal
+
+
+def test_cli_heals_a_prompt_ending_in_whitespace_and_says_so(run_dir, capsys):
+    model = npllama.Llama.from_pretrained(run_dir)
+    tok = model.tokenizer
+    prompt = "To be, or not to be:\n  "
+    assert run_cli([run_dir, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt)
+    assert "npllama: token healing: the prompt's last" in err and "--no-token-healing" in err
+    from npllama.generate.healing import TokenHealing
+    ids = tok.encode(prompt).tolist()
+    healing = TokenHealing.of(tok, ids)
+    new = gen.generate(model, ids[:-healing.n_removed], 8, healing=healing).tolist()
+    if new and new[-1] == tok.eos_id:
+        new = new[:-1]
+    full = tok.decode(ids[:-healing.n_removed] + new)
+    assert full.startswith(prompt) and out == full
+    # turned off: the prompt's own tokens, and a warning
+    assert run_cli([run_dir, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0,
+                    "--no-token-healing"]) == 0
+    out, err = capsys.readouterr()
+    plain = model.generate(ids, 8).tolist()
+    assert out == prompt + tok.decode([t for t in plain if t != tok.eos_id])
+    assert "warning: the prompt ends in whitespace" in err and "token healing:" not in err
+    # a prompt not ending in whitespace is left alone unless asked
+    assert run_cli([run_dir, "--prompt", "To be", "--max-new-tokens", 3, "--temperature", 0]) == 0
+    assert "token healing" not in capsys.readouterr().err
+    assert run_cli([run_dir, "--prompt", "To be", "--max-new-tokens", 3, "--temperature", 0, "--token-healing"]) == 0
+    assert "token healing: the prompt's last 1 token (' be')" in capsys.readouterr().err

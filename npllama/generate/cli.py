@@ -17,6 +17,7 @@ from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
 from .decoding import generate, slide_window, stream
+from .healing import TokenHealing
 from .sampling import check_sampling, check_stop_ids
 
 
@@ -46,6 +47,10 @@ def add_arguments(parser):
                         help="keep the most likely tokens up to cumulative probability P (1 = off); default 0.95")
     parser.add_argument("--seed", type=int, default=None, metavar="S",
                         help="sampling seed (default: a random one, printed at the end)")
+    parser.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=None,
+                        help="back up over the prompt's last token and let the model spell it again as it "
+                             "learned it (default: on when the prompt ends in whitespace, e.g. an indent, "
+                             "which training text never ends a token with)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="threads for BLAS and Numba (default: their own defaults)")
@@ -123,13 +128,18 @@ def run(args) -> int:
     if ids[0] is None:
         raise InputError("the prompt is empty and the tokenizer has no BOS or end-of-text token to start "
                          "from: give a --prompt")
+    healing = _token_healing(tokenizer, ids, text, args.token_healing)
+    if healing is not None:
+        ids = ids[:-healing.n_removed]
     warm_up(model.dtype)
     stats: dict = {}
     tokens = stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=seed, stats=stats, slide=args.slide)
+                    top_p=args.top_p, seed=seed, stats=stats, slide=args.slide, healing=healing)
     stops = check_stop_ids(model, None)
     out = sys.stdout
     pieces = IncrementalText(tokenizer, context_ids=ids[-4:])
+    if healing is not None:
+        pieces.emitted = healing.removed_text    # (printed with the prompt; the new tokens spell it again)
     try:
         out.write(text)
         out.flush()
@@ -143,6 +153,8 @@ def run(args) -> int:
                 out.flush()
         out.write(pieces.flush() + ("\n" if out.isatty() else ""))
         out.flush()
+        stats["newline_first"] = not out.isatty() and not (text + pieces.emitted).endswith("\n") \
+            and _shown_together(out, sys.stderr)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -150,6 +162,33 @@ def run(args) -> int:
         return 0
     _report(stats, seed if args.temperature > 0 else None, model.config.max_seq_len)
     return 0
+
+
+def _shown_together(out, err) -> bool:
+    """Whether the report on ``err`` would be glued to the text on ``out``: both go to one file or
+    pipe (``2>&1``), or the report to a terminal that may show the text too (``| tee``)."""
+    try:
+        return err.isatty() or os.path.sameopenfile(out.fileno(), err.fileno())
+    except (AttributeError, OSError, ValueError):   # (streams without a file: captured in a test)
+        return False
+
+
+def _token_healing(tokenizer, ids, text: str, option: bool | None) -> TokenHealing | None:
+    """``--token-healing``: the prompt's healing, or None; by default only a prompt ending in
+    whitespace is healed.  A note on stderr says what was done (a warning when it was turned off)."""
+    ends_in_space = text[-1:].isspace()
+    if option is False or (option is None and not ends_in_space):
+        if ends_in_space:
+            print("npllama: warning: the prompt ends in whitespace, which training text rarely ends a token with; "
+                  "expect odd spacing (--token-healing lets the model spell it)", file=sys.stderr)
+        return None
+    healing = TokenHealing.of(tokenizer, ids[1:] if ids[:1] == [tokenizer.bos_id] else ids,
+                              whitespace_only=option is None)
+    if healing is not None:
+        print(f"npllama: token healing: the prompt's last {healing.n_removed} token"
+              f"{'s' if healing.n_removed > 1 else ''} ({healing.removed_text!r}) spelled again by the model "
+              "(--no-token-healing keeps them)", file=sys.stderr)
+    return healing
 
 
 def _chat(model, path, prompt: str, args, seed) -> int:
@@ -220,4 +259,4 @@ def _report(stats: dict, seed, context: int) -> None:
                  f"generation went on over its last {slide_window(context)} tokens")
     if seed is not None:
         line += f"; seed {seed}"
-    print(line, file=sys.stderr)
+    print(("\n" if stats.get("newline_first") else "") + line, file=sys.stderr)

@@ -147,7 +147,7 @@ class KVCacheDecoder:
 
 # ---- generate / stream ------------------------------------------------------------------------------
 def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-           stop_ids=None, stats=None, slide=False):
+           stop_ids=None, stats=None, slide=False, healing=None):
     """Yield the new token ids (Python ints) one at a time; see the module docstring.
 
     The arguments are checked here, before the first token is asked for.  ``slide``: at the context
@@ -155,7 +155,8 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     timings: prompt_tokens, prefill_s (prefill and choosing the first token), decode_steps, decode_s
     (time inside the steps and the slides' prefills and choosing their tokens, not the consumer's),
     new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
-    "context")."""
+    "context").  ``healing``: a ``healing.TokenHealing`` of the prompt (whose healed tokens are
+    already cut off ``prompt_ids``), which constrains the first tokens to spell them again."""
     prompt = check_prompt(model, prompt_ids)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stops = check_stop_ids(model, stop_ids)
@@ -164,14 +165,15 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     temperature = float(temperature)
     top_p = None if top_p is None else float(top_p)
     top_k = None if top_k is None else int(top_k)
-    return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats, slide)
+    return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats, slide,
+                         healing)
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             stop_ids=None, stats=None, slide=False) -> np.ndarray:
+             stop_ids=None, stats=None, slide=False, healing=None) -> np.ndarray:
     """The new tokens only, as a 1-D int64 array (the tokens ``stream`` yields)."""
     tokens = stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, stop_ids=stop_ids, stats=stats, slide=slide)
+                    seed=seed, stop_ids=stop_ids, stats=stats, slide=slide, healing=healing)
     return np.fromiter(tokens, dtype=np.int64)
 
 
@@ -180,7 +182,7 @@ def slide_window(max_seq_len: int) -> int:
     return max(1, max_seq_len // 2)
 
 
-def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats, slide):
+def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats, slide, healing):
     stats = {} if stats is None else stats
     P, context = prompt.size, model.config.max_seq_len
     n_new = max_new_tokens if slide else min(max_new_tokens, context - P)
@@ -189,12 +191,19 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
     if n_new == 0:
         return
     if temperature == 0.0:
-        choose = greedy_token
+        choose_from = greedy_token
     else:
         rng = np.random.default_rng(seed)
 
-        def choose(logits):
+        def choose_from(logits):
             return sample_token(logits, temperature, top_k, top_p, rng)
+
+    def choose(logits):
+        if healing is None or not healing.active:
+            return choose_from(logits)
+        token = choose_from(healing.mask(logits))
+        healing.advance(token)
+        return token
 
     t0 = time.perf_counter()
     decoder = KVCacheDecoder(model, capacity=min(P + n_new - 1, context))
