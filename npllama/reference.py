@@ -9,20 +9,36 @@
 Read it top to bottom, in this order:
   1. ``block_forward``: one decoder block, every step one call to a layer's function;
   2. ``model_forward`` / ``forward``: embedding -> n_layers blocks -> final RMSNorm -> logits;
-  3. ``loss_and_grad``: the loss, then the backward in the reverse order of the forward;
+  3. ``loss_and_grad``: the loss, then ``model_backward``: the forward's steps in reverse;
   4. ``block_backward``: ``block_forward`` read from the bottom up.
 The layers' own derivations are in the docstrings of npllama/layers/<layer>.py (and at length in
 docs/); each ``*_reference`` function used here sits next to the Numba kernel that computes the
-same thing fast.
+same thing fast.  Attention is written out here step by step (scores, mask, softmax, probs @ v),
+so that each of its steps has a name.
 
 Every layer follows CS231n's pattern: ``out, cache = layer_forward(x, ...)`` keeps what its backward
 needs, and ``dx, dw = layer_backward(dout, cache)`` returns the gradient of the loss with respect
 to the layer's inputs given the gradient ``dout`` with respect to its output.  Chaining them in
 reverse is the whole of backpropagation; a residual add passes its gradient to both summands.
 
+Named activations.  Each intermediate result passes through ``hooks("name", x)`` and each gradient
+through ``hooks.grad("name", dx)``: by default they return their argument and do nothing else.
+``run_with_cache`` (at the end of the file, with the rest of that machinery) records them all under
+Hugging Face module paths ("model.layers.0.self_attn.q_proj", docs/check-your-implementation.md
+lists every name), their gradients under "grad.<name>", and can add a given delta at any of them
+(activation patching).  ``hooks.matmul`` is ``a @ b``, or with bfloat16 emulation the same product
+of a and b rounded to bfloat16.
+
+Inputs real training uses: ``position_ids`` (B, T) (RoPE positions, restarting per document of a
+packed row), ``segment_ids`` (B, T) (a position attends only to earlier positions of its own
+document) and ``attention_mask`` (B, T) (1 = token, 0 = padding: no position attends to a padding
+position, which attends only to itself; its target should be -100); ``inputs_embeds`` (B, T, D)
+instead of tokens.
+
 This is the source of truth: ``npllama.model.Llama`` (preallocated buffers, fused Numba kernels,
 threads) is tested equal to it to 1e-12 relative in float64 (tests/test_reference.py), and this
-file to Hugging Face transformers and to finite differences.
+file to Hugging Face transformers and to finite differences.  It computes in the dtype of the
+parameters it is given (float32 stays float32).
 
 Shapes: B batch, T positions, D model width, H query heads, K key/value heads (H = K: multi-head,
 1 < K < H: grouped-query, K = 1: multi-query), hd head width, F SwiGLU width, V vocabulary.
@@ -35,17 +51,22 @@ x W^T + scale dropout(x) A^T B^T, and ``loss_and_grad`` returns the adapters' gr
 as PEFT names them without its "base_model.model." prefix ("model.layers.0.self_attn.q_proj.lora_A.weight",
 "...lora_B.weight"): every other weight is frozen.
 """
+from __future__ import annotations
+
+import copy
+import dataclasses
+
 import numpy as np
 
-from .layers.attention import attention_backward_reference, attention_forward_reference
-from .layers.cross_entropy import cross_entropy_backward_reference, cross_entropy_forward_reference
+from .errors import InputError
+from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward_reference, cross_entropy_forward_reference
 from .layers.dropout import dropout_backward
 from .layers.embedding import embedding_forward, scatter_add_rows_reference
-from .layers.linear import linear_backward, linear_forward
 from .layers.lora import lora_backward_reference, lora_forward_reference
 from .layers.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
-from .layers.rope import rope_backward_reference, rope_cos_sin, rope_forward_reference, rope_frequencies
+from .layers.rope import rope_backward_reference, rope_forward_reference, rope_frequencies
 from .layers.swiglu import swiglu_backward_reference, swiglu_forward_reference
+from .model import parameter_layout
 
 
 def split_heads(x, n_heads):
@@ -71,56 +92,137 @@ def output_weight(params, cfg):
     return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
 
 
-def projection_forward(x, w, name, adapters):
+# ---- linear layers: y = x W^T (npllama/layers/linear.py has the derivation) ----------------------
+def linear_forward(x, weight, hooks):
+    """x: (..., in), weight: (out, in) -> y: (..., out)."""
+    return hooks.matmul(x, weight.T), (x, weight)
+
+
+def linear_backward(dy, cache, hooks):
+    """dx = dy W,  dW = dy^T x  (the positions' contributions summed)."""
+    x, weight = cache
+    dx = hooks.matmul(dy, weight)
+    dw = hooks.matmul(dy.reshape(-1, weight.shape[0]).T, x.reshape(-1, weight.shape[1]))
+    return dx, dw
+
+
+def projection_forward(x, w, name, adapters, hooks):
     """x W^T for the layer's projection ``name`` ("self_attn.q_proj", ...), plus its LoRA term
-    scale dropout(x) A^T B^T when ``adapters`` has (A, B, scale, mask) for it: (y, cache)."""
+    scale dropout(x) A^T B^T when ``adapters`` has (A, B, scale, mask) for it: (y, cache).
+    Its output is named after it, as the output of Hugging Face's module of that name."""
     weight = w[name + ".weight"]
     if name not in adapters:
-        return linear_forward(x, weight)
-    a, b, scale, mask = adapters[name]
-    return lora_forward_reference(x, weight, a, b, scale, mask)
+        y, cache = linear_forward(x, weight, hooks)
+    else:
+        a, b, scale, mask = adapters[name]
+        y, cache = lora_forward_reference(x, weight, a, b, scale, mask)
+    return hooks(name, y), cache
 
 
-def projection_backward(dy, cache, name, grads):
+def projection_backward(dy, cache, name, grads, hooks):
     """dx; into ``grads`` the weight's gradient, or for a LoRA projection (W frozen) dA and dB."""
+    dy = hooks.grad(name, dy)
     if len(cache) == 2:                                                # linear_forward's (x, weight)
-        dx, grads[name + ".weight"] = linear_backward(dy, cache)
+        dx, grads[name + ".weight"] = linear_backward(dy, cache, hooks)
         return dx
     dx, grads[name + ".lora_A.weight"], grads[name + ".lora_B.weight"] = lora_backward_reference(dy, cache)
     return dx
 
 
+# ---- attention, step by step ---------------------------------------------------------------------
+def causal_visibility(T, segment_ids=None, attention_mask=None):
+    """visible: bool (T, T) or (B, 1, T, T), True where query i may attend to key j: j <= i, and
+    with segment_ids (B, T) j in i's document, and with attention_mask (B, T) (0 = padding) j not
+    padding -- except that each position always sees itself, so no softmax row is empty."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible = j <= i                                                           # (T, T)
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])   # (B, T, T)
+    if attention_mask is not None:
+        visible = visible & ((attention_mask[:, None, :] != 0) | (i == j))
+    return visible if visible.ndim == 2 else visible[:, None]                  # heads broadcast
+
+
+def attention_forward(q, k, v, visible, hooks):
+    """q: (B, H, T, hd), k, v: (B, K, T, hd) -> o: (B, H, T, hd), cache.
+
+        scores = q k^T / sqrt(hd),  -inf where not visible
+        probs  = softmax(scores)       (along the keys)
+        o      = probs v
+    Query head h reads key/value head h // G, G = H / K (grouped-query attention)."""
+    B, H, T, hd = q.shape
+    G = H // k.shape[1]
+    k_all, v_all = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)            # (B, H, T, hd)
+    scale = q.dtype.type(1.0 / np.sqrt(hd))     # in q's dtype: a float64 scale would promote float32
+    scores = hooks.matmul(q, k_all.transpose(0, 1, 3, 2)) * scale              # (B, H, T, T)
+    scores = hooks("self_attn.scores", np.where(visible, scores, -np.inf))
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))                    # 0 where -inf
+    probs = hooks("self_attn.probs", e / e.sum(axis=-1, keepdims=True))        # (B, H, T, T)
+    o = hooks.matmul(probs, v_all)                                             # (B, H, T, hd)
+    return o, (q, k_all, v_all, probs, scale, G)
+
+
+def attention_backward(do, cache, hooks):
+    """do: (B, H, T, hd) -> dq: (B, H, T, hd), dk, dv: (B, K, T, hd).
+
+        dprobs  = do v^T,   dv = probs^T do
+        dscores = probs (dprobs - sum_j probs_ij dprobs_ij)        softmax's backward, row by row
+        dq = dscores k / sqrt(hd),   dk = dscores^T q / sqrt(hd)
+    A key/value head serves the G query heads of its group, so its gradients are their sum."""
+    q, k_all, v_all, probs, scale, G = cache
+    B, H, T, hd = q.shape
+    dprobs = hooks.grad("self_attn.probs", hooks.matmul(do, v_all.transpose(0, 1, 3, 2)))   # (B, H, T, T)
+    dv_all = hooks.matmul(probs.transpose(0, 1, 3, 2), do)                                  # (B, H, T, hd)
+    dscores = probs * (dprobs - np.sum(probs * dprobs, axis=-1, keepdims=True))
+    dscores = hooks.grad("self_attn.scores", dscores)                                        # (B, H, T, T)
+    dq = hooks.matmul(dscores, k_all) * scale                                                # (B, H, T, hd)
+    dk_all = hooks.matmul(dscores.transpose(0, 1, 3, 2), q) * scale                          # (B, H, T, hd)
+    dk = dk_all.reshape(B, H // G, G, T, hd).sum(axis=2)                                     # (B, K, T, hd)
+    dv = dv_all.reshape(B, H // G, G, T, hd).sum(axis=2)
+    return dq, dk, dv
+
+
 # ---- one decoder block ---------------------------------------------------------------------------
-def block_forward(x, w, cos, sin, cfg, masks=None, adapters=None):
+def block_forward(x, w, cos, sin, cfg, masks=None, adapters=None, visible=None, hooks=None):
     """x: (B, T, D) -> out: (B, T, D), cache.  w: one layer's weights (``layer_weights``);
-    cos, sin: (T, hd/2); masks: None (no dropout) or (attn_mask, ffn_mask), each (B, T, D);
-    adapters: LoRA adapters by projection ("self_attn.q_proj": (A, B, scale, mask or None))."""
+    cos, sin: (T, hd/2) or (B, 1, T, hd/2); masks: None (no dropout) or (attn_mask, ffn_mask), each
+    (B, T, D); adapters: LoRA adapters by projection ("self_attn.q_proj": (A, B, scale, mask or None));
+    visible: ``causal_visibility``'s mask (default: causal); hooks: the layer's (``Hooks.layer``)."""
     H, K = cfg.n_heads, cfg.n_kv_heads
     adapters = adapters or {}
+    hooks = hooks or NO_HOOKS
+    visible = causal_visibility(x.shape[1]) if visible is None else visible
     mask_attn, mask_ffn = (None, None) if masks is None else masks
+    x = hooks("resid_pre", x)                                                  # (B, T, D)
     # attention branch:  h = x + Dropout(W_o Attention(RoPE(q), RoPE(k), v))
-    n1, c_norm1 = rmsnorm_forward_reference(x, w["input_layernorm.weight"], cfg.norm_eps)  # (B, T, D)
-    q, c_q = projection_forward(n1, w, "self_attn.q_proj", adapters)           # (B, T, H*hd)
-    k, c_k = projection_forward(n1, w, "self_attn.k_proj", adapters)           # (B, T, K*hd)
-    v, c_v = projection_forward(n1, w, "self_attn.v_proj", adapters)           # (B, T, K*hd)
-    q_rot, c_rope = rope_forward_reference(split_heads(q, H), cos, sin)       # (B, H, T, hd)
-    k_rot, _ = rope_forward_reference(split_heads(k, K), cos, sin)            # (B, K, T, hd)
-    o, c_attn = attention_forward_reference(q_rot, k_rot, split_heads(v, K))  # (B, H, T, hd)
-    a, c_o = projection_forward(merge_heads(o), w, "self_attn.o_proj", adapters)   # (B, T, D)
+    n1, c_norm1 = rmsnorm_forward_reference(x, w["input_layernorm.weight"], cfg.norm_eps)
+    n1 = hooks("input_layernorm", n1)                                          # (B, T, D)
+    q, c_q = projection_forward(n1, w, "self_attn.q_proj", adapters, hooks)   # (B, T, H*hd)
+    k, c_k = projection_forward(n1, w, "self_attn.k_proj", adapters, hooks)   # (B, T, K*hd)
+    v, c_v = projection_forward(n1, w, "self_attn.v_proj", adapters, hooks)   # (B, T, K*hd)
+    q_rot, c_rope = rope_forward_reference(split_heads(q, H), cos, sin)
+    q_rot = hooks("self_attn.q_rope", q_rot)                                   # (B, H, T, hd)
+    k_rot, _ = rope_forward_reference(split_heads(k, K), cos, sin)
+    k_rot = hooks("self_attn.k_rope", k_rot)                                   # (B, K, T, hd)
+    o, c_attn = attention_forward(q_rot, k_rot, split_heads(v, K), visible, hooks)   # (B, H, T, hd)
+    context = hooks("self_attn.context", merge_heads(o))                       # (B, T, H*hd)
+    a, c_o = projection_forward(context, w, "self_attn.o_proj", adapters, hooks)   # (B, T, D)
     if mask_attn is not None:
         a = a * mask_attn             # dropout with a given mask: 0 or 1/(1-p) per entry
-    h = x + a                                                                  # (B, T, D)
+    h = hooks("resid_mid", x + a)                                              # (B, T, D)
     # feed-forward branch:  out = h + Dropout(W_down SwiGLU(W_gate n2, W_up n2))
     n2, c_norm2 = rmsnorm_forward_reference(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
-    g, c_gate = projection_forward(n2, w, "mlp.gate_proj", adapters)           # (B, T, F)
-    u, c_up = projection_forward(n2, w, "mlp.up_proj", adapters)               # (B, T, F)
-    s, c_swiglu = swiglu_forward_reference(g, u)                               # (B, T, F)
-    f, c_down = projection_forward(s, w, "mlp.down_proj", adapters)            # (B, T, D)
+    n2 = hooks("post_attention_layernorm", n2)                                 # (B, T, D)
+    g, c_gate = projection_forward(n2, w, "mlp.gate_proj", adapters, hooks)    # (B, T, F)
+    u, c_up = projection_forward(n2, w, "mlp.up_proj", adapters, hooks)        # (B, T, F)
+    s, c_swiglu = swiglu_forward_reference(g, u)
+    s = hooks("mlp.swiglu", s)                                                 # (B, T, F)
+    f, c_down = projection_forward(s, w, "mlp.down_proj", adapters, hooks)     # (B, T, D)
     if mask_ffn is not None:
         f = f * mask_ffn
-    out = h + f                                                                # (B, T, D)
+    out = hooks("resid_post", h + f)                                           # (B, T, D)
     cache = (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
-             c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn)
+             c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn, hooks)
     return out, cache
 
 
@@ -128,29 +230,34 @@ def block_backward(dout, cache, cfg):
     """dout: (B, T, D) -> dx: (B, T, D), grads: the layer's weight gradients, keyed like ``w``
     (for a LoRA projection its adapter's, "self_attn.q_proj.lora_A.weight", ..., instead)."""
     (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
-     c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn) = cache
+     c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn, hooks) = cache
     grads = {}
+    dout = hooks.grad("resid_post", dout)                                      # (B, T, D)
     # feed-forward branch.  out = h + f: dout reaches h directly and through f.
     df = dropout_backward(dout, mask_ffn)                                      # (B, T, D)
-    ds = projection_backward(df, c_down, "mlp.down_proj", grads)               # (B, T, F)
+    ds = projection_backward(df, c_down, "mlp.down_proj", grads, hooks)        # (B, T, F)
+    ds = hooks.grad("mlp.swiglu", ds)
     dg, du = swiglu_backward_reference(ds, c_swiglu)                           # (B, T, F) each
-    dn2_gate = projection_backward(dg, c_gate, "mlp.gate_proj", grads)         # (B, T, D)
-    dn2_up = projection_backward(du, c_up, "mlp.up_proj", grads)               # (B, T, D)
+    dn2_up = projection_backward(du, c_up, "mlp.up_proj", grads, hooks)        # (B, T, D)
+    dn2_gate = projection_backward(dg, c_gate, "mlp.gate_proj", grads, hooks)  # (B, T, D)
     # n2 fed two projections, so its gradient is the sum of both
-    dh_ffn, grads["post_attention_layernorm.weight"] = rmsnorm_backward_reference(dn2_gate + dn2_up, c_norm2)
-    dh = dout + dh_ffn                                                         # (B, T, D)
+    dn2 = hooks.grad("post_attention_layernorm", dn2_gate + dn2_up)
+    dh_ffn, grads["post_attention_layernorm.weight"] = rmsnorm_backward_reference(dn2, c_norm2)
+    dh = hooks.grad("resid_mid", dout + dh_ffn)                                # (B, T, D)
     # attention branch.  h = x + a: dh reaches x directly and through a.
     da = dropout_backward(dh, mask_attn)                                       # (B, T, D)
-    do = projection_backward(da, c_o, "self_attn.o_proj", grads)               # (B, T, H*hd)
+    dcontext = projection_backward(da, c_o, "self_attn.o_proj", grads, hooks)  # (B, T, H*hd)
+    dcontext = hooks.grad("self_attn.context", dcontext)
     # dk, dv: (B, K, T, hd), each kv head's gradient summed over the query heads that share it
-    dq_rot, dk_rot, dv = attention_backward_reference(split_heads(do, cfg.n_heads), c_attn)
-    dq = rope_backward_reference(dq_rot, c_rope)                               # (B, H, T, hd)
-    dk = rope_backward_reference(dk_rot, c_rope)                               # (B, K, T, hd)
-    dn1_q = projection_backward(merge_heads(dq), c_q, "self_attn.q_proj", grads)
-    dn1_k = projection_backward(merge_heads(dk), c_k, "self_attn.k_proj", grads)
-    dn1_v = projection_backward(merge_heads(dv), c_v, "self_attn.v_proj", grads)
-    dx_attn, grads["input_layernorm.weight"] = rmsnorm_backward_reference(dn1_q + dn1_k + dn1_v, c_norm1)
-    dx = dh + dx_attn                                                          # (B, T, D)
+    dq_rot, dk_rot, dv = attention_backward(split_heads(dcontext, cfg.n_heads), c_attn, hooks)
+    dk = rope_backward_reference(hooks.grad("self_attn.k_rope", dk_rot), c_rope)   # (B, K, T, hd)
+    dq = rope_backward_reference(hooks.grad("self_attn.q_rope", dq_rot), c_rope)   # (B, H, T, hd)
+    dn1_v = projection_backward(merge_heads(dv), c_v, "self_attn.v_proj", grads, hooks)
+    dn1_k = projection_backward(merge_heads(dk), c_k, "self_attn.k_proj", grads, hooks)
+    dn1_q = projection_backward(merge_heads(dq), c_q, "self_attn.q_proj", grads, hooks)
+    dn1 = hooks.grad("input_layernorm", dn1_q + dn1_k + dn1_v)                 # (B, T, D)
+    dx_attn, grads["input_layernorm.weight"] = rmsnorm_backward_reference(dn1, c_norm1)
+    dx = hooks.grad("resid_pre", dh + dx_attn)                                 # (B, T, D)
     return dx, grads
 
 
@@ -162,69 +269,346 @@ def layer_adapters(lora, lora_masks, i):
             for name, (a, b, scale) in lora.items() if name.startswith(prefix)}
 
 
-def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks=None):
-    """tokens: int (B, T) -> logits: (B, T, V), cache for ``loss_and_grad``'s backward."""
-    lora, lora_masks = lora or {}, lora_masks or {}
-    for name in lora:
-        if not (name.startswith("model.layers.") and name + ".weight" in params):
-            raise ValueError(f"LoRA adapter {name!r} names no projection of the model")
-    tokens = np.asarray(tokens)
-    B, T = tokens.shape
-    embed = params["model.embed_tokens.weight"]                                # (V, D)
+def rope_tables(position_ids, cfg, dtype):
+    """position_ids: int (T,) or (B, T) -> cos, sin: (T, hd/2) or (B, 1, T, hd/2) (heads broadcast),
+    the angles position * f_i computed in float64, then cast to ``dtype``."""
     freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)   # (hd/2,)
-    cos, sin = rope_cos_sin(np.arange(T), freqs, embed.dtype)                  # (T, hd/2) each
-    x, _ = embedding_forward(tokens, embed)                                    # (B, T, D)
+    angles = np.asarray(position_ids, dtype=np.float64)[..., None] * freqs
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    return (cos, sin) if angles.ndim == 2 else (cos[:, None], sin[:, None])
+
+
+def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks=None, *, inputs_embeds=None,
+                  position_ids=None, segment_ids=None, attention_mask=None, hooks=None):
+    """tokens: int (B, T) (or None, given ``inputs_embeds`` (B, T, D)) -> logits: (B, T, V), cache
+    for ``model_backward``."""
+    hooks = hooks or NO_HOOKS
+    lora, lora_masks = lora or {}, lora_masks or {}
+    tokens, B, T = check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask,
+                                lora)
+    embed = params["model.embed_tokens.weight"]                                # (V, D)
+    if inputs_embeds is None:
+        x, _ = embedding_forward(tokens, embed)
+        x = hooks("model.embed_tokens", x)                                     # (B, T, D)
+    else:
+        x = hooks("inputs_embeds", inputs_embeds.astype(embed.dtype, copy=False))
+    positions = np.arange(T) if position_ids is None else position_ids
+    cos, sin = rope_tables(positions, cfg, embed.dtype)                        # (T, hd/2) or (B, 1, T, hd/2)
+    visible = causal_visibility(T, segment_ids, attention_mask)                # (T, T) or (B, 1, T, T)
     block_caches = []
     for i in range(cfg.n_layers):
         masks = None if dropout_masks is None else dropout_masks[i]
         x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, masks,
-                                 layer_adapters(lora, lora_masks, i))
+                                 layer_adapters(lora, lora_masks, i), visible, hooks.layer(i))
         block_caches.append(cache)
-    xn, c_norm = rmsnorm_forward_reference(x, params["model.norm.weight"], cfg.norm_eps)  # (B, T, D)
-    logits, c_head = linear_forward(xn, output_weight(params, cfg))           # (B, T, V)
-    return logits, (tokens, block_caches, c_norm, c_head)
+    xn, c_norm = rmsnorm_forward_reference(x, params["model.norm.weight"], cfg.norm_eps)
+    xn = hooks("model.norm", xn)                                               # (B, T, D)
+    logits, c_head = linear_forward(xn, output_weight(params, cfg), hooks)
+    logits = hooks("lm_head", logits)                                          # (B, T, V)
+    return logits, (tokens, block_caches, c_norm, c_head, hooks)
 
 
-def forward(params, cfg, tokens, lora=None):
-    """tokens: int (B, T) -> logits: (B, T, V), without dropout (on the adapters' inputs neither)."""
-    logits, _ = model_forward(params, cfg, tokens, lora=lora)
-    return logits
-
-
-def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None, lora=None, lora_masks=None):
-    """Mean cross-entropy of ``targets`` (B, T) (ids, or -100 for positions that do not count) and
-    its gradient for every parameter: (loss as a float, grads keyed like ``params``).  With ``lora``
-    ({module name: (A, B, scale)}) only the adapters train: grads holds "<module>.lora_A.weight" and
-    "<module>.lora_B.weight" for each adapted module, and nothing else; lora_masks
-    ({module name: (B, T, in) mask}) is the dropout on those adapters' inputs (none when absent).
-
-    dropout_masks: None for no dropout, else one (attn_mask, ffn_mask) pair per layer, each
-    (B, T, D) with entries 0 or 1/(1-p) (as ``npllama.layers.dropout.dropout_forward`` draws them),
-    multiplied into the attention output projection and the feed-forward output before their
-    residual adds."""
-    logits, (tokens, block_caches, c_norm, c_head) = model_forward(params, cfg, tokens, dropout_masks, lora,
-                                                                   lora_masks)
-    B, T, V = logits.shape
-    targets = np.asarray(targets).reshape(B * T)
-    loss, c_loss = cross_entropy_forward_reference(logits.reshape(B * T, V), targets)
-
-    # backward: the forward's steps in reverse, each layer's backward fed its output's gradient
+def model_backward(dlogits, cache, params, cfg, lora=None):
+    """dlogits: (B, T, V), the loss's gradient with respect to the logits -> grads keyed like
+    ``params`` (LoRA: the adapters' only)."""
+    tokens, block_caches, c_norm, c_head, hooks = cache
     grads = {}
-    dlogits = cross_entropy_backward_reference(1.0, c_loss).reshape(B, T, V)   # dloss/dloss = 1
-    dxn, d_out_weight = linear_backward(dlogits, c_head)                       # (B, T, D), (V, D)
+    dlogits = hooks.grad("lm_head", dlogits)                                   # (B, T, V)
+    dxn, d_out_weight = linear_backward(dlogits, c_head, hooks)                # (B, T, D), (V, D)
+    dxn = hooks.grad("model.norm", dxn)
     dx, grads["model.norm.weight"] = rmsnorm_backward_reference(dxn, c_norm)   # (B, T, D)
     for i in reversed(range(cfg.n_layers)):
         dx, layer_grads = block_backward(dx, block_caches[i], cfg)
         grads.update({f"model.layers.{i}.{name}": g for name, g in layer_grads.items()})
-    # embedding: row v of the table gets the sum of dx over the positions whose token is v
     embed = params["model.embed_tokens.weight"]
     d_embed = np.zeros_like(embed)                                             # (V, D)
-    scatter_add_rows_reference(tokens.reshape(-1), dx.reshape(B * T, -1), d_embed)
+    if tokens is None:
+        hooks.grad("inputs_embeds", dx)               # inputs_embeds given: its gradient is dx itself
+    else:
+        # row v of the table gets the sum of dx over the positions whose token is v
+        dx = hooks.grad("model.embed_tokens", dx)
+        scatter_add_rows_reference(tokens.reshape(-1), dx.reshape(-1, embed.shape[1]), d_embed)
     if cfg.tie_embeddings:
         d_embed += d_out_weight      # the table is used twice (lookup and output): the gradients add
     else:
         grads["lm_head.weight"] = d_out_weight
     grads["model.embed_tokens.weight"] = d_embed
     if lora:         # the base is frozen (its gradients above are a reference's convenience, unused)
-        return loss, {f"{name}.lora_{m}.weight": grads[f"{name}.lora_{m}.weight"] for name in lora for m in "AB"}
-    return loss, {name: grads[name] for name in params}
+        return {f"{name}.lora_{m}.weight": grads[f"{name}.lora_{m}.weight"] for name in lora for m in "AB"}
+    return {name: grads[name] for name in params}
+
+
+def forward(params, cfg, tokens, lora=None, **inputs):
+    """tokens: int (B, T) -> logits: (B, T, V), without dropout (on the adapters' inputs neither).
+    ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask (see the module's docstring)."""
+    logits, _ = model_forward(params, cfg, tokens, lora=lora, **inputs)
+    return logits
+
+
+def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None, lora=None, lora_masks=None, *,
+                  reduction="mean", hooks=None, **inputs):
+    """Cross-entropy of ``targets`` (B, T) (ids, or -100 for positions that do not count), its mean
+    over the counted positions (``reduction="sum"``: their sum), and its gradient for every
+    parameter: (loss as a float, grads keyed like ``params``).  ``targets[b, t]`` is the token that
+    should follow position t: the next token, already shifted (Hugging Face's ``labels=`` shifts).
+    With ``lora`` ({module name: (A, B, scale)}) only the adapters train: grads holds
+    "<module>.lora_A.weight" and "<module>.lora_B.weight" for each adapted module, and nothing else;
+    lora_masks ({module name: (B, T, in) mask}) is the dropout on those adapters' inputs (none when absent).
+
+    dropout_masks: None for no dropout, else one (attn_mask, ffn_mask) pair per layer, each
+    (B, T, D) with entries 0 or 1/(1-p) (as ``npllama.layers.dropout.dropout_forward`` draws them),
+    multiplied into the attention output projection and the feed-forward output before their
+    residual adds.  ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask."""
+    logits, cache = model_forward(params, cfg, tokens, dropout_masks, lora, lora_masks, hooks=hooks, **inputs)
+    B, T, V = logits.shape
+    targets = check_targets(targets, B, T, V)
+    loss, c_loss = cross_entropy_forward_reference(logits.reshape(B * T, V), targets.reshape(B * T))
+    count = c_loss[3]                                     # the positions that count (at least 1)
+    dloss = 1.0 if reduction == "mean" else float(count)  # a sum is count times the mean
+    # backward: the forward's steps in reverse, each layer's backward fed its output's gradient
+    dlogits = cross_entropy_backward_reference(dloss, c_loss).reshape(B, T, V)
+    grads = model_backward(dlogits, cache, params, cfg, lora)
+    return loss * dloss, grads
+
+
+# ==== the machinery: names, recording, patching, bfloat16, input checks ===========================
+BLOCK_ACTIVATIONS = (   # a block's named activations, in the order the forward computes them
+    "resid_pre", "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.q_rope", "self_attn.k_rope", "self_attn.scores", "self_attn.probs", "self_attn.context",
+    "self_attn.o_proj", "resid_mid", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.swiglu",
+    "mlp.down_proj", "resid_post")
+
+
+def activation_shapes(cfg, B, T, inputs_embeds=False) -> dict:
+    """Every named activation's shape, in the order the forward computes them."""
+    D, F, V, H, K, hd = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    inner = {"self_attn.q_proj": (B, T, H * hd), "self_attn.k_proj": (B, T, K * hd),
+             "self_attn.v_proj": (B, T, K * hd), "self_attn.q_rope": (B, H, T, hd),
+             "self_attn.k_rope": (B, K, T, hd), "self_attn.scores": (B, H, T, T), "self_attn.probs": (B, H, T, T),
+             "self_attn.context": (B, T, H * hd), "mlp.gate_proj": (B, T, F), "mlp.up_proj": (B, T, F),
+             "mlp.swiglu": (B, T, F)}
+    shapes = {"inputs_embeds" if inputs_embeds else "model.embed_tokens": (B, T, D)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"model.layers.{i}.{name}": inner.get(name, (B, T, D)) for name in BLOCK_ACTIVATIONS})
+    shapes.update({"model.norm": (B, T, D), "lm_head": (B, T, V)})
+    return shapes
+
+
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32: bfloat16 is
+    float32's upper 16 bits, so rounding is integer arithmetic on the bits."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+class Hooks:
+    """What a run does at each named point: ``hooks(name, x)`` in the forward, ``hooks.grad(name, dx)``
+    in the backward.  ``record``: keep every activation (``activations``) and gradient (``grads``,
+    "grad.<name>"); ``patches``: {name: delta} added to those activations (the rest of the forward
+    sees x + delta); ``bfloat16``: round the inputs of every product to bfloat16 (float32 sums).
+    ``layer(i)`` gives block i's hooks, whose names are relative to "model.layers.{i}."."""
+
+    def __init__(self, record=False, patches=None, bfloat16=False):
+        self.record, self.patches, self.bfloat16 = record, dict(patches or {}), bfloat16
+        self.activations, self.grads, self.prefix = {}, {}, ""
+
+    def layer(self, i):
+        child = copy.copy(self)            # the same stores and settings, another prefix
+        child.prefix = f"model.layers.{i}."
+        return child
+
+    def __call__(self, name, x):
+        name = self.prefix + name
+        if name in self.patches:
+            x = x + self.patches[name]
+        if self.record:
+            self.activations[name] = x
+        return x
+
+    def grad(self, name, dx):
+        if self.record:
+            self.grads["grad." + self.prefix + name] = dx
+        return dx
+
+    def matmul(self, a, b):
+        if self.bfloat16:
+            a, b = round_to_bfloat16(a), round_to_bfloat16(b)
+        return a @ b
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclasses.dataclass
+class Run:
+    """What ``run_with_cache`` returns.  ``activations``: every named activation (forward order);
+    ``grads``: "grad.<activation>" for each of them and "grad.<parameter>" for each parameter
+    (empty without targets or dlogits); ``loss``: None without targets."""
+    logits: np.ndarray
+    loss: float | None
+    activations: dict
+    grads: dict
+
+    def __getitem__(self, name):
+        return self.grads[name] if name.startswith("grad.") else self.activations[name]
+
+    def tensors(self) -> dict:
+        """Activations then gradients in one dict (the golden file's tensors, without tokens and targets)."""
+        return {**self.activations, **self.grads}
+
+
+DTYPES = ("float64", "float32", "bfloat16")
+
+
+def run_with_cache(params, cfg, tokens=None, targets=None, *, dtype=None, reduction="mean", dlogits=None,
+                   patches=None, dropout_masks=None, lora=None, lora_masks=None, **inputs) -> Run:
+    """One forward (and, given ``targets`` or ``dlogits``, one backward) of the reference model, every
+    named activation and gradient kept: a ``Run`` (logits, loss, activations, grads).
+
+    tokens: int (B, T), or None with ``inputs_embeds=`` (B, T, D) (its gradient is "grad.inputs_embeds");
+    targets: (B, T), already shifted, -100 where not counted; reduction: "mean" or "sum";
+    dlogits: (B, T, V), instead of targets: a backward from this gradient of the logits (what a fused
+    or z-loss implementation compares), no loss;
+    dtype: "float64", "float32" or "bfloat16" (float32 with every product's inputs rounded to bfloat16);
+    default: the parameters' own;
+    patches: {activation name: delta} added to those activations (activation patching; the
+    gradients are then those of the patched run);
+    position_ids, segment_ids, attention_mask: see the module's docstring."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if reduction not in ("mean", "sum"):
+        raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if targets is not None and dlogits is not None:
+        raise InputError("give targets or dlogits, not both")
+    if dtype is not None:
+        work = np.float64 if dtype == "float64" else np.float32
+        params = {name: np.asarray(p).astype(work, copy=False) for name, p in params.items()}
+        if inputs.get("inputs_embeds") is not None:
+            inputs["inputs_embeds"] = np.asarray(inputs["inputs_embeds"]).astype(work, copy=False)
+    hooks = Hooks(record=True, patches=patches, bfloat16=dtype == "bfloat16")
+    if patches:
+        check_patches(patches, params, cfg, tokens, inputs.get("inputs_embeds"))
+    loss = None
+    if targets is not None:
+        loss, grads = loss_and_grad(params, cfg, tokens, targets, dropout_masks, lora, lora_masks,
+                                    reduction=reduction, hooks=hooks, **inputs)
+    else:
+        logits, cache = model_forward(params, cfg, tokens, dropout_masks, lora, lora_masks, hooks=hooks, **inputs)
+        grads = {}
+        if dlogits is not None:
+            dlogits = np.asarray(dlogits)
+            if dlogits.shape != logits.shape or dlogits.dtype.kind != "f":
+                raise InputError(f"dlogits must be a float array of the logits' shape {logits.shape}, got "
+                                 f"{dlogits.dtype} {dlogits.shape}")
+            grads = model_backward(dlogits.astype(logits.dtype, copy=False), cache, params, cfg, lora)
+    logits = hooks.activations["lm_head"]
+    # activations in forward order; their gradients in backward order (as recorded), then the parameters'
+    grads = {**dict(reversed(hooks.grads.items())), **{"grad." + name: g for name, g in grads.items()}}
+    return Run(logits, loss, hooks.activations, grads)
+
+
+# ---- input checks: one clear error each --------------------------------------------------------------
+def _integer_array(value, what):
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu":
+        raise InputError(f"{what} must be integers, got dtype {a.dtype}")
+    return a
+
+
+def check_params(params, cfg, lora=None):
+    """Every parameter of ``cfg`` present with its shape, nothing else, one float dtype."""
+    if not isinstance(params, dict):
+        raise InputError(f"params must be a dict of arrays keyed by Hugging Face names, got {type(params).__name__}")
+    layout = dict(parameter_layout(cfg))
+    missing = [name for name in layout if name not in params]
+    extra = sorted(set(params) - set(layout))
+    if missing:
+        raise InputError(f"params lack {len(missing)} parameter(s) the config needs: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        raise InputError(f"params hold {len(extra)} name(s) the config has no parameter for: {', '.join(extra[:5])}"
+                         + (" ..." if len(extra) > 5 else ""))
+    dtypes = set()
+    for name, shape in layout.items():
+        p = params[name]
+        if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+            raise InputError(f"parameter {name} must be a float NumPy array, got "
+                             f"{getattr(p, 'dtype', type(p).__name__)}")
+        if p.shape != shape:
+            raise InputError(f"parameter {name} has shape {p.shape}, the config gives {shape}")
+        dtypes.add(p.dtype)
+    if len(dtypes) > 1:
+        raise InputError(f"parameters must share one dtype, got {', '.join(sorted(map(str, dtypes)))}")
+    for name in lora or {}:
+        if not (name.startswith("model.layers.") and name + ".weight" in params):
+            raise ValueError(f"LoRA adapter {name!r} names no projection of the model")
+
+
+def check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask, lora):
+    """The checked tokens (or None) and B, T; an InputError naming the first problem."""
+    check_params(params, cfg, lora)
+    if (tokens is None) == (inputs_embeds is None):
+        raise InputError("give tokens or inputs_embeds, exactly one of them")
+    if tokens is not None:
+        tokens = _integer_array(tokens, "tokens")
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must be 2-D (batch, positions), got shape {tokens.shape}")
+        bad = (tokens < 0) | (tokens >= cfg.vocab_size)
+        if bad.any():
+            raise InputError(f"token id {int(tokens[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])} "
+                             f"is outside [0, {cfg.vocab_size})")
+        B, T = tokens.shape
+    else:
+        e = np.asarray(inputs_embeds)
+        if e.ndim != 3 or e.shape[2] != cfg.dim or e.dtype.kind != "f":
+            raise InputError(f"inputs_embeds must be a float array (batch, positions, {cfg.dim}), got "
+                             f"{e.dtype} {e.shape}")
+        B, T = e.shape[:2]
+    if T == 0 or B == 0:
+        raise InputError(f"the batch is empty: (batch, positions) = ({B}, {T})")
+    if T > cfg.max_seq_len:
+        raise InputError(f"sequence of {T} positions is longer than max_seq_len ({cfg.max_seq_len})")
+    if position_ids is not None:
+        p = _integer_array(position_ids, "position_ids")
+        if p.shape not in ((T,), (B, T)):
+            raise InputError(f"position_ids must have shape ({T},) or ({B}, {T}), got {p.shape}")
+        if p.min() < 0 or p.max() >= cfg.max_seq_len:
+            raise InputError(f"position_ids must lie in [0, max_seq_len = {cfg.max_seq_len}), got "
+                             f"{int(p.min()) if p.min() < 0 else int(p.max())}")
+    for value, what in ((segment_ids, "segment_ids"), (attention_mask, "attention_mask")):
+        if value is not None and np.shape(value) != (B, T):
+            raise InputError(f"{what} must have shape ({B}, {T}), got {np.shape(value)}")
+    if segment_ids is not None:
+        _integer_array(segment_ids, "segment_ids")
+    if attention_mask is not None:
+        m = np.asarray(attention_mask)
+        if m.dtype.kind not in "biu" or not np.isin(m, (0, 1)).all():
+            raise InputError("attention_mask must hold 0 (padding) and 1 (token) only")
+    return tokens, B, T
+
+
+def check_targets(targets, B, T, V):
+    targets = _integer_array(targets, "targets")
+    if targets.shape != (B, T):
+        raise InputError(f"targets must have the tokens' shape ({B}, {T}), got {targets.shape}")
+    bad = ((targets < 0) | (targets >= V)) & (targets != IGNORE_INDEX)
+    if bad.any():
+        raise InputError(f"target {int(targets[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])} is "
+                         f"outside [0, {V}) and not {IGNORE_INDEX} (ignored)")
+    return targets
+
+
+def check_patches(patches, params, cfg, tokens, inputs_embeds):
+    B, T = (np.shape(tokens) if tokens is not None else np.shape(inputs_embeds)[:2])
+    shapes = activation_shapes(cfg, B, T, inputs_embeds is not None)
+    for name, delta in patches.items():
+        if name not in shapes:
+            raise InputError(f"patch {name!r} names no activation (e.g. {next(iter(shapes))!r}; "
+                             "npllama.reference.activation_shapes lists them)")
+        try:
+            fits = np.broadcast_shapes(np.shape(delta), shapes[name]) == shapes[name]
+        except ValueError:
+            fits = False
+        if not fits:
+            raise InputError(f"patch for {name} has shape {np.shape(delta)}, the activation {shapes[name]}")
