@@ -504,7 +504,7 @@ def run_with_cache(params, cfg, tokens=None, targets=None, *, dtype=None, reduct
             grads = model_backward(dlogits.astype(logits.dtype, copy=False), cache, params, cfg, lora)
     logits = hooks.activations["lm_head"]
     # activations in forward order; their gradients in backward order (as recorded), then the parameters'
-    grads = {**dict(reversed(hooks.grads.items())), **{"grad." + name: g for name, g in grads.items()}}
+    grads = {**hooks.grads, **{"grad." + name: g for name, g in grads.items()}}
     return Run(logits, loss, hooks.activations, grads)
 
 
