@@ -273,10 +273,15 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help="largest max-normalised relative error that passes (default: %(default)s)")
+    from .exercises import add_arguments as add_exercise_arguments   # here: exercises imports this module
+    add_exercise_arguments(parser)
 
 
 def run(args) -> int:
     """Print one row per gradient with both relative errors; exit code 1 on failure."""
+    if args.exercise:
+        from .exercises import run as run_exercises
+        return run_exercises(args)
     names = args.layer or list(LAYER_CHECKS)
     print(f"float64 central differences (h = 1e-6); pass when the max-normalised error <= {args.tolerance:.0e}")
     print("max-norm.: max|a - n| / max(|a|, |n|) over the gradient;  "

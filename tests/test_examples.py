@@ -26,7 +26,8 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_T
 
 
 def run_example(name, *args, cwd=None):
-    env = {**os.environ, **SINGLE_THREAD}
+    env = {**os.environ, **SINGLE_THREAD,   # this checkout's npllama, not another installed one
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     return proc
@@ -51,6 +52,37 @@ def test_train_tiny_learns():
     assert after < before - 0.5, (before, after)
     assert losses[-1] < losses[0] - 0.5
     assert re.search(r"^sample: ROMEO:.", proc.stdout, flags=re.M)     # the trained model writes text
+
+
+def test_train_reference_learns_and_saves_a_loadable_model(tmp_path):
+    proc = run_example("train_reference.py", "--steps", 30, "--dim", 32, "--layers", 2, "--chars", 30000,
+                       "--vocab", 300, "--seq-len", 32, "--batch", 8, "--sample-tokens", 5, "--out", tmp_path / "m")
+    assert proc.returncode == 0, proc.stderr
+    before, after = held_out(proc.stdout)
+    assert abs(before - np.log(300)) < 0.2          # near uniform before training
+    assert after < before - 0.5, (before, after)
+    assert re.search(r"^sample: ROMEO:.", proc.stdout, flags=re.M)
+    # the saved model is the reference's: the fast model loaded from it computes the same held-out loss
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import train_reference as ex
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from npllama.data import TokenDataset, load_text
+    model = npllama.Llama.from_pretrained(tmp_path / "m", dtype=np.float64)
+    data = TokenDataset.from_text(load_text(None)[:30000], model.tokenizer)
+    params = {name: np.array(p) for name, p in model.params.items()}
+    assert ex.held_out_loss(params, model.config, data, 32) == pytest.approx(after, abs=2e-3)
+
+
+def test_train_reference_trains_with_a_students_backward(tmp_path):
+    answers = tmp_path / "mine.py"
+    answers.write_text("from npllama.layers.swiglu import swiglu_backward_reference as swiglu_backward\n")
+    proc = run_example("train_reference.py", "--steps", 3, "--dim", 16, "--layers", 1, "--chars", 5000,
+                       "--vocab", 270, "--seq-len", 16, "--batch", 2, "--sample-tokens", 2,
+                       "--exercise", "swiglu", "--answers", answers)
+    assert proc.returncode == 0, proc.stderr
+    assert f"with your swiglu backward from {answers}" in proc.stdout
 
 
 def test_check_my_layer_passes_and_catches_the_bug():
