@@ -58,14 +58,14 @@ def rope_backward(dy, cache):
 
 def attention_backward(do, cache):
     """Forward, per query head, causal, c = 1/sqrt(hd):
-        S = c q k^T (entries j > i are -inf),  P = softmax(S) row by row,  o = P v.
+        scores = c q k^T (entries j > i are -inf),  probs = softmax(scores) row by row,  o = probs v.
     The H query heads share K key/value heads in groups of G = H / K: query head h reads kv head h // G.
 
-    do: (B, H, T, hd); cache = (q, k, v, o, lse, G) with q, o: (B, H, T, hd); k, v: (B, H, T, hd)
-    already repeated G times per kv head (np.repeat(k, G, axis=1)); lse: (B, H, T), the log of each
-    row's softmax denominator, so P = exp(S - lse[..., None]) below the diagonal.
+    do: (B, H, T, hd); cache = (q, k_all, v_all, probs, scale, G) with q: (B, H, T, hd); k_all,
+    v_all: (B, H, T, hd), each kv head repeated for the G query heads of its group
+    (np.repeat(k, G, axis=1)); probs: (B, H, T, T), 0 above the diagonal; scale = c.
     Return (dq, dk, dv) with dq: (B, H, T, hd) and dk, dv: (B, K, T, hd).  (docs/05-attention.md)"""
-    q, k, v, o, lse, G = cache
+    q, k_all, v_all, probs, scale, G = cache
     # ---- your code here ----
     raise NotImplementedError
 

@@ -33,20 +33,20 @@ from typing import Callable
 
 import numpy as np
 
+from . import reference
 from .errors import ConfigError
 from .gradcheck import TOLERANCE, elementwise_relative_error, numerical_gradient, relative_error
-from .layers.attention import attention_backward_reference, attention_forward_reference
-from .layers.cross_entropy import cross_entropy_backward_reference, cross_entropy_forward_reference
-from .layers.embedding import embedding_forward, scatter_add_rows_reference
-from .layers.linear import linear_backward, linear_forward
-from .layers.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
-from .layers.rope import rope_backward_reference, rope_cos_sin, rope_forward_reference, rope_frequencies
-from .layers.swiglu import swiglu_backward_reference, swiglu_forward_reference
+from .layers.cross_entropy import cross_entropy_backward_reference
+from .layers.embedding import scatter_add_rows_reference
+from .layers.rmsnorm import rmsnorm_backward_reference
+from .layers.rope import rope_cos_sin, rope_forward_reference, rope_frequencies
 
 ANSWERS = Path("exercises") / "backward.py"     # the blanked-out file, relative to a clone's root
 
 
 # ---- the checks: a layer's reference forward, a given backward, finite differences --------------
+# The forwards are looked up in npllama/reference.py when a check runs: the functions the reference
+# model calls, whatever they are at that moment.
 def _compare(forward, inputs, analytic, dout):
     """{gradient name: (analytic, numeric)} with L = sum(dout * forward()); the analytic gradients
     are checked for their shapes first, so that a wrong shape is named rather than broadcast."""
@@ -65,65 +65,72 @@ def check_embedding(backward, r):
     ids[1, 3] = ids[0, 1]
     dout = r.normal(size=(2, 5, 4))
     dw = backward(dout, ids, 7)
-    return _compare(lambda: embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
+    return _compare(lambda: reference.embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
 
 
 def check_linear(backward, r):
     """backward(dy, cache) -> (dx, dweight); x has a batch and a time axis, as in the model."""
     x, w, dy = r.normal(size=(2, 3, 5)), r.normal(size=(4, 5)), r.normal(size=(2, 3, 4))
-    _, cache = linear_forward(x, w)
-    dx, dw = backward(dy, cache)
-    return _compare(lambda: linear_forward(x, w)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
+    forward = lambda: reference.linear_forward(x, w, reference.NO_HOOKS)
+    dx, dw = backward(dy, forward()[1])
+    return _compare(lambda: forward()[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
 
 
 def check_rmsnorm(backward, r):
     x, w, dy = r.normal(size=(2, 3, 8)), 1 + 0.3 * r.normal(size=8), r.normal(size=(2, 3, 8))
-    _, cache = rmsnorm_forward_reference(x, w, 1e-5)
-    dx, dw = backward(dy, cache)
-    return _compare(lambda: rmsnorm_forward_reference(x, w, 1e-5)[0], {"x": x, "weight": w},
-                    {"x": dx, "weight": dw}, dy)
+    forward = lambda: reference.rmsnorm_forward_reference(x, w, 1e-5)
+    dx, dw = backward(dy, forward()[1])
+    return _compare(lambda: forward()[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
 
 
 def check_rope(backward, r):
     cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 100.0), np.float64)
     x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
-    _, cache = rope_forward_reference(x, cos, sin)
-    return _compare(lambda: rope_forward_reference(x, cos, sin)[0], {"x": x}, {"x": backward(dy, cache)}, dy)
+    forward = lambda: reference.rope_forward_reference(x, cos, sin)
+    return _compare(lambda: forward()[0], {"x": x}, {"x": backward(dy, forward()[1])}, dy)
 
 
 def check_attention(backward, r):
-    """Four query heads sharing two key/value heads (GQA, groups of two), five positions."""
+    """Four query heads sharing two key/value heads (GQA, groups of two), five positions, causal."""
     q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
     do = r.normal(size=(2, 4, 5, 3))
-    _, cache = attention_forward_reference(q, k, v)
-    dq, dk, dv = backward(do, cache)
-    return _compare(lambda: attention_forward_reference(q, k, v)[0], {"q": q, "k": k, "v": v},
-                    {"q": dq, "k": dk, "v": dv}, do)
+    forward = lambda: reference.attention_forward(q, k, v, reference.causal_visibility(5), reference.NO_HOOKS)
+    dq, dk, dv = backward(do, forward()[1])
+    return _compare(lambda: forward()[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
 
 
 def check_swiglu(backward, r):
     """The elementwise part, h = silu(a) * u (the projections around it are linear layers)."""
     a, u, dh = 2 * r.normal(size=(4, 6)), r.normal(size=(4, 6)), r.normal(size=(4, 6))
-    _, cache = swiglu_forward_reference(a, u)
-    da, du = backward(dh, cache)
-    return _compare(lambda: swiglu_forward_reference(a, u)[0], {"a": a, "u": u}, {"a": da, "u": du}, dh)
+    forward = lambda: reference.swiglu_forward_reference(a, u)
+    da, du = backward(dh, forward()[1])
+    return _compare(lambda: forward()[0], {"a": a, "u": u}, {"a": da, "u": du}, dh)
 
 
 def check_cross_entropy(backward, r):
     """Six rows over a vocabulary of nine, one of them ignored (target -100); the loss is the mean."""
     logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
     targets[2] = -100
-    _, cache = cross_entropy_forward_reference(logits, targets)
-    return _compare(lambda: cross_entropy_forward_reference(logits, targets)[0], {"logits": logits},
-                    {"logits": backward(1.0, cache)}, 1.0)
+    forward = lambda: reference.cross_entropy_forward_reference(logits, targets)
+    return _compare(lambda: forward()[0], {"logits": logits}, {"logits": backward(1.0, forward()[1])}, 1.0)
 
 
-# ---- the solutions, in the exercises' signatures -------------------------------------------------
+# ---- the solutions: what npllama/reference.py calls, in the exercises' signatures ------------------
 def embedding_backward_solution(dout, ids, vocab_size):
     """dweight (V, D): row v is the sum of dout over the positions whose id is v (a scatter-add)."""
     dweight = np.zeros((vocab_size, dout.shape[-1]))
     scatter_add_rows_reference(ids.reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
     return dweight
+
+
+def _calls_reference(name, hooks=False):
+    """The reference's function ``name``, looked up when called (so a changed reference is graded);
+    ``hooks``: it takes the reference's hooks last (none here)."""
+    def solution(*args):
+        return getattr(reference, name)(*args, *([reference.NO_HOOKS] if hooks else []))
+    solution.__name__, solution.__qualname__ = name, name
+    solution.__module__ = "npllama.reference"
+    return solution
 
 
 # ---- the common mistakes -------------------------------------------------------------------------
@@ -184,23 +191,20 @@ def _rope_interleaved(dy, cache):
     return dx
 
 
-def _attention_without_psi(do, cache, mistake="no_psi"):
-    q, k, v, o, lse, G = cache
+def _attention_mistaken(do, cache, mistake):
+    q, k_all, v_all, probs, scale, G = cache
     B, H, T, hd = q.shape
-    c = 1.0 / np.sqrt(hd)
-    s = (q @ k.transpose(0, 1, 3, 2)) * c
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    p = np.exp(s - lse[..., None])
-    if mistake != "mask_forgotten":
-        p = np.where(future, 0.0, p)
-    dv = p.transpose(0, 1, 3, 2) @ do
-    dp = do @ v.transpose(0, 1, 3, 2)
-    psi = 0.0 if mistake == "no_psi" else np.sum(do * o, axis=-1, keepdims=True)
-    ds = p * (dp - psi)
-    scale = 1.0 if mistake == "no_scale" else c
-    dq = scale * ds @ k
-    dk = scale * ds.transpose(0, 1, 3, 2) @ q
-    dk, dv = dk.reshape(B, H // G, G, T, hd), dv.reshape(B, H // G, G, T, hd)
+    dprobs = do @ v_all.transpose(0, 1, 3, 2)
+    dv_all = probs.transpose(0, 1, 3, 2) @ do
+    if mistake == "no_psi":
+        dscores = probs * dprobs
+    elif mistake == "softmax_diagonal":
+        dscores = probs * (1.0 - probs) * dprobs       # only the diagonal of softmax's Jacobian
+    else:
+        dscores = probs * (dprobs - np.sum(probs * dprobs, axis=-1, keepdims=True))
+    c = 1.0 if mistake == "no_scale" else scale
+    dq, dk_all = dscores @ k_all * c, dscores.transpose(0, 1, 3, 2) @ q * c
+    dk, dv = dk_all.reshape(B, H // G, G, T, hd), dv_all.reshape(B, H // G, G, T, hd)
     if mistake == "no_group_sum":
         return dq, dk[:, :, 0], dv[:, :, 0]      # only the first query head of each group
     return dq, dk.sum(axis=2), dv.sum(axis=2)
@@ -247,39 +251,41 @@ EXERCISES = {e.name: e for e in (
     Exercise("embedding", "embedding_backward", "01-embedding.md", check_embedding, embedding_backward_solution, (
         Mistake("assign_not_add", "dW[ids] = dout: a token seen twice keeps one position's gradient",
                 _embedding_assigns, frozenset({"weight"})),), "scatter_add_rows_reference"),
-    Exercise("linear", "linear_backward", "03-linear.md", check_linear, linear_backward, (
+    Exercise("linear", "linear_backward", "03-linear.md", check_linear, _calls_reference("linear_backward", hooks=True), (
         Mistake("dw_transposed", "dW = x^T dy, the (in, out) transpose of W's shape", _linear_dw_transposed,
                 frozenset({"shape"})),
         Mistake("dw_one_position", "dW from one position's outer product, not summed over all (b, t)",
                 _linear_dw_last_row, frozenset({"weight"}))), "linear_backward"),
-    Exercise("rmsnorm", "rmsnorm_backward", "02-rmsnorm.md", check_rmsnorm, rmsnorm_backward_reference, (
+    Exercise("rmsnorm", "rmsnorm_backward", "02-rmsnorm.md", check_rmsnorm,
+             _calls_reference("rmsnorm_backward_reference"), (
         Mistake("no_mean_term", "dx = r g: r's own dependence on x (the mean term) dropped",
                 _rmsnorm_no_mean_term, frozenset({"x"})),
         Mistake("no_gain", "g = dy instead of dy * w", _rmsnorm_no_gain, frozenset({"x"})),
         Mistake("dw_unnormalised", "dw = sum dy * x instead of dy * xhat", _rmsnorm_dw_unnormalised,
                 frozenset({"weight"}))), "rmsnorm_backward_reference"),
-    Exercise("rope", "rope_backward", "04-rope.md", check_rope, rope_backward_reference, (
+    Exercise("rope", "rope_backward", "04-rope.md", check_rope, _calls_reference("rope_backward_reference"), (
         Mistake("same_rotation", "rotating dy by +theta (the forward) instead of -theta (its transpose)",
                 _rope_same_rotation, frozenset({"x"})),
         Mistake("interleaved_pairs", "pairs (x_2i, x_2i+1) (Meta's layout) where the forward pairs the halves",
                 _rope_interleaved, frozenset({"x"}))), "rope_backward_reference"),
-    Exercise("attention", "attention_backward", "05-attention.md", check_attention, attention_backward_reference, (
-        Mistake("no_psi", "dS = P dP: the softmax's psi_i = do_i . o_i term dropped",
-                _attention_without_psi, frozenset({"q", "k"})),
+    Exercise("attention", "attention_backward", "05-attention.md", check_attention,
+             _calls_reference("attention_backward", hooks=True), (
+        Mistake("no_psi", "dS = P dP: the softmax's psi_i = sum_j P_ij dP_ij term dropped",
+                lambda do, cache: _attention_mistaken(do, cache, "no_psi"), frozenset({"q", "k"})),
+        Mistake("softmax_diagonal", "dS = P (1 - P) dP: only the diagonal of the softmax's Jacobian",
+                lambda do, cache: _attention_mistaken(do, cache, "softmax_diagonal"), frozenset({"q", "k"})),
         Mistake("no_scale", "the 1/sqrt(hd) of the scores left out of dq and dk",
-                lambda do, cache: _attention_without_psi(do, cache, "no_scale"), frozenset({"q", "k"})),
+                lambda do, cache: _attention_mistaken(do, cache, "no_scale"), frozenset({"q", "k"})),
         Mistake("no_group_sum", "a key/value head's gradient from one query head of its group, not the sum",
-                lambda do, cache: _attention_without_psi(do, cache, "no_group_sum"), frozenset({"k", "v"})),
-        Mistake("mask_forgotten", "P rebuilt without the causal mask in the backward",
-                lambda do, cache: _attention_without_psi(do, cache, "mask_forgotten"),
-                frozenset({"q", "k", "v"}))), "attention_backward_reference"),
-    Exercise("swiglu", "swiglu_backward", "06-swiglu.md", check_swiglu, swiglu_backward_reference, (
+                lambda do, cache: _attention_mistaken(do, cache, "no_group_sum"), frozenset({"k", "v"}))),
+        "attention_backward"),
+    Exercise("swiglu", "swiglu_backward", "06-swiglu.md", check_swiglu, _calls_reference("swiglu_backward_reference"), (
         Mistake("no_sigmoid_derivative", "silu'(a) taken as sigma(a), the a sigma' term dropped",
                 _swiglu_no_sigmoid_derivative, frozenset({"a"})),
         Mistake("sigmoid_prime", "sigma'(a) = sigma (1 - sigma) where silu'(a) belongs",
                 _swiglu_sigmoid_prime, frozenset({"a"}))), "swiglu_backward_reference"),
     Exercise("cross_entropy", "cross_entropy_backward", "09-cross-entropy.md", check_cross_entropy,
-             cross_entropy_backward_reference, (
+             _calls_reference("cross_entropy_backward_reference"), (
         Mistake("no_mean", "the gradient of the sum over rows, not of the mean", _cross_entropy_no_mean,
                 frozenset({"logits"})),
         Mistake("ignored_rows_kept", "rows with target -100 not zeroed", _cross_entropy_ignored_rows_kept,
@@ -310,7 +316,6 @@ def grade(exercise: Exercise, backward: Callable, seed: int = 0, tolerance: floa
 def train_with(module, names):
     """Inside the block, npllama/reference.py calls ``module``'s backward for each exercise in
     ``names`` instead of its own: examples/train_reference.py --answers FILE --exercise NAME."""
-    from . import reference
     saved = {}
     try:
         for name in names:
@@ -319,6 +324,9 @@ def train_with(module, names):
             if name == "embedding":       # the reference scatters into a table it allocated
                 def mine(ids, rows, table, _yours=mine):
                     table += _yours(rows, ids.reshape(-1), table.shape[0])
+            elif name in ("linear", "attention"):    # the reference's take hooks too (unused here)
+                def mine(dy, cache, hooks, _yours=mine):
+                    return _yours(dy, cache)
             saved[exercise.in_reference] = getattr(reference, exercise.in_reference)
             setattr(reference, exercise.in_reference, mine)
         yield

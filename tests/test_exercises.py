@@ -102,7 +102,7 @@ def test_cli_grades_a_blank_a_wrong_and_a_right_answer(tmp_path, capsys):
 
 def test_cli_solution_mistake_and_errors(tmp_path, capsys):
     assert cli.main(["gradcheck", "--exercise", "attention", "--solution"]) == 0
-    assert "attention_backward_reference" in capsys.readouterr().out
+    assert "the solution, npllama.reference.attention_backward" in capsys.readouterr().out
     assert cli.main(["gradcheck", "--exercise", "attention", "--mistake", "no_psi"]) == 1
     assert "wrong: k, q" in capsys.readouterr().out
     assert cli.main(["gradcheck", "--exercise", "attention", "--mistake", "nonsense"]) == 1
