@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "gradcheck": ("npllama.gradcheck",
                   "check every layer's backward and the whole model's (fast and reference) against finite "
                   "differences (float64)"),
+    "inspect": ("npllama.inspection", "draw a model's attention patterns (every head, T x T) for a prompt --text"),
     "plot": ("npllama.plot", "draw the loss curves of one run, or several together, to a PNG (against steps, "
              "tokens or wall time; --csv for a table)"),
     "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
