@@ -27,6 +27,7 @@ from .model import Llama, merge_adapters
 
 FORMATS = ("gguf", "llama2c", "hf")
 LLAMA2C_FILES = ("model.bin", "tokenizer.bin")
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def run(args) -> int:
                           "has none")
     source = Path(args.run)
     out = Path(args.out) if args.out else default_output(source, args.to, args.dtype)
-    targets = {"llama2c": [out / name for name in LLAMA2C_FILES], "hf": [out / "config.json", out / "model.safetensors"],
+    targets = {"llama2c": [out / name for name in LLAMA2C_FILES], "hf": [out / name for name in HF_FILES],
                "gguf": [out]}[args.to]
     existing = [str(t) for t in targets if t.exists() or t.is_symlink()]
     if existing and not args.force:

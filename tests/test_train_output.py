@@ -183,11 +183,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus
         with pytest.raises(Boom):
             train(tiny(corpus, tmp_path / "new"), progress=False, verbose=False)
         assert not (tmp_path / "new").exists()
-        mine = tmp_path / "mine"          # a directory the user made: emptied, not removed
+        mine = tmp_path / "mine"          # a directory the user made: emptied of the run's files, not removed
         mine.mkdir()
         (mine / "notes.txt").write_text("keep me")
         with pytest.raises(Boom):
-            train(tiny(corpus, mine), progress=False, verbose=False)
+            train(tiny(corpus, mine, force=True), progress=False, verbose=False)
         assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
     def poison(step, loss, run):   # diverges at step 2, before any checkpoint
@@ -200,6 +200,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus
     # what a SIGKILL during setup leaves: --resume says to start again, not to --init-from
     killed = tmp_path / "killed"
     killed.mkdir()
+    (killed / ".npllama-run").write_text("{}")
     (killed / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="killed before its first checkpoint; start it again"):
         train(resume=killed, progress=False, verbose=False)

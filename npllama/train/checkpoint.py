@@ -36,6 +36,7 @@ from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 from . import corpus_cache
 from .config import DTYPES, TrainConfig, model_config
 from .distributed import World
+from .run_dir import RunDirectory
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -43,6 +44,10 @@ MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TOKENS_DIR = "tokens"
 STATE_FORMAT = "npllama-train-state"
+# what a run writes before its first checkpoint (directories before their contents): the paths of
+# these it creates are all that a run which never saves removes again (RunDirectory.discard)
+OWN_NAMES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, METRICS_FILE, TOKENS_DIR,
+             *(f"{TOKENS_DIR}/{name}" for name in corpus_cache.TOKEN_FILES), STAGING_DIR, COMMIT_DIR)
 STATE_VERSION = 1
 
 
@@ -68,10 +73,15 @@ class Run:
     train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
     plan: dict = field(default_factory=dict)
     last_checkpoint_step: int | None = None
-    created_dir: bool = False           # this run made run_dir (removed again if it never saves)
+    directory: RunDirectory | None = None   # run_dir locked by this process, and what this run made there
     setup_seconds: dict = field(default_factory=dict)   # seconds of each part of this session's setup
     base_sha256: str | None = None      # LoRA: the frozen base's weights, checked on resume
     world: World = field(default_factory=World)   # the ranks training this run (distributed.py)
+
+    def release(self) -> None:
+        """Unlock the run directory (at the end of the session)."""
+        if self.directory is not None:
+            self.directory.release()
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
@@ -121,8 +131,9 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     """Set up a fresh run (or a fine-tune with ``init_from``): run dir, tokenizer, tokens, model.
 
     The configuration was checked when it was made (TrainConfig); here the corpus is read and
-    checked before anything is written, and if setting up fails the run directory is removed again
-    (``discard_unsaved_run``), so that no half-made run is left to --resume.
+    checked before anything is written, the run directory is claimed (run_dir.py: a new, empty or
+    npllama directory unless ``force``, locked), and if setting up fails what this run created
+    there is removed again (``discard_unsaved_run``), so that no half-made run is left to --resume.
     """
     cfg = dataclasses.replace(cfg)
     # Absolute paths, so that --resume works from any working directory.
@@ -133,6 +144,11 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     run_dir = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(cfg)
     run_dir = run_dir.resolve()
     cfg.out_dir = str(run_dir)
+    if cfg.init_from is not None:
+        source = Path(cfg.init_from)
+        if run_dir in (source, source.parent):
+            raise ConfigError(f"--out-dir {run_dir} is where --init-from {source} is: a fine-tune never writes "
+                              "into the checkpoint it starts from; choose another --out-dir")
     if (run_dir / STATE_FILE).exists() or (run_dir / COMMIT_DIR).exists():
         raise ConfigError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                           "or choose another --out-dir")
@@ -148,15 +164,17 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
             raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
                               "checkpoint's own tokenizer")
     text = load_text(cfg.data)
-    created = not run_dir.exists()
+    directory = RunDirectory.claim(run_dir, own_names=OWN_NAMES, fresh=True, force=cfg.force)
     try:
-        return _set_up(cfg, run_dir, created, text, verbose)
+        return _set_up(cfg, directory, text, verbose)
     except BaseException:
-        discard_unsaved_run(run_dir, created)
+        discard_unsaved_run(directory)
+        directory.release()
         raise
 
 
-def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: bool) -> Run:
+def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool) -> Run:
+    run_dir = directory.path
     dtype = DTYPES[cfg.dtype]
     setup = {}    # seconds of each part of setting up, for the start-up line
     text_digest = text_sha256(text)
@@ -168,6 +186,9 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
                 raise ConfigError(f"--init-from {init_dir}: LoRA on top of a LoRA adapter is not supported; "
                                   f"start from its base {model.lora_base} (or drop --lora-rank to fine-tune "
                                   "the merged model)")
+            if Path(model.lora_base).resolve() == run_dir:
+                raise ConfigError(f"--out-dir {run_dir} is the base model of --init-from {init_dir}: a fine-tune "
+                                  "never writes into the checkpoint it starts from; choose another --out-dir")
             model = merge_adapters(model)
         tokenizer = model.tokenizer
         if tokenizer is None:
@@ -208,13 +229,11 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
         setup["tokenizer"] = time.monotonic() - t0
         say(f"{how} in {setup['tokenizer']:.1f}s", verbose)
         model = None
-    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir / "tokenizer.json")
     if cfg.init_from is not None:
         # The checkpoint's eos/bos and chat template, which a LoRA run directory (no config.json, no
         # model.safetensors) would otherwise lose: `npllama generate RUN --chat` needs the template.
         tokenizer.save_config(run_dir)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)   # left by a run stopped before its first save
 
     t0 = time.monotonic()
     copied = cfg.init_from is None and corpus_cache.copy_tokens(cached, run_dir / TOKENS_DIR)
@@ -237,21 +256,19 @@ def _set_up(cfg: TrainConfig, run_dir: Path, created: bool, text: str, verbose: 
     base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
                text_sha256=text_digest, optimizer=make_optimizer(model, cfg), sampler=sampler,
-               created_dir=created, setup_seconds=setup, base_sha256=base_sha256)
+               directory=directory, setup_seconds=setup, base_sha256=base_sha256)
 
 
-def discard_unsaved_run(run_dir: Path, created: bool) -> None:
-    """Undo the setting up of a run that never saved a checkpoint: remove the run directory if this
-    run made it, else only the files it wrote there.  Nothing is left that --resume would refuse."""
-    if (run_dir / STATE_FILE).exists() or (run_dir / COMMIT_DIR).exists():
-        return   # a checkpoint after all (saved, or being moved into place): keep everything
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def discard_unsaved_run(directory: RunDirectory | None) -> None:
+    """Undo the setting up of a run that never saved a checkpoint: remove what this run created in
+    its directory (the directory too if it made it), nothing else; a checkpoint after all (saved,
+    or being moved into place) keeps everything."""
+    if directory is None or (directory.path / STATE_FILE).exists() or (directory.path / COMMIT_DIR).exists():
         return
-    for name in ("tokenizer.json", TOKENIZER_CONFIG_FILE, METRICS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in (TOKENS_DIR, STAGING_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    stage = directory.path / STAGING_DIR
+    if stage.is_dir() and not stage.is_symlink():   # (a save that failed midway: always npllama's own)
+        shutil.rmtree(stage, ignore_errors=True)
+    directory.discard()
 
 
 def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
@@ -312,6 +329,17 @@ def load_run(run_dir, verbose: bool = True) -> Run:
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise CheckpointError(f"--resume {run_dir}: no such directory")
+    directory = RunDirectory.claim(run_dir, own_names=OWN_NAMES, fresh=False)
+    try:
+        run = _restore(run_dir, verbose)
+    except BaseException:
+        directory.release()
+        raise
+    run.directory = directory
+    return run
+
+
+def _restore(run_dir: Path, verbose: bool) -> Run:
     recover_staged_write(run_dir, last=(STATE_FILE,))   # finish (or discard) a checkpoint a crash interrupted
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():

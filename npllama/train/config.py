@@ -110,6 +110,8 @@ class TrainConfig:
                                     type=int)
     seed: int = _opt(0, "seed of the weights, the data order and dropout", type=int)
     out_dir: str | None = _opt(None, "run directory (default runs/<data>-<date>-<time>)", metavar="DIR")
+    force: bool = _opt(False, "use --out-dir even when it holds files that are not an npllama run's (the "
+                       "run's files replace those of the same names)", type=bool)
 
     def __post_init__(self):
         def positive_int(name, allow_none=False, allow_zero=False):
@@ -164,8 +166,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
                 raise ConfigError(f"{flag(name)} must be one of {', '.join(options)}; got {_short(v)}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"--tie-embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "force"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         for name in ("data", "init_from", "out_dir"):

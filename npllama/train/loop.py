@@ -63,7 +63,7 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
     Raises TrainingDiverged when the loss, the gradient norm or (when saving) the weights are not
     finite; nothing is saved then, so the last checkpoint on disk is the last good state.  A fresh
     run that ends before its first checkpoint (an error, an interrupt before the first step)
-    removes its run directory again.
+    removes again what it created in its run directory, nothing else (run_dir.py).
 
     Started by mpiexec with several processes, each trains its share of every batch and only rank
     0 speaks and writes (see distributed.py).
@@ -85,8 +85,10 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
                 return _train(run, t_start, compiling, precompiler, resume is not None, progress, verbose, on_step)
             except BaseException:
                 if world.root:   # (the run directory is rank 0's)
-                    discard_unsaved_run(run.run_dir, run.created_dir)   # (keeps a directory holding a checkpoint)
+                    discard_unsaved_run(run.directory)   # (keeps a directory holding a checkpoint)
                 raise
+            finally:
+                run.release()
     finally:
         if precompiler is not None:
             precompiler.stop()
@@ -148,8 +150,8 @@ class Session:
         self.run, self.t_start, self.compiling, self.resumed, self.verbose = run, t_start, compiling, resumed, verbose
         self.precompiler = precompiler
         self.metrics = MetricsLog(run.run_dir / METRICS_FILE if run.world.root else None)
-        if resumed:
-            self.metrics.truncate_after(run.step)
+        # (a fresh run: records of a run stopped before its first save, or --force's file, replaced)
+        self.metrics.truncate_after(run.step if resumed else -1)
         # Periodic evaluations read the first eval_tokens held-out tokens, the final one all of them
         # (or final_eval_tokens) and, to compare with the periodic ones, those first tokens again.
         self.eval_tokens = min(cfg.eval_tokens, len(val_tokens))
@@ -348,7 +350,7 @@ class Session:
             else:
                 self.metrics.close()
                 if run.world.root:
-                    discard_unsaved_run(run.run_dir, run.created_dir)
+                    discard_unsaved_run(run.directory)
                 say(f"\n{result.signal_name}: stopped before the first step; nothing saved", run.world.root)
         else:
             ev = self._final_eval()
