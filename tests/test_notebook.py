@@ -1,0 +1,33 @@
+"""docs/walkthrough.ipynb, the walkthrough as a notebook on the reference model, runs top to bottom
+(every cell asserts what it shows).  Its tools are the [learn] extra (nbclient, ipykernel), which CI
+installs: there a missing nbclient is a failure; elsewhere the test skips without it."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
+
+
+def test_walkthrough_notebook_runs(monkeypatch):
+    if os.environ.get("CI"):
+        import nbclient  # noqa: F401
+    else:
+        pytest.importorskip("nbclient")
+        pytest.importorskip("ipykernel")
+    import nbclient
+    import nbformat
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    # the kernel is another process: it imports this checkout's npllama, on one thread
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "docs")}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "block_forward gives the same output, bit for bit" in text
+    assert "against finite differences: relative error" in text
+    assert "the loss fell from" in text
