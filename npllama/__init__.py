@@ -7,7 +7,8 @@ import importlib
 
 __version__ = "0.1.0"
 _LAZY = {"LlamaConfig": ".config", "Llama": ".model", "Tokenizer": ".tokenizer", "NpllamaError": ".errors",
-         "ConfigError": ".errors", "CheckpointError": ".errors", "InputError": ".errors", "DataError": ".errors"}
+         "ConfigError": ".errors", "CheckpointError": ".errors", "InputError": ".errors", "DataError": ".errors",
+         "compare": ".divergence"}
 __all__ = list(_LAZY)
 
 

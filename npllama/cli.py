@@ -1,4 +1,4 @@
-"""The `npllama` command: train, generate, gradcheck, plot, export.
+"""The `npllama` command: train, generate, gradcheck, plot, export, reference, compare.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` before NumPy and
@@ -29,6 +29,10 @@ SUBCOMMANDS = {
     "plot": ("npllama.plot", "draw the loss curves of one run, or several together, to a PNG (against steps, "
              "tokens or wall time; --csv for a table)"),
     "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
+    "reference": ("npllama.golden", "write a golden file: every named activation and gradient of the float64 "
+                  "reference model on a batch, for checking another implementation"),
+    "compare": ("npllama.divergence", "compare your implementation's tensors with a golden file and name the first "
+                "that diverges (exit code 1)"),
 }
 
 
