@@ -226,6 +226,8 @@ class Comparison:
 
 def _compare_one(name, golden, mine, rtol):
     golden, mine = np.asarray(golden), np.asarray(mine)
+    if golden.size == mine.size == 1:           # a scalar (the loss) stored as () or (1,)
+        golden, mine = golden.reshape(()), mine.reshape(())
     if golden.shape != mine.shape:
         return Row(name, np.inf, np.inf, True, f"shape {mine.shape}, golden {golden.shape}")
     if name in INPUTS:

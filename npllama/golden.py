@@ -45,7 +45,9 @@ def next_token_targets(tokens):
 
 def golden_tensors(run, tokens, targets) -> dict:
     """The file's tensors from a ``reference.Run`` (or anything with activations, grads and loss)."""
-    tensors = {"tokens": np.asarray(tokens, dtype=np.int64), **run.activations, **run.grads}
+    tensors = {**run.activations, **run.grads}
+    if tokens is not None:
+        tensors["tokens"] = np.asarray(tokens, dtype=np.int64)
     if targets is not None:
         tensors["targets"] = np.asarray(targets, dtype=np.int64)
     if run.loss is not None:

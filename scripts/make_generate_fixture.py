@@ -12,7 +12,7 @@ one token.
 greedy.json holds, for each prompt (a list of token ids):
   new_tokens       transformers' generate(prompt, do_sample=False, max_new_tokens=20), new tokens only,
                    computed in float64 from the exact upcast of the stored float32 weights, with
-                   transformers' float32 casts lifted (scripts/hf_float64.py) and no early stop
+                   transformers' float32 casts lifted (npllama/hf_oracle.py) and no early stop
   last_logits      float64 logits at the last position of a plain forward over prompt + new_tokens
   min_top2_margin  the smallest (largest logit - second largest logit) over the 20 greedy steps, from a
                    full-sequence float64 forward; a float32 model follows the same path if its logits
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_float64 import float64_llama  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+from npllama.hf_oracle import float64_llama  # noqa: E402
 from make_hf_fixture import (AGREEMENT_LIMIT, functional_llama_logits, random_llama,  # noqa: E402
                              relative_error, save_pretrained_atomically)
 

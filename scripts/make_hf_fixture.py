@@ -25,8 +25,8 @@ Both use B = 2, T = 12 and weights ~ N(0, 0.2^2) (RMSNorm weights 1 + N(0, 0.1^2
 from uniform and every norm weight matters.
 
 The reference is computed by reloading the saved directory with from_pretrained(dtype=torch.float64,
-attn_implementation="eager") inside hf_float64.float64_llama(), which lifts transformers' float32 casts
-(RMSNorm, RoPE tables, softmax), and the loss by hf_float64.causal_lm_loss in float64.  The script then
+attn_implementation="eager") inside npllama.hf_oracle.float64_llama(), which lifts transformers' float32 casts
+(RMSNorm, RoPE tables, softmax), and the loss by npllama.hf_oracle.causal_lm_loss in float64.  The script then
 checks that reference against (1) an independent functional float64 Llama written here from the maths
 (Meta-style per-frequency llama3 scaling), gradients by torch autograd on it, and (2) central finite
 differences of the transformers loss for a few weights; it prints the agreement, and how far the
@@ -51,8 +51,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_float64 import causal_lm_loss, float64_llama, rope_inv_freq_float64  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+from npllama.hf_oracle import causal_lm_loss, float64_llama, rope_inv_freq_float64  # noqa: E402
 
 FIXTURE_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 SEED = 1234

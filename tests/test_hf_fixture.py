@@ -10,7 +10,6 @@ model is written with save_pretrained and read by transformers.LlamaForCausalLM.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from safetensors.numpy import load_file
 import npllama
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 HF_FIXTURES = ["hf_gqa", "hf_mqa_tied_llama3"]
 TOLERANCE = 1e-10
 
@@ -101,14 +99,6 @@ def test_loss_and_grads_match_transformers(hf_case):
 
 # ---- npllama -> transformers ------------------------------------------------------------------------
 
-def load_hf_float64_helpers():
-    """scripts/hf_float64.py, which lifts transformers' float32 casts (imported by path: scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("hf_float64", SCRIPTS / "hf_float64.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 ROUND_TRIP_CONFIGS = {
     "gqa": dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=40, max_seq_len=24,
                 norm_eps=1e-5, rope_theta=10000.0),
@@ -123,7 +113,7 @@ ROUND_TRIP_CONFIGS = {
 def test_save_pretrained_loads_in_transformers(case, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf_float64 = load_hf_float64_helpers()
+    from npllama import hf_oracle   # needs torch: imported once the test knows it is there
 
     cfg = npllama.LlamaConfig(**ROUND_TRIP_CONFIGS[case])
     model = npllama.Llama(cfg, seed=3, dtype=np.float64)
@@ -136,7 +126,7 @@ def test_save_pretrained_loads_in_transformers(case, tmp_path):
     logits = model.forward(tokens)
     model.save_pretrained(tmp_path)
 
-    with hf_float64.float64_llama():
+    with hf_oracle.float64_llama():
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
                                                            attn_implementation="eager")
         hf.eval()
