@@ -281,6 +281,8 @@ def record_transformers(model, tokens=None, targets=None, *, inputs_embeds=None,
     activations = {k: v for k, v in tensors.items() if not k.startswith("grad.")}
     grads = {k: v for k, v in tensors.items() if k.startswith("grad.")}
     if targets is not None or dlogits is not None:
-        grads.update({"grad." + n: _numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+        # a parameter the loss does not reach (the embedding, given inputs_embeds) has gradient 0
+        grads.update({"grad." + n: _numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+                      for n, p in model.named_parameters()})
     run = Run(activations["lm_head"], None if loss is None else loss.item(), activations, grads)
     return golden_tensors(run, tokens, targets)
