@@ -286,6 +286,39 @@ def test_bad_llama2c_files_are_checkpoint_errors_naming_the_file(tmp_path):
         read_llama2c(tmp_path / "missing.bin")
 
 
+def test_llama2c_sizes_are_checked_before_anything_is_allocated(tmp_path):
+    """A 92-byte file claiming 10^6 (or 2^31 - 1) layers: refused from its header alone, in bounded
+    memory (was: the per-layer section list built first, 51 s and 3.3 GB)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    for n_layers in (10**6, 2**31 - 1):
+        path = tmp_path / f"{n_layers}.bin"
+        path.write_bytes(struct.pack("<7i", 64, 128, n_layers, 4, 2, 320, 128) + bytes(64))
+        resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + (256 << 20), hard))
+        try:
+            with pytest.raises(CheckpointError, match=f"n_layers {n_layers}.* implies .*truncated") as e:
+                read_llama2c(path)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert str(path) in str(e.value)
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_llama2c_nan_or_infinite_weights_are_refused(tmp_path, bad):
+    params = random_params(CFG)
+    params["model.layers.0.self_attn.v_proj.weight"][1, 2] = bad
+    path = write_llama2c(tmp_path / "m.bin", CFG, params)
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.self_attn.v_proj.weight': contains NaN or "
+                                              "infinite values") as e:
+        Llama.from_pretrained(path)
+    assert str(path) in str(e.value)
+
+
 # ---- llama2.c tokenizer -------------------------------------------------------------------------
 def test_llama2c_vocabulary_puts_end_of_text_at_bos_and_bytes_at_3(trained):
     tok = trained.tokenizer

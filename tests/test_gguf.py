@@ -3,7 +3,10 @@ converter writes them (Q/K rows permuted by convert_hf_to_gguf.py's LlamaModel.p
 
 The real-model checks against transformers are in tests/test_smollm2.py.
 """
+import contextlib
 import json
+import resource
+import struct
 
 import gguf
 import numpy as np
@@ -44,6 +47,21 @@ def k_quant_blocks(rows, cols, qtype, rng):
     for offset in K_QUANT_SCALES[qtype]:
         raw[..., offset:offset + 2] = rng.uniform(0.001, 0.01, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
     return raw.reshape(rows, -1)
+
+
+@contextlib.contextmanager
+def bounded_address_space(extra_bytes):
+    """At most ``extra_bytes`` more address space for this process meanwhile: a loader that trusts a
+    size field gets MemoryError (failing the test) instead of the machine's memory."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra_bytes if hard == resource.RLIM_INFINITY
+                                            else min(vm + extra_bytes, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def write_gguf(path, params, cfg, qtype=Q.F32, arch="llama", skip=(), extra=None, tokenizer=None, seed=0):
@@ -249,3 +267,74 @@ def test_hf_directory_tokenizer_reads_its_chat_template(tmp_path):
     loaded = Tokenizer.from_pretrained(tmp_path)
     assert loaded.decode(loaded.apply_chat_template([{"role": "user", "content": "hi"}])) == "hi<|im_end|>"
     assert loaded.stop_ids == (loaded.token_to_id("<|im_end|>"),)
+
+
+# ---- corrupt headers and weights (issue 28) ------------------------------------------------------
+def _tensor_info_positions(path):
+    """{GGUF tensor name: (byte position of its type field, of its offset field)} in the header."""
+    reader = gguf.GGUFReader(str(path))
+    positions = {}
+    for t in reader.tensors:
+        parts = t.field.parts
+        type_at = t.field.offset + sum(p.nbytes for p in parts[:-2])
+        positions[t.name] = (type_at, type_at + parts[-2].nbytes)
+    return positions
+
+
+def _patched(path, at, fmt, value):
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(fmt, raw, at, value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _refused(path, match):
+    with pytest.raises(CheckpointError, match=match) as e:
+        load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_header_whose_tensors_do_not_tile_the_file_is_refused(tmp_path):
+    src = random_model(CFG)
+    write_gguf(tmp_path / "m.gguf", src.params, CFG)
+    load(tmp_path / "m.gguf")   # (the file as written loads)
+    positions = _tensor_info_positions(tmp_path / "m.gguf")
+    n_tensors = len(positions)
+    # a tensor count one short: every tensor read 64 bytes early and output.weight dropped (was: loaded, tied)
+    short = tmp_path / "short.gguf"
+    short.write_bytes((tmp_path / "m.gguf").read_bytes())
+    _refused(_patched(short, 8, "<Q", n_tensors - 1), "belong to no tensor")
+    # one tensor's offset moved onto another's
+    overlap = tmp_path / "overlap.gguf"
+    overlap.write_bytes((tmp_path / "m.gguf").read_bytes())
+    reader = gguf.GGUFReader(str(overlap))
+    first, second = sorted(reader.tensors, key=lambda t: t.data_offset)[:2]
+    _patched(overlap, positions[second.name][1], "<Q", first.data_offset - reader.data_offset)
+    _refused(overlap, "overlaps tensor")
+    # an F32 matrix retyped as Q8_0 (was: loaded, a NaN warning only)
+    retyped = tmp_path / "retyped.gguf"
+    retyped.write_bytes((tmp_path / "m.gguf").read_bytes())
+    _refused(_patched(retyped, positions["blk.0.attn_q.weight"][0], "<I", int(Q.Q8_0)), "belong to no tensor")
+    # a truncated file
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "m.gguf").read_bytes()[:-100])
+    _refused(cut, "GGUF")
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path):
+    for bad in (np.nan, np.inf):
+        for qtype in (Q.F32, Q.F16):
+            src = random_model(CFG)
+            src.params["model.layers.1.mlp.down_proj.weight"][3, 5] = bad
+            path = tmp_path / f"{bad}-{qtype.name}.gguf"
+            write_gguf(path, src.params, CFG, qtype=qtype)
+            _refused(path, "tensor 'blk.1.ffn_down.weight': contains NaN or infinite values")
+
+
+def test_a_block_count_the_tensors_cannot_hold_is_refused_before_allocating(tmp_path):
+    src = random_model(CFG)
+    for n_layers in (10**6, 2**31 - 1):
+        path = tmp_path / f"{n_layers}.gguf"
+        write_gguf(path, src.params, LlamaConfig(**{**CFG.to_dict(), "n_layers": n_layers}))
+        with bounded_address_space(256 << 20):
+            _refused(path, f"the metadata implies .* parameters \\({n_layers} layers")

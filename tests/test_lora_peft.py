@@ -181,3 +181,48 @@ def test_adapter_dir_errors_name_the_problem(tmp_path):
                                                          "use_dora": True}))
     with pytest.raises(CheckpointError, match="use_dora"):
         npllama.Llama.from_pretrained(bad)
+
+
+def _edited_adapter(tmp_path, **changes):
+    bad = tmp_path / "adapter"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(ADAPTER_DIR, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(ADAPTER_DIR.parent / "hf_gqa")
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return bad
+
+
+def test_an_adapter_rank_its_weights_do_not_have_is_refused_before_allocating(tmp_path):
+    """A small adapter claiming r = 10^6: refused from the weights' header, in bounded memory (was:
+    23.5 s and 7.4 GB before the shape error)."""
+    import resource
+    bad = _edited_adapter(tmp_path, r=10**6)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), hard))
+    try:
+        with pytest.raises(CheckpointError, match=r"not of the rank r = 1000000 that adapter_config.json gives") as e:
+            npllama.Llama.from_pretrained(bad)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert str(bad / "adapter_model.safetensors") in str(e.value)
+
+
+@pytest.mark.parametrize("alpha", ["Infinity", "NaN", "-Infinity"])
+def test_a_non_finite_lora_alpha_is_refused(tmp_path, alpha):
+    bad = _edited_adapter(tmp_path)
+    text = (bad / "adapter_config.json").read_text()
+    config = json.loads(text)
+    (bad / "adapter_config.json").write_text(text.replace(f'"lora_alpha": {json.dumps(config["lora_alpha"])}',
+                                                          f'"lora_alpha": {alpha}'))
+    with pytest.raises(CheckpointError, match="a finite lora_alpha > 0") as e:
+        npllama.Llama.from_pretrained(bad)
+    assert str(bad / "adapter_config.json") in str(e.value)
+
+
+def test_an_adapter_whose_base_is_itself_is_refused_by_name(tmp_path):
+    bad = _edited_adapter(tmp_path, base_model_name_or_path=".")
+    with pytest.raises(CheckpointError, match=r"base model '\.' is a LoRA adapter directory \(this one\)"):
+        npllama.Llama.from_pretrained(bad)

@@ -32,6 +32,7 @@ from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
 from ..files import release_pages
 from .rope_rows import deinterleave_rope_rows
+from .safetensors import require_finite
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -132,7 +133,9 @@ class GGUFCheckpoint:
                     f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which npllama cannot "
                     f"dequantize (supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
             self.tensors[name] = t
+        check_tensor_layout(self.reader, path)
         self.config = self._config()
+        check_parameter_count(self.config, self.tensors.values(), path)
 
     # ---- metadata ---------------------------------------------------------------------------
     def value(self, key: str, default=None):
@@ -224,7 +227,9 @@ class GGUFCheckpoint:
         step = max(hd, CHUNK_ELEMENTS // cols // hd * hd)
         data = t.data.reshape(rows, -1)
         for r0 in range(0, rows, step):
-            w = gguf.quants.dequantize(data[r0:r0 + step], t.tensor_type)   # (r, cols) float32
+            with np.errstate(all="ignore"):   # (a scale that overflows is refused just below, by name)
+                w = gguf.quants.dequantize(data[r0:r0 + step], t.tensor_type)   # (r, cols) float32
+            require_finite(w, f"{self.path}: tensor {t.name!r}")
             if n_head is None:
                 target[r0:r0 + step] = w
             else:
@@ -232,6 +237,45 @@ class GGUFCheckpoint:
         release_pages(self.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
         return out
 
+
+
+def check_tensor_layout(reader: gguf.GGUFReader, path) -> None:
+    """Refuse a file whose tensors do not tile its data section, from the header alone: each tensor
+    starts on the alignment, none overlaps another, and between them and after the last there is
+    only padding (less than the alignment) up to the end of the file.  A tensor count one short
+    (every tensor read 64 bytes early, the last one dropped), an offset moved onto another tensor
+    or a tensor retyped to another size all break the tiling; llama.cpp's and gguf's writers never do."""
+    align, data_start, size = reader.alignment, reader.data_offset, len(reader.data)
+    end, previous = data_start, None
+    for t in sorted(reader.tensors, key=lambda t: (t.data_offset, t.n_bytes)):
+        start = t.data_offset
+        if (start - data_start) % align:
+            raise CheckpointError(f"{path}: tensor {t.name!r} starts at byte {start:,}, not on the file's "
+                                  f"{align}-byte alignment (corrupt header?)")
+        if start < end:
+            raise CheckpointError(f"{path}: tensor {t.name!r} overlaps tensor {previous!r} (corrupt header?)")
+        if start - end >= align:
+            raise CheckpointError(f"{path}: {start - end:,} bytes before tensor {t.name!r} belong to no tensor "
+                                  "(a wrong tensor count or offset in the header?)")
+        end, previous = start + t.n_bytes, t.name
+    if end > size:
+        raise CheckpointError(f"{path}: tensor {previous!r} ends at byte {end:,}, past the end of the file "
+                              f"({size:,} bytes; truncated?)")
+    if size - end >= align:
+        raise CheckpointError(f"{path}: the last {size - end:,} bytes of the file belong to no tensor (a wrong "
+                              "tensor count in the header, or trailing data?)")
+
+
+def check_parameter_count(config: LlamaConfig, tensors, path) -> None:
+    """Refuse metadata that implies more parameters than the file's tensors could hold, before
+    anything is allocated for them (``llama.block_count`` = 10^6 must not ask for 50 GB); a mere
+    mismatch is named tensor by tensor by ``load_weights``."""
+    held = sum(int(t.n_elements) for t in tensors)
+    implied = config.num_parameters()
+    if implied > 2 * held:
+        raise CheckpointError(f"{path}: the metadata implies {implied:,} parameters ({config.n_layers} layers, dim "
+                              f"{config.dim}, hidden {config.hidden_dim}, vocab {config.vocab_size}) but the file's "
+                              f"tensors hold {held:,} (corrupt metadata?)")
 
 
 def open_gguf(path) -> GGUFCheckpoint:

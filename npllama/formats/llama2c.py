@@ -47,6 +47,7 @@ from ..errors import CheckpointError, ConfigError, one_line
 from ..files import atomic_write_bytes, release_pages
 from .byte_level import byte_level_vocabulary
 from .rope_rows import deinterleave_rope_rows, interleave_rope_rows
+from .safetensors import require_finite
 
 MAGIC = 0x616B3432            # "ak42" as a big-endian uint32, stored little-endian
 V1_HEADER_BYTES = 256
@@ -209,12 +210,14 @@ class Llama2cCheckpoint:
                 tie_embeddings=tied, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
         except ConfigError as e:
             raise CheckpointError(f"{path}: not a {what}: {one_line(e)}") from None
-        # Checked before anything is allocated: a header claiming terabytes must not get them.
-        sections = list(_sections(self.config, self.version))
-        expected = offset + 4 * sum(math.prod(shape) for _, shape in sections)
+        # Checked before anything is allocated (nor the list of sections, one per layer, built): a
+        # header claiming terabytes, or 2^31 layers, must not get them.
+        rope_tables = 2 * seq_len * (self.config.head_dim // 2) if self.version == 0 else 0
+        expected = offset + 4 * (self.config.num_parameters() + rope_tables)
         if size != expected:
             raise CheckpointError(f"{path}: {size:,} bytes, but its {what} implies {expected:,} "
                                   f"({'truncated' if size < expected else 'trailing data'}; not a llama2.c checkpoint?)")
+        sections = list(_sections(self.config, self.version))
         data = np.memmap(path, dtype="<f4", mode="r", offset=offset)
         # numpy maps from the allocation boundary below ``offset``: where the file's bytes sit in the map
         self._map, map_start = data._mmap, offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -233,6 +236,7 @@ class Llama2cCheckpoint:
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w = deinterleave_rope_rows(w, self.config.head_dim)
         out[...] = w
+        require_finite(out, f"{self.path}: tensor {name!r}")
         release_pages(self._map, *self._spans[name])
         return out
 

@@ -12,13 +12,14 @@ fan_in_fan_out, a subset of layers) are refused with the key that asks for them.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..files import atomic_write_json, read_json
-from .safetensors import copy_float, read_safetensors, write_safetensors
+from .safetensors import copy_float, read_safetensors, read_safetensors_header, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -44,16 +45,28 @@ def read_adapter_config(directory) -> dict:
         if config.get(key) not in (None, default):
             raise CheckpointError(f"{path}: {key} = {config[key]!r} is not supported (plain LoRA only)")
     r, alpha, p = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
-    if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and alpha > 0
-            and isinstance(p, (int, float)) and 0 <= p < 1):
-        raise CheckpointError(f"{path}: needs r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, "
-                              f"got {r!r}, {alpha!r}, {p!r}")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1 and isinstance(alpha, (int, float))
+            and math.isfinite(alpha) and alpha > 0 and isinstance(p, (int, float)) and 0 <= p < 1):
+        raise CheckpointError(f"{path}: needs r >= 1, a finite lora_alpha > 0 and 0 <= lora_dropout < 1, "
+                              f"got {str(r)[:50]}, {str(alpha)[:50]}, {str(p)[:50]}")
     targets = config.get("target_modules")
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise CheckpointError(f"{path}: target_modules must be a list of module names, got {targets!r}")
     if not isinstance(config.get("base_model_name_or_path"), str):
         raise CheckpointError(f"{path}: no base_model_name_or_path")
+    _check_rank_against_weights(Path(directory) / ADAPTER_FILE, r)
     return config
+
+
+def _check_rank_against_weights(weights, r: int) -> None:
+    """The adapter matrices' shapes in the weights file's header must have rank ``r``, checked before
+    anything of size r is allocated (a 7 KB adapter claiming r = 10^6 must not ask for gigabytes)."""
+    header, _, _ = read_safetensors_header(weights)
+    for name, info in header.items():
+        shape, side = info["shape"], {".lora_A.weight": 0, ".lora_B.weight": 1}.get(name[-len(".lora_A.weight"):])
+        if side is not None and (len(shape) != 2 or shape[side] != r):
+            raise CheckpointError(f"{weights}: tensor {name!r} has shape {shape}, not of the rank r = {r} that "
+                                  f"{ADAPTER_CONFIG} gives")
 
 
 def base_model_path(directory, config) -> Path:
@@ -62,6 +75,10 @@ def base_model_path(directory, config) -> Path:
     given = config["base_model_name_or_path"]
     for candidate in (Path(directory) / given, Path(given)):
         if candidate.exists():
+            if is_adapter_dir(candidate):   # (itself, or an adapter on an adapter: a loop, or a stack npllama does not build)
+                raise CheckpointError(f"{Path(directory) / ADAPTER_CONFIG}: base model {given!r} is a LoRA adapter "
+                                      f"directory{' (this one)' if candidate.resolve() == Path(directory).resolve() else ''}; "
+                                      "the base must be a model (Hugging Face or run directory, .gguf, llama2.c .bin)")
             return candidate.resolve()
     raise CheckpointError(f"{Path(directory) / ADAPTER_CONFIG}: base model {given!r} not found (neither "
                           f"relative to {directory} nor as given); npllama needs a local directory or file")

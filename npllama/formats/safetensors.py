@@ -104,7 +104,10 @@ def _read_header(f, path, size):
     if len(prefix) < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", prefix)
-    if n > MAX_HEADER_BYTES or n > size - 8:
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header claims {n:,} bytes, more than the format's limit of "
+                              f"{MAX_HEADER_BYTES:,}")
+    if n > size - 8:
         raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size}")
     raw = f.read(n)
     if len(raw) != n:
@@ -185,6 +188,12 @@ def copy_float(st_dtype, arr, out: np.ndarray, where) -> np.ndarray:
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             np.copyto(out, arr, casting="unsafe")
-    if not np.isfinite(out).all():
+    return require_finite(out, where)
+
+
+def require_finite(arr: np.ndarray, where) -> np.ndarray:
+    """``arr``, if every value is finite; else a CheckpointError (every loader refuses NaN and
+    infinite weights: a model holding one computes NaN logits for every text)."""
+    if not np.isfinite(arr).all():
         raise CheckpointError(f"{where}: contains NaN or infinite values")
-    return out
+    return arr

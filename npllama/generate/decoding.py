@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
 from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
 from ..layers.rope import rope_cos_sin, rope_kernel as rope_row
@@ -199,6 +199,9 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
             return sample_token(logits, temperature, top_k, top_p, rng)
 
     def choose(logits):
+        if not np.isfinite(logits).all():   # (no distribution to sample from, no argmax to trust)
+            raise CheckpointError(f"the model's logits are NaN or infinite after {P + stats['new_tokens']} tokens: "
+                                  "its weights (or an adapter's scale) are corrupt; generation stopped")
         if healing is None or not healing.active:
             return choose_from(logits)
         token = choose_from(healing.mask(logits))
