@@ -38,30 +38,30 @@ class LlamaConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"LlamaConfig.{name} must be a positive integer, got {_short(value)}")
+                raise ConfigError(f"LlamaConfig.{name} must be a positive integer, got {short_repr(value)}")
         if self.head_dim is None:
             if self.dim % self.n_heads != 0:
                 raise ConfigError(f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
             self.head_dim = self.dim // self.n_heads
         elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
-            raise ConfigError(f"LlamaConfig.head_dim must be a positive integer, got {_short(self.head_dim)}")
+            raise ConfigError(f"LlamaConfig.head_dim must be a positive integer, got {short_repr(self.head_dim)}")
         if self.head_dim % 2 != 0:
             raise ConfigError(f"LlamaConfig: head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(
                 f"LlamaConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if not (_is_number(self.norm_eps) and self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            raise ConfigError(f"LlamaConfig.norm_eps must be a positive number, got {_short(self.norm_eps)}")
+            raise ConfigError(f"LlamaConfig.norm_eps must be a positive number, got {short_repr(self.norm_eps)}")
         if not (_is_number(self.rope_theta) and self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"LlamaConfig.rope_theta must be a positive number, got {_short(self.rope_theta)}")
+            raise ConfigError(f"LlamaConfig.rope_theta must be a positive number, got {short_repr(self.rope_theta)}")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"LlamaConfig.dropout must be in [0, 1), got {_short(self.dropout)}")
+            raise ConfigError(f"LlamaConfig.dropout must be in [0, 1), got {short_repr(self.dropout)}")
         if not (isinstance(self.tie_embeddings, bool) or self.tie_embeddings in (0, 1)):
-            raise ConfigError(f"LlamaConfig.tie_embeddings must be true or false, got {_short(self.tie_embeddings)}")
+            raise ConfigError(f"LlamaConfig.tie_embeddings must be true or false, got {short_repr(self.tie_embeddings)}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"LlamaConfig.{name} must be None or a non-negative integer, got {_short(value)}")
+                raise ConfigError(f"LlamaConfig.{name} must be None or a non-negative integer, got {short_repr(value)}")
         self.norm_eps = float(self.norm_eps)
         self.rope_theta = float(self.rope_theta)
         self.dropout = float(self.dropout)
@@ -141,18 +141,18 @@ class LlamaConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
-            raise ConfigError(f"{source}: model_type {_short(model_type)} is not supported (only 'llama')")
+            raise ConfigError(f"{source}: model_type {short_repr(model_type)} is not supported (only 'llama')")
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
         if not isinstance(archs, list) or any(a not in ("LlamaForCausalLM", "LlamaModel") for a in archs):
-            raise ConfigError(f"{source}: architectures {_short(archs)} is not supported (only LlamaForCausalLM)")
+            raise ConfigError(f"{source}: architectures {short_repr(archs)} is not supported (only LlamaForCausalLM)")
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key, False):
                 raise ConfigError(f"{source}: {key}=true is not supported (npllama's Llama has no biases)")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {_short(act)} is not supported (only 'silu')")
+            raise ConfigError(f"{source}: hidden_act {short_repr(act)} is not supported (only 'silu')")
         if hf.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError(f"{source}: pretraining_tp={_short(hf['pretraining_tp'])} is not supported (only 1)")
+            raise ConfigError(f"{source}: pretraining_tp={short_repr(hf['pretraining_tp'])} is not supported (only 1)")
 
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in hf]
@@ -165,10 +165,10 @@ class LlamaConfig:
             if value is None and key not in required:   # optional: null means the default
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {_short(value)}")
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {short_repr(value)}")
         tie = hf.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
-            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {_short(tie)}")
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {short_repr(tie)}")
         rope_theta, rope_scaling = _hf_rope(hf, source)
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
@@ -203,7 +203,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _short(value, limit=80) -> str:
+def short_repr(value, limit=80) -> str:
     """repr of a config value, cut short: the value may be a megabyte of junk, or an integer too
     long for repr (Python refuses to print more than 4300 digits)."""
     try:
@@ -230,7 +230,7 @@ def _check_rope_scaling(rs):
     if rope_type in (None, "default") and not (set(rs) - {"rope_type", "type", "rope_theta"}):
         return None
     if rope_type != "llama3":
-        raise ConfigError(f"rope_scaling: rope_type {_short(rope_type)} is not supported (only 'llama3' or default)")
+        raise ConfigError(f"rope_scaling: rope_type {short_repr(rope_type)} is not supported (only 'llama3' or default)")
     missing = [k for k in LLAMA3_SCALING_KEYS if k not in rs]
     if missing:
         raise ConfigError(f"rope_scaling: llama3 scaling needs {missing}")
@@ -238,9 +238,9 @@ def _check_rope_scaling(rs):
     for k in LLAMA3_SCALING_KEYS:
         v = rs[k]
         if not _is_number(v) or not v > 0 or not math.isfinite(v):
-            raise ConfigError(f"rope_scaling.{k} must be a positive number, got {_short(v)}")
+            raise ConfigError(f"rope_scaling.{k} must be a positive number, got {short_repr(v)}")
         if k == "original_max_position_embeddings" and v != int(v):
-            raise ConfigError(f"rope_scaling.{k} must be an integer, got {_short(v)}")
+            raise ConfigError(f"rope_scaling.{k} must be an integer, got {short_repr(v)}")
         out[k] = float(v) if k != "original_max_position_embeddings" else int(v)
     if out["high_freq_factor"] == out["low_freq_factor"]:
         raise ConfigError("rope_scaling: high_freq_factor must differ from low_freq_factor")

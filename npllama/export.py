@@ -11,7 +11,7 @@ only; version 1 is for other readers).  Outputs are never overwritten without ``
 written whole or not at all.
 
 A LoRA run (or any PEFT adapter directory) is exported with ``--merge``: every adapted weight
-becomes W + (alpha / r) B A (``npllama.model.merge_adapters``), so the output is an ordinary model
+becomes W + (alpha / r) B A (``npllama.adapters.merge_adapters``), so the output is an ordinary model
 of the base's size; ``--to hf`` (the default with ``--merge``) writes it as a Hugging Face directory
 that transformers loads.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 from .errors import CheckpointError, ConfigError
 from .formats.gguf_writer import DTYPES, write_gguf
 from .formats.llama2c import llama2c_vocabulary, write_llama2c, write_tokenizer_bin
-from .model import Llama, merge_adapters
+from .adapters import merge_adapters
+from .model import Llama
 
 FORMATS = ("gguf", "llama2c", "hf")
 LLAMA2C_FILES = ("model.bin", "tokenizer.bin")

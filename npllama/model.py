@@ -18,24 +18,24 @@ Numba kernels and split matmuls, and it is held equal to npllama/reference.py, t
 plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
 blocks (``last_hidden_state``) and each new token through the same kernels on one row.
 
-Why one module of ~600 lines: the engine's passes, the parameter layout they rely on, the input
-checks, the LoRA adapters (views into a second flat buffer that the same passes read) and the
-``from_pretrained`` dispatch over the checkpoint formats are one class; the formats themselves live
-in npllama/formats/ and the block in npllama/layers/block.py.
+What is not here: the block (npllama/layers/block.py), the checks of the inputs (npllama/inputs.py),
+what the LoRA adapters are and where they sit (npllama/adapters.py; the model keeps them in a second
+flat buffer that the same passes read), and the checkpoint formats (npllama/formats/).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numba
 import numpy as np
 
+from . import formats
+from .adapters import adapter_views, draw_lora_masks, init_adapters, layer_adapters, lora_layout, lora_settings
 from .config import LORA_TARGETS, LlamaConfig
-from .errors import CheckpointError, ConfigError, InputError
-from .formats import gguf, hf, llama2c, peft
-from .formats.gguf import is_gguf
+from .errors import ConfigError, InputError
+from .formats import hf, peft
 from .generate import decoding
+from .inputs import check_dropout_masks, check_lora_masks, check_tokens, check_tokens_and_targets
 from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
@@ -43,10 +43,8 @@ from .layers.embedding import embedding_backward
 from .layers import linear
 from .layers._numba import helper_threads
 from .layers.linear import matmuls, split_matmuls
-from .layers.lora import lora_init, merge_lora
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
-from .tokenizer import Tokenizer
 
 SUPPORTED_DTYPES = (np.float32, np.float64)
 LOSS_CHUNK_ROWS = 1024  # rows of logits at a time in Llama.loss
@@ -75,53 +73,33 @@ def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     return layout
 
 
-# where each LoRA target (PEFT's target_modules) sits in a layer
-LORA_MODULES = {t: ("mlp." if t in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + t for t in LORA_TARGETS}
-
-
-def lora_layout(cfg: LlamaConfig, rank: int, targets) -> list[tuple[str, tuple[int, ...]]]:
-    """(PEFT name without "base_model.model.", shape) of every adapter matrix, in the order they sit
-    in the trainable buffer: per layer and target, A (r, in) then B (out, r)."""
-    shapes = dict(parameter_layout(cfg))
-    layout = []
-    for i in range(cfg.n_layers):
-        for target in LORA_TARGETS:
-            if target in targets:
-                module = f"model.layers.{i}.{LORA_MODULES[target]}"
-                d_out, d_in = shapes[module + ".weight"]
-                layout += [(module + ".lora_A.weight", (rank, d_in)), (module + ".lora_B.weight", (d_out, rank))]
-    return layout
+def _offsets(layout) -> tuple[dict[str, int], int]:
+    """Where each name's values start in the flat buffer, and the buffer's size."""
+    offsets, offset = {}, 0
+    for name, shape in layout:
+        offsets[name] = offset
+        offset += int(np.prod(shape))
+    return offsets, offset
 
 
 def _views(flat, layout):
-    views, offset = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape))
-        views[name] = flat[offset:offset + size].reshape(shape)
-        offset += size
-    return views
+    offsets, _ = _offsets(layout)
+    return {name: flat[offsets[name]:offsets[name] + int(np.prod(shape))].reshape(shape) for name, shape in layout}
 
 
 def _backward_ranges(layout, cfg):
     """[lo, hi) ranges of ``flat_grads`` in the order the backward finishes them: the head (final
     norm, and the output matrix unless tied), blocks n_layers-1 .. 0, the embedding (last: a tied
     output matrix shares it).  Each range ends where the one before it begins."""
-    offsets, offset = {}, 0
-    for name, shape in layout:
-        offsets[name] = offset
-        offset += int(np.prod(shape))
+    offsets, size = _offsets(layout)
     starts = [offsets[f"model.layers.{i}.input_layernorm.weight"] for i in range(cfg.n_layers)]
-    bounds = [offsets["model.embed_tokens.weight"], *starts, offsets["model.norm.weight"], offset]
+    bounds = [offsets["model.embed_tokens.weight"], *starts, offsets["model.norm.weight"], size]
     return [(bounds[j], bounds[j + 1]) for j in reversed(range(len(bounds) - 1))]
-
 
 
 def _layer_views(views, flat, layout, cfg):
     """Per layer, the block's weights by role, with W_qkv and W_gate_up as single views."""
-    offsets, offset = {}, 0
-    for name, shape in layout:
-        offsets[name] = offset
-        offset += int(np.prod(shape))
+    offsets, _ = _offsets(layout)
     D, hd = cfg.dim, cfg.head_dim
     layers = []
     for i in range(cfg.n_layers):
@@ -182,17 +160,6 @@ class _GradBuffers(NamedTuple):
     adapters: list | None
 
 
-class LoraSettings(NamedTuple):
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]   # PEFT's target_modules, in LORA_TARGETS order
-    dropout: float             # on the adapters' inputs
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-
 class Llama:
     """The model.  ``init=False`` leaves every parameter at zero instead of drawing the initial
     weights: for a loader that fills them (``from_pretrained``), which then needs no throw-away
@@ -207,19 +174,19 @@ class Llama:
         self.config = cfg = config
         self.dtype = dtype
         self.layout = parameter_layout(cfg)
-        n = sum(int(np.prod(s)) for _, s in self.layout)
+        n = _offsets(self.layout)[1]
         self.flat_params = np.zeros(n, dtype=dtype)
         self.flat_grads = np.zeros(n, dtype=dtype)
         self.params = _views(self.flat_params, self.layout)
         self.grads = _views(self.flat_grads, self.layout)
-        self._layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
+        self.layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
         self._layer_grads = _layer_views(self.grads, self.flat_grads, self.layout, cfg)
         self.lora = None  # LoraSettings once add_lora froze the base
         self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
-        self._dropout_rng = np.random.default_rng(seed + 1)
+        self.dropout_rng = np.random.default_rng(seed + 1)  # dropout's masks (training/checkpoints keep its state)
         self._workspaces = {}  # (B, T, training, part) -> _Workspace; at most one shape per mode and part
         self._part_grads = {}  # part -> _GradBuffers of the batch parts after the first (see _batch_parts)
         self._grad_ranges = _backward_ranges(self.layout, cfg)
@@ -253,35 +220,18 @@ class Llama:
         a frozen weight (``trainable_params`` / ``flat_trainable`` are what an optimizer updates)."""
         if self.lora is not None:
             raise ConfigError("this model has LoRA adapters already")
-        targets = tuple(targets)
-        unknown = sorted(set(targets) - set(LORA_TARGETS))
-        if unknown or not targets:
-            raise ConfigError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, got {', '.join(unknown) or 'none'}")
-        if int(rank) != rank or rank < 1 or not alpha > 0 or not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1, got {rank}, {alpha}, {dropout}")
-        cfg, rank = self.config, int(rank)
-        self.lora = LoraSettings(rank, float(alpha), tuple(t for t in LORA_TARGETS if t in targets), float(dropout))
-        self.lora_layout = lora_layout(cfg, rank, targets)
-        self.flat_lora = np.zeros(sum(int(np.prod(s)) for _, s in self.lora_layout), dtype=self.dtype)
+        self.lora = lora_settings(rank, alpha, targets, dropout)
+        self.lora_layout = lora_layout(self.params, self.config.n_layers, self.lora)
+        self.flat_lora = np.zeros(_offsets(self.lora_layout)[1], dtype=self.dtype)
         self.lora_params = _views(self.flat_lora, self.lora_layout)
-        rng = np.random.default_rng(seed)
-        for name, shape in self.lora_layout:
-            if name.endswith(".lora_A.weight"):
-                module = name.removesuffix(".lora_A.weight")
-                d_out, d_in = self.params[module + ".weight"].shape
-                self.lora_params[name][...] = lora_init(rng, d_in, d_out, rank, self.dtype)[0]
+        init_adapters(self.lora_params, self.lora.rank, seed)
         self.flat_grads = np.zeros_like(self.flat_lora)
         self.grads = _views(self.flat_grads, self.lora_layout)
-        self._layer_grads = [None] * cfg.n_layers
-        self._adapters = self._adapter_views(self.lora_params)
-        self._adapter_grads = self._adapter_views(self.grads)
+        self._layer_grads = [None] * self.config.n_layers
+        self._adapters = adapter_views(self.lora_params, self.config.n_layers, self.lora)
+        self._adapter_grads = adapter_views(self.grads, self.config.n_layers, self.lora)
         self._part_grads = {}
         return self
-
-    def _adapter_views(self, views):
-        """Per layer, {target: (A, B)} of ``views`` keyed like ``lora_layout``."""
-        return [{t: tuple(views[f"model.layers.{i}.{LORA_MODULES[t]}.lora_{m}.weight"] for m in "AB")
-                 for t in self.lora.targets} for i in range(self.config.n_layers)]
 
     @property
     def trainable_params(self):
@@ -307,30 +257,6 @@ class Llama:
         self.training = False
         return self
 
-    # ---- input checks --------------------------------------------------------------------------
-    def _check_tokens(self, tokens, name="tokens", allow_ignore=False):
-        try:
-            arr = np.asarray(tokens)
-        except (ValueError, TypeError) as e:  # ragged nested lists, objects NumPy cannot convert
-            raise InputError(f"{name} must be an integer array of token ids ({e})") from None
-        if arr.dtype.kind not in "iu":
-            raise InputError(f"{name} must be an integer array of token ids, got dtype {arr.dtype}")
-        if arr.ndim != 2:
-            raise InputError(f"{name} must have shape (batch, seq_len), got shape {arr.shape}")
-        B, T = arr.shape
-        if B == 0 or T == 0:
-            raise InputError(f"{name} is empty (shape {arr.shape})")
-        if T > self.config.max_seq_len:
-            raise InputError(f"{name} has length {T}, past max_seq_len={self.config.max_seq_len}")
-        V = self.config.vocab_size
-        bad = (arr < 0) | (arr >= V)
-        if allow_ignore:
-            bad &= arr != IGNORE_INDEX
-        if bad.any():
-            extra = f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else ""
-            raise InputError(f"{name} has id {int(arr[bad].flat[0])} outside [0, {V}){extra}")
-        return np.ascontiguousarray(arr, dtype=np.int64)
-
     # ---- forward and backward ------------------------------------------------------------------
     # The passes run the blocks of layers/block.py on row buffers: every activation of a (B, T) batch
     # lives in a buffer made on the first call with that shape and reused after (the attention
@@ -355,9 +281,9 @@ class Llama:
         cfg = self.config
         first = ws.layers[0]
         np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
-        for i, (acts, w, out) in enumerate(zip(ws.layers, self._layers, ws.outputs)):
+        for i, (acts, w, out) in enumerate(zip(ws.layers, self.layers, ws.outputs)):
             acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
-            adapters = None if self.lora is None else self._layer_adapters(i, lora_masks)
+            adapters = None if self.lora is None else layer_adapters(self._adapters[i], i, self.lora, lora_masks)
             decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
             if after_block is not None:
                 after_block(i, acts.qkv)
@@ -366,15 +292,9 @@ class Llama:
                                final.xn, final.r)
         return final.xn
 
-    def _layer_adapters(self, i, lora_masks):
-        """Layer i's adapters for the block: {target: (A, B, scale, mask or None)}."""
-        masks = {} if lora_masks is None else lora_masks
-        return {target: (a, b, self.lora.scale, masks.get(f"model.layers.{i}.{LORA_MODULES[target]}"))
-                for target, (a, b) in self._adapters[i].items()}
-
     def forward(self, tokens) -> np.ndarray:
         """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
-        tokens = self._check_tokens(tokens)
+        tokens = check_tokens(tokens, self.config)
         B, T = tokens.shape
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
         with split_matmuls():
@@ -391,7 +311,7 @@ class Llama:
         ``after_block(i, qkv)``, when given, is called after block i with its q/k/v projection rows
         qkv: (B*T, (H + 2K) * hd), q and k rotated: how generation fills its key/value cache from
         the prompt (npllama/generate/decoding.py)."""
-        tokens = self._check_tokens(tokens)
+        tokens = check_tokens(tokens, self.config)
         B, T = tokens.shape
         with split_matmuls():
             xn = self._forward_rows(tokens, self._workspace(B, T, False), after_block=after_block)
@@ -403,7 +323,7 @@ class Llama:
 
         The logits are made LOSS_CHUNK_ROWS rows at a time, so evaluation never holds an (N, V)
         array (with a 32000 vocabulary that is the largest buffer of the whole model)."""
-        tokens, targets = self._check_pair(tokens, targets)
+        tokens, targets = check_tokens_and_targets(tokens, targets, self.config)
         if reduction not in ("mean", "sum"):
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         B, T = tokens.shape
@@ -423,35 +343,6 @@ class Llama:
         if reduction == "sum":
             return total
         return total / count_targets(targets)
-
-    def _check_pair(self, tokens, targets):
-        tokens = self._check_tokens(tokens)
-        targets = self._check_tokens(targets, "targets", allow_ignore=True)
-        if targets.shape != tokens.shape:
-            raise InputError(f"targets shape {targets.shape} does not match tokens shape {tokens.shape}")
-        return tokens, targets
-
-    def _check_dropout_masks(self, masks, B, T):
-        """One (attn_mask, ffn_mask) pair per layer, each (B, T, D) -> the pairs as (B*T, D) arrays
-        of the model's dtype."""
-        L, D = self.config.n_layers, self.config.dim
-        if not isinstance(masks, (list, tuple)) or len(masks) != L:
-            got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
-            raise InputError(f"dropout_masks must be a list of {L} (attn_mask, ffn_mask) pairs, one per layer, "
-                             f"got {got}")
-        checked = []
-        for i, pair in enumerate(masks):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise InputError(f"dropout_masks[{i}] must be an (attn_mask, ffn_mask) pair")
-            rows = []
-            for j, mask in enumerate(pair):
-                mask = np.asarray(mask)
-                if mask.dtype.kind not in "biuf" or mask.shape != (B, T, D):
-                    raise InputError(f"dropout_masks[{i}][{j}] must be a real array of shape (batch, seq_len, dim) "
-                                     f"= {(B, T, D)}, got {mask.dtype} {mask.shape}")
-                rows.append(np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, D))
-            checked.append(tuple(rows))
-        return checked
 
     def loss_and_grad(self, tokens, targets, dropout_masks=None, *, lora_masks=None, copy=True, dloss=1.0,
                       on_grads_ready=None):
@@ -477,10 +368,11 @@ class Llama:
         -- the head, then each block from the last to the first, then the embedding; each range
         ends where the previous one began (with LoRA: the whole buffer once, at the end) -- so that
         their all-reduce can start while the backward goes on (npllama/train/distributed.py)."""
-        tokens, targets = self._check_pair(tokens, targets)
+        tokens, targets = check_tokens_and_targets(tokens, targets, self.config)
         B, T = tokens.shape
-        masks = None if dropout_masks is None else self._check_dropout_masks(dropout_masks, B, T)
-        adapter_masks = None if lora_masks is None else self._check_lora_masks(lora_masks, B, T)
+        masks = None if dropout_masks is None else check_dropout_masks(dropout_masks, self.config, B, T, self.dtype)
+        adapter_masks = None if lora_masks is None else check_lora_masks(
+            lora_masks, None if self.lora is None else self.lora_params, B, T, self.dtype)
         drawn, drawn_lora = self._draw_masks(B * T, base=masks is None, lora=adapter_masks is None)
         masks = drawn if masks is None else masks
         adapter_masks = drawn_lora if adapter_masks is None else adapter_masks
@@ -494,22 +386,6 @@ class Llama:
         if not copy:
             return loss, self.grads
         return loss, _views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
-
-    def _check_lora_masks(self, masks, B, T):
-        """{module name: (B, T, in)} -> {module name: (B*T, in)} of the model's dtype."""
-        if self.lora is None:
-            raise InputError("lora_masks given but the model has no LoRA adapters")
-        checked = {}
-        for name, mask in masks.items():
-            if name + ".lora_A.weight" not in self.lora_params:
-                raise InputError(f"lora_masks: {name!r} is not a module with a LoRA adapter")
-            d_in = self.lora_params[name + ".lora_A.weight"].shape[1]
-            mask = np.asarray(mask)
-            if mask.dtype.kind not in "biuf" or mask.shape != (B, T, d_in):
-                raise InputError(f"lora_masks[{name!r}] must be a real array of shape {(B, T, d_in)}, "
-                                 f"got {mask.dtype} {mask.shape}")
-            checked[name] = np.ascontiguousarray(mask, dtype=self.dtype).reshape(B * T, d_in)
-        return checked
 
     # ---- the batch split among threads ---------------------------------------------------------------
     # With n threads (``split_matmuls``: n single-threaded BLAS calls at a time) a training step runs
@@ -542,7 +418,7 @@ class Llama:
                 g = _GradBuffers(flat, named, _layer_views(named, flat, self.layout, self.config), None)
             else:
                 named = _views(flat, self.lora_layout)
-                g = _GradBuffers(flat, named, [None] * self.config.n_layers, self._adapter_views(named))
+                g = _GradBuffers(flat, named, [None] * self.config.n_layers, adapter_views(named, self.config.n_layers, self.lora))
             self._part_grads[part] = g
         return g
 
@@ -558,11 +434,9 @@ class Llama:
         masks, lora_masks = [], {}
         for i in range(cfg.n_layers):
             if p_base > 0.0:
-                masks.append(tuple(dropout_mask((N, cfg.dim), p_base, self._dropout_rng, self.dtype) for _ in range(2)))
+                masks.append(tuple(dropout_mask((N, cfg.dim), p_base, self.dropout_rng, self.dtype) for _ in range(2)))
             if p_lora > 0.0:
-                for target, (a, _) in self._adapters[i].items():
-                    lora_masks[f"model.layers.{i}.{LORA_MODULES[target]}"] = dropout_mask(
-                        (N, a.shape[1]), p_lora, self._dropout_rng, self.dtype)
+                lora_masks.update(draw_lora_masks(self._adapters[i], i, N, p_lora, self.dropout_rng, self.dtype))
         return masks or None, lora_masks or None
 
     def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready):
@@ -647,7 +521,7 @@ class Llama:
             np.sum(scratch.dw_partial, axis=0, out=g.named["model.norm.weight"])
             done()
         adapter_grads = g.adapters if frozen else [None] * cfg.n_layers
-        for acts, w, dw, dlora in zip(reversed(ws.layers), reversed(self._layers), reversed(g.layers),
+        for acts, w, dw, dlora in zip(reversed(ws.layers), reversed(self.layers), reversed(g.layers),
                                       reversed(adapter_grads)):
             decoder_block_backward_rows(acts, w, dw, ws.batch, dlora)
             if not frozen:
@@ -663,83 +537,29 @@ class Llama:
         return loss
 
     # ---- generation (npllama/generate/) --------------------------------------------------------
-    # The decoding step runs its own kernels on the base weights, so a model with LoRA adapters
-    # generates with a merged copy (merge_adapters): the same function, one weight per projection.
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stop_ids=None, slide=False):
         """1-D int array of the new tokens only; see npllama.generate.generate (``slide=True``: go on
         past the context over a sliding window)."""
-        if self.lora is not None:
-            return merge_adapters(self).generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                                 slide)
         return decoding.generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed, stop_ids=stop_ids, slide=slide)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                stop_ids=None, slide=False):
         """Yield the same tokens as ``generate``, one at a time."""
-        if self.lora is not None:
-            return merge_adapters(self).stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                               slide)
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop_ids=stop_ids, slide=slide)
 
     # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
-        """A model, with its tokenizer, from
-
-        * a Hugging Face directory or a run directory of `npllama train` (config.json, safetensors
-          weights, tokenizer.json and tokenizer_config.json if any);
-        * a ``.gguf`` file, or a directory holding one and no config.json (npllama.formats.gguf:
-          weights dequantized, config, tokenizer and chat template from its metadata, if any);
-        * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (npllama.formats.llama2c; no
-          tokenizer: llama2.c keeps it in a tokenizer.bin of its own);
-        * a PEFT LoRA adapter directory (adapter_config.json): its base model (any of the above, found
-          through base_model_name_or_path, relative to the adapter directory first) with the adapter
-          applied, and the adapter directory's tokenizer.json if it has one.
-
-        The parameters are allocated once, left at zero (``init=False``), and the weights read
-        straight into them from the memory-mapped file, so loading needs the final weights plus
-        about one tensor: tests/test_load_memory.py holds the peak to 1.5x the weights.
+        """A model, with its tokenizer, from a Hugging Face or run directory, a GGUF file, a llama2.c
+        .bin or a PEFT adapter directory: npllama.formats.load, which says what each gives.
 
         Raises:
             CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).
         """
-        path = Path(path)
-        if peft.is_adapter_dir(path):
-            config = peft.read_adapter_config(path)
-            base = peft.base_model_path(path, config)
-            model = cls.from_pretrained(base, dtype=dtype)
-            targets = config["target_modules"]
-            unknown = sorted(set(targets) - set(LORA_TARGETS))
-            if unknown:
-                raise CheckpointError(f"{path}: target_modules {unknown} are not projections npllama adapts "
-                                      f"({', '.join(LORA_TARGETS)})")
-            model.add_lora(config["r"], config["lora_alpha"], targets, config.get("lora_dropout") or 0.0)
-            peft.load_adapter_weights(path, model.lora_params)
-            model.lora_base = base
-            model.tokenizer = hf.load_tokenizer(path, model.config) or model.tokenizer
-            return model
-        if is_gguf(path) or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
-            ckpt = gguf.open_gguf(path)
-            model = cls(ckpt.config, dtype=dtype, init=False)
-            gguf.load_weights(ckpt, model.params)
-            model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
-            return model
-        if llama2c.is_llama2c(path):
-            ckpt = llama2c.open_llama2c(path)
-            model = cls(ckpt.config, dtype=dtype, init=False)
-            llama2c.load_weights(ckpt, model.params)
-            return model
-        if path.is_file():
-            raise CheckpointError(f"{path}: neither a GGUF file nor a llama2.c .bin (give one of those, a Hugging "
-                                  "Face directory or a run directory)")
-        cfg, files = hf.open_pretrained(path)
-        model = cls(cfg, dtype=dtype, init=False)
-        hf.load_weights(path, files, cfg, model.params)
-        model.tokenizer = hf.load_tokenizer(path, cfg)
-        return model
+        return formats.load(path, dtype)
 
     def save_pretrained(self, path):
         """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""
@@ -750,19 +570,3 @@ class Llama:
         if self.lora is None:
             raise ConfigError("this model has no LoRA adapters to save")
         peft.save_adapter(path, self.lora, self.lora_params, base_path)
-
-
-def merge_adapters(model: Llama) -> Llama:
-    """A new model without adapters whose every adapted weight is W + (alpha/r) B A (layers/lora.py's
-    merge_lora): what a LoRA model computes without dropout, in a plain Llama (its tokenizer too)."""
-    merged = Llama(model.config, dtype=model.dtype)
-    merged.flat_params[...] = model.flat_params
-    merged.tokenizer = model.tokenizer
-    if model.lora is not None:
-        for name, a in model.lora_params.items():
-            if name.endswith(".lora_A.weight"):
-                module = name.removesuffix(".lora_A.weight")
-                b = model.lora_params[module + ".lora_B.weight"]
-                merged.params[module + ".weight"][...] = merge_lora(model.params[module + ".weight"], a, b,
-                                                                    model.lora.scale)
-    return merged

@@ -23,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import npllama
+from npllama.adapters import merge_adapters
 from npllama import reference
 from npllama.errors import CheckpointError
 from npllama.gradcheck import relative_error
@@ -163,7 +164,7 @@ def test_saved_adapter_round_trips_in_peft_layout(case, tmp_path):
 def test_merge_adapters_computes_the_adapter_form(case):
     _, _, _, _, ref = case
     model = npllama.Llama.from_pretrained(ADAPTER_DIR, dtype=np.float64)
-    merged = npllama.model.merge_adapters(model)
+    merged = merge_adapters(model)
     assert merged.lora is None
     assert relative_error(merged.forward(ref["tokens"]), ref["logits"]) <= TOLERANCE
     prompt = ref["tokens"][0, :3]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import npllama
+from npllama.adapters import merge_adapters
 from npllama.gradcheck import relative_error
 
 BASE_DIR = Path(__file__).resolve().parent / "fixtures" / "hf_gqa"
@@ -41,7 +42,7 @@ def test_npllama_adapter_loads_in_peft(targets, tmp_path):
     plain = npllama.Llama.from_pretrained(BASE_DIR, dtype=np.float32).forward(tokens)
     assert relative_error(plain, peft_logits) > 1e-3
     # the merged model, saved as a Hugging Face checkpoint, loads in transformers with the same logits
-    npllama.model.merge_adapters(model).save_pretrained(tmp_path / "merged")
+    merge_adapters(model).save_pretrained(tmp_path / "merged")
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
                                                            attn_implementation="eager")
     with torch.no_grad():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import npllama
+from npllama.adapters import merge_adapters
 from npllama import cli
 from npllama.data import load_text
 from npllama.errors import CheckpointError, ConfigError
@@ -155,7 +156,7 @@ def test_cli_lora_train(base, tmp_path, capsys):
                      "--threads", "1"]) == 0
     out = capsys.readouterr().out
     model = npllama.Llama.from_pretrained(d)
-    merged = npllama.model.merge_adapters(model)
+    merged = merge_adapters(model)
     ids = model.tokenizer.encode("ROMEO")
     expected = model.tokenizer.decode(merged.generate(np.array(ids), 6))
     assert expected and expected in out
@@ -173,7 +174,7 @@ def test_export_merge_writes_the_merged_model(base, tmp_path, capsys):
     merged = npllama.Llama.from_pretrained(out)
     assert merged.lora is None and (out / "tokenizer.json").is_file()
     lora = npllama.Llama.from_pretrained(d)
-    np.testing.assert_array_equal(merged.flat_params, npllama.model.merge_adapters(lora).flat_params)
+    np.testing.assert_array_equal(merged.flat_params, merge_adapters(lora).flat_params)
     tokens = np.arange(12).reshape(2, 6)
     assert relative_error(merged.forward(tokens), lora.forward(tokens)) <= 1e-5   # float32
     assert cli.main(["export", str(d), "--merge"]) == 1                      # no overwrite without --force

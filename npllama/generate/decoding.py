@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from ..adapters import merge_adapters
 from ..errors import CheckpointError, InputError
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
 from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
@@ -73,7 +74,7 @@ class KVCacheDecoder:
         self.one = dt.type(1.0)
         # per layer: weights, its cache, and the matvec kernel of each matrix (all looked up once)
         self.layers = [(w, self.k_cache_t[i], self.v_cache[i], matvec_for(w["wqkv"]), matvec_for(w["wo"]),
-                        matvec_for(w["w_gate_up"]), matvec_for(w["w_down"])) for i, w in enumerate(model._layers)]
+                        matvec_for(w["w_gate_up"]), matvec_for(w["w_down"])) for i, w in enumerate(model.layers)]
         self.embed = model.params["model.embed_tokens.weight"]
         self.norm_w = model.params["model.norm.weight"]
         self.lm_head = model.lm_head
@@ -156,7 +157,11 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     (time inside the steps and the slides' prefills and choosing their tokens, not the consumer's),
     new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
     "context").  ``healing``: a ``healing.TokenHealing`` of the prompt (whose healed tokens are
-    already cut off ``prompt_ids``), which constrains the first tokens to spell them again."""
+    already cut off ``prompt_ids``), which constrains the first tokens to spell them again.  A model
+    with LoRA adapters decodes with a merged copy (merge_adapters): the step's kernels read one
+    weight per projection."""
+    if model.lora is not None:
+        model = merge_adapters(model)
     prompt = check_prompt(model, prompt_ids)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stops = check_stop_ids(model, stop_ids)

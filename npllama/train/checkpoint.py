@@ -29,7 +29,8 @@ from ..formats import hf
 from ..formats.gguf import find_gguf
 from ..formats.peft import ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
-from ..model import Llama, merge_adapters
+from ..adapters import merge_adapters
+from ..model import Llama
 from ..optim import AdamW, lr_at
 from ..threads import live_thread_counts
 from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
@@ -250,7 +251,7 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool)
         model = Llama(model_config(cfg, tokenizer.vocab_size), seed=cfg.seed, dtype=dtype)
         model.tokenizer = tokenizer
     # The three random streams: weights (seed), dropout (seed + 1), data order (seed + 2).
-    model._dropout_rng = np.random.default_rng(cfg.seed + 1)
+    model.dropout_rng = np.random.default_rng(cfg.seed + 1)
     model.train()
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
     base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
@@ -307,7 +308,7 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         "train_config": run.config.to_dict(),
         "optimizer": opt_meta,
         "sampler": run.sampler.state_dict(),
-        "dropout_rng": run.model._dropout_rng.bit_generator.state,
+        "dropout_rng": run.model.dropout_rng.bit_generator.state,
         "data": {"text_sha256": run.text_sha256, "train_tokens": int(len(run.data.train_tokens)),
                  "val_tokens": int(len(run.data.val_tokens)), "val_bytes": run.data.val_bytes},
         "tokenizer_sha256": run.tokenizer.fingerprint,
@@ -380,7 +381,7 @@ def _restore(run_dir: Path, verbose: bool) -> Run:
     model.tokenizer = tokenizer
     model.config.dropout = cfg.dropout   # config.json does not carry dropout back
     model.train()
-    model._dropout_rng = generator_from_state(state["dropout_rng"], f"{state_path}: dropout_rng")
+    model.dropout_rng = generator_from_state(state["dropout_rng"], f"{state_path}: dropout_rng")
 
     optimizer = make_optimizer(model, cfg)
     arrays = {name: arr for name, (_, arr) in read_safetensors(run_dir / OPTIMIZER_FILE).items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LORA_TARGETS, LlamaConfig, _short
+from ..config import LORA_TARGETS, LlamaConfig, short_repr
 from ..data import DEFAULT_VAL_FRACTION
 from ..errors import ConfigError, one_line
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, N_BYTE_TOKENS
@@ -150,7 +150,7 @@ class TrainConfig:
         targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
         if not targets or not set(targets) <= set(LORA_TARGETS):
             raise ConfigError(f"{flag('lora_targets')} must be a comma-separated subset of {','.join(LORA_TARGETS)}, "
-                              f"got {_short(self.lora_targets)}")
+                              f"got {short_repr(self.lora_targets)}")
         if self.lora_rank is not None and self.init_from is None:
             raise ConfigError(f"{flag('lora_rank')} needs {flag('init_from')}: LoRA fine-tunes a trained model")
         number("time_budget", 0.0, lo_open=True)
@@ -165,7 +165,7 @@ class TrainConfig:
         for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
-                raise ConfigError(f"{flag(name)} must be one of {', '.join(options)}; got {_short(v)}")
+                raise ConfigError(f"{flag(name)} must be one of {', '.join(options)}; got {short_repr(v)}")
         for name in ("tie_embeddings", "force"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")

@@ -218,7 +218,7 @@ class World:
         digest = hashlib.sha256(model.flat_params.data)
         if model.lora is not None:
             digest.update(model.flat_trainable.data)
-        mine = {"dropout_rng": model._dropout_rng.bit_generator.state, "weights_sha256": digest.hexdigest()}
+        mine = {"dropout_rng": model.dropout_rng.bit_generator.state, "weights_sha256": digest.hexdigest()}
         everyone = self.all_gather(mine, "gathering the ranks' states for a checkpoint")
         for rank, theirs in enumerate(everyone):
             if theirs["weights_sha256"] != everyone[0]["weights_sha256"]:

@@ -507,7 +507,7 @@ def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
     """
     cfg, model = run.config, run.model
     sampler = BatchSampler(run.data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 3)
-    dropout_state = model._dropout_rng.bit_generator.state
+    dropout_state = model.dropout_rng.bit_generator.state
     times = []
     for i in range(repeats + 1):
         batches = local_batches(sampler, cfg.grad_accum, run.world)
@@ -515,7 +515,7 @@ def _measure_step_seconds(run: Run, grad_buffer, repeats: int = 2) -> float:
         _, grads = forward_backward(model, batches, grad_buffer, run.world)
         clip_grad_norm(grads, sys.float_info.max)
         times.append(time.perf_counter() - t)
-    model._dropout_rng.bit_generator.state = dropout_state
+    model.dropout_rng.bit_generator.state = dropout_state
     # The AdamW update reads and writes ~4 arrays of the model's size: about 2 norm passes.
     return float(np.median(times[1:])) * 1.02
 

@@ -139,9 +139,9 @@ def _seed_dropout(run: Run, header: dict, world: World, verbose: bool) -> None:
     states = saved["dropout_rngs"] if saved else [None]
     if world.rank > 0:
         if world.rank < len(states):
-            run.model._dropout_rng = generator_from_state(states[world.rank], f"rank {world.rank}'s dropout_rng")
+            run.model.dropout_rng = generator_from_state(states[world.rank], f"rank {world.rank}'s dropout_rng")
         else:
-            run.model._dropout_rng = np.random.default_rng([run.config.seed + 1, world.rank, run.step])
+            run.model.dropout_rng = np.random.default_rng([run.config.seed + 1, world.rank, run.step])
     if saved and saved["size"] != world.size and run.config.dropout > 0:
         say(f"note: the run was saved on {saved['size']} ranks and continues on {world.size}: the same data order, "
             "but other dropout masks than an unbroken run", verbose and world.root)

@@ -1,0 +1,84 @@
+"""Checks of what callers hand the model (``Llama.forward``, ``loss``, ``loss_and_grad``): token
+ids, targets, dropout masks and the LoRA adapters' masks.  Each returns the array the passes want
+(contiguous, of the model's dtype, rows flattened) or raises InputError naming the argument and the
+problem.  Generation's own arguments are checked in npllama/generate/sampling.py.
+"""
+import numpy as np
+
+from .errors import InputError
+from .layers.cross_entropy import IGNORE_INDEX
+
+
+def check_tokens(tokens, config, name="tokens", allow_ignore=False) -> np.ndarray:
+    """Token ids (B, T) -> contiguous int64, each in [0, vocab_size) (or IGNORE_INDEX with
+    ``allow_ignore``), T <= max_seq_len."""
+    try:
+        arr = np.asarray(tokens)
+    except (ValueError, TypeError) as e:  # ragged nested lists, objects NumPy cannot convert
+        raise InputError(f"{name} must be an integer array of token ids ({e})") from None
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"{name} must be an integer array of token ids, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise InputError(f"{name} must have shape (batch, seq_len), got shape {arr.shape}")
+    B, T = arr.shape
+    if B == 0 or T == 0:
+        raise InputError(f"{name} is empty (shape {arr.shape})")
+    if T > config.max_seq_len:
+        raise InputError(f"{name} has length {T}, past max_seq_len={config.max_seq_len}")
+    V = config.vocab_size
+    bad = (arr < 0) | (arr >= V)
+    if allow_ignore:
+        bad &= arr != IGNORE_INDEX
+    if bad.any():
+        extra = f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else ""
+        raise InputError(f"{name} has id {int(arr[bad].flat[0])} outside [0, {V}){extra}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_tokens_and_targets(tokens, targets, config) -> tuple[np.ndarray, np.ndarray]:
+    """check_tokens of both, targets allowed IGNORE_INDEX, of the same shape."""
+    tokens = check_tokens(tokens, config)
+    targets = check_tokens(targets, config, "targets", allow_ignore=True)
+    if targets.shape != tokens.shape:
+        raise InputError(f"targets shape {targets.shape} does not match tokens shape {tokens.shape}")
+    return tokens, targets
+
+
+def check_dropout_masks(masks, config, B, T, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One (attn_mask, ffn_mask) pair per layer, each (B, T, D) -> the pairs as (B*T, D) arrays of
+    ``dtype``."""
+    L, D = config.n_layers, config.dim
+    if not isinstance(masks, (list, tuple)) or len(masks) != L:
+        got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+        raise InputError(f"dropout_masks must be a list of {L} (attn_mask, ffn_mask) pairs, one per layer, "
+                         f"got {got}")
+    checked = []
+    for i, pair in enumerate(masks):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InputError(f"dropout_masks[{i}] must be an (attn_mask, ffn_mask) pair")
+        rows = []
+        for j, mask in enumerate(pair):
+            mask = np.asarray(mask)
+            if mask.dtype.kind not in "biuf" or mask.shape != (B, T, D):
+                raise InputError(f"dropout_masks[{i}][{j}] must be a real array of shape (batch, seq_len, dim) "
+                                 f"= {(B, T, D)}, got {mask.dtype} {mask.shape}")
+            rows.append(np.ascontiguousarray(mask, dtype=dtype).reshape(B * T, D))
+        checked.append(tuple(rows))
+    return checked
+
+
+def check_lora_masks(masks, lora_params, B, T, dtype) -> dict:
+    """{module name: (B, T, in)} -> {module name: (B*T, in)} of ``dtype``, or InputError."""
+    if lora_params is None:
+        raise InputError("lora_masks given but the model has no LoRA adapters")
+    checked = {}
+    for name, mask in masks.items():
+        if name + ".lora_A.weight" not in lora_params:
+            raise InputError(f"lora_masks: {name!r} is not a module with a LoRA adapter")
+        d_in = lora_params[name + ".lora_A.weight"].shape[1]
+        mask = np.asarray(mask)
+        if mask.dtype.kind not in "biuf" or mask.shape != (B, T, d_in):
+            raise InputError(f"lora_masks[{name!r}] must be a real array of shape {(B, T, d_in)}, "
+                             f"got {mask.dtype} {mask.shape}")
+        checked[name] = np.ascontiguousarray(mask, dtype=dtype).reshape(B * T, d_in)
+    return checked
