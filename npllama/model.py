@@ -18,25 +18,25 @@ Numba kernels and split matmuls, and it is held equal to npllama/reference.py, t
 plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
 blocks (``last_hidden_state``) and each new token through the same kernels on one row.
 
-What is not here: the block (npllama/layers/block.py), the checks of the inputs (npllama/inputs.py),
-what the LoRA adapters are and where they sit (npllama/adapters.py; the model keeps them in a second
-flat buffer that the same passes read), and the checkpoint formats (npllama/formats/).
+What is not here: the block (npllama/layers/block.py); how the flat buffers are sliced into views and
+the passes' workspaces (npllama/buffers.py); the checks of the inputs (npllama/inputs.py); what the
+LoRA adapters are and where they sit (npllama/adapters.py; the model keeps them in a second flat
+buffer that the same passes read); the checkpoint formats (npllama/formats/).
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from . import formats
 from .adapters import adapter_views, draw_lora_masks, init_adapters, layer_adapters, lora_layout, lora_settings
+from .buffers import GradBuffers, Workspaces, backward_ranges, layer_views, named_views, offsets
 from .config import LORA_TARGETS, LlamaConfig
 from .errors import ConfigError, InputError
 from .formats import hf, peft
 from .generate import decoding
 from .inputs import check_dropout_masks, check_lora_masks, check_tokens, check_tokens_and_targets
-from .layers.block import BlockActivations, RowBatch, decoder_block_backward_rows, decoder_block_forward_rows
+from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
@@ -73,93 +73,6 @@ def parameter_layout(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     return layout
 
 
-def _offsets(layout) -> tuple[dict[str, int], int]:
-    """Where each name's values start in the flat buffer, and the buffer's size."""
-    offsets, offset = {}, 0
-    for name, shape in layout:
-        offsets[name] = offset
-        offset += int(np.prod(shape))
-    return offsets, offset
-
-
-def _views(flat, layout):
-    offsets, _ = _offsets(layout)
-    return {name: flat[offsets[name]:offsets[name] + int(np.prod(shape))].reshape(shape) for name, shape in layout}
-
-
-def _backward_ranges(layout, cfg):
-    """[lo, hi) ranges of ``flat_grads`` in the order the backward finishes them: the head (final
-    norm, and the output matrix unless tied), blocks n_layers-1 .. 0, the embedding (last: a tied
-    output matrix shares it).  Each range ends where the one before it begins."""
-    offsets, size = _offsets(layout)
-    starts = [offsets[f"model.layers.{i}.input_layernorm.weight"] for i in range(cfg.n_layers)]
-    bounds = [offsets["model.embed_tokens.weight"], *starts, offsets["model.norm.weight"], size]
-    return [(bounds[j], bounds[j + 1]) for j in reversed(range(len(bounds) - 1))]
-
-
-def _layer_views(views, flat, layout, cfg):
-    """Per layer, the block's weights by role, with W_qkv and W_gate_up as single views."""
-    offsets, _ = _offsets(layout)
-    D, hd = cfg.dim, cfg.head_dim
-    layers = []
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
-        q0 = offsets[p + "self_attn.q_proj.weight"]
-        g0 = offsets[p + "mlp.gate_proj.weight"]
-        layers.append({
-            "attn_norm": views[p + "input_layernorm.weight"],
-            "wqkv": flat[q0:q0 + qkv_rows * D].reshape(qkv_rows, D),
-            "wo": views[p + "self_attn.o_proj.weight"],
-            "ffn_norm": views[p + "post_attention_layernorm.weight"],
-            "w_gate_up": flat[g0:g0 + 2 * cfg.hidden_dim * D].reshape(2 * cfg.hidden_dim, D),
-            "w_down": views[p + "mlp.down_proj.weight"],
-        })
-    return layers
-
-
-class _FinalStream:
-    """The last block's output x (N, D), its final RMSNorm xn (N, D) and 1/rms r (N,)."""
-
-    def __init__(self, x, xn, r):
-        self.x, self.xn, self.r = x, xn, r
-
-
-class _Workspace:
-    """Every buffer of a forward (and, with ``keep_activations``, backward) pass over (B, T) tokens.
-
-    Training: one BlockActivations per layer (what its backward needs), block i's output written
-    into block i+1's input x (``final.x`` after the last block);  inference: one in-place
-    BlockActivations for all layers, the residual stream updated in place and the final norm
-    written over the first norm's buffers.  logits (N, V) is overwritten by dlogits in training."""
-
-    def __init__(self, cfg, B, T, dtype, rope_freqs, keep_activations):
-        N = B * T
-        self.batch = RowBatch(cfg, B, T, dtype, rope_freqs)
-        if keep_activations:
-            self.layers = [BlockActivations(cfg, N, dtype) for _ in range(cfg.n_layers)]
-            e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
-            self.final = _FinalStream(e(N, cfg.dim), e(N, cfg.dim), e(N))
-            self.logits = np.empty((N, cfg.vocab_size), dtype=dtype)
-            self.losses = np.empty(N, dtype=np.float64)
-        else:
-            one = BlockActivations(cfg, N, dtype, in_place=True)
-            self.layers = [one] * cfg.n_layers
-            self.final = _FinalStream(one.x, one.n1, one.r1)
-            self.logits = None  # forward() returns a new array; loss() works in row chunks
-        # where each block writes its output: the next block's input, the final stream after the last
-        self.outputs = [acts.x for acts in self.layers[1:]] + [self.final.x]
-
-
-class _GradBuffers(NamedTuple):
-    """Where a backward writes its gradients: the flat buffer, its views by name, per layer
-    (``_layer_views``, None entries when the base is frozen) and the LoRA adapters' (or None)."""
-    flat: np.ndarray
-    named: dict
-    layers: list
-    adapters: list | None
-
-
 class Llama:
     """The model.  ``init=False`` leaves every parameter at zero instead of drawing the initial
     weights: for a loader that fills them (``from_pretrained``), which then needs no throw-away
@@ -174,22 +87,22 @@ class Llama:
         self.config = cfg = config
         self.dtype = dtype
         self.layout = parameter_layout(cfg)
-        n = _offsets(self.layout)[1]
+        n = offsets(self.layout)[1]
         self.flat_params = np.zeros(n, dtype=dtype)
         self.flat_grads = np.zeros(n, dtype=dtype)
-        self.params = _views(self.flat_params, self.layout)
-        self.grads = _views(self.flat_grads, self.layout)
-        self.layers = _layer_views(self.params, self.flat_params, self.layout, cfg)
-        self._layer_grads = _layer_views(self.grads, self.flat_grads, self.layout, cfg)
+        self.params = named_views(self.flat_params, self.layout)
+        self.grads = named_views(self.flat_grads, self.layout)
+        self.layers = layer_views(self.params, self.flat_params, self.layout, cfg)
+        self._layer_grads = layer_views(self.grads, self.flat_grads, self.layout, cfg)
         self.lora = None  # LoraSettings once add_lora froze the base
         self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self.dropout_rng = np.random.default_rng(seed + 1)  # dropout's masks (training/checkpoints keep its state)
-        self._workspaces = {}  # (B, T, training, part) -> _Workspace; at most one shape per mode and part
-        self._part_grads = {}  # part -> _GradBuffers of the batch parts after the first (see _batch_parts)
-        self._grad_ranges = _backward_ranges(self.layout, cfg)
+        self._workspaces = Workspaces(cfg, dtype, self.rope_freqs)   # the passes' buffers, by (B, T, mode, part)
+        self._part_grads = {}  # part -> GradBuffers of the batch parts after the first (see _batch_parts)
+        self._grad_ranges = backward_ranges(self.layout, cfg)
         if init:
             self.init_weights(seed)
 
@@ -222,11 +135,11 @@ class Llama:
             raise ConfigError("this model has LoRA adapters already")
         self.lora = lora_settings(rank, alpha, targets, dropout)
         self.lora_layout = lora_layout(self.params, self.config.n_layers, self.lora)
-        self.flat_lora = np.zeros(_offsets(self.lora_layout)[1], dtype=self.dtype)
-        self.lora_params = _views(self.flat_lora, self.lora_layout)
+        self.flat_lora = np.zeros(offsets(self.lora_layout)[1], dtype=self.dtype)
+        self.lora_params = named_views(self.flat_lora, self.lora_layout)
         init_adapters(self.lora_params, self.lora.rank, seed)
         self.flat_grads = np.zeros_like(self.flat_lora)
-        self.grads = _views(self.flat_grads, self.lora_layout)
+        self.grads = named_views(self.flat_grads, self.lora_layout)
         self._layer_grads = [None] * self.config.n_layers
         self._adapters = adapter_views(self.lora_params, self.config.n_layers, self.lora)
         self._adapter_grads = adapter_views(self.grads, self.config.n_layers, self.lora)
@@ -258,20 +171,8 @@ class Llama:
         return self
 
     # ---- forward and backward ------------------------------------------------------------------
-    # The passes run the blocks of layers/block.py on row buffers: every activation of a (B, T) batch
-    # lives in a buffer made on the first call with that shape and reused after (the attention
-    # kernels' K/V tiles too; their small outputs are allocated per call).  Training keeps one set
-    # per layer for the backward (one such workspace per part of the batch, see _batch_parts);
-    # forward(), loss() and last_hidden_state() use one set for all layers.
-    def _workspace(self, B, T, training, part=0):
-        key = (B, T, bool(training), part)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            self._workspaces = {k: v for k, v in self._workspaces.items() if k[2:] != key[2:]}  # one shape each
-            ws = _Workspace(self.config, B, T, self.dtype, self.rope_freqs, keep_activations=training)
-            self._workspaces[key] = ws
-        return ws
-
+    # The passes run the blocks of layers/block.py on the buffers of a workspace (buffers.py), made
+    # on the first pass of a (B, T) shape and reused after.
     def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``:
@@ -298,7 +199,7 @@ class Llama:
         B, T = tokens.shape
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspace(B, T, False))
+            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False))
             matmuls((xn, self.lm_head.T, logits))
         return logits.reshape(B, T, self.config.vocab_size)
 
@@ -314,7 +215,7 @@ class Llama:
         tokens = check_tokens(tokens, self.config)
         B, T = tokens.shape
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspace(B, T, False), after_block=after_block)
+            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False), after_block=after_block)
         return xn.reshape(B, T, self.config.dim)
 
     def loss(self, tokens, targets, reduction="mean") -> float:
@@ -327,7 +228,7 @@ class Llama:
         if reduction not in ("mean", "sum"):
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         B, T = tokens.shape
-        ws = self._workspace(B, T, False)
+        ws = self._workspaces.get(B, T, False)
         rows = min(LOSS_CHUNK_ROWS, B * T)
         logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
         losses = np.empty(rows)
@@ -379,13 +280,13 @@ class Llama:
         with split_matmuls():
             parts = self._batch_parts(B)
             if len(parts) == 1:
-                loss = self._loss_and_grad_rows(tokens, targets, self._workspace(B, T, True), masks, adapter_masks,
+                loss = self._loss_and_grad_rows(tokens, targets, self._workspaces.get(B, T, True), masks, adapter_masks,
                                                 dloss, on_grads_ready)
             else:
                 loss = self._loss_and_grad_parts(tokens, targets, parts, masks, adapter_masks, dloss, on_grads_ready)
         if not copy:
             return loss, self.grads
-        return loss, _views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
+        return loss, named_views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
 
     # ---- the batch split among threads ---------------------------------------------------------------
     # With n threads (``split_matmuls``: n single-threaded BLAS calls at a time) a training step runs
@@ -408,17 +309,18 @@ class Llama:
     def _grad_buffers(self, part):
         """The model's own gradient buffers for part 0; buffers of its own for each other part."""
         if part == 0:
-            return _GradBuffers(self.flat_grads, self.grads, self._layer_grads,
+            return GradBuffers(self.flat_grads, self.grads, self._layer_grads,
                                 self._adapter_grads if self.lora is not None else None)
         g = self._part_grads.get(part)
         if g is None:
             flat = np.zeros_like(self.flat_grads)
             if self.lora is None:
-                named = _views(flat, self.layout)
-                g = _GradBuffers(flat, named, _layer_views(named, flat, self.layout, self.config), None)
+                named = named_views(flat, self.layout)
+                g = GradBuffers(flat, named, layer_views(named, flat, self.layout, self.config), None)
             else:
-                named = _views(flat, self.lora_layout)
-                g = _GradBuffers(flat, named, [None] * self.config.n_layers, adapter_views(named, self.config.n_layers, self.lora))
+                named = named_views(flat, self.lora_layout)
+                g = GradBuffers(flat, named, [None] * self.config.n_layers,
+                                adapter_views(named, self.config.n_layers, self.lora))
             self._part_grads[part] = g
         return g
 
@@ -454,7 +356,7 @@ class Llama:
             numba.set_num_threads(1)           # (this thread's count: its kernels run on it alone)
             try:
                 self._loss_and_grad_rows(
-                    tokens[lo:hi], targets[lo:hi], self._workspace(hi - lo, T, True, k),
+                    tokens[lo:hi], targets[lo:hi], self._workspaces.get(hi - lo, T, True, k),
                     None if dropout_masks is None else [(a[rows], f[rows]) for a, f in dropout_masks],
                     None if lora_masks is None else {name: m[rows] for name, m in lora_masks.items()},
                     dloss * counts[k] / total, None, self._grad_buffers(k))
@@ -472,7 +374,7 @@ class Llama:
                 on_grads_ready(lo, hi)
         # the mean of the rows' losses (each part's CE left them in its workspace), summed as the
         # whole batch's are: the same number as a step on the whole batch
-        rows = np.concatenate([self._workspace(hi - lo, T, True, k).losses for k, (lo, hi) in enumerate(parts)])
+        rows = np.concatenate([self._workspaces.get(hi - lo, T, True, k).losses for k, (lo, hi) in enumerate(parts)])
         return float(np.sum(rows) / total)
 
     def _add_part_grads(self, n_parts):
