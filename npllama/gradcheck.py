@@ -19,11 +19,13 @@ To check a function ``y = f(x)`` with upstream gradient ``g``, reduce it to the 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import numpy as np
 
 from .config import LlamaConfig
+from .errors import InputError
 from .layers.attention import attention_backward, attention_forward
 from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .layers.dropout import dropout_backward, dropout_forward
@@ -112,9 +114,29 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 4}
 
 
+FLOAT32_TOLERANCE = 1e-4   # a float32 backward against float64 differences: float32's rounding (~1e-6) and margin
+FULL_CHECK_ENTRIES = 1000  # larger inputs (from --shape) have SAMPLED_ENTRIES of their entries checked
+
+
 def _fd(forward, inputs, analytic, dout):
+    """{name: (analytic, numeric)}: the gradient of sum(dout * forward()) by central differences,
+    at every entry of each input, or at SAMPLED_ENTRIES of them (its largest among them) when it
+    has more than FULL_CHECK_ENTRIES."""
     loss = lambda: float(np.sum(dout * forward()))
-    return {name: (analytic[name], numerical_gradient(loss, x)) for name, x in inputs.items()}
+    pairs = {}
+    for name, x in inputs.items():
+        a = np.asarray(analytic[name], dtype=np.float64)
+        if x.size <= FULL_CHECK_ENTRIES:
+            pairs[name] = (a, numerical_gradient(loss, x))
+        else:
+            idx = sampled_entries(a, np.random.default_rng(x.size))
+            pairs[name] = (a.reshape(-1)[idx], numerical_gradient(loss, x, indices=idx).reshape(-1)[idx])
+    return pairs
+
+
+def _in(dtype, *arrays):
+    """The arrays in the dtype the analytic backward runs in (the differences stay float64)."""
+    return [np.ascontiguousarray(a, dtype=dtype) for a in arrays]
 
 
 def sampled_entries(grad, r, n=SAMPLED_ENTRIES):
@@ -139,73 +161,78 @@ def random_params(cfg, r):
             for name, shape in parameter_layout(cfg)}
 
 
-def check_embedding(r):
-    ids, w = r.integers(0, 7, size=(2, 5)), r.normal(size=(7, 4))
-    dout = r.normal(size=(2, 5, 4))
-    _, cache = embedding_forward(ids, w)
-    dw = embedding_backward(dout, cache, np.zeros_like(w))
+def check_embedding(r, B=2, T=5, V=7, D=4, dtype=np.float64):
+    ids, w = r.integers(0, V, size=(B, T)), r.normal(size=(V, D))
+    dout = r.normal(size=(B, T, D))
+    wc, doutc = _in(dtype, w, dout)
+    _, cache = embedding_forward(ids, wc)
+    dw = embedding_backward(doutc, cache, np.zeros_like(wc))
     return _fd(lambda: embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
 
 
-def check_rmsnorm(r):
-    x, w, dy = r.normal(size=(6, 8)), r.normal(size=8), r.normal(size=(6, 8))
-    _, cache = rmsnorm_forward(x, w, 1e-5)
-    dx, dw = rmsnorm_backward(dy, cache)
+def check_rmsnorm(r, N=6, D=8, dtype=np.float64):
+    x, w, dy = r.normal(size=(N, D)), r.normal(size=D), r.normal(size=(N, D))
+    xc, wc, dyc = _in(dtype, x, w, dy)
+    _, cache = rmsnorm_forward(xc, wc, 1e-5)
+    dx, dw = rmsnorm_backward(dyc, cache)
     return _fd(lambda: rmsnorm_forward(x, w, 1e-5)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
 
 
-def check_rope(r):
-    cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 500000.0, LLAMA3_SCALING), np.float64)
-    x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
-    _, cache = rope_forward(x, cos, sin)
-    return _fd(lambda: rope_forward(x, cos, sin)[0], {"x": x}, {"x": rope_backward(dy, cache)}, dy)
+def check_rope(r, B=2, H=3, T=6, hd=8, dtype=np.float64):
+    freqs = rope_frequencies(hd, 500000.0, LLAMA3_SCALING)
+    cos, sin = rope_cos_sin(np.arange(T), freqs, np.float64)
+    x, dy = r.normal(size=(B, H, T, hd)), r.normal(size=(B, H, T, hd))
+    _, cache = rope_forward(*_in(dtype, x), *rope_cos_sin(np.arange(T), freqs, dtype))
+    return _fd(lambda: rope_forward(x, cos, sin)[0], {"x": x}, {"x": rope_backward(*_in(dtype, dy), cache)}, dy)
 
 
-def check_attention(r):
-    q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
-    do = r.normal(size=(2, 4, 5, 3))
-    _, cache = attention_forward(q, k, v)
-    dq, dk, dv = attention_backward(do, cache)
+def check_attention(r, B=2, H=4, K=2, T=5, hd=3, dtype=np.float64):
+    if H % K:
+        raise InputError(f"attention: H ({H}) must be a multiple of K ({K})")
+    q, k, v = r.normal(size=(B, H, T, hd)), r.normal(size=(B, K, T, hd)), r.normal(size=(B, K, T, hd))
+    do = r.normal(size=(B, H, T, hd))
+    _, cache = attention_forward(*_in(dtype, q, k, v))
+    dq, dk, dv = attention_backward(*_in(dtype, do), cache)
     return _fd(lambda: attention_forward(q, k, v)[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
 
 
-def check_swiglu(r):
-    x, wgu, wd, dy = r.normal(size=(4, 5)), r.normal(size=(12, 5)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
-    _, cache = feedforward_forward(x, wgu, wd)
-    dx, dwgu, dwd = feedforward_backward(dy, cache)
+def check_swiglu(r, N=4, D=5, F=6, dtype=np.float64):
+    x, wgu, wd, dy = r.normal(size=(N, D)), r.normal(size=(2 * F, D)), r.normal(size=(D, F)), r.normal(size=(N, D))
+    _, cache = feedforward_forward(*_in(dtype, x, wgu, wd))
+    dx, dwgu, dwd = feedforward_backward(*_in(dtype, dy), cache)
     return _fd(lambda: feedforward_forward(x, wgu, wd)[0], {"x": x, "w_gate_up": wgu, "w_down": wd},
                {"x": dx, "w_gate_up": dwgu, "w_down": dwd}, dy)
 
 
-def check_linear(r):
-    x, w, dy = r.normal(size=(4, 5)), r.normal(size=(3, 5)), r.normal(size=(4, 3))
-    _, cache = linear_forward(x, w)
-    dx, dw = linear_backward(dy, cache)
+def check_linear(r, N=4, D=5, F=3, dtype=np.float64):
+    x, w, dy = r.normal(size=(N, D)), r.normal(size=(F, D)), r.normal(size=(N, F))
+    _, cache = linear_forward(*_in(dtype, x, w))
+    dx, dw = linear_backward(*_in(dtype, dy), cache)
     return _fd(lambda: linear_forward(x, w)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
 
 
-def check_dropout(r):
-    x, dy = r.normal(size=(4, 6)), r.normal(size=(4, 6))
-    _, mask = dropout_forward(x, 0.3, np.random.default_rng(0), True)
+def check_dropout(r, N=4, D=6, dtype=np.float64):
+    x, dy = r.normal(size=(N, D)), r.normal(size=(N, D))
+    _, mask = dropout_forward(*_in(dtype, x), 0.3, np.random.default_rng(0), True)
     return _fd(lambda: dropout_forward(x, 0.3, np.random.default_rng(0), True)[0], {"x": x},
-               {"x": dropout_backward(dy, mask)}, dy)
+               {"x": dropout_backward(*_in(dtype, dy), mask)}, dy)
 
 
-def check_lora(r):
-    """A frozen (5, 6) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
-    x, w, dy = r.normal(size=(4, 6)), r.normal(size=(5, 6)), r.normal(size=(4, 5))
-    a, b = r.normal(size=(2, 6)), r.normal(size=(5, 2))
+def check_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
+    """A frozen (F, D) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
+    x, w, dy = r.normal(size=(N, D)), r.normal(size=(F, D)), r.normal(size=(N, F))
+    a, b = r.normal(size=(rank, D)), r.normal(size=(F, rank))
     mask = dropout_forward(x, 0.3, r, True)[1]
-    _, cache = lora_forward(x, w, a, b, 4.0, mask)
-    dx, da, db = lora_backward(dy, cache)
+    _, cache = lora_forward(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
+    dx, da, db = lora_backward(*_in(dtype, dy), cache)
     return _fd(lambda: lora_forward(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
                {"x": dx, "lora_A": da, "lora_B": db}, dy)
 
 
-def check_cross_entropy(r):
-    logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
-    targets[2] = -100
-    _, cache = cross_entropy_forward(logits, targets)
+def check_cross_entropy(r, N=6, V=9, dtype=np.float64):
+    logits, targets = r.normal(size=(N, V)), r.integers(0, V, size=N)
+    targets[N // 3] = -100
+    _, cache = cross_entropy_forward(*_in(dtype, logits), targets)
     return _fd(lambda: cross_entropy_forward(logits, targets)[0], {"logits": logits},
                {"logits": cross_entropy_backward(1.0, cache)}, 1.0)
 
@@ -266,30 +293,78 @@ LAYER_CHECKS = {
 }
 
 
+SHAPED_CHECKS = ("embedding", "rmsnorm", "rope", "attention", "swiglu", "linear", "dropout", "cross_entropy", "lora")
+
+
+def sizes_of(layer) -> dict:
+    """The sizes a layer's check takes, with their defaults: {"B": 2, "T": 5, ...}."""
+    parameters = inspect.signature(LAYER_CHECKS[layer]).parameters
+    return {k: p.default for k, p in parameters.items() if k not in ("r", "dtype")}
+
+
+def parse_shape(text, layers) -> dict:
+    """'B=2,T=300' -> {"B": 2, "T": 300}, checked against the one layer's sizes."""
+    if len(layers) != 1 or layers[0] not in SHAPED_CHECKS:
+        raise InputError(f"--shape needs exactly one --layer among {', '.join(SHAPED_CHECKS)}")
+    known = sizes_of(layers[0])
+    sizes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in known:
+            raise InputError(f"--shape: {layers[0]} takes the sizes {', '.join(f'{k}={v}' for k, v in known.items())}"
+                             f"; got {key!r}")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise InputError(f"--shape: {key} must be a positive integer, got {value!r}") from None
+        if sizes[key] < 1:
+            raise InputError(f"--shape: {key} must be a positive integer, got {sizes[key]}")
+    return sizes
+
+
 def add_arguments(parser):
     parser.add_argument("--layer", choices=sorted(LAYER_CHECKS), action="append",
                         help="check only this one (repeatable); default: all, i.e. every layer, the fast model "
                              "(model, model_tied) and the plain-NumPy reference model (reference, reference_tied)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help="largest max-normalised relative error that passes (default: %(default)s)")
+    parser.add_argument("--shape", metavar="B=2,T=300,...",
+                        help="sizes for one --layer (see SIZES below; e.g. --layer attention --shape "
+                             "B=2,T=300,H=8,K=2,hd=64); inputs of more than %d entries have %d of them checked"
+                             % (FULL_CHECK_ENTRIES, SAMPLED_ENTRIES))
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="the dtype the layer's backward runs in, against float64 differences "
+                             "(default: %(default)s)")
+    parser.add_argument("--tolerance", type=float,
+                        help=f"largest max-normalised relative error that passes (default: {TOLERANCE} in "
+                             f"float64, {FLOAT32_TOLERANCE} in float32)")
     from .exercises import add_arguments as add_exercise_arguments   # here: exercises imports this module
     add_exercise_arguments(parser)
 
 
 def run(args) -> int:
     """Print one row per gradient with both relative errors; exit code 1 on failure."""
+    dtype = np.dtype(args.dtype)
+    if args.tolerance is None:
+        args.tolerance = TOLERANCE if dtype == np.float64 else FLOAT32_TOLERANCE
     if args.exercise:
         from .exercises import run as run_exercises   # here: exercises imports this module
         return run_exercises(args)
     names = args.layer or list(LAYER_CHECKS)
-    print(f"float64 central differences (h = 1e-6); pass when the max-normalised error <= {args.tolerance:.0e}")
+    sizes = parse_shape(args.shape, names) if args.shape else {}
+    if dtype != np.float64 and set(names) - set(SHAPED_CHECKS):
+        raise InputError(f"--dtype float32 applies to the layers ({', '.join(SHAPED_CHECKS)}), not to "
+                         f"{', '.join(sorted(set(names) - set(SHAPED_CHECKS)))}")
+    tolerance = args.tolerance
+    print(f"float64 central differences (h = 1e-6) against the {dtype} backward; pass when the max-normalised "
+          f"error <= {tolerance:.0e}")
     print("max-norm.: max|a - n| / max(|a|, |n|) over the gradient;  "
           "elementwise (CS231n): max over entries of |a - n| / (|a| + |n|)")
     print(f"{'layer':<15} {'gradient':<48} {'max-norm.':>10} {'elementwise':>11}  result")
     failed = 0
     for name in names:
-        pairs = LAYER_CHECKS[name](np.random.default_rng(args.seed))
+        extra = {**sizes, "dtype": dtype} if name in SHAPED_CHECKS else {}
+        pairs = LAYER_CHECKS[name](np.random.default_rng(args.seed), **extra)
         for i, (grad_name, (analytic, numeric)) in enumerate(pairs.items()):
             err = relative_error(analytic, numeric)
             ok = err <= args.tolerance
