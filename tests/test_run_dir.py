@@ -15,7 +15,7 @@ import pytest
 
 from npllama import cli
 from npllama.data import load_text
-from npllama.errors import ConfigError
+from npllama.errors import CheckpointError, ConfigError
 from npllama.train import TrainConfig, TrainingDiverged, train
 from npllama.train import checkpoint
 from npllama.train.run_dir import MARKER, RunDirectory
@@ -193,3 +193,24 @@ def test_links_in_a_run_directory_are_refused_at_start(corpus, tmp_path):
             else:
                 train(tiny(corpus, folder, force=True), progress=False, verbose=False)
         assert list(elsewhere.iterdir()) == []
+
+
+# ---- --resume continues the same run only ----------------------------------------------------------
+def test_resume_refuses_a_config_or_tokenizer_config_edited_since_the_checkpoint(corpus, tmp_path):
+    import json
+    run = tmp_path / "run"
+    assert train(tiny(corpus, run, steps=1), progress=False, verbose=False).step == 1
+    state = json.loads((run / "training_state.json").read_text())
+    assert set(state["settings_sha256"]) == {"config.json", "tokenizer_config.json"}
+    for name, key, value in (("config.json", "rope_theta", 5e5), ("config.json", "rms_norm_eps", 1e-6),
+                             ("tokenizer_config.json", "add_bos_token", True)):
+        original = (run / name).read_bytes()
+        (run / name).write_text(json.dumps({**json.loads(original), key: value}))
+        with pytest.raises(CheckpointError, match=rf"^{run / name}: does not match training_state.json .* would "
+                                                  "not continue the same run"):
+            train(resume=run, progress=False, verbose=False)
+        (run / name).write_bytes(original)
+    # a state saved before the settings were fingerprinted still resumes
+    del state["settings_sha256"]
+    (run / "training_state.json").write_text(json.dumps(state))
+    assert train(resume=run, progress=False, verbose=False).step == 1

@@ -27,7 +27,7 @@ from ..files import (COMMIT_DIR, STAGING_DIR, atomic_write_bytes, atomic_write_j
                      commit_staged_write, file_sha256, read_json, recover_staged_write)
 from ..formats import hf
 from ..formats.gguf import find_gguf
-from ..formats.peft import ADAPTER_FILE
+from ..formats.peft import ADAPTER_CONFIG, ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
 from ..adapters import merge_adapters
 from ..model import Llama
@@ -45,6 +45,7 @@ MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TOKENS_DIR = "tokens"
 STATE_FORMAT = "npllama-train-state"
+SETTINGS_FILES = ("config.json", ADAPTER_CONFIG, TOKENIZER_CONFIG_FILE)   # fingerprinted beside the weights
 # what a run writes before its first checkpoint (directories before their contents): the paths of
 # these it creates are all that a run which never saves removes again (RunDirectory.discard)
 OWN_NAMES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, METRICS_FILE, TOKENS_DIR,
@@ -317,12 +318,25 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
         # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
         "files_sha256": {name: file_sha256(stage / name) for name in (_weights_file(run.model), OPTIMIZER_FILE)},
+        # and the model's settings beside them: a rope_theta or an eos edited in by hand is not the same run
+        "settings_sha256": _settings_sha256(stage, run.run_dir),
         "lora_base_sha256": None if run.model.lora is None else run.base_sha256,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(stage / STATE_FILE, state)
     commit_staged_write(run.run_dir, stage, last=(STATE_FILE,))
     run.last_checkpoint_step = run.step
+
+
+def _settings_sha256(stage: Path, run_dir: Path) -> dict:
+    """SHA-256 of each of SETTINGS_FILES the checkpoint will have: the staged one, else the run
+    directory's (a LoRA run's tokenizer_config.json, written at setup)."""
+    digests = {}
+    for name in SETTINGS_FILES:
+        path = next((p for p in (stage / name, run_dir / name) if p.is_file()), None)
+        if path is not None:
+            digests[name] = file_sha256(path)
+    return digests
 
 
 def load_run(run_dir, verbose: bool = True) -> Run:
@@ -353,11 +367,12 @@ def _restore(run_dir: Path, verbose: bool) -> Run:
             hint = "give the directory that npllama train printed"
         raise CheckpointError(f"{run_dir}: no {STATE_FILE}, so not a resumable npllama run ({hint})")
     state = _validated_state(read_json(state_path, STATE_FILE), state_path)
-    for name, digest in state["files_sha256"].items():
+    for name, digest in {**state["files_sha256"], **state.get("settings_sha256", {})}.items():
         path = run_dir / name
         if not path.is_file() or file_sha256(path) != digest:
             raise CheckpointError(f"{path}: does not match {STATE_FILE} (missing, or changed after the "
-                                  "checkpoint was saved, e.g. by a crash during a save)")
+                                  "checkpoint was saved, e.g. by hand or by a crash during a save); resuming "
+                                  "would not continue the same run")
     cfg = TrainConfig.from_dict(state["train_config"], source=str(state_path))
     step, total = state["step"], state["total_steps"]
     cfg.out_dir = str(run_dir)
@@ -437,6 +452,10 @@ def _validated_state(state, state_path) -> dict:
         raise bad("plan", "must be an object or null")
     if not isinstance(state.get("tokenizer_sha256"), str):
         raise bad("tokenizer_sha256", "must be a string")
+    settings = state.get("settings_sha256", {})   # (absent from a state saved before it was recorded)
+    if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS_FILES) \
+            or not all(isinstance(d, str) and len(d) == 64 for d in settings.values()):
+        raise bad("settings_sha256", f"must map some of {', '.join(SETTINGS_FILES)} to SHA-256 digests")
     return state
 
 
