@@ -64,11 +64,13 @@ def answer(model, tokenizer, prompt_ids, write: Callable[[str], object], max_new
 
 
 def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callable[[str], object],
-         system: str | None = None, max_new_tokens: int = 256, **sampling) -> list[dict]:
+         system: str | None = None, max_new_tokens: int = 256, refusal_ends: bool = False, **sampling) -> list[dict]:
     """Talk until ``read_message`` returns None (end of input: Ctrl-D); returns the conversation.
 
     ``write`` receives the answers' text as it is generated, then a newline after each answer;
-    ``sampling`` is passed to ``model.stream`` (temperature, top_k, top_p, seed).
+    ``sampling`` is passed to ``model.stream`` (temperature, top_k, top_p, seed).  A message the
+    template refuses, or too long, is answered ``[why]`` and the chat goes on; with
+    ``refusal_ends`` (one message given up front) the InputError is raised instead.
     """
     messages = [{"role": "system", "content": system}] if system else []
     while (message := read_message()) is not None:
@@ -76,6 +78,8 @@ def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callab
             prompt, kept = chat_prompt(model, tokenizer, messages + [{"role": "user", "content": message}],
                                        max_new_tokens)
         except InputError as e:
+            if refusal_ends:
+                raise
             write(f"[{e}]\n")
             continue
         reply = answer(model, tokenizer, prompt, write, max_new_tokens, **sampling)

@@ -9,11 +9,19 @@ and is untrusted code) with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcon
 ``raise_exception(message)``, ``strftime_now(format)`` and a ``tojson`` filter that does not escape
 HTML.  The variables are ``messages``, ``add_generation_prompt`` (end with the header of the
 assistant's turn, so the model answers) and the special tokens' text (``bos_token``, ``eos_token``).
+
+A template is also bounded in what it may cost: a render's output (``MAX_RENDER_CHARS``; a ``*`` or
+``**`` whose result would be larger is refused before it is computed) and its time
+(``RENDER_SECONDS``: the render runs in a thread of its own, stopped by an exception raised into it),
+and any exception inside it (a division by zero, ``range(10**9)``, a macro recursing forever)
+becomes one CheckpointError.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
+import threading
 from datetime import datetime
 
 import jinja2
@@ -21,6 +29,36 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import CheckpointError, InputError, one_line
+
+
+MAX_RENDER_CHARS = 1 << 22   # a rendered conversation: far more text than any model's context holds
+RENDER_SECONDS = 1.5         # real templates render in milliseconds
+
+
+class _RenderTimeout(Exception):
+    """Raised into a render's thread when it runs out of time."""
+
+
+class _OverLimit(jinja2.exceptions.SecurityError):
+    """A render's output, or a ``*`` or ``**`` in it, past its bound."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with ``*`` and ``**`` checked before they run: ``'ab ' * 7*10**7`` would build
+    210 MB in one step, ``10 ** 10 ** 8`` compute for minutes."""
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                    raise _OverLimit(f"'*' would make a sequence of {len(seq) * n:,} items, "
+                                                          f"more than the {MAX_RENDER_CHARS:,} a render may")
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 \
+                and right * max(abs(left).bit_length() - 1, 0) > 1 << 16:
+            raise _OverLimit(f"'**' would make an integer of about "
+                                                  f"{right * (abs(left).bit_length() - 1):,} bits")
+        return super().call_binop(context, operator, left, right)
 
 
 def _raise_exception(message):
@@ -38,7 +76,7 @@ def _strftime_now(format):
 @functools.lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
     """The compiled template. Raises CheckpointError if it is not valid Jinja."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -59,9 +97,41 @@ def render_chat(source: str, messages, add_generation_prompt: bool = False, **va
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise InputError("messages must be a list of {'role': str, 'content': ...} dicts")
     template = compile_template(source)
-    try:
-        # tools/documents None as transformers passes them: `tools is not none` differs for undefined
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **variables)
-    except jinja2.exceptions.TemplateError as e:
-        raise InputError(f"the chat template refused the conversation: {one_line(e)}") from None
+    # tools/documents None as transformers passes them: `tools is not none` differs for undefined
+    variables = dict(messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
+                     documents=None, **variables)
+    outcome = {}
+
+    def render():
+        try:
+            outcome["text"] = _bounded_render(template, variables)
+        except BaseException as e:   # (_RenderTimeout included)
+            outcome["error"] = e
+
+    worker = threading.Thread(target=render, name="chat-template", daemon=True)
+    worker.start()
+    worker.join(RENDER_SECONDS)
+    if worker.is_alive():   # stop it at its next bytecode; a daemon thread, should it not stop
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_RenderTimeout))
+        worker.join(0.5)
+        raise CheckpointError(f"the chat template took more than {RENDER_SECONDS} s to render; stopped")
+    error = outcome.get("error")
+    if error is None:
+        return outcome["text"]
+    if isinstance(error, _OverLimit):
+        raise CheckpointError(f"the chat template exceeds the sandbox's limits: {one_line(error)}") from None
+    if isinstance(error, jinja2.exceptions.TemplateError):
+        raise InputError(f"the chat template refused the conversation: {one_line(error)}") from None
+    if isinstance(error, (Exception, RecursionError)):
+        raise CheckpointError(f"the chat template failed ({type(error).__name__}: {one_line(error, 200)})") from None
+    raise error
+
+
+def _bounded_render(template, variables) -> str:
+    pieces, size = [], 0
+    for piece in template.generate(**variables):
+        size += len(piece)
+        if size > MAX_RENDER_CHARS:
+            raise _OverLimit(f"its output passed {MAX_RENDER_CHARS:,} characters")
+        pieces.append(piece)
+    return "".join(pieces)

@@ -338,3 +338,26 @@ def test_a_block_count_the_tensors_cannot_hold_is_refused_before_allocating(tmp_
         write_gguf(path, src.params, LlamaConfig(**{**CFG.to_dict(), "n_layers": n_layers}))
         with bounded_address_space(256 << 20):
             _refused(path, f"the metadata implies .* parameters \\({n_layers} layers")
+
+
+def test_a_sentencepiece_vocabulary_of_long_tokens_is_refused_before_its_merges_blow_up(tmp_path):
+    """'\u2581' * k for k = 1..1000 (1.7 MB): was 2.95 GB building its merges."""
+    pieces = ["\u2581" * k for k in range(1, 1001)]
+    tokens = ["<unk>", "<s>", "</s>"] + pieces
+    cfg = LlamaConfig(**{**CFG.to_dict(), "vocab_size": len(tokens), "dim": 64, "hidden_dim": 64})
+    meta = {"add_tokenizer_model": "llama", "add_token_list": tokens, "add_token_types": [2, 3, 3] + [1] * len(pieces),
+            "add_token_scores": [0.0] * len(tokens), "add_bos_token_id": 1, "add_eos_token_id": 2}
+    path = tmp_path / "long.gguf"
+    write_gguf(path, random_model(cfg).params, cfg, tokenizer=meta)
+    with bounded_address_space(384 << 20):
+        with pytest.raises(CheckpointError, match="merges a token") as e:
+            Tokenizer.from_pretrained(path)
+    assert str(path) in str(e.value)
+    # each bound alone: the work of trying every split, the number of merges
+    long = {"\u2581" * k: k for k in range(1, 2001, 40)}
+    with pytest.raises(ValueError, match="too long to build its merges from"):
+        sentencepiece_merges(long, {t: 0.0 for t in long})
+    many = {"a" * k: k for k in range(1, 201)}
+    with pytest.raises(ValueError, match="more than 16 merges a token"):
+        sentencepiece_merges(many, {t: 0.0 for t in many})
+    assert len(sentencepiece_merges(dict(list(many.items())[:40]), {t: 0.0 for t in list(many)[:40]})) == 39 * 40 // 2

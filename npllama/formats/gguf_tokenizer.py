@@ -29,6 +29,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from ..errors import CheckpointError, one_line
 from .gguf import GGUFCheckpoint
 
+MAX_MERGE_WORK = 50_000_000   # characters compared building a SentencePiece vocabulary's merges
+MERGES_PER_TOKEN = 16
 CONTROL, USER_DEFINED = 3, 4   # llama.cpp's token types (1 normal, 2 unknown, 5 unused, 6 byte)
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -151,8 +153,12 @@ def _sentencepiece_bpe(ckpt: GGUFCheckpoint, tokens: list[str]) -> tokenizers.To
         raise CheckpointError(f"{ckpt.path}: a SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)")
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = ckpt.value("tokenizer.ggml.unknown_token_id")
+    try:
+        merges = sentencepiece_merges(vocab, dict(zip(tokens, scores)))
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     hf = tokenizers.Tokenizer(models.BPE(
-        vocab=vocab, merges=sentencepiece_merges(vocab, dict(zip(tokens, scores))), fuse_unk=True, byte_fallback=True,
+        vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
         unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None, dropout=None))
     prefix_space = bool(ckpt.value("tokenizer.ggml.add_space_prefix", True))
     hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix_space else "never",
@@ -165,11 +171,22 @@ def _sentencepiece_bpe(ckpt: GGUFCheckpoint, tokens: list[str]) -> tokenizers.To
 def sentencepiece_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges equivalent to a SentencePiece vocabulary: every split (left, right) of a token into
     two tokens, ranked by the token's score, highest first.  The order among equal scores is
-    transformers' (``generate_merges``), so that both build the same tokenizer."""
-    merges = []
+    transformers' (``generate_merges``), so that both build the same tokenizer.
+
+    Raises ValueError for a vocabulary whose merges would cost out of proportion to its size (every
+    split of a token is tried: the work grows as the square of its length): a real one (tokens of
+    a few to a few dozen characters, a few merges each) is far inside both bounds."""
+    merges, work = [], 0
     for token, score in scores.items():
+        work += len(token) ** 2
+        if work > MAX_MERGE_WORK:
+            raise ValueError(f"the SentencePiece vocabulary's tokens are too long to build its merges from (over "
+                             f"{MAX_MERGE_WORK:,} characters compared; corrupt or hostile vocabulary?)")
         local = [(token[:k], token[k:], score) for k in range(1, len(token))
                  if token[:k] in vocab and token[k:] in vocab]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+        if len(merges) > MERGES_PER_TOKEN * len(vocab) + 1024:
+            raise ValueError(f"the SentencePiece vocabulary of {len(vocab):,} tokens would make more than "
+                             f"{MERGES_PER_TOKEN} merges a token (corrupt or hostile vocabulary?)")
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]

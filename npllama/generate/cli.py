@@ -208,7 +208,7 @@ def _chat(model, path, prompt: str, args, seed) -> int:
         out.flush()
 
     chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+         refusal_ends=bool(args.prompt), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
     if seed is not None and args.temperature > 0:
         print(f"npllama: seed {seed}", file=sys.stderr)
     return 0
