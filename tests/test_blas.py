@@ -84,14 +84,6 @@ def test_mkl_when_installed_runs_sequentially():
     assert _blas._mkl.MKL_Get_Max_Threads() == 1       # the sequential layer: no threads of its own
 
 
-def test_the_training_log_suggests_mkl_only_where_it_would_load():
-    assert "[mkl] extra" in _blas._blas_advice(False, "linux", "x86_64", "auto")
-    assert _blas._blas_advice(True, "linux", "x86_64", "auto") == ""          # in use
-    assert _blas._blas_advice(False, "linux", "x86_64", "numpy") == ""        # turned off
-    assert _blas._blas_advice(False, "linux", "aarch64", "auto") == ""        # no wheel
-    assert _blas._blas_advice(False, "darwin", "x86_64", "auto") == ""
-
-
 MKL_BESIDE_TORCH = """
 import os, sys
 import torch                                       # first, as a notebook comparing with PyTorch does

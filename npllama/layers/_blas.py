@@ -17,9 +17,7 @@ runtime) -- npllama shares out the work.
 import ctypes
 import importlib.metadata
 import os
-import platform
 import re
-import sys
 
 import numpy as np
 
@@ -77,17 +75,6 @@ _mkl, _mkl_version = _load_mkl()
 _version = re.search(r"Version ([0-9.]+)", _mkl_version or "")
 BLAS = ("NumPy's BLAS" if _mkl is None else f"MKL {_version.group(1)} (sequential)" if _version
         else "MKL (sequential)")
-
-
-def _blas_advice(mkl_loaded, system, machine, choice):
-    """What the training log adds after the BLAS's name where MKL could be installed but is not
-    (and was not turned off)."""
-    if not mkl_loaded and system == "linux" and machine == "x86_64" and choice == "auto":
-        return f" ({_MKL_EXTRA}, brings MKL's: faster)"
-    return ""
-
-
-BLAS_ADVICE = _blas_advice(_mkl is not None, sys.platform, platform.machine(), _blas_choice())
 
 
 def _blas_operand(x):

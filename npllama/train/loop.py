@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
 from ..threads import live_thread_counts
-from ..layers._blas import BLAS, BLAS_ADVICE
+from ..layers._blas import BLAS
 from ..layers._numba import CompileClock
 from .checkpoint import (METRICS_FILE, MetricsLog, Run, diverged, discard_unsaved_run, read_metrics,
                          save_checkpoint, say)
@@ -396,7 +396,7 @@ def _describe(run: Run) -> str:
     return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters: dim {c.dim}, {c.n_layers} layers, "
             f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
             f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
-            f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}; matmuls: {BLAS}{BLAS_ADVICE}\n"
+            f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}; matmuls: {BLAS}\n"
             f"run dir {run.run_dir}")
 
 
