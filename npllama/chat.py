@@ -9,7 +9,9 @@ alternately) is rendered by the tokenizer's chat template with the assistant's h
 tokenizer's ``stop_ids`` (the end of its turn: ``<|im_end|>``, ``<|eot_id|>``, eos...), or
 ``max_new_tokens``, or the context is full.  The answer is streamed to ``write`` as text as it
 grows (a character whose UTF-8 bytes span several tokens is written once all of them are there);
-the stop token itself is not written.
+the stop token itself is not written.  ``on_answer``, when given, receives each answer's
+figures: prompt tokens, prefill and decoding time, new tokens, and why it stopped ("stop_id", or
+"max_new_tokens": the answer was cut).
 
 The history is kept within the context: when the rendered conversation plus ``max_new_tokens`` would
 not fit in ``max_seq_len``, the oldest exchanges (a user message and the answer to it) are dropped,
@@ -18,6 +20,7 @@ chat goes on without it.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from .errors import InputError
@@ -45,30 +48,49 @@ def chat_prompt(model, tokenizer, messages: list[dict], max_new_tokens: int):
         turns = turns[2:]   # the oldest user message and the answer to it
 
 
-def answer(model, tokenizer, prompt_ids, write: Callable[[str], object], max_new_tokens: int, **sampling) -> str:
+def answer(model, tokenizer, prompt_ids, write: Callable[[str], object], max_new_tokens: int, stats=None,
+           **sampling) -> str:
     """Generate the model's answer to ``prompt_ids``, streaming its text to ``write``; returns the
-    text (without the stop token)."""
+    text (without the stop token).  ``stats``, when a dict, receives the figures of the answer:
+    ``prompt_tokens``, ``prefill_s`` (until the first token), ``new_tokens``, ``decode_steps`` and
+    ``decode_s`` (the tokens after the first), ``stop`` ("stop_id" or "max_new_tokens": cut)."""
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=len(prompt_ids), prefill_s=0.0, new_tokens=0, decode_steps=0, decode_s=0.0,
+                 stop="max_new_tokens", slides=0)
     stops = set(tokenizer.stop_ids)
     ids, shown = [], ""
+    start = time.perf_counter()
     for token in model.stream(prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling):
+        now = time.perf_counter()
+        if stats["new_tokens"] == 0:
+            stats["prefill_s"] = now - start          # the prompt's pass and the first token
+        else:
+            stats["decode_steps"] += 1
+            stats["decode_s"] += now - start
+        stats["new_tokens"] += 1
         if token in stops:
+            stats["stop"] = "stop_id"
+            stats["stop_token"] = tokenizer.id_to_token(token)
             break
         ids.append(token)
         text = tokenizer.decode(ids)
         if not text.endswith(REPLACEMENT_CHARACTER):
             write(text[len(shown):])
             shown = text
+        start = time.perf_counter()                   # the time spent writing is not decoding time
     text = tokenizer.decode(ids)
     write(text[len(shown):])
     return text
 
 
 def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callable[[str], object],
-         system: str | None = None, max_new_tokens: int = 256, refusal_ends: bool = False, **sampling) -> list[dict]:
+         system: str | None = None, max_new_tokens: int = 256, refusal_ends: bool = False,
+         on_answer: Callable[[dict], object] | None = None, **sampling) -> list[dict]:
     """Talk until ``read_message`` returns None (end of input: Ctrl-D); returns the conversation.
 
     ``write`` receives the answers' text as it is generated, then a newline after each answer;
-    ``sampling`` is passed to ``model.stream`` (temperature, top_k, top_p, seed).  A message the
+    ``sampling`` is passed to ``model.stream`` (temperature, top_k, top_p, seed); ``on_answer``
+    receives each answer's figures (see ``answer``) after the newline.  A message the
     template refuses, or too long, is answered ``[why]`` and the chat goes on; with
     ``refusal_ends`` (one message given up front) the InputError is raised instead.
     """
@@ -82,7 +104,10 @@ def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callab
                 raise
             write(f"[{e}]\n")
             continue
-        reply = answer(model, tokenizer, prompt, write, max_new_tokens, **sampling)
+        stats: dict = {}
+        reply = answer(model, tokenizer, prompt, write, max_new_tokens, stats=stats, **sampling)
         write("\n")
+        if on_answer is not None:
+            on_answer(stats)
         messages = kept + [{"role": "assistant", "content": reply}]
     return messages

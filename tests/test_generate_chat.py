@@ -73,7 +73,56 @@ def test_scripted_chat_two_messages_then_end_of_input(run_dir):
                    stdin="".join(m + "\n" for m in messages))
     expected = in_process_chat(run_dir, messages, system="be fine")
     assert done.stdout == expected and expected.count("\n") == 2
-    assert done.stderr == ""
+    first, *reports = done.stderr.splitlines()
+    assert first == "npllama: sampling: greedy (--temperature as given, the rest from npllama's chat default: " \
+                    "the model brings no sampling settings); answers up to 6 tokens (--max-new-tokens)"
+    answers = [r for r in reports if r.startswith("npllama: prompt ")]
+    assert len(answers) == 2 and all(" tok/s" in r and "new token" in r for r in answers), reports
+    cut = [r for r in reports if "the answer was cut at 6 tokens" in r]
+    assert len(cut) == sum("stopped at --max-new-tokens" in r for r in answers), reports
+
+
+def test_chat_sampling_comes_from_the_model_else_greedy(run_dir, tmp_path, monkeypatch):
+    from npllama.errors import CheckpointError
+    from npllama.generate.sampling import chat_sampling
+    greedy = {"temperature": 0.0, "top_k": None, "top_p": None}
+    assert chat_sampling(run_dir) == (greedy, "npllama's chat default: the model brings no sampling settings")
+    config = tmp_path / "generation_config.json"
+    config.write_text('{"bos_token_id": 1, "eos_token_id": 2}')     # SmolLM2's: Hugging Face's generate is greedy
+    assert chat_sampling(tmp_path)[0] == greedy
+    config.write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    assert chat_sampling(tmp_path) == ({"temperature": 0.6, "top_k": 50, "top_p": 0.9}, str(config))
+    config.write_text('{"do_sample": true, "top_k": 0}')               # Hugging Face's defaults, top-k off
+    assert chat_sampling(tmp_path)[0] == {"temperature": 1.0, "top_k": None, "top_p": None}
+    config.write_text('{"do_sample": true, "temperature": -1}')
+    with pytest.raises(CheckpointError, match="generation_config.json: temperature must be"):
+        chat_sampling(tmp_path)
+
+    params = Llama.from_pretrained(run_dir).params
+    test_gguf.write_gguf(tmp_path / "plain.gguf", params, CFG)
+    assert chat_sampling(tmp_path / "plain.gguf")[0] == greedy
+    test_gguf.write_gguf(tmp_path / "sampled.gguf", params, CFG,
+                         tokenizer={"add_sampling_temp": 0.7, "add_sampling_top_k": 20, "add_sampling_top_p": 0.8})
+    settings, source = chat_sampling(tmp_path / "sampled.gguf")
+    assert settings == {"temperature": pytest.approx(0.7), "top_k": 20, "top_p": pytest.approx(0.8)}
+    assert source == "sampled.gguf's general.sampling.* metadata"
+
+
+def test_chat_uses_the_models_settings_and_says_so(run_dir, tmp_path):
+    for f in run_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.5, "top_k": 7}')
+    done = npllama([tmp_path, "--chat", "--prompt", "hello there", "--max-new-tokens", 6, "--seed", 3])
+    assert done.stderr.startswith(f"npllama: sampling: temperature 0.5, top-k 7 (from {tmp_path / 'generation_config.json'}; "
+                                  "seed 3); answers up to 6 tokens"), done.stderr
+    model = Llama.from_pretrained(run_dir).eval()
+    written = []
+    chat(model, model.tokenizer, iter(["hello there", None]).__next__, written.append, max_new_tokens=6,
+         temperature=0.5, top_k=7, top_p=None, seed=3)
+    assert done.stdout == "".join(written)
+    override = npllama([tmp_path, "--chat", "--prompt", "hello there", "--max-new-tokens", 6, "--top-k", 3,
+                        "--seed", 3])
+    assert "sampling: temperature 0.5, top-k 3 (--top-k as given, the rest from " in override.stderr
 
 
 def test_chat_with_prompt_answers_one_message_and_the_gguf_answers_the_same(run_dir, tokenizer, tmp_path):
@@ -111,5 +160,8 @@ def test_plain_generation_stops_at_the_end_of_turn_token_and_starts_with_bos_if_
 
 @pytest.mark.slow
 def test_smollm2_gguf_chat_answers_paris():
-    done = npllama([smollm2_gguf(), "--chat", "--prompt", "What is the capital of France?", "--temperature", 0])
-    assert "Paris" in done.stdout, done.stdout
+    """With no sampling option: the GGUF brings no settings, so the chat is greedy, and says so."""
+    done = npllama([smollm2_gguf(), "--chat", "--prompt", "What is the capital of France?"])
+    assert done.stdout == "The capital of France is Paris.\n", done.stdout
+    assert done.stderr.startswith("npllama: sampling: greedy (from npllama's chat default"), done.stderr
+    assert "tok/s" in done.stderr and "stopped at <|im_end|> (a stop token)" in done.stderr

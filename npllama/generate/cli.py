@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
 from .decoding import generate, slide_window, stream
 from .healing import TokenHealing
-from .sampling import check_sampling, check_stop_ids
+from .sampling import chat_sampling, check_sampling, check_stop_ids, describe_sampling
 
 
 def add_arguments(parser):
@@ -40,18 +40,23 @@ def add_arguments(parser):
                              "half is run again as a fresh context and decoding continues (see --no-slide)")
     parser.add_argument("--slide", action=argparse.BooleanOptionalAction, default=True,
                         help="at the context limit, go on over a sliding window (default); --no-slide stops there")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                        help="0 = greedy (then --top-k/--top-p are ignored); default 0.8")
-    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=0.95, metavar="P",
-                        help="keep the most likely tokens up to cumulative probability P (1 = off); default 0.95")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help="0 = greedy (then --top-k/--top-p are ignored); default 0.8, with --chat the "
+                             "model's own settings (its generation_config.json or GGUF metadata), else 0")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="keep the K most likely tokens (default: all; with --chat the model's setting)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="keep the most likely tokens up to cumulative probability P (1 = off); default "
+                             "0.95, with --chat the model's setting")
     parser.add_argument("--seed", type=int, default=None, metavar="S",
                         help="sampling seed (default: a random one, printed at the end)")
     parser.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=None,
                         help="back up over the prompt's last token and let the model spell it again as it "
                              "learned it (default: on when the prompt ends in whitespace, e.g. an indent, "
                              "which training text never ends a token with)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="the dtype the weights are loaded into and computed in (default float32; a "
+                             "quantized GGUF is dequantized to it)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="threads for BLAS and Numba (default: their own defaults)")
 
@@ -104,7 +109,8 @@ def run(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, flags=True)
+    check_sampling(args.max_new_tokens, 0.0 if args.temperature is None else args.temperature, args.top_k,
+                   args.top_p, args.seed, flags=True)
     if args.system is not None and not args.chat:
         raise InputError("--system is a chat's system message: give --chat too")
     text = _read_prompt(args.prompt)
@@ -115,11 +121,15 @@ def run(args) -> int:
         raise CheckpointError(f"{path}: no tokenizer; `npllama generate` needs one to encode the prompt and decode "
                               "the output (a run directory of `npllama train` has one; for a Hugging Face model, "
                               "put its tokenizer.json beside config.json)")
+    if args.chat:
+        return _chat(model, path, text, args)
+    if args.temperature is None:
+        args.temperature = 0.8
+    if args.top_p is None:
+        args.top_p = 0.95
     seed = args.seed
     if seed is None and args.temperature > 0:
         seed = secrets.randbelow(2 ** 31)
-    if args.chat:
-        return _chat(model, path, text, args, seed)
     ids = [int(t) for t in tokenizer.encode(text)]
     if tokenizer.add_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids     # what the model saw before each training text
@@ -191,11 +201,26 @@ def _token_healing(tokenizer, ids, text: str, option: bool | None) -> TokenHeali
     return healing
 
 
-def _chat(model, path, prompt: str, args, seed) -> int:
-    """``--chat``: answer the one ``--prompt``, or each line of stdin until its end."""
+def _chat(model, path, prompt: str, args) -> int:
+    """``--chat``: answer the one ``--prompt``, or each line of stdin until its end.  The sampling
+    settings are the model's own where it brings them (``chat_sampling``), each overridden by the
+    option given; the first line on stderr says which are used, and after each answer a report
+    line as plain generation's (and that the answer was cut, when --max-new-tokens cut it)."""
     if model.tokenizer.chat_template is None:
         raise ConfigError(f"{path}: the checkpoint has no chat template, which --chat needs (use --prompt "
                           "without --chat to continue a text)")
+    settings, source = chat_sampling(path)
+    given = {key: getattr(args, key) for key in settings if getattr(args, key) is not None}
+    settings.update(given)
+    seed = args.seed
+    if seed is None and settings["temperature"] > 0:
+        seed = secrets.randbelow(2 ** 31)
+    flags = ", ".join("--" + key.replace("_", "-") for key in given)
+    how = (f"{flags} as given" if len(given) == len(settings) else
+           f"{flags + ' as given, the rest ' if given else ''}from {source}")
+    seeded = f"; seed {seed}" if settings["temperature"] > 0 else ""
+    print(f"npllama: sampling: {describe_sampling(**settings)} ({how}{seeded}); answers up to "
+          f"{args.max_new_tokens} tokens (--max-new-tokens)", file=sys.stderr)
     if args.prompt:
         messages = iter([prompt])
         read_message = lambda: next(messages, None)  # noqa: E731
@@ -207,10 +232,15 @@ def _chat(model, path, prompt: str, args, seed) -> int:
         out.write(text)
         out.flush()
 
+    def on_answer(stats):
+        _report(stats, None, model.config.max_seq_len)
+        if stats["stop"] == "max_new_tokens":
+            print(f"npllama: the answer was cut at {args.max_new_tokens} tokens: give a larger --max-new-tokens "
+                  "for longer answers", file=sys.stderr)
+
+    warm_up(model.dtype)
     chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
-         refusal_ends=bool(args.prompt), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
-    if seed is not None and args.temperature > 0:
-        print(f"npllama: seed {seed}", file=sys.stderr)
+         refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
     return 0
 
 

@@ -175,3 +175,59 @@ def check_stop_ids(model, stop_ids) -> frozenset:
         if not _is_int(s) or not 0 <= s < V:
             raise InputError(f"stop_ids has {s!r}, not a token id in [0, {V})")
     return frozenset(int(s) for s in values)
+
+
+# ---- the settings a chat starts from ---------------------------------------------------------------
+# An instruct model's own settings when its files carry them; else greedy.  Sampling is not a safe
+# default for the small models npllama runs: SmolLM2-135M-Instruct (Q4_1) gives "The" 15 % and
+# French starts ("L", "La", "Le") 30 % as the first token of its answer to "What is the capital of
+# France?", so at temperature 0.2, top-p 0.9 about a third of its answers start in French.
+GREEDY = {"temperature": 0.0, "top_k": None, "top_p": None}
+
+
+def chat_sampling(path) -> tuple[dict, str]:
+    """(temperature, top_k, top_p; where they come from) for a chat with the model at ``path``:
+
+    * a directory's ``generation_config.json``, read as Hugging Face's ``generate`` reads it:
+      ``do_sample`` false or absent means greedy; true means sampling at its ``temperature``
+      (default 1.0), ``top_k`` (default 50; 0 = off) and ``top_p`` (default 1.0 = off);
+    * a ``.gguf`` file's ``general.sampling.temp`` / ``.top_k`` / ``.top_p`` (llama.cpp's defaults
+      for the model), where present;
+    * else greedy (see GREEDY above).
+    """
+    from pathlib import Path
+    path = Path(path)
+    config_file = path / "generation_config.json"
+    if path.is_dir() and config_file.is_file():
+        from ..files import read_json
+        config = read_json(config_file, "generation config")
+        if not isinstance(config, dict) or not config.get("do_sample"):
+            return dict(GREEDY), f"{config_file}: do_sample is not set"
+        temperature, top_k, top_p = config.get("temperature", 1.0), config.get("top_k", 50), config.get("top_p", 1.0)
+        settings = {"temperature": temperature, "top_k": top_k or None, "top_p": None if top_p == 1.0 else top_p}
+        try:
+            check_sampling(0, settings["temperature"], settings["top_k"], settings["top_p"], None)
+        except InputError as e:
+            from ..errors import CheckpointError
+            raise CheckpointError(f"{config_file}: {e}") from None
+        return settings, str(config_file)
+    from ..formats.gguf import is_gguf, open_gguf
+    if is_gguf(path):
+        ckpt = open_gguf(path)
+        temperature, top_k, top_p = (ckpt.value(f"general.sampling.{key}") for key in ("temp", "top_k", "top_p"))
+        if (temperature, top_k, top_p) != (None, None, None):
+            return {"temperature": 0.8 if temperature is None else temperature, "top_k": top_k or None,
+                    "top_p": None if top_p in (None, 1.0) else top_p}, f"{path.name}'s general.sampling.* metadata"
+    return dict(GREEDY), "npllama's chat default: the model brings no sampling settings"
+
+
+def describe_sampling(temperature, top_k, top_p) -> str:
+    """"greedy" or "temperature T, top-k K, top-p P" (the ones in use)."""
+    if temperature == 0:
+        return "greedy"
+    parts = [f"temperature {temperature:g}"]
+    if top_k is not None:
+        parts.append(f"top-k {top_k}")
+    if top_p is not None and top_p < 1:
+        parts.append(f"top-p {top_p:g}")
+    return ", ".join(parts)
