@@ -280,7 +280,7 @@ def test_plan_steps():
     # per step 1 + 0.5 + 0.04 = 1.54 s; (100 - 10 - 2) / 1.54 = 57.1
     assert plan_steps(100, 1.0, 5.0, 10, 10.0, 2.0, 50) == 57
     assert plan_steps(100, 1.0, 5.0, 0, 0.0, 0.0, 0) == 100
-    assert plan_steps(1, 1.0, 5.0, 10, 10.0, 2.0, 50) == 1    # always at least one step
+    assert plan_steps(1, 1.0, 5.0, 10, 10.0, 2.0, 50) == 0    # no room for a step
 
 
 def test_time_budget_plans_and_records_the_steps(corpus, tmp_path):
@@ -399,9 +399,50 @@ def test_budget_planner_replans_from_recent_step_times():
         planner.observe_step(2.0)
     assert planner.costs()["eval_seconds"] == pytest.approx(4.0)
     assert 20 + 35 <= planner.plan(step=20, min_total=0) <= 20 + 36     # (100 - 12 - 1) / 2.4 = 36.25
-    assert planner.plan(step=20, min_total=500) == 500                  # never below warmup
-    planner.t_start -= 1000                                             # over budget: one more step
-    assert planner.plan(step=20, min_total=0) == 21
+    assert planner.plan(step=20, min_total=500) == 500
+    planner.t_start -= 1000                                             # over budget: stop at this step
+    assert planner.plan(step=20, min_total=20) == 20
+
+
+def test_budget_planner_converges_from_a_first_estimate_far_off():
+    """The issue's fine-tune: an estimate of 28 s a step planned 1 step of a 120 s budget, and the
+    run stopped there at 85 s.  The plan is redone after each of the first steps, and at its last."""
+    import time
+
+    from npllama.train import BudgetPlanner
+
+    cfg = TrainConfig(time_budget=120.0, eval_interval=0, checkpoint_interval=0, batch_size=4, seq_len=16)
+    planner = BudgetPlanner(cfg, time.monotonic() - 30.0, eval_tokens=0, final_tokens=64, checkpoint_seconds=1.0)
+    planner.observe_eval({"eval_seconds": 9.3 * 64 / cfg.tokens_per_step, "val_tokens": 64})   # -> ~28 s a step
+    assert planner.step_seconds() == pytest.approx(28, rel=0.01) and planner.estimated
+    total = planner.plan(step=0, min_total=1)
+    assert total == 2            # (90 - final eval ~9 - checkpoint 1) / 28
+    planner.t_start -= 4.0       # the first step took 4 s
+    planner.observe_step(4.0)
+    assert planner.replan_due(1, total)
+    total = planner.plan(step=1, min_total=1)
+    assert total == 1 + 20               # (86 - final eval 1.3 - checkpoint 1) / 4 = 20.9
+    assert all(planner.replan_due(step, 1000) for step in range(1, planner.REPLAN_EVERY))
+    assert not planner.replan_due(planner.REPLAN_EVERY + 1, 1000) and planner.replan_due(1000, 1000)
+
+
+def test_a_time_budget_is_used_even_when_the_first_estimate_is_far_off(corpus, tmp_path, capsys, monkeypatch):
+    """A first estimate 100 times too slow plans one step; the re-plans after the first steps use
+    the budget.  A budget that fits fewer steps than the warm-up is warned about, once."""
+    import time
+
+    from npllama.train import BudgetPlanner
+    monkeypatch.setattr(BudgetPlanner, "STEP_IN_FORWARDS", 300.0)
+    t0 = time.monotonic()
+    result = train(tiny(corpus, tmp_path / "run", steps=None, time_budget=6.0, eval_interval=1000, warmup_steps=10**6),
+                   progress=False, verbose=True)
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert result.step > 5 and elapsed > 0.6 * 6.0, (result.step, elapsed, err)
+    assert err.count(f"warning: the time budget fits ") == 1, err
+    assert re.search(rf"fits {result.step} steps|fits \d+ steps", err) and "warm-up steps:" in err
+    state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
+    assert state["warmup_steps"] == state["total_steps"] == result.step
 
 
 def test_crash_inside_a_checkpoint_save_leaves_the_previous_one(corpus, tmp_path, monkeypatch):
@@ -430,3 +471,31 @@ def test_crash_inside_a_checkpoint_save_leaves_the_previous_one(corpus, tmp_path
     ref = tmp_path / "ref"
     train(tiny(corpus, ref, steps=6, eval_interval=0, checkpoint_interval=2), progress=False, verbose=False)
     assert step_losses(d) == step_losses(ref)
+
+
+def test_train_help_says_what_the_presets_and_init_from_take(capsys):
+    from npllama import cli
+    from npllama.train.config import PRESETS
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ".gguf" in out.split("--init-from MODEL")[-1].split("--lora-rank N", 1)[0]   # (its help, not usage)
+    for name, p in PRESETS.items():
+        assert f"{name} dim {p['dim']}, {p['n_layers']} layers, {p['n_heads']} heads" in out
+
+
+def test_ctrl_c_before_the_first_step_says_the_budget_was_not_planned(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the step-0 evaluation: no step was timed, so no plan (it printed 'nans/step')."""
+    import os
+    import signal
+
+    from npllama.train import loop
+
+    def interrupted(run, tokens, stop):
+        os.kill(os.getpid(), signal.SIGINT)      # StopSignals turns it into a request to stop
+        return None                               # as _evaluate does when a stop is requested
+    monkeypatch.setattr(loop, "_evaluate", interrupted)
+    train(tiny(corpus, tmp_path / "run", steps=None, time_budget=60.0), progress=False, verbose=True)
+    err = capsys.readouterr().err
+    assert "time budget 60s: not planned (stopped before a step could be timed)" in err, err
+    assert "nan" not in err

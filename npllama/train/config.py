@@ -55,7 +55,9 @@ class TrainConfig:
                                type=float)
     vocab_size: int = _opt(2048, "BPE vocabulary size of the tokenizer trained on the data", type=int)
     # model
-    preset: str = _opt("small", "model size preset", choices=tuple(PRESETS))
+    preset: str = _opt("small", "model size: " + "; ".join(
+        f"{name} dim {p['dim']}, {p['n_layers']} layers, {p['n_heads']} heads" for name, p in PRESETS.items())
+        + " (default small)", choices=tuple(PRESETS))
     dim: int | None = _opt(None, "model width (overrides the preset)", type=int)
     n_layers: int | None = _opt(None, "number of decoder blocks (overrides the preset)", type=int)
     n_heads: int | None = _opt(None, "attention heads (overrides the preset)", type=int)
@@ -65,8 +67,9 @@ class TrainConfig:
     tie_embeddings: bool = _opt(False, "share the embedding and output matrices", type=bool)
     dropout: float = _opt(0.0, "dropout probability (attention and MLP outputs)", type=float)
     dtype: str = _opt("float32", "parameter and activation dtype", choices=tuple(DTYPES))
-    init_from: str | None = _opt(None, "start from this Hugging Face checkpoint or npllama run (its "
-                                 "weights and tokenizer) instead of a fresh model", metavar="DIR")
+    init_from: str | None = _opt(None, "start from this pretrained model instead of a fresh one, with its "
+                                 "tokenizer: an npllama run, a Hugging Face directory or a .gguf file",
+                                 metavar="MODEL")
     # LoRA (with --init-from): train low-rank adapters on a frozen model
     lora_rank: int | None = _opt(None, "train LoRA adapters of this rank on the frozen --init-from model "
                                  "instead of every weight", type=int)

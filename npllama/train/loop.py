@@ -162,6 +162,7 @@ class Session:
         self.result = TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps or 0)
         self.stop = StopSignals()
         self.planner: BudgetPlanner | None = None
+        self.warned_warmup = False
         self.progress = Progress(progress and verbose)
         self.ema_step = None           # smoothed seconds per step, for the time left
         self.window_losses = []        # training losses since the last evaluation
@@ -212,10 +213,23 @@ class Session:
                 run.total_steps = run.world.from_root(self.planner.plan(0, 1))   # rank 0 decides
                 run.plan = {**self.planner.summary(), "setup_seconds": round(time.monotonic() - self.t_start, 3),
                             "first_plan": run.total_steps, "planned_steps": run.total_steps}
-            run.warmup_steps = min(cfg.warmup_steps, run.total_steps)
+            self._set_warmup(warn=False)        # (an estimate: the warning waits for measured steps)
         say(self._setup_line(), self.verbose)
+        self.train_start = time.monotonic()    # a time budget's progress counts from here (after set-up)
         self.result.total_steps = run.total_steps
         run.world.step_report()   # (communication is counted per step from here)
+
+    def _set_warmup(self, warn: bool) -> None:
+        """Warm-up within the planned steps.  When the budget fits fewer steps than --warmup-steps, the
+        whole run is warm-up: with ``warn`` (the plan rests on a few measured steps), a warning, once."""
+        run, warmup = self.run, self.run.config.warmup_steps
+        run.warmup_steps = min(warmup, run.total_steps)
+        if warn and run.total_steps < warmup and not self.warned_warmup:
+            self.warned_warmup = True
+            steps = f"{run.total_steps} step{'s' if run.total_steps != 1 else ''}"
+            say(f"warning: the time budget fits {steps}, fewer than the {warmup} warm-up steps: the\n"
+                "learning rate rises all run and never decays (a longer --time-budget or fewer --warmup-steps)",
+                self.verbose)
 
     def _finish_compiling(self) -> None:
         """With a second process compiling the kernels of the backward, AdamW and sampling
@@ -246,10 +260,13 @@ class Session:
         if self.verbose:
             line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
                      "(steps and tokens/s scale with it)")
-        if self.planner is not None:
+        if self.planner is not None and not math.isfinite(self.planner.step_seconds()):
+            line += f"\ntime budget {cfg.time_budget:.0f}s: not planned (stopped before a step could be timed)"
+        elif self.planner is not None:
             step_s = self.planner.step_seconds()
-            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step (~{cfg.tokens_per_step / step_s:,.0f} "
-                     f"tokens/s) -> {run.total_steps:,} steps, re-planned every {self.planner.REPLAN_EVERY} steps")
+            how = "estimated" if self.planner.estimated else "measured"
+            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step ({how}; "
+                     f"~{cfg.tokens_per_step / step_s:,.0f} tokens/s) -> {run.total_steps:,} steps, re-planned as they run")
             costs, left = self.planner.costs(), cfg.time_budget - total
             if costs["final_eval_seconds"] + costs["checkpoint_seconds"] + step_s > left:
                 line += (f"\nwarning: the time budget leaves {max(left, 0.0):.0f}s after setup, less than one step, "
@@ -265,10 +282,11 @@ class Session:
         self.ema_step = seconds if len(self.result.losses) < 2 else 0.9 * self.ema_step + 0.1 * seconds
         if planner is not None:
             planner.observe_step(seconds)
-            if run.step % planner.REPLAN_EVERY == 0 and run.step < run.total_steps:
-                run.total_steps = run.world.from_root(planner.plan(run.step, run.warmup_steps))
+            if planner.replan_due(run.step, run.total_steps):
+                run.total_steps = run.world.from_root(planner.plan(run.step, run.step))   # == step: stop
                 run.plan.update(planner.summary(), planned_steps=run.total_steps)
                 self.result.total_steps = run.total_steps
+                self._set_warmup(warn=run.step >= min(3, run.total_steps))
         self.window_losses.append(loss)
         self.result.losses.append(loss)
         comm = run.world.step_report()   # {} for one process
@@ -276,8 +294,9 @@ class Session:
                             "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed(), **comm})
         tokens_per_second = cfg.tokens_per_step / self.ema_step
         if planner is not None:   # progress in seconds of the budget: the step total moves as it re-plans
-            spent = time.monotonic() - self.t_start
-            self.progress.update(spent / cfg.time_budget,
+            now = time.monotonic()
+            spent, setup = now - self.t_start, self.train_start - self.t_start
+            self.progress.update((now - self.train_start) / max(cfg.time_budget - setup, 1e-9),
                                  progress_text(run.step, None, loss, tokens_per_second, cfg.time_budget - spent)
                                  + _describe_comm(comm))
         else:

@@ -17,7 +17,8 @@ def plan_steps(seconds_left: float, step_seconds: float, eval_seconds: float, ev
         N * (step + eval / eval_interval + checkpoint / checkpoint_interval + sample / sample_interval)
             + final_eval + checkpoint  <=  seconds_left
 
-    (an interval of 0 means no periodic evaluations / checkpoints / samples); at least 1.
+    (an interval of 0 means no periodic evaluations / checkpoints / samples); 0 when not even one
+    step fits.
     """
     per_step = step_seconds
     for seconds, interval in ((eval_seconds, eval_interval), (checkpoint_seconds, checkpoint_interval),
@@ -25,17 +26,21 @@ def plan_steps(seconds_left: float, step_seconds: float, eval_seconds: float, ev
         if interval > 0:
             per_step += seconds / interval
     usable = seconds_left - final_eval_seconds - checkpoint_seconds
-    return max(1, int(usable // per_step)) if per_step > 0 else 1
+    return max(0, int(usable // per_step)) if per_step > 0 else 1
 
 
 class BudgetPlanner:
     """Plans the number of steps of a time-budgeted run, and re-plans it as the speed changes.
 
     The machine may be shared, and its speed can change by a factor of 2 or 3 within a minute.  So
-    every ``REPLAN_EVERY`` steps the plan is recomputed from the median of the recent step times:
+    after each of the first ``REPLAN_EVERY`` steps, then every ``REPLAN_EVERY`` steps, and at the
+    planned last step (the budget may fit more), the plan is recomputed from the median of the
+    recent step times:
 
         total = step + plan_steps(budget - elapsed, step_seconds, eval_seconds, ...)
-                at least step + 1 and warmup_steps
+
+    so it converges on the measured step time within a few steps, however far off the first
+    estimate was, and ends when the budget is used (total == step: stop after this step).
 
     Evaluation costs are kept in units of the step time at which they were measured (an
     evaluation of n tokens costs about n * c step-times, a sample s step-times), so that they scale
@@ -96,7 +101,12 @@ class BudgetPlanner:
                 "final_eval_seconds": (self.eval_steps_per_token * self.final_tokens + self.sample_steps) * step,
                 "checkpoint_seconds": self.checkpoint_seconds}
 
+    def replan_due(self, step: int, total_steps: int) -> bool:
+        """Whether to re-plan after ``step`` steps (see the class docstring)."""
+        return step < self.REPLAN_EVERY or step % self.REPLAN_EVERY == 0 or step >= total_steps
+
     def plan(self, step: int, min_total: int) -> int:
+        """The run's total number of steps, at least ``min_total``, after ``step`` steps."""
         if not self.step_times:   # (a rank that has measured nothing yet: rank 0's plan is taken)
             return max(step + 1, min_total)
         c = self.costs()
@@ -104,7 +114,7 @@ class BudgetPlanner:
         more = plan_steps(left, c["step_seconds"], c["eval_seconds"], self.cfg.eval_interval,
                           c["final_eval_seconds"], c["checkpoint_seconds"], self.cfg.checkpoint_interval,
                           c["sample_seconds"], self.cfg.sample_interval)
-        return max(step + more, step + 1, min_total)
+        return max(step + more, min_total)
 
     def summary(self) -> dict:
         return {"mode": "time_budget", "time_budget": self.cfg.time_budget, **self.costs()}

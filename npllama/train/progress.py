@@ -2,7 +2,7 @@
 plain periodic lines otherwise) and samples made safe and short for a terminal.
 
 The bar fits 80 columns and keeps the speed and the time left.  A time-budgeted run measures its
-progress in seconds of the budget, not in steps: the planner re-plans the number of steps as the
+progress in seconds of the budget after set-up, not in steps: the planner re-plans the number of steps as the
 machine's speed drifts, and a bar over a step total would jump, even backwards.
 """
 from __future__ import annotations
