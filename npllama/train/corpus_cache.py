@@ -4,7 +4,7 @@ trained on the text and the token ids of its training and held-out parts.
 Training the default 2048-token tokenizer on the bundled Shakespeare and tokenizing the text take
 ~2.5 s, most of a later run's start-up.  Both depend only on the text, the vocabulary size, the
 held-out fraction and the tokenizers library, so they are kept under one key of those in
-``$NPLLAMA_CORPUS_CACHE`` (default ``$NPLLAMA_CACHE/corpora``, else ``~/.cache/npllama/corpora``;
+``$NPLLAMA_CORPUS_CACHE`` (default ``corpora`` in npllama's cache directory, npllama/caches.py;
 ``NPLLAMA_CORPUS_CACHE=0`` switches the cache off) and copied into each run directory, which keeps
 its own copy (``--resume`` and the other ranks of an MPI job read the tokens there).
 
@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from ..caches import cache_dir
 from ..files import atomic_write_bytes
 from ..tokenizer import Tokenizer
 
@@ -35,7 +36,7 @@ def cache_root() -> Path | None:
         return None
     if chosen:
         return Path(chosen)
-    return Path(os.environ.get("NPLLAMA_CACHE") or Path.home() / ".cache" / "npllama") / "corpora"
+    return cache_dir() / "corpora"
 
 
 def entry_dir(text_sha256: str, vocab_size: int, val_fraction: float) -> Path | None:

@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 from .. import model
+from ..caches import numba_cache_dir
 from ..config import LlamaConfig
 from ..generate import decoding
 from ..layers import block, cross_entropy
@@ -63,16 +64,15 @@ def kernel_spec(dtype: str, dropout: float, lora_rank: int | None, lora_targets,
 
 
 def marker_path(spec: dict) -> Path:
-    """The file that says the kernels of ``spec`` are cached: in NUMBA_CACHE_DIR, else in the
-    package's ``__pycache__`` (where Numba caches them).  Where it cannot be written every run starts
+    """The file that says the kernels of ``spec`` are cached: in Numba's cache directory
+    (caches.numba_cache_dir).  Where it cannot be written every run starts
     the second process, which then only loads what is cached."""
     stamps = sorted((str(p.relative_to(PACKAGE_DIR)), p.stat().st_mtime_ns, p.stat().st_size)
                     for p in PACKAGE_DIR.rglob("*.py"))
     key = json.dumps([spec, stamps, str(PACKAGE_DIR), numba.__version__, sys.version,
-                      os.environ.get("NUMBA_CACHE_DIR", ""), os.environ.get("NUMBA_CPU_FEATURES", "")], sort_keys=True)
+                      str(numba_cache_dir()), os.environ.get("NUMBA_CPU_FEATURES", "")], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache_dir = os.environ.get("NUMBA_CACHE_DIR") or PACKAGE_DIR / "__pycache__"
-    return Path(cache_dir) / f"npllama-precompiled-{digest}"
+    return numba_cache_dir() / f"npllama-precompiled-{digest}"
 
 
 STEP_DONE = b"step\n"   # what the second process prints once a training step's kernels are cached
