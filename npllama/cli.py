@@ -28,7 +28,8 @@ SUBCOMMANDS = {
     "inspect": ("npllama.inspection", "draw a model's attention patterns (every head, T x T) for a prompt --text"),
     "plot": ("npllama.plot", "draw the loss curves of one run, or several together, to a PNG (against steps, "
              "tokens or wall time; --csv for a table)"),
-    "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp) or llama2.c checkpoint"),
+    "export": ("npllama.export", "write a model and its tokenizer as a GGUF (llama.cpp), a llama2.c checkpoint or a "
+               "Hugging Face directory; --merge folds a LoRA run's adapters in first"),
     "reference": ("npllama.golden", "write a golden file: every named activation and gradient of the float64 "
                   "reference model on a batch, for checking another implementation"),
     "compare": ("npllama.divergence", "compare your implementation's tensors with a golden file and name the first "

@@ -509,3 +509,31 @@ def test_run_c_generates_npllamas_greedy_tokens(trained, tmp_path):
         assert done.returncode == 0, done.stderr
         assert done.stdout == run_c_text(vocab.pieces, ids + new) + b"\n", prompt
         assert len(set(new)) > 5, prompt
+
+
+def test_a_llama2c_export_generates_with_its_tokenizer_bin(trained, tmp_path):
+    """`npllama generate RUN-llama2c/model.bin` reads the tokenizer.bin beside it: the same ids (in
+    llama2.c's order) for a text, the same text back, and the same greedy continuation as the run."""
+    run = tmp_path / "run"
+    trained.save_pretrained(run)
+    assert cli_main(["export", str(run), "--to", "llama2c"]) == 0
+    exported = Llama.from_pretrained(tmp_path / "run-llama2c" / "model.bin")
+    order = llama2c_vocabulary(trained.tokenizer, CFG.vocab_size).order
+    text = "ROMEO: hello, fair world!\nJULIET: and you."
+    ids = trained.tokenizer.encode(text)
+    assert [order[i] for i in exported.tokenizer.encode(text)] == ids.tolist()
+    assert exported.tokenizer.decode(exported.tokenizer.encode(text)) == text
+    assert exported.tokenizer.eos_id is not None and order[exported.tokenizer.eos_id] == trained.tokenizer.eos_id
+    new = exported.generate(exported.tokenizer.encode(text), 12)
+    assert [order[i] for i in new] == trained.generate(ids, 12).tolist()
+
+    (tmp_path / "run-llama2c" / "tokenizer.bin").write_bytes(b"\x05\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(CheckpointError, match="tokenizer.bin: not a llama2.c tokenizer.bin"):
+        Llama.from_pretrained(tmp_path / "run-llama2c" / "model.bin")
+
+
+def test_export_help_names_every_format_and_merge(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    description = " ".join(capsys.readouterr().out.split("positional arguments")[0].split())
+    assert all(word in description for word in ("GGUF", "llama2.c", "Hugging Face", "--merge")), description

@@ -17,8 +17,8 @@ def load(path, dtype=np.float32):
       weights, tokenizer.json and tokenizer_config.json if any);
     * a ``.gguf`` file, or a directory holding one and no config.json (gguf.py: weights
       dequantized, config, tokenizer and chat template from its metadata, if any);
-    * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (llama2c.py; no tokenizer: llama2.c
-      keeps it in a tokenizer.bin of its own);
+    * a llama2.c checkpoint, a ``.bin`` file of version 0 or 1 (llama2c.py), with the tokenizer.bin
+      beside it when ``npllama export --to llama2c`` wrote it (else no tokenizer);
     * a PEFT LoRA adapter directory (adapter_config.json): its base model (any of the above, found
       through base_model_name_or_path, relative to the adapter directory first) with the adapter
       applied, and the adapter directory's tokenizer.json if it has one.
@@ -58,6 +58,8 @@ def load(path, dtype=np.float32):
         ckpt = llama2c.open_llama2c(path)
         model = Llama(ckpt.config, dtype=dtype, init=False)
         llama2c.load_weights(ckpt, model.params)
+        beside = path.parent / "tokenizer.bin"     # (npllama export --to llama2c writes both)
+        model.tokenizer = llama2c.read_tokenizer_bin(beside, ckpt.config.vocab_size) if beside.is_file() else None
         return model
     if path.is_file():
         raise CheckpointError(f"{path}: neither a GGUF file nor a llama2.c .bin (give one of those, a Hugging "

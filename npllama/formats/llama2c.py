@@ -1,4 +1,5 @@
-"""llama2.c's files: the ``.bin`` checkpoint (read and write) and the ``tokenizer.bin`` (write).
+"""llama2.c's files: the ``.bin`` checkpoint (read and write) and the ``tokenizer.bin`` (write; read
+back when it is the byte-level layout npllama's export writes).
 
 The formats are those of karpathy/llama2.c's ``export.py`` (which writes them) and ``run.c``
 (which runs them); no llama2.c code is part of npllama.  All numbers are little-endian.
@@ -342,3 +343,55 @@ def write_tokenizer_bin(path, pieces: list[bytes], scores: list[float]) -> Path:
     path = Path(path)
     atomic_write_bytes(path, chunks())
     return path
+
+
+def read_tokenizer_bin(path, vocab_size: int):
+    """The npllama Tokenizer of a ``tokenizer.bin`` that ``npllama export --to llama2c`` wrote (ids
+    in llama2.c's order, as the model.bin beside it), or raise CheckpointError naming the file.
+
+    The pieces are the tokens' bytes; a token with a score was made by merging, and, as run.c
+    encodes, any split of it into two tokens may merge into it, the best-scored first
+    (``sentencepiece_merges``); the multi-byte pieces without one are the special tokens.  Id 1
+    is the BOS, or the end-of-text token when the tokenizer had no BOS, id 2 then the EOS.
+    llama2.c's own SentencePiece ``tokenizer.bin`` (byte pieces spelled ``<0x00>``) is not read.
+    """
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    from ..tokenizer import Tokenizer
+    from .gguf_tokenizer import BYTE_SPELLING, sentencepiece_merges
+
+    path = Path(path)
+    raw = path.read_bytes()
+    pieces, scores, at = [], [], 4
+    try:
+        for _ in range(vocab_size):
+            score, n = struct.unpack_from("<fi", raw, at)
+            if n < 0 or at + 8 + n > len(raw):
+                raise struct.error(f"a token of {n} bytes past the end")
+            pieces.append(raw[at + 8:at + 8 + n])
+            scores.append(score)
+            at += 8 + n
+    except struct.error as e:
+        raise CheckpointError(f"{path}: not a llama2.c tokenizer.bin for {vocab_size} tokens ({one_line(e, 120)})") from None
+    if at != len(raw):
+        raise CheckpointError(f"{path}: {len(raw) - at} bytes after the {vocab_size} tokens the model has")
+    if any(len(p) == 6 and p.startswith(b"<0x") for p in pieces[FIRST_BYTE_ID:FIRST_BYTE_ID + 256]):
+        raise CheckpointError(f"{path}: a SentencePiece tokenizer.bin (llama2.c's own), which npllama does not "
+                              "read; give the model as a Hugging Face directory with its tokenizer.json")
+    special = {i for i, (p, sc) in enumerate(zip(pieces, scores)) if sc == NEVER_MERGED and len(p) > 1}
+    tokens = [p.decode("utf-8", "replace") if i in special else "".join(BYTE_SPELLING[b] for b in p)
+              for i, p in enumerate(pieces)]
+    if len(set(tokens)) != len(tokens):
+        raise CheckpointError(f"{path}: the same token twice; not a tokenizer.bin npllama wrote")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = {t: sc for i, (t, sc) in enumerate(zip(tokens, scores)) if i not in special and sc != NEVER_MERGED}
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(vocab, ranked), dropout=None,
+                                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)   # as Tokenizer.train's
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in sorted(special)
+                           if not tokens[i].startswith("[PAD")])
+    both = EOS_ID in special
+    return Tokenizer(hf, bos_token=tokens[BOS_ID] if both else None,
+                     eos_token=tokens[EOS_ID] if both else tokens[BOS_ID])
