@@ -1,7 +1,7 @@
 """Fine-tune a Hugging Face Llama checkpoint directory on a text, then save it in the same format.
 
     python examples/finetune_hf.py                               # tiny test checkpoint, bundled text
-    python examples/finetune_hf.py path/to/hf-llama --text my.txt --steps 200 --out finetuned/
+    python examples/finetune_hf.py path/to/hf-llama --text my.txt --steps 200 --out runs/finetuned/
 
 The checkpoint is any directory with config.json + model.safetensors (or shards), for example one
 downloaded from the Hugging Face Hub.  Its tokenizer.json is used when it has one.  A checkpoint
@@ -61,7 +61,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64, help="capped at the checkpoint's max_position_embeddings")
-    p.add_argument("--out", default="finetuned", help="directory to save the fine-tuned model in")
+    p.add_argument("--out", default="runs/finetuned", help="directory to save the fine-tuned model in (default "
+                   "runs/finetuned, beside the runs of npllama train)")
     args = p.parse_args(argv)
 
     model = npllama.Llama.from_pretrained(args.checkpoint, dtype=np.float32)

@@ -192,8 +192,14 @@ def _draw_run(ax_loss, ax_bpb, run: RunCurves, x: str, smooth: int | None, color
             ax.plot(run.x(curve["steps"], x), curve[key], label=name + curve["label"], **style)
     final = [r for r in run.evals if r.get("final")]
     if final:
-        ax_bpb.annotate(f"{final[-1]['val_bpb']:.3f}", (run.x([final[-1]["step"]], x)[0], final[-1]["val_bpb"]),
-                        textcoords="offset points", xytext=(-10, 8), ha="right")
+        # Each star says what it measures: all held-out tokens, not the periodic curve's first ones,
+        # so it may sit above the curve in one panel and below it in the other (tokens per byte
+        # differ between the two sets of tokens).
+        r = final[-1]
+        over = f"all {r['val_tokens']:,} tokens: " if "val_tokens" in r else "final: "
+        for ax, key in ((ax_loss, "val_loss"), (ax_bpb, "val_bpb")):
+            ax.annotate(f"{over}{r[key]:.3f}", (run.x([r["step"]], x)[0], r[key]), textcoords="offset points",
+                        xytext=(-10, 8), ha="right", fontsize="small")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -124,3 +124,23 @@ def test_several_runs_against_steps_tokens_and_time_with_a_csv(tmp_path, monkeyp
     write_metrics(tmp_path, 5)                 # an old run's metrics: no tokens/s, no wall times
     with pytest.raises(ConfigError, match="does not give the tokens per step; plot it against --x step"):
         plot_runs([tmp_path], x="tokens")
+
+
+def test_both_final_stars_say_they_cover_all_held_out_tokens(tmp_path):
+    """The loss star may sit above the periodic curve and the bits/byte star below it (different
+    tokens): each is annotated with what it covers and its value."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from npllama.plot import RunCurves, _draw_run
+    evals = [{"step": 0, "kind": "eval", "val_loss": 5.0, "val_bpb": 4.0, "val_tokens": 100},
+             {"step": 9, "kind": "eval", "val_loss": 3.0, "val_bpb": 2.5, "val_tokens": 1234, "final": True,
+              "subset": {"val_loss": 2.9, "val_bpb": 2.6, "val_tokens": 100, "val_bytes": 300}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2)
+    _draw_run(ax_loss, ax_bpb, RunCurves(tmp_path), "step", None, None)
+    assert [t.get_text() for t in ax_loss.texts] == ["all 1,234 tokens: 3.000"]
+    assert [t.get_text() for t in ax_bpb.texts] == ["all 1,234 tokens: 2.500"]
+    plt.close(fig)

@@ -48,3 +48,17 @@ def test_npllama_version():
     proc = subprocess.run([sys.executable, "-m", "npllama.cli", "--version"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"npllama {npllama.__version__}\n", proc
+
+
+def test_what_the_readme_and_examples_write_is_not_left_untracked():
+    """The README's downloads (pip download -d DIR, unzip -d DIR), the runs and the examples'
+    default outputs are ignored by git, so a clone stays clean after following the README."""
+    import shutil
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        import pytest
+        pytest.skip("not a git checkout")
+    written = set(re.findall(r"(?:pip download|unzip)\b[^\n]*?-d (\S+?)/?(?:\s|$)", README)) | {"runs/x", "runs/finetuned"}
+    assert {"wheels", "models"} <= written, written
+    for path in sorted(written):
+        done = subprocess.run(["git", "check-ignore", "-q", f"{path}/some-file"], cwd=ROOT)
+        assert done.returncode == 0, f"{path}/ is not ignored by .gitignore"
