@@ -358,8 +358,8 @@ def read_tokenizer_bin(path, vocab_size: int):
     import tokenizers
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-    from ..tokenizer import Tokenizer
-    from .gguf_tokenizer import BYTE_SPELLING, sentencepiece_merges
+    from ..tokenizer import Tokenizer     # (here: the tokenizer module imports formats, which imports this one)
+    from .gguf_tokenizer import BYTE_SPELLING, sentencepiece_merges   # (as above: it imports the tokenizer's)
 
     path = Path(path)
     raw = path.read_bytes()

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
+from ..files import read_json
 
 # top-p looks for its prefix among the m most likely ids, m = 64, 512, 4096, ... (np.partition,
 # O(V)) and sorts only those; a full sort of a 32000-word distribution per token would cost more
@@ -195,11 +197,9 @@ def chat_sampling(path) -> tuple[dict, str]:
       for the model), where present;
     * else greedy (see GREEDY above).
     """
-    from pathlib import Path
     path = Path(path)
     config_file = path / "generation_config.json"
     if path.is_dir() and config_file.is_file():
-        from ..files import read_json
         config = read_json(config_file, "generation config")
         if not isinstance(config, dict) or not config.get("do_sample"):
             return dict(GREEDY), f"{config_file}: do_sample is not set"
@@ -208,10 +208,9 @@ def chat_sampling(path) -> tuple[dict, str]:
         try:
             check_sampling(0, settings["temperature"], settings["top_k"], settings["top_p"], None)
         except InputError as e:
-            from ..errors import CheckpointError
             raise CheckpointError(f"{config_file}: {e}") from None
         return settings, str(config_file)
-    from ..formats.gguf import is_gguf, open_gguf
+    from ..formats.gguf import is_gguf, open_gguf   # (here: only a chat with a GGUF needs the gguf package)
     if is_gguf(path):
         ckpt = open_gguf(path)
         temperature, top_k, top_p = (ckpt.value(f"general.sampling.{key}") for key in ("temp", "top_k", "top_p"))
