@@ -60,25 +60,26 @@ INPUTS = ("tokens", "targets")
 
 
 # ---- the model's order --------------------------------------------------------------------------
-def _forward_position(name):
-    """Where the forward computes activation ``name``: a sortable tuple, or None if not an activation."""
-    top = {"model.embed_tokens": (0,), "inputs_embeds": (0,), "model.norm": (2,), "lm_head": (3,), "loss": (4,)}
+def _position(name, top, inner):
+    """Where ``name`` sits: in ``top`` (name -> tuple), or "model.layers.{i}.<one of inner>": a
+    sortable tuple, or None."""
     if name in top:
         return top[name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in BLOCK_ACTIVATIONS:
-        return (1, int(m.group(1)), BLOCK_ACTIVATIONS.index(m.group(2)))
+    if m and m.group(2) in inner:
+        return (1, int(m.group(1)), inner.index(m.group(2)))
     return None
+
+
+def _forward_position(name):
+    """Where the forward computes activation ``name``, or None if it is not an activation."""
+    top = {"model.embed_tokens": (0,), "inputs_embeds": (0,), "model.norm": (2,), "lm_head": (3,), "loss": (4,)}
+    return _position(name, top, BLOCK_ACTIVATIONS)
 
 
 def _parameter_position(name):
     top = {"model.embed_tokens.weight": (0,), "model.norm.weight": (2,), "lm_head.weight": (3,)}
-    if name in top:
-        return top[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m and m.group(2) in PARAMETERS:
-        return (1, int(m.group(1)), PARAMETERS.index(m.group(2)))
-    return None
+    return _position(name, top, PARAMETERS)
 
 
 def order_key(name):

@@ -28,10 +28,11 @@ from . import __version__
 from .config import LlamaConfig
 from .errors import CheckpointError, InputError
 from .files import read_json
+from .adapters import merge_adapters
+from .formats import load
 from .formats.hf import save_pretrained
 from .formats.safetensors import read_safetensors, read_safetensors_header, write_safetensors
 from .gradcheck import random_params
-from .model import Llama
 from .reference import DTYPES, run_with_cache
 
 FORMAT = "npllama-golden-1"
@@ -89,8 +90,8 @@ def read_tensors(path) -> tuple[dict, dict]:
 
 # ---- `npllama reference` ------------------------------------------------------------------------
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", help="a Hugging Face or run directory, a .gguf file or a llama2.c .bin "
-                        "(or none, with --random-config)")
+    parser.add_argument("model", nargs="?", help="a Hugging Face or run directory, a .gguf file, a llama2.c .bin or "
+                        "a PEFT adapter directory (its adapters merged) (or none, with --random-config)")
     parser.add_argument("--random-config", metavar="CONFIG.json",
                         help="a random model of this config (npllama's LlamaConfig fields or a Hugging Face "
                              "config.json) instead of MODEL; its weights are saved beside --out (OUT.model/, "
@@ -127,7 +128,9 @@ def _random_model(config_path, seed):
 
 
 def _load_model(path):
-    model = Llama.from_pretrained(path, dtype=np.float64)
+    model = load(path, dtype=np.float64)
+    if model.lora is not None:           # a PEFT adapter directory: what it computes, as one model
+        model = merge_adapters(model)
     return model.config, model.params, model.tokenizer
 
 

@@ -207,3 +207,17 @@ def test_compare_in_python_takes_dicts_and_paths(tmp_path, case):
     result = npllama.compare(tmp_path / "g.npz", golden)
     assert result.ok and result.rtol == DEFAULT_RTOL["float64"]
     assert main(["compare", str(tmp_path / "g.npz"), str(tmp_path / "g.npz")]) == 0
+
+
+def test_reference_of_a_peft_adapter_directory_is_the_merged_model(tmp_path):
+    """A PEFT adapter directory (tests/fixtures/lora_peft, on ../hf_gqa): the golden file's logits are
+    what PEFT computed (its fixture, float64) for the same tokens."""
+    fixture = ROOT / "tests" / "fixtures" / "lora_peft"
+    peft_values, _ = read_tensors(fixture / "reference.safetensors")
+    tokens = peft_values["tokens"]
+    done = cli("reference", fixture, "--tokens", ";".join(",".join(map(str, row)) for row in tokens),
+               "--out", tmp_path / "golden.safetensors")
+    assert done.returncode == 0, done.stderr
+    golden, _ = read_tensors(tmp_path / "golden.safetensors")
+    scale = np.abs(peft_values["logits"]).max()
+    assert np.abs(golden["lm_head"] - peft_values["logits"]).max() <= 1e-12 * scale
