@@ -137,9 +137,10 @@ def causal_visibility(T, segment_ids=None, attention_mask=None):
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     visible = j <= i                                                           # (T, T)
     if segment_ids is not None:
+        segment_ids = np.asarray(segment_ids)
         visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])   # (B, T, T)
     if attention_mask is not None:
-        visible = visible & ((attention_mask[:, None, :] != 0) | (i == j))
+        visible = visible & ((np.asarray(attention_mask)[:, None, :] != 0) | (i == j))
     return visible if visible.ndim == 2 else visible[:, None]                  # heads broadcast
 
 
@@ -291,7 +292,7 @@ def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks
         x, _ = embedding_forward(tokens, embed)
         x = hooks("model.embed_tokens", x)                                     # (B, T, D)
     else:
-        x = hooks("inputs_embeds", inputs_embeds.astype(embed.dtype, copy=False))
+        x = hooks("inputs_embeds", np.asarray(inputs_embeds, dtype=embed.dtype))
     positions = np.arange(T) if position_ids is None else position_ids
     cos, sin = rope_tables(positions, cfg, embed.dtype)                        # (T, hd/2) or (B, 1, T, hd/2)
     visible = causal_visibility(T, segment_ids, attention_mask)                # (T, T) or (B, 1, T, T)
