@@ -56,7 +56,7 @@ DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-1}   # docs/ch
 PARAMETERS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
               "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-INPUTS = ("tokens", "targets")
+INPUTS = ("tokens", "targets", "segment_ids", "position_ids", "attention_mask")
 
 
 # ---- the model's order --------------------------------------------------------------------------

@@ -5,6 +5,8 @@ batch and writes one safetensors file holding
 
     tokens, targets            int64 (B, T): targets[b, t] is the token that should follow position t
                                (already shifted; -100 = not counted)
+    segment_ids, position_ids, attention_mask
+                               int64 (B, T), when given (packed rows, padding)
     loss                       float (), the mean cross-entropy over the counted positions
     <activation>               every named activation (docs/check-your-implementation.md lists them)
     grad.<activation>          dL/d(activation)
@@ -38,10 +40,28 @@ from .reference import DTYPES, run_with_cache
 FORMAT = "npllama-golden-1"
 
 
-def next_token_targets(tokens):
-    """targets[b, t] = tokens[b, t + 1], and -100 at the last position (nothing follows it)."""
+def next_token_targets(tokens, segment_ids=None, attention_mask=None, position_ids=None):
+    """targets[b, t] = tokens[b, t + 1], and -100 where nothing follows: at the last position, at
+    a document's last position (segment_ids) and at padding (attention_mask == 0).  (position_ids
+    is accepted and unused, so that a dict of inputs can be passed.)"""
     tokens = np.asarray(tokens)
-    return np.concatenate([tokens[:, 1:], np.full((tokens.shape[0], 1), -100, dtype=tokens.dtype)], axis=1)
+    targets = np.concatenate([tokens[:, 1:], np.full((tokens.shape[0], 1), -100, dtype=tokens.dtype)], axis=1)
+    if segment_ids is not None:
+        segment_ids = np.asarray(segment_ids)
+        targets[:, :-1][segment_ids[:, 1:] != segment_ids[:, :-1]] = -100
+    if attention_mask is not None:
+        targets[np.asarray(attention_mask) == 0] = -100
+    return targets
+
+
+def positions_per_document(segment_ids):
+    """RoPE positions restarting at 0 with each document of a packed row: (B, T) ints."""
+    segment_ids = np.asarray(segment_ids)
+    positions = np.zeros(segment_ids.shape, dtype=np.int64)
+    for t in range(1, segment_ids.shape[1]):
+        same = segment_ids[:, t] == segment_ids[:, t - 1]
+        positions[:, t] = np.where(same, positions[:, t - 1] + 1, 0)
+    return positions
 
 
 def golden_tensors(run, tokens, targets) -> dict:
@@ -103,6 +123,14 @@ def add_arguments(parser):
     parser.add_argument("--seq-len", type=int, default=8, help="random tokens: positions (default: %(default)s)")
     parser.add_argument("--targets", help="target ids, as --tokens (-100: not counted); default: the next token "
                         "of each position, -100 at the last")
+    parser.add_argument("--segment-ids", metavar="ROWS", help="packed rows: each position's document, as --tokens "
+                        "(a position attends only to earlier positions of its document; RoPE positions restart "
+                        "with each unless --position-ids)")
+    parser.add_argument("--position-ids", metavar="ROWS", help="RoPE positions, as --tokens (default: 0, 1, ...)")
+    parser.add_argument("--attention-mask", metavar="ROWS", help="1 for a token, 0 for padding, as --tokens "
+                        "(padding targets become -100)")
+    parser.add_argument("--reduction", choices=("mean", "sum"), default="mean",
+                        help="the loss over the counted positions (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens and random weights "
                         "(default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64",
@@ -152,9 +180,17 @@ def run(args) -> int:
         if args.batch < 1 or args.seq_len < 1:
             raise InputError(f"--batch and --seq-len must be positive, got {args.batch} and {args.seq_len}")
         tokens = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, size=(args.batch, args.seq_len))
-    targets = next_token_targets(tokens) if args.targets is None else _id_rows(args.targets, "targets")
-    result = run_with_cache(params, cfg, tokens, targets, dtype=args.dtype)
-    write_golden(out, golden_tensors(result, tokens, targets), cfg, args.dtype)
+    inputs = {}
+    if args.segment_ids is not None:
+        inputs["segment_ids"] = _id_rows(args.segment_ids, "segment-ids")
+        inputs["position_ids"] = positions_per_document(inputs["segment_ids"])
+    if args.position_ids is not None:
+        inputs["position_ids"] = _id_rows(args.position_ids, "position-ids")
+    if args.attention_mask is not None:
+        inputs["attention_mask"] = _id_rows(args.attention_mask, "attention-mask")
+    targets = next_token_targets(tokens, **inputs) if args.targets is None else _id_rows(args.targets, "targets")
+    result = run_with_cache(params, cfg, tokens, targets, dtype=args.dtype, reduction=args.reduction, **inputs)
+    write_golden(out, {**golden_tensors(result, tokens, targets), **inputs}, cfg, args.dtype)
     print(f"wrote {out}: {len(result.activations)} activations, {len(result.grads)} gradients, loss "
           f"{result.loss:.6f} ({tokens.shape[0]} x {tokens.shape[1]} tokens, {args.dtype})")
     if args.random_config:

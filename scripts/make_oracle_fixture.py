@@ -44,10 +44,7 @@ def main():
         write_golden(directory / "oracle.safetensors", tensors, producer="transformers (npllama.hf_oracle)",
                      command="python scripts/make_oracle_fixture.py")
         inputs = {k: v for k, v in PACKED.items() if k != "tokens"}
-        targets = next_token_targets(PACKED["tokens"])
-        targets[PACKED["attention_mask"] == 0] = -100
-        seg = PACKED["segment_ids"]
-        targets[:, :-1][seg[:, 1:] != seg[:, :-1]] = -100      # a document's last token predicts nothing
+        targets = next_token_targets(PACKED["tokens"], **inputs)   # -100 at documents' ends and padding
         tensors = hf_oracle.record_transformers(model, PACKED["tokens"], targets, reduction="sum", **inputs)
         write_golden(directory / "oracle_packed.safetensors", {**tensors, **inputs},
                      producer="transformers (npllama.hf_oracle)", command="python scripts/make_oracle_fixture.py")

@@ -49,3 +49,20 @@ def test_packed_rows_with_padding_match_the_transformers_dump(name):
     result = npllama.compare(golden_tensors(run, oracle["tokens"], oracle["targets"]), oracle, rtol=HF_EQUAL)
     assert result.ok and not result.missing and not result.unknown, result.report()
     assert max(r.max_rel for r in result.rows) < 1e-13
+
+
+def test_packed_golden_file_from_the_command_line(tmp_path):
+    """`npllama reference --segment-ids --attention-mask --reduction sum`: positions restart per
+    document, targets -100 at documents' ends and padding -- the oracle's batch, to 1e-12."""
+    oracle_path = FIXTURES / "hf_gqa" / "oracle_packed.safetensors"
+    oracle, _ = read_tensors(oracle_path)
+    rows = lambda a: ";".join(",".join(map(str, row)) for row in a)   # noqa: E731
+    golden = tmp_path / "packed.safetensors"
+    done = subprocess.run([sys.executable, "-m", "npllama.cli", "reference", str(FIXTURES / "hf_gqa"),
+                           "--tokens", rows(oracle["tokens"]), "--segment-ids", rows(oracle["segment_ids"]),
+                           "--attention-mask", rows(oracle["attention_mask"]), "--reduction", "sum", "--out", str(golden)],
+                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = npllama.compare(golden, oracle_path, rtol=HF_EQUAL)
+    assert result.ok and not result.missing and not result.unknown, result.report()
+    assert {"segment_ids", "position_ids", "attention_mask", "targets"} <= {r.name for r in result.rows}
