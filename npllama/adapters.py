@@ -93,6 +93,9 @@ def merge_adapters(model):
     merged = type(model)(model.config, dtype=model.dtype, init=False)
     merged.flat_params[...] = model.flat_params
     merged.tokenizer = model.tokenizer
+    for name, w in model.params.items():
+        if getattr(w, "quantized", False):     # a QLoRA base: its dequantized values (quantized_linear.py)
+            merged.params[name][...] = w.dequantize(model.dtype)
     if model.lora is not None:
         for name, a in model.lora_params.items():
             if name.endswith(".lora_A.weight"):

@@ -40,6 +40,7 @@ from .layers.block import decoder_block_backward_rows, decoder_block_forward_row
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
+from .layers.quantized_linear import embedding_rows, is_quantized
 from .layers import linear
 from .layers._numba import helper_threads
 from .layers.linear import matmuls, split_matmuls
@@ -96,6 +97,7 @@ class Llama:
         self._layer_grads = layer_views(self.grads, self.flat_grads, self.layout, cfg)
         self.lora = None  # LoraSettings once add_lora froze the base
         self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
+        self.quantized = False  # True once some weights are QuantizedMatrix (from_pretrained(quantized=True))
         self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.training = True
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
@@ -181,7 +183,7 @@ class Llama:
         step draws them first (``_draw_masks``).  ``after_block(i, qkv)`` is called after block i."""
         cfg = self.config
         first = ws.layers[0]
-        np.take(self.params["model.embed_tokens.weight"], tokens.reshape(-1), axis=0, out=first.x, mode="clip")
+        embedding_rows(self.params["model.embed_tokens.weight"], tokens.reshape(-1), first.x)
         for i, (acts, w, out) in enumerate(zip(ws.layers, self.layers, ws.outputs)):
             acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
             adapters = None if self.lora is None else layer_adapters(self._adapters[i], i, self.lora, lora_masks)
@@ -269,6 +271,9 @@ class Llama:
         -- the head, then each block from the last to the first, then the embedding; each range
         ends where the previous one began (with LoRA: the whole buffer once, at the end) -- so that
         their all-reduce can start while the backward goes on (npllama/train/distributed.py)."""
+        if self.quantized and self.lora is None:
+            raise ConfigError("this model's weights are quantized, which keeps them frozen: train LoRA adapters on "
+                              "it (add_lora, --lora-rank) or load it dequantized (quantized=False)")
         tokens, targets = check_tokens_and_targets(tokens, targets, self.config)
         B, T = tokens.shape
         masks = None if dropout_masks is None else check_dropout_masks(dropout_masks, self.config, B, T, self.dtype)
@@ -454,14 +459,61 @@ class Llama:
 
     # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
+    def from_pretrained(cls, path, dtype=np.float32, quantized: bool = False) -> "Llama":
         """A model, with its tokenizer, from a Hugging Face or run directory, a GGUF file, a llama2.c
         .bin or a PEFT adapter directory: npllama.formats.load, which says what each gives.
+
+        ``quantized=True``: the matrices a GGUF file stores as Q8_0, Q4_0 or Q4_1 stay in their
+        blocks (layers/quantized_linear.py; the model computes with them directly, and they are
+        frozen: training needs LoRA adapters); every other tensor, and every other format, loads
+        as usual.
 
         Raises:
             CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).
         """
-        return formats.load(path, dtype)
+        return formats.load(path, dtype, quantized=quantized)
+
+    def use_quantized(self, matrices, fused):
+        """Put QuantizedMatrix weights in place of the float ones: ``matrices`` by Hugging Face name,
+        ``fused`` per layer index the engine's fused ones ({"wqkv": ..., "w_gate_up": ...}).  The
+        float parameters they replace stay zeros that are never written (untouched pages: no memory)."""
+        for name, matrix in matrices.items():
+            self.params[name] = matrix
+        for i, layer in enumerate(self.layers):
+            layer.update(fused.get(i, {}))
+            p = f"model.layers.{i}."
+            layer["wo"] = self.params[p + "self_attn.o_proj.weight"]
+            layer["w_down"] = self.params[p + "mlp.down_proj.weight"]
+        self.quantized = bool(matrices)
+        return self
+
+    def quantize(self, qtype: str = "Q8_0"):
+        """Quantize every matrix by the gguf package's quantizer (rows of whole 32-weight blocks), in
+        place: what from_pretrained(quantized=True) gives for a file stored so."""
+        from .formats.gguf import FUSED
+        from .layers.quantized_linear import QuantizedMatrix
+        if self.quantized or self.lora is not None:
+            raise ConfigError("quantize() needs a float model without LoRA adapters")
+        matrices, fused = {}, {}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for role, parts in FUSED.items():
+                whole = fused.setdefault(i, {})[role] = QuantizedMatrix.from_float(layer[role], qtype)
+                start = 0
+                for part in parts:
+                    rows = self.params[p + part + ".weight"].shape[0]
+                    matrices[p + part + ".weight"] = whole.rows(start, start + rows)
+                    start += rows
+            for part in ("self_attn.o_proj", "mlp.down_proj"):
+                matrices[p + part + ".weight"] = QuantizedMatrix.from_float(self.params[p + part + ".weight"], qtype)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in self.params:
+                matrices[name] = QuantizedMatrix.from_float(self.params[name], qtype)
+        return self.use_quantized(matrices, fused)
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the weights kept quantized."""
+        return sum(w.nbytes for w in self.params.values() if is_quantized(w))
 
     def save_pretrained(self, path):
         """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""

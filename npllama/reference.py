@@ -50,6 +50,11 @@ LoRA (npllama/layers/lora.py, docs/12-lora.md): ``lora`` maps a projection's mod
 x W^T + scale dropout(x) A^T B^T, and ``loss_and_grad`` returns the adapters' gradients only, keyed
 as PEFT names them without its "base_model.model." prefix ("model.layers.0.self_attn.q_proj.lora_A.weight",
 "...lora_B.weight"): every other weight is frozen.
+
+QLoRA (npllama/layers/quantized_linear.py, docs/14-quantized.md): a weight in ``params`` may be a
+QuantizedMatrix, GGUF's blocks of integer codes and float16 scales.  Its value is the matrix of
+numbers the gguf package dequantizes it to, deq(W), and that is what the reference computes with
+(``dense_params``): a frozen base of those numbers, so QLoRA's gradients are LoRA's on deq(W).
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward_reference
 from .layers.dropout import dropout_backward
 from .layers.embedding import embedding_forward, scatter_add_rows_reference
 from .layers.lora import lora_backward_reference, lora_forward_reference
+from .layers.quantized_linear import dense
 from .layers.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
 from .layers.rope import rope_backward_reference, rope_forward_reference, rope_frequencies
 from .layers.swiglu import swiglu_backward_reference, swiglu_forward_reference
@@ -263,6 +269,14 @@ def block_backward(dout, cache, cfg):
 
 
 # ---- the model -----------------------------------------------------------------------------------
+def dense_params(params):
+    """``params`` with every QuantizedMatrix replaced by deq(W) in the dtype of the float parameters."""
+    if not isinstance(params, dict) or not any(getattr(p, "quantized", False) for p in params.values()):
+        return params                                  # (check_params says what is wrong with a bad one)
+    dtype = params["model.norm.weight"].dtype
+    return {name: dense(p, dtype) for name, p in params.items()}
+
+
 def layer_adapters(lora, lora_masks, i):
     """Layer i's LoRA adapters keyed by projection: {"self_attn.q_proj": (A, B, scale, mask or None)}."""
     prefix = f"model.layers.{i}."
@@ -285,6 +299,7 @@ def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks
     for ``model_backward``."""
     hooks = hooks or NO_HOOKS
     lora, lora_masks = lora or {}, lora_masks or {}
+    params = dense_params(params)
     tokens, B, T = check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask,
                                 lora)
     embed = params["model.embed_tokens.weight"]                                # (V, D)
@@ -313,6 +328,7 @@ def model_backward(dlogits, cache, params, cfg, lora=None):
     """dlogits: (B, T, V), the loss's gradient with respect to the logits -> grads keyed like
     ``params`` (LoRA: the adapters' only)."""
     tokens, block_caches, c_norm, c_head, hooks = cache
+    params = dense_params(params)
     grads = {}
     dlogits = hooks.grad("lm_head", dlogits)                                   # (B, T, V)
     dxn, d_out_weight = linear_backward(dlogits, c_head, hooks)                # (B, T, D), (V, D)

@@ -10,7 +10,7 @@ from ..config import LORA_TARGETS
 from ..errors import CheckpointError
 
 
-def load(path, dtype=np.float32):
+def load(path, dtype=np.float32, quantized=False):
     """A Llama, with its tokenizer, from
 
     * a Hugging Face directory or a run directory of `npllama train` (config.json, safetensors
@@ -27,6 +27,9 @@ def load(path, dtype=np.float32):
     straight into them from the memory-mapped file, so loading needs the final weights plus
     about one tensor: tests/test_load_memory.py holds the peak to 1.5x the weights.
 
+    ``quantized=True``: a GGUF file's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks
+    (gguf.load_quantized, layers/quantized_linear.py); other tensors and formats load as above.
+
     Raises:
         CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).
     """
@@ -37,7 +40,7 @@ def load(path, dtype=np.float32):
     if peft.is_adapter_dir(path):
         config = peft.read_adapter_config(path)
         base = peft.base_model_path(path, config)
-        model = load(base, dtype=dtype)
+        model = load(base, dtype=dtype, quantized=quantized)
         targets = config["target_modules"]
         unknown = sorted(set(targets) - set(LORA_TARGETS))
         if unknown:
@@ -51,7 +54,10 @@ def load(path, dtype=np.float32):
     if gguf.is_gguf(path) or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
         ckpt = gguf.open_gguf(path)
         model = Llama(ckpt.config, dtype=dtype, init=False)
-        gguf.load_weights(ckpt, model.params)
+        if quantized:
+            model.use_quantized(*gguf.load_quantized(ckpt, model.params))
+        else:
+            gguf.load_weights(ckpt, model.params)
         model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
         return model
     if llama2c.is_llama2c(path):

@@ -283,14 +283,17 @@ def open_gguf(path) -> GGUFCheckpoint:
     return GGUFCheckpoint(find_gguf(path))
 
 
-def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> None:
+def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray], expected: dict | None = None) -> None:
     """Dequantize every tensor of ``ckpt`` into ``params`` (Hugging Face name -> the model's array,
-    as ``Llama.params``), after checking that the names and shapes are exactly those of ``params``.
+    as ``Llama.params``), after checking that the names and shapes are exactly those of ``expected``
+    (default ``params``; a subset of the names may be read: ``load_quantized``).
 
     Raises:
         CheckpointError: a tensor missing, unexpected or of the wrong shape.
     """
     path = ckpt.path
+    wanted, expected = params, params if expected is None else expected
+    params = expected
     missing = [n for n in params if n not in ckpt.tensors]
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -300,5 +303,73 @@ def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> None:
         if ckpt.shape(name) != params[name].shape:
             raise CheckpointError(f"{path}: tensor {t.name!r} has shape {ckpt.shape(name)}, the metadata "
                                   f"implies {params[name].shape}")
-    for name in params:
-        ckpt.read_into(name, params[name])
+    for name in wanted:
+        ckpt.read_into(name, wanted[name])
+
+
+# ---- weights kept quantized (layers/quantized_linear.py) --------------------------------------------
+# Projections fused in the engine (model._layer_views): q, k, v one matrix, gate and up one matrix.
+FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
+    """The matrices of ``ckpt`` that stay in their blocks: those stored as Q8_0, Q4_0 or Q4_1 whose
+    fused partners (q/k/v, gate/up) are stored the same way; every other tensor is dequantized."""
+    from ..layers.quantized_linear import QUANTIZED_TYPES
+    kind = {name: QUANTIZED_TYPES.get(t.tensor_type) for name, t in ckpt.tensors.items() if len(t.shape) == 2}
+    names = {name for name, qtype in kind.items() if qtype is not None}
+    for i in range(ckpt.config.n_layers):
+        for parts in FUSED.values():
+            full = [f"model.layers.{i}.{p}.weight" for p in parts]
+            if len({kind.get(n) for n in full}) != 1:
+                names -= set(full)
+    return names
+
+
+def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray) -> np.ndarray:
+    """Copy tensor ``name``'s blocks (rows, row bytes) into ``out`` as they are in the file, Q/K rows
+    in Hugging Face's order (a row permutation: each row is whole blocks); then release its pages."""
+    t = ckpt.tensors[name]
+    data = t.data.reshape(out.shape[0], -1).view(np.uint8)
+    n_head = {"q_proj": ckpt.config.n_heads, "k_proj": ckpt.config.n_kv_heads}.get(name.split(".")[-2])
+    out[...] = data if n_head is None else deinterleave_rope_rows(data, ckpt.config.head_dim)
+    release_pages(ckpt.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
+    return out
+
+
+def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Like ``load_weights``, but the matrices of ``quantized_names`` are read as QuantizedMatrix
+    (their blocks copied from the file, never dequantized) instead of into ``params``.
+
+    Returns (matrices by Hugging Face name, per layer the fused ones: {i: {"wqkv": ..., ...}}); the
+    fused matrices own the blocks and the per-projection ones are row views of them."""
+    from ..layers.quantized_linear import QUANTIZED_TYPES, QuantizedMatrix
+    keep = quantized_names(ckpt)
+    load_weights(ckpt, {n: p for n, p in params.items() if n not in keep}, expected=params)
+    matrices, fused = {}, {}
+
+    def read(names):
+        t0 = ckpt.tensors[names[0]]
+        qtype, cols = QUANTIZED_TYPES[t0.tensor_type], ckpt.shape(names[0])[1]
+        rows = [ckpt.shape(n)[0] for n in names]
+        blocks = np.empty((sum(rows), int(t0.n_bytes) // rows[0]), dtype=np.uint8)
+        start = 0
+        for n, r in zip(names, rows):
+            read_blocks_into(ckpt, n, blocks[start:start + r])
+            start += r
+        whole = QuantizedMatrix(qtype, blocks, cols)
+        start = 0
+        for n, r in zip(names, rows):
+            matrices[n] = whole.rows(start, start + r) if len(names) > 1 else whole
+            start += r
+        return whole
+
+    for i in range(ckpt.config.n_layers):
+        for role, parts in FUSED.items():
+            names = [f"model.layers.{i}.{p}.weight" for p in parts]
+            if names[0] in keep:
+                fused.setdefault(i, {})[role] = read(names)
+    for name in sorted(keep - set(matrices)):
+        read([name])
+    return matrices, fused

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..adapters import merge_adapters
 from ..errors import CheckpointError, InputError
+from ..layers.quantized_linear import embedding_rows
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
 from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
 from ..layers.rope import rope_cos_sin, rope_kernel as rope_row
@@ -75,7 +76,8 @@ class KVCacheDecoder:
         # per layer: weights, its cache, and the matvec kernel of each matrix (all looked up once)
         self.layers = [(w, self.k_cache_t[i], self.v_cache[i], matvec_for(w["wqkv"]), matvec_for(w["wo"]),
                         matvec_for(w["w_gate_up"]), matvec_for(w["w_down"])) for i, w in enumerate(model.layers)]
-        self.embed = model.params["model.embed_tokens.weight"]
+        self.embed = model.params["model.embed_tokens.weight"]       # (an array or a QuantizedMatrix)
+        self.token_ids = np.arange(cfg.vocab_size, dtype=np.int64)  # (a step's id as a 1-element view)
         self.norm_w = model.params["model.norm.weight"]
         self.lm_head = model.lm_head
         self.lm_head_matvec = matvec_for(self.lm_head)
@@ -125,7 +127,7 @@ class KVCacheDecoder:
         x, xn, r, delta, qkv, gate_up, hidden = self.x, self.xn, self.r, self.delta, self.qkv, self.gate_up, self.hidden
         x_row, xn_row, delta_row, qkv_row, attn_row, gate_up_row, hidden_row = self.rows
         eps, one, cos, sin = self.eps, self.one, self.cos, self.sin
-        np.copyto(x_row, self.embed[token])
+        embedding_rows(self.embed, self.token_ids[token:token + 1], x)
         for w, k_cache_t, v_cache, matvec_qkv, matvec_o, matvec_gate_up, matvec_down in self.layers:
             # h = x + W_o attention(rope(q), rope(k), v) over the cache,  n1 = RMSNorm(x)
             rmsnorm_row(x, w["attn_norm"], eps, xn, r)

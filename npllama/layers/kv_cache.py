@@ -168,7 +168,11 @@ def matvec_parallel_kernel(w, x, y):
 
 
 def matvec_for(w):
-    """The matvec kernel to use for weight w: on every thread for big matrices, else this one."""
+    """The matvec kernel to use for weight w: on every thread for big matrices, else this one; for
+    a quantized W, the kernels of engine/quantized.py (layers/quantized_linear.py)."""
+    if getattr(w, "quantized", False):
+        from .quantized_linear import quantized_matvec
+        return quantized_matvec
     if numba.get_num_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
         return matvec_parallel_kernel
     return matvec_kernel

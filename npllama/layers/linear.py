@@ -66,6 +66,14 @@ def matmuls(*products):
     Outside ``split_matmuls``: in order, one BLAS call each.  Inside, with n threads: n tasks (each
     product's rows cut into n / len(products) blocks) run concurrently, one on the calling thread."""
     n = _split["threads"]
+    if any(getattr(b, "quantized", False) for _, b, _ in products):   # (layers/quantized_linear.py)
+        from .quantized_linear import quantized_product
+        for a, b, out in products:
+            if getattr(b, "quantized", False):
+                quantized_product(a, b, out, threads=n)
+            else:
+                matmuls((a, b, out))
+        return
     if n <= 1:
         matmul = matmul_one_thread if _split["one_thread"] else np.matmul
         for a, b, out in products:
