@@ -308,7 +308,7 @@ def load_weights(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray], expected: 
 
 
 # ---- weights kept quantized (layers/quantized_linear.py) --------------------------------------------
-# Projections fused in the engine (model._layer_views): q, k, v one matrix, gate and up one matrix.
+# Projections fused in the engine (buffers.layer_views): q, k, v one matrix, gate and up one matrix.
 FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 
