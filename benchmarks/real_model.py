@@ -2,11 +2,15 @@
 """SmolLM2-135M-Instruct (the Q4_1 GGUF of tests/real_model.py): load time, peak memory, prefill and
 batch-1 greedy decode speed in npllama, transformers and llama.cpp.
 
-    python benchmarks/real_model.py [--gguf PATH] [--threads 2] [--prompt-tokens 128] [--new-tokens 64]
-        [--frameworks npllama,transformers,llama.cpp] [--json [PATH]]
+    python benchmarks/real_model.py [--gguf PATH] [--q8] [--threads 1,2] [--rounds 3] [--prompt-tokens 128]
+        [--new-tokens 64] [--frameworks npllama-q,npllama,transformers,llama.cpp] [--json [PATH]]
 
 Every framework loads the same .gguf in its own fresh process, with every BLAS/OpenMP/Numba thread
-variable (and torch's thread count, llama.cpp's n_threads) set to --threads:
+variable (and torch's thread count, llama.cpp's n_threads) set to the thread count; --rounds
+alternating rounds (every framework and thread count once per round: load on a shared machine hits
+them alike), the medians reported:
+    npllama-q:     Llama.from_pretrained(gguf, quantized=True): the Q8_0/Q4_0/Q4_1 matrices kept in
+                   their blocks (layers/quantized_linear.py), what `npllama generate` runs by default;
     npllama:       Llama.from_pretrained(gguf), dequantized to float32;
     transformers:  AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), its own GGUF loader,
                    dequantized to float32 (needs the gguf and accelerate packages);
@@ -25,11 +29,19 @@ greedy tokens: transformers runs the same float32 weights, so a difference late 
 only be a near-tie of float32 rounding; llama.cpp's quantized arithmetic (Q4_1 weights times
 activations rounded to 8 bits) diverges sooner (its own ``generate`` gives the same tokens as here).
 
+--q8 also runs everything on a Q8_0 copy of the file, made from it by `npllama export --to gguf
+--dtype q8_0` (cached beside it).  "of read limit" = weight bytes read per token (the file's matrix
+bytes for npllama-q and llama.cpp, float32 for npllama and transformers) x decode tok/s / the
+machine's memory read rate at that thread count (measured here, in the parent).  "logits rel" is
+npllama-q's last prompt position's logits against npllama float32's (the same dequantized numbers:
+only float32 rounding differs), max |diff| / max |logit|.
+
 Run it on a quiet machine; on a shared one the figures are low and noisy (a warning says so).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -39,7 +51,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
-FRAMEWORKS = ("npllama", "transformers", "llama.cpp")
+FRAMEWORKS = ("npllama-q", "npllama", "transformers", "llama.cpp")
 SCRIPT = Path(__file__).resolve()
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden press adapted from those used to make wine. Books, "
@@ -53,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--gguf", type=Path, default=None,
                    help="the .gguf to load (default: SmolLM2-135M-Instruct.Q4_1.gguf, fetched and cached as the "
                         "tests do)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="thread counts, comma-separated (e.g. 1,2)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians reported")
+    p.add_argument("--q8", action="store_true", help="also a Q8_0 copy of the file (npllama export --dtype q8_0)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
@@ -63,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if not args.worker:
+        args.thread_counts = [int(t) for t in str(args.threads).split(",")]
+    else:
+        args.threads = int(args.threads)
     unknown = set(args.frameworks) - set(FRAMEWORKS)
     if unknown:
         p.error(f"unknown framework(s) {sorted(unknown)}; choose from {FRAMEWORKS}")
@@ -70,22 +88,27 @@ def parse_args(argv=None):
 
 
 # ---- workers (each in its own process) ------------------------------------------------------------
-def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
+def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int, quantized=False, logits_to=None) -> dict:
     t0 = time.perf_counter()
+    import numpy as np
     from npllama import Llama
     from npllama.generate import generate
-    from npllama.generate.cli import warm_up
+    from npllama.generate.cli import quantized_types, warm_up
+    from npllama.generate.decoding import KVCacheDecoder
     import_s = time.perf_counter() - t0
+    before = common.peak_rss_mb()
     t0 = time.perf_counter()
-    model = Llama.from_pretrained(gguf).eval()
+    model = Llama.from_pretrained(gguf, quantized=quantized).eval()
     load_s, load_peak = time.perf_counter() - t0, common.peak_rss_mb()
-    warm_up(model.dtype)
+    warm_up(model.dtype, quantized_types(model))
     generate(model, ids, 2)                     # first call on this shape: buffers, page faults
     stats = {}
     tokens = generate(model, ids, new_tokens, temperature=0.0, stop_ids=[], stats=stats).tolist()
-    return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "prefill_s": stats["prefill_s"],
-            "decode_s": stats["decode_s"], "decode_steps": stats["decode_steps"], "tokens": tokens,
-            "weights_mb": model.flat_params.nbytes / 2**20}
+    if logits_to is not None:
+        np.save(logits_to, KVCacheDecoder(model, len(ids)).prefill(np.array(ids)))
+    return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "before_load_mb": before,
+            "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "decode_steps": stats["decode_steps"],
+            "tokens": tokens}
 
 
 def transformers_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
@@ -152,13 +175,15 @@ def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) 
             "version": llama_cpp.__version__}
 
 
-WORKERS = {"npllama": npllama_worker, "transformers": transformers_worker, "llama.cpp": llama_cpp_worker}
+WORKERS = {"npllama-q": lambda *a, **k: npllama_worker(*a, quantized=True, **k), "npllama": npllama_worker,
+           "transformers": transformers_worker, "llama.cpp": llama_cpp_worker}
 
 
 def worker(args) -> None:
     job = json.loads((args.workdir / "job.json").read_text())
-    common.worker_main(lambda _: WORKERS[args.worker](Path(job["gguf"]), job["ids"], job["new_tokens"], args.threads),
-                       args)
+    extra = {"logits_to": str(args.workdir / f"logits-{args.worker}.npy")} if args.worker.startswith("npllama") else {}
+    common.worker_main(lambda _: WORKERS[args.worker](Path(job["gguf"]), job["ids"], job["new_tokens"], args.threads,
+                                                      **extra), args)
 
 
 # ---- parent ---------------------------------------------------------------------------------------
@@ -168,45 +193,118 @@ def default_gguf() -> Path:
     return smollm2_gguf()
 
 
+def matrix_bytes(gguf_path: Path) -> dict:
+    """Bytes of the file's matrices as stored (what llama.cpp and npllama-q read per token; a tied
+    embedding is the output projection, read whole) and as float32 (npllama, transformers)."""
+    import gguf
+    import numpy as np
+    reader = gguf.GGUFReader(gguf_path)
+    mats = [t for t in reader.tensors if len(t.shape) == 2]
+    return {"stored": sum(int(t.n_bytes) for t in mats), "float32": sum(4 * int(np.prod(t.shape)) for t in mats)}
+
+
+def q8_copy(gguf_path: Path) -> Path:
+    """A Q8_0 copy of the file made by npllama's own export (cached beside it)."""
+    import subprocess
+    out = gguf_path.with_name(gguf_path.stem.split(".")[0] + ".npllama-Q8_0.gguf")
+    if not out.is_file():
+        subprocess.run([sys.executable, "-m", "npllama.cli", "export", str(gguf_path), "--to", "gguf", "--dtype",
+                        "q8_0", "--out", str(out)], check=True, cwd=common.REPO_ROOT)
+    return out
+
+
+def read_rates(thread_counts) -> dict:
+    """GB/s at which this machine reads a 256 MB array, per thread count (the best of one-thread
+    eight-stream and n-thread reads)."""
+    from benchmarks.profile_step import read_gbs
+    rates = {}
+    for n in thread_counts:
+        rate = read_gbs(256 << 20, n)
+        if n == 1:
+            rate = max(rate, common.memory_read_gbs()["gbs"])
+        rates[n] = rate
+    return rates
+
+
 def main(argv=None) -> int:
+    import statistics
+    import numpy as np
     args = parse_args(argv)
     if args.worker:
         worker(args)
         return 0
     say = common.printer(args)
-    gguf = (args.gguf or default_gguf()).resolve()
+    files = [(args.gguf or default_gguf()).resolve()]
+    if args.q8:
+        files.append(q8_copy(files[0]))
     from npllama import Tokenizer
-    ids = Tokenizer.from_pretrained(gguf).encode(TEXT)[:args.prompt_tokens].tolist()
-    say(f"{gguf.name}: prompt {len(ids)} tokens, {args.new_tokens} new tokens greedily, {args.threads} thread(s)")
-    warning = common.busy_warning(args.threads)
+    ids = Tokenizer.from_pretrained(files[0]).encode(TEXT)[:args.prompt_tokens].tolist()
+    say(f"prompt {len(ids)} tokens, {args.new_tokens} new tokens greedily, threads {args.thread_counts}, "
+        f"{args.rounds} alternating round(s)")
+    warning = common.busy_warning(max(args.thread_counts))
     if warning:
         say(warning)
-    rows = []
+    load = [os.getloadavg()[0]]
+    runs = {}     # (file, threads, framework) -> [result per round]
     with tempfile.TemporaryDirectory() as workdir:
-        (Path(workdir) / "job.json").write_text(json.dumps({"gguf": str(gguf), "ids": ids,
-                                                             "new_tokens": args.new_tokens}))
-        for name in args.frameworks:
-            result = common.run_worker(SCRIPT, ["--worker", name, "--workdir", workdir, "--threads",
-                                                str(args.threads)], args.threads)
-            result["framework"] = name
-            rows.append(result)
-    reference = next((r.get("tokens") for r in rows if r["framework"] == "npllama"), None)
-    for r in rows:
-        if "error" in r:
-            say(f"{r['framework']}: {r['error']}")
-            continue
-        r["prefill_tok_s"] = len(ids) / r["prefill_s"]
-        r["decode_tok_s"] = r["decode_steps"] / r["decode_s"] if r["decode_s"] > 0 else None
-        if reference is not None:
-            same = next((i for i, (a, b) in enumerate(zip(r["tokens"], reference)) if a != b), len(reference))
-            r["same_tokens"] = f"{same}/{len(reference)}"
-    columns = [("framework", "framework", ""), ("load_s", "load s", ".2f"), ("load_peak_mb", "peak MB load", ".0f"),
-               ("peak_rss_mb", "peak MB end", ".0f"), ("prefill_tok_s", "prefill tok/s", ".1f"),
-               ("decode_tok_s", "decode tok/s", ".1f"), ("same_tokens", "same as npllama", "")]
-    say(common.format_table([r for r in rows if "error" not in r], columns))
+        for r in range(args.rounds):
+            for path in files:
+                (Path(workdir) / "job.json").write_text(json.dumps({"gguf": str(path), "ids": ids,
+                                                                     "new_tokens": args.new_tokens}))
+                for threads in args.thread_counts:
+                    for name in args.frameworks:
+                        result = common.run_worker(SCRIPT, ["--worker", name, "--workdir", workdir, "--threads",
+                                                            str(threads)], threads)
+                        if name.startswith("npllama") and (Path(workdir) / f"logits-{name}.npy").is_file():
+                            result["logits"] = np.load(Path(workdir) / f"logits-{name}.npy")
+                        runs.setdefault((path.name, threads, name), []).append(result)
+                        load.append(os.getloadavg()[0])
+        rates = read_rates(args.thread_counts)
+    rows = []
+    for path in files:
+        nbytes = matrix_bytes(path)
+        for threads in args.thread_counts:
+            group = {name: runs[(path.name, threads, name)] for name in args.frameworks}
+            ref = next((g for n, g in group.items() if n == "npllama"), None)
+            for name, results in group.items():
+                ok = [r for r in results if "error" not in r]
+                if not ok:
+                    say(f"{name} ({path.name}, {threads} threads): {results[0]['error']}")
+                    continue
+                med = lambda f: statistics.median(f(r) for r in ok)  # noqa: E731
+                row = {"file": path.name.replace("SmolLM2-135M-Instruct.", ""), "threads": threads, "framework": name,
+                       "load_s": med(lambda r: r["load_s"]), "load_peak_mb": med(lambda r: r["load_peak_mb"]),
+                       "peak_rss_mb": med(lambda r: r.get("peak_rss_mb") or 0),
+                       "prefill_tok_s": med(lambda r: len(ids) / r["prefill_s"]),
+                       "decode_tok_s": med(lambda r: r["decode_steps"] / r["decode_s"])}
+                per_token = nbytes["stored" if name in ("npllama-q", "llama.cpp") else "float32"]
+                row["of_read"] = per_token * row["decode_tok_s"] / (rates[threads] * 1e9)
+                if "before_load_mb" in ok[0]:
+                    row["load_over_file"] = (row["load_peak_mb"] - ok[0]["before_load_mb"]) * 2**20 / path.stat().st_size
+                if ref and "error" not in ref[0]:
+                    same = next((i for i, (a, b) in enumerate(zip(ok[0]["tokens"], ref[0]["tokens"])) if a != b),
+                                len(ref[0]["tokens"]))
+                    row["same_tokens"] = f"{same}/{len(ref[0]['tokens'])}"
+                    if name == "npllama-q" and "logits" in ok[0] and "logits" in ref[0]:
+                        a, b = ok[0]["logits"], ref[0]["logits"]
+                        row["logits_rel"] = float(np.abs(a - b).max() / np.abs(b).max())
+                rows.append(row)
+    columns = [("file", "file", ""), ("threads", "thr", ""), ("framework", "framework", ""),
+               ("load_s", "load s", ".2f"), ("load_peak_mb", "peak MB load", ".0f"),
+               ("load_over_file", "load/file", ".2f"), ("peak_rss_mb", "peak MB end", ".0f"),
+               ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+               ("of_read", "of read limit", ".0%"), ("same_tokens", "same as npllama f32", ""),
+               ("logits_rel", "logits rel", ".1e")]
+    say(common.format_table(rows, columns))
+    say("memory read GB/s by threads: " + ", ".join(f"{n}: {g:.2f}" for n, g in rates.items())
+        + f"; load average during the runs: {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
     if args.json:
-        common.write_json(args.json, {"gguf": str(gguf), "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
-                                      "machine": common.machine_info(args.threads), "results": rows})
+        for results in runs.values():
+            for r in results:
+                r.pop("logits", None)
+        common.write_json(args.json, {"files": [str(f) for f in files], "prompt_tokens": len(ids),
+                                      "new_tokens": args.new_tokens, "read_gbs": rates, "rows": rows,
+                                      "machine": common.machine_info(max(args.thread_counts))})
     return 0
 
 

@@ -129,10 +129,30 @@ def test_gguf_f16_holds_half_precision_matrices_and_float32_gains(trained, tmp_p
     assert ckpt.tensors["lm_head.weight"].tensor_type.name == "F16"
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1"])
+def test_gguf_quantized_export_holds_the_gguf_quantizers_blocks(trained, tmp_path, dtype):
+    """Matrices of whole 32-weight rows quantized by the gguf package (read back as they are, kept in
+    their blocks), the others float16, the gains float32."""
+    from npllama.layers.quantized_linear import QuantizedMatrix
+    write_gguf(tmp_path / "m.gguf", CFG, trained.params, trained.tokenizer, dtype=dtype)
+    model = Llama.from_pretrained(tmp_path / "m.gguf", quantized=True)
+    quantized = 0
+    for name, p in trained.params.items():
+        got = model.params[name]
+        if p.ndim == 2 and p.shape[1] % 32 == 0 and isinstance(got, QuantizedMatrix):
+            np.testing.assert_array_equal(got.blocks, QuantizedMatrix.from_float(p, dtype.upper()).blocks, err_msg=name)
+            quantized += 1
+        elif p.ndim == 2:
+            np.testing.assert_array_equal(got, p.astype(np.float16).astype(np.float32), err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, p, err_msg=name)
+    assert quantized > 0
+
+
 def test_gguf_export_refuses_what_it_cannot_express(trained, tmp_path):
     tok = trained.tokenizer
     with pytest.raises(ConfigError, match="dtype"):
-        write_gguf(tmp_path / "m.gguf", CFG, trained.params, tok, dtype="q4_0")
+        write_gguf(tmp_path / "m.gguf", CFG, trained.params, tok, dtype="q5_0")
     scaled = LlamaConfig(**{**CFG.to_dict(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
     with pytest.raises(ConfigError, match="RoPE scaling"):

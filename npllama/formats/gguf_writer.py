@@ -5,8 +5,8 @@ goes in, the way llama.cpp's converter (``convert_hf_to_gguf.py``, class LlamaMo
 
 * tensors under llama.cpp's names (npllama.formats.gguf.GGUF_NAMES), the rows of W_q and W_k
   put in llama.cpp's adjacent-pair RoPE order (npllama.formats.rope_rows), no ``output.weight``
-  when the output projection is the embedding; matrices float32 or float16 (``dtype``), the
-  RMSNorm gains always float32;
+  when the output projection is the embedding; matrices float32, float16 or quantized to Q8_0,
+  Q4_0 or Q4_1 by the gguf package's quantizers (``dtype``), the RMSNorm gains always float32;
 * the ``llama.*`` hyperparameters (the ones npllama.formats.gguf reads back);
 * the tokenizer as llama.cpp's ``gpt2`` vocabulary (npllama.formats.byte_level): tokens, merges,
   token types (special added tokens CONTROL, other added tokens USER_DEFINED), BOS/EOS ids, whether
@@ -31,7 +31,12 @@ from .byte_level import byte_level_vocabulary
 from .gguf import GGUF_NAMES
 from .rope_rows import interleave_rope_rows
 
-DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+DTYPES = {"f32": (np.float32, gguf.LlamaFileType.ALL_F32), "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+          # quantized by the gguf package's own quantizers (llama.cpp's rounding); a matrix whose rows are
+          # not whole 32-weight blocks stays float16, as llama.cpp's converter does
+          "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+          "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+          "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
 _HF_TO_GGUF = {hf: g for g, hf in GGUF_NAMES.items()}
 
 
@@ -49,7 +54,7 @@ def write_gguf(path, config: LlamaConfig, params: dict[str, np.ndarray], tokeniz
     ``tokenizer`` (an ``npllama.Tokenizer``) as the GGUF file ``path``; returns ``path``.
 
     Raises:
-        ConfigError: ``dtype`` not f32/f16; a model or tokenizer GGUF cannot express (RoPE
+        ConfigError: ``dtype`` not f32/f16/q8_0/q4_0/q4_1; a model or tokenizer GGUF cannot express (RoPE
             scaling, a tokenizer that is not byte-level BPE, more tokens than embedding rows).
         WriteError: the file could not be written (any previous file is unchanged).
     """
@@ -100,7 +105,14 @@ def write_gguf(path, config: LlamaConfig, params: dict[str, np.ndarray], tokeniz
         w = np.asarray(p)
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             w = interleave_rope_rows(w, config.head_dim)
-        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(w, dtype=float_type if w.ndim == 2 else np.float32))
+        matrix_type = float_type
+        if isinstance(float_type, gguf.GGMLQuantizationType):
+            if w.ndim == 2 and w.shape[1] % 32 == 0:
+                writer.add_tensor(gguf_name(hf_name), gguf.quants.quantize(np.asarray(w, np.float32), float_type),
+                                  raw_dtype=float_type)
+                continue
+            matrix_type = np.float16
+        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(w, dtype=matrix_type if w.ndim == 2 else np.float32))
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -182,7 +182,8 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool)
     text_digest = text_sha256(text)
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
-        model = Llama.from_pretrained(init_dir, dtype=dtype)
+        model = Llama.from_pretrained(init_dir, dtype=dtype,
+                                      quantized=cfg.lora_rank is not None and not cfg.dequantize_base)
         if model.lora is not None:                    # a LoRA run or adapter directory
             if cfg.lora_rank is not None:
                 raise ConfigError(f"--init-from {init_dir}: LoRA on top of a LoRA adapter is not supported; "
@@ -386,7 +387,7 @@ def _restore(run_dir: Path, verbose: bool) -> Run:
                               "resuming would not continue the same run")
     data = _load_dataset(cfg, tokenizer, run_dir, text)
 
-    model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype])
+    model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], quantized=not cfg.dequantize_base)
     base_sha256 = None
     if model.lora is not None:
         base_sha256 = base_weights_sha256(model.lora_base)
