@@ -243,7 +243,7 @@ def _chat(model, path, prompt: str, args) -> int:
             print(f"npllama: the answer was cut at {args.max_new_tokens} tokens: give a larger --max-new-tokens "
                   "for longer answers", file=sys.stderr)
 
-    warm_up(model.dtype)
+    warm_up(model.dtype, quantized_types(model))
     chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
          refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
     return 0
