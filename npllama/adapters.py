@@ -101,6 +101,6 @@ def merge_adapters(model):
             if name.endswith(".lora_A.weight"):
                 module = name.removesuffix(".lora_A.weight")
                 b = model.lora_params[module + ".lora_B.weight"]
-                merged.params[module + ".weight"][...] = merge_lora(model.params[module + ".weight"], a, b,
+                merged.params[module + ".weight"][...] = merge_lora(merged.params[module + ".weight"], a, b,
                                                                     model.lora.scale)
     return merged

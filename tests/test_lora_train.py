@@ -242,3 +242,30 @@ def test_fine_tuning_learning_rate_and_warmup_defaults(base, tmp_path):
             TrainConfig(init_from=str(src), lr=2e-2, warmup_steps=0).warmup_steps) == (2e-2, 0)
     saved = TrainConfig(init_from=str(src), lora_rank=8).to_dict()
     assert (saved["lr"], saved["warmup_steps"]) == (1e-3, 10)     # a resumed run keeps what it trained with
+
+
+def test_qlora_from_a_quantized_gguf_keeps_the_base_in_its_blocks(base, tmp_path):
+    """--init-from a Q8_0 .gguf with --lora-rank: the base stays quantized (QLoRA) and the run trains,
+    evaluates, samples (through a merged copy on the dequantized base) and resumes against the same
+    quantized base; --dequantize-base loads it as float32, and a step from the same adapters gives the
+    same loss within float32 rounding."""
+    from npllama.formats.gguf_writer import write_gguf
+    from npllama.layers.quantized_linear import QuantizedMatrix
+    model = npllama.Llama.from_pretrained(base[1])
+    gguf = write_gguf(tmp_path / "base-q8.gguf", model.config, model.params, model.tokenizer, dtype="q8_0")
+    d = tmp_path / "qlora"
+    result = train(lora_config(base, d, init_from=str(gguf), steps=4, checkpoint_interval=2), progress=False,
+                   verbose=False)
+    assert result.step == 4 and result.final_eval["val_bpb"] > 0
+    qlora = npllama.Llama.from_pretrained(d, quantized=True)
+    assert qlora.quantized and isinstance(qlora.params["model.layers.0.mlp.up_proj.weight"], QuantizedMatrix)
+    assert any(p.any() for k, p in qlora.lora_params.items() if ".lora_B." in k)
+    float_base = npllama.Llama.from_pretrained(d)
+    assert not float_base.quantized
+    tokens = np.arange(32).reshape(2, 16) % model.config.vocab_size
+    loss_q, _ = qlora.loss_and_grad(tokens, tokens)
+    loss_f, _ = float_base.loss_and_grad(tokens, tokens)
+    assert abs(loss_q - loss_f) <= 1e-5 * abs(loss_f)
+    (d / STATE_FILE).write_text((d / STATE_FILE).read_text().replace('"total_steps": 4', '"total_steps": 5'))
+    train(resume=d, progress=False, verbose=False)
+    assert json.loads((d / STATE_FILE).read_text())["step"] == 5
