@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -124,7 +125,7 @@ class Tokenizer:
             # One long string is a single sequence to the trainer, which then pre-tokenizes on one
             # core. Pieces cut where encode_long cuts parallelise and leave every word (hence the
             # word counts the merges are learned from) exactly as in the whole text.
-            texts = split_at_safe_newlines(texts, ENCODE_CHUNK_CHARS)
+            texts = split_at_safe_cuts(texts, ENCODE_CHUNK_CHARS, special_tokens)
         hf.train_from_iterator(texts, trainer)
         tokenizer = cls(hf)
         if tokenizer.vocab_size < vocab_size:
@@ -267,10 +268,11 @@ class Tokenizer:
     def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> np.ndarray:
         """Same ids as ``encode(text)``, faster and leaner on long texts (a whole corpus).
 
-        The text is cut into chunks at newlines whose neighbours on both sides are non-whitespace
-        characters. With the GPT-2 regex such a newline is always a word of its own, so no word
-        (and hence no BPE merge) crosses a cut and the chunks' ids concatenate to the ids of the
-        whole. Chunks are then encoded in parallel. The cut is only valid for a pure
+        The text is cut into chunks of about ``chunk_chars`` where the GPT-2 regex starts a word
+        whatever follows (``split_at_safe_cuts``: before the last whitespace character of a run
+        that a word character follows), so no word (and hence no BPE merge) crosses a cut and the
+        chunks' ids concatenate to the ids of the whole, whatever the line endings, on one long
+        line too. Chunks are then encoded in parallel. The cut is only valid for a pure
         ``ByteLevel(add_prefix_space=False)`` pre-tokenizer without normalizer (what ``train``
         builds); any other tokenizer is encoded whole.
         """
@@ -278,7 +280,7 @@ class Tokenizer:
             raise InputError(f"encode_long expects a str, got {type(text).__name__}")
         if not self._can_cut_at_newlines() or len(text) <= chunk_chars:
             return self.encode(text)
-        chunks = split_at_safe_newlines(text, chunk_chars)
+        chunks = split_at_safe_cuts(text, chunk_chars, self._added_contents)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody reads here:
         # 1.6 -> 0.9 s for the bundled corpus on 2 cores
         encode_batch = getattr(self.hf_tokenizer, "encode_batch_fast", self.hf_tokenizer.encode_batch)
@@ -347,11 +349,14 @@ class Tokenizer:
             # GPT-2-style ones (SmolLM2's); encoded whole, its corpus costs ~10x the memory.
             if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
                 pre = pre["pretokenizers"][0] or {}
-            added = [t.get("content", "") for t in spec.get("added_tokens") or []]
+            added = spec.get("added_tokens") or []
+            self._added_contents = tuple(t.get("content", "") for t in added)
             self._cut_at_newlines = bool(
                 spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
                 and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
-                and not any("\n" in t for t in added))
+                # (a token that holds or strips whitespace would reach across a cut)
+                and not any(c.isspace() for t in self._added_contents for c in t)
+                and not any(t.get("lstrip") or t.get("rstrip") for t in added))
         return self._cut_at_newlines
 
 
@@ -360,24 +365,29 @@ def _is_word_char(c: str) -> bool:
     return c.isalnum() or "!" <= c <= "~"
 
 
-def split_at_safe_newlines(text: str, chunk_chars: int) -> list[str]:
-    """Cut ``text`` into pieces of about ``chunk_chars`` characters, each ending with a newline
-    that has a non-whitespace character on both sides (the last piece ends where text ends).
-    ``"".join(pieces) == text``. A text without such newlines stays one piece."""
+# Where a cut may fall: before a space, tab, newline or CR that a word character follows.
+_CUT_CANDIDATE = re.compile(r"[ \t\n\r](?=[!-~\w])")
+
+
+def split_at_safe_cuts(text: str, chunk_chars: int, added_tokens=()) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_chars`` characters where the GPT-2 regex never
+    joins two words: before the last whitespace character (space, tab, newline or CR) of a run that
+    a word character follows.  That character starts a word (a newline, tab or CR alone; a space
+    with the word after it), and the run before it is one word whether the text goes on or ends
+    there (the regex's rule for whitespace leaves a run's last character to what follows it).  Any line endings,
+    and text on one long line, cut alike.  Not before one of ``added_tokens`` (the tokenizer's
+    special and added tokens, matched before the regex: a run before one ends a piece of text, and
+    is one word).  ``"".join(pieces) == text``; a text without such places (no whitespace at all)
+    stays one piece."""
     pieces = []
     start = 0
     n = len(text)
     while n - start > chunk_chars:
-        pos = start + chunk_chars
         cut = -1
-        while True:
-            pos = text.find("\n", pos)
-            if pos < 0 or pos + 1 >= n:
+        for match in _CUT_CANDIDATE.finditer(text, start + chunk_chars):
+            if _is_word_char(text[match.end()]) and not any(text.startswith(t, match.end()) for t in added_tokens):
+                cut = match.start()
                 break
-            if pos > 0 and _is_word_char(text[pos - 1]) and _is_word_char(text[pos + 1]):
-                cut = pos + 1
-                break
-            pos += 1
         if cut < 0:
             break
         pieces.append(text[start:cut])

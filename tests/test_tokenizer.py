@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from npllama.data import load_text
 from npllama.errors import CheckpointError, ConfigError, InputError
-from npllama.tokenizer import Tokenizer, split_at_safe_newlines
+from npllama.tokenizer import Tokenizer, split_at_safe_cuts
 
 VOCAB = 400
 
@@ -140,7 +140,7 @@ def tricky_tok():
 @given(TRICKY, st.integers(1, 40))
 @settings(max_examples=300)
 def test_encode_long_equals_encode(tricky_tok, text, chunk_chars):
-    pieces = split_at_safe_newlines(text, chunk_chars)
+    pieces = split_at_safe_cuts(text, chunk_chars)
     assert "".join(pieces) == text
     np.testing.assert_array_equal(tricky_tok.encode_long(text, chunk_chars=chunk_chars),
                                   tricky_tok.encode(text))
@@ -179,10 +179,21 @@ def test_encode_long_cut_rule_matters():
         np.testing.assert_array_equal(t.encode_long(text, chunk_chars=chunk_chars), whole)
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", " "])
+def test_a_corpus_is_cut_into_bounded_chunks_whatever_its_line_endings(tok, sample_text, ending):
+    """CRLF line endings (a newline beside a CR was never a cut) and a corpus on one line (no
+    newline at all) were encoded whole: a 31 MB CRLF corpus peaked at 6 GB, a 75 MB line aborted."""
+    text = "\n".join(sample_text.splitlines()).replace("\n", ending)
+    pieces = split_at_safe_cuts(text, 1000, ["<|endoftext|>"])
+    assert "".join(pieces) == text
+    assert len(pieces) >= len(text) // 1100 and max(len(p) for p in pieces) < 1100
+    np.testing.assert_array_equal(tok.encode_long(text, chunk_chars=1000), tok.encode(text))
+
+
 def test_encode_long_on_corpus_cuts_and_matches(tok, sample_text):
-    pieces = split_at_safe_newlines(sample_text, 5000)
+    pieces = split_at_safe_cuts(sample_text, 5000)
     assert len(pieces) > 30  # it really cut
-    assert all(p.endswith("\n") for p in pieces[:-1])
+    assert all(p[0] in " \t\n\r" for p in pieces[1:])
     np.testing.assert_array_equal(tok.encode_long(sample_text, chunk_chars=5000), tok.encode(sample_text))
 
 
