@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from . import __version__
-from .errors import NpllamaError
+from .errors import NpllamaError, one_line
 from .threads import thread_limit
 
 SUBCOMMANDS = {
@@ -115,6 +115,9 @@ def _run(argv) -> int:
     except OSError as e:  # disk full, permissions, ... outside npllama's own checks: still one line
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"npllama: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except UnicodeError as e:   # stdin (or a file read as text) that is not UTF-8
+        print(f"npllama: error: input is not valid UTF-8 ({one_line(e, 200)})", file=sys.stderr)
         return 1
     except MemoryError as e:
         print(f"npllama: error: out of memory ({e or 'allocation failed'}); try a smaller model or batch",

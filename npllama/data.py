@@ -28,16 +28,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import io
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, one_line
 from .files import atomic_write_bytes, atomic_write_json
 
 BUNDLED_CORPUS = "data/shakespeare.txt.gz"   # inside the npllama package
@@ -213,11 +215,27 @@ def _read_text_file(path: Path) -> str:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+        data = _gunzip(data, path)
     return _decode_text(data, str(path))
+
+
+GUNZIP_RATIO = 20               # text compresses 3-5x; far more is a gzip bomb, not a corpus
+GUNZIP_FLOOR = 64 * 1024 * 1024
+
+
+def _gunzip(data: bytes, path: Path) -> bytes:
+    """``data`` decompressed, refused once it grows past ``GUNZIP_RATIO`` times its compressed size
+    (at least ``GUNZIP_FLOOR`` bytes): a 3 MB file that would become 3 GB stops at 64 MB."""
+    limit = max(GUNZIP_FLOOR, GUNZIP_RATIO * len(data))
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({one_line(e, 200)})") from None
+    if len(out) > limit:
+        raise DataError(f"{path}: decompresses to more than {limit:,} bytes, {GUNZIP_RATIO} times its size "
+                        "(a gzip bomb? decompress it yourself if it really is text)")
+    return out
 
 
 def _decode_text(data: bytes, name: str) -> str:

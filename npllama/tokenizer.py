@@ -39,7 +39,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .chat_template import render_chat
 from .errors import CheckpointError, ConfigError, InputError, one_line
-from .files import atomic_write_bytes
+from .files import MAX_JSON_BYTES, atomic_write_bytes, open_regular_file, parse_json, read_json
 from .formats.gguf import find_gguf, is_gguf, open_gguf
 from .formats.gguf_tokenizer import read_gguf_tokenizer
 
@@ -152,13 +152,17 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise CheckpointError(f"tokenizer file not found: {path}")
+        f, size = open_regular_file(path, "tokenizer.json")
+        with f:
+            if size > MAX_JSON_BYTES:   # (the limit every JSON file npllama reads has)
+                raise CheckpointError(f"{path}: not a valid tokenizer.json ({size:,} bytes, more than the "
+                                      f"{MAX_JSON_BYTES:,} allowed)")
+            raw = f.read(size)
         try:
-            text = path.read_text(encoding="utf-8")
-            json.loads(text)
-        except RecursionError:
-            raise CheckpointError(f"{path}: not a valid tokenizer.json (JSON nested too deeply)") from None
-        except (OSError, ValueError) as e:  # also UnicodeDecodeError, JSONDecodeError, the int digit limit
-            raise CheckpointError(f"{path}: not a valid tokenizer.json (not UTF-8 JSON: {one_line(e, 200)})") from None
+            parse_json(raw, str(path), "tokenizer.json")   # (UTF-8, nesting, duplicate keys, huge integers)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({str(e).removeprefix(f'{path}: ')})") from None
+        text = raw.decode("utf-8")
         try:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
@@ -260,10 +264,26 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------- encode/decode
     def encode(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as an int64 array; no BOS/EOS is added."""
+        """Token ids of ``text`` as an int64 array; no BOS/EOS is added.
+
+        Raises:
+            InputError: not a str, text that is not valid Unicode (a lone surrogate: undecodable
+                bytes of a command-line argument or of stdin), or one the tokenizer cannot split
+                (its pre-tokenizer's regex gave up: a ``PanicException`` of tokenizers).
+        """
         if not isinstance(text, str):
             raise InputError(f"encode expects a str, got {type(text).__name__}")
-        return np.asarray(self.hf_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"the text is not valid UTF-8 (undecodable byte "
+                             f"0x{ord(text[e.start]) & 0xFF:02x} at character {e.start})") from None
+        try:
+            return np.asarray(self.hf_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        except BaseException as e:   # PanicException derives from BaseException
+            if type(e).__name__ != "PanicException" and not isinstance(e, Exception):
+                raise
+            raise InputError(f"the tokenizer cannot encode this text ({one_line(e, 200)})") from None
 
     def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> np.ndarray:
         """Same ids as ``encode(text)``, faster and leaner on long texts (a whole corpus).
@@ -409,11 +429,10 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
     if not path.is_file():
         return None, None, template, None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = read_json(path, TOKENIZER_CONFIG_FILE)
+    except CheckpointError as e:
         # The tokenizer itself is fine; the eos/bos fall back to the candidate lists.
-        warnings.warn(f"{path}: unreadable, eos/bos tokens guessed from the vocabulary", UserWarning,
-                      stacklevel=3)
+        warnings.warn(f"{one_line(e)}; eos/bos tokens guessed from the vocabulary", UserWarning, stacklevel=3)
         return None, None, template, None
 
     def token_text(value):
@@ -426,7 +445,8 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
     if template is None:
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
             template = named.get("default")
     add_bos = config.get("add_bos_token")
     return (token_text(config.get("eos_token")), token_text(config.get("bos_token")),

@@ -361,3 +361,28 @@ def test_a_sentencepiece_vocabulary_of_long_tokens_is_refused_before_its_merges_
     with pytest.raises(ValueError, match="more than 16 merges a token"):
         sentencepiece_merges(many, {t: 0.0 for t in many})
     assert len(sentencepiece_merges(dict(list(many.items())[:40]), {t: 0.0 for t in list(many)[:40]})) == 39 * 40 // 2
+
+
+@pytest.mark.parametrize("tokens, merges, match", [
+    (["a", "b", "ab", "<|endoftext|>"], ["a q"], r"does not make a tokenizer \(.*`q` out of vocabulary"),
+    (["a", "b", "ab", "c", "ab"], ["a b"], r"token 'ab' is in the vocabulary twice \(ids 2 and 4\)"),
+    ([1, 2, 3], ["a b"], "tokenizer.ggml.tokens must be a list of strings"),
+])
+def test_bad_gguf_tokenizer_metadata_is_one_error_naming_the_file(tmp_path, tokens, merges, match):
+    """(were: a bare Exception of tokenizers, a silent second id, a TypeError)"""
+    path = tmp_path / "tok.gguf"
+    write_gguf(path, random_model(CFG).params, CFG,
+               tokenizer={"add_tokenizer_model": "gpt2", "add_token_list": tokens, "add_token_merges": merges})
+    with pytest.raises(CheckpointError, match=match) as e:
+        Tokenizer.from_pretrained(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_a_gguf_without_block_count_names_the_file_once(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, random_model(CFG).params, CFG)
+    raw = path.read_bytes().replace(b"llama.block_count", b"llama.block_coun_")
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError) as e:
+        load(path)
+    assert str(e.value) == f"{path}: metadata llama.block_count must be a positive integer, got None"

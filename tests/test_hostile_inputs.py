@@ -73,3 +73,117 @@ def test_chat_with_one_prompt_the_template_refuses_exits_with_an_error(tmp_path,
     assert out == "" and err == "npllama: error: the chat template refused the conversation: no cats here\n"
     assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the dog " * 20, "--max-new-tokens", "2"]) == 1
     assert capsys.readouterr().err.startswith("npllama: error: the message is too long:")
+
+
+# ---- corpora ---------------------------------------------------------------------------------------
+def test_a_gzip_bomb_as_data_is_refused_in_bounded_memory_naming_the_file(tmp_path, capsys):
+    """(was: 3 MB -> 3 GB decompressed, the file not named)"""
+    import gzip
+    import resource
+    from npllama.data import GUNZIP_FLOOR, load_text
+    bomb = tmp_path / "bomb.txt.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        line = b"all work and no play makes jack a dull boy\n" * 1000
+        for _ in range(3 * GUNZIP_FLOOR // len(line)):   # 192 MB of text in ~0.5 MB
+            f.write(line)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), hard))
+    try:
+        with pytest.raises(Exception, match=rf"^{bomb}: decompresses to more than 67,108,864 bytes, 20 times its size"):
+            load_text(bomb)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert cli.main(["train", "--data", str(bomb), "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"npllama: error: {bomb}: decompresses to more than")
+    assert not (tmp_path / "run").exists()
+    # an ordinary gzip corpus still reads
+    small = tmp_path / "small.txt.gz"
+    small.write_bytes(gzip.compress(b"to be or not to be\n" * 1000))
+    assert load_text(small) == "to be or not to be\n" * 1000
+
+
+# ---- tracebacks that became one line ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    import warnings
+    from npllama import Tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = Tokenizer.train("the cat sat on the mat; the dog sat on the log. " * 20, vocab_size=300)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = Llama(LlamaConfig(**{**CFG.to_dict(), "vocab_size": 300}), seed=0)
+    model.tokenizer = tokenizer
+    path = tmp_path_factory.mktemp("model") / "m"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("raw, warns", [
+    ('{"eos_token": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"eos_token": "x", "add_bos_token": ' + "9" * 5000 + "}", "digits"),
+    ('{"chat_template": [{"name": ["default"], "template": "x"}, {"name": "default", "template": "ok"}]}', None),
+])
+def test_a_hostile_tokenizer_config_is_read_or_warned_about_never_a_traceback(small_model_dir, tmp_path, raw, warns):
+    import shutil
+    import warnings
+    from npllama import Tokenizer
+    d = tmp_path / "m"
+    shutil.copytree(small_model_dir, d)
+    (d / "tokenizer_config.json").write_text(raw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenizer = Tokenizer.from_file(d / "tokenizer.json")
+    messages = [str(w.message) for w in caught]
+    if warns:
+        assert len(messages) == 1 and str(d / "tokenizer_config.json") in messages[0] and warns in messages[0]
+    else:
+        assert messages == [] and tokenizer.chat_template == "ok"
+
+
+def test_a_tokenizer_json_over_the_json_limit_is_refused_unread(tmp_path):
+    from npllama import Tokenizer
+    from npllama.files import MAX_JSON_BYTES
+    big = tmp_path / "tokenizer.json"
+    with open(big, "wb") as f:
+        f.truncate(MAX_JSON_BYTES + 1)   # (sparse: nothing of it is read)
+    with pytest.raises(CheckpointError, match=rf"^{big}: not a valid tokenizer.json \(268,435,457 bytes, more than"):
+        Tokenizer.from_file(big)
+
+
+def test_a_pre_tokenizer_regex_that_gives_up_is_an_input_error():
+    """(was: tokenizers' PanicException, a BaseException, as a traceback)"""
+    import tokenizers
+    from tokenizers import Regex, models, pre_tokenizers
+    from npllama import InputError, Tokenizer
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("(a+)+b"), "isolated")
+    with pytest.raises(InputError, match="the tokenizer cannot encode this text"):
+        Tokenizer(hf).encode("a" * 30)
+
+
+def test_a_prompt_that_is_not_utf8_ends_in_one_error_line(small_model_dir):
+    """`--prompt $'\\xff'`, and the same on stdin to --chat (was: TypeError: TextInputSequence must be str)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "LC_ALL": "C.UTF-8", "RUST_BACKTRACE": "0"}
+
+    def generate(*args, stdin=b""):
+        return subprocess.run([sys.executable.encode(), b"-m", b"npllama.cli", b"generate", str(small_model_dir).encode(),
+                               b"--max-new-tokens", b"2", b"--seed", b"0", *args], input=stdin, capture_output=True,
+                              env=env, timeout=120)
+
+    for args, stdin in (([b"--prompt", b"the \xff cat"], b""), ([b"--prompt", b"-"], b"the \xff cat\n")):
+        done = generate(*args, stdin=stdin)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.decode("utf-8", "replace").splitlines()
+        assert len(lines) == 1 and lines[0].startswith("npllama: error: ") and "UTF-8" in lines[0], lines
+    # a chat on stdin answers the bad line with why, and goes on to the next
+    done = generate(b"--chat", stdin=b"the \xff cat\nthe cat\n")
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(b"[the text is not valid UTF-8 (undecodable byte 0xff at character 4)]\n")

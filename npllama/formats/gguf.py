@@ -202,6 +202,8 @@ class GGUFCheckpoint:
                 bos_token_id=bos if isinstance(bos, int) and bos < vocab_size else None,
                 eos_token_id=eos if isinstance(eos, int) and eos < vocab_size else None,
             )
+        except CheckpointError:   # (a metadata value, already named with the file)
+            raise
         except (ConfigError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: {one_line(e)}") from None
 

@@ -78,14 +78,25 @@ def read_gguf_tokenizer(ckpt: GGUFCheckpoint) -> GGUFTokenizer:
     tokens = ckpt.value("tokenizer.ggml.tokens")
     if not tokens:
         raise CheckpointError(f"{ckpt.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{ckpt.path}: tokenizer.ggml.tokens must be a list of strings")
     types = ckpt.value("tokenizer.ggml.token_type") or [1] * len(tokens)
     if kind == "gpt2":
         tokens = [_byte_level_spelling(t) for t in tokens]
-        hf = _byte_level_bpe(ckpt, tokens)
-    elif kind == "llama":
-        hf = _sentencepiece_bpe(ckpt, tokens)
-    else:
-        raise CheckpointError(f"{ckpt.path}: tokenizer model {kind!r} is not supported (only 'gpt2' and 'llama')")
+    _check_unique(ckpt.path, tokens)
+    try:
+        if kind == "gpt2":
+            hf = _byte_level_bpe(ckpt, tokens)
+        elif kind == "llama":
+            hf = _sentencepiece_bpe(ckpt, tokens)
+        else:
+            raise CheckpointError(f"{ckpt.path}: tokenizer model {one_line(kind, 60)!r} is not supported (only "
+                                  "'gpt2' and 'llama')")
+    except CheckpointError:
+        raise
+    except Exception as e:   # tokenizers' own complaint (a merge of a token not in the vocabulary, ...)
+        raise CheckpointError(f"{ckpt.path}: the tokenizer metadata does not make a tokenizer "
+                              f"({one_line(e, 200)})") from None
     hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
                            # a CONTROL token outside the byte alphabet is a llama.cpp mislabel (transformers skips it too)
                            if ty == CONTROL and (kind != "gpt2" or set(t) <= BYTE_ALPHABET)])
@@ -100,6 +111,18 @@ def read_gguf_tokenizer(ckpt: GGUFCheckpoint) -> GGUFTokenizer:
         hf_tokenizer=hf, bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=token("tokenizer.ggml.eos_token_id"),
         add_bos=bool(ckpt.value("tokenizer.ggml.add_bos_token", kind == "llama")),
         chat_template=template if isinstance(template, str) else None)
+
+
+def _check_unique(path, tokens: list[str]) -> None:
+    """Refuse a vocabulary holding a token twice: two ids for one string, one of which encoding
+    would never give."""
+    if len(set(tokens)) != len(tokens):
+        first = {}
+        for i, t in enumerate(tokens):
+            if t in first:
+                raise CheckpointError(f"{path}: token {one_line(t, 60)!r} is in the vocabulary twice (ids {first[t]} "
+                                      f"and {i})")
+            first[t] = i
 
 
 # ---- byte-level BPE -----------------------------------------------------------------------------
