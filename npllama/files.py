@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -25,10 +26,14 @@ MAX_JSON_BYTES = 256 * 1024 * 1024    # config.json, shard index, training state
 # ---- atomic writes -----------------------------------------------------------------------------
 def atomic_write_bytes(path, chunks):
     """Write the byte strings ``chunks`` to ``path`` so that a crash leaves either the old file or
-    the complete new one: write a temp file in the same directory, fsync it, rename over."""
+    the complete new one: write a temp file in the same directory, fsync it, rename over.
+
+    The temp file is named ``.NAME.HOST-PID.RANDOM.tmp``; those of ``path`` that a process killed
+    mid-write left (its pid no longer runs on this host) are removed first."""
     path = Path(path)
+    remove_stale_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({e.strerror or e}); the previous file, if any, "
                          "is unchanged") from e
@@ -52,6 +57,38 @@ def atomic_write_bytes(path, chunks):
                              "is unchanged") from e
         raise
     fsync_dir(path.parent)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def remove_stale_temps(path) -> None:
+    """Remove the temp files of atomic writes to ``path`` whose writer is gone (a SIGKILL during an
+    export leaves hundreds of MB): npllama's naming only, a pid not running on this host."""
+    path = Path(path)
+    prefix = _temp_prefix(path)
+    try:
+        entries = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in entries:
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True   # (another user's process; or no such pid to ask about: keep the file)
+    return True
 
 
 def _new_file_mode(path: Path) -> int:

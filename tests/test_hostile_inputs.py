@@ -187,3 +187,44 @@ def test_a_prompt_that_is_not_utf8_ends_in_one_error_line(small_model_dir):
     done = generate(b"--chat", stdin=b"the \xff cat\nthe cat\n")
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
     assert done.stdout.startswith(b"[the text is not valid UTF-8 (undecodable byte 0xff at character 4)]\n")
+
+
+# ---- what a SIGKILL during a write leaves ------------------------------------------------------------
+KILLED_WRITER = """
+import sys, time
+from npllama.files import atomic_write_bytes
+def chunks():
+    yield b"x" * (1 << 20)
+    print("writing", flush=True)
+    time.sleep(120)
+    yield b"never"
+atomic_write_bytes(sys.argv[1], chunks())
+"""
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_the_next_write_to_the_same_file(tmp_path):
+    """(was: `.NAME.<random>.tmp` of hundreds of MB left by a SIGKILL during export, removed by nothing)"""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from npllama.files import atomic_write_bytes
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "model.bin"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    assert writer.stdout.readline() == b"writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model.bin.") and left[0].endswith(".tmp")
+    # not npllama's naming, a live writer's (this process's), another file's: all kept
+    host = socket.gethostname()
+    kept = [".model.bin.abc123.tmp", f".model.bin.{host}-{os.getpid()}.x.tmp", f".other.bin.{host}-1.x.tmp"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"keep")
+    atomic_write_bytes(target, [b"new"])
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["model.bin"])
