@@ -847,3 +847,104 @@ def test_fuzz_config_file(tmp_path_factory, data):
     if not isinstance(cfg, NpllamaError):
         assert isinstance(cfg, TrainConfig)
         assert cfg.batch_size >= 1 and cfg.seq_len >= 1 and cfg.lr > 0
+
+
+# ---- size fields of every format, mutated (issue 28) ---------------------------------------------
+# Each loader must check what a header implies (parameters, bytes, ranks, vocabulary) against the
+# file and sane limits before allocating: a size field set to 2^31 - 1 or 2^63 is refused in
+# bounded memory (bounded_memory) with an error naming the file, or loads a consistent model.
+SIZE_VALUES = [0, 1, 2, 3, 7, 8, 15, 16, 17, 255, 300, 1000, 10**6, 2**16, 2**31 - 1, 2**31, 2**32 - 1,
+               2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+SIZE_TINY = npllama.LlamaConfig(vocab_size=300, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=32,
+                                max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def size_model():
+    import warnings
+    from npllama import Tokenizer
+    model = QuietLlama(SIZE_TINY, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (a short text: fewer merges than asked for)
+        model.tokenizer = Tokenizer.train("the cat sat on the mat, the dog on the log. " * 30, vocab_size=300)
+    return model
+
+
+def _integer_fields(path) -> list[tuple[int, int]]:
+    """(byte position, width) of every single integer of a GGUF's header: the counts, every
+    metadata integer and string/array length, every tensor's dimension count, dimensions, type and
+    offset."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    base = reader.data.ctypes.data
+    fields = [*reader.fields.values(), *(t.field for t in reader.tensors)]
+    found = set()
+    for field in fields:
+        for part in field.parts:
+            if part.dtype.kind in "iu" and part.dtype.itemsize in (4, 8) and part.size <= 4:
+                for k in range(part.size):
+                    found.add((part.ctypes.data - base + k * part.dtype.itemsize, part.dtype.itemsize))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(size_model, tmp_path_factory):
+    from npllama.formats.gguf_writer import write_gguf
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", SIZE_TINY, size_model.params, size_model.tokenizer)
+    return path.read_bytes(), _integer_fields(path)
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_gguf_size_fields(gguf_file, data):
+    raw, fields = gguf_file
+    corrupt = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 2))):
+        pos, width = data.draw(st.sampled_from(fields))
+        value = data.draw(st.sampled_from(SIZE_VALUES) | st.integers(0, 2 ** (8 * width) - 1))
+        corrupt[pos:pos + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")
+    with model_dir({"m.gguf": bytes(corrupt)}) as d:
+        loaded = expect_load_or_clear_error(lambda: npllama.Llama.from_pretrained(d / "m.gguf"), "m.gguf",
+                                            max_peak_bytes=weight_bound(d))
+        if not isinstance(loaded, NpllamaError):
+            assert loaded.config.num_parameters() <= 2 * SIZE_TINY.num_parameters()
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_llama2c_header(size_model, data):
+    from npllama.formats.llama2c import write_llama2c
+    version = data.draw(st.sampled_from([0, 1]))
+    with model_dir({}) as d:
+        raw = bytearray(write_llama2c(d / "m.bin", SIZE_TINY, size_model.params, version=version).read_bytes())
+    first = 0 if version == 0 else 8
+    for _ in range(data.draw(st.integers(1, 2))):
+        field = data.draw(st.integers(0, 6))
+        value = data.draw(st.sampled_from(SIZE_VALUES + [-1, -300, -(2**31)]) | st.integers(-2**31, 2**31 - 1))
+        struct.pack_into("<I", raw, first + 4 * field, value % 2**32)
+    with model_dir({"m.bin": bytes(raw)}) as d:
+        expect_load_or_clear_error(lambda: npllama.Llama.from_pretrained(d / "m.bin"), "m.bin",
+                                   max_peak_bytes=weight_bound(d))
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_fuzz_peft_adapter_sizes(data):
+    """adapter_config.json's r and lora_alpha, and the adapter matrices' shapes in its header."""
+    adapter = Path(__file__).resolve().parent / "fixtures" / "lora_peft"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(adapter.parent / "hf_gqa")
+    raw = (adapter / "adapter_model.safetensors").read_bytes()
+    if data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(["r", "lora_alpha"]))
+        config[key] = data.draw(st.sampled_from(SIZE_VALUES + [-1, 1e308, 0.5, float("inf"), float("nan")]))
+    else:   # one tensor's shape in the header (its data offsets left as they were)
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        axis = data.draw(st.integers(0, 1))
+        header[name]["shape"][axis] = data.draw(st.sampled_from(SIZE_VALUES))
+        raw = safetensors_bytes(header, raw[8 + n:])
+    with model_dir({"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": raw}) as d:
+        expect_load_or_clear_error(lambda: npllama.Llama.from_pretrained(d), str(d),
+                                   max_peak_bytes=weight_bound(adapter.parent / "hf_gqa") + weight_bound(d))

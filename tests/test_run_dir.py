@@ -214,3 +214,17 @@ def test_resume_refuses_a_config_or_tokenizer_config_edited_since_the_checkpoint
     del state["settings_sha256"]
     (run / "training_state.json").write_text(json.dumps(state))
     assert train(resume=run, progress=False, verbose=False).step == 1
+
+
+def test_an_unwritable_out_dir_is_reported_before_the_tokenizer_is_trained(corpus, tmp_path, monkeypatch, capsys):
+    from npllama.tokenizer import Tokenizer
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a tokenizer was trained for a run that cannot be written")
+
+    monkeypatch.setattr(Tokenizer, "train", no_tokenizer)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"     # (the tests run as root: a directory's mode would not stop them)
+    assert cli.main(cli_args(corpus, out)) == 1
+    err = capsys.readouterr().err
+    assert err == f"npllama: error: --out-dir {out}: cannot write there (Not a directory)\n"
