@@ -9,6 +9,23 @@ from npllama import cli
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_seq_len=32)
 
 
+def saved_model(path, chat_template=None, **weights):
+    """A small model with a trained tokenizer (and ``chat_template``) saved as a Hugging Face
+    directory at ``path``; ``weights``: parameter name -> a value to fill it with."""
+    import warnings
+    from npllama import Tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (a short text: fewer merges than asked for)
+        tokenizer = Tokenizer.train("the cat sat on the mat; the dog sat on the log. " * 20, vocab_size=300)
+    tokenizer.chat_template = chat_template
+    model = Llama(LlamaConfig(**{**CFG.to_dict(), "vocab_size": 300}), seed=0)
+    for name, value in weights.items():
+        model.params[name][...] = value
+    model.tokenizer = tokenizer
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("temperature, top_p", [(0.0, None), (0.8, None), (0.8, 0.9)])
 def test_nan_logits_stop_generation_with_one_clear_error(temperature, top_p):
     """(was: an IndexError in sampling.top_p_ids, or, greedy, nothing printed and exit 0)"""
@@ -19,15 +36,7 @@ def test_nan_logits_stop_generation_with_one_clear_error(temperature, top_p):
 
 
 def test_overflowing_logits_from_a_saved_model_end_the_cli_in_one_line(tmp_path, capsys):
-    from npllama import Tokenizer
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # (a short text: fewer merges than asked for)
-        tokenizer = Tokenizer.train("the cat sat on the mat; the dog sat on the log. " * 20, vocab_size=300)
-    model = Llama(LlamaConfig(**{**CFG.to_dict(), "vocab_size": 300}), seed=0)
-    model.params["lm_head.weight"][...] = 3e38   # finite weights, infinite float32 logits
-    model.tokenizer = tokenizer
-    model.save_pretrained(tmp_path / "m")
+    saved_model(tmp_path / "m", **{"lm_head.weight": 3e38})   # finite weights, infinite float32 logits
     assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--max-new-tokens", "3"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("npllama: error: the model's logits are NaN or infinite after ")
@@ -59,15 +68,8 @@ def test_a_hostile_chat_template_ends_in_one_error_within_seconds(template, matc
 
 def test_chat_with_one_prompt_the_template_refuses_exits_with_an_error(tmp_path, capsys):
     """`--chat --prompt` (one message, no conversation to go on with): was exit 0, the error in brackets on stdout."""
-    from npllama import Tokenizer
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = Tokenizer.train("the cat sat on the mat; the dog sat on the log. " * 20, vocab_size=300)
-    tokenizer.chat_template = "{{ raise_exception('no cats here') if 'cat' in messages[-1]['content'] }}{{ messages[-1]['content'] }}"
-    model = Llama(LlamaConfig(**{**CFG.to_dict(), "vocab_size": 300}), seed=0)
-    model.tokenizer = tokenizer
-    model.save_pretrained(tmp_path / "m")
+    saved_model(tmp_path / "m", "{{ raise_exception('no cats here') if 'cat' in messages[-1]['content'] }}"
+                                "{{ messages[-1]['content'] }}")
     assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the cat", "--max-new-tokens", "2"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == "npllama: error: the chat template refused the conversation: no cats here\n"
@@ -108,17 +110,7 @@ def test_a_gzip_bomb_as_data_is_refused_in_bounded_memory_naming_the_file(tmp_pa
 # ---- tracebacks that became one line ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    import warnings
-    from npllama import Tokenizer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = Tokenizer.train("the cat sat on the mat; the dog sat on the log. " * 20, vocab_size=300)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    model = Llama(LlamaConfig(**{**CFG.to_dict(), "vocab_size": 300}), seed=0)
-    model.tokenizer = tokenizer
-    path = tmp_path_factory.mktemp("model") / "m"
-    model.save_pretrained(path)
-    return path
+    return saved_model(tmp_path_factory.mktemp("model") / "m", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
 @pytest.mark.parametrize("raw, warns", [
