@@ -36,10 +36,15 @@ def test_nan_logits_stop_generation_with_one_clear_error(temperature, top_p):
 
 
 def test_overflowing_logits_from_a_saved_model_end_the_cli_in_one_line(tmp_path, capsys):
-    saved_model(tmp_path / "m", **{"lm_head.weight": 3e38})   # finite weights, infinite float32 logits
+    saved_model(tmp_path / "m", "{{ messages[-1]['content'] }}", **{"lm_head.weight": 3e38})   # finite weights, infinite logits
     assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--max-new-tokens", "3"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("npllama: error: the model's logits are NaN or infinite after ")
+    assert err.count("\n") == 1 and err.startswith(f"npllama: error: {tmp_path / 'm'}: the model's logits are NaN "
+                                                    "or infinite after ")
+    assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the cat", "--max-new-tokens", "3"]) == 1
+    err = capsys.readouterr().err   # (after the chat's line on its sampling)
+    assert err.count("npllama: error:") == 1
+    assert err.splitlines()[-1].startswith(f"npllama: error: {tmp_path / 'm'}: the model's logits are NaN")
 
 
 # ---- chat templates: bounded in output, time and what they may raise ---------------------------------

@@ -16,7 +16,7 @@ from ..chat import chat
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
-from .decoding import generate, slide_window, stream
+from .decoding import NonFiniteLogits, generate, slide_window, stream
 from .healing import TokenHealing
 from .sampling import chat_sampling, check_sampling, check_stop_ids, describe_sampling
 
@@ -175,6 +175,8 @@ def run(args) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, out.fileno())
         return 0
+    except NonFiniteLogits as e:
+        raise NonFiniteLogits(f"{path}: {e}") from None
     _report(stats, seed if args.temperature > 0 else None, model.config.max_seq_len)
     return 0
 
@@ -244,8 +246,11 @@ def _chat(model, path, prompt: str, args) -> int:
                   "for longer answers", file=sys.stderr)
 
     warm_up(model.dtype, quantized_types(model))
-    chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
-         refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
+    try:
+        chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
+             refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
+    except NonFiniteLogits as e:
+        raise NonFiniteLogits(f"{path}: {e}") from None
     return 0
 
 

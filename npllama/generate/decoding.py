@@ -48,6 +48,10 @@ from ..layers.swiglu import swiglu_forward_kernel as swiglu_row
 from .sampling import check_prompt, check_sampling, check_stop_ids, greedy_token, sample_token
 
 
+class NonFiniteLogits(CheckpointError):
+    """The model computed NaN or infinite logits: no distribution to sample, no argmax to trust."""
+
+
 class KVCacheDecoder:
     """The decoding state of one sequence (batch 1) of a Llama: cache, RoPE tables, work buffers.
 
@@ -207,7 +211,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
 
     def choose(logits):
         if not np.isfinite(logits).all():   # (no distribution to sample from, no argmax to trust)
-            raise CheckpointError(f"the model's logits are NaN or infinite after {P + stats['new_tokens']} tokens: "
+            raise NonFiniteLogits(f"the model's logits are NaN or infinite after {P + stats['new_tokens']} tokens: "
                                   "its weights (or an adapter's scale) are corrupt; generation stopped")
         if healing is None or not healing.active:
             return choose_from(logits)
