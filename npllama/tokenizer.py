@@ -38,7 +38,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .chat_template import render_chat
-from .errors import CheckpointError, ConfigError, InputError, one_line
+from .errors import CheckpointError, ConfigError, DataError, InputError, one_line
 from .files import MAX_JSON_BYTES, atomic_write_bytes, open_regular_file, parse_json, read_json
 from .formats.gguf import find_gguf, is_gguf, open_gguf
 from .formats.gguf_tokenizer import read_gguf_tokenizer
@@ -385,6 +385,7 @@ def _is_word_char(c: str) -> bool:
     return c.isalnum() or "!" <= c <= "~"
 
 
+MAX_UNCUT_CHARS = 1 << 22   # characters a piece may have when nowhere in it can be cut
 # Where a cut may fall: before a space, tab, newline or CR that a word character follows.
 _CUT_CANDIDATE = re.compile(r"[ \t\n\r](?=[!-~\w])")
 
@@ -409,6 +410,11 @@ def split_at_safe_cuts(text: str, chunk_chars: int, added_tokens=()) -> list[str
                 cut = match.start()
                 break
         if cut < 0:
+            if n - start - chunk_chars > MAX_UNCUT_CHARS:   # one "word" of megabytes: BPE on it takes gigabytes
+                raise DataError(f"the text has {n - start - chunk_chars:,} characters from character "
+                                f"{start + chunk_chars:,} on without a "
+                                "place to cut them into words (a space, tab or newline before a letter, digit "
+                                "or punctuation): not text a tokenizer can learn from or encode")
             break
         pieces.append(text[start:cut])
         start = cut

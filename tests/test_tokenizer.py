@@ -289,3 +289,13 @@ def test_transformers_fast_tokenizer_loads_and_matches(tok, tmp_path, sample_tex
         assert ids == tok.encode(text).tolist()
         assert fast.decode(ids) == tok.decode(ids) == text
     assert len(fast) == tok.vocab_size
+
+
+def test_a_text_with_nowhere_to_cut_is_refused_not_encoded_whole(tok):
+    """Megabytes without whitespace are one word to the pre-tokenizer (BPE on it: gigabytes)."""
+    from npllama.errors import DataError
+    from npllama.tokenizer import MAX_UNCUT_CHARS
+    text = "the start\n" + "x" * (MAX_UNCUT_CHARS + 70_000)
+    with pytest.raises(DataError, match=r"characters from character 65,536 on without a place to cut"):
+        tok.encode_long(text)
+    assert len(split_at_safe_cuts("a b\n" * 10 + "x" * 1000, 8)) > 1   # (a long word below the limit: kept whole)
