@@ -11,14 +11,14 @@ import sys
 import time
 
 from npllama import cli
-from npllama.train import loop
+from npllama.train import session
 
 
 def main():
     fault, rank, at_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     assert sys.argv[4] == "--"
     if fault != "none" and int(os.environ.get("PMI_RANK", "0")) == rank:
-        log_step = loop.Session.log_step
+        log_step = session.Session.log_step
 
         def log_step_then_fail(self, *args, **kwargs):
             log_step(self, *args, **kwargs)
@@ -30,7 +30,7 @@ def main():
                 elif fault == "stall":
                     time.sleep(3600)
 
-        loop.Session.log_step = log_step_then_fail
+        session.Session.log_step = log_step_then_fail
     sys.exit(cli.main(["train", *sys.argv[5:]]))
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from npllama.data import load_text
 from npllama.train import TrainConfig, read_metrics, train
-from npllama.train.checkpoint import TOKENS_DIR
+from npllama.train.run import TOKENS_DIR
 from npllama.train.corpus_cache import TOKEN_FILES
 
 

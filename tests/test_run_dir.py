@@ -17,7 +17,7 @@ from npllama import cli
 from npllama.data import load_text
 from npllama.errors import CheckpointError, ConfigError
 from npllama.train import TrainConfig, TrainingDiverged, train
-from npllama.train import checkpoint
+from npllama.train import setup
 from npllama.train.run_dir import MARKER, RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_an_interrupt_during_setup_removes_only_what_it_created(corpus, tmp_path
         assert (folder / "tokens" / "train.tokens").is_file() and (folder / "tokenizer.json").is_file()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "BatchSampler", interrupted)
+    monkeypatch.setattr(setup, "BatchSampler", interrupted)
     # an npllama directory (marked) that a kill during setup left, where the user keeps a file
     folder = tmp_path / "killed"
     folder.mkdir()

@@ -5,14 +5,22 @@
     npllama train --resume runs/shakespeare-20250101-120000
     npllama train --init-from runs/shakespeare-... --data my.txt   # fine-tune, same tokenizer
 
-    config.py       TrainConfig (every option, checked), model presets, options from a file
-    loop.py         train(): the step, in the style of nanoGPT's train.py, and its bookkeeping
+    loop.py         train(): the step, in the style of nanoGPT's train.py, in a loop
+    session.py      around the step: metrics, progress, evaluations, samples, checkpoints, Ctrl-C, results
+    run.py          a run: everything a step depends on (Run), the files of its directory
+    setup.py        a run set up: fresh (run directory, tokenizer, tokens, model) or from its checkpoint
+    checkpoint.py   a run saved as one unit and restored exactly
+    run_dir.py      the run directory: claimed, locked, and what a run that never saved removes
+    corpus_cache.py the machine-wide cache of tokenizers and tokenized corpora
+    evaluation.py   held-out loss in bits per byte, a text sample
+    metrics.py      metrics.jsonl, the run's log
     planner.py      how many steps fit in a time budget
-    checkpoint.py   a run: set up, saved as one unit, restored exactly; the metrics log
     progress.py     what a run shows: the progress bar (or plain lines), samples made safe for a terminal
+    config.py       TrainConfig (every option, checked), model presets, options from a file
     cli.py          the command line
     distributed.py  data parallelism on MPI: the ranks, the all-reduce during the backward, faults
     ranks.py        one run on every rank: rank 0 sets it up and sends it to the others
+    precompile.py   a first run's second process, compiling the kernels of the backward meanwhile
 
 On several processes (``mpiexec -n 4 npllama train ...``) every rank trains its share of each
 batch with the numbers of one process; see distributed.py and docs/13-data-parallel.md.
@@ -49,12 +57,16 @@ count, the data sampler's generator, the dropout generator and the planned sched
 that never stopped.
 """
 from ..files import file_sha256
-from .checkpoint import (METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Run, TrainingDiverged, load_run,
-                         new_run, read_metrics, save_checkpoint)
+from .checkpoint import save_checkpoint
 from .cli import config_from_args
 from .config import PRESETS, TrainConfig, llama_hidden_dim, model_config, read_config_file
-from .loop import TrainResult, evaluate, forward_backward, generate_sample, train
+from .evaluation import evaluate, generate_sample
+from .loop import forward_backward, train
+from .metrics import read_metrics
 from .planner import BudgetPlanner, plan_steps
+from .run import METRICS_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Run, TrainingDiverged
+from .session import TrainResult
+from .setup import load_run, new_run
 
 __all__ = ["METRICS_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "PRESETS", "BudgetPlanner", "Run",
            "TrainConfig", "TrainResult", "TrainingDiverged", "config_from_args", "evaluate", "file_sha256",

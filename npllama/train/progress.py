@@ -82,3 +82,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def say(msg: str, verbose: bool) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if verbose:
+        tqdm.write(msg, file=sys.stderr)

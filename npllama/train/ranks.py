@@ -22,7 +22,9 @@ from ..data import BatchSampler, TokenDataset, generator_from_state, open_cached
 from ..errors import CheckpointError
 from ..model import Llama
 from ..tokenizer import Tokenizer
-from .checkpoint import STATE_FILE, TOKENS_DIR, Run, load_run, make_optimizer, new_run, say
+from .progress import say
+from .run import STATE_FILE, TOKENS_DIR, Run, make_optimizer
+from .setup import load_run, new_run
 from .config import DTYPES, TrainConfig
 from .distributed import World
 

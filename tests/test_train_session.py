@@ -1,7 +1,7 @@
-"""What `npllama train` shows and leaves behind: samples escaped for the terminal, a bar within 80
-columns whose progress never goes back, plain lines without a terminal, the final evaluation on the
-periodic evaluations' tokens too, one clock in metrics.jsonl, options checked before any work and
-no half-made run directory."""
+"""The session of a run -- what `npllama train` shows and leaves behind: samples escaped for the
+terminal, a bar within 80 columns whose progress never goes back, plain lines without a terminal,
+the final evaluation on the periodic evaluations' tokens too, one clock in metrics.jsonl, options
+checked before any work and no half-made run directory."""
 import io
 import math
 import os
@@ -173,13 +173,13 @@ class Boom(RuntimeError):
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus, tmp_path, monkeypatch):
-    from npllama.train import checkpoint
+    from npllama.train import setup
 
     def no_model(*args, **kwargs):   # fails after the tokenizer and the tokens were written
         raise Boom("no memory for the model")
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "Llama", no_model)
+        m.setattr(setup, "Llama", no_model)
         with pytest.raises(Boom):
             train(tiny(corpus, tmp_path / "new"), progress=False, verbose=False)
         assert not (tmp_path / "new").exists()

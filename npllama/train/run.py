@@ -1,0 +1,107 @@
+"""A training run: everything a step depends on (``Run``), the files of its directory, and what
+its setting up and its checkpoints share (the optimizer over what trains, the tokenized corpus, the
+LoRA base's fingerprint).  setup.py makes a Run, checkpoint.py saves and restores it, loop.py trains it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import BatchSampler, TokenDataset
+from ..errors import NpllamaError
+from ..files import COMMIT_DIR, STAGING_DIR, file_sha256
+from ..formats import hf
+from ..formats.gguf import find_gguf
+from ..formats.peft import ADAPTER_CONFIG
+from ..model import Llama
+from ..optim import AdamW, lr_at
+from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
+from . import corpus_cache
+from .config import TrainConfig
+from .distributed import World
+from .run_dir import RunDirectory
+
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+TOKENS_DIR = "tokens"
+STATE_FORMAT = "npllama-train-state"
+SETTINGS_FILES = ("config.json", ADAPTER_CONFIG, TOKENIZER_CONFIG_FILE)   # fingerprinted beside the weights
+# what a run writes before its first checkpoint (directories before their contents): the paths of
+# these it creates are all that a run which never saves removes again (RunDirectory.discard)
+OWN_NAMES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, METRICS_FILE, TOKENS_DIR,
+             *(f"{TOKENS_DIR}/{name}" for name in corpus_cache.TOKEN_FILES), STAGING_DIR, COMMIT_DIR)
+STATE_VERSION = 1
+
+
+class TrainingDiverged(NpllamaError):
+    """The loss or the gradient norm became NaN or infinite."""
+    same_on_every_rank = True   # data parallel: loss, norm and weights are the same on every rank
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    run_dir: Path
+    model: Llama
+    tokenizer: Tokenizer
+    data: TokenDataset
+    text_sha256: str
+    optimizer: AdamW
+    sampler: BatchSampler
+    step: int = 0
+    total_steps: int | None = None
+    warmup_steps: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0          # wall time spent in earlier sessions of this run
+    plan: dict = field(default_factory=dict)
+    last_checkpoint_step: int | None = None
+    directory: RunDirectory | None = None   # run_dir locked by this process, and what this run made there
+    setup_seconds: dict = field(default_factory=dict)   # seconds of each part of this session's setup
+    base_sha256: str | None = None      # LoRA: the frozen base's weights, checked on resume
+    world: World = field(default_factory=World)   # the ranks training this run (distributed.py)
+
+    def release(self) -> None:
+        """Unlock the run directory (at the end of the session)."""
+        if self.directory is not None:
+            self.directory.release()
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps, min_lr=self.config.final_lr, kind=self.config.schedule)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW over what trains: with LoRA the adapters' buffer only (no state for frozen weights)."""
+    return AdamW(model.trainable_params, cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 weight_decay=cfg.weight_decay, flat_params=model.flat_trainable)
+
+
+def load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
+    """The corpus tokenized (or read back from RUN_DIR/tokens), split as the run splits it."""
+    return TokenDataset.from_text(text, tokenizer, cache_dir=run_dir / TOKENS_DIR, val_fraction=cfg.val_fraction)
+
+
+def base_weights_sha256(base) -> str:
+    """One SHA-256 over the base model's files (a LoRA run trains against it): a single-file
+    checkpoint (.gguf, llama2.c .bin) or a directory's one .gguf as Llama.from_pretrained finds them,
+    else a Hugging Face directory's config.json and weight files."""
+    base = Path(base)
+    if base.is_file():
+        paths = [base]
+    elif not (base / "config.json").exists() and any(base.glob("*.gguf")):
+        paths = [find_gguf(base)]
+    else:
+        paths = [base / "config.json", *hf.weight_files(base)]
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
+
+
+def diverged(run: Run, step: int, what: str) -> TrainingDiverged:
+    if run.last_checkpoint_step is not None:
+        kept = f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is kept unchanged"
+    else:
+        kept = "no checkpoint had been saved yet"
+    return TrainingDiverged(f"training diverged at step {step}: {what}; stopped without saving, "
+                            f"{kept}. Try a lower --lr, more --warmup-steps or --grad-clip 1.0")
