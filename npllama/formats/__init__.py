@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import LORA_TARGETS
 from ..errors import CheckpointError
+from ..files import small_pages
 
 
 def load(path, dtype=np.float32, quantized=False):
@@ -55,6 +56,7 @@ def load(path, dtype=np.float32, quantized=False):
         ckpt = gguf.open_gguf(path)
         model = Llama(ckpt.config, dtype=dtype, init=False)
         if quantized:
+            small_pages(model.flat_params)     # (only the norm gains are written into it)
             model.use_quantized(*gguf.load_quantized(ckpt, model.params))
         else:
             gguf.load_weights(ckpt, model.params)
