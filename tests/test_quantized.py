@@ -175,6 +175,12 @@ def test_qlora_gradients_are_lora_gradients_on_the_dequantized_base(config, qtyp
     assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     assert set(grads) == set(ref_grads)
     assert max(relative_error(grads[k], ref_grads[k]) for k in ref_grads) <= 1e-12
+    # decoding adds the adapters itself in each step (no merged copy): the forward's logits
+    model.eval()
+    logits = model.forward(tokens)
+    decoder = KVCacheDecoder(model, capacity=7)
+    steps = [decoder.prefill(tokens[1, :2]).copy()] + [decoder.step(int(t)).copy() for t in tokens[1, 2:]]
+    assert relative_error(np.array(steps), logits[1, 1:]) <= 1e-12
 
 
 def test_quantized_model_trains_only_adapters():

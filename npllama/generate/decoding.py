@@ -38,8 +38,8 @@ import time
 
 import numpy as np
 
-from ..adapters import merge_adapters
 from ..errors import CheckpointError, InputError
+from ..layers.block import projection_columns
 from ..layers.quantized_linear import embedding_rows
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
 from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
@@ -82,6 +82,10 @@ class KVCacheDecoder:
                         matvec_for(w["w_gate_up"]), matvec_for(w["w_down"])) for i, w in enumerate(model.layers)]
         self.embed = model.params["model.embed_tokens.weight"]       # (an array or a QuantizedMatrix)
         self.token_ids = np.arange(cfg.vocab_size, dtype=np.int64)  # (a step's id as a 1-element view)
+        # LoRA: per layer {target: (A, B)}, added by the step itself into its projections' columns
+        self.adapters = [{}] * L if model.lora is None else model._adapters
+        self.lora_scale = None if model.lora is None else dt.type(model.lora.scale)
+        self.columns = projection_columns(cfg)
         self.norm_w = model.params["model.norm.weight"]
         self.lm_head = model.lm_head
         self.lm_head_matvec = matvec_for(self.lm_head)
@@ -122,6 +126,15 @@ class KVCacheDecoder:
         self.length = P
         return self.logits
 
+    def _add_adapters(self, adapters, targets, x_row, y_row):
+        """y += s B (A x) in each LoRA target's columns of the projection's output (layers/lora.py,
+        without dropout): the adapters as they are, no merged copy of the weights."""
+        for target in targets:
+            if target in adapters:
+                a, b = adapters[target]
+                y = y_row[self.columns[target]]
+                y += self.lora_scale * (b @ (a @ x_row))
+
     def step(self, token: int) -> np.ndarray:
         """Append one token (at position ``length``) -> logits (V,) at that position."""
         pos = self.length
@@ -132,19 +145,28 @@ class KVCacheDecoder:
         x_row, xn_row, delta_row, qkv_row, attn_row, gate_up_row, hidden_row = self.rows
         eps, one, cos, sin = self.eps, self.one, self.cos, self.sin
         embedding_rows(self.embed, self.token_ids[token:token + 1], x)
-        for w, k_cache_t, v_cache, matvec_qkv, matvec_o, matvec_gate_up, matvec_down in self.layers:
+        for (w, k_cache_t, v_cache, matvec_qkv, matvec_o, matvec_gate_up, matvec_down), adapters in zip(
+                self.layers, self.adapters):
             # h = x + W_o attention(rope(q), rope(k), v) over the cache,  n1 = RMSNorm(x)
             rmsnorm_row(x, w["attn_norm"], eps, xn, r)
             matvec_qkv(w["wqkv"], xn_row, qkv_row)
+            if adapters:
+                self._add_adapters(adapters, ("q_proj", "k_proj", "v_proj"), xn_row, qkv_row)
             rope_row(qkv, H + K, hd, cos, sin, one, pos, 1)
             kv_cache_store_kernel(qkv, pos, H, k_cache_t, v_cache)
             decode_attention_kernel(self.q, k_cache_t, v_cache, pos + 1, self.scores, self.attn)
             matvec_o(w["wo"], attn_row, delta_row)
+            if adapters:
+                self._add_adapters(adapters, ("o_proj",), attn_row, delta_row)
             # out = h + W_down swiglu(W_gate_up n2),  n2 = RMSNorm(h), h written over x
             rmsnorm_row(x, w["ffn_norm"], eps, xn, r, delta, x)   # h = x + delta over x
             matvec_gate_up(w["w_gate_up"], xn_row, gate_up_row)
+            if adapters:
+                self._add_adapters(adapters, ("gate_proj", "up_proj"), xn_row, gate_up_row)
             swiglu_row(gate_up, hidden)
             matvec_down(w["w_down"], hidden_row, delta_row)
+            if adapters:
+                self._add_adapters(adapters, ("down_proj",), hidden_row, delta_row)
             np.add(x, delta, out=x)
         rmsnorm_row(x, self.norm_w, eps, xn, r)
         self.lm_head_matvec(self.lm_head, xn_row, self.logits)
@@ -164,10 +186,8 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
     "context").  ``healing``: a ``healing.TokenHealing`` of the prompt (whose healed tokens are
     already cut off ``prompt_ids``), which constrains the first tokens to spell them again.  A model
-    with LoRA adapters decodes with a merged copy (merge_adapters): the step's kernels read one
-    weight per projection."""
-    if model.lora is not None:
-        model = merge_adapters(model)
+    with LoRA adapters decodes with them as they are: the prompt through the model's own blocks, each
+    step adding s B (A x) to its projections (no merged copy)."""
     prompt = check_prompt(model, prompt_ids)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stops = check_stop_ids(model, stop_ids)
