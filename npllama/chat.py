@@ -49,18 +49,19 @@ def chat_prompt(model, tokenizer, messages: list[dict], max_new_tokens: int):
 
 
 def answer(model, tokenizer, prompt_ids, write: Callable[[str], object], max_new_tokens: int, stats=None,
-           **sampling) -> str:
+           cache=None, **sampling) -> str:
     """Generate the model's answer to ``prompt_ids``, streaming its text to ``write``; returns the
     text (without the stop token).  ``stats``, when a dict, receives the figures of the answer:
     ``prompt_tokens``, ``prefill_s`` (until the first token), ``new_tokens``, ``decode_steps`` and
-    ``decode_s`` (the tokens after the first), ``stop`` ("stop_id" or "max_new_tokens": cut)."""
+    ``decode_s`` (the tokens after the first), ``stop`` ("stop_id" or "max_new_tokens": cut).
+    ``cache``: a dict kept between a chat's answers, holding the key/value cache (decoding.stream)."""
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(prompt_ids), prefill_s=0.0, new_tokens=0, decode_steps=0, decode_s=0.0,
                  stop="max_new_tokens", slides=0)
     stops = set(tokenizer.stop_ids)
     ids, shown = [], ""
     start = time.perf_counter()
-    for token in model.stream(prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling):
+    for token in model.stream(prompt_ids, max_new_tokens, stop_ids=tokenizer.stop_ids, cache=cache, **sampling):
         now = time.perf_counter()
         if stats["new_tokens"] == 0:
             stats["prefill_s"] = now - start          # the prompt's pass and the first token
@@ -95,6 +96,7 @@ def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callab
     ``refusal_ends`` (one message given up front) the InputError is raised instead.
     """
     messages = [{"role": "system", "content": system}] if system else []
+    cache = {}     # the key/value cache between answers: a turn runs only its new tokens
     while (message := read_message()) is not None:
         try:
             prompt, kept = chat_prompt(model, tokenizer, messages + [{"role": "user", "content": message}],
@@ -105,7 +107,7 @@ def chat(model, tokenizer, read_message: Callable[[], str | None], write: Callab
             write(f"[{e}]\n")
             continue
         stats: dict = {}
-        reply = answer(model, tokenizer, prompt, write, max_new_tokens, stats=stats, **sampling)
+        reply = answer(model, tokenizer, prompt, write, max_new_tokens, stats=stats, cache=cache, **sampling)
         write("\n")
         if on_answer is not None:
             on_answer(stats)

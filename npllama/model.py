@@ -452,10 +452,10 @@ class Llama:
                                  seed=seed, stop_ids=stop_ids, slide=slide)
 
     def stream(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-               stop_ids=None, slide=False):
-        """Yield the same tokens as ``generate``, one at a time."""
+               stop_ids=None, slide=False, cache=None):
+        """Yield the same tokens as ``generate``, one at a time (``cache``: see decoding.stream)."""
         return decoding.stream(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, stop_ids=stop_ids, slide=slide)
+                               seed=seed, stop_ids=stop_ids, slide=slide, cache=cache)
 
     # ---- pretrained checkpoints ----------------------------------------------------------------
     @classmethod

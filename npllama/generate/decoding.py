@@ -104,6 +104,7 @@ class KVCacheDecoder:
         self.rows = (self.x[0], self.xn[0], self.delta[0], self.qkv[0], self.attn.reshape(H * hd),
                      self.gate_up[0], self.hidden[0])         # 1-D views of the buffers above
         self.length = 0                                      # positions filled
+        self.tokens = []                                     # the tokens at those positions
 
     def prefill(self, tokens) -> np.ndarray:
         """tokens: int (P,), 1 <= P <= capacity -> logits (V,) at position P-1.
@@ -124,7 +125,40 @@ class KVCacheDecoder:
         hidden = self.model.last_hidden_state(np.asarray(tokens).reshape(1, P), after_block=store)
         self.lm_head_matvec(self.lm_head, hidden[0, -1], self.logits)   # only the last position's logits
         self.length = P
+        self.tokens = [int(t) for t in tokens]
         return self.logits
+
+    def resume(self, tokens) -> np.ndarray:
+        """Like ``prefill(tokens)``, but the positions whose tokens the cache already holds (the
+        longest common start of ``tokens`` and ``self.tokens``) are kept and only the rest is run,
+        one step a token: a chat's next turn costs its own new tokens, not the whole conversation."""
+        P = len(tokens)
+        if not 1 <= P <= self.capacity:
+            raise InputError(f"prefill needs 1 to {self.capacity} tokens, got {P}")
+        common = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != int(b):
+                break
+            common += 1
+        common = min(common, P - 1)          # (at least one step: its logits are the answer)
+        if common == 0:
+            return self.prefill(tokens)
+        self.length = common
+        del self.tokens[common:]
+        for t in tokens[common:]:
+            logits = self.step(int(t))
+        return logits
+
+    def grown(self, capacity: int) -> "KVCacheDecoder":
+        """A decoder of a larger ``capacity`` holding this one's cache and tokens."""
+        if capacity <= self.capacity:
+            return self
+        bigger = KVCacheDecoder(self.model, capacity)
+        n = self.length
+        bigger.k_cache_t[..., :n] = self.k_cache_t[..., :n]
+        bigger.v_cache[:, :, :n] = self.v_cache[:, :, :n]
+        bigger.length, bigger.tokens = n, list(self.tokens)
+        return bigger
 
     def _add_adapters(self, adapters, targets, x_row, y_row):
         """y += s B (A x) in each LoRA target's columns of the projection's output (layers/lora.py,
@@ -171,12 +205,14 @@ class KVCacheDecoder:
         rmsnorm_row(x, self.norm_w, eps, xn, r)
         self.lm_head_matvec(self.lm_head, xn_row, self.logits)
         self.length = pos + 1
+        del self.tokens[pos:]
+        self.tokens.append(int(token))
         return self.logits
 
 
 # ---- generate / stream ------------------------------------------------------------------------------
 def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-           stop_ids=None, stats=None, slide=False, healing=None):
+           stop_ids=None, stats=None, slide=False, healing=None, cache=None):
     """Yield the new token ids (Python ints) one at a time; see the module docstring.
 
     The arguments are checked here, before the first token is asked for.  ``slide``: at the context
@@ -187,7 +223,10 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     "context").  ``healing``: a ``healing.TokenHealing`` of the prompt (whose healed tokens are
     already cut off ``prompt_ids``), which constrains the first tokens to spell them again.  A model
     with LoRA adapters decodes with them as they are: the prompt through the model's own blocks, each
-    step adding s B (A x) to its projections (no merged copy)."""
+    step adding s B (A x) to its projections (no merged copy).  ``cache``: a dict the caller keeps
+    between calls (a chat): the key/value cache is kept in it, and a prompt that starts with the
+    tokens it holds runs only the rest (``KVCacheDecoder.resume``); the weights must not change
+    between such calls."""
     prompt = check_prompt(model, prompt_ids)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stops = check_stop_ids(model, stop_ids)
@@ -197,14 +236,14 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     top_p = None if top_p is None else float(top_p)
     top_k = None if top_k is None else int(top_k)
     return _token_stream(model, prompt, int(max_new_tokens), temperature, top_k, top_p, seed, stops, stats, slide,
-                         healing)
+                         healing, cache)
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             stop_ids=None, stats=None, slide=False, healing=None) -> np.ndarray:
+             stop_ids=None, stats=None, slide=False, healing=None, cache=None) -> np.ndarray:
     """The new tokens only, as a 1-D int64 array (the tokens ``stream`` yields)."""
     tokens = stream(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, stop_ids=stop_ids, stats=stats, slide=slide, healing=healing)
+                    seed=seed, stop_ids=stop_ids, stats=stats, slide=slide, healing=healing, cache=cache)
     return np.fromiter(tokens, dtype=np.int64)
 
 
@@ -213,7 +252,8 @@ def slide_window(max_seq_len: int) -> int:
     return max(1, max_seq_len // 2)
 
 
-def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats, slide, healing):
+def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, stats, slide, healing,
+                  cache=None):
     stats = {} if stats is None else stats
     P, context = prompt.size, model.config.max_seq_len
     n_new = max_new_tokens if slide else min(max_new_tokens, context - P)
@@ -240,8 +280,16 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
         return token
 
     t0 = time.perf_counter()
-    decoder = KVCacheDecoder(model, capacity=min(P + n_new - 1, context))
-    token = choose(decoder.prefill(prompt))
+    capacity = min(P + n_new - 1, context)
+    kept = None if cache is None or cache.get("model") is not model else cache.get("decoder")
+    if kept is None:
+        decoder = KVCacheDecoder(model, capacity=capacity)
+        token = choose(decoder.prefill(prompt))
+    else:                       # (a chat's next turn: the cache holds the conversation so far)
+        decoder = kept.grown(capacity)
+        token = choose(decoder.resume(prompt))
+    if cache is not None:
+        cache.update(model=model, decoder=decoder)
     stats["prefill_s"] = time.perf_counter() - t0
     text = list(prompt) if slide else None      # what a slide keeps the end of
     for i in range(n_new):
