@@ -34,13 +34,14 @@ from .buffers import GradBuffers, Workspaces, backward_ranges, layer_views, name
 from .config import LORA_TARGETS, LlamaConfig
 from .errors import ConfigError, InputError
 from .formats import hf, peft
+from .formats.gguf import FUSED
 from .generate import decoding
 from .inputs import check_dropout_masks, check_lora_masks, check_tokens, check_tokens_and_targets
 from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
-from .layers.quantized_linear import embedding_rows, is_quantized
+from .layers.quantized_linear import QuantizedMatrix, embedding_rows, is_quantized
 from .layers import linear
 from .layers._numba import helper_threads
 from .layers.linear import matmuls, split_matmuls
@@ -143,7 +144,8 @@ class Llama:
         self.flat_grads = np.zeros_like(self.flat_lora)
         self.grads = named_views(self.flat_grads, self.lora_layout)
         self._layer_grads = [None] * self.config.n_layers
-        self._adapters = adapter_views(self.lora_params, self.config.n_layers, self.lora)
+        # per layer {target: (A, B)}, as the passes (and a decoding step) take the adapters
+        self.lora_layers = adapter_views(self.lora_params, self.config.n_layers, self.lora)
         self._adapter_grads = adapter_views(self.grads, self.config.n_layers, self.lora)
         self._part_grads = {}
         return self
@@ -186,7 +188,7 @@ class Llama:
         embedding_rows(self.params["model.embed_tokens.weight"], tokens.reshape(-1), first.x)
         for i, (acts, w, out) in enumerate(zip(ws.layers, self.layers, ws.outputs)):
             acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
-            adapters = None if self.lora is None else layer_adapters(self._adapters[i], i, self.lora, lora_masks)
+            adapters = None if self.lora is None else layer_adapters(self.lora_layers[i], i, self.lora, lora_masks)
             decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
             if after_block is not None:
                 after_block(i, acts.qkv)
@@ -343,7 +345,7 @@ class Llama:
             if p_base > 0.0:
                 masks.append(tuple(dropout_mask((N, cfg.dim), p_base, self.dropout_rng, self.dtype) for _ in range(2)))
             if p_lora > 0.0:
-                lora_masks.update(draw_lora_masks(self._adapters[i], i, N, p_lora, self.dropout_rng, self.dtype))
+                lora_masks.update(draw_lora_masks(self.lora_layers[i], i, N, p_lora, self.dropout_rng, self.dtype))
         return masks or None, lora_masks or None
 
     def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready):
@@ -490,8 +492,6 @@ class Llama:
     def quantize(self, qtype: str = "Q8_0"):
         """Quantize every matrix by the gguf package's quantizer (rows of whole 32-weight blocks), in
         place: what from_pretrained(quantized=True) gives for a file stored so."""
-        from .formats.gguf import FUSED
-        from .layers.quantized_linear import QuantizedMatrix
         if self.quantized or self.lora is not None:
             raise ConfigError("quantize() needs a float model without LoRA adapters")
         matrices, fused = {}, {}

@@ -318,6 +318,7 @@ FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
     """The matrices of ``ckpt`` that stay in their blocks: those stored as Q8_0, Q4_0 or Q4_1 whose
     fused partners (q/k/v, gate/up) are stored the same way; every other tensor is dequantized."""
+    # (not at the top: quantized_linear loads Numba, and the tokenizer imports this module)
     from ..layers.quantized_linear import QUANTIZED_TYPES
     kind = {name: QUANTIZED_TYPES.get(t.tensor_type) for name, t in ckpt.tensors.items() if len(t.shape) == 2}
     names = {name for name, qtype in kind.items() if qtype is not None}
@@ -346,7 +347,7 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
 
     Returns (matrices by Hugging Face name, per layer the fused ones: {i: {"wqkv": ..., ...}}); the
     fused matrices own the blocks and the per-projection ones are row views of them."""
-    from ..layers.quantized_linear import QUANTIZED_TYPES, QuantizedMatrix
+    from ..layers.quantized_linear import QUANTIZED_TYPES, QuantizedMatrix   # (as in quantized_names)
     keep = quantized_names(ckpt)
     load_weights(ckpt, {n: p for n, p in params.items() if n not in keep}, expected=params)
     matrices, fused = {}, {}

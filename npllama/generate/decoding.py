@@ -83,7 +83,7 @@ class KVCacheDecoder:
         self.embed = model.params["model.embed_tokens.weight"]       # (an array or a QuantizedMatrix)
         self.token_ids = np.arange(cfg.vocab_size, dtype=np.int64)  # (a step's id as a 1-element view)
         # LoRA: per layer {target: (A, B)}, added by the step itself into its projections' columns
-        self.adapters = [{}] * L if model.lora is None else model._adapters
+        self.adapters = [{}] * L if model.lora is None else model.lora_layers
         self.lora_scale = None if model.lora is None else dt.type(model.lora.scale)
         self.columns = projection_columns(cfg)
         self.norm_w = model.params["model.norm.weight"]

@@ -171,7 +171,7 @@ def matvec_for(w):
     """The matvec kernel to use for weight w: on every thread for big matrices, else this one; for
     a quantized W, the kernels of engine/quantized.py (layers/quantized_linear.py)."""
     if getattr(w, "quantized", False):
-        from .quantized_linear import quantized_matvec
+        from .quantized_linear import quantized_matvec   # (only a quantized W needs it: it imports the gguf package)
         return quantized_matvec
     if numba.get_num_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
         return matvec_parallel_kernel
