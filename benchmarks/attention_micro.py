@@ -34,7 +34,7 @@ SHAPES = {
     "260K": (8, 8, 4, 512, 8),
     "15M": (8, 6, 6, 256, 48),
 }
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+THREAD_ENV_VARS = ("NPLLAMA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def median_ms(fn, repeats, warmup=2):
@@ -78,15 +78,16 @@ def load_attention(impl_file):
 
 
 def worker_npllama(shape, repeats, impl_file=None):
-    import numba
     import numpy as np
+
+    from npllama.engine.threads import get_threads
     attention = load_attention(impl_file)
     attention_forward, attention_backward = attention.attention_forward, attention.attention_backward
     q, k, v, do, dv = model_layout_inputs(np, shape, np.float32)
     _, cache = attention_forward(q, k, v)
     fwd = median_ms(lambda: attention_forward(q, k, v), repeats)
     bwd = median_ms(lambda: attention_backward(do, cache, dv=dv), repeats)
-    return {"fwd_ms": fwd, "bwd_ms": bwd, "threads": numba.get_num_threads()}
+    return {"fwd_ms": fwd, "bwd_ms": bwd, "threads": get_threads()}
 
 
 def worker_torch(shape, repeats):

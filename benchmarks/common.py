@@ -29,8 +29,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULT_MARKER = "BENCH_RESULT_JSON "
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                   "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+THREAD_ENV_VARS = ("NPLLAMA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 # The environment the benchmark was started with.  Children start from it rather than from
 # os.environ as it is later (whatever the parent's imports set must not reach the workers).
 LAUNCH_ENV = dict(os.environ)
@@ -123,7 +123,7 @@ def get_config(name: str) -> BenchConfig:
 # ---- threads --------------------------------------------------------------------------------------
 
 def set_thread_env(threads: int, env: dict | None = None) -> dict:
-    """Set every BLAS/OpenMP/Numba thread variable to ``threads`` in ``env`` (default os.environ).
+    """Set npllama's thread variable and every BLAS/OpenMP one to ``threads`` in ``env`` (default os.environ).
 
     Must happen before numpy / numba / torch are imported in the process that uses ``env``.
     """

@@ -58,6 +58,7 @@ def worker_step(args) -> dict | None:
 
     from npllama import Llama
     from npllama.data import BatchSampler
+    from npllama.engine.threads import get_threads
     from npllama.optim import AdamW, clip_grad_norm
     from npllama.train.distributed import current_world, local_batches
     from npllama.train.loop import forward_backward
@@ -86,7 +87,7 @@ def worker_step(args) -> dict | None:
     if not world.root:
         return None
     step = float(np.median(times))
-    return {"config": args.config, "ranks": world.size, "threads": int(os.environ.get("NUMBA_NUM_THREADS", 0)),
+    return {"config": args.config, "ranks": world.size, "threads": get_threads(),
             "tokens_per_step": batch * seq * args.grad_accum, "step_seconds": step,
             "tokens_per_second": batch * seq * args.grad_accum / step, "comm_wait_seconds": float(np.median(waits)),
             "comm_bytes": int(np.median(sent)), "gradient_bytes": int(model.flat_grads.nbytes),

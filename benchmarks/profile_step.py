@@ -104,10 +104,13 @@ def work_of(category, name, args, kwargs):
     return 0, sum(a.nbytes for a in _arrays(args, kwargs))
 
 
+ENGINE_MODULES = {"jit", "pool", "fastmath", "simd", "matmul", "blas", "batch", "threads"}   # (npllama/engine/)
+
+
 def _no_unit_left(args):
     """Whether this is run_on_threads's first call of a kernel, with no unit of work left (it only makes
     sure the kernel is compiled on the calling thread): not counted."""
-    from npllama.layers._numba import NO_UNIT_LEFT
+    from npllama.engine.pool import NO_UNIT_LEFT
     last = args[-1] if args else None
     return getattr(last, "shape", None) == (1,) and last.dtype.kind == "i" and last[0] >= NO_UNIT_LEFT
 
@@ -200,8 +203,8 @@ def instrument(prof):
     import npllama.layers
     modules = [importlib.import_module("npllama.model")]
     modules += [importlib.import_module(f"npllama.layers.{m.name}")
-                for m in pkgutil.iter_modules(npllama.layers.__path__)
-                if m.name != "_numba"]   # (its helper threads' plumbing: counted in the calls around it)
+                for m in pkgutil.iter_modules(npllama.layers.__path__)]   # (not the engine's: its helper
+    # threads' plumbing is counted in the calls around it)
     proxy = numpy_proxy(np, prof)
     patched = 0
     for mod in modules:
@@ -209,7 +212,7 @@ def instrument(prof):
             if isinstance(val, numba.core.registry.CPUDispatcher):
                 # by the module that defines the kernel (attention.py's helpers are attention), else by name
                 home = val.py_func.__module__.rsplit(".", 1)[-1]
-                setattr(mod, name, prof.wrap(val, category_of(home if home != "_numba" else name)))
+                setattr(mod, name, prof.wrap(val, category_of(home if home not in ENGINE_MODULES else name)))
                 patched += 1
             elif name in ("attention_forward", "attention_backward") and callable(val):
                 setattr(mod, name, prof.wrap(val, "attention"))
@@ -219,10 +222,10 @@ def instrument(prof):
                 # its wait for the helper thread's share counts in its category too
                 setattr(mod, name, prof.wrap(val, category_of(val.__module__.rsplit(".", 1)[-1])))
                 patched += 1
-            elif name == "matmuls" and mod.__name__ != "npllama.layers.linear":
+            elif name == "matmuls":
                 setattr(mod, name, _matmuls_timed(val, prof))
                 patched += 1
-            elif val is np and mod.__name__ != "npllama.layers.linear":  # its matmuls may run on pool threads
+            elif val is np:
                 setattr(mod, name, proxy)
                 patched += 1
     return patched
@@ -303,9 +306,8 @@ def main(argv=None):
                 flat_params=model.flat_params)
     batches = common.random_batches(cfg.vocab_size, B, T, args.warmup + args.steps, seed=1)
 
-    from npllama.layers.linear import split_matmuls
-    with split_matmuls():
-        parts = len(model._batch_parts(B))
+    from npllama.engine.batch import batch_parts
+    parts = len(batch_parts(B))
 
     prof = Profiler()
     opt_step = prof.wrap(opt.step, "optimizer")
@@ -344,7 +346,7 @@ def main(argv=None):
 
     print(f"config {args.config}: B={B} T={T} vocab={cfg.vocab_size} dim={cfg.dim} layers={cfg.n_layers} "
           f"heads={cfg.n_heads}/{cfg.n_kv_heads} hidden={cfg.hidden_dim} {args.dtype}, "
-          f"{args.threads} thread(s) (numba {os.environ.get('NUMBA_NUM_THREADS')})")
+          f"{args.threads} thread(s)")
     print(f"warm-up {warmup_s:.1f} s ({args.warmup} steps); {n_patched} names instrumented; "
           f"steps: wall {', '.join(f'{w:.3f}' for w in walls)} s; "
           f"cpu/step {statistics.median(s[1] for s in per_step):.3f} s")
@@ -354,14 +356,9 @@ def main(argv=None):
     sgemm = {args.threads: common.matmul_peak_gflops("numpy")["gflops"]}   # GFLOP/s by thread count
     threads_of = lambda c: args.threads if parts == 1 or c == "optimizer" else 1   # noqa: E731
     if parts > 1:
-        from npllama.threads import openblas_threads_api
-        api = openblas_threads_api()
-        if api is not None:
-            api.set(1)
+        from npllama.engine.threads import thread_limit
+        with thread_limit(1):
             sgemm[1] = common.matmul_peak_gflops("numpy")["gflops"]
-            api.set(args.threads)
-        else:
-            sgemm[1] = sgemm[args.threads] / args.threads
         print(f"the step runs as {parts} parts of the batch at once, one per thread: the times below are the "
               f"calling thread's, on its part ({B // parts} of the {B} sequences); the limits one thread's")
     flops = {c: statistics.median(s[4].get(c, 0.0) for s in per_step) for c in cats}

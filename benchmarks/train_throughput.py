@@ -10,7 +10,7 @@ block of random tokens (seeded; the same blocks for every framework):
               (npllama.optim.AdamW over model.flat_params; --npllama-adamw dict steps over `grads`)
     torch:    opt.zero_grad(); loss = CE(model(x), y); loss.backward(); opt.step()
 
-Every framework runs in its own child process with OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS and
+Every framework runs in its own child process with NPLLAMA_THREADS, OMP/OPENBLAS/MKL_NUM_THREADS and
 torch.set_num_threads set to --threads before anything heavy is imported, so its peak RSS is its
 own. All start from the same weights (written once to a temporary safetensors file). Before timing,
 a check worker asserts that npllama, the hand-written PyTorch model and HF's LlamaForCausalLM give
@@ -163,7 +163,7 @@ def worker_train(framework: str, workdir: Path):
             else:
                 opt.step(grads)
             losses.append(float(loss))
-        from npllama.layers._blas import BLAS
+        from npllama.engine.blas import BLAS
         extra = {"numpy": np.__version__, "npllama_file": getattr(npllama, "__file__", None),
                  "adamw": run["npllama_adamw"], "blas": BLAS}
     else:

@@ -4,7 +4,7 @@
     python examples/train_tiny.py --steps 30 --dim 32  # a few seconds
 
 At these tiny sizes one thread is fastest (threads cost more to start than they save):
-``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python examples/train_tiny.py``.
+``python examples/train_tiny.py --threads 1`` (``npllama.set_threads(1)``).
 
 The heart of it is the loop in ``main``: draw a batch, ``loss_and_grad``, clip, one AdamW step at
 the learning rate the schedule gives for this step.  ``npllama train`` does the same with
@@ -44,7 +44,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--sample-tokens", type=int, default=60, help="tokens to generate at the end")
+    p.add_argument("--threads", type=int, default=None, help="threads npllama runs on (default: all cores)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        npllama.set_threads(args.threads)
 
     # ---- the ~20 lines: text -> tokens -> model -> AdamW + schedule loop ----------------------
     text = load_text(None)[:args.chars]                       # None = the bundled Shakespeare

@@ -1,8 +1,8 @@
 """The `npllama` command: train, generate, gradcheck, plot, export, reference, compare.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` before NumPy and
-Numba start (so it imports neither), and turns npllama's errors into one-line messages with a
+``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` (npllama's thread
+count: engine/threads.py), answers --help without importing NumPy or Numba, and turns npllama's errors into one-line messages with a
 non-zero exit code instead of tracebacks.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 import warnings
 
 from . import __version__
+from .engine.threads import thread_limit
 from .errors import NpllamaError, one_line
-from .threads import thread_limit
 
 SUBCOMMANDS = {
     "train": ("npllama.train.cli", "train a model (with no arguments: a small Llama on the bundled Shakespeare)"),
@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"npllama: error: {e}", file=sys.stderr)
         return 2
-    # before build_parser imports the subcommands, and with them NumPy and Numba
     with thread_limit(threads) if threads is not None else contextlib.nullcontext():
         return _run(argv)
 

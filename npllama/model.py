@@ -25,13 +25,14 @@ buffer that the same passes read); the checkpoint formats (npllama/formats/).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from . import formats
 from .adapters import adapter_views, draw_lora_masks, init_adapters, layer_adapters, lora_layout, lora_settings
 from .buffers import GradBuffers, Workspaces, backward_ranges, layer_views, named_views, offsets
 from .config import LORA_TARGETS, LlamaConfig
+from .engine.batch import add_into, batch_parts, run_parts
+from .engine.matmul import matmuls, split_matmuls
 from .errors import ConfigError, InputError
 from .formats import hf, peft
 from .formats.gguf import FUSED
@@ -42,9 +43,6 @@ from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_for
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.quantized_linear import QuantizedMatrix, embedding_rows, is_quantized
-from .layers import linear
-from .layers._numba import helper_threads
-from .layers.linear import matmuls, split_matmuls
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
 
@@ -104,7 +102,7 @@ class Llama:
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self.dropout_rng = np.random.default_rng(seed + 1)  # dropout's masks (training/checkpoints keep its state)
         self._workspaces = Workspaces(cfg, dtype, self.rope_freqs)   # the passes' buffers, by (B, T, mode, part)
-        self._part_grads = {}  # part -> GradBuffers of the batch parts after the first (see _batch_parts)
+        self._part_grads = {}  # part -> GradBuffers of the batch parts after the first (engine/batch.py)
         self._grad_ranges = backward_ranges(self.layout, cfg)
         if init:
             self.init_weights(seed)
@@ -285,7 +283,7 @@ class Llama:
         masks = drawn if masks is None else masks
         adapter_masks = drawn_lora if adapter_masks is None else adapter_masks
         with split_matmuls():
-            parts = self._batch_parts(B)
+            parts = batch_parts(B)
             if len(parts) == 1:
                 loss = self._loss_and_grad_rows(tokens, targets, self._workspaces.get(B, T, True), masks, adapter_masks,
                                                 dloss, on_grads_ready)
@@ -295,23 +293,11 @@ class Llama:
             return loss, self.grads
         return loss, named_views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
 
-    # ---- the batch split among threads ---------------------------------------------------------------
-    # With n threads (``split_matmuls``: n single-threaded BLAS calls at a time) a training step runs
-    # as n steps on parts of the batch at once, each on one thread with its own buffers, and their
-    # gradients are summed: the threads then meet once per step instead of at every matmul and kernel
-    # (~100 times), and each works on its own rows only (measured on 2 threads, loss_and_grad alone:
-    # the default model 97 -> 89 ms, 15M-v4k 443 -> 413, 260K 144 -> 129).  The first step of a shape runs its
-    # parts one after the other on the calling thread, so that every kernel compiles there (see
-    # run_on_threads); the arithmetic is the same either way (each part runs on one thread).
+    # ---- the batch split among threads (engine/batch.py: the batch-parts regime) ---------------------
     def _finished_ranges(self):
         """The ranges of flat_grads in the order the backward finishes them (``on_grads_ready``):
         with LoRA the whole buffer once."""
         return [(0, self.flat_grads.size)] if self.lora is not None else self._grad_ranges
-
-    def _batch_parts(self, B):
-        """[lo, hi) batch rows of each part: one per thread (as many as there are rows)."""
-        n = min(linear.split_threads(), B)
-        return [(k * B // n, (k + 1) * B // n) for k in range(n)]
 
     def _grad_buffers(self, part):
         """The model's own gradient buffers for part 0; buffers of its own for each other part."""
@@ -349,33 +335,22 @@ class Llama:
         return masks or None, lora_masks or None
 
     def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready):
-        """loss_and_grad of the batch as ``parts`` on as many threads; the gradients of the parts
-        after the first are added into flat_grads.  Each part's gradient is weighed by its share of the
-        batch's targets (its share of dloss), so that they add up to the batch's."""
+        """loss_and_grad of the batch as ``parts``, one per thread (engine/batch.py); the gradients
+        of the parts after the first are added into flat_grads.  Each part's gradient is weighed by
+        its share of the batch's targets (its share of dloss), so that they add up to the batch's."""
         B, T = tokens.shape
         total = count_targets(targets)
-        counts = [count_targets(targets[lo:hi]) for lo, hi in parts]
 
-        def run_part(k):
-            lo, hi = parts[k]
+        def run_part(k, lo, hi):
             rows = slice(lo * T, hi * T)
-            threads = numba.get_num_threads()
-            numba.set_num_threads(1)           # (this thread's count: its kernels run on it alone)
-            try:
-                self._loss_and_grad_rows(
-                    tokens[lo:hi], targets[lo:hi], self._workspaces.get(hi - lo, T, True, k),
-                    None if dropout_masks is None else [(a[rows], f[rows]) for a, f in dropout_masks],
-                    None if lora_masks is None else {name: m[rows] for name, m in lora_masks.items()},
-                    dloss * counts[k] / total, None, self._grad_buffers(k))
-            finally:
-                numba.set_num_threads(threads)
-        with linear.one_thread_per_matmul():
-            if all((hi - lo, T, True, k) in self._workspaces for k, (lo, hi) in enumerate(parts)):
-                helper_threads(len(parts) - 1).run([(run_part, (k,)) for k in range(len(parts))])
-            else:                              # (a new shape: its parts in turn, see above)
-                for k in range(len(parts)):
-                    run_part(k)
-        self._add_part_grads(len(parts))
+            self._loss_and_grad_rows(
+                tokens[lo:hi], targets[lo:hi], self._workspaces.get(hi - lo, T, True, k),
+                None if dropout_masks is None else [(a[rows], f[rows]) for a, f in dropout_masks],
+                None if lora_masks is None else {name: m[rows] for name, m in lora_masks.items()},
+                dloss * count_targets(targets[lo:hi]) / total, None, self._grad_buffers(k))
+        run_parts(run_part, parts, compiled=all((hi - lo, T, True, k) in self._workspaces
+                                                for k, (lo, hi) in enumerate(parts)))
+        add_into(self.flat_grads, [self._grad_buffers(k).flat for k in range(1, len(parts))])
         if on_grads_ready is not None:
             for lo, hi in self._finished_ranges():
                 on_grads_ready(lo, hi)
@@ -383,19 +358,6 @@ class Llama:
         # whole batch's are: the same number as a step on the whole batch
         rows = np.concatenate([self._workspaces.get(hi - lo, T, True, k).losses for k, (lo, hi) in enumerate(parts)])
         return float(np.sum(rows) / total)
-
-    def _add_part_grads(self, n_parts):
-        """flat_grads += the gradients of parts 1..n_parts-1, on n_parts threads (each adds one slice
-        of the buffers, in the same order: the same sums).  Memory-bound: for 15M-v4k's 7.7M
-        gradients, from memory, 3.4 ms on one thread, 2.1 ms on two."""
-        others = [self._grad_buffers(k).flat for k in range(1, n_parts)]
-        bounds = np.linspace(0, self.flat_grads.size, n_parts + 1).astype(np.int64) // 16 * 16   # (whole vectors)
-        bounds[-1] = self.flat_grads.size
-
-        def add_slice(lo, hi):
-            for g in others:
-                np.add(self.flat_grads[lo:hi], g[lo:hi], out=self.flat_grads[lo:hi])
-        helper_threads(n_parts - 1).run([(add_slice, (bounds[i], bounds[i + 1])) for i in range(n_parts)])
 
     def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, lora_masks=None, dloss=1.0,
                             on_grads_ready=None, g=None):

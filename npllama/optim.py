@@ -31,10 +31,10 @@ import math
 from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
-from numba import njit
 
+from .engine.jit import jit_rows, jit_rows_reassoc, jit_with
+from .engine.pool import claim_unit, run_on_threads
 from .errors import CheckpointError, ConfigError, InputError
-from .layers._numba import claim_unit, run_on_threads
 
 STATE_FORMAT = "npllama-adamw"
 STATE_VERSION = 1
@@ -106,7 +106,7 @@ def adamw_update_reference(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.nd
 
 # error_model="numpy": division follows IEEE (x/0 -> inf, 0/0 -> nan, as in the NumPy reference)
 # instead of raising ZeroDivisionError; the per-element zero check would otherwise cost ~5x.
-@njit(cache=True, error_model="numpy")
+@jit_with(error_model="numpy")
 def adamw_update_kernel(p, g, m, v, decay_factor, one_minus_beta1, beta2, one_minus_beta2,
                         step_size, bias_correction2_sqrt, eps):  # pragma: no cover - compiled
     """Numba version of ``adamw_update_reference`` for 1-D contiguous float32/float64 arrays.
@@ -130,7 +130,7 @@ def adamw_update_kernel(p, g, m, v, decay_factor, one_minus_beta1, beta2, one_mi
 UNIT = 1 << 15
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit_rows
 def adamw_update_units(p, g, m, v, unit_bounds, unit_decayed, decay_factors, one_minus_beta1, beta2,
                        one_minus_beta2, step_size, bias_correction2_sqrt, eps, next_unit):  # pragma: no cover
     """``adamw_update_kernel`` on each unit [unit_bounds[u, 0], unit_bounds[u, 1]) of the flat
@@ -146,7 +146,7 @@ def adamw_update_units(p, g, m, v, unit_bounds, unit_decayed, decay_factors, one
                             one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@jit_rows_reassoc
 def sum_of_squares_units(x, partial, next_unit):  # pragma: no cover - compiled
     """partial[u] = sum of x_i^2 over unit u of a 1-D array, accumulated in float64 whatever x's
     dtype.  "reassoc" lets LLVM split each unit's sum into vector lanes (partial sums that also
@@ -171,7 +171,7 @@ def sum_of_squares(x: np.ndarray) -> float:
     return float(np.sum(partial))
 
 
-@njit(cache=True, nogil=True)
+@jit_with(nogil=True)
 def scale_units(x, factor, next_unit):  # pragma: no cover - compiled
     """x *= factor (x 1-D, factor of x's dtype), a unit of UNIT elements at a time."""
     n = x.size

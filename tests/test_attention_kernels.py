@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npllama.layers import _numba, attention
+from npllama.engine import fastmath, simd
+from npllama.layers import attention
 
 
 @contextmanager
@@ -74,7 +75,7 @@ def test_heads_of_half_a_vector_take_key_pairs(hd, t, heads):
     # tiles (256 wide past 128 positions), an odd number of keys in the last tile.
     r = np.random.default_rng(hd)
     q, k, v, do = random_qkv(r, 2, heads[0], heads[1], t, hd, np.float32)
-    lanes = _numba.VECTOR_BYTES // 4
+    lanes = simd.VECTOR_BYTES // 4
     tiles = attention.key_tile_buffers(2, heads[1], t, hd, np.float32)
     block_pad = tiles[0].shape[4]
     assert tiles[2].shape[3:] == ((block_pad // 2, lanes) if hd <= lanes // 2 else (block_pad, tiles[0].shape[3]))
@@ -138,11 +139,11 @@ def test_strided_inputs_and_outputs(monkeypatch):
 
 
 def test_float32_exp_is_accurate():
-    # The float32 kernels use _numba's vectorisable exp: relative error < 2 * 2^-23 over the range
+    # The float32 kernels use engine/fastmath.py's vectorisable exp: relative error < 2 * 2^-23 over the range
     # softmax uses (measured ~0.7 with FMA; Cephes documents 1.7 for its expf; numpy's float32 exp:
     # ~1.7; ~2.5 near -87 if "nsz" lets LLVM merge the two parts of ln2), exactly 1 at 0, 0 below.
     x = np.concatenate([np.linspace(-87, 10, 200_001), [0.0, -1e-7, -200.0, -np.inf]]).astype(np.float32)
-    got = _numba.exp_float32_array(x)
+    got = fastmath.exp_float32_array(x)
     want = np.exp(x.astype(np.float64))
     normal = want > 1.2e-38
     rel = np.abs(got[normal] - want[normal]) / want[normal]
@@ -156,19 +157,19 @@ def _tile_products(A, B, C, k, accumulate, halves):
     """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (6: three
     vectors, 4: two, 2: one, 1: half of one; C: MR rows a tile); halves=0: ``tile_update_pairs``
     (one vector, k pairs of A's columns from column 2, B's rows from row 1)."""
-    columns = (halves or 2) * _numba.VECTOR_BYTES // C.itemsize // 2
-    for r in range(0, C.shape[0], _numba.MR):
+    columns = (halves or 2) * simd.VECTOR_BYTES // C.itemsize // 2
+    for r in range(0, C.shape[0], simd.MR):
         for j in range(0, C.shape[1], columns):
             if halves == 0:
-                _numba.tile_update_pairs(A, r, 2, B, 1, j, C, r, j, k, accumulate)
+                simd.tile_update_pairs(A, r, 2, B, 1, j, C, r, j, k, accumulate)
             elif halves == 6:
-                _numba.tile_update_3(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+                simd.tile_update_3(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             elif halves == 4:
-                _numba.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+                simd.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             elif halves == 2:
-                _numba.tile_update_1(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+                simd.tile_update_1(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             else:
-                _numba.tile_update_half(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+                simd.tile_update_half(A, r, 1, B, 2, j, C, r, j, k, accumulate)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -178,7 +179,7 @@ def _tile_products(A, B, C, k, accumulate, halves):
 def test_tile_update_equals_matmul(dtype, halves, seed, tiles, k, accumulate, transposed):
     # C[r, j] (+)= sum_d A[r, 1 + d] B[2 + d, j]: offsets into A and B, A in either layout.
     r = np.random.default_rng(seed)
-    m, n = _numba.MR * tiles, halves * _numba.VECTOR_BYTES // np.dtype(dtype).itemsize // 2 * tiles
+    m, n = simd.MR * tiles, halves * simd.VECTOR_BYTES // np.dtype(dtype).itemsize // 2 * tiles
     A = r.normal(size=(m, k + 1)).astype(dtype)
     if transposed:
         A = np.ascontiguousarray(A.T).T                   # the same numbers, column-major
@@ -196,8 +197,8 @@ def test_tile_update_pairs_equals_matmul(dtype, seed, tiles, k, accumulate):
     # C[r, l] (+)= sum_d A[r, 2 + 2d + l % 2] B[1 + d, l]: lane l of C sums the even (l even) or the
     # odd columns of A against B's rows, which hold two keys' numbers interleaved
     r = np.random.default_rng(seed)
-    lanes = _numba.VECTOR_BYTES // np.dtype(dtype).itemsize
-    m, n = _numba.MR * tiles, lanes * tiles
+    lanes = simd.VECTOR_BYTES // np.dtype(dtype).itemsize
+    m, n = simd.MR * tiles, lanes * tiles
     A = r.normal(size=(m, 2 * k + 3)).astype(dtype)
     B = r.normal(size=(k + 1, n)).astype(dtype)
     C = r.normal(size=(m, n)).astype(dtype)
@@ -210,7 +211,7 @@ def test_tile_update_pairs_equals_matmul(dtype, seed, tiles, k, accumulate):
 
 
 def test_inputs_and_outputs_whose_last_axis_is_strided():
-    # The kernels read and write rows as contiguous vectors (_numba.contiguous_row); arrays whose
+    # The kernels read and write rows as contiguous vectors (engine/simd.py's contiguous_row); arrays whose
     # last axis is strided go through contiguous copies, in and out.
     r = np.random.default_rng(3)
     B, H, K, T, hd = 2, 4, 2, 11, 6
@@ -224,3 +225,38 @@ def test_inputs_and_outputs_whose_last_axis_is_strided():
     np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
     for g, w in zip(grads, attention.attention_backward_reference(do, cache_ref)):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+PLAIN_ROWS_PROBE = """
+import numba
+numba.version_info = numba.version_info._replace(short=(0, 1), major=0, minor=1)   # a Numba never tested
+import numpy as np
+from npllama.engine import simd
+from npllama.layers import attention
+assert not simd.USE_NUMBA_INTERNALS and simd.contiguous_row is simd._row_slice
+r = np.random.default_rng(4)
+for dtype, tol in ((np.float64, 1e-12), (np.float32, 2e-5)):
+    B, H, K, T, hd = 2, 4, 2, 37, 8
+    q, k, v, do = (r.standard_normal(s).astype(dtype) for s in ((B, H, T, hd), (B, K, T, hd), (B, K, T, hd), (B, H, T, hd)))
+    o, cache = attention.attention_forward(q, k, v)
+    o_ref, cache_ref = attention.attention_forward_reference(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    np.testing.assert_allclose(o, o_ref, rtol=tol, atol=tol)
+    for g, w in zip(attention.attention_backward(do, cache), attention.attention_backward_reference(do.astype(np.float64), cache_ref)):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+print("plain rows ok")
+"""
+
+
+def test_attention_with_another_numba_takes_plain_row_slices(tmp_path):
+    # With a Numba whose internals were not tested (engine/simd.py), attention reads its rows as plain
+    # slices: the same values.  (A fresh Numba cache: the kernels compile with the fallback.)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_ROWS_PROBE], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "plain rows ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The single-threaded BLAS call (layers/_blas.py): MKL's gemm when the ``mkl`` package is installed,
+"""The single-threaded BLAS call (engine/blas.py): MKL's gemm when the ``mkl`` package is installed,
 else np.matmul.  Whichever runs, ``matmul_one_thread`` must give NumPy's product for every layout
 the model hands it (rows as they are, transposes, row blocks, single rows and columns) and fall back
 to NumPy for the layouts BLAS cannot read in place."""
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npllama.layers import _blas
-from npllama.layers._blas import matmul_one_thread
+from npllama.engine import blas as _blas
+from npllama.engine.blas import matmul_one_thread
 
 
 def _layout(rng, rows, cols, dtype, how):
@@ -88,7 +88,7 @@ MKL_BESIDE_TORCH = """
 import os, sys
 import torch                                       # first, as a notebook comparing with PyTorch does
 import numpy as np
-from npllama.layers import _blas
+from npllama.engine import blas as _blas
 if _blas._mkl is None:
     print("no mkl"); sys.exit(0)
 threads = lambda: len(os.listdir("/proc/self/task"))
@@ -122,7 +122,7 @@ def test_a_training_steps_products_go_through_the_one_thread_blas_call(monkeypat
     import threading
 
     from npllama import Llama, LlamaConfig
-    from npllama.layers import linear
+    from npllama.engine import matmul as linear
     calls = []
     original = linear.matmul_one_thread
     monkeypatch.setattr(linear, "matmul_one_thread",

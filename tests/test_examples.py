@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
 DOC_PAGES = sorted(DOCS.glob("*.md"))
-SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                 "NUMBA_NUM_THREADS": "1"}
+SINGLE_THREAD = {"NPLLAMA_THREADS": "1"}
 
 
 def run_example(name, *args, cwd=None):

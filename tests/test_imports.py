@@ -1,6 +1,7 @@
 """The package's import structure: no cycles between npllama's modules, no import of npllama inside a
-function unless a comment there says why, and `import npllama` / `npllama.cli` start neither NumPy
-nor Numba (the command line sets their thread counts first)."""
+function unless a comment there says why, `import npllama` / `npllama.cli` start neither NumPy nor
+Numba, and the engine's wall: layers/ (the maths) imports from engine/ (the machinery), never the
+other way, and nothing low-level."""
 import ast
 import os
 import subprocess
@@ -120,7 +121,7 @@ def test_import_npllama_and_its_cli_start_neither_numpy_nor_numba():
 # _module from outside its package count always.  Third-party private names (numpy's memmap._mmap,
 # Numba's internals) are not npllama's to tidy and are not listed.
 # The engine's private modules until npllama/engine/ replaces them (issue 26's items 1 and 2):
-ENGINE_PRIVATE_MODULES = {"npllama.layers._numba", "npllama.layers._blas"}
+ENGINE_PRIVATE_MODULES: set[str] = set()   # (none: npllama/engine/ has no private modules)
 
 
 def is_private(name: str) -> bool:
@@ -194,3 +195,47 @@ def test_the_private_names_check_finds_a_reach(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "npllama.generate.decoding", tmp_path / "decoding.py")
     (tmp_path / "decoding.py").write_text(source.replace("model.layers)", "model._workspaces)"))
     assert any(f.startswith("npllama.generate.decoding:") and "model._workspaces" in f for f in private_reaches())
+
+
+# ---- the engine's wall ----------------------------------------------------------------------------
+LOW_LEVEL = {"llvmlite", "ctypes", "threading", "_thread", "concurrent", "numba", "threadpoolctl"}
+
+
+def all_imports(name: str) -> set[str]:
+    """Every module ``name`` imports anywhere in its file (functions too), npllama's and others'."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.update(imported_modules(name, node) if node.level or (node.module or "").startswith("npllama")
+                         else [node.module])
+    return found
+
+
+def test_layers_import_the_engine_and_nothing_low_level():
+    layers = [name for name in MODULES if name.startswith("npllama.layers")]
+    assert len(layers) >= 10
+    for name in layers:
+        low = {m for m in all_imports(name) if m.split(".")[0] in LOW_LEVEL}
+        assert not low, f"{name} imports {sorted(low)}: that belongs behind the engine's wall (npllama/engine/)"
+    assert any(m.startswith("npllama.engine") for name in layers for m in all_imports(name))
+
+
+def test_the_engine_imports_no_layer_and_no_model():
+    engine = [name for name in MODULES if name.startswith("npllama.engine")]
+    for name in engine:
+        outside = {m for m in all_imports(name) if m.startswith("npllama") and not m.startswith("npllama.engine")
+                   and m not in ("npllama.caches", "npllama.errors")}   # (where its caches go; its errors)
+        assert not outside, f"{name} imports {sorted(outside)}: the engine must not depend on the maths"
+
+
+def test_the_engine_module_map_names_every_module():
+    """npllama/engine/__init__.py's docstring and docs/engine.md each name every engine module."""
+    import npllama.engine
+    modules = sorted(p.name for p in (PACKAGE / "engine").glob("*.py") if p.name != "__init__.py")
+    assert {"threads.py", "pool.py", "batch.py", "matmul.py", "blas.py", "jit.py", "fastmath.py", "simd.py"} <= set(modules)
+    page = (ROOT / "docs" / "engine.md").read_text()
+    for module in modules:
+        assert module in npllama.engine.__doc__, f"engine/__init__.py's module map lacks {module}"
+        assert f"engine/{module}" in page, f"docs/engine.md lacks engine/{module}"

@@ -12,8 +12,9 @@ from hypothesis import given, strategies as st
 
 from npllama.errors import InputError
 from npllama.gradcheck import numerical_gradient, relative_error
-from npllama.layers import _numba, attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
-from npllama.threads import thread_limit
+from npllama.engine import fastmath, pool
+from npllama.engine.threads import thread_limit
+from npllama.layers import attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
 
 GRAD_TOL = 1e-6
 seeds = st.integers(0, 2**31 - 1)
@@ -433,7 +434,7 @@ def test_array_max_equals_numpy(dtype, seed, n, special):
     x = normal(r, (n + 5,), dtype, scale=10.0)
     if special is not None:
         x[r.integers(0, n)] = special
-    assert _numba.array_max(x, n) == np.max(x[:n])
+    assert fastmath.array_max(x, n) == np.max(x[:n])
 
 
 @dtypes
@@ -467,9 +468,9 @@ def test_cross_entropy_in_place_gradient(rng):
 # ---- units of work shared among threads (run_on_threads, claim_unit) ------------------------------
 @numba.njit(nogil=True)
 def _count_claims(counts, who, thread_ids, next_unit):
-    me = thread_ids[_numba.claim_unit(thread_ids[-1:])]     # a number of its own for each thread
+    me = thread_ids[pool.claim_unit(thread_ids[-1:])]     # a number of its own for each thread
     while True:
-        unit = _numba.claim_unit(next_unit)
+        unit = pool.claim_unit(next_unit)
         if unit >= counts.shape[0]:
             break
         counts[unit] += 1
@@ -481,8 +482,6 @@ def test_run_on_threads_runs_every_unit_exactly_once(threads):
     # Every unit is claimed by exactly one thread (the counter is one atomic add), whatever the thread
     # count; with more than one thread the work really is shared (all the units on one thread
     # would mean the pool never started).
-    if threads > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip(f"Numba was started with {numba.config.NUMBA_NUM_THREADS} threads")
     with thread_limit(threads):
         shared = 0
         for _ in range(20):
@@ -491,7 +490,7 @@ def test_run_on_threads_runs_every_unit_exactly_once(threads):
             # an id per call of the kernel (with threads, the first call is run_on_threads's own on the
             # calling thread with no unit left, which compiles it there); last: the ids' counter
             thread_ids = np.append(np.arange(threads + 1, dtype=np.int64), 0)
-            _numba.run_on_threads(_count_claims, counts, who, thread_ids)
+            pool.run_on_threads(_count_claims, counts, who, thread_ids)
             assert (counts == 1).all()
             assert set(np.unique(who)) <= set(range(threads + 1))
             shared += len(np.unique(who)) > 1
@@ -504,11 +503,11 @@ def test_helper_threads_run_every_job_once_and_hand_back_errors():
     # which the pool still works.
     import threading
     import time
-    pool = _numba.HelperThreads(3)
+    helpers = pool.HelperThreads(3)
     for pause in (0.0, 0.01):   # (a pause lets the helpers stop watching and fall asleep)
         time.sleep(pause)
         ran = []
-        pool.run([(lambda i=i: ran.append((i, threading.get_ident())), ()) for i in range(4)])
+        helpers.run([(lambda i=i: ran.append((i, threading.get_ident())), ()) for i in range(4)])
         assert sorted(i for i, _ in ran) == [0, 1, 2, 3]
         assert len({ident for _, ident in ran}) == 4                      # each on a thread of its own
         assert dict(ran)[0] == threading.get_ident()                      # the first one here
@@ -516,14 +515,14 @@ def test_helper_threads_run_every_job_once_and_hand_back_errors():
     def fail():
         raise ValueError("from a helper")
     with pytest.raises(ValueError, match="from a helper"):
-        pool.run([(lambda: None, ()), (fail, ())])
+        helpers.run([(lambda: None, ()), (fail, ())])
     ran = []
-    pool.run([(ran.append, (1,)), (ran.append, (2,))])
+    helpers.run([(ran.append, (1,)), (ran.append, (2,))])
     assert sorted(ran) == [1, 2]
     # several errors in one call (the caller's own too): one is raised, none is left for a later call
     with pytest.raises(ValueError):
-        pool.run([(fail, ()), (fail, ()), (fail, ())])
-    pool.run([(lambda: None, ())] * 4)
+        helpers.run([(fail, ()), (fail, ()), (fail, ())])
+    helpers.run([(lambda: None, ())] * 4)
     with pytest.raises(ValueError, match="5 jobs for 3 helper threads"):
-        pool.run([(lambda: None, ())] * 5)
+        helpers.run([(lambda: None, ())] * 5)
 

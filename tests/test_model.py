@@ -182,16 +182,11 @@ def test_bad_dtype_raises():
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_batch_split_among_threads_gives_the_whole_batchs_loss_and_gradient(lora):
     # With two threads loss_and_grad runs the batch as two parts, one per thread, and sums their
-    # gradients (model.py, _batch_parts): the same loss and gradient as the whole batch on one
+    # gradients (engine/batch.py): the same loss and gradient as the whole batch on one
     # thread, with an odd batch (parts of 1 and 2 sequences), ignored targets spread unevenly (each
     # part's mean weighed by its targets) and dropout drawn from the model's generator (the parts
     # take their rows of the same masks).
-    import numba
-
-    from npllama.layers.linear import split_matmuls
-    from npllama.threads import thread_limit
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("Numba has one thread here")
+    from npllama.engine.threads import thread_limit
     cfg = npllama.LlamaConfig(vocab_size=30, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24,
                               max_seq_len=9, dropout=0.2)
     rng = np.random.default_rng(5)
@@ -204,7 +199,7 @@ def test_a_batch_split_among_threads_gives_the_whole_batchs_loss_and_gradient(lo
         if lora:
             m.add_lora(2, 4.0, dropout=0.3, seed=1)
             m.flat_lora[...] = np.random.default_rng(2).normal(size=m.flat_lora.size)
-        with thread_limit(threads), split_matmuls():
+        with thread_limit(threads):
             for _ in range(steps):
                 ready = []
                 loss, grads = m.loss_and_grad(x, y, on_grads_ready=lambda lo, hi: ready.append((lo, hi)))

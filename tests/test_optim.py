@@ -23,7 +23,7 @@ from npllama.optim import (
     lr_at,
     sum_of_squares,
 )
-from npllama.threads import thread_limit
+from npllama.engine.threads import thread_limit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "adamw_trajectory.safetensors"
 

@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_second_process_leaves_only_the_forward_to_compile(tmp_path, dtype):
     spec = precompile.kernel_spec(dtype, 0.1, None, "", 0.0, 0.8, 40)
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), NUMBA_NUM_THREADS="2")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), NPLLAMA_THREADS="2")
     env.pop("NPLLAMA_PRECOMPILE", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(spec)], env=env, capture_output=True,
                           text=True, timeout=600)

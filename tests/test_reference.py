@@ -28,9 +28,9 @@ from npllama.cli import main
 from npllama.errors import InputError
 from npllama.gradcheck import (LLAMA3_SCALING, elementwise_relative_error, numerical_gradient, random_dropout_masks,
                                random_params, relative_error, richardson_gradient, sampled_entries)
-from npllama.layers import linear
+from npllama.engine import matmul
 from npllama.layers.attention import block_size, key_block_splits
-from npllama.threads import openblas_threads_api, thread_limit
+from npllama.engine.threads import available_cores, get_threads, thread_limit
 from test_hf_fixture import FIXTURES, HF_FIXTURES, load_reference, relative_error as hf_error
 
 EQUAL = 1e-12   # fast path vs reference, float64, norm-wise relative
@@ -141,10 +141,9 @@ LARGE_CASES = {
 
 @pytest.fixture
 def two_threads():
-    """Two Numba threads and two OpenBLAS threads where the machine allows (what the large cases
-    need to take every fast path); yields whether it could."""
-    api = openblas_threads_api()
-    if numba.config.NUMBA_NUM_THREADS < 2 or api is None:
+    """Two threads where the machine has two cores (what the large cases need to take every fast
+    path); yields whether it could."""
+    if available_cores() < 2:
         yield False
         return
     with thread_limit(2):
@@ -153,20 +152,20 @@ def two_threads():
 
 def test_large_cases_switch_on_the_fast_paths(two_threads):
     if not two_threads:
-        pytest.skip("needs NUMBA_NUM_THREADS >= 2 and an OpenBLAS whose thread count can be set")
+        pytest.skip("needs two cores")
     seen = set()
     for name, (kwargs, B, T) in LARGE_CASES.items():
         cfg = npllama.LlamaConfig(**kwargs)
         n_tiles = -(-T // block_size(cfg.head_dim, T))
         assert n_tiles >= 2, name
-        assert B * T // linear.MIN_SPLIT_ROWS >= 2, name                   # >= 2 row blocks of >= 64 rows
-        if len(key_block_splits(B, cfg.n_kv_heads, n_tiles, numba.get_num_threads())) > 2:
+        assert B * T // matmul.MIN_SPLIT_ROWS >= 2, name                   # >= 2 row blocks of >= 64 rows
+        if len(key_block_splits(B, cfg.n_kv_heads, n_tiles, get_threads())) > 2:
             seen.add("split keys" + (" GQA" if cfg.n_heads > cfg.n_kv_heads > 1 else ""))
         else:
             seen.add("whole keys")
     assert seen == {"split keys", "split keys GQA", "whole keys"}
-    with linear.split_matmuls():
-        assert linear._split["threads"] == 2                                 # matmuls are split in a step
+    with matmul.split_matmuls():
+        assert matmul.split_threads() == 2                                 # matmuls are split in a step
 
 
 @pytest.mark.parametrize("case", sorted(LARGE_CASES))

@@ -28,20 +28,20 @@ vcvtph2ps on x86), exactly as the gguf package and llama.cpp do.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ..layers._blas import matmul_one_thread
-from ..layers._numba import claim_unit, helper_threads, row_units, run_on_threads
+from .blas import matmul_one_thread
+from .jit import jit_rows_reassoc
+from .pool import claim_unit, helper_threads, row_units, run_on_threads
+from .threads import get_threads
 
 BLOCK = 32                                        # weights per block, every format here
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 FORMATS = tuple(BLOCK_BYTES)
-REASSOC = {"reassoc", "contract"}
-jit_q = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=REASSOC)
+jit_q = jit_rows_reassoc
 
 
 @intrinsic
@@ -224,7 +224,7 @@ def quantized_matvec(w, x, y):
     _block_sums(x, sums)
     units = row_units(w.shape[0], MATVEC_ROWS_PER_UNIT)
     kernel = MATVEC_ROWS[w.qtype]
-    if w.shape[0] < PARALLEL_MATVEC_MIN_ROWS or numba.get_num_threads() <= 1:
+    if w.shape[0] < PARALLEL_MATVEC_MIN_ROWS or get_threads() <= 1:
         kernel(w.blocks, w.halves, x, sums, y, MATVEC_ROWS_PER_UNIT, np.zeros(1, dtype=np.int64))
     else:
         run_on_threads(kernel, w.blocks, w.halves, x, sums, y, MATVEC_ROWS_PER_UNIT, n_units=units)

@@ -62,7 +62,7 @@ def add_arguments(parser):
                              "kept in their blocks, which the model multiplies by directly: 4-7x fewer bytes to read "
                              "per token)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="threads for BLAS and Numba (default: their own defaults)")
+                        help="threads npllama runs on, its own and BLAS's (default: NPLLAMA_THREADS, else all cores)")
 
 
 class IncrementalText:

@@ -21,11 +21,14 @@ per-row log-sum-exp (B, H, T) so the backward can rebuild P without storing it.
 
 Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 """
-import numba
 import numpy as np
 
-from ._numba import (MR, VECTOR_BYTES, claim_unit, contiguous_row, fast_exp, run_on_threads, tile_update_1,
-                     tile_update_2, tile_update_3, tile_update_half, tile_update_pairs, vector_max)
+from ..engine.fastmath import fast_exp
+from ..engine.jit import jit_with
+from ..engine.pool import claim_unit, run_on_threads
+from ..engine.simd import (MR, VECTOR_BYTES, contiguous_row, tile_update_1, tile_update_2, tile_update_3,
+                           tile_update_half, tile_update_pairs, vector_max)
+from ..engine.threads import get_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def attention_backward_reference(do, cache):
 #     dP = do vT,  dS = P (dP - D)
 #     dvT += doT P,  dkT += qcT dS,  dq += dS K                  (backward)
 #     acc += P V                                                 (forward)
-# The products are made of ``tile_update`` calls (_numba.py): MR rows of C by one or two vectors
+# The products are made of ``tile_update`` calls (engine/simd.py): MR rows of C by one or two vectors
 # of columns, kept in registers over the whole sum.  So every operand's rows are padded: K and V
 # are packed once per call, both transposed (kT[d, j] = k[j0 + j, d], for S and dP) and as rows
 # (K[j, d], for P V and dS K), with head_dim padded to whole half vectors (hd_pad) and the block to
@@ -90,12 +93,12 @@ def attention_backward_reference(do, cache):
 # a*b + c into one FMA, "nsz" lets it ignore the sign of zero (0.0 * x may become 0.0), "arcp" lets
 # it compute a division as a multiplication by the reciprocal (o = acc / l).  All four change
 # rounding only at the 1e-16 level in float64 (tests hold the kernels to the reference at 1e-12).
-# No "nnan"/"ninf": the running max starts at -inf (_numba's ``vector_max``, the row maxima, alone
-# has "nnan", see there).  exp is _numba's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
+# No "nnan"/"ninf": the running max starts at -inf (engine/simd.py's ``vector_max``, the row maxima, alone
+# has "nnan", see there).  exp is engine/fastmath.py's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
 # exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-jit_shared_kernel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)   # run with run_on_threads
-jit_helper = numba.njit(cache=True, fastmath=FASTMATH)
+jit_shared_kernel = jit_with(nogil=True, fastmath=FASTMATH)   # run with run_on_threads
+jit_helper = jit_with(fastmath=FASTMATH)
 
 
 def block_size(hd, T):
@@ -514,7 +517,7 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
     (dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy) = (
         _writable(dq, q.shape, q.dtype), _writable(dk, kv_shape, q.dtype), _writable(dv, kv_shape, q.dtype))
     scale = q.dtype.type(1.0 / np.sqrt(hd))
-    splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], numba.get_num_threads())
+    splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], get_threads())
     n_splits = len(splits) - 1
     dq_parts = dq_kernel[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
     run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,

@@ -38,8 +38,8 @@ au: (N, 2F); g: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/
 """
 import numpy as np
 
+from ..engine.matmul import matmuls
 from .attention import attention_backward, attention_forward, key_tile_buffers
-from .linear import matmuls
 from .lora import lora_adapter_backward, lora_adapter_forward
 from .rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
 from .rope import rope_cos_sin, rope_kernel

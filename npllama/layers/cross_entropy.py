@@ -15,7 +15,9 @@ Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, array_max, claim_unit, fast_exp, jit_rows_reassoc, row_units, run_on_threads
+from ..engine.fastmath import array_max, fast_exp
+from ..engine.jit import jit_rows_reassoc
+from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 IGNORE_INDEX = -100
 

@@ -8,7 +8,7 @@ Backward:  each row of the table receives the sum of the upstream gradients of t
 import numpy as np
 
 from ..errors import InputError
-from ._numba import jit
+from ..engine.jit import jit
 
 
 def embedding_forward(ids, weight):

@@ -21,7 +21,7 @@ Cache layout, per layer:
 S is the cache's capacity; only the first ``length`` positions are read.
 
 The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, on the
-calling thread (one row is one unit of work: ``_numba.run_on_threads``).  The kernels here are
+calling thread (one row is one unit of work: engine/pool.py's ``run_on_threads``).  The kernels here are
 serial too (at batch 1 most calls take a few microseconds, less than handing work to another thread
 costs), except the matrix-vector product of large matrices, shared among the threads when there
 are several (``matvec_parallel_kernel``).
@@ -35,10 +35,12 @@ left to right.
 Every operation stays IEEE (no assumptions about NaN, inf or signed zeros); only the summation
 order changes, as it does between BLAS builds, and the result is deterministic on a machine.
 """
-import numba
 import numpy as np
 
-from ._numba import claim_unit, fast_exp, jit, row_units, run_on_threads
+from ..engine.fastmath import fast_exp
+from ..engine.jit import jit, jit_with
+from ..engine.pool import claim_unit, row_units, run_on_threads
+from ..engine.threads import get_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache):
                 v_cache[g, start + n, d] = qkv[n, v0 + g * hd + d]
 
 
-# A matrix with at least this many entries gets the parallel matvec when Numba has > 1 thread.
+# A matrix with at least this many entries gets the parallel matvec when npllama runs on > 1 thread.
 PARALLEL_MATVEC_MIN_SIZE = 1 << 18
 MATVEC_ROWS_PER_TASK = 1024
 
@@ -112,7 +114,7 @@ MATVEC_ROWS_PER_TASK = 1024
 MATVEC_FASTMATH = {"reassoc", "contract"}
 
 
-@numba.njit(cache=True, fastmath=MATVEC_FASTMATH)
+@jit_with(fastmath=MATVEC_FASTMATH)
 def _matvec_rows(w, x, y, start, stop):
     """y[i] = w[i] . x for start <= i < stop, walking four rows a quarter of the range apart at once.
 
@@ -144,13 +146,13 @@ def _matvec_rows(w, x, y, start, stop):
         y[i] = s
 
 
-@numba.njit(cache=True, fastmath=MATVEC_FASTMATH)
+@jit_with(fastmath=MATVEC_FASTMATH)
 def matvec_kernel(w, x, y):
     """y = w x.  w: (N, D) C-contiguous; x: (D,); y: (N,). Sums in w's dtype, in vector lanes."""
     _matvec_rows(w, x, y, 0, w.shape[0])
 
 
-@numba.njit(cache=True, fastmath=MATVEC_FASTMATH, nogil=True)
+@jit_with(fastmath=MATVEC_FASTMATH, nogil=True)
 def matvec_rows(w, x, y, next_unit):
     """matvec_kernel over blocks of MATVEC_ROWS_PER_TASK rows, one block per ``claim_unit`` (the same
     sums per row)."""
@@ -163,7 +165,7 @@ def matvec_rows(w, x, y, next_unit):
 
 
 def matvec_parallel_kernel(w, x, y):
-    """``matvec_rows`` on the threads (_numba.py: ``run_on_threads``)."""
+    """``matvec_rows`` on the threads (engine/pool.py: ``run_on_threads``)."""
     run_on_threads(matvec_rows, w, x, y, n_units=row_units(w.shape[0], MATVEC_ROWS_PER_TASK))
 
 
@@ -173,6 +175,6 @@ def matvec_for(w):
     if getattr(w, "quantized", False):
         from .quantized_linear import quantized_matvec   # (only a quantized W needs it: it imports the gguf package)
         return quantized_matvec
-    if numba.get_num_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
+    if get_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
         return matvec_parallel_kernel
     return matvec_kernel

@@ -43,7 +43,8 @@ B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_unit, jit_rows, row_units, run_on_threads
+from ..engine.jit import jit_rows
+from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
 # ---- init and merge ----------------------------------------------------------------------------

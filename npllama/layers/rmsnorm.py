@@ -21,7 +21,8 @@ Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_unit, jit_rows_reassoc, row_units, run_on_threads
+from ..engine.jit import jit_rows_reassoc
+from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
 # ---- readable reference ------------------------------------------------------------------------

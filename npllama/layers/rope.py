@@ -23,7 +23,8 @@ import math
 
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_unit, jit_rows, row_units, run_on_threads
+from ..engine.jit import jit_rows
+from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
 def rope_frequencies(head_dim, theta, scaling=None):

@@ -17,7 +17,9 @@ a, u, h: (N, F); au, dau: (N, 2F).
 """
 import numpy as np
 
-from ._numba import ROWS_PER_UNIT, claim_unit, fast_exp, jit_rows, row_units, run_on_threads
+from ..engine.fastmath import fast_exp
+from ..engine.jit import jit_rows
+from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 from .linear import linear_backward, linear_forward
 
 
@@ -37,7 +39,7 @@ def swiglu_backward_reference(dh, cache):
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
 # The ``*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
-# thread at once through the functions after them (_numba.py: ``run_on_threads``).
+# thread at once through the functions after them (engine/pool.py: ``run_on_threads``).
 @jit_rows
 def swiglu_forward_rows(au, h, next_unit):
     """h = silu(a) * u,  a = au[:, :F],  u = au[:, F:]."""

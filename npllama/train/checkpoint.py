@@ -18,7 +18,7 @@ from ..files import (atomic_write_json, begin_staged_write, commit_staged_write,
 from ..formats.peft import ADAPTER_FILE
 from ..formats.safetensors import read_safetensors, write_safetensors
 from ..model import Llama
-from ..threads import live_thread_counts
+from ..engine.threads import thread_report
 from ..tokenizer import Tokenizer
 from .config import DTYPES, TrainConfig
 from .metrics import MetricsLog
@@ -73,7 +73,7 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         "tokenizer_sha256": run.tokenizer.fingerprint,
         "plan": run.plan,
         **({"ranks": {"size": len(rank_states), "dropout_rngs": rank_states}} if len(rank_states) > 1 else {}),
-        "threads": live_thread_counts(),   # what OpenBLAS and Numba really use, not what was asked
+        "threads": thread_report(),   # npllama's count, and what the BLAS really uses (threadpoolctl)
         # checked on resume: a file replaced by hand (or a torn copy) is caught, not trained on
         "files_sha256": {name: file_sha256(stage / name) for name in (_weights_file(run.model), OPTIMIZER_FILE)},
         # and the model's settings beside them: a rope_theta or an eos edited in by hand is not the same run

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
                         help="continue a saved run exactly where it stopped")
     parser.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
-                        help="threads for BLAS, Numba and the tokenizer (default: all cores)")
+                        help="threads npllama runs on: its own, BLAS's and the tokenizer's (default: NPLLAMA_THREADS, else all cores)")
     parser.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bar (evaluations are still printed)")
     defaults = TrainConfig()

@@ -18,12 +18,12 @@ import sys
 import time
 from typing import Callable
 
-import numba
 import numpy as np
 
 from ..data import BatchSampler
 from ..errors import ConfigError
-from ..layers._numba import CompileClock
+from ..engine.jit import CompileClock
+from ..engine.threads import get_threads
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
 from . import precompile
@@ -58,7 +58,7 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
     world = current_world()
     verbose = verbose and world.root
     # a first run: the kernels needed after the forward compile in a second process meanwhile
-    precompiler = precompile.start(_kernel_spec(config), numba.get_num_threads()) \
+    precompiler = precompile.start(_kernel_spec(config), get_threads()) \
         if resume is None and world.size == 1 else None
     try:
         with CompileClock() as compiling:

@@ -126,7 +126,7 @@ def start(spec: dict, threads: int) -> Precompiler | None:
     marker = marker_path(spec)
     if marker.exists():
         return None
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+    env = dict(os.environ, NPLLAMA_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_DIR.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     process = subprocess.Popen([sys.executable, "-m", "npllama.train.precompile", json.dumps(spec), str(marker)],

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data import iter_eval_batches
-from ..layers._blas import BLAS
-from ..layers._numba import CompileClock
+from ..engine.blas import BLAS
+from ..engine.jit import CompileClock
+from ..engine.threads import get_threads
 from ..memory import peak_rss_bytes
-from ..threads import live_thread_counts
 from .checkpoint import save_checkpoint
 from .config import SAMPLE_LINES
 from .evaluation import evaluate, generate_sample
@@ -367,12 +367,12 @@ class StopSignals:
 
 def describe(run: Run) -> str:
     """The start-up lines: model, batch and the threads really in use, run directory."""
-    c, cfg, threads = run.model.config, run.config, live_thread_counts()
+    c, cfg = run.model.config, run.config
     kv = f" ({c.n_kv_heads} kv)" if c.n_kv_heads != c.n_heads else ""
     return (f"model: {run.model.num_parameters() / 1e6:.2f}M parameters: dim {c.dim}, {c.n_layers} layers, "
             f"{c.n_heads} heads{kv}, hidden {c.hidden_dim}, vocab {c.vocab_size}, {cfg.dtype}\n"
             f"batch {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = {cfg.tokens_per_step:,} tokens/step; "
-            f"threads: OpenBLAS {threads['openblas']}, Numba {threads['numba']}; matmuls: {BLAS}\n"
+            f"threads: {get_threads()}; matmuls: {BLAS}\n"
             f"run dir {run.run_dir}")
 
 

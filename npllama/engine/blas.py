@@ -7,7 +7,7 @@ rows -- it is faster (measured on one core of an AVX-512 Xeon, GFLOP/s, MKL / Op
 165-188 / 145-160, dy W 154-174 / 146-155, dy^T x 150-153 / 135-142 at the default model's shapes;
 a whole default training step 82 -> 75.5 ms and 15M-v4k's 424 -> 387 ms).  When that package is
 installed npllama calls its ``cblas_sgemm`` and ``cblas_dgemm`` through ctypes, which, like NumPy's
-matmul, releases the GIL, so npllama's helper threads run products side by side (linear.py).  MKL
+matmul, releases the GIL, so npllama's helper threads run products side by side (matmul.py).  MKL
 runs in its sequential threading layer: it starts no threads of its own (nor loads an OpenMP
 runtime) -- npllama shares out the work.
 
@@ -93,7 +93,7 @@ def _blas_operand(x):
 def matmul_one_thread(a, b, out):
     """out = a @ b (2-D; out must not overlap a or b) on the calling thread, by MKL when it is loaded
     and can read the arrays in place, else by np.matmul (the caller keeps NumPy's BLAS at one thread
-    where that matters: linear.split_matmuls)."""
+    where that matters: matmul.split_matmuls)."""
     if _mkl is not None and a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and min(a.shape + b.shape) > 0 \
             and a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64):
         op_a, op_b, op_out = _blas_operand(a), _blas_operand(b), _blas_operand(out)

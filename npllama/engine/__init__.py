@@ -1,0 +1,27 @@
+"""npllama's engine: the machinery that makes the layers fast.  You never need this to learn the model.
+
+The maths lives in npllama/layers/ (each layer's reference forward and backward, then the in-place
+forward and backward the model calls) and in npllama/reference.py (the whole model in plain NumPy).
+This package holds what makes the same maths run fast on a CPU: threads, compiler settings, SIMD
+code, the scheduling of matrix products.  The layers import from here; nothing here imports a
+layer (tests/test_imports.py holds the direction).
+
+Module map (docs/engine.md says more):
+
+    threads.py   npllama's thread count: ``set_threads`` / ``--threads`` / NPLLAMA_THREADS; the BLAS
+                 under NumPy sized through threadpoolctl
+    pool.py      npllama's helper threads; ``run_on_threads`` and ``claim_unit``: kernels whose units
+                 of work the threads share
+    batch.py     the two regimes: a training step's batch parts, one per thread; the row split of
+                 a forward, an evaluation or a prefill
+    matmul.py    ``matmuls`` / ``split_matmuls``: a pass's products as single-threaded BLAS calls
+                 spread over the threads
+    blas.py      ``matmul_one_thread``: MKL's gemm through ctypes when the [mkl] extra is installed,
+                 else NumPy's
+    jit.py       the jit decorators every kernel uses, the CPU features LLVM compiles for, the
+                 compile clock
+    fastmath.py  ``fast_exp`` (Cephes' expf, vectorisable, for float32), vectorisable maxima
+    simd.py      LLVM IR register tiles (``tile_update_*``) and row views for attention's kernels
+
+Importing this package loads nothing: each module is imported where it is used.
+"""
