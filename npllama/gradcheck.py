@@ -27,16 +27,135 @@ import numpy as np
 from .config import LlamaConfig
 from .errors import InputError
 from .layers.attention import attention_backward, attention_forward
-from .layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_kernel
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward, embedding_forward
 from .layers.linear import linear_backward, linear_forward
-from .layers.lora import lora_backward, lora_forward
-from .layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .layers.rope import rope_backward, rope_cos_sin, rope_forward, rope_frequencies
-from .layers.swiglu import feedforward_backward, feedforward_forward
+from .layers.lora import lora_adapter_backward, lora_adapter_forward
+from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
+from .layers.rope import rope_cos_sin, rope_frequencies, rope_kernel
+from .layers.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from .model import Llama, parameter_layout
 from .reference import block_backward, block_forward, layer_weights, loss_and_grad
+
+
+# ---- the layers' in-place kernels wrapped to allocate their outputs ------------------------------
+# ``out, cache = f_forward(...)``, ``d_inputs... = f_backward(dout, cache)``, as the checks (and
+# tests/test_layers.py) call them; the model calls the kernels themselves, into its own buffers.
+
+
+# RMSNorm
+def rmsnorm_forward(x, w, eps):
+    """x: (..., D), w: (D,) -> y: (..., D), cache = (x, w, r)."""
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    y = np.empty_like(x2)
+    r = np.empty(x2.shape[0], dtype=x.dtype)
+    rmsnorm_forward_kernel(x2, w, x.dtype.type(eps), y, r)
+    return y.reshape(x.shape), (x2, w, r)
+
+
+def rmsnorm_backward(dy, cache, dw_out=None):
+    """Returns (dx, dw); dw is written into ``dw_out`` when given."""
+    x2, w, r = cache
+    dy2 = np.ascontiguousarray(dy.reshape(x2.shape))
+    dx = np.empty_like(x2)
+    dw_partial = np.empty((rmsnorm_dw_chunks(x2.shape[0]), x2.shape[1]), dtype=x2.dtype)
+    rmsnorm_backward_kernel(dy2, x2, w, r, dx, dw_partial, False)
+    dw = np.sum(dw_partial, axis=0, out=dw_out)
+    return dx.reshape(dy.shape), dw
+
+
+# SwiGLU
+def swiglu_forward(au):
+    """au: (N, 2F) = [a | u] -> h: (N, F), cache = au."""
+    au = np.ascontiguousarray(au)
+    h = np.empty((au.shape[0], au.shape[1] // 2), dtype=au.dtype)
+    swiglu_forward_kernel(au, h)
+    return h, au
+
+
+def swiglu_backward(dh, cache):
+    """dh: (N, F) -> dau: (N, 2F) = [da | du], a new array (the cache is left as it was)."""
+    dau = cache.copy()
+    swiglu_backward_kernel(np.ascontiguousarray(dh), dau)
+    return dau
+
+
+def feedforward_forward(x, w_gate_up, w_down):
+    """x: (N, D); w_gate_up: (2F, D); w_down: (D, F) -> y: (N, D), cache."""
+    au, cache_gate_up = linear_forward(x, w_gate_up)         # (N, 2F) = [a | u]
+    h, cache_swiglu = swiglu_forward(au)                     # (N, F)
+    y, cache_down = linear_forward(h, w_down)                # (N, D)
+    return y, (cache_gate_up, cache_swiglu, cache_down)
+
+
+def feedforward_backward(dy, cache, dw_gate_up=None, dw_down=None):
+    """-> (dx, dw_gate_up, dw_down); the weight gradients go into the given arrays when given."""
+    cache_gate_up, cache_swiglu, cache_down = cache
+    dh, dw_down = linear_backward(dy, cache_down, dw_down)
+    dau = swiglu_backward(dh, cache_swiglu)                  # (N, 2F) = [da | du]
+    dx, dw_gate_up = linear_backward(dau, cache_gate_up, dw_gate_up)
+    return dx, dw_gate_up, dw_down
+
+
+# RoPE
+def _rotate(x, cos, sin, sign):
+    B, NH, T, hd = x.shape
+    rows = np.array(x, dtype=x.dtype, order="C").reshape(B * NH * T, hd)   # a copy: one head per row
+    rope_kernel(rows, 1, hd, cos, sin, x.dtype.type(sign), 0, T)
+    return rows.reshape(x.shape)
+
+
+def rope_forward(x, cos, sin):
+    """x: (B, heads, T, hd), any strides -> y: contiguous (B, heads, T, hd), cache = (cos, sin)."""
+    return _rotate(x, cos, sin, 1.0), (cos, sin)
+
+
+def rope_backward(dy, cache):
+    """dy: (B, heads, T, hd) -> dx: contiguous (B, heads, T, hd) (the rotation by -theta)."""
+    cos, sin = cache
+    return _rotate(dy, cos, sin, -1.0)
+
+
+# cross-entropy
+def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
+    """logits: (N, V); targets: int (N,) -> (mean loss as a Python float, cache)."""
+    losses = np.empty(logits.shape[0], dtype=np.float64)
+    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(0.0))
+    count = count_targets(targets, ignore_index)
+    return float(np.sum(losses) / count), (logits, targets, count, ignore_index)
+
+
+def cross_entropy_backward(dloss, cache, out=None):
+    """-> dlogits (N, V), a new array or ``out`` (which may be the logits array to reuse its memory).
+    The softmax is computed again from the cached logits: the forward keeps nothing (N, V)."""
+    logits, targets, count, ignore_index = cache
+    out = np.empty_like(logits) if out is None else out
+    if out is not logits:
+        np.copyto(out, logits)
+    losses = np.empty(logits.shape[0], dtype=np.float64)
+    cross_entropy_kernel(out, targets, ignore_index, losses, logits.dtype.type(dloss / count))
+    return out
+
+
+# LoRA
+def lora_forward(x, w, a, b, scale, mask=None, out=None, z=None, x_drop=None):
+    """x: (..., in) -> y: (..., out), cache.  mask: None or x's shape.  The base product is one BLAS
+    call into ``out`` (N, out); z (N, r) and x_drop (N, in) (with a mask) are preallocated rows."""
+    x2 = x.reshape(-1, w.shape[1])
+    mask2 = None if mask is None else mask.reshape(x2.shape)
+    y = np.matmul(x2, w.T, out=out)                   # x W^T    (N, out)
+    adapter = lora_adapter_forward(x2, a, b, scale, y, mask2, z, x_drop)
+    return y.reshape(*x.shape[:-1], w.shape[0]), (x.shape, w, adapter)
+
+
+def lora_backward(dy, cache, dx=None, da=None, db=None, dz=None):
+    """-> (dx, dA, dB), written into ``dx`` (N, in), ``da``, ``db`` when given.  No dW: W is frozen."""
+    x_shape, w, adapter = cache
+    dy2 = dy.reshape(-1, w.shape[0])
+    dx = np.matmul(dy2, w, out=dx)                    # dy W     (N, in)
+    da, db = lora_adapter_backward(dy2, adapter, dx, da, db, dz)
+    return dx.reshape(x_shape), da, db
 
 
 def numerical_gradient(loss_fn: Callable[[], float], x: np.ndarray, h: float = 1e-6,

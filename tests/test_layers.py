@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 from npllama.errors import InputError
 from npllama.gradcheck import numerical_gradient, relative_error
 from npllama.engine import fastmath, pool
+from npllama import gradcheck
 from npllama.engine.threads import thread_limit
 from npllama.layers import attention, cross_entropy, dropout, embedding, linear, rmsnorm, rope, swiglu
 
@@ -55,9 +56,9 @@ def f64(*arrays):
 def test_rmsnorm_gradients(seed, n, d, eps):
     r = np.random.default_rng(seed)
     x, w, dy = r.normal(size=(n, d)), r.normal(size=d), r.normal(size=(n, d))
-    y, cache = rmsnorm.rmsnorm_forward(x, w, eps)
-    dx, dw = rmsnorm.rmsnorm_backward(dy, cache)
-    fd_check(lambda: rmsnorm.rmsnorm_forward(x, w, eps)[0], {"x": x, "w": w}, {"x": dx, "w": dw}, dy)
+    y, cache = gradcheck.rmsnorm_forward(x, w, eps)
+    dx, dw = gradcheck.rmsnorm_backward(dy, cache)
+    fd_check(lambda: gradcheck.rmsnorm_forward(x, w, eps)[0], {"x": x, "w": w}, {"x": dx, "w": dw}, dy)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -65,11 +66,11 @@ def test_rmsnorm_gradients(seed, n, d, eps):
 def test_rmsnorm_kernel_equals_reference(dtype, seed, shape):
     r = np.random.default_rng(seed)
     x, w, dy = (r.normal(size=s).astype(dtype) for s in (shape, shape[-1], shape))
-    y, cache = rmsnorm.rmsnorm_forward(x, w, 1e-5)
+    y, cache = gradcheck.rmsnorm_forward(x, w, 1e-5)
     y_ref, cache_ref = rmsnorm.rmsnorm_forward_reference(x, w, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
     assert_kernel_equals_reference(y, y_ref, dtype)
-    for got, want in zip(rmsnorm.rmsnorm_backward(dy, cache), rmsnorm.rmsnorm_backward_reference(dy, cache_ref)):
+    for got, want in zip(gradcheck.rmsnorm_backward(dy, cache), rmsnorm.rmsnorm_backward_reference(dy, cache_ref)):
         assert_kernel_equals_reference(got, want, dtype)
 
 
@@ -144,9 +145,9 @@ def test_rope_gradients(seed, b, h, t, half):
     r = np.random.default_rng(seed)
     x, cos, sin = _rope_inputs(r, b, h, t, half)
     dy = r.normal(size=x.shape)
-    y, cache = rope.rope_forward(x, cos, sin)
-    dx = rope.rope_backward(dy, cache)
-    fd_check(lambda: rope.rope_forward(x, cos, sin)[0], {"x": x}, {"x": dx}, dy)
+    y, cache = gradcheck.rope_forward(x, cos, sin)
+    dx = gradcheck.rope_backward(dy, cache)
+    fd_check(lambda: gradcheck.rope_forward(x, cos, sin)[0], {"x": x}, {"x": dx}, dy)
     assert_kernel_equals_reference(y, rope.rope_forward_reference(x, cos, sin)[0], np.float64)
     assert_kernel_equals_reference(dx, rope.rope_backward_reference(dy, cache), np.float64)
 
@@ -181,7 +182,7 @@ def test_rope_kernel_strided_input(dtype, rng):
     qkv = rng.normal(size=(2, 5, 3 * 8)).astype(dtype)
     x = qkv[..., :16].reshape(2, 5, 2, 8).transpose(0, 2, 1, 3)
     cos, sin = rope.rope_cos_sin(np.arange(5), rope.rope_frequencies(8, 10000.0), dtype)
-    assert_kernel_equals_reference(rope.rope_forward(x, cos, sin)[0], rope.rope_forward_reference(x, cos, sin)[0], dtype)
+    assert_kernel_equals_reference(gradcheck.rope_forward(x, cos, sin)[0], rope.rope_forward_reference(x, cos, sin)[0], dtype)
 
 
 @dtypes
@@ -273,11 +274,11 @@ def test_attention_is_causal(rng):
 def test_feedforward_gradients(seed, n, d, f):
     r = np.random.default_rng(seed)
     x, w_gu, w_down, dy = r.normal(size=(n, d)), r.normal(size=(2 * f, d)), r.normal(size=(d, f)), r.normal(size=(n, d))
-    y, cache = swiglu.feedforward_forward(x, w_gu, w_down)
-    dx, dw_gu, dw_down = swiglu.feedforward_backward(dy, cache)
-    for again, first in zip(swiglu.feedforward_backward(dy, cache), (dx, dw_gu, dw_down)):
+    y, cache = gradcheck.feedforward_forward(x, w_gu, w_down)
+    dx, dw_gu, dw_down = gradcheck.feedforward_backward(dy, cache)
+    for again, first in zip(gradcheck.feedforward_backward(dy, cache), (dx, dw_gu, dw_down)):
         np.testing.assert_array_equal(again, first)           # a backward leaves its cache intact
-    fd_check(lambda: swiglu.feedforward_forward(x, w_gu, w_down)[0], {"x": x, "w_gate_up": w_gu, "w_down": w_down},
+    fd_check(lambda: gradcheck.feedforward_forward(x, w_gu, w_down)[0], {"x": x, "w_gate_up": w_gu, "w_down": w_down},
              {"x": dx, "w_gate_up": dw_gu, "w_down": dw_down}, dy)
     # the definition: W_down (silu(W_gate x) * W_up x)
     a, u = x @ w_gu[:f].T, x @ w_gu[f:].T
@@ -300,9 +301,9 @@ def test_swiglu_kernels_equal_reference(dtype, seed, n, f):
     assert_kernel_equals_reference(dau[:, :f], da, dtype)
     assert_kernel_equals_reference(dau[:, f:], du, dtype)
     # the layer functions: the same numbers, and the backward leaves its cache as it was
-    h2, cache = swiglu.swiglu_forward(au)
+    h2, cache = gradcheck.swiglu_forward(au)
     np.testing.assert_array_equal(h2, h)
-    np.testing.assert_array_equal(swiglu.swiglu_backward(dh, cache), dau)
+    np.testing.assert_array_equal(gradcheck.swiglu_backward(dh, cache), dau)
     np.testing.assert_array_equal(cache, au)
 
 
@@ -384,9 +385,9 @@ def test_cross_entropy_gradients(seed, n, v, n_ignored):
     r = np.random.default_rng(seed)
     logits, targets = r.normal(scale=2.0, size=(n, v)), r.integers(0, v, size=n)
     targets[r.permutation(n)[:min(n_ignored, n - 1)]] = -100
-    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
-    dlogits = cross_entropy.cross_entropy_backward(1.0, cache)
-    fd_check(lambda: cross_entropy.cross_entropy_forward(logits, targets)[0], {"logits": logits}, {"logits": dlogits}, 1.0)
+    loss, cache = gradcheck.cross_entropy_forward(logits, targets)
+    dlogits = gradcheck.cross_entropy_backward(1.0, cache)
+    fd_check(lambda: gradcheck.cross_entropy_forward(logits, targets)[0], {"logits": logits}, {"logits": dlogits}, 1.0)
     keep = targets != -100
     by_hand = np.mean([np.log(np.exp(logits[i]).sum()) - logits[i, targets[i]] for i in np.flatnonzero(keep)])
     np.testing.assert_allclose(loss, by_hand, rtol=1e-13)
@@ -417,9 +418,9 @@ def test_cross_entropy_kernel_equals_reference(dtype, seed, n, v):
     assert_kernel_equals_reference(losses.astype(dtype), losses_ref, dtype)
     assert_kernel_equals_reference(z, dlogits_ref, dtype)
     # the layer functions and the model's fused call give the same numbers
-    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
+    loss, cache = gradcheck.cross_entropy_forward(logits, targets)
     assert_kernel_equals_reference(dtype(loss), loss_ref, dtype)
-    np.testing.assert_array_equal(cross_entropy.cross_entropy_backward(0.7, cache), z)
+    np.testing.assert_array_equal(gradcheck.cross_entropy_backward(0.7, cache), z)
     z2 = logits.copy()
     loss2, _ = cross_entropy.cross_entropy_forward_backward(z2, targets, dloss=0.7)
     assert loss2 == loss
@@ -458,9 +459,9 @@ def test_cross_entropy_kernel_non_finite_logit_gives_non_finite_loss(dtype, bad)
 
 def test_cross_entropy_in_place_gradient(rng):
     logits, targets = rng.normal(size=(4, 7)), np.array([1, -100, 6, 0])
-    loss, cache = cross_entropy.cross_entropy_forward(logits, targets)
-    expected = cross_entropy.cross_entropy_backward(1.0, cache)
-    got = cross_entropy.cross_entropy_backward(1.0, cache, out=logits)
+    loss, cache = gradcheck.cross_entropy_forward(logits, targets)
+    expected = gradcheck.cross_entropy_backward(1.0, cache)
+    got = gradcheck.cross_entropy_backward(1.0, cache, out=logits)
     assert got is logits
     np.testing.assert_array_equal(got, expected)
 

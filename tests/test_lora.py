@@ -8,11 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 from npllama import reference
 from npllama.config import LlamaConfig
-from npllama.gradcheck import numerical_gradient, random_params, relative_error, richardson_gradient
+from npllama.gradcheck import (lora_backward, lora_forward, numerical_gradient, random_params, relative_error,
+                               richardson_gradient)
 from npllama.layers.dropout import dropout_forward
-from npllama.layers.lora import (lora_adapter_backward, lora_adapter_forward, lora_backward,
-                                 lora_backward_reference, lora_forward, lora_forward_reference, lora_init,
-                                 merge_lora)
+from npllama.layers.lora import (lora_adapter_backward, lora_adapter_forward, lora_backward_reference,
+                                 lora_forward_reference, lora_init, merge_lora)
 
 GRAD_TOL = 1e-6
 FAST_TOL = {np.float64: 1e-12, np.float32: 1e-5}

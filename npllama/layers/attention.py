@@ -31,7 +31,7 @@ from ..engine.simd import (MR, VECTOR_BYTES, contiguous_row, tile_update_1, tile
 from ..engine.threads import get_threads
 
 
-# ---- readable reference ------------------------------------------------------------------------
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def attention_forward_reference(q, k, v):
     B, H, T, hd = q.shape
     G = H // k.shape[1]
@@ -65,7 +65,113 @@ def attention_backward_reference(do, cache):
     return dq, dk, dv
 
 
-# ---- kernels -----------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
+def attention_forward(q, k, v, o=None, tiles=None):
+    """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
+
+    o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
+    (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
+    layout.  K and V are packed into the kernels' tiles, in ``tiles`` (from ``key_tile_buffers``)
+    when given; the cache keeps them (the backward reads the same tiles: no second packing).
+    (Arrays whose last axis is not contiguous go through contiguous copies.)"""
+    B, H, T, hd = q.shape
+    block = block_size(hd, T)
+    scale = q.dtype.type(1.0 / np.sqrt(hd))
+    q, k, v = _readable(q), _readable(k), _readable(v)
+    if o is None:
+        o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
+    o_kernel, o_copy = _writable(o, q.shape, q.dtype)
+    lse = np.empty((B, H, T), dtype=q.dtype)
+    if tiles is None:
+        tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
+    k_tiles, v_tiles, k_rows, v_rows = tiles
+    run_on_threads(_pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
+    run_on_threads(_attention_forward_kernel, q, k_tiles, v_rows, block, scale, o_kernel, lse)
+    if o_copy is not None:
+        np.copyto(o_copy, o_kernel)
+    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse)
+
+
+def attention_backward(do, cache, dq=None, dk=None, dv=None):
+    """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
+    q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse = cache
+    B, H, T, hd = q.shape
+    kv_shape = (B, k_tiles.shape[1], T, hd)
+    do = _readable(do)
+    (dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy) = (
+        _writable(dq, q.shape, q.dtype), _writable(dk, kv_shape, q.dtype), _writable(dv, kv_shape, q.dtype))
+    scale = q.dtype.type(1.0 / np.sqrt(hd))
+    splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], get_threads())
+    n_splits = len(splits) - 1
+    dq_parts = dq_kernel[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
+    run_on_threads(_attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,
+                   dk_kernel, dv_kernel)
+    if n_splits > 1:
+        np.sum(dq_parts, axis=0, out=dq_kernel)
+    for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)):
+        if copy is not None:
+            np.copyto(copy, kernel_out)
+    return tuple(kernel_out if copy is None else copy
+                 for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)))
+
+
+def key_tile_buffers(B, K, T, hd, dtype):
+    """Arrays for the kernels' tiles of K and V (see ``_pack_key_tiles``): [k_tiles, v_tiles,
+    k_rows, v_rows].  The model makes them once per layer and shape (layers/block.py) and passes
+    them to every forward: a few MB a layer, which fresh from the allocator would cost page faults
+    on each step (measured: 0.4 ms of a 0.7 ms packing at the default model's shape)."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    block = block_size(hd, T)
+    n_blocks, hd_pad = -(-T // block), _round_up(hd, max(lanes // 2, MR))    # (whole half vectors)
+    block_pad = _round_up(block, max(2 * lanes, LANES))     # whole tiles, whole LANES
+    transposed, as_rows = (B, K, n_blocks, hd_pad, block_pad), (B, K, n_blocks, block_pad, hd_pad)
+    if 2 * hd_pad == lanes:                                  # heads of half a vector: rows in pairs
+        as_rows = (B, K, n_blocks, block_pad // 2, 2 * hd_pad)
+    return [np.empty(shape, dtype=dtype) for shape in (transposed, transposed, as_rows, as_rows)]
+
+
+def block_size(hd, T):
+    """Query rows / keys per tile.  128: long rows keep the vector loops efficient and the tiles of
+    one unit (q, k, v, scores, ~100-200 KB) in L2 for the head widths of small Llamas; the loops stop
+    at the diagonal, so large tiles waste nothing there (measured: 128 beats 64 by ~5-15%).  Heads
+    of 16 or fewer numbers do little work per tile (a tile of scores sums over only hd products),
+    so their tiles are 256 wide when the sequence is longer than 128 (measured, 260K model's shape,
+    T = 512, hd = 8, one thread: 24.4 -> 21.9 ms a layer; at hd 48, T = 256 no difference)."""
+    return 256 if hd <= 16 and T > 128 else 128
+
+
+def key_block_splits(B, K, n_blocks, threads):
+    """Start key block of each of the ranges the backward gives one (b, kh) unit each.
+
+    One range (all keys) when there are enough (batch, kv head) pairs to keep every thread busy;
+    otherwise the key blocks are cut into ranges of about equal work.  Key block kb is read by the
+    n_blocks - kb query blocks at or below it, so the cuts fall at equal shares of that sum."""
+    n_splits = min(n_blocks, -(-2 * threads // (B * K)))  # aim for >= 2 units per thread
+    if n_splits <= 1:
+        return np.array([0, n_blocks], dtype=np.int64)
+    work = np.cumsum(np.arange(n_blocks, 0, -1))          # work of key blocks 0..kb
+    targets = work[-1] * np.arange(1, n_splits) / n_splits
+    cuts = np.abs(work[None, :] - targets[:, None]).argmin(axis=1) + 1   # nearest block boundary
+    return np.unique(np.concatenate([[0], cuts, [n_blocks]])).astype(np.int64)
+
+
+def _rows_contiguous(x):
+    """Whether the kernels can read or write x's rows as they are (``contiguous_row``)."""
+    return x.shape[-1] <= 1 or x.strides[-1] == x.itemsize
+
+
+def _readable(x):
+    return x if _rows_contiguous(x) else np.ascontiguousarray(x)
+
+
+def _writable(out, shape, dtype):
+    """(array the kernel writes, array to copy it into afterwards or None)."""
+    if out is None:
+        return np.empty(shape, dtype=dtype), None
+    return (out, None) if _rows_contiguous(out) else (np.empty(shape, dtype=dtype), out)
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 # Tiles.  Queries are taken in blocks of `block` rows, keys in blocks of `block` columns; a unit of
 # work pairs one query block with every key block at or left of the diagonal (tiles above it are
 # never visited).  Per tile the work is five small matrix products and one elementwise pass:
@@ -97,18 +203,12 @@ def attention_backward_reference(do, cache):
 # has "nnan", see there).  exp is engine/fastmath.py's ``fast_exp`` (np.exp in float64; in float32 a vectorisable Cephes expf,
 # exactly 0 at -inf), the one every kernel uses.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
 jit_shared_kernel = jit_with(nogil=True, fastmath=FASTMATH)   # run with run_on_threads
+
+
 jit_helper = jit_with(fastmath=FASTMATH)
-
-
-def block_size(hd, T):
-    """Query rows / keys per tile.  128: long rows keep the vector loops efficient and the tiles of
-    one unit (q, k, v, scores, ~100-200 KB) in L2 for the head widths of small Llamas; the loops stop
-    at the diagonal, so large tiles waste nothing there (measured: 128 beats 64 by ~5-15%).  Heads
-    of 16 or fewer numbers do little work per tile (a tile of scores sums over only hd products),
-    so their tiles are 256 wide when the sequence is longer than 128 (measured, 260K model's shape,
-    T = 512, hd = 8, one thread: 24.4 -> 21.9 ms a layer; at hd 48, T = 256 no difference)."""
-    return 256 if hd <= 16 and T > 128 else 128
 
 
 # The softmax passes run over whole vectors of LANES numbers (16 float32 per AVX-512 register), the
@@ -242,7 +342,7 @@ def _pack_tiles(keys, b, kh, first, n_keys, transposed, as_rows):
 
 
 @jit_shared_kernel
-def pack_key_tiles(k, v, block, k_tiles, v_tiles, k_rows, v_rows, next_unit):
+def _pack_key_tiles(k, v, block, k_tiles, v_tiles, k_rows, v_rows, next_unit):
     """(B, K, T, hd), the last axis contiguous -> the kernels' tiles, one per key block of `block` keys:
     k_tiles[b, h, kb, d, j] = k_rows[b, h, kb, j, d] = k[b, h, kb * block + j, d], zero past T and
     past hd (k_tiles: (B, K, n_blocks, hd_pad, block_pad), k_rows: (B, K, n_blocks, block_pad,
@@ -270,7 +370,7 @@ def _softmax_tail(p, n_keys, end):
 
 
 @jit_shared_kernel
-def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit):
+def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit):
     """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
     key tiles (FlashAttention): per query row the running max m, the running sum
     l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
@@ -337,7 +437,7 @@ def attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit
 
 
 @jit_shared_kernel
-def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, split_starts, dq_parts, dk, dv,
+def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, split_starts, dq_parts, dk, dv,
                               next_unit):
     """One unit of parallel work = (batch b, kv head kh, range of key blocks): it owns the dk, dv
     rows of its keys, so no two units write the same dk/dv.  It walks the G query heads of the group
@@ -433,99 +533,3 @@ def attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, sc
             for d in range(hd):
                 dk_j[d] = dk_tiles[kb, d, jj]
                 dv_j[d] = dv_tiles[kb, d, jj]
-
-
-def key_block_splits(B, K, n_blocks, threads):
-    """Start key block of each of the ranges the backward gives one (b, kh) unit each.
-
-    One range (all keys) when there are enough (batch, kv head) pairs to keep every thread busy;
-    otherwise the key blocks are cut into ranges of about equal work.  Key block kb is read by the
-    n_blocks - kb query blocks at or below it, so the cuts fall at equal shares of that sum."""
-    n_splits = min(n_blocks, -(-2 * threads // (B * K)))  # aim for >= 2 units per thread
-    if n_splits <= 1:
-        return np.array([0, n_blocks], dtype=np.int64)
-    work = np.cumsum(np.arange(n_blocks, 0, -1))          # work of key blocks 0..kb
-    targets = work[-1] * np.arange(1, n_splits) / n_splits
-    cuts = np.abs(work[None, :] - targets[:, None]).argmin(axis=1) + 1   # nearest block boundary
-    return np.unique(np.concatenate([[0], cuts, [n_blocks]])).astype(np.int64)
-
-
-def key_tile_buffers(B, K, T, hd, dtype):
-    """Arrays for the kernels' tiles of K and V (see ``pack_key_tiles``): [k_tiles, v_tiles,
-    k_rows, v_rows].  The model makes them once per layer and shape (layers/block.py) and passes
-    them to every forward: a few MB a layer, which fresh from the allocator would cost page faults
-    on each step (measured: 0.4 ms of a 0.7 ms packing at the default model's shape)."""
-    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    block = block_size(hd, T)
-    n_blocks, hd_pad = -(-T // block), _round_up(hd, max(lanes // 2, MR))    # (whole half vectors)
-    block_pad = _round_up(block, max(2 * lanes, LANES))     # whole tiles, whole LANES
-    transposed, as_rows = (B, K, n_blocks, hd_pad, block_pad), (B, K, n_blocks, block_pad, hd_pad)
-    if 2 * hd_pad == lanes:                                  # heads of half a vector: rows in pairs
-        as_rows = (B, K, n_blocks, block_pad // 2, 2 * hd_pad)
-    return [np.empty(shape, dtype=dtype) for shape in (transposed, transposed, as_rows, as_rows)]
-
-
-# ---- what the model calls ----------------------------------------------------------------------
-def _rows_contiguous(x):
-    """Whether the kernels can read or write x's rows as they are (``contiguous_row``)."""
-    return x.shape[-1] <= 1 or x.strides[-1] == x.itemsize
-
-
-def _readable(x):
-    return x if _rows_contiguous(x) else np.ascontiguousarray(x)
-
-
-def _writable(out, shape, dtype):
-    """(array the kernel writes, array to copy it into afterwards or None)."""
-    if out is None:
-        return np.empty(shape, dtype=dtype), None
-    return (out, None) if _rows_contiguous(out) else (np.empty(shape, dtype=dtype), out)
-
-
-def attention_forward(q, k, v, o=None, tiles=None):
-    """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
-
-    o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
-    (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
-    layout.  K and V are packed into the kernels' tiles, in ``tiles`` (from ``key_tile_buffers``)
-    when given; the cache keeps them (the backward reads the same tiles: no second packing).
-    (Arrays whose last axis is not contiguous go through contiguous copies.)"""
-    B, H, T, hd = q.shape
-    block = block_size(hd, T)
-    scale = q.dtype.type(1.0 / np.sqrt(hd))
-    q, k, v = _readable(q), _readable(k), _readable(v)
-    if o is None:
-        o = np.empty((B, T, H, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
-    o_kernel, o_copy = _writable(o, q.shape, q.dtype)
-    lse = np.empty((B, H, T), dtype=q.dtype)
-    if tiles is None:
-        tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
-    k_tiles, v_tiles, k_rows, v_rows = tiles
-    run_on_threads(pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
-    run_on_threads(attention_forward_kernel, q, k_tiles, v_rows, block, scale, o_kernel, lse)
-    if o_copy is not None:
-        np.copyto(o_copy, o_kernel)
-    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse)
-
-
-def attention_backward(do, cache, dq=None, dk=None, dv=None):
-    """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
-    q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse = cache
-    B, H, T, hd = q.shape
-    kv_shape = (B, k_tiles.shape[1], T, hd)
-    do = _readable(do)
-    (dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy) = (
-        _writable(dq, q.shape, q.dtype), _writable(dk, kv_shape, q.dtype), _writable(dv, kv_shape, q.dtype))
-    scale = q.dtype.type(1.0 / np.sqrt(hd))
-    splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], get_threads())
-    n_splits = len(splits) - 1
-    dq_parts = dq_kernel[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
-    run_on_threads(attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,
-                   dk_kernel, dv_kernel)
-    if n_splits > 1:
-        np.sum(dq_parts, axis=0, out=dq_kernel)
-    for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)):
-        if copy is not None:
-            np.copyto(copy, kernel_out)
-    return tuple(kernel_out if copy is None else copy
-                 for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)))

@@ -46,6 +46,7 @@ from .rope import rope_cos_sin, rope_kernel
 from .swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 
 
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def split_heads(qkv, n_heads, n_kv_heads, head_dim):
     """Views q (B, H, T, hd), k, v (B, K, T, hd) into a (B, T, H*hd + 2*K*hd) array (no copy)."""
     B, T, _ = qkv.shape

@@ -19,10 +19,11 @@ from ..engine.fastmath import array_max, fast_exp
 from ..engine.jit import jit_rows_reassoc
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
+
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 IGNORE_INDEX = -100
 
 
-# ---- readable reference ------------------------------------------------------------------------
 def cross_entropy_forward_reference(logits, targets, ignore_index=IGNORE_INDEX):
     keep = targets != ignore_index
     m = logits.max(axis=-1, keepdims=True)
@@ -42,9 +43,32 @@ def cross_entropy_backward_reference(dloss, cache):
     return dlogits * (dloss / count)
 
 
-# ---- kernel ------------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
+def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
+    """``_cross_entropy_rows`` on the threads, ROWS_PER_UNIT rows at a time."""
+    run_on_threads(_cross_entropy_rows, logits, targets, ignore_index, losses, scale,
+                   n_units=row_units(logits.shape[0]))
+
+
+def count_targets(targets, ignore_index=IGNORE_INDEX):
+    """M, the number of rows that count (at least 1, so that a batch of ignored rows gives 0)."""
+    return max(int(np.count_nonzero(targets != ignore_index)), 1)
+
+
+def cross_entropy_forward_backward(logits, targets, losses=None, ignore_index=IGNORE_INDEX, dloss=1.0):
+    """Mean loss over targets != ignore_index, and dlogits written over ``logits`` (N, V).
+
+    Returns (loss as a Python float, logits, which now hold dL/dlogits * dloss).  ``losses`` is an
+    optional float64 (N,) work buffer."""
+    losses = np.empty(logits.shape[0], dtype=np.float64) if losses is None else losses
+    count = count_targets(targets, ignore_index)
+    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(dloss / count))
+    return float(np.sum(losses) / count), logits
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 @jit_rows_reassoc
-def cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit):
+def _cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit):
     """losses[n] = lse_n - z[n, t_n]  (0 for ignored rows), and, when ``scale`` is not 0, the
     gradient written over the logits:
 
@@ -88,46 +112,3 @@ def cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit):
                 for v in range(V):
                     z[v] *= k
                 z[t] -= scale
-
-
-def cross_entropy_kernel(logits, targets, ignore_index, losses, scale):
-    """``cross_entropy_rows`` on the threads, ROWS_PER_UNIT rows at a time."""
-    run_on_threads(cross_entropy_rows, logits, targets, ignore_index, losses, scale,
-                   n_units=row_units(logits.shape[0]))
-
-
-def count_targets(targets, ignore_index=IGNORE_INDEX):
-    """M, the number of rows that count (at least 1, so that a batch of ignored rows gives 0)."""
-    return max(int(np.count_nonzero(targets != ignore_index)), 1)
-
-
-def cross_entropy_forward_backward(logits, targets, losses=None, ignore_index=IGNORE_INDEX, dloss=1.0):
-    """Mean loss over targets != ignore_index, and dlogits written over ``logits`` (N, V).
-
-    Returns (loss as a Python float, logits, which now hold dL/dlogits * dloss).  ``losses`` is an
-    optional float64 (N,) work buffer."""
-    losses = np.empty(logits.shape[0], dtype=np.float64) if losses is None else losses
-    count = count_targets(targets, ignore_index)
-    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(dloss / count))
-    return float(np.sum(losses) / count), logits
-
-
-# ---- the layer functions -------------------------------------------------------------------------
-def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
-    """logits: (N, V); targets: int (N,) -> (mean loss as a Python float, cache)."""
-    losses = np.empty(logits.shape[0], dtype=np.float64)
-    cross_entropy_kernel(logits, targets, ignore_index, losses, logits.dtype.type(0.0))
-    count = count_targets(targets, ignore_index)
-    return float(np.sum(losses) / count), (logits, targets, count, ignore_index)
-
-
-def cross_entropy_backward(dloss, cache, out=None):
-    """-> dlogits (N, V), a new array or ``out`` (which may be the logits array to reuse its memory).
-    The softmax is computed again from the cached logits: the forward keeps nothing (N, V)."""
-    logits, targets, count, ignore_index = cache
-    out = np.empty_like(logits) if out is None else out
-    if out is not logits:
-        np.copyto(out, logits)
-    losses = np.empty(logits.shape[0], dtype=np.float64)
-    cross_entropy_kernel(out, targets, ignore_index, losses, logits.dtype.type(dloss / count))
-    return out

@@ -8,6 +8,7 @@ Backward:            dx = dy * mask
 import numpy as np
 
 
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def dropout_forward(x, p, rng, training):
     """x: any shape; rng: np.random.Generator. Returns (y, mask) where mask is None when inactive."""
     if not training or p == 0.0:
@@ -16,13 +17,14 @@ def dropout_forward(x, p, rng, training):
     return x * mask, mask
 
 
+def dropout_backward(dy, cache):
+    mask = cache
+    return dy if mask is None else dy * mask
+
+
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def dropout_mask(shape, p, rng, dtype):
     """A mask of entries 0 (probability p) or 1/(1-p), drawn with one ``rng.random(shape)``."""
     mask = (rng.random(shape) >= p).astype(dtype)
     mask *= 1.0 / (1.0 - p)
     return mask
-
-
-def dropout_backward(dy, cache):
-    mask = cache
-    return dy if mask is None else dy * mask

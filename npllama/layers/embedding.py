@@ -7,10 +7,11 @@ Backward:  each row of the table receives the sum of the upstream gradients of t
 """
 import numpy as np
 
-from ..errors import InputError
 from ..engine.jit import jit
+from ..errors import InputError
 
 
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def embedding_forward(ids, weight):
     """ids: int (B, T); weight: (V, D) -> out: (B, T, D)."""
     out = weight[ids]  # fancy indexing copies the rows
@@ -18,6 +19,11 @@ def embedding_forward(ids, weight):
     return out, cache
 
 
+def scatter_add_rows_reference(ids, rows, table):
+    np.add.at(table, ids, rows)
+
+
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def embedding_backward(dout, cache, dweight):
     """dout: (B, T, D). Adds into dweight (V, D) in place (it may already hold the tied lm_head
     gradient) and returns it.  The ids are checked first: the kernel does not check its indices,
@@ -31,16 +37,13 @@ def embedding_backward(dout, cache, dweight):
         raise InputError(f"embedding id {int(bad)} is outside [0, {V})")
     if dout.shape != ids.shape + (D,):
         raise InputError(f"embedding gradient has shape {dout.shape}, expected {ids.shape + (D,)}")
-    scatter_add_rows(ids.reshape(-1), dout.reshape(-1, D), dweight)
+    _scatter_add_rows(ids.reshape(-1), dout.reshape(-1, D), dweight)
     return dweight
 
 
-def scatter_add_rows_reference(ids, rows, table):
-    np.add.at(table, ids, rows)
-
-
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 @jit
-def scatter_add_rows(ids, rows, table):
+def _scatter_add_rows(ids, rows, table):
     # Serial over positions: two positions may share a token id, so a parallel loop would race.
     for n in range(ids.shape[0]):
         v = ids[n]

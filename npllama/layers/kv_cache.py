@@ -43,7 +43,7 @@ from ..engine.pool import claim_unit, row_units, run_on_threads
 from ..engine.threads import get_threads
 
 
-# ---- readable reference ------------------------------------------------------------------------
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def decode_attention_reference(q, k_cache_t, v_cache, length):
     """q: (H, hd); k_cache_t: (K, hd, S); v_cache: (K, S, hd) -> o: (H, hd), attending to
     positions 0 .. length-1. Repeats K/V per query head (the kernel never does)."""
@@ -57,7 +57,7 @@ def decode_attention_reference(q, k_cache_t, v_cache, length):
     return np.einsum("hj,hjd->hd", p, v)
 
 
-# ---- kernels -----------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 @jit
 def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
     """out[h] = softmax_j(c q[h] . k[:, j]) weighted sum of v[j], j < length, for every head h.
@@ -106,14 +106,39 @@ def kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache):
                 v_cache[g, start + n, d] = qkv[n, v0 + g * hd + d]
 
 
-# A matrix with at least this many entries gets the parallel matvec when npllama runs on > 1 thread.
-PARALLEL_MATVEC_MIN_SIZE = 1 << 18
-MATVEC_ROWS_PER_TASK = 1024
-
-
 MATVEC_FASTMATH = {"reassoc", "contract"}
 
 
+# A matrix with at least this many entries gets the parallel matvec when npllama runs on > 1 thread.
+PARALLEL_MATVEC_MIN_SIZE = 1 << 18
+
+
+MATVEC_ROWS_PER_TASK = 1024
+
+
+def matvec_for(w):
+    """The matvec kernel to use for weight w: on every thread for big matrices, else this one; for
+    a quantized W, the kernels of engine/quantized.py (layers/quantized_linear.py)."""
+    if getattr(w, "quantized", False):
+        from .quantized_linear import quantized_matvec   # (only a quantized W needs it: it imports the gguf package)
+        return quantized_matvec
+    if get_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
+        return matvec_parallel_kernel
+    return matvec_kernel
+
+
+@jit_with(fastmath=MATVEC_FASTMATH)
+def matvec_kernel(w, x, y):
+    """y = w x.  w: (N, D) C-contiguous; x: (D,); y: (N,). Sums in w's dtype, in vector lanes."""
+    _matvec_rows(w, x, y, 0, w.shape[0])
+
+
+def matvec_parallel_kernel(w, x, y):
+    """``_matvec_units`` on the threads (engine/pool.py: ``run_on_threads``)."""
+    run_on_threads(_matvec_units, w, x, y, n_units=row_units(w.shape[0], MATVEC_ROWS_PER_TASK))
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 @jit_with(fastmath=MATVEC_FASTMATH)
 def _matvec_rows(w, x, y, start, stop):
     """y[i] = w[i] . x for start <= i < stop, walking four rows a quarter of the range apart at once.
@@ -146,14 +171,8 @@ def _matvec_rows(w, x, y, start, stop):
         y[i] = s
 
 
-@jit_with(fastmath=MATVEC_FASTMATH)
-def matvec_kernel(w, x, y):
-    """y = w x.  w: (N, D) C-contiguous; x: (D,); y: (N,). Sums in w's dtype, in vector lanes."""
-    _matvec_rows(w, x, y, 0, w.shape[0])
-
-
 @jit_with(fastmath=MATVEC_FASTMATH, nogil=True)
-def matvec_rows(w, x, y, next_unit):
+def _matvec_units(w, x, y, next_unit):
     """matvec_kernel over blocks of MATVEC_ROWS_PER_TASK rows, one block per ``claim_unit`` (the same
     sums per row)."""
     N = w.shape[0]
@@ -162,19 +181,3 @@ def matvec_rows(w, x, y, next_unit):
         if t * MATVEC_ROWS_PER_TASK >= N:
             break
         _matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
-
-
-def matvec_parallel_kernel(w, x, y):
-    """``matvec_rows`` on the threads (engine/pool.py: ``run_on_threads``)."""
-    run_on_threads(matvec_rows, w, x, y, n_units=row_units(w.shape[0], MATVEC_ROWS_PER_TASK))
-
-
-def matvec_for(w):
-    """The matvec kernel to use for weight w: on every thread for big matrices, else this one; for
-    a quantized W, the kernels of engine/quantized.py (layers/quantized_linear.py)."""
-    if getattr(w, "quantized", False):
-        from .quantized_linear import quantized_matvec   # (only a quantized W needs it: it imports the gguf package)
-        return quantized_matvec
-    if get_threads() > 1 and w.size >= PARALLEL_MATVEC_MIN_SIZE:
-        return matvec_parallel_kernel
-    return matvec_kernel

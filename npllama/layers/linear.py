@@ -11,6 +11,7 @@ threads, into the model's buffers); these functions are the reference's and grad
 import numpy as np
 
 
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def linear_forward(x, weight, out=None):
     """x: (..., in), weight: (out, in) -> y: (..., out)."""
     x2 = x.reshape(-1, x.shape[-1])

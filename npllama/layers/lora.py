@@ -47,7 +47,7 @@ from ..engine.jit import jit_rows
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
-# ---- init and merge ----------------------------------------------------------------------------
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def lora_init(rng, in_features, out_features, rank, dtype=np.float32):
     """(A, B) as PEFT initialises them: A ~ U(-1/sqrt(in), 1/sqrt(in)) (r, in), B = 0 (out, r)."""
     bound = 1.0 / np.sqrt(in_features)
@@ -61,7 +61,6 @@ def merge_lora(w, a, b, scale):
     return w + scale * (b @ a)
 
 
-# ---- readable reference ------------------------------------------------------------------------
 def lora_forward_reference(x, w, a, b, scale, mask=None):
     """x: (..., in) -> y: (..., out).  mask: None (no dropout) or x's shape, entries 0 or 1/(1-p)."""
     xd = x if mask is None else x * mask              # dropout(x)             (..., in)
@@ -82,42 +81,7 @@ def lora_backward_reference(dy, cache):
     return dx, da, db
 
 
-# ---- kernel ------------------------------------------------------------------------------------
-# Row n of y gets r scaled rows of u, each a contiguous axpy that vectorises.  ``scale`` must have
-# y's dtype (a Python float would promote float32 arithmetic to float64).  y may be a column block
-# of a wider array (any strides).  With a mask each term is multiplied by the mask entry, which is
-# (z u) * mask up to rounding and needs no temporary row.
-@jit_rows
-def add_low_rank_rows(y, z, u, scale, mask, next_unit):
-    """y += scale * (z u), elementwise times ``mask`` unless it is None.
-    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J).  Rows are taken a
-    unit at a time (``claim_unit``)."""
-    N, J = y.shape
-    R = z.shape[1]
-    while True:
-        first = claim_unit(next_unit) * ROWS_PER_UNIT
-        if first >= N:
-            break
-        for n in range(first, min(first + ROWS_PER_UNIT, N)):
-            y_row = y[n]
-            for k in range(R):
-                c = scale * z[n, k]
-                u_row = u[k]
-                if mask is None:
-                    for j in range(J):
-                        y_row[j] += c * u_row[j]
-                else:
-                    m_row = mask[n]
-                    for j in range(J):
-                        y_row[j] += c * u_row[j] * m_row[j]
-
-
-def add_low_rank_kernel(y, z, u, scale, mask):
-    """``add_low_rank_rows`` on the threads."""
-    run_on_threads(add_low_rank_rows, y, z, u, scale, mask, n_units=row_units(y.shape[0]))
-
-
-# ---- what the model calls ----------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def lora_adapter_forward(x, a, b, scale, y, mask=None, z=None, x_drop=None):
     """y += s dropout(x) A^T B^T in place, where y (N, out) already holds x W^T (it may be a column
     block of a fused product).  x: (N, in).  z (N, r) and, with a mask, x_drop (N, in) are written
@@ -142,20 +106,36 @@ def lora_adapter_backward(dy, cache, dx, da=None, db=None, dz=None):
     return da, db
 
 
-def lora_forward(x, w, a, b, scale, mask=None, out=None, z=None, x_drop=None):
-    """x: (..., in) -> y: (..., out), cache.  mask: None or x's shape.  The base product is one BLAS
-    call into ``out`` (N, out); z (N, r) and x_drop (N, in) (with a mask) are preallocated rows."""
-    x2 = x.reshape(-1, w.shape[1])
-    mask2 = None if mask is None else mask.reshape(x2.shape)
-    y = np.matmul(x2, w.T, out=out)                   # x W^T    (N, out)
-    adapter = lora_adapter_forward(x2, a, b, scale, y, mask2, z, x_drop)
-    return y.reshape(*x.shape[:-1], w.shape[0]), (x.shape, w, adapter)
+def add_low_rank_kernel(y, z, u, scale, mask):
+    """``_add_low_rank_rows`` on the threads."""
+    run_on_threads(_add_low_rank_rows, y, z, u, scale, mask, n_units=row_units(y.shape[0]))
 
 
-def lora_backward(dy, cache, dx=None, da=None, db=None, dz=None):
-    """-> (dx, dA, dB), written into ``dx`` (N, in), ``da``, ``db`` when given.  No dW: W is frozen."""
-    x_shape, w, adapter = cache
-    dy2 = dy.reshape(-1, w.shape[0])
-    dx = np.matmul(dy2, w, out=dx)                    # dy W     (N, in)
-    da, db = lora_adapter_backward(dy2, adapter, dx, da, db, dz)
-    return dx.reshape(x_shape), da, db
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
+# Row n of y gets r scaled rows of u, each a contiguous axpy that vectorises.  ``scale`` must have
+# y's dtype (a Python float would promote float32 arithmetic to float64).  y may be a column block
+# of a wider array (any strides).  With a mask each term is multiplied by the mask entry, which is
+# (z u) * mask up to rounding and needs no temporary row.
+@jit_rows
+def _add_low_rank_rows(y, z, u, scale, mask, next_unit):
+    """y += scale * (z u), elementwise times ``mask`` unless it is None.
+    y: (N, J); z: (N, r); u: (r, J) with contiguous rows; mask: None or (N, J).  Rows are taken a
+    unit at a time (``claim_unit``)."""
+    N, J = y.shape
+    R = z.shape[1]
+    while True:
+        first = claim_unit(next_unit) * ROWS_PER_UNIT
+        if first >= N:
+            break
+        for n in range(first, min(first + ROWS_PER_UNIT, N)):
+            y_row = y[n]
+            for k in range(R):
+                c = scale * z[n, k]
+                u_row = u[k]
+                if mask is None:
+                    for j in range(J):
+                        y_row[j] += c * u_row[j]
+                else:
+                    m_row = mask[n]
+                    for j in range(J):
+                        y_row[j] += c * u_row[j] * m_row[j]

@@ -25,7 +25,7 @@ from ..engine.jit import jit_rows_reassoc
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
-# ---- readable reference ------------------------------------------------------------------------
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def rmsnorm_forward_reference(x, w, eps):
     r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return w * (x * r), (x, w, r[..., 0])
@@ -41,15 +41,31 @@ def rmsnorm_backward_reference(dy, cache):
     return dx, dw
 
 
-# ---- kernels -----------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
+def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
+    """``_rmsnorm_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(_rmsnorm_forward_rows, x, w, eps, y, r, residual, h, n_units=row_units(x.shape[0]))
+
+
+def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
+    """``_rmsnorm_backward_rows`` on the threads."""
+    run_on_threads(_rmsnorm_backward_rows, dy, x, w, r, dx, dw_partial, accumulate, n_units=dw_partial.shape[0])
+
+
+def rmsnorm_dw_chunks(n_rows):
+    """Rows are split into this many chunks for the partial sums of dw."""
+    return max(1, min(8, n_rows))
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 # Sums of squares and dot products accumulate in float64; "reassoc" (jit_rows_reassoc) lets
 # LLVM split those sums into vector lanes -- without it each row's sum is one scalar chain, and the
 # kernels took ~1.6x as long (2048 x 128 float32: forward 322 -> 190 us, backward 311 -> 201 us);
 # float64 results move at the 1e-16 level.  The elementwise loops stay in the array's dtype (r is
-# cast back), so they vectorise for float32.  The ``*_rows`` kernels take their rows a unit at a
-# time (``claim_unit``) and run on every thread at once through the functions after them.
+# cast back), so they vectorise for float32.  The ``_*_rows`` kernels take their rows a unit at a
+# time (``claim_unit``) and run on every thread at once through the in-place functions above.
 @jit_rows_reassoc
-def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
+def _rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
 
     With ``residual`` (and then ``h``): first h = x + residual, written to h, then y = RMSNorm(h)
@@ -77,13 +93,8 @@ def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
                 y_row[d] = w[d] * (v_row[d] * rn)
 
 
-def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
-    """``rmsnorm_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(rmsnorm_forward_rows, x, w, eps, y, r, residual, h, n_units=row_units(x.shape[0]))
-
-
 @jit_rows_reassoc
-def rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
+def _rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
     """dx = RMSNorm backward of dy, or dx += it when ``accumulate`` (dx is then the residual
     stream's gradient, which passes through the skip connection unchanged).  dx shares no memory
     with the inputs.
@@ -114,34 +125,3 @@ def rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
                     dx_row[d] += g
                 else:
                     dx_row[d] = g
-
-
-def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
-    """``rmsnorm_backward_rows`` on the threads."""
-    run_on_threads(rmsnorm_backward_rows, dy, x, w, r, dx, dw_partial, accumulate, n_units=dw_partial.shape[0])
-
-
-def rmsnorm_dw_chunks(n_rows):
-    """Rows are split into this many chunks for the partial sums of dw."""
-    return max(1, min(8, n_rows))
-
-
-# ---- the layer functions (the model calls the kernels) -------------------------------------
-def rmsnorm_forward(x, w, eps):
-    """x: (..., D), w: (D,) -> y: (..., D), cache = (x, w, r)."""
-    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    y = np.empty_like(x2)
-    r = np.empty(x2.shape[0], dtype=x.dtype)
-    rmsnorm_forward_kernel(x2, w, x.dtype.type(eps), y, r)
-    return y.reshape(x.shape), (x2, w, r)
-
-
-def rmsnorm_backward(dy, cache, dw_out=None):
-    """Returns (dx, dw); dw is written into ``dw_out`` when given."""
-    x2, w, r = cache
-    dy2 = np.ascontiguousarray(dy.reshape(x2.shape))
-    dx = np.empty_like(x2)
-    dw_partial = np.empty((rmsnorm_dw_chunks(x2.shape[0]), x2.shape[1]), dtype=x2.dtype)
-    rmsnorm_backward_kernel(dy2, x2, w, r, dx, dw_partial, False)
-    dw = np.sum(dw_partial, axis=0, out=dw_out)
-    return dx.reshape(dy.shape), dw

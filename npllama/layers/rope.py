@@ -17,7 +17,8 @@ projection writes them, (N, heads * hd), row n holding position  start + n % seq
 and prefill (start 0, seq_len T: rows are (batch, position) pairs) and a decoding step (one row at
 position start) call it alike, the backward with sign -1.
 
-Shapes: x, y: (B, heads, T, hd) in the layer functions; cos, sin: (positions, hd/2).
+Shapes: x: rows of heads (N, heads * hd) in the kernel, (B, heads, T, hd) in the reference; cos, sin:
+(positions, hd/2).
 """
 import math
 
@@ -27,6 +28,7 @@ from ..engine.jit import jit_rows
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def rope_frequencies(head_dim, theta, scaling=None):
     """The hd/2 angular frequencies f_i, in float64.
 
@@ -56,7 +58,6 @@ def rope_cos_sin(positions, freqs, dtype):
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-# ---- readable reference ------------------------------------------------------------------------
 def rope_forward_reference(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -71,9 +72,15 @@ def rope_backward_reference(dy, cache):
     return np.concatenate([dy1 * cos + dy2 * sin, -dy1 * sin + dy2 * cos], axis=-1)
 
 
-# ---- kernel ------------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
+def rope_kernel(x, n_heads, head_dim, cos, sin, sign, start, seq_len):
+    """``_rope_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(_rope_rows, x, n_heads, head_dim, cos, sin, sign, start, seq_len, n_units=row_units(x.shape[0]))
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 @jit_rows
-def rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
+def _rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
     """Rotate in place by sign * theta (sign = +1 forward, -1 backward) the first ``n_heads`` heads
     of every row of x: (N, >= n_heads * hd), row n at position start + n % seq_len.  q's heads and
     then k's are the first H + K heads of a q/k/v row, so one call rotates both (or, in the
@@ -100,27 +107,3 @@ def rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
                     x2 = second_half[i]
                     first_half[i] = x1 * c - x2 * s
                     second_half[i] = x2 * c + x1 * s
-
-
-def rope_kernel(x, n_heads, head_dim, cos, sin, sign, start, seq_len):
-    """``rope_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(rope_rows, x, n_heads, head_dim, cos, sin, sign, start, seq_len, n_units=row_units(x.shape[0]))
-
-
-# ---- the layer functions (CS231n pattern, over (B, heads, T, hd)) ---------------------------------
-def _rotate(x, cos, sin, sign):
-    B, NH, T, hd = x.shape
-    rows = np.array(x, dtype=x.dtype, order="C").reshape(B * NH * T, hd)   # a copy: one head per row
-    rope_kernel(rows, 1, hd, cos, sin, x.dtype.type(sign), 0, T)
-    return rows.reshape(x.shape)
-
-
-def rope_forward(x, cos, sin):
-    """x: (B, heads, T, hd), any strides -> y: contiguous (B, heads, T, hd), cache = (cos, sin)."""
-    return _rotate(x, cos, sin, 1.0), (cos, sin)
-
-
-def rope_backward(dy, cache):
-    """dy: (B, heads, T, hd) -> dx: contiguous (B, heads, T, hd) (the rotation by -theta)."""
-    cos, sin = cache
-    return _rotate(dy, cos, sin, -1.0)

@@ -9,7 +9,7 @@ The gate and up weights are stacked into one (2F, D) matrix so a single matmul p
 au = x W_gate_up^T holds a = au[:, :F] and u = au[:, F:] side by side in each row.  The kernels
 work on that layout: ``swiglu_forward_kernel(au, h)``, and ``swiglu_backward_kernel(dh, au)``,
 which writes [da | du], the gradient the gate/up matmul's backward wants, over au (the model's
-training step needs au no more; ``swiglu_backward`` gives it a copy).  A decoding step calls the
+training step needs au no more; gradcheck's ``swiglu_backward`` gives it a copy).  A decoding step calls the
 same forward on one row.
 
 Shapes: x: (N, D); W_gate, W_up: (F, D) stacked as W_gate_up: (2F, D); W_down: (D, F);
@@ -20,10 +20,9 @@ import numpy as np
 from ..engine.fastmath import fast_exp
 from ..engine.jit import jit_rows
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
-from .linear import linear_backward, linear_forward
 
 
-# ---- readable reference (elementwise part) -----------------------------------------------------
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 def swiglu_forward_reference(a, u):
     sig = 1.0 / (1.0 + np.exp(-a))
     return a * sig * u, (a, u)
@@ -35,13 +34,24 @@ def swiglu_backward_reference(dh, cache):
     return dh * u * sig * (1.0 + a * (1.0 - sig)), dh * a * sig
 
 
-# ---- kernels -----------------------------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
+def swiglu_forward_kernel(au, h):
+    """``_swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(_swiglu_forward_rows, au, h, n_units=row_units(h.shape[0]))
+
+
+def swiglu_backward_kernel(dh, au):
+    """``_swiglu_backward_rows`` on the threads."""
+    run_on_threads(_swiglu_backward_rows, dh, au, n_units=row_units(dh.shape[0]))
+
+
+# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
-# The ``*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
-# thread at once through the functions after them (engine/pool.py: ``run_on_threads``).
+# The ``_*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
+# thread at once through the in-place functions above (engine/pool.py: ``run_on_threads``).
 @jit_rows
-def swiglu_forward_rows(au, h, next_unit):
+def _swiglu_forward_rows(au, h, next_unit):
     """h = silu(a) * u,  a = au[:, :F],  u = au[:, F:]."""
     N, F = h.shape
     one = au.dtype.type(1.0)
@@ -57,13 +67,8 @@ def swiglu_forward_rows(au, h, next_unit):
                 h_row[f] = a * sig * u_row[f]
 
 
-def swiglu_forward_kernel(au, h):
-    """``swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(swiglu_forward_rows, au, h, n_units=row_units(h.shape[0]))
-
-
 @jit_rows
-def swiglu_backward_rows(dh, au, next_unit):
+def _swiglu_backward_rows(dh, au, next_unit):
     """au <- [da | du]:  da = dh * u * silu'(a),  du = dh * silu(a), in place (the model's
     training step needs au no more)."""
     N, F = dh.shape
@@ -80,41 +85,3 @@ def swiglu_backward_rows(dh, au, next_unit):
                 sig = one / (one + fast_exp(-a))
                 u_row[f] = dh_row[f] * a * sig
                 a_row[f] = dh_row[f] * u * sig * (one + a * (one - sig))
-
-
-def swiglu_backward_kernel(dh, au):
-    """``swiglu_backward_rows`` on the threads."""
-    run_on_threads(swiglu_backward_rows, dh, au, n_units=row_units(dh.shape[0]))
-
-
-# ---- the layer functions -------------------------------------------------------------------------
-def swiglu_forward(au):
-    """au: (N, 2F) = [a | u] -> h: (N, F), cache = au."""
-    au = np.ascontiguousarray(au)
-    h = np.empty((au.shape[0], au.shape[1] // 2), dtype=au.dtype)
-    swiglu_forward_kernel(au, h)
-    return h, au
-
-
-def swiglu_backward(dh, cache):
-    """dh: (N, F) -> dau: (N, 2F) = [da | du], a new array (the cache is left as it was)."""
-    dau = cache.copy()
-    swiglu_backward_kernel(np.ascontiguousarray(dh), dau)
-    return dau
-
-
-def feedforward_forward(x, w_gate_up, w_down):
-    """x: (N, D); w_gate_up: (2F, D); w_down: (D, F) -> y: (N, D), cache."""
-    au, cache_gate_up = linear_forward(x, w_gate_up)         # (N, 2F) = [a | u]
-    h, cache_swiglu = swiglu_forward(au)                     # (N, F)
-    y, cache_down = linear_forward(h, w_down)                # (N, D)
-    return y, (cache_gate_up, cache_swiglu, cache_down)
-
-
-def feedforward_backward(dy, cache, dw_gate_up=None, dw_down=None):
-    """-> (dx, dw_gate_up, dw_down); the weight gradients go into the given arrays when given."""
-    cache_gate_up, cache_swiglu, cache_down = cache
-    dh, dw_down = linear_backward(dy, cache_down, dw_down)
-    dau = swiglu_backward(dh, cache_swiglu)                  # (N, 2F) = [da | du]
-    dx, dw_gate_up = linear_backward(dau, cache_gate_up, dw_gate_up)
-    return dx, dw_gate_up, dw_down
