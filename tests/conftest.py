@@ -9,10 +9,7 @@ settings.register_profile("npllama", deadline=None, max_examples=20,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("npllama")
 
-# Training in the tests compiles its kernels in-process: no second compiling process per run
-# (npllama/train/precompile.py), which tests/test_precompile.py tests on its own.
-os.environ["NPLLAMA_PRECOMPILE"] = "0"
-# Nor a machine-wide corpus cache (npllama/train/corpus_cache.py): every run trains its tokenizer.
+# No machine-wide corpus cache (npllama/train/corpus_cache.py): every run trains its tokenizer.
 os.environ["NPLLAMA_CORPUS_CACHE"] = "0"
 
 

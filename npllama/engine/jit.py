@@ -71,12 +71,30 @@ def jit_with(**options):
 
 
 # ---- how long compiling takes ------------------------------------------------------------------
+class _FirstCompile(numba_events.TimingListener):
+    """Numba's timing listener that also calls ``on_first()`` when the first compilation starts."""
+
+    def __init__(self, on_first):
+        super().__init__()
+        self.on_first = on_first
+
+    def on_start(self, event):
+        if self.on_first is not None:
+            on_first, self.on_first = self.on_first, None
+            on_first()
+        super().on_start(event)
+
+
 class CompileClock:
     """Seconds Numba spends compiling (not loading from its on-disk cache) while in the ``with``
-    block; ``seconds`` may be read inside it.  Nested compilations count once."""
+    block; ``seconds`` may be read inside it.  Nested compilations count once.  ``on_first()``, if
+    given, is called when the first compilation starts (to say why the first run waits)."""
+
+    def __init__(self, on_first=None):
+        self.on_first = on_first
 
     def __enter__(self):
-        self._listener = numba_events.TimingListener()
+        self._listener = _FirstCompile(self.on_first)
         numba_events.register("numba:compile", self._listener)
         return self
 

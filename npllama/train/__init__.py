@@ -20,7 +20,6 @@
     cli.py          the command line
     distributed.py  data parallelism on MPI: the ranks, the all-reduce during the backward, faults
     ranks.py        one run on every rank: rank 0 sets it up and sends it to the others
-    precompile.py   a first run's second process, compiling the kernels of the backward meanwhile
 
 On several processes (``mpiexec -n 4 npllama train ...``) every rank trains its share of each
 batch with the numbers of one process; see distributed.py and docs/13-data-parallel.md.

@@ -23,10 +23,8 @@ import numpy as np
 from ..data import BatchSampler
 from ..errors import ConfigError
 from ..engine.jit import CompileClock
-from ..engine.threads import get_threads
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
-from . import precompile
 from .config import TrainConfig
 from .distributed import World, current_world, end_job_on_error, local_batches
 from .progress import say
@@ -57,32 +55,21 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
         config = TrainConfig()
     world = current_world()
     verbose = verbose and world.root
-    # a first run: the kernels needed after the forward compile in a second process meanwhile
-    precompiler = precompile.start(_kernel_spec(config), get_threads()) \
-        if resume is None and world.size == 1 else None
-    try:
-        with CompileClock() as compiling:
-            run = setup_run(world, config, resume, verbose)
-            try:
-                return _train(run, t_start, compiling, precompiler, resume is not None, progress, verbose, on_step)
-            except BaseException:
-                if world.root:   # (the run directory is rank 0's)
-                    discard_unsaved_run(run.directory)   # (keeps a directory holding a checkpoint)
-                raise
-            finally:
-                run.release()
-    finally:
-        if precompiler is not None:
-            precompiler.stop()
+    # a first run (or one after npllama's kernels changed) compiles them, once: say so when it starts
+    with CompileClock(on_first=lambda: say("compiling kernels (first run only)", verbose)) as compiling:
+        run = setup_run(world, config, resume, verbose)
+        try:
+            return _train(run, t_start, compiling, resume is not None, progress, verbose, on_step)
+        except BaseException:
+            if world.root:   # (the run directory is rank 0's)
+                discard_unsaved_run(run.directory)   # (keeps a directory holding a checkpoint)
+            raise
+        finally:
+            run.release()
 
 
-def _kernel_spec(cfg: TrainConfig) -> dict:
-    return precompile.kernel_spec(cfg.dtype, cfg.dropout, cfg.lora_rank, cfg.lora_targets, cfg.lora_dropout,
-                                  cfg.sample_temperature, cfg.sample_top_k)
-
-
-def _train(run: Run, t_start: float, compiling: CompileClock, precompiler, resumed: bool, progress: bool,
-           verbose: bool, on_step) -> TrainResult:
+def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool, verbose: bool,
+           on_step) -> TrainResult:
     cfg, model = run.config, run.model
     if resumed and run.step >= run.total_steps:
         say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
@@ -93,7 +80,7 @@ def _train(run: Run, t_start: float, compiling: CompileClock, precompiler, resum
     grad_buffer = np.empty_like(model.flat_grads) if cfg.grad_accum > 1 else None
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else sys.float_info.max
 
-    with Session(run, t_start, compiling, precompiler, resumed, progress, verbose) as s:
+    with Session(run, t_start, compiling, resumed, progress, verbose) as s:
         s.start(lambda: step_seconds(run, grad_buffer))   # a fresh run: step-0 evaluation and sample, steps
         while run.step < run.total_steps and not s.stop_agreed():
             t0 = time.perf_counter()

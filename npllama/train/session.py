@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..data import iter_eval_batches
 from ..engine.blas import BLAS
 from ..engine.jit import CompileClock
 from ..engine.threads import get_threads
@@ -40,11 +39,10 @@ class Session:
     the step -- metrics.jsonl, the progress, the time-budget planner, evaluations, samples,
     checkpoints, and Ctrl-C/SIGTERM, which end the session after the current step with a checkpoint."""
 
-    def __init__(self, run: Run, t_start: float, compiling: CompileClock, precompiler, resumed: bool,
-                 progress: bool, verbose: bool):
+    def __init__(self, run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool,
+                 verbose: bool):
         cfg, val_tokens = run.config, run.data.val_tokens
         self.run, self.t_start, self.compiling, self.resumed, self.verbose = run, t_start, compiling, resumed, verbose
-        self.precompiler = precompiler
         self.metrics = MetricsLog(run.run_dir / METRICS_FILE if run.world.root else None)
         # (a fresh run: records of a run stopped before its first save, or --force's file, replaced)
         self.metrics.truncate_after(run.step if resumed else -1)
@@ -91,7 +89,6 @@ class Session:
         step, from throw-away steps (for a time budget without evaluations to estimate from)."""
         run, cfg = self.run, self.run.config
         if not self.resumed:
-            self._finish_compiling()
             if cfg.steps is None:
                 self.planner = BudgetPlanner(cfg, self.t_start, self.eval_tokens,
                                              self.final_tokens + (self.final_subset or 0),
@@ -128,31 +125,14 @@ class Session:
                 "learning rate rises all run and never decays (a longer --time-budget or fewer --warmup-steps)",
                 self.verbose)
 
-    def _finish_compiling(self) -> None:
-        """With a second process compiling the kernels of the backward, AdamW and sampling
-        (precompile.py): the forward's kernels here, on one held-out batch, then wait for it to
-        finish a training step's (and, in ``sample``, for the rest)."""
-        if self.precompiler is None:
-            return
-        cfg, data = self.run.config, self.run.data
-        x, y = next(iter_eval_batches(data.val_tokens, cfg.batch_size, cfg.seq_len, data.eval_context_token))
-        self.run.model.loss(x, y)
-        self.precompiler.wait("step")
-
     def _setup_line(self) -> str:
         """Where the time before the first step went, compiling included; the machine's speed; the plan."""
         run, cfg = self.run, self.run.config
         total = time.monotonic() - self.t_start
         parts = [f"{what} {seconds:.1f}s" for what, seconds in run.setup_seconds.items()]
-        waited = 0.0 if self.precompiler is None else self.precompiler.waited_seconds
         if self.compiling.seconds >= 0.05:
-            parts.append(f"compiling Numba kernels {self.compiling.seconds:.1f}s (first run only)")
-        if waited >= 0.05:
-            parts.append(f"waiting {waited:.1f}s for a second process compiling the rest")
-        if self.precompiler is not None and self.precompiler.failed is not None:
-            parts.append(f"(the second compiling process ended with exit code {self.precompiler.failed}: "
-                         "the run compiles the rest itself)")
-        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds - waited:.1f}s")
+            parts.append(f"compiling kernels {self.compiling.seconds:.1f}s (first run only)")
+        parts.append(f"the rest {total - sum(run.setup_seconds.values()) - self.compiling.seconds:.1f}s")
         line = f"setup {total:.1f}s: " + ", ".join(parts)
         if self.verbose:
             line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
@@ -224,8 +204,6 @@ class Session:
         cfg = self.run.config
         if not self.run.world.root:   # data parallel: rank 0 samples, the others wait at the next step
             return
-        if self.precompiler is not None:
-            self.precompiler.wait("all")
         t0 = time.perf_counter()
         text = generate_sample(self.run.model, self.run.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
