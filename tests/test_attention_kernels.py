@@ -155,8 +155,8 @@ def test_float32_exp_is_accurate():
 @numba.njit(cache=True)
 def _tile_products(A, B, C, k, accumulate, halves):
     """C[:, :] (+)= A[:, :k] @ B[:k, :] by tile_update calls of `halves` half vectors (6: three
-    vectors, 4: two, 2: one, 1: half of one; C: MR rows a tile); halves=0: ``tile_update_pairs``
-    (one vector, k pairs of A's columns from column 2, B's rows from row 1)."""
+    vectors, 4: two; C: MR rows a tile); halves=0: ``tile_update_pairs`` (one vector, k pairs of A's
+    columns from column 2, B's rows from row 1)."""
     columns = (halves or 2) * simd.VECTOR_BYTES // C.itemsize // 2
     for r in range(0, C.shape[0], simd.MR):
         for j in range(0, C.shape[1], columns):
@@ -164,16 +164,12 @@ def _tile_products(A, B, C, k, accumulate, halves):
                 simd.tile_update_pairs(A, r, 2, B, 1, j, C, r, j, k, accumulate)
             elif halves == 6:
                 simd.tile_update_3(A, r, 1, B, 2, j, C, r, j, k, accumulate)
-            elif halves == 4:
-                simd.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
-            elif halves == 2:
-                simd.tile_update_1(A, r, 1, B, 2, j, C, r, j, k, accumulate)
             else:
-                simd.tile_update_half(A, r, 1, B, 2, j, C, r, j, k, accumulate)
+                simd.tile_update_2(A, r, 1, B, 2, j, C, r, j, k, accumulate)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("halves", [1, 2, 4, 6])
+@pytest.mark.parametrize("halves", [4, 6])
 @given(seed=st.integers(0, 2**31 - 1), tiles=st.integers(1, 3), k=st.integers(0, 40),
        accumulate=st.booleans(), transposed=st.booleans())
 def test_tile_update_equals_matmul(dtype, halves, seed, tiles, k, accumulate, transposed):

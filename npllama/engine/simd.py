@@ -111,10 +111,12 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES, pairs=False):
     return tile_update
 
 
-tile_update_1 = _tile_update(1)       # MR x one vector
+# Three variants, each kept because a whole step of a benchmarked model measured >= 3 % slower
+# without it (benchmarks/README.md); head widths they do not cover are padded to whole tiles of two
+# vectors (layers/attention.py ``_head_width``).  (One vector and half a vector, for head_dim 16,
+# 24, 40, ... in float32, went: no benchmarked model uses them.)
 tile_update_2 = _tile_update(2)       # MR x two vectors
 tile_update_3 = _tile_update(3)       # MR x three vectors (with AVX-512 only: 24 accumulators of 32 registers)
-tile_update_half = _tile_update(1, VECTOR_BYTES // 2)   # MR x half a vector (the last of head_dim 24, 40, ... in float32)
 # MR x one vector of interleaved pairs: a product whose C is half a vector wide (attention's P V and
 # dS K at head_dim <= 8 in float32) as one of full vectors over half as many steps (attention.py, above
 # _add_lower_times)

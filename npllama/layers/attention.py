@@ -26,8 +26,7 @@ import numpy as np
 from ..engine.fastmath import fast_exp
 from ..engine.jit import jit_with
 from ..engine.pool import claim_unit, run_on_threads
-from ..engine.simd import (MR, VECTOR_BYTES, contiguous_row, tile_update_1, tile_update_2, tile_update_3,
-                           tile_update_half, tile_update_pairs, vector_max)
+from ..engine.simd import MR, VECTOR_BYTES, contiguous_row, tile_update_2, tile_update_3, tile_update_pairs, vector_max
 from ..engine.threads import get_threads
 
 
@@ -122,12 +121,24 @@ def key_tile_buffers(B, K, T, hd, dtype):
     on each step (measured: 0.4 ms of a 0.7 ms packing at the default model's shape)."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     block = block_size(hd, T)
-    n_blocks, hd_pad = -(-T // block), _round_up(hd, max(lanes // 2, MR))    # (whole half vectors)
+    n_blocks, hd_pad = -(-T // block), _head_width(hd, lanes)
     block_pad = _round_up(block, max(2 * lanes, LANES))     # whole tiles, whole LANES
     transposed, as_rows = (B, K, n_blocks, hd_pad, block_pad), (B, K, n_blocks, block_pad, hd_pad)
-    if 2 * hd_pad == lanes:                                  # heads of half a vector: rows in pairs
+    if PAIRED_HALF_VECTORS and 2 * hd_pad == lanes:         # heads of half a vector: rows in pairs
         as_rows = (B, K, n_blocks, block_pad // 2, 2 * hd_pad)
     return [np.empty(shape, dtype=dtype) for shape in (transposed, transposed, as_rows, as_rows)]
+
+
+def _head_width(hd, lanes):
+    """head_dim padded for the register tiles (engine/simd.py) of the products whose C has head_dim
+    columns: whole tiles of two vectors; or half a vector, in pairs (``PAIRED_HALF_VECTORS``); or
+    tiles of three vectors (``THREE_VECTOR_TILES``).  At least MR (rows of dkT, dvT)."""
+    half_vectors = _round_up(hd, max(lanes // 2, MR))
+    if PAIRED_HALF_VECTORS and 2 * half_vectors == lanes:
+        return half_vectors
+    if THREE_VECTOR_TILES and half_vectors % (2 * lanes) != 0 and half_vectors % (3 * lanes) == 0:
+        return half_vectors
+    return _round_up(hd, 2 * lanes)
 
 
 def block_size(hd, T):
@@ -183,8 +194,8 @@ def _writable(out, shape, dtype):
 # The products are made of ``tile_update`` calls (engine/simd.py): MR rows of C by one or two vectors
 # of columns, kept in registers over the whole sum.  So every operand's rows are padded: K and V
 # are packed once per call, both transposed (kT[d, j] = k[j0 + j, d], for S and dP) and as rows
-# (K[j, d], for P V and dS K), with head_dim padded to whole half vectors (hd_pad) and the block to
-# whole tiles (block_pad), the padding zero; the q, do blocks are copied into padded buffers too.
+# (K[j, d], for P V and dS K), with head_dim padded to whole tiles (hd_pad, ``_head_width``) and the
+# block to whole tiles (block_pad), the padding zero; the q, do blocks are copied into padded buffers too.
 # In the diagonal tile the causal structure is used: a row block's scores stop after the tile that
 # holds its diagonal (``_computed_end``), the softmax pass writes zeros from the diagonal to there,
 # and the products whose A or B is P or dS sum only over the terms that can be nonzero.
@@ -246,20 +257,14 @@ THREE_VECTOR_TILES = VECTOR_BYTES == 64
 @jit_helper
 def _update_columns(A, a_row, a_col, B, b_row, C, c_row, n, k, accumulate):
     """C[c_row:c_row+MR, :n] (+)= A[a_row:a_row+MR, a_col:a_col+k] @ B[b_row:b_row+k, :n] (n: whole
-    half vectors)."""
+    tiles, ``_head_width``)."""
     width = _tile_width(C)
-    if THREE_VECTOR_TILES and n % width != 0 and n % (3 * width // 2) == 0:
+    if THREE_VECTOR_TILES and n % width != 0:             # (n: whole tiles of three vectors)
         for j in range(0, n, 3 * width // 2):
             tile_update_3(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
         return
-    for j in range(0, n - n % width, width):
+    for j in range(0, n, width):
         tile_update_2(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
-    j = n - n % width
-    if n - j >= width // 2:
-        tile_update_1(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
-        j += width // 2
-    if j < n:
-        tile_update_half(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
 
 
 @jit_helper
@@ -278,6 +283,7 @@ def _scores(A, B, C, rows, k, n, diagonal):
 # odd keys side by side, and A's two numbers of a pair are one 64-bit broadcast
 # (``tile_update_pairs``): ~125 GFLOP/s; the two halves are added as the row is written out.
 # Measured at the 260K model's shape (B = 4, one thread): forward -6 %, backward -12 %.
+PAIRED_HALF_VECTORS = True
 @jit_helper
 def _add_lower_times(A, B, C, rows, k, n, diagonal, paired):
     """C[:rows, :n] += A[:rows, :k] @ B[:k, :n], where in the diagonal tile A is lower triangular
