@@ -17,6 +17,7 @@ load it first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -29,8 +30,9 @@ _this_thread = threading.local()  # .alone: this thread runs its work by itself 
 _blas = {"controller": None, "modules": 0}
 
 
+@functools.cache
 def available_cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on (asked once)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:       # (macOS, Windows)
