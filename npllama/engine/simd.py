@@ -111,12 +111,11 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES, pairs=False):
     return tile_update
 
 
-# Three variants, each kept because a whole step of a benchmarked model measured >= 3 % slower
+# Two variants, each kept because a whole step of a benchmarked model measured >= 3 % slower
 # without it (benchmarks/README.md); head widths they do not cover are padded to whole tiles of two
-# vectors (layers/attention.py ``_head_width``).  (One vector and half a vector, for head_dim 16,
-# 24, 40, ... in float32, went: no benchmarked model uses them.)
+# vectors (layers/attention.py ``_head_width``).  (One vector, half a vector and three vectors went:
+# no benchmarked model uses the first two, and 15M-v4k's step was no slower without the third.)
 tile_update_2 = _tile_update(2)       # MR x two vectors
-tile_update_3 = _tile_update(3)       # MR x three vectors (with AVX-512 only: 24 accumulators of 32 registers)
 # MR x one vector of interleaved pairs: a product whose C is half a vector wide (attention's P V and
 # dS K at head_dim <= 8 in float32) as one of full vectors over half as many steps (attention.py, above
 # _add_lower_times)

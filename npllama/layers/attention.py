@@ -26,7 +26,7 @@ import numpy as np
 from ..engine.fastmath import fast_exp
 from ..engine.jit import jit_with
 from ..engine.pool import claim_unit, run_on_threads
-from ..engine.simd import MR, VECTOR_BYTES, contiguous_row, tile_update_2, tile_update_3, tile_update_pairs, vector_max
+from ..engine.simd import MR, VECTOR_BYTES, contiguous_row, tile_update_2, tile_update_pairs, vector_max
 from ..engine.threads import get_threads
 
 
@@ -131,12 +131,10 @@ def key_tile_buffers(B, K, T, hd, dtype):
 
 def _head_width(hd, lanes):
     """head_dim padded for the register tiles (engine/simd.py) of the products whose C has head_dim
-    columns: whole tiles of two vectors; or half a vector, in pairs (``PAIRED_HALF_VECTORS``); or
-    tiles of three vectors (``THREE_VECTOR_TILES``).  At least MR (rows of dkT, dvT)."""
+    columns: whole tiles of two vectors, or half a vector, in pairs (``PAIRED_HALF_VECTORS``).  At
+    least MR (rows of dkT, dvT)."""
     half_vectors = _round_up(hd, max(lanes // 2, MR))
     if PAIRED_HALF_VECTORS and 2 * half_vectors == lanes:
-        return half_vectors
-    if THREE_VECTOR_TILES and half_vectors % (2 * lanes) != 0 and half_vectors % (3 * lanes) == 0:
         return half_vectors
     return _round_up(hd, 2 * lanes)
 
@@ -191,7 +189,7 @@ def _writable(out, shape, dtype):
 #     dP = do vT,  dS = P (dP - D)
 #     dvT += doT P,  dkT += qcT dS,  dq += dS K                  (backward)
 #     acc += P V                                                 (forward)
-# The products are made of ``tile_update`` calls (engine/simd.py): MR rows of C by one or two vectors
+# The products are made of ``tile_update`` calls (engine/simd.py): MR rows of C by two vectors
 # of columns, kept in registers over the whole sum.  So every operand's rows are padded: K and V
 # are packed once per call, both transposed (kT[d, j] = k[j0 + j, d], for S and dP) and as rows
 # (K[j, d], for P V and dS K), with head_dim padded to whole tiles (hd_pad, ``_head_width``) and the
@@ -247,11 +245,9 @@ def _computed_end(r, n, width):
     return min(n, _round_up(r - r % MR + MR, width))
 
 
-# Rows of width 3 vectors (head_dim 48 in float32: the llama2.c 15M model) as one tile of three
-# vectors instead of a tile of two and one of one, whose 8 accumulators wait on one load of B each
-# step: attention at 15M-v4k's shape ~5 % faster (one thread, 13.7 -> 13.0 ms a layer).  AVX-512
-# only: with AVX2's 16 registers, 4 x 3 accumulators leave too few for B and A.
-THREE_VECTOR_TILES = VECTOR_BYTES == 64
+# (head_dim 48 in float32, the llama2.c 15M model's, had tiles of three vectors of its own:
+# attention alone ~5 % faster, but a whole training step of 15M-v4k no faster than with head_dim
+# padded to 64 (benchmarks/README.md), so they went.)
 
 
 @jit_helper
@@ -259,10 +255,6 @@ def _update_columns(A, a_row, a_col, B, b_row, C, c_row, n, k, accumulate):
     """C[c_row:c_row+MR, :n] (+)= A[a_row:a_row+MR, a_col:a_col+k] @ B[b_row:b_row+k, :n] (n: whole
     tiles, ``_head_width``)."""
     width = _tile_width(C)
-    if THREE_VECTOR_TILES and n % width != 0:             # (n: whole tiles of three vectors)
-        for j in range(0, n, 3 * width // 2):
-            tile_update_3(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
-        return
     for j in range(0, n, width):
         tile_update_2(A, a_row, a_col, B, b_row, j, C, c_row, j, k, accumulate)
 
