@@ -76,16 +76,12 @@ def test_dequantize_rows_bit_equal(qtype, rows, blocks, dtype, seed):
 @given(qtype=st.sampled_from(FORMATS), rows=st.integers(1, 300), blocks=st.integers(1, 6),
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
 def test_matvec_within_rounding_bound(qtype, rows, blocks, dtype, threads, seed):
-    import numba
+    from npllama.engine.threads import thread_limit
     w = random_matrix(qtype, rows, blocks, seed)
     x = np.random.default_rng(seed + 1).normal(0.0, 1.0, blocks * 32).astype(dtype)
     y = np.full(rows, np.nan, dtype=dtype)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
+    with thread_limit(threads):
         quantized_matvec(w, x, y)
-    finally:
-        numba.set_num_threads(previous)
     scaled, offset = parts(w)
     exact = (scaled + offset) @ x.astype(np.float64)
     magnitude = (np.abs(scaled) + np.abs(offset)) @ np.abs(x.astype(np.float64))
