@@ -14,7 +14,7 @@ A template is also bounded in what it may cost: a render's output (``MAX_RENDER_
 ``**`` whose result would be larger is refused before it is computed) and its time
 (``RENDER_SECONDS``: the render runs in a thread of its own, stopped by an exception raised into it),
 and any exception inside it (a division by zero, ``range(10**9)``, a macro recursing forever)
-becomes one CheckpointError.
+becomes one ChatTemplateError.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import CheckpointError, InputError, one_line
+
+
+class ChatTemplateError(CheckpointError):
+    """A chat template that is not valid Jinja, fails, or passes its bounds (a fault of the file
+    that brought it, which the command line names)."""
 
 
 MAX_RENDER_CHARS = 1 << 22   # a rendered conversation: far more text than any model's context holds
@@ -75,7 +80,7 @@ def _strftime_now(format):
 
 @functools.lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
-    """The compiled template. Raises CheckpointError if it is not valid Jinja."""
+    """The compiled template. Raises ChatTemplateError if it is not valid Jinja."""
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -83,7 +88,7 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise CheckpointError(f"the chat template is not valid Jinja (line {e.lineno}: {one_line(e.message)})") from None
+        raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}: {one_line(e.message)})") from None
 
 
 def render_chat(source: str, messages, add_generation_prompt: bool = False, **variables) -> str:
@@ -114,16 +119,16 @@ def render_chat(source: str, messages, add_generation_prompt: bool = False, **va
     if worker.is_alive():   # stop it at its next bytecode; a daemon thread, should it not stop
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_RenderTimeout))
         worker.join(0.5)
-        raise CheckpointError(f"the chat template took more than {RENDER_SECONDS} s to render; stopped")
+        raise ChatTemplateError(f"the chat template took more than {RENDER_SECONDS} s to render; stopped")
     error = outcome.get("error")
     if error is None:
         return outcome["text"]
     if isinstance(error, _OverLimit):
-        raise CheckpointError(f"the chat template exceeds the sandbox's limits: {one_line(error)}") from None
+        raise ChatTemplateError(f"the chat template exceeds the sandbox's limits: {one_line(error)}") from None
     if isinstance(error, jinja2.exceptions.TemplateError):
         raise InputError(f"the chat template refused the conversation: {one_line(error)}") from None
     if isinstance(error, (Exception, RecursionError)):
-        raise CheckpointError(f"the chat template failed ({type(error).__name__}: {one_line(error, 200)})") from None
+        raise ChatTemplateError(f"the chat template failed ({type(error).__name__}: {one_line(error, 200)})") from None
     raise error
 
 

@@ -81,6 +81,11 @@ def test_chat_with_one_prompt_the_template_refuses_exits_with_an_error(tmp_path,
     assert err.endswith("\nnpllama: error: the chat template refused the conversation: no cats here\n")
     assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the dog " * 20, "--max-new-tokens", "2"]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("npllama: error: the message is too long:")
+    # a template at fault (here: a hang) is named by the model's path
+    saved_model(tmp_path / "hangs", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    assert cli.main(["generate", str(tmp_path / "hangs"), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"npllama: error: {tmp_path / 'hangs'}: the chat template took more than 1.5 s to render; stopped"
 
 
 # ---- corpora ---------------------------------------------------------------------------------------

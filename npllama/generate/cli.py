@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import chat
+from ..chat_template import ChatTemplateError
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
@@ -249,8 +250,8 @@ def _chat(model, path, prompt: str, args) -> int:
     try:
         chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
              refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
-    except NonFiniteLogits as e:
-        raise NonFiniteLogits(f"{path}: {e}") from None
+    except (NonFiniteLogits, ChatTemplateError) as e:
+        raise type(e)(f"{path}: {e}") from None
     return 0
 
 
