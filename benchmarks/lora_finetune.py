@@ -187,7 +187,7 @@ def worker_finetune(args):
     """--finetune: one `npllama train --init-from MODEL` run (with --lora-rank for "lora") for
     --time-budget seconds; the figures from its result and metrics.jsonl."""
     from npllama.train import TrainConfig, read_metrics, train
-    from npllama.train.session import sgemm_gflops
+    from npllama.engine.blas import sgemm_gflops
     lora = args.worker == "ft-lora"
     run_dir = Path(args.workdir) / ("lora" if lora else "full")
     config = TrainConfig(

@@ -120,8 +120,6 @@ def test_import_npllama_and_its_cli_start_neither_numpy_nor_numba():
 # are the module's own, as is any name it defines itself); ``from m import _name`` and importing a
 # _module from outside its package count always.  Third-party private names (numpy's memmap._mmap,
 # Numba's internals) are not npllama's to tidy and are not listed.
-# The engine's private modules until npllama/engine/ replaces them (issue 26's items 1 and 2):
-ENGINE_PRIVATE_MODULES: set[str] = set()   # (none: npllama/engine/ has no private modules)
 
 
 def is_private(name: str) -> bool:
@@ -173,7 +171,7 @@ def private_reaches() -> list[str]:
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 for module in imported_modules(name, node):
                     parent, _, last = module.rpartition(".")
-                    if is_private(last) and parent != package and module not in ENGINE_PRIVATE_MODULES:
+                    if is_private(last) and parent != package:
                         found.append(f"{where(node)}: imports {module}")
                 if isinstance(node, ast.ImportFrom) and imported_modules(name, node):
                     for alias in node.names:

@@ -17,7 +17,7 @@ Module map (docs/engine.md says more):
     matmul.py    ``matmuls`` / ``split_matmuls``: a pass's products as single-threaded BLAS calls
                  spread over the threads
     blas.py      ``matmul_one_thread``: MKL's gemm through ctypes when the [mkl] extra is installed,
-                 else NumPy's
+                 else NumPy's; ``sgemm_gflops``, the machine's float32 matrix-multiply rate now
     jit.py       the jit decorators every kernel uses, the CPU features LLVM compiles for, the
                  compile clock
     fastmath.py  ``fast_exp`` (Cephes' expf, vectorisable, for float32), vectorisable maxima

@@ -12,12 +12,15 @@ runs in its sequential threading layer: it starts no threads of its own (nor loa
 runtime) -- npllama shares out the work.
 
 ``NPLLAMA_BLAS`` chooses: ``auto`` (the default: MKL when installed), ``numpy`` (never MKL),
-``mkl`` (an error when MKL cannot be loaded).  ``BLAS`` names the one in use.
+``mkl`` (an error when MKL cannot be loaded).  ``BLAS`` names the one in use.  ``sgemm_gflops``
+probes the machine's float32 matrix-multiply rate now (a training run's start-up line).
 """
 import ctypes
 import importlib.metadata
+import math
 import os
 import re
+import time
 
 import numpy as np
 
@@ -104,3 +107,19 @@ def matmul_one_thread(a, b, out):
                  b.ctypes.data, op_b[1], 0.0, out.ctypes.data, op_out[1])
             return out
     return np.matmul(a, b, out=out)
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The machine's float32 matrix-multiply rate now (best of ``repeats`` n x n @ n x n, 2 n^3 FLOP
+    each), with the threads this process uses: the figure to compare training speeds across
+    machines by (about 0.1 s; the benchmarks measure the same at n = 2048)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, n, n), dtype=np.float32)
+    c = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=c)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine.blas import BLAS
+from ..engine.blas import BLAS, sgemm_gflops
 from ..engine.jit import CompileClock
 from ..engine.threads import get_threads
 from ..memory import peak_rss_bytes
@@ -353,21 +353,6 @@ def describe(run: Run) -> str:
             f"threads: {get_threads()}; matmuls: {BLAS}\n"
             f"run dir {run.run_dir}")
 
-
-def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """The machine's float32 matrix-multiply rate now (best of ``repeats`` n x n @ n x n, 2 n^3 FLOP
-    each), with the threads this process uses: the figure to compare training speeds across
-    machines by (about 0.1 s; the benchmarks measure the same at n = 2048)."""
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((2, n, n), dtype=np.float32)
-    c = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=c)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 def _evaluate(run: Run, n_tokens: int, stop: StopSignals) -> dict | None:
