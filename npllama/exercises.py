@@ -18,8 +18,9 @@ Each exercise also lists the common mistakes (``Mistake``): a wrong backward, an
 gradients it makes fail.  tests/test_exercises.py holds every mistake to its symptom and every
 solution to passing, and docs/exercises.md's table shows the same symptoms.
 
-``REFERENCE_CHECKS`` are the same checks with the solutions: ``npllama gradcheck --layer NAME``
-runs them on the very functions the docs teach and npllama/reference.py calls.
+The checks are npllama/gradcheck.py's (``check_<layer>``), which `npllama gradcheck --layer NAME`
+runs with the reference's own backward: the very functions the docs teach and npllama/reference.py
+calls.
 """
 from __future__ import annotations
 
@@ -35,91 +36,31 @@ import numpy as np
 
 from . import reference
 from .errors import ConfigError
-from .gradcheck import TOLERANCE, elementwise_relative_error, numerical_gradient, relative_error
+from . import gradcheck
+from .gradcheck import TOLERANCE, elementwise_relative_error, relative_error
 from .layers.cross_entropy import cross_entropy_backward_reference
 from .layers.embedding import scatter_add_rows_reference
 from .layers.rmsnorm import rmsnorm_backward_reference
-from .layers.rope import rope_cos_sin, rope_forward_reference, rope_frequencies
+from .layers.rope import rope_forward_reference
 
 ANSWERS = Path("exercises") / "backward.py"     # the blanked-out file, relative to a clone's root
 
 
-# ---- the checks: a layer's reference forward, a given backward, finite differences --------------
-# The forwards are looked up in npllama/reference.py when a check runs: the functions the reference
-# model calls, whatever they are at that moment.
-def _compare(forward, inputs, analytic, dout):
-    """{gradient name: (analytic, numeric)} with L = sum(dout * forward()); the analytic gradients
-    are checked for their shapes first, so that a wrong shape is named rather than broadcast."""
-    for name, x in inputs.items():
-        got = np.shape(analytic[name])
-        if got != x.shape:
-            raise ValueError(f"the gradient for {name} has shape {got}, but {name} has shape {x.shape}")
-    loss = lambda: float(np.sum(dout * forward()))
-    return {name: (np.asarray(analytic[name], dtype=np.float64), numerical_gradient(loss, x))
-            for name, x in inputs.items()}
-
-
-def check_embedding(backward, r):
-    """backward(dout, ids, vocab_size) -> dweight; ids repeat, so the scatter must add."""
-    ids, w = r.integers(0, 7, size=(2, 5)), r.normal(size=(7, 4))
-    ids[1, 3] = ids[0, 1]
-    dout = r.normal(size=(2, 5, 4))
-    dw = backward(dout, ids, 7)
-    return _compare(lambda: reference.embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
-
-
-def check_linear(backward, r):
-    """backward(dy, cache) -> (dx, dweight); x has a batch and a time axis, as in the model."""
-    x, w, dy = r.normal(size=(2, 3, 5)), r.normal(size=(4, 5)), r.normal(size=(2, 3, 4))
-    forward = lambda: reference.linear_forward(x, w, reference.NO_HOOKS)
-    dx, dw = backward(dy, forward()[1])
-    return _compare(lambda: forward()[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
-
-
-def check_rmsnorm(backward, r):
-    x, w, dy = r.normal(size=(2, 3, 8)), 1 + 0.3 * r.normal(size=8), r.normal(size=(2, 3, 8))
-    forward = lambda: reference.rmsnorm_forward_reference(x, w, 1e-5)
-    dx, dw = backward(dy, forward()[1])
-    return _compare(lambda: forward()[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
-
-
-def check_rope(backward, r):
-    cos, sin = rope_cos_sin(np.arange(6), rope_frequencies(8, 100.0), np.float64)
-    x, dy = r.normal(size=(2, 3, 6, 8)), r.normal(size=(2, 3, 6, 8))
-    forward = lambda: reference.rope_forward_reference(x, cos, sin)
-    return _compare(lambda: forward()[0], {"x": x}, {"x": backward(dy, forward()[1])}, dy)
-
-
-def check_attention(backward, r):
-    """Four query heads sharing two key/value heads (GQA, groups of two), five positions, causal."""
-    q, k, v = r.normal(size=(2, 4, 5, 3)), r.normal(size=(2, 2, 5, 3)), r.normal(size=(2, 2, 5, 3))
-    do = r.normal(size=(2, 4, 5, 3))
-    forward = lambda: reference.attention_forward(q, k, v, reference.causal_visibility(5), reference.NO_HOOKS)
-    dq, dk, dv = backward(do, forward()[1])
-    return _compare(lambda: forward()[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
-
-
-def check_swiglu(backward, r):
-    """The elementwise part, h = silu(a) * u (the projections around it are linear layers)."""
-    a, u, dh = 2 * r.normal(size=(4, 6)), r.normal(size=(4, 6)), r.normal(size=(4, 6))
-    forward = lambda: reference.swiglu_forward_reference(a, u)
-    da, du = backward(dh, forward()[1])
-    return _compare(lambda: forward()[0], {"a": a, "u": u}, {"a": da, "u": du}, dh)
-
-
-def check_cross_entropy(backward, r):
-    """Six rows over a vocabulary of nine, one of them ignored (target -100); the loss is the mean."""
-    logits, targets = r.normal(size=(6, 9)), r.integers(0, 9, size=6)
-    targets[2] = -100
-    forward = lambda: reference.cross_entropy_forward_reference(logits, targets)
-    return _compare(lambda: forward()[0], {"logits": logits}, {"logits": backward(1.0, forward()[1])}, 1.0)
+# ---- the checks: gradcheck's, with the student's backward in place of the reference's ---------------
+def _graded(check):
+    """check(backward, r): npllama/gradcheck.py's check of a layer (the reference forward, finite
+    differences) with ``backward`` as the backward."""
+    def graded(backward, r):
+        return check(r, backward=backward)
+    graded.__name__ = check.__name__
+    return graded
 
 
 # ---- the solutions: what npllama/reference.py calls, in the exercises' signatures ------------------
 def embedding_backward_solution(dout, ids, vocab_size):
     """dweight (V, D): row v is the sum of dout over the positions whose id is v (a scatter-add)."""
     dweight = np.zeros((vocab_size, dout.shape[-1]))
-    scatter_add_rows_reference(ids.reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
+    scatter_add_rows_reference(np.asarray(ids).reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
     return dweight
 
 
@@ -248,27 +189,30 @@ class Exercise:
 
 
 EXERCISES = {e.name: e for e in (
-    Exercise("embedding", "embedding_backward", "01-embedding.md", check_embedding, embedding_backward_solution, (
+    Exercise("embedding", "embedding_backward", "01-embedding.md", _graded(gradcheck.check_embedding),
+             embedding_backward_solution, (
         Mistake("assign_not_add", "dW[ids] = dout: a token seen twice keeps one position's gradient",
                 _embedding_assigns, frozenset({"weight"})),), "scatter_add_rows_reference"),
-    Exercise("linear", "linear_backward", "03-linear.md", check_linear, _calls_reference("linear_backward", hooks=True), (
+    Exercise("linear", "linear_backward", "03-linear.md", _graded(gradcheck.check_linear),
+             _calls_reference("linear_backward", hooks=True), (
         Mistake("dw_transposed", "dW = x^T dy, the (in, out) transpose of W's shape", _linear_dw_transposed,
                 frozenset({"shape"})),
         Mistake("dw_one_position", "dW from one position's outer product, not summed over all (b, t)",
                 _linear_dw_last_row, frozenset({"weight"}))), "linear_backward"),
-    Exercise("rmsnorm", "rmsnorm_backward", "02-rmsnorm.md", check_rmsnorm,
+    Exercise("rmsnorm", "rmsnorm_backward", "02-rmsnorm.md", _graded(gradcheck.check_rmsnorm),
              _calls_reference("rmsnorm_backward_reference"), (
         Mistake("no_mean_term", "dx = r g: r's own dependence on x (the mean term) dropped",
                 _rmsnorm_no_mean_term, frozenset({"x"})),
         Mistake("no_gain", "g = dy instead of dy * w", _rmsnorm_no_gain, frozenset({"x"})),
         Mistake("dw_unnormalised", "dw = sum dy * x instead of dy * xhat", _rmsnorm_dw_unnormalised,
                 frozenset({"weight"}))), "rmsnorm_backward_reference"),
-    Exercise("rope", "rope_backward", "04-rope.md", check_rope, _calls_reference("rope_backward_reference"), (
+    Exercise("rope", "rope_backward", "04-rope.md", _graded(gradcheck.check_rope),
+             _calls_reference("rope_backward_reference"), (
         Mistake("same_rotation", "rotating dy by +theta (the forward) instead of -theta (its transpose)",
                 _rope_same_rotation, frozenset({"x"})),
         Mistake("interleaved_pairs", "pairs (x_2i, x_2i+1) (Meta's layout) where the forward pairs the halves",
                 _rope_interleaved, frozenset({"x"}))), "rope_backward_reference"),
-    Exercise("attention", "attention_backward", "05-attention.md", check_attention,
+    Exercise("attention", "attention_backward", "05-attention.md", _graded(gradcheck.check_attention),
              _calls_reference("attention_backward", hooks=True), (
         Mistake("no_psi", "dS = P dP: the softmax's psi_i = sum_j P_ij dP_ij term dropped",
                 lambda do, cache: _attention_mistaken(do, cache, "no_psi"), frozenset({"q", "k"})),
@@ -279,12 +223,13 @@ EXERCISES = {e.name: e for e in (
         Mistake("no_group_sum", "a key/value head's gradient from one query head of its group, not the sum",
                 lambda do, cache: _attention_mistaken(do, cache, "no_group_sum"), frozenset({"k", "v"}))),
         "attention_backward"),
-    Exercise("swiglu", "swiglu_backward", "06-swiglu.md", check_swiglu, _calls_reference("swiglu_backward_reference"), (
+    Exercise("swiglu", "swiglu_backward", "06-swiglu.md", _graded(gradcheck.check_swiglu),
+             _calls_reference("swiglu_backward_reference"), (
         Mistake("no_sigmoid_derivative", "silu'(a) taken as sigma(a), the a sigma' term dropped",
                 _swiglu_no_sigmoid_derivative, frozenset({"a"})),
         Mistake("sigmoid_prime", "sigma'(a) = sigma (1 - sigma) where silu'(a) belongs",
                 _swiglu_sigmoid_prime, frozenset({"a"}))), "swiglu_backward_reference"),
-    Exercise("cross_entropy", "cross_entropy_backward", "09-cross-entropy.md", check_cross_entropy,
+    Exercise("cross_entropy", "cross_entropy_backward", "09-cross-entropy.md", _graded(gradcheck.check_cross_entropy),
              _calls_reference("cross_entropy_backward_reference"), (
         Mistake("no_mean", "the gradient of the sum over rows, not of the mean", _cross_entropy_no_mean,
                 frozenset({"logits"})),
@@ -292,7 +237,6 @@ EXERCISES = {e.name: e for e in (
                 frozenset({"logits"}))), "cross_entropy_backward_reference"),
 )}
 
-REFERENCE_CHECKS = {name: (lambda r, e=e: e.check(e.solution, r)) for name, e in EXERCISES.items()}
 
 
 # ---- grading --------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ from typing import Callable
 
 import numpy as np
 
+from . import reference
 from .config import LlamaConfig
 from .errors import InputError
 from .layers.attention import attention_backward, attention_forward
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_kernel
 from .layers.dropout import dropout_backward, dropout_forward
-from .layers.embedding import embedding_backward, embedding_forward
+from .layers.embedding import embedding_backward
 from .layers.linear import linear_backward, linear_forward
 from .layers.lora import lora_adapter_backward, lora_adapter_forward
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
@@ -244,6 +245,9 @@ def _fd(forward, inputs, analytic, dout):
     loss = lambda: float(np.sum(dout * forward()))
     pairs = {}
     for name, x in inputs.items():
+        if np.shape(analytic[name]) != x.shape:   # named here rather than broadcast below
+            raise ValueError(f"the gradient for {name} has shape {np.shape(analytic[name])}, but {name} has shape "
+                             f"{x.shape}")
         a = np.asarray(analytic[name], dtype=np.float64)
         if x.size <= FULL_CHECK_ENTRIES:
             pairs[name] = (a, numerical_gradient(loss, x))
@@ -280,80 +284,224 @@ def random_params(cfg, r):
             for name, shape in parameter_layout(cfg)}
 
 
-def check_embedding(r, B=2, T=5, V=7, D=4, dtype=np.float64):
-    ids, w = r.integers(0, V, size=(B, T)), r.normal(size=(V, D))
-    dout = r.normal(size=(B, T, D))
-    wc, doutc = _in(dtype, w, dout)
-    _, cache = embedding_forward(ids, wc)
-    dw = embedding_backward(doutc, cache, np.zeros_like(wc))
-    return _fd(lambda: embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
+# ---- each layer: the reference function the docs teach, then the fast kernel against it -------------
+# ``check_<layer>`` runs the functions npllama/reference.py calls (looked up there when the check
+# runs, so a changed reference is what is checked): finite differences of the reference forward in
+# float64 against its backward, run in ``dtype`` -- or against ``backward``, a function of the same
+# signature (npllama/exercises.py grades a student's answer so).  ``fast_<layer>`` compares the
+# engine's kernel with that reference on the same inputs (``FAST_CHECKS``), forward and backward:
+# `npllama gradcheck` shows it on a row of its own, "<layer> (fast)", so that a kernel that matches
+# a wrong reference, or a wrong kernel beside a right reference, is each reported for what it is.
+FAST_TOLERANCE = 1e-12   # float64, max-normalised: the kernels differ from the reference in the order of sums
 
 
-def check_rmsnorm(r, N=6, D=8, dtype=np.float64):
-    x, w, dy = r.normal(size=(N, D)), r.normal(size=D), r.normal(size=(N, D))
-    xc, wc, dyc = _in(dtype, x, w, dy)
-    _, cache = rmsnorm_forward(xc, wc, 1e-5)
-    dx, dw = rmsnorm_backward(dyc, cache)
-    return _fd(lambda: rmsnorm_forward(x, w, 1e-5)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
+def _embedding_inputs(r, B, T, V, D):
+    ids, w, dout = r.integers(0, V, size=(B, T)), r.normal(size=(V, D)), r.normal(size=(B, T, D))
+    if B * T > 1:
+        ids.reshape(-1)[-1] = ids.reshape(-1)[0]          # a repeated id: the scatter must add
+    return ids, w, dout
 
 
-def check_rope(r, B=2, H=3, T=6, hd=8, dtype=np.float64):
+def _embedding_backward_reference(dout, ids, vocab_size):
+    """The reference's scatter-add into a zero table: dW[v] = sum of dout over the positions of v."""
+    dweight = np.zeros((vocab_size, dout.shape[-1]), dtype=dout.dtype)
+    reference.scatter_add_rows_reference(np.asarray(ids).reshape(-1), dout.reshape(-1, dout.shape[-1]), dweight)
+    return dweight
+
+
+def check_embedding(r, B=2, T=5, V=7, D=4, dtype=np.float64, backward=None):
+    """backward(dout, ids, vocab_size) -> dweight."""
+    ids, w, dout = _embedding_inputs(r, B, T, V, D)
+    dw = (backward or _embedding_backward_reference)(*_in(dtype, dout), ids, V)
+    return _fd(lambda: reference.embedding_forward(ids, w)[0], {"weight": w}, {"weight": dw}, dout)
+
+
+def fast_embedding(r, B=2, T=5, V=7, D=4, dtype=np.float64):
+    ids, w, dout = _embedding_inputs(r, B, T, V, D)
+    fast = embedding_backward(*_in(dtype, dout), ids, np.zeros((V, D), dtype=dtype))
+    return {"dweight": (fast, _embedding_backward_reference(dout, ids, V))}
+
+
+def _linear_inputs(r, B, T, D, F):
+    return r.normal(size=(B, T, D)), r.normal(size=(F, D)), r.normal(size=(B, T, F))
+
+
+def check_linear(r, B=2, T=3, D=5, F=4, dtype=np.float64, backward=None):
+    """backward(dy, cache) -> (dx, dweight); x has a batch and a time axis, as in the model."""
+    x, w, dy = _linear_inputs(r, B, T, D, F)
+    backward = backward or (lambda dy, cache: reference.linear_backward(dy, cache, reference.NO_HOOKS))
+    _, cache = reference.linear_forward(*_in(dtype, x, w), reference.NO_HOOKS)
+    dx, dw = backward(*_in(dtype, dy), cache)
+    return _fd(lambda: reference.linear_forward(x, w, reference.NO_HOOKS)[0], {"x": x, "weight": w},
+               {"x": dx, "weight": dw}, dy)
+
+
+def fast_linear(r, B=2, T=3, D=5, F=4, dtype=np.float64):
+    x, w, dy = _linear_inputs(r, B, T, D, F)
+    y, cache = linear_forward(*_in(dtype, x, w))
+    dx, dw = linear_backward(*_in(dtype, dy), cache)
+    y_ref, cache_ref = reference.linear_forward(x, w, reference.NO_HOOKS)
+    dx_ref, dw_ref = reference.linear_backward(dy, cache_ref, reference.NO_HOOKS)
+    return {"y": (y, y_ref), "dx": (dx, dx_ref), "dweight": (dw, dw_ref)}
+
+
+def _rmsnorm_inputs(r, N, D):
+    return r.normal(size=(N, D)), 1 + 0.3 * r.normal(size=D), r.normal(size=(N, D))
+
+
+def check_rmsnorm(r, N=6, D=8, dtype=np.float64, backward=None):
+    x, w, dy = _rmsnorm_inputs(r, N, D)
+    backward = backward or (lambda dy, cache: reference.rmsnorm_backward_reference(dy, cache))
+    _, cache = reference.rmsnorm_forward_reference(*_in(dtype, x, w), np.dtype(dtype).type(1e-5))
+    dx, dw = backward(*_in(dtype, dy), cache)
+    return _fd(lambda: reference.rmsnorm_forward_reference(x, w, 1e-5)[0], {"x": x, "weight": w},
+               {"x": dx, "weight": dw}, dy)
+
+
+def fast_rmsnorm(r, N=6, D=8, dtype=np.float64):
+    x, w, dy = _rmsnorm_inputs(r, N, D)
+    y, cache = rmsnorm_forward(*_in(dtype, x, w), 1e-5)
+    dx, dw = rmsnorm_backward(*_in(dtype, dy), cache)
+    y_ref, cache_ref = reference.rmsnorm_forward_reference(x, w, 1e-5)
+    dx_ref, dw_ref = reference.rmsnorm_backward_reference(dy, cache_ref)
+    return {"y": (y, y_ref), "dx": (dx, dx_ref), "dweight": (dw, dw_ref)}
+
+
+def _rope_inputs(r, B, H, T, hd):
     freqs = rope_frequencies(hd, 500000.0, LLAMA3_SCALING)
+    return freqs, r.normal(size=(B, H, T, hd)), r.normal(size=(B, H, T, hd))
+
+
+def check_rope(r, B=2, H=3, T=6, hd=8, dtype=np.float64, backward=None):
+    """Llama-3 RoPE scaling; backward(dy, cache) -> dx."""
+    freqs, x, dy = _rope_inputs(r, B, H, T, hd)
     cos, sin = rope_cos_sin(np.arange(T), freqs, np.float64)
-    x, dy = r.normal(size=(B, H, T, hd)), r.normal(size=(B, H, T, hd))
-    _, cache = rope_forward(*_in(dtype, x), *rope_cos_sin(np.arange(T), freqs, dtype))
-    return _fd(lambda: rope_forward(x, cos, sin)[0], {"x": x}, {"x": rope_backward(*_in(dtype, dy), cache)}, dy)
+    backward = backward or (lambda dy, cache: reference.rope_backward_reference(dy, cache))
+    _, cache = reference.rope_forward_reference(*_in(dtype, x), *rope_cos_sin(np.arange(T), freqs, dtype))
+    return _fd(lambda: reference.rope_forward_reference(x, cos, sin)[0], {"x": x},
+               {"x": backward(*_in(dtype, dy), cache)}, dy)
 
 
-def check_attention(r, B=2, H=4, K=2, T=5, hd=3, dtype=np.float64):
+def fast_rope(r, B=2, H=3, T=6, hd=8, dtype=np.float64):
+    freqs, x, dy = _rope_inputs(r, B, H, T, hd)
+    y, cache = rope_forward(*_in(dtype, x), *rope_cos_sin(np.arange(T), freqs, dtype))
+    y_ref, cache_ref = reference.rope_forward_reference(x, *rope_cos_sin(np.arange(T), freqs, np.float64))
+    return {"y": (y, y_ref),
+            "dx": (rope_backward(*_in(dtype, dy), cache), reference.rope_backward_reference(dy, cache_ref))}
+
+
+def _attention_inputs(r, B, H, K, T, hd):
     if H % K:
         raise InputError(f"attention: H ({H}) must be a multiple of K ({K})")
     q, k, v = r.normal(size=(B, H, T, hd)), r.normal(size=(B, K, T, hd)), r.normal(size=(B, K, T, hd))
-    do = r.normal(size=(B, H, T, hd))
-    _, cache = attention_forward(*_in(dtype, q, k, v))
+    return q, k, v, r.normal(size=(B, H, T, hd))
+
+
+def _attention_reference(q, k, v):
+    return reference.attention_forward(q, k, v, reference.causal_visibility(q.shape[2]), reference.NO_HOOKS)
+
+
+def check_attention(r, B=2, H=4, K=2, T=5, hd=3, dtype=np.float64, backward=None):
+    """Causal, H query heads sharing K key/value heads; backward(do, cache) -> (dq, dk, dv)."""
+    q, k, v, do = _attention_inputs(r, B, H, K, T, hd)
+    backward = backward or (lambda do, cache: reference.attention_backward(do, cache, reference.NO_HOOKS))
+    _, cache = _attention_reference(*_in(dtype, q, k, v))
+    dq, dk, dv = backward(*_in(dtype, do), cache)
+    return _fd(lambda: _attention_reference(q, k, v)[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
+
+
+def fast_attention(r, B=2, H=4, K=2, T=5, hd=3, dtype=np.float64):
+    q, k, v, do = _attention_inputs(r, B, H, K, T, hd)
+    o, cache = attention_forward(*_in(dtype, q, k, v))
     dq, dk, dv = attention_backward(*_in(dtype, do), cache)
-    return _fd(lambda: attention_forward(q, k, v)[0], {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, do)
+    o_ref, cache_ref = _attention_reference(q, k, v)
+    dq_ref, dk_ref, dv_ref = reference.attention_backward(do, cache_ref, reference.NO_HOOKS)
+    return {"o": (o, o_ref), "dq": (dq, dq_ref), "dk": (dk, dk_ref), "dv": (dv, dv_ref)}
 
 
-def check_swiglu(r, N=4, D=5, F=6, dtype=np.float64):
-    x, wgu, wd, dy = r.normal(size=(N, D)), r.normal(size=(2 * F, D)), r.normal(size=(D, F)), r.normal(size=(N, D))
-    _, cache = feedforward_forward(*_in(dtype, x, wgu, wd))
-    dx, dwgu, dwd = feedforward_backward(*_in(dtype, dy), cache)
-    return _fd(lambda: feedforward_forward(x, wgu, wd)[0], {"x": x, "w_gate_up": wgu, "w_down": wd},
-               {"x": dx, "w_gate_up": dwgu, "w_down": dwd}, dy)
+def _swiglu_inputs(r, N, F):
+    return 2 * r.normal(size=(N, F)), r.normal(size=(N, F)), r.normal(size=(N, F))
 
 
-def check_linear(r, N=4, D=5, F=3, dtype=np.float64):
-    x, w, dy = r.normal(size=(N, D)), r.normal(size=(F, D)), r.normal(size=(N, F))
-    _, cache = linear_forward(*_in(dtype, x, w))
-    dx, dw = linear_backward(*_in(dtype, dy), cache)
-    return _fd(lambda: linear_forward(x, w)[0], {"x": x, "weight": w}, {"x": dx, "weight": dw}, dy)
+def check_swiglu(r, N=4, F=6, dtype=np.float64, backward=None):
+    """The elementwise part, s = silu(g) * u (the projections around it are linear layers);
+    backward(ds, cache) -> (dg, du)."""
+    g, u, ds = _swiglu_inputs(r, N, F)
+    backward = backward or (lambda ds, cache: reference.swiglu_backward_reference(ds, cache))
+    _, cache = reference.swiglu_forward_reference(*_in(dtype, g, u))
+    dg, du = backward(*_in(dtype, ds), cache)
+    return _fd(lambda: reference.swiglu_forward_reference(g, u)[0], {"g": g, "u": u}, {"g": dg, "u": du}, ds)
+
+
+def fast_swiglu(r, N=4, F=6, dtype=np.float64):
+    g, u, ds = _swiglu_inputs(r, N, F)
+    s, cache = swiglu_forward(*_in(dtype, np.concatenate([g, u], axis=1)))
+    dgu = swiglu_backward(*_in(dtype, ds), cache)
+    s_ref, cache_ref = reference.swiglu_forward_reference(g, u)
+    dg_ref, du_ref = reference.swiglu_backward_reference(ds, cache_ref)
+    return {"s": (s, s_ref), "dg": (dgu[:, :F], dg_ref), "du": (dgu[:, F:], du_ref)}
+
+
+def _cross_entropy_inputs(r, N, V):
+    logits, targets = r.normal(size=(N, V)), r.integers(0, V, size=N)
+    targets[N // 3] = -100
+    return logits, targets
+
+
+def check_cross_entropy(r, N=6, V=9, dtype=np.float64, backward=None):
+    """One target ignored (-100), the loss the mean over the others; backward(dloss, cache) -> dlogits."""
+    logits, targets = _cross_entropy_inputs(r, N, V)
+    backward = backward or (lambda dloss, cache: reference.cross_entropy_backward_reference(dloss, cache))
+    _, cache = reference.cross_entropy_forward_reference(*_in(dtype, logits), targets)
+    return _fd(lambda: reference.cross_entropy_forward_reference(logits, targets)[0], {"logits": logits},
+               {"logits": backward(1.0, cache)}, 1.0)
+
+
+def fast_cross_entropy(r, N=6, V=9, dtype=np.float64):
+    logits, targets = _cross_entropy_inputs(r, N, V)
+    loss, cache = cross_entropy_forward(*_in(dtype, logits), targets)
+    loss_ref, cache_ref = reference.cross_entropy_forward_reference(logits, targets)
+    return {"loss": (np.array(loss), np.array(loss_ref)),
+            "dlogits": (cross_entropy_backward(1.0, cache), reference.cross_entropy_backward_reference(1.0, cache_ref))}
 
 
 def check_dropout(r, N=4, D=6, dtype=np.float64):
+    """One implementation, the engine's: a mask multiplied in, forward and backward."""
     x, dy = r.normal(size=(N, D)), r.normal(size=(N, D))
     _, mask = dropout_forward(*_in(dtype, x), 0.3, np.random.default_rng(0), True)
     return _fd(lambda: dropout_forward(x, 0.3, np.random.default_rng(0), True)[0], {"x": x},
                {"x": dropout_backward(*_in(dtype, dy), mask)}, dy)
 
 
-def check_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
-    """A frozen (F, D) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input."""
+def _lora_inputs(r, N, D, F, rank):
     x, w, dy = r.normal(size=(N, D)), r.normal(size=(F, D)), r.normal(size=(N, F))
     a, b = r.normal(size=(rank, D)), r.normal(size=(F, rank))
     mask = dropout_forward(x, 0.3, r, True)[1]
-    _, cache = lora_forward(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
-    dx, da, db = lora_backward(*_in(dtype, dy), cache)
-    return _fd(lambda: lora_forward(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
+    return x, w, a, b, mask, dy
+
+
+def check_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
+    """A frozen (F, D) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input:
+    the reference (lora_forward_reference / lora_backward_reference)."""
+    x, w, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
+    _, cache = reference.lora_forward_reference(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
+    dx, da, db = reference.lora_backward_reference(*_in(dtype, dy), cache)
+    return _fd(lambda: reference.lora_forward_reference(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
                {"x": dx, "lora_A": da, "lora_B": db}, dy)
 
 
-def check_cross_entropy(r, N=6, V=9, dtype=np.float64):
-    logits, targets = r.normal(size=(N, V)), r.integers(0, V, size=N)
-    targets[N // 3] = -100
-    _, cache = cross_entropy_forward(*_in(dtype, logits), targets)
-    return _fd(lambda: cross_entropy_forward(logits, targets)[0], {"logits": logits},
-               {"logits": cross_entropy_backward(1.0, cache)}, 1.0)
+def fast_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
+    x, w, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
+    y, cache = lora_forward(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
+    dx, da, db = lora_backward(*_in(dtype, dy), cache)
+    y_ref, cache_ref = reference.lora_forward_reference(x, w, a, b, 4.0, mask)
+    dx_ref, da_ref, db_ref = reference.lora_backward_reference(dy, cache_ref)
+    return {"y": (y, y_ref), "dx": (dx, dx_ref), "dlora_A": (da, da_ref), "dlora_B": (db, db_ref)}
+
+
+FAST_CHECKS = {"embedding": fast_embedding, "linear": fast_linear, "rmsnorm": fast_rmsnorm, "rope": fast_rope,
+               "attention": fast_attention, "swiglu": fast_swiglu, "cross_entropy": fast_cross_entropy,
+               "lora": fast_lora}
 
 
 def check_decoder_block(r):
@@ -403,6 +551,10 @@ def check_reference(r, tie_embeddings=False):
     return checked
 
 
+# The layers in the order the reference model's forward first calls them: a failing whole-model check
+# is traced to the first of these whose own check fails.
+FORWARD_ORDER = ("embedding", "rmsnorm", "linear", "rope", "attention", "dropout", "swiglu", "lora",
+                 "cross_entropy")
 LAYER_CHECKS = {
     "embedding": check_embedding, "rmsnorm": check_rmsnorm, "rope": check_rope, "attention": check_attention,
     "swiglu": check_swiglu, "linear": check_linear, "dropout": check_dropout, "cross_entropy": check_cross_entropy,
@@ -461,6 +613,26 @@ def add_arguments(parser):
     add_exercise_arguments(parser)
 
 
+def _print_rows(label, pairs, tolerance):
+    """One row per gradient (or compared quantity); the number of those that fail."""
+    failed = 0
+    for i, (grad_name, (analytic, numeric)) in enumerate(pairs.items()):
+        err = relative_error(analytic, numeric)
+        ok = err <= tolerance
+        failed += not ok
+        print(f"{label if i == 0 else '':<22} {grad_name:<41} {err:>10.2e} "
+              f"{elementwise_relative_error(analytic, numeric):>11.2e}  {'ok' if ok else 'FAIL'}")
+    return failed
+
+
+def failing_layers(seed=0, tolerance=TOLERANCE):
+    """The layers of FORWARD_ORDER whose reference check fails, in that order."""
+    def fails(name):
+        pairs = LAYER_CHECKS[name](np.random.default_rng(seed))
+        return any(relative_error(a, n) > tolerance for a, n in pairs.values())
+    return [name for name in FORWARD_ORDER if fails(name)]
+
+
 def run(args) -> int:
     """Print one row per gradient with both relative errors; exit code 1 on failure."""
     dtype = np.dtype(args.dtype)
@@ -475,20 +647,30 @@ def run(args) -> int:
         raise InputError(f"--dtype float32 applies to the layers ({', '.join(SHAPED_CHECKS)}), not to "
                          f"{', '.join(sorted(set(names) - set(SHAPED_CHECKS)))}")
     tolerance = args.tolerance
+    fast_tolerance = FAST_TOLERANCE if dtype == np.float64 else FLOAT32_TOLERANCE
     print(f"float64 central differences (h = 1e-6) against the {dtype} backward; pass when the max-normalised "
           f"error <= {tolerance:.0e}")
     print("max-norm.: max|a - n| / max(|a|, |n|) over the gradient;  "
           "elementwise (CS231n): max over entries of |a - n| / (|a| + |n|)")
-    print(f"{'layer':<15} {'gradient':<48} {'max-norm.':>10} {'elementwise':>11}  result")
-    failed = 0
+    print("a layer's rows check the reference function npllama/reference.py calls; its '(fast)' rows hold the")
+    print(f"engine's kernel, in {dtype}, to the float64 reference on the same inputs (<= {fast_tolerance:.0e})")
+    print(f"{'layer':<22} {'gradient':<41} {'max-norm.':>10} {'elementwise':>11}  result")
+    failed, reference_failed = 0, False
     for name in names:
         extra = {**sizes, "dtype": dtype} if name in SHAPED_CHECKS else {}
-        pairs = LAYER_CHECKS[name](np.random.default_rng(args.seed), **extra)
-        for i, (grad_name, (analytic, numeric)) in enumerate(pairs.items()):
-            err = relative_error(analytic, numeric)
-            ok = err <= args.tolerance
-            failed += not ok
-            print(f"{name if i == 0 else '':<15} {grad_name:<48} {err:>10.2e} "
-                  f"{elementwise_relative_error(analytic, numeric):>11.2e}  {'ok' if ok else 'FAIL'}")
+        n_failed = _print_rows(name, LAYER_CHECKS[name](np.random.default_rng(args.seed), **extra), tolerance)
+        failed += n_failed
+        reference_failed |= bool(n_failed) and name.startswith("reference")
+        if name in FAST_CHECKS:
+            failed += _print_rows(f"{name} (fast)", FAST_CHECKS[name](np.random.default_rng(args.seed), **extra),
+                                  fast_tolerance)
+    if reference_failed:
+        first = failing_layers(args.seed, tolerance)
+        if first:
+            print(f"the reference model fails; the first of its layers (in forward order) whose own check fails: "
+                  f"{first[0]}  (npllama gradcheck --layer {first[0]})")
+        else:
+            print("the reference model fails while each of its layers passes alone: look at how "
+                  "npllama/reference.py chains them (block_forward / block_backward / loss_and_grad)")
     print("all gradients match" if not failed else f"{failed} gradient(s) FAILED")
     return 1 if failed else 0
