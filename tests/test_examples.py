@@ -20,7 +20,7 @@ from npllama.gradcheck import LAYER_CHECKS
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
-DOC_PAGES = sorted(DOCS.glob("*.md"))
+DOC_PAGES = sorted(DOCS.glob("*.md")) + sorted((DOCS / "kernels").glob("*.md"))   # pages, then appendices
 SINGLE_THREAD = {"NPLLAMA_THREADS": "1"}
 
 

@@ -5,10 +5,10 @@ Forward, per row x of width D:
     xhat = x * r
     y    = w * xhat                          w: (D,) learned gain
 
-Backward, with g = dy * w (the gradient reaching xhat):
+Backward, with dxhat = dy * w (the gradient reaching xhat):
     dw   = sum over rows of dy * xhat
     dr/dx_i = -r^3 x_i / D, so
-    dx_i = r g_i + sum_j g_j x_j dr/dx_i = r (g_i - xhat_i * mean_j(g_j xhat_j))
+    dx_i = r dxhat_i + sum_j dxhat_j x_j dr/dx_i = r (dxhat_i - xhat_i * mean_j(dxhat_j xhat_j))
 
 One kernel does the forward everywhere (training, prefill and a decoding step, which is N = 1 row):
 ``rmsnorm_forward_kernel``, optionally fused with the residual add that precedes the norm inside a
@@ -35,8 +35,8 @@ def rmsnorm_backward_reference(dy, cache):
     x, w, r = cache
     r = r[..., None]
     xhat = x * r
-    g = dy * w
-    dx = r * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    dxhat = dy * w
+    dx = r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
     dw = np.sum((dy * xhat).reshape(-1, x.shape[-1]), axis=0)
     return dx, dw
 

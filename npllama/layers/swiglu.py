@@ -1,19 +1,20 @@
 """SwiGLU feed-forward (Shazeer 2020):  FFN(x) = W_down (silu(W_gate x) * (W_up x)).
 
-The elementwise part, with sigma the logistic function and silu(a) = a sigma(a):
-    h = silu(a) * u                         a = W_gate x, u = W_up x
-    du = dh * silu(a)
-    da = dh * u * silu'(a),   silu'(a) = sigma(a) (1 + a (1 - sigma(a)))
+The elementwise part, with sigma the logistic function and silu(g) = g sigma(g):
+    s = silu(g) * u                         g = W_gate x (the gate), u = W_up x
+    du = ds * silu(g)
+    dg = ds * u * silu'(g),   silu'(g) = sigma(g) (1 + g (1 - sigma(g)))
+(g, u, s are the names of docs/06-swiglu.md and of npllama/reference.py's block_forward.)
 
 The gate and up weights are stacked into one (2F, D) matrix so a single matmul produces both:
-au = x W_gate_up^T holds a = au[:, :F] and u = au[:, F:] side by side in each row.  The kernels
-work on that layout: ``swiglu_forward_kernel(au, h)``, and ``swiglu_backward_kernel(dh, au)``,
-which writes [da | du], the gradient the gate/up matmul's backward wants, over au (the model's
-training step needs au no more; gradcheck's ``swiglu_backward`` gives it a copy).  A decoding step calls the
-same forward on one row.
+au = x W_gate_up^T holds the gate g = au[:, :F] and u = au[:, F:] side by side in each row.  The
+kernels work on that layout, under their own short names (a for the gate, h for s):
+``swiglu_forward_kernel(au, h)``, and ``swiglu_backward_kernel(dh, au)``, which writes [dg | du],
+the gradient the gate/up matmul's backward wants, over au (the model's training step needs au no
+more; gradcheck's ``swiglu_backward`` gives it a copy).  A decoding step calls the same forward on one row.
 
 Shapes: x: (N, D); W_gate, W_up: (F, D) stacked as W_gate_up: (2F, D); W_down: (D, F);
-a, u, h: (N, F); au, dau: (N, 2F).
+g, u, s: (N, F); au, dau: (N, 2F).
 """
 import numpy as np
 
@@ -23,15 +24,15 @@ from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
-def swiglu_forward_reference(a, u):
-    sig = 1.0 / (1.0 + np.exp(-a))
-    return a * sig * u, (a, u)
+def swiglu_forward_reference(g, u):
+    sig = 1.0 / (1.0 + np.exp(-g))
+    return g * sig * u, (g, u)
 
 
-def swiglu_backward_reference(dh, cache):
-    a, u = cache
-    sig = 1.0 / (1.0 + np.exp(-a))
-    return dh * u * sig * (1.0 + a * (1.0 - sig)), dh * a * sig
+def swiglu_backward_reference(ds, cache):
+    g, u = cache
+    sig = 1.0 / (1.0 + np.exp(-g))
+    return ds * u * sig * (1.0 + g * (1.0 - sig)), ds * g * sig
 
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
