@@ -70,11 +70,11 @@ def attention_backward(do, cache):
     raise NotImplementedError
 
 
-def swiglu_backward(dh, cache):
-    """Forward, elementwise: h = silu(a) * u, silu(a) = a sigma(a), sigma(a) = 1 / (1 + exp(-a)).
+def swiglu_backward(ds, cache):
+    """Forward, elementwise: s = silu(g) * u, silu(g) = g sigma(g), sigma(g) = 1 / (1 + exp(-g)).
 
-    dh: (N, F); cache = (a, u), each (N, F).  Return (da, du).  (docs/06-swiglu.md)"""
-    a, u = cache
+    ds: (N, F); cache = (g, u), each (N, F).  Return (dg, du).  (docs/06-swiglu.md)"""
+    g, u = cache
     # ---- your code here ----
     raise NotImplementedError
 

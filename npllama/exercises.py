@@ -151,16 +151,16 @@ def _attention_mistaken(do, cache, mistake):
     return dq, dk.sum(axis=2), dv.sum(axis=2)
 
 
-def _swiglu_no_sigmoid_derivative(dh, cache):
-    a, u = cache
-    sig = 1.0 / (1.0 + np.exp(-a))
-    return dh * u * sig, dh * a * sig                                  # silu' taken as sigma
+def _swiglu_no_sigmoid_derivative(ds, cache):
+    g, u = cache
+    sig = 1.0 / (1.0 + np.exp(-g))
+    return ds * u * sig, ds * g * sig                                  # silu' taken as sigma
 
 
-def _swiglu_sigmoid_prime(dh, cache):
-    a, u = cache
-    sig = 1.0 / (1.0 + np.exp(-a))
-    return dh * u * sig * (1.0 - sig), dh * a * sig                    # sigma' where silu' belongs
+def _swiglu_sigmoid_prime(ds, cache):
+    g, u = cache
+    sig = 1.0 / (1.0 + np.exp(-g))
+    return ds * u * sig * (1.0 - sig), ds * g * sig                    # sigma' where silu' belongs
 
 
 def _cross_entropy_no_mean(dloss, cache):
@@ -225,10 +225,10 @@ EXERCISES = {e.name: e for e in (
         "attention_backward"),
     Exercise("swiglu", "swiglu_backward", "06-swiglu.md", _graded(gradcheck.check_swiglu),
              _calls_reference("swiglu_backward_reference"), (
-        Mistake("no_sigmoid_derivative", "silu'(a) taken as sigma(a), the a sigma' term dropped",
-                _swiglu_no_sigmoid_derivative, frozenset({"a"})),
-        Mistake("sigmoid_prime", "sigma'(a) = sigma (1 - sigma) where silu'(a) belongs",
-                _swiglu_sigmoid_prime, frozenset({"a"}))), "swiglu_backward_reference"),
+        Mistake("no_sigmoid_derivative", "silu'(g) taken as sigma(g), the g sigma' term dropped",
+                _swiglu_no_sigmoid_derivative, frozenset({"g"})),
+        Mistake("sigmoid_prime", "sigma'(g) = sigma (1 - sigma) where silu'(g) belongs",
+                _swiglu_sigmoid_prime, frozenset({"g"}))), "swiglu_backward_reference"),
     Exercise("cross_entropy", "cross_entropy_backward", "09-cross-entropy.md", _graded(gradcheck.check_cross_entropy),
              _calls_reference("cross_entropy_backward_reference"), (
         Mistake("no_mean", "the gradient of the sum over rows, not of the mean", _cross_entropy_no_mean,
