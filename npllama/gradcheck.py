@@ -570,7 +570,7 @@ SHAPED_CHECKS = ("embedding", "rmsnorm", "rope", "attention", "swiglu", "linear"
 def sizes_of(layer) -> dict:
     """The sizes a layer's check takes, with their defaults: {"B": 2, "T": 5, ...}."""
     parameters = inspect.signature(LAYER_CHECKS[layer]).parameters
-    return {k: p.default for k, p in parameters.items() if k not in ("r", "dtype")}
+    return {k: p.default for k, p in parameters.items() if k not in ("r", "dtype", "backward")}
 
 
 def parse_shape(text, layers) -> dict:

@@ -19,8 +19,10 @@ def test_attention_at_a_given_shape_and_dtype(capsys, dtype, tolerance):
     assert main(["gradcheck", "--layer", "attention", "--shape", shape, "--dtype", dtype]) == 0
     out = capsys.readouterr().out
     assert f"against the {dtype} backward; pass when the max-normalised error <= {tolerance:.0e}" in out
-    found = rows(out)
+    reference_rows, fast_rows = out.split("attention (fast)")    # the reference's rows, then the kernel's
+    found = rows(reference_rows)
     assert [r[0] for r in found] == ["q", "k", "v"] and all(r[3] == "ok" for r in found)
+    assert fast_rows.count(" ok") == 4 and "FAIL" not in fast_rows   # o, dq, dk, dv against the reference
     worst = max(float(r[1]) for r in found)
     assert worst < (1e-7 if dtype == "float64" else 1e-5)
     if dtype == "float32":
