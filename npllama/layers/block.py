@@ -28,7 +28,8 @@ references, and the tests hold the two equal).  What makes this one fast:
 * the SwiGLU backward writes [da | du] over the gate/up activations, and the attention's cache is
   dropped after its backward: a block's activations serve one backward.
 The attention itself is ``attention_forward`` / ``attention_backward`` (layers/attention.py) on
-strided (B, heads, T, hd) views of the q/k/v rows; its output is copied back to rows.
+strided (B, heads, T, hd) views of the q/k/v rows; it writes its output straight into the rows of o
+(a (B, H, T, hd) view of them), the layout the output projection reads.
 
 ``w`` / ``dw``: one layer's weights / gradient buffers by role, keys attn_norm, wqkv, wo, ffn_norm,
 w_gate_up, w_down (``npllama.model`` makes them as views of its flat buffers).
