@@ -62,7 +62,7 @@ def code():
 def test_every_excerpt_is_literally_in_the_code(page, code):
     missing = []
     for n, shown in excerpts(page):
-        pattern = ".*".join(map(re.escape, shown.split("...")))
+        pattern = ".*".join(re.escape(part.strip()) for part in shown.split("..."))
         if not re.search(pattern, code):
             missing.append(f"{page.name}:{n}: {shown}")
     assert not missing, "shown as code but not in npllama/ or examples/:\n" + "\n".join(missing)
