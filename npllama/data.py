@@ -188,11 +188,9 @@ def _load_folder(root: Path, patterns: tuple[str, ...] | None) -> Corpus:
     for relative, p in files:
         try:
             text = _read_text_file(p)
-        except DataError as e:
-            if "binary" in str(e) or "not UTF-8" in str(e):
-                skipped.append((relative, "binary" if "binary" in str(e) else "not UTF-8"))
-                continue
-            raise
+        except NotText as e:
+            skipped.append((relative, e.why))
+            continue
         if text:
             documents.append((relative, text))
     what = "the default text and source suffixes" if patterns is None else "--include " + ",".join(patterns)
@@ -238,16 +236,24 @@ def _gunzip(data: bytes, path: Path) -> bytes:
     return out
 
 
+class NotText(DataError):
+    """A file that is not UTF-8 text; ``why``: "binary" or "not UTF-8" (a folder skips it)."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
 def _decode_text(data: bytes, name: str) -> str:
     nul = data.find(b"\x00")
     if nul >= 0:
         # Valid UTF-8 can hold NUL, but text never does: this is an image, archive, .npy, ...
-        raise DataError(f"{name}: looks like a binary file (NUL byte at offset {nul}), expected UTF-8 text")
+        raise NotText(f"{name}: looks like a binary file (NUL byte at offset {nul}), expected UTF-8 text", "binary")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset "
-                        f"{e.start}); convert it to UTF-8 first") from None
+        raise NotText(f"{name}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset "
+                      f"{e.start}); convert it to UTF-8 first", "not UTF-8") from None
 
 
 # Held-out share of the text, for the library and for `npllama train` alike.

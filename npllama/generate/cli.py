@@ -51,6 +51,9 @@ def add_arguments(parser):
                              "0.95, with --chat the model's setting")
     parser.add_argument("--seed", type=int, default=None, metavar="S",
                         help="sampling seed (default: a random one, printed at the end)")
+    parser.add_argument("--last", action="store_true",
+                        help="with a run directory that kept its best weights by held-out loss (RUN/best/, "
+                             "used by default): the last weights instead")
     parser.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=None,
                         help="back up over the prompt's last token and let the model spell it again as it "
                              "learned it (default: on when the prompt ends in whitespace, e.g. an indent, "
@@ -114,6 +117,7 @@ def run(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    path = _best_or_last(path, args.last)
     check_sampling(args.max_new_tokens, 0.0 if args.temperature is None else args.temperature, args.top_k,
                    args.top_p, args.seed, flags=True)
     if args.system is not None and not args.chat:
@@ -180,6 +184,22 @@ def run(args) -> int:
         raise NonFiniteLogits(f"{path}: {e}") from None
     _report(stats, seed if args.temperature > 0 else None, model.config.max_seq_len)
     return 0
+
+
+def _best_or_last(path: Path, last: bool) -> Path:
+    """A run directory's best weights (RUN/best/, see npllama/train/best.py) unless ``last``; a note
+    on stderr says which weights answer."""
+    from ..train.best import read_best   # (here: `npllama generate` imports the train package only for this)
+    best = read_best(path) if path.is_dir() else None
+    if best is None:
+        return path
+    if last:
+        print(f"npllama: the last weights of {path} (its best by held-out loss, step {best['step']:,}, are in "
+              f"{path / 'best'})", file=sys.stderr)
+        return path
+    print(f"npllama: {path / 'best'}: the weights of step {best['step']:,}, the run's lowest held-out loss "
+          f"({best['val_bpb']:.4f} bits/byte); --last for the last weights", file=sys.stderr)
+    return path / "best"
 
 
 def _shown_together(out, err) -> bool:

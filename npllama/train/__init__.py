@@ -3,6 +3,8 @@
     npllama train                                   # a small Llama on the bundled Shakespeare, ~5 min
     npllama train --data my.txt --preset medium --steps 2000
     npllama train --resume runs/shakespeare-20250101-120000
+    npllama train --resume runs/shakespeare-20250101-120000 --steps 1000   # extend it
+    npllama train --data my_code/ --dry-run         # size, tokens, steps and passes, before training
     npllama train --init-from runs/shakespeare-... --data my.txt   # fine-tune, same tokenizer
 
     loop.py         train(): the step, in the style of nanoGPT's train.py, in a loop
@@ -15,6 +17,9 @@
     evaluation.py   held-out loss in bits per byte, a text sample
     metrics.py      metrics.jsonl, the run's log
     planner.py      how many steps fit in a time budget
+    best.py         the best weights by held-out loss (RUN/best/), the overfitting warning, early stopping
+    extend.py       --resume RUN --steps N / --time-budget S: more steps, a new tail of the schedule
+    dry_run.py      --dry-run: what a run would be on this machine, without training
     progress.py     what a run shows: the progress bar (or plain lines), samples made safe for a terminal
     config.py       TrainConfig (every option, checked), model presets, options from a file
     cli.py          the command line
@@ -45,6 +50,8 @@ Run directory (``--out-dir``, default ``runs/<data>-<time>``):
                                                     safetensors files
     metrics.jsonl                                   one JSON line per step, evaluation and sample
     tokens/                                         the tokenized corpus (cache)
+    best/                                           the weights of the lowest held-out loss (best.json:
+                                                    its step and loss), what `npllama generate` uses
 
 A run directory is made only once the configuration has been checked, and a fresh run that ends
 before its first checkpoint (an error, Ctrl-C) removes it again, so a run directory holds a

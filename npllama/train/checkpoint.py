@@ -6,12 +6,13 @@ complete checkpoint; on resume the recorded SHA-256 of the two safetensors files
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..data import BatchSampler, generator_from_state, load_text, text_sha256
+from ..data import BatchSampler, generator_from_state
 from ..errors import CheckpointError
 from ..files import (atomic_write_json, begin_staged_write, commit_staged_write, file_sha256, read_json,
                      recover_staged_write)
@@ -24,7 +25,7 @@ from .config import DTYPES, TrainConfig
 from .metrics import MetricsLog
 from .progress import say
 from .run import (MODEL_FILE, OPTIMIZER_FILE, SETTINGS_FILES, STATE_FILE, STATE_FORMAT, STATE_VERSION, Run,
-                  base_weights_sha256, diverged, load_dataset, make_optimizer)
+                  base_weights_sha256, diverged, load_dataset, make_optimizer, read_split)
 
 
 def _weights_file(model) -> str:
@@ -68,7 +69,8 @@ def save_checkpoint(run: Run, metrics: MetricsLog | None = None) -> None:
         "optimizer": opt_meta,
         "sampler": run.sampler.state_dict(),
         "dropout_rng": run.model.dropout_rng.bit_generator.state,
-        "data": {"text_sha256": run.text_sha256, "train_tokens": int(len(run.data.train_tokens)),
+        "data": {"text_sha256": run.text_sha256, "split_sha256": run.split_sha256,
+                 "train_tokens": int(len(run.data.train_tokens)),
                  "val_tokens": int(len(run.data.val_tokens)), "val_bytes": run.data.val_bytes},
         "tokenizer_sha256": run.tokenizer.fingerprint,
         "plan": run.plan,
@@ -117,18 +119,21 @@ def restore_run(run_dir: Path, verbose: bool) -> Run:
             raise CheckpointError(f"{path}: does not match {STATE_FILE} (missing, or changed after the "
                                   "checkpoint was saved, e.g. by hand or by a crash during a save); resuming "
                                   "would not continue the same run")
-    cfg = TrainConfig.from_dict(state["train_config"], source=str(state_path))
+    # (a run saved before --include and --val-split read a folder's .txt files and held out the text's end)
+    cfg = TrainConfig.from_dict({"include": "*.txt", "val_split": "tail", **state["train_config"]},
+                                source=str(state_path))
     step, total = state["step"], state["total_steps"]
     cfg.out_dir = str(run_dir)
 
     tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")
     if tokenizer.fingerprint != state.get("tokenizer_sha256"):
         raise CheckpointError(f"{run_dir / 'tokenizer.json'}: differs from the one the run was trained with")
-    text = load_text(cfg.data)
-    if text_sha256(text) != state["data"]["text_sha256"]:
-        raise CheckpointError(f"the corpus {cfg.data or '(bundled)'} changed since the run started; "
+    text_digest, split, described = read_split(cfg)
+    say(described, verbose)
+    if text_digest != state["data"]["text_sha256"] or state["data"].get("split_sha256", split.digest) != split.digest:
+        raise CheckpointError(f"the corpus {cfg.data or '(bundled)'} (or --val-data) changed since the run started; "
                               "resuming would not continue the same run")
-    data = load_dataset(cfg, tokenizer, run_dir, text)
+    data = load_dataset(tokenizer, run_dir, split)
 
     model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], quantized=not cfg.dequantize_base)
     base_sha256 = None
@@ -151,7 +156,8 @@ def restore_run(run_dir: Path, verbose: bool) -> Run:
     sampler.load_state_dict(state["sampler"])
     say(f"resuming {run_dir} at step {step} of {total}", verbose)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=state["data"]["text_sha256"], optimizer=optimizer, sampler=sampler, step=step,
+               text_sha256=state["data"]["text_sha256"], split_sha256=state["data"].get("split_sha256"),
+               optimizer=optimizer, sampler=sampler, step=step,
                total_steps=total, warmup_steps=state["warmup_steps"], tokens_seen=state["tokens_seen"],
                train_seconds=float(state["train_seconds"]), plan=state["plan"] or {}, last_checkpoint_step=step,
                base_sha256=base_sha256)
@@ -194,6 +200,12 @@ def _validated_state(state, state_path) -> dict:
             raise bad(field, f"must be an object, got {type(state.get(field)).__name__}")
     if "plan" not in state or not isinstance(state["plan"], (dict, type(None))):
         raise bad("plan", "must be an object or null")
+    extension = (state["plan"] or {}).get("extension")
+    if extension is not None:   # (an extended run's new tail of the schedule: extend.py)
+        s0, r0 = (extension.get("from_step"), extension.get("from_lr")) if isinstance(extension, dict) else (None, None)
+        if isinstance(s0, bool) or not isinstance(s0, int) or not 0 <= s0 <= state["step"] \
+                or isinstance(r0, bool) or not isinstance(r0, (int, float)) or not (math.isfinite(r0) and r0 >= 0):
+            raise bad("plan.extension", "must hold from_step (a step up to the saved one) and from_lr (a rate >= 0)")
     if not isinstance(state.get("tokenizer_sha256"), str):
         raise bad("tokenizer_sha256", "must be a string")
     settings = state.get("settings_sha256", {})   # (absent from a state saved before it was recorded)

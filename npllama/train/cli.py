@@ -7,7 +7,10 @@ import dataclasses
 
 from ..errors import ConfigError
 from .config import TrainConfig, read_config_file
+from .dry_run import dry_run
 from .loop import train
+
+EXTEND_OPTIONS = {"steps", "time_budget"}   # with --resume: how much longer (extend.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML or JSON file of options (same names as below, e.g. lr = 1e-3)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=argparse.SUPPRESS,
-                        help="continue a saved run exactly where it stopped")
+                        help="continue a saved run exactly where it stopped; with --steps N or --time-budget S, "
+                             "extend it (finished or not) by N steps or about S seconds, the learning rate on a "
+                             "new tail of its schedule from the current rate")
+    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS,
+                        help="train nothing: read and split the corpus, time a few steps, and say the model's "
+                             "parameters, tokens per step, and the steps and passes over the data of this budget")
     parser.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
                         help="threads npllama runs on: its own, BLAS's and the tokenizer's (default: NPLLAMA_THREADS, else all cores)")
     parser.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
@@ -57,14 +65,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     progress = not getattr(args, "no_progress", False)
+    if getattr(args, "dry_run", False):
+        if getattr(args, "resume", None):
+            raise ConfigError("--dry-run plans a new run; it does not take --resume")
+        dry_run(config_from_args(args))
+        return 0
     if getattr(args, "resume", None):
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - EXTEND_OPTIONS
         given = sorted(k for k in vars(args) if k in fields or k == "config")
         if given:
-            raise ConfigError("--resume continues the saved run exactly, with its own settings; "
-                              f"remove {', '.join('--' + g.replace('_', '-') for g in given)} (to train "
-                              "on with other settings, start a new run with --init-from RUN_DIR)")
-        result = train(resume=args.resume, progress=progress)
+            raise ConfigError("--resume continues the saved run exactly, with its own settings (--steps or "
+                              f"--time-budget extend it); remove {', '.join('--' + g.replace('_', '-') for g in given)} "
+                              "(to train on with other settings, start a new run with --init-from RUN_DIR)")
+        if "steps" in vars(args) and "time_budget" in vars(args):
+            raise ConfigError("extend a run by --steps N or by --time-budget SECONDS, not both")
+        result = train(resume=args.resume, progress=progress, more_steps=getattr(args, "steps", None),
+                       more_seconds=getattr(args, "time_budget", None))
     else:
         result = train(config_from_args(args), progress=progress)
     return result.exit_code

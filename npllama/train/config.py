@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LORA_TARGETS, LlamaConfig, short_repr
-from ..data import DEFAULT_VAL_FRACTION
+from ..data import DEFAULT_VAL_FRACTION, VAL_SPLITS, parse_include
 from ..errors import ConfigError, one_line
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, N_BYTE_TOKENS
 
@@ -40,6 +40,18 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def llama_hidden_dim(dim: int) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), rounded up to 32."""
+    return 32 * math.ceil(8 * dim / 3 / 32)
+
+
+def preset_parameters(dims: dict[str, int], vocab_size: int = 2048) -> int:
+    """Parameters of a preset's model: embeddings and output matrix, per layer the attention's four
+    and SwiGLU's three matrices and two RMSNorm weights, the final norm (LlamaConfig.num_parameters)."""
+    d, hidden = dims["dim"], llama_hidden_dim(dims["dim"])
+    return 2 * vocab_size * d + dims["n_layers"] * (4 * d * d + 3 * d * hidden + 2 * d) + d
+
+
 def _opt(default, help, *, flags=(), type=None, choices=None, metavar=None):
     """A TrainConfig field with what the command line needs to offer it as an option."""
     return field(default=default, metadata=dict(help=help, flags=flags, type=type, choices=choices,
@@ -49,15 +61,26 @@ def _opt(default, help, *, flags=(), type=None, choices=None, metavar=None):
 @dataclass
 class TrainConfig:
     # data
-    data: str | None = _opt(None, "UTF-8 text file or folder of .txt files (default: the bundled "
-                            "Shakespeare)", metavar="PATH")
-    val_fraction: float = _opt(DEFAULT_VAL_FRACTION, "fraction of the text held out for evaluation (its end)",
+    data: str | None = _opt(None, "UTF-8 text file, or a folder of text and source files (see --include; "
+                            "default: the bundled Shakespeare)", metavar="PATH")
+    include: str | None = _opt(None, "the files of a --data folder, as comma-separated patterns such as "
+                               "'*.py,docs/*.md' (default: common text and source suffixes: .txt .md .rst .py .c "
+                               ".h .cpp .js .ts .java .go .rs .json .yaml .html .sh ... and their .gz; binary "
+                               "files are skipped)", metavar="GLOBS")
+    val_fraction: float = _opt(DEFAULT_VAL_FRACTION, "share of the text held out for evaluation (see --val-split)",
                                type=float)
+    val_split: str = _opt("per-file", "how the held-out set is drawn: the last --val-fraction of each file, cut "
+                          "at a line (per-file); whole files drawn at random with a fixed seed (documents); the "
+                          "end of the joined text (tail).  One file: its end", choices=VAL_SPLITS)
+    val_data: str | None = _opt(None, "a held-out text file or folder of your own (then all of --data trains)",
+                                metavar="PATH")
     vocab_size: int = _opt(2048, "BPE vocabulary size of the tokenizer trained on the data", type=int)
     # model
     preset: str = _opt("small", "model size: " + "; ".join(
-        f"{name} dim {p['dim']}, {p['n_layers']} layers, {p['n_heads']} heads" for name, p in PRESETS.items())
-        + " (default small)", choices=tuple(PRESETS))
+        f"{name} dim {p['dim']}, {p['n_layers']} layers, {p['n_heads']} heads, "
+        f"{preset_parameters(p) / 1e6:.2f}M parameters" for name, p in PRESETS.items())
+        + " (at --vocab-size 2048; default small); --dry-run says how much of your data one sees in your budget",
+        choices=tuple(PRESETS))
     dim: int | None = _opt(None, "model width (overrides the preset)", type=int)
     n_layers: int | None = _opt(None, "number of decoder blocks (overrides the preset)", type=int)
     n_heads: int | None = _opt(None, "attention heads (overrides the preset)", type=int)
@@ -84,9 +107,11 @@ class TrainConfig:
     batch_size: int = _opt(16, "windows per micro-batch", type=int)
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)", type=int)
     # length of the run
-    steps: int | None = _opt(None, "optimizer steps (overrides --time-budget)", type=int)
+    steps: int | None = _opt(None, "optimizer steps (overrides --time-budget); with --resume: this many more",
+                             type=int)
     time_budget: float = _opt(300.0, "with no --steps: plan the steps to end after about this many "
-                              "seconds of wall time", type=float, metavar="SECONDS")
+                              "seconds of wall time; with --resume: about this many more", type=float,
+                              metavar="SECONDS")
     # optimizer and schedule
     lr: float | None = _opt(None, f"peak learning rate (default: {SCRATCH_LR:g}; fine-tuning with --init-from "
                             f"{FINE_TUNE_LR:g}, with --lora-rank too {LORA_LR:g})", type=float)
@@ -111,6 +136,8 @@ class TrainConfig:
     sample_prompt: str = _opt("\n", "prompt of the evaluation samples", type=str)
     sample_temperature: float = _opt(0.8, "sampling temperature of the evaluation samples", type=float)
     sample_top_k: int | None = _opt(40, "top-k of the evaluation samples", type=int)
+    early_stop: int = _opt(0, "end the run after this many evaluations in a row without a new best held-out "
+                           "loss (0: never); the best weights are kept in RUN/best/ either way", type=int)
     checkpoint_interval: int = _opt(500, "save a checkpoint every this many steps (0: only at the end)",
                                     type=int)
     seed: int = _opt(0, "seed of the weights, the data order and dropout", type=int)
@@ -146,7 +173,7 @@ class TrainConfig:
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "eval_tokens"):
             positive_int(name)
         for name in ("warmup_steps", "eval_interval", "sample_interval", "sample_tokens", "checkpoint_interval",
-                     "seed"):
+                     "seed", "early_stop"):
             positive_int(name, allow_zero=True)
         number("val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         number("dropout", 0.0, 1.0, hi_open=True)
@@ -167,7 +194,8 @@ class TrainConfig:
         number("eps", 0.0, lo_open=True)
         number("grad_clip")
         number("sample_temperature")
-        for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES)):
+        for name, options in (("preset", PRESETS), ("dtype", DTYPES), ("schedule", SCHEDULES),
+                              ("val_split", VAL_SPLITS)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in options:   # (a list from JSON is not even hashable)
                 raise ConfigError(f"{flag(name)} must be one of {', '.join(options)}; got {short_repr(v)}")
@@ -176,7 +204,10 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr is not None and self.schedule != "constant" and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
-        for name in ("data", "init_from", "out_dir"):
+        if self.include is not None and not isinstance(self.include, str):
+            raise ConfigError(f"--include must be comma-separated file patterns, got {short_repr(self.include)}")
+        parse_include(self.include)
+        for name in ("data", "init_from", "out_dir", "val_data"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ConfigError(f"{flag(name)} must be a non-empty path, got {v!r}")
@@ -288,11 +319,6 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"config file {path}: 'threads' must be given on the command line (--threads N), "
                           "because thread counts are fixed when NumPy is first imported")
     return values
-
-
-def llama_hidden_dim(dim: int) -> int:
-    """Llama's SwiGLU width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), rounded up to 32."""
-    return 32 * math.ceil(8 * dim / 3 / 32)
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:

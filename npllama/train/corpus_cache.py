@@ -2,8 +2,9 @@
 trained on the text and the token ids of its training and held-out parts.
 
 Training the default 2048-token tokenizer on the bundled Shakespeare and tokenizing the text take
-~2.5 s, most of a later run's start-up.  Both depend only on the text, the vocabulary size, the
-held-out fraction and the tokenizers library, so they are kept under one key of those in
+~2.5 s, most of a later run's start-up.  Both depend only on the training and held-out texts
+(data.Split.digest: the corpus and how it was split), the vocabulary size and the tokenizers library,
+so they are kept under one key of those in
 ``$NPLLAMA_CORPUS_CACHE`` (default ``corpora`` in npllama's cache directory, npllama/caches.py;
 ``NPLLAMA_CORPUS_CACHE=0`` switches the cache off) and copied into each run directory, which keeps
 its own copy (``--resume`` and the other ranks of an MPI job read the tokens there).
@@ -18,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ..caches import cache_dir
+from ..errors import ConfigError
 from ..files import atomic_write_bytes
 from ..tokenizer import Tokenizer
 
@@ -39,14 +42,39 @@ def cache_root() -> Path | None:
     return cache_dir() / "corpora"
 
 
-def entry_dir(text_sha256: str, vocab_size: int, val_fraction: float) -> Path | None:
-    """The directory of one (text, vocabulary size, held-out fraction), or None when switched off."""
+def entry_dir(split_digest: str, vocab_size: int) -> Path | None:
+    """The directory of one (training and held-out text: ``data.Split.digest``, vocabulary size),
+    or None when switched off."""
     root = cache_root()
     if root is None:
         return None
     import tokenizers
-    key = json.dumps([FORMAT, text_sha256, vocab_size, repr(float(val_fraction)), tokenizers.__version__])
+    key = json.dumps([FORMAT, split_digest, vocab_size, tokenizers.__version__])
     return root / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def tokenizer_for(split, vocab_size: int) -> tuple[Tokenizer, Path | None, str]:
+    """The byte-level BPE tokenizer of ``split`` (a ``data.Split``): from the cache, else trained on
+    its training text (never on the held-out text) and stored there.  Returns it, the cache entry
+    and what was done, for the log.
+
+    Raises:
+        ConfigError: the text has fewer distinct pairs than ``vocab_size`` asks for.
+    """
+    entry = entry_dir(split.digest, vocab_size)
+    tokenizer = load_tokenizer(entry)
+    if tokenizer is not None:
+        return tokenizer, entry, (f"byte-level BPE tokenizer of {tokenizer.vocab_size} tokens trained on this text "
+                                  f"by an earlier run, read from {entry}")
+    with warnings.catch_warnings():   # a short vocabulary is an error here, not a warning
+        warnings.simplefilter("ignore", UserWarning)
+        tokenizer = Tokenizer.train(split.train_text, vocab_size)
+    if tokenizer.vocab_size < vocab_size:
+        raise ConfigError(f"--vocab-size {vocab_size} is more than this text supports: BPE found only "
+                          f"{tokenizer.vocab_size} tokens (pairs seen at least twice); use --vocab-size "
+                          f"{tokenizer.vocab_size} or less, or more text")
+    store_tokenizer(entry, tokenizer)
+    return tokenizer, entry, f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens"
 
 
 def load_tokenizer(entry: Path | None) -> Tokenizer | None:

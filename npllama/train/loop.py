@@ -27,6 +27,7 @@ from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
 from .config import TrainConfig
 from .distributed import World, current_world, end_job_on_error, local_batches
+from .extend import extend
 from .progress import say
 from .ranks import setup_run
 from .run import Run, diverged
@@ -36,8 +37,13 @@ from .setup import discard_unsaved_run
 
 @end_job_on_error
 def train(config: TrainConfig | None = None, *, resume=None, progress: bool = True, verbose: bool = True,
-          on_step: Callable[[int, float, Run], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float, Run], None] | None = None, more_steps: int | None = None,
+          more_seconds: float | None = None) -> TrainResult:
     """Train a model (``config``) or continue a saved run (``resume=RUN_DIR``); see the module docstring.
+
+    ``more_steps`` / ``more_seconds`` (with ``resume``): extend the run by that many steps, or by the
+    steps that fit in that many seconds, finished or not (extend.py: a new tail of the learning-rate
+    schedule from the current rate).
 
     ``on_step(step, loss, run)`` is called after every optimizer step (tests use it to interrupt).
     Raises TrainingDiverged when the loss, the gradient norm or (when saving) the weights are not
@@ -53,12 +59,16 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
         if resume is not None:
             raise ConfigError("give either a config or resume=RUN_DIR, not both")
         config = TrainConfig()
+    if (more_steps is not None or more_seconds is not None) and resume is None:
+        raise ConfigError("more_steps / more_seconds extend a saved run: give resume=RUN_DIR")
     world = current_world()
     verbose = verbose and world.root
     # a first run (or one after npllama's kernels changed) compiles them, once: say so when it starts
     with CompileClock(on_first=lambda: say("compiling kernels (first run only)", verbose)) as compiling:
         run = setup_run(world, config, resume, verbose)
         try:
+            if more_steps is not None or more_seconds is not None:
+                extend(run, more_steps, more_seconds, verbose)
             return _train(run, t_start, compiling, resume is not None, progress, verbose, on_step)
         except BaseException:
             if world.root:   # (the run directory is rank 0's)
@@ -71,8 +81,9 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
 def _train(run: Run, t_start: float, compiling: CompileClock, resumed: bool, progress: bool, verbose: bool,
            on_step) -> TrainResult:
     cfg, model = run.config, run.model
-    if resumed and run.step >= run.total_steps:
-        say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do", verbose)
+    if resumed and run.step >= run.total_steps and run.extend_seconds is None:
+        say(f"{run.run_dir} is already complete ({run.step} of {run.total_steps} steps); nothing to do (to train it "
+            f"further: --resume {run.run_dir} --steps N, or --time-budget SECONDS)", verbose)
         return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     say(describe(run), verbose)
     if run.world.size > 1:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 import unicodedata
 
 from tqdm import tqdm
 
 WIDTH = 80          # columns of the bar (fewer on a narrower terminal)
 PLAIN_EVERY = 0.1   # without a terminal, a line at every 10 % of the run
+REDRAW = 0.1        # on a terminal, the bar redrawn at most this often (seconds)
 
 
 def printable(text: str) -> str:
@@ -31,11 +33,14 @@ def sample_lines(text: str, max_lines: int, width: int = WIDTH - 4) -> list[str]
     return [line if len(line) <= width else line[:width - 3] + "..." for line in lines]
 
 
-def progress_text(step: int, total_steps: int | None, loss: float, tokens_per_second: float,
-                  seconds_left: float) -> str:
+def progress_text(step: int, total_steps: int | None, loss: float, tokens_per_second: float | None,
+                  seconds_left: float | None) -> str:
     """``step 820/2,000 loss 2.3412 17,747 tok/s 02:51 left``; without a step total (a time-budgeted
-    run, whose total is re-planned as it goes) ``step 820 loss ...``."""
+    run, whose total is re-planned as it goes) ``step 820 loss ...``; without a rate yet (a session's
+    first step, which may load kernels: its time says nothing of the next ones) ``... timing``."""
     steps = f"{step:,}" if total_steps is None else f"{step:,}/{total_steps:,}"
+    if tokens_per_second is None:
+        return f"step {steps} loss {loss:.4f} timing..."
     return f"step {steps} loss {loss:.4f} {tokens_per_second:,.0f} tok/s {hms(seconds_left)} left"
 
 
@@ -64,16 +69,25 @@ class Progress:
         self.fraction = 0.0
         self.bar = None
         if enabled and self.stream.isatty():
-            width = min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+            # (a terminal that reports no size, e.g. a bare pty, gets the full width, not a 0-column bar)
+            width = min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns or WIDTH)
             self.bar = tqdm(total=1.0, file=self.stream, ncols=width, bar_format="{percentage:3.0f}% |{bar}| {desc}")
+            self.shown_at = 0.0
 
     def update(self, fraction: float, text: str) -> None:
         if not self.enabled:
             return
         fraction = min(max(fraction, self.fraction), 1.0)
         if self.bar is not None:
+            # Redrawn here, at most every REDRAW seconds: tqdm's own pacing adapts to the rate of
+            # its first updates, and after a long start-up (setup, step-0 evaluation) in a short
+            # budget it drew nothing more until the end.
+            self.bar.n = fraction
             self.bar.set_description_str(text, refresh=False)
-            self.bar.update(fraction - self.bar.n)
+            now = time.monotonic()
+            if now - self.shown_at >= REDRAW or fraction >= 1.0:
+                self.bar.refresh()
+                self.shown_at = now
         elif int(fraction / PLAIN_EVERY + 1e-9) > int(self.fraction / PLAIN_EVERY + 1e-9):
             tqdm.write(f"{100 * fraction:3.0f}% {text}", file=self.stream)
         self.fraction = fraction

@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import BatchSampler, TokenDataset
+from ..data import BatchSampler, Split, TokenDataset, load_corpus, split_corpus, text_sha256
 from ..errors import NpllamaError
 from ..files import COMMIT_DIR, STAGING_DIR, file_sha256
 from ..formats import hf
@@ -62,6 +62,8 @@ class Run:
     setup_seconds: dict = field(default_factory=dict)   # seconds of each part of this session's setup
     base_sha256: str | None = None      # LoRA: the frozen base's weights, checked on resume
     world: World = field(default_factory=World)   # the ranks training this run (distributed.py)
+    split_sha256: str | None = None     # the training and held-out texts (data.Split.digest); None: an older run
+    extend_seconds: float | None = None  # this session extends the run by about this many seconds (extend.py)
 
     def release(self) -> None:
         """Unlock the run directory (at the end of the session)."""
@@ -69,8 +71,19 @@ class Run:
             self.directory.release()
 
     def lr_at(self, step: int) -> float:
+        extension = self.plan.get("extension")
+        if extension is not None and step >= extension["from_step"]:   # an extended run (extend.py)
+            return tail_lr(step, extension, self.total_steps, self.config.final_lr, self.config.schedule)
         return lr_at(step, max_lr=self.config.lr, warmup_steps=self.warmup_steps,
                      total_steps=self.total_steps, min_lr=self.config.final_lr, kind=self.config.schedule)
+
+
+def tail_lr(step: int, extension: dict, total_steps: int, final_lr: float, kind: str) -> float:
+    """The rate of step ``step`` >= extension["from_step"] of an extended run: a new tail of the
+    schedule from extension["from_lr"] down to the final rate at the last step (see extend.py)."""
+    s0, r0 = extension["from_step"], extension["from_lr"]
+    return lr_at(step - s0, max_lr=r0, warmup_steps=0, total_steps=max(total_steps - s0, 1),
+                 min_lr=min(final_lr, r0), kind=kind)
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -79,9 +92,22 @@ def make_optimizer(model, cfg: TrainConfig):
                  weight_decay=cfg.weight_decay, flat_params=model.flat_trainable)
 
 
-def load_dataset(cfg: TrainConfig, tokenizer, run_dir: Path, text: str):
-    """The corpus tokenized (or read back from RUN_DIR/tokens), split as the run splits it."""
-    return TokenDataset.from_text(text, tokenizer, cache_dir=run_dir / TOKENS_DIR, val_fraction=cfg.val_fraction)
+def read_split(cfg: TrainConfig) -> tuple[str, Split, str]:
+    """The corpus of ``cfg`` read (--data, --include) and split (--val-split, --val-fraction,
+    --val-data); returns the corpus text's SHA-256, the split, and the lines for the log (which files,
+    how many bytes, what is held out)."""
+    corpus = load_corpus(cfg.data, cfg.include)
+    lines = [corpus.describe()]
+    val_corpus = load_corpus(cfg.val_data) if cfg.val_data is not None else None
+    if val_corpus is not None:
+        lines.append(val_corpus.describe().replace("corpus:", "held-out corpus:", 1))
+    split = split_corpus(corpus, cfg.val_fraction, cfg.val_split, val_corpus)
+    return text_sha256(corpus.text), split, "\n".join(lines + [split.description])
+
+
+def load_dataset(tokenizer, run_dir: Path, split: Split):
+    """The split corpus tokenized (or read back from RUN_DIR/tokens)."""
+    return TokenDataset.from_texts(split.train_text, split.val_text, tokenizer, cache_dir=run_dir / TOKENS_DIR)
 
 
 def base_weights_sha256(base) -> str:

@@ -10,6 +10,7 @@ ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -28,6 +29,7 @@ from .checkpoint import save_checkpoint
 from .config import SAMPLE_LINES
 from .evaluation import evaluate, generate_sample
 from .metrics import MetricsLog, read_metrics
+from .best import BEST_DIR, BestWeights, format_passes, passes, read_best
 from .planner import BudgetPlanner
 from .progress import Progress, hms, progress_text, sample_lines, say
 from .run import METRICS_FILE, Run
@@ -62,6 +64,8 @@ class Session:
         self.window_losses = []        # training losses since the last evaluation
         self.evaluated = False         # (the first evaluation's line says which tokens they all read)
         self.session_start = time.monotonic()
+        # the best weights by held-out loss (best.py): an earlier session's best/ is the one to beat
+        self.best = BestWeights(cfg.early_stop, read_best(run.run_dir) if resumed and run.world.root else None)
 
     def __enter__(self):
         self.stop.__enter__()
@@ -108,6 +112,10 @@ class Session:
                 run.plan = {**self.planner.summary(), "setup_seconds": round(time.monotonic() - self.t_start, 3),
                             "first_plan": run.total_steps, "planned_steps": run.total_steps}
             self._set_warmup(warn=False)        # (an estimate: the warning waits for measured steps)
+        elif run.extend_seconds is not None:   # --resume RUN --time-budget S: plan S seconds more (extend.py)
+            self.planner = _extension_planner(run, self.t_start, self.eval_tokens,
+                                              self.final_tokens + (self.final_subset or 0))
+            run.total_steps = run.world.from_root(self.planner.plan(run.step, run.step + 1))
         say(self._setup_line(), self.verbose)
         self.train_start = time.monotonic()    # a time budget's progress counts from here (after set-up)
         self.result.total_steps = run.total_steps
@@ -137,20 +145,31 @@ class Session:
         if self.verbose:
             line += (f"\nthis machine multiplies float32 matrices at {sgemm_gflops():.0f} GFLOP/s now "
                      "(steps and tokens/s scale with it)")
+        passes = self._passes_line(run.total_steps)
+        budget = None if self.planner is None else self.planner.cfg.time_budget   # (an extension's: its own)
         if self.planner is not None and not math.isfinite(self.planner.step_seconds()):
-            line += f"\ntime budget {cfg.time_budget:.0f}s: not planned (stopped before a step could be timed)"
+            line += f"\ntime budget {budget:.0f}s: not planned (stopped before a step could be timed)"
         elif self.planner is not None:
             step_s = self.planner.step_seconds()
             how = "estimated" if self.planner.estimated else "measured"
-            line += (f"\ntime budget {cfg.time_budget:.0f}s: {step_s:.3f}s/step ({how}; "
-                     f"~{cfg.tokens_per_step / step_s:,.0f} tokens/s) -> {run.total_steps:,} steps, re-planned as they run")
-            costs, left = self.planner.costs(), cfg.time_budget - total
+            line += (f"\ntime budget {budget:.0f}s: {step_s:.3f}s/step ({how}; "
+                     f"~{cfg.tokens_per_step / step_s:,.0f} tokens/s) -> {run.total_steps:,} steps{passes}, re-planned "
+                     "as they run")
+            costs, left = self.planner.costs(), budget - total
             if costs["final_eval_seconds"] + costs["checkpoint_seconds"] + step_s > left:
                 line += (f"\nwarning: the time budget leaves {max(left, 0.0):.0f}s after setup, less than one step, "
                          f"a checkpoint and the final evaluation (~{costs['final_eval_seconds']:.0f}s on "
                          f"{self.final_tokens + (self.final_subset or 0):,} held-out tokens): the run will take longer "
                          "than the budget (a larger --time-budget, or a smaller --final-eval-tokens, fits)")
+        else:
+            line += f"\n{run.total_steps:,} steps{passes}"
         return line
+
+    def _passes_line(self, total_steps: int) -> str:
+        """`` = 12.3 passes over the 185,000 training tokens`` for a run of ``total_steps`` steps."""
+        n = len(self.run.data.train_tokens)
+        return f" = {format_passes(passes(total_steps * self.run.config.tokens_per_step, n))} passes over the {n:,} " \
+               "training tokens"
 
     def log_step(self, loss: float, lr: float, norm: float, seconds: float) -> None:
         """Record a finished step; every ``REPLAN_EVERY`` steps of a time-budgeted run, re-plan."""
@@ -169,34 +188,52 @@ class Session:
         comm = run.world.step_report()   # {} for one process
         self.metrics.write({"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm, "step_seconds": seconds,
                             "tokens_per_second": cfg.tokens_per_step / seconds, "elapsed": self.elapsed(), **comm})
-        tokens_per_second = cfg.tokens_per_step / self.ema_step
+        # (no rate after a session's first step: it may have loaded kernels, and says nothing of the next)
+        timed = len(self.result.losses) >= 2
+        tokens_per_second = cfg.tokens_per_step / self.ema_step if timed else None
         if planner is not None:   # progress in seconds of the budget: the step total moves as it re-plans
-            now = time.monotonic()
+            now, budget = time.monotonic(), planner.cfg.time_budget   # (an extension's: its own)
             spent, setup = now - self.t_start, self.train_start - self.t_start
-            self.progress.update((now - self.train_start) / max(cfg.time_budget - setup, 1e-9),
-                                 progress_text(run.step, None, loss, tokens_per_second, cfg.time_budget - spent)
+            self.progress.update((now - self.train_start) / max(budget - setup, 1e-9),
+                                 progress_text(run.step, None, loss, tokens_per_second,
+                                               budget - spent if timed else None)
                                  + _describe_comm(comm))
         else:
-            left = (run.total_steps - run.step) * self.ema_step
+            left = (run.total_steps - run.step) * self.ema_step if timed else None
             self.progress.update(run.step / run.total_steps,
                                  progress_text(run.step, run.total_steps, loss, tokens_per_second, left)
                                  + _describe_comm(comm))
 
     def evaluate(self) -> None:
         ev = _evaluate(self.run, self.eval_tokens, self.stop)
-        if ev is None:
-            return
-        if self.window_losses:
-            ev["train_loss"] = float(np.mean(self.window_losses))
-            self.window_losses = []
-        if self.planner is not None:
-            self.planner.observe_eval(ev)
-        self._record_eval(ev)
+        if ev is not None:
+            if self.window_losses:
+                ev["train_loss"] = float(np.mean(self.window_losses))
+                self.window_losses = []
+            if self.planner is not None:
+                self.planner.observe_eval(ev)
+            self._record_eval(ev)
+        run = self.run
+        if run.config.early_stop and run.step > 0 and run.world.from_root(self.best.stop, "agreeing on an early stop"):
+            run.total_steps = run.step      # the run ends here: final evaluation, sample and checkpoint
+            run.plan["early_stop_step"] = run.step
+            self.result.total_steps = run.step
 
     def _record_eval(self, ev: dict) -> None:
-        self.metrics.write({"step": self.run.step, "kind": "eval", **ev, "elapsed": self.elapsed()})
-        say(_eval_lines(self.run.step, ev, len(self.run.data.val_tokens), not self.evaluated), self.verbose)
+        run = self.run
+        ev["passes"] = round(passes(run.tokens_seen, len(run.data.train_tokens)), 4)
+        self.metrics.write({"step": run.step, "kind": "eval", **ev, "elapsed": self.elapsed()})
+        say(_eval_lines(run.step, ev, len(run.data.val_tokens), not self.evaluated), self.verbose)
         self.evaluated = True
+        for line in self.best.observe(run.step, ev, run.model.flat_trainable, run.tokens_seen,
+                                      len(run.data.train_tokens)):
+            say(line, self.verbose)
+
+    def _save(self) -> None:
+        """A checkpoint, and the best weights if new since the last (best/ is never ahead of the run)."""
+        save_checkpoint(self.run, self.metrics)
+        if self.run.world.root:
+            self.best.save(self.run.run_dir, self.run.model, self.run.config.init_from)
 
     def sample(self) -> None:
         """A short sample of the model's text: in metrics.jsonl whole, on the terminal its first
@@ -222,7 +259,7 @@ class Session:
         """Save; the time a save takes counts as training time, and the planner learns it."""
         self.run.train_seconds += time.monotonic() - self.session_start
         self.session_start = time.monotonic()
-        save_checkpoint(self.run, self.metrics)
+        self._save()
         if self.planner is not None:
             self.planner.observe_checkpoint(time.monotonic() - self.session_start)
 
@@ -237,7 +274,7 @@ class Session:
             result.interrupted = True
             result.signal_name = signal.Signals(self.stop.signum).name
             if run.step > 0 and run.step != run.last_checkpoint_step:
-                save_checkpoint(run, self.metrics)
+                self._save()
             if run.step > 0:
                 say(f"\n{result.signal_name}: stopped at step {run.step} of {run.total_steps}; checkpoint saved "
                     f"in {run.run_dir}.\nResume with:  npllama train --resume {run.run_dir}", run.world.root)
@@ -252,7 +289,7 @@ class Session:
                 self._record_eval(ev)
                 result.final_eval = ev
             self.sample()
-            save_checkpoint(run, self.metrics)
+            self._save()
         result.step = run.step
         result.wall_seconds = time.monotonic() - self.t_start
         steps = [r for r in read_metrics(run.run_dir) if "loss" in r] if run.step > 0 and run.world.root else []
@@ -266,7 +303,15 @@ class Session:
             say(f"done: {run.step:,} steps in {hms(result.wall_seconds)}{compiled}, median "
                 f"{result.tokens_per_second or 0:,.0f} tokens/s"
                 + (f", held-out {ev['val_bpb']:.4f} bits/byte" if ev else "") + memory
-                + f"\nmodel saved in {run.run_dir}", self.verbose)
+                + f"\nmodel saved in {run.run_dir}" + self._best_line(), self.verbose)
+
+    def _best_line(self) -> str:
+        best = self.best.best
+        if best is None or best["step"] == self.run.step:
+            return ""
+        return (f"; the best held-out loss was at step {best['step']:,} ({best['val_bpb']:.4f} bits/byte on the "
+                f"periodic evals' tokens): its weights are in {self.run.run_dir / BEST_DIR}, which `npllama generate "
+                f"{self.run.run_dir}` uses (--last for the last)")
 
     def _final_eval(self) -> dict | None:
         """The final evaluation, and that of the periodic evaluations' tokens under "subset"."""
@@ -371,6 +416,22 @@ def _evaluate(run: Run, n_tokens: int, stop: StopSignals) -> dict | None:
     return result
 
 
+def _extension_planner(run: Run, t_start: float, eval_tokens: int, final_tokens: int) -> BudgetPlanner:
+    """The planner of ``--resume RUN --time-budget S``: S seconds from now, the step and evaluation
+    costs taken from the run's metrics (re-measured as it goes)."""
+    planner = BudgetPlanner(dataclasses.replace(run.config, time_budget=run.extend_seconds), t_start, eval_tokens,
+                            final_tokens, checkpoint_seconds=0.3 + 4 * run.model.flat_trainable.nbytes / 200e6)
+    records = read_metrics(run.run_dir) if run.world.root else []
+    for r in [r for r in records if "step_seconds" in r][-planner.WINDOW:]:
+        planner.observe_step(r["step_seconds"])
+    evals = [r for r in records if r.get("kind") == "eval" and "eval_seconds" in r and not r.get("final")]
+    if evals and planner.step_times:
+        planner.observe_eval(evals[-1])
+    if not planner.step_times:   # (no step recorded: 1 s a step until the first re-plan)
+        planner.observe_step(1.0)
+    return planner
+
+
 def _describe_comm(comm: dict) -> str:
     """Data parallel: the step's wait on the other ranks and the bytes it all-reduced."""
     if not comm:
@@ -390,6 +451,8 @@ def _eval_lines(step: int, ev: dict, n_held_out: int, say_tokens: bool) -> str:
         return f"{e['val_bpb']:.4f} bits/byte, loss {e['val_loss']:.4f}"
 
     train = f"; train loss {ev['train_loss']:.4f}" if ev.get("train_loss") is not None else ""
+    if ev.get("passes") and step > 0 and not ev.get("final"):   # (the plan and the done line say the total)
+        train += f"; {format_passes(ev['passes'])} passes"
     if not ev.get("final"):
         tokens = f" ({_held_out(ev['val_tokens'], n_held_out)}, as every periodic eval)" if say_tokens else ""
         return f"step {step}: held-out {figures(ev)}{tokens}{train}"

@@ -8,22 +8,21 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..adapters import merge_adapters
-from ..data import BatchSampler, load_text, split_train_val, text_sha256
+from ..data import BatchSampler, Split
 from ..errors import CheckpointError, ConfigError
 from ..files import COMMIT_DIR, STAGING_DIR
 from ..model import Llama
-from ..tokenizer import Tokenizer
 from . import corpus_cache
 from .checkpoint import restore_run
 from .config import DTYPES, TrainConfig, model_config
 from .progress import say
-from .run import OWN_NAMES, STATE_FILE, TOKENS_DIR, Run, base_weights_sha256, load_dataset, make_optimizer
+from .run import (OWN_NAMES, STATE_FILE, TOKENS_DIR, Run, base_weights_sha256, load_dataset, make_optimizer,
+                  read_split)
 from .run_dir import RunDirectory
 
 
@@ -44,6 +43,8 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
     # Absolute paths, so that --resume works from any working directory.
     if cfg.data is not None:
         cfg.data = str(Path(cfg.data).resolve())
+    if cfg.val_data is not None:
+        cfg.val_data = str(Path(cfg.val_data).resolve())
     if cfg.init_from is not None:
         cfg.init_from = str(Path(cfg.init_from).resolve())
     run_dir = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(cfg)
@@ -68,21 +69,21 @@ def new_run(cfg: TrainConfig, verbose: bool = True) -> Run:
         if (init_dir / "config.json").is_file() and not (init_dir / "tokenizer.json").is_file():
             raise ConfigError(f"--init-from {init_dir}: no tokenizer.json there; fine-tuning needs the "
                               "checkpoint's own tokenizer")
-    text = load_text(cfg.data)
+    text_digest, split, described = read_split(cfg)
     directory = RunDirectory.claim(run_dir, own_names=OWN_NAMES, fresh=True, force=cfg.force)
+    say(described, verbose)
     try:
-        return _set_up(cfg, directory, text, verbose)
+        return _set_up(cfg, directory, text_digest, split, verbose)
     except BaseException:
         discard_unsaved_run(directory)
         directory.release()
         raise
 
 
-def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool) -> Run:
+def _set_up(cfg: TrainConfig, directory: RunDirectory, text_digest: str, split: Split, verbose: bool) -> Run:
     run_dir = directory.path
     dtype = DTYPES[cfg.dtype]
     setup = {}    # seconds of each part of setting up, for the start-up line
-    text_digest = text_sha256(text)
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
         model = Llama.from_pretrained(init_dir, dtype=dtype,
@@ -116,22 +117,7 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool)
                 "the base is frozen", verbose)
     else:
         t0 = time.monotonic()
-        cached = corpus_cache.entry_dir(text_digest, cfg.vocab_size, cfg.val_fraction)
-        tokenizer = corpus_cache.load_tokenizer(cached)
-        if tokenizer is None:
-            train_text, _ = split_train_val(text, cfg.val_fraction)
-            with warnings.catch_warnings():   # a short vocabulary is an error here, not a warning
-                warnings.simplefilter("ignore", UserWarning)
-                tokenizer = Tokenizer.train(train_text, cfg.vocab_size)  # never sees the held-out text
-            if tokenizer.vocab_size < cfg.vocab_size:
-                raise ConfigError(f"--vocab-size {cfg.vocab_size} is more than this text supports: BPE found "
-                                  f"only {tokenizer.vocab_size} tokens (pairs seen at least twice); use "
-                                  f"--vocab-size {tokenizer.vocab_size} or less, or more text")
-            corpus_cache.store_tokenizer(cached, tokenizer)
-            how = f"trained a byte-level BPE tokenizer of {tokenizer.vocab_size} tokens"
-        else:
-            how = (f"byte-level BPE tokenizer of {tokenizer.vocab_size} tokens trained on this text by an earlier "
-                   f"run, read from {cached}")
+        tokenizer, cached, how = corpus_cache.tokenizer_for(split, cfg.vocab_size)   # (never sees held-out text)
         setup["tokenizer"] = time.monotonic() - t0
         say(f"{how} in {setup['tokenizer']:.1f}s", verbose)
         model = None
@@ -144,7 +130,7 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool)
     t0 = time.monotonic()
     copied = cfg.init_from is None and corpus_cache.copy_tokens(cached, run_dir / TOKENS_DIR)
     copied_stamps = corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR)
-    data = load_dataset(cfg, tokenizer, run_dir, text)   # (checks copied tokens; tokenizes again if stale)
+    data = load_dataset(tokenizer, run_dir, split)   # (checks copied tokens; tokenizes again if stale)
     from_cache = copied and corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR) == copied_stamps
     if cfg.init_from is None and not from_cache:
         corpus_cache.copy_tokens(run_dir / TOKENS_DIR, cached)
@@ -161,8 +147,8 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text: str, verbose: bool)
     sampler = BatchSampler(data.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 2)
     base_sha256 = None if model.lora is None else base_weights_sha256(cfg.init_from)
     return Run(config=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data,
-               text_sha256=text_digest, optimizer=make_optimizer(model, cfg), sampler=sampler,
-               directory=directory, setup_seconds=setup, base_sha256=base_sha256)
+               text_sha256=text_digest, split_sha256=split.digest, optimizer=make_optimizer(model, cfg),
+               sampler=sampler, directory=directory, setup_seconds=setup, base_sha256=base_sha256)
 
 
 def load_run(run_dir, verbose: bool = True) -> Run:
