@@ -31,6 +31,8 @@ import numpy as np
 from ..engine import quantized as engine
 from ..errors import InputError
 
+
+# ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 Q = gguf.GGMLQuantizationType
 QUANTIZED_TYPES = {Q.Q8_0: "Q8_0", Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1"}    # what the kernels multiply by
 BLOCK = engine.BLOCK
@@ -104,7 +106,6 @@ def dense(w, dtype=np.float32):
     return w.dequantize(dtype) if isinstance(w, QuantizedMatrix) else w
 
 
-# ---- reference -----------------------------------------------------------------------------------
 def quantized_linear_forward_reference(x, w: QuantizedMatrix):
     """x: (..., in) -> y = x deq(W)^T: (..., out), cache."""
     weight = w.dequantize(x.dtype)
@@ -117,7 +118,7 @@ def quantized_linear_backward_reference(dy, cache):
     return (dy.reshape(-1, weight.shape[0]) @ weight).reshape(x.shape)
 
 
-# ---- fast path (engine/quantized.py) ---------------------------------------------------------------
+# ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def quantized_matvec(w: QuantizedMatrix, x, y):
     """y = deq(W) x for one vector x (cols,), y (rows,): a decoding step's product."""
     return engine.quantized_matvec(w, x, y)
