@@ -10,7 +10,7 @@ H query heads share K key/value heads in groups of G = H / K: query head h reads
 Backward, given do_i:
     dv_j  = sum_{i>=j} P_ij do_i
     dP_ij = do_i . v_j
-    dS_ij = P_ij (dP_ij - D_i),  D_i = sum_j P_ij dP_ij = do_i . o_i      (softmax backward)
+    dS_ij = P_ij (dP_ij - psi_i),  psi_i = sum_j P_ij dP_ij = do_i . o_i      (softmax backward)
     dq_i  = c sum_{j<=i} dS_ij k_j
     dk_j  = c sum_{i>=j} dS_ij q_i
 Under GQA a key/value head is used by the G query heads of its group, so its gradients are the
@@ -186,7 +186,7 @@ def _writable(out, shape, dtype):
 # never visited).  Per tile the work is five small matrix products and one elementwise pass:
 #     S  = qc kT                 (block x hd) (hd x block)       qc = c q: 1/sqrt(hd) folded in
 #     P  = exp(S - lse)          elementwise (forward: online softmax, below)
-#     dP = do vT,  dS = P (dP - D)
+#     dP = do vT,  dS = P (dP - psi)
 #     dvT += doT P,  dkT += qcT dS,  dq += dS K                  (backward)
 #     acc += P V                                                 (forward)
 # The products are made of ``tile_update`` calls (engine/simd.py): MR rows of C by two vectors
@@ -458,7 +458,7 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
     qcT, doT = qc.T, do_b.T                                  # (views: ``tile_update`` takes A in any strides)
     paired = k_rows.shape[3] != block_pad                    # K's rows in pairs (see _add_lower_times)
     dq_b = np.empty((block_pad, k_rows.shape[4]), dtype=q.dtype)
-    D = np.empty(block, dtype=q.dtype)                       # D_i = do_i . o_i
+    psi = np.empty(block, dtype=q.dtype)                     # psi_i = do_i . o_i (docs' ψ_i)
     P = np.empty((block_pad, block_pad), dtype=q.dtype)
     dS = np.empty((block_pad, block_pad), dtype=q.dtype)     # dP, then dS
     zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
@@ -490,30 +490,30 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
                 dq_b[...] = 0.0
                 for r in range(rows):
                     do_r, o_r = do_b[r], contiguous_row(o, b, h, i0 + r)
-                    Dr = zero
+                    psi_r = zero
                     for d in range(hd):
-                        Dr += do_r[d] * o_r[d]
-                    D[r] = Dr
+                        psi_r += do_r[d] * o_r[d]
+                    psi[r] = psi_r
                 for kb in range(kb_lo, min(qb + 1, kb_hi)):
                     diagonal = kb == qb                              # then P, dS lower triangular
                     for r0 in range(0, rows_pad, MR):          # MR rows at a time, while they are in L1:
                         n_cols = _computed_end(r0, block_pad, width) if diagonal else block_pad
                         _update_columns(qc, r0, 0, k_tiles[b, kh, kb], 0, P, r0, n_cols, hd, False)     # S = qc kT
                         _update_columns(do_b, r0, 0, v_tiles[b, kh, kb], 0, dS, r0, n_cols, hd, False)  # dP = do vT
-                        for r in range(r0, min(r0 + MR, rows)):       # P = exp(S - lse), dS = P (dP - D)
+                        for r in range(r0, min(r0 + MR, rows)):       # P = exp(S - lse), dS = P (dP - psi)
                             p, ds = P[r], dS[r]
-                            lse_i, D_i = lse[b, h, i0 + r], D[r]
+                            lse_i, psi_i = lse[b, h, i0 + r], psi[r]
                             n_keys = min(block, i0 + r + 1 - kb * block)
                             if n_keys == n_cols:              # (no select: 260K's backward 3 % faster)
                                 for j in range(n_cols):
                                     e = fast_exp(p[j] - lse_i)
                                     p[j] = e
-                                    ds[j] = e * (ds[j] - D_i)
+                                    ds[j] = e * (ds[j] - psi_i)
                             else:                                     # 0 past the keys, by a select
                                 for j in range(n_cols):
                                     e = fast_exp(p[j] - lse_i) if j < n_keys else zero
                                     p[j] = e
-                                    ds[j] = e * (ds[j] - D_i)
+                                    ds[j] = e * (ds[j] - psi_i)
                     _add_times_lower(doT, P, dv_tiles[kb - kb_lo], hd_rows, rows, block_pad, diagonal)  # dvT += doT P
                     _add_times_lower(qcT, dS, dk_tiles[kb - kb_lo], hd_rows, rows, block_pad, diagonal)  # dkT += qcT dS
                     _add_lower_times(dS, k_rows[b, kh, kb], dq_b, rows_pad, block_pad, hd_pad, diagonal, paired)  # dq += dS K
