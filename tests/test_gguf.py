@@ -386,3 +386,20 @@ def test_a_gguf_without_block_count_names_the_file_once(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load(path)
     assert str(e.value) == f"{path}: metadata llama.block_count must be a positive integer, got None"
+
+
+@pytest.mark.parametrize("qtype, half, what", [(Q.Q8_0, 0, "scale"), (Q.Q4_0, 0, "scale"), (Q.Q4_1, 1, "minimum")])
+@pytest.mark.parametrize("bits", [0x7E00, 0x7C00, 0xFC00])   # float16 NaN, +inf, -inf
+def test_a_nan_or_infinite_block_scale_is_refused_when_kept_quantized(tmp_path, qtype, half, what, bits):
+    """(was: loaded into the blocks unchecked; only the dequantizing load refused it)"""
+    path = tmp_path / "m.gguf"
+    write_gguf(path, random_model(CFG).params, CFG, qtype)
+    Llama.from_pretrained(path, quantized=True)   # (the file as written loads)
+    tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_up.weight")
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    at = tensor.data_offset + 3 * block_bytes + 2 * half   # the 4th block of its first row
+    _patched(path, at, "<H", bits)
+    with pytest.raises(CheckpointError) as e:
+        Llama.from_pretrained(path, quantized=True)
+    assert str(e.value) == (f"{path}: tensor 'blk.1.ffn_up.weight': block 3 of row 0 has a NaN or infinite "
+                            f"{what} (1 such blocks)")

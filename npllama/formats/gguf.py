@@ -338,7 +338,26 @@ def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray) -> np.nda
     n_head = {"q_proj": ckpt.config.n_heads, "k_proj": ckpt.config.n_kv_heads}.get(name.split(".")[-2])
     out[...] = data if n_head is None else deinterleave_rope_rows(data, ckpt.config.head_dim)
     release_pages(ckpt.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
+    check_block_scales(out, t.tensor_type, f"{ckpt.path}: tensor {t.name!r}")
     return out
+
+
+# The float16 numbers at the start of each block that scale its codes: Q8_0 and Q4_0 a scale d,
+# Q4_1 a scale d and a minimum m (layers/quantized_linear.py).
+SCALE_HALVES = {Q.Q8_0: 1, Q.Q4_0: 1, Q.Q4_1: 2}
+
+
+def check_block_scales(blocks: np.ndarray, tensor_type, where) -> None:
+    """Refuse blocks (rows, row bytes; uint8) one of whose float16 scales is NaN or infinite, as
+    ``require_finite`` refuses a dequantized tensor: with the exponent bits all set, every weight of
+    the block would be NaN or infinite.  (Finite scales make finite weights: |d c + m| < 2^24.)"""
+    block_bytes = gguf.GGML_QUANT_SIZES[tensor_type][1]
+    halves = blocks.view(np.uint16).reshape(blocks.shape[0], -1, block_bytes // 2)[:, :, :SCALE_HALVES[tensor_type]]
+    if (halves & 0x7C00).max(initial=0) == 0x7C00:   # (an exponent with every bit set)
+        bad = (halves & 0x7C00) == 0x7C00
+        row, block, which = (int(i) for i in np.argwhere(bad)[0])
+        raise CheckpointError(f"{where}: block {block} of row {row} has a NaN or infinite "
+                              f"{'minimum' if which else 'scale'} ({bad.sum():,} such blocks)")
 
 
 def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple[dict, dict]:
