@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .adapters import adapter_views
 from .layers.block import BlockActivations, RowBatch
 
 
@@ -128,3 +129,29 @@ class GradBuffers(NamedTuple):
     named: dict
     layers: list
     adapters: list | None
+
+
+def grad_buffers(flat, layout, cfg, lora=None) -> GradBuffers:
+    """GradBuffers over ``flat``, a gradient buffer of ``layout``: the model's parameters', or with
+    LoRA (``lora``: its LoraSettings) the adapters' alone."""
+    named = named_views(flat, layout)
+    if lora is None:
+        return GradBuffers(flat, named, layer_views(named, flat, layout, cfg), None)
+    return GradBuffers(flat, named, [None] * cfg.n_layers, adapter_views(named, cfg.n_layers, lora))
+
+
+class PartGradients:
+    """Where each part of a training batch writes its gradients (engine/batch.py runs the parts):
+    part 0 into the model's own buffers (``own``), every other part into buffers of its own, of the
+    same layout, made on first use; the model adds them into its own after the parts ran."""
+
+    def __init__(self, own: GradBuffers, layout, cfg, lora=None):
+        self.own, self.layout, self.cfg, self.lora = own, layout, cfg, lora
+        self.others = {}
+
+    def __getitem__(self, part) -> GradBuffers:
+        if part == 0:
+            return self.own
+        if part not in self.others:
+            self.others[part] = grad_buffers(np.zeros_like(self.own.flat), self.layout, self.cfg, self.lora)
+        return self.others[part]

@@ -18,10 +18,11 @@ Numba kernels and split matmuls, and it is held equal to npllama/reference.py, t
 plain NumPy, to 1e-12 in float64.  Generation (npllama/generate/) runs the prompt through the same
 blocks (``last_hidden_state``) and each new token through the same kernels on one row.
 
-What is not here: the block (npllama/layers/block.py); how the flat buffers are sliced into views and
-the passes' workspaces (npllama/buffers.py); the checks of the inputs (npllama/inputs.py); what the
-LoRA adapters are and where they sit (npllama/adapters.py; the model keeps them in a second flat
-buffer that the same passes read); the checkpoint formats (npllama/formats/).
+What is not here: the block (npllama/layers/block.py); how the flat buffers are sliced into views,
+the passes' workspaces and the batch parts' gradient buffers (npllama/buffers.py); the checks of the
+inputs (npllama/inputs.py); what the LoRA adapters are and where they sit (npllama/adapters.py; the
+model keeps them in a second flat buffer that the same passes read); the checkpoint formats and
+quantizing (npllama/formats/).
 """
 from __future__ import annotations
 
@@ -29,20 +30,19 @@ import numpy as np
 
 from . import formats
 from .adapters import adapter_views, draw_lora_masks, init_adapters, layer_adapters, lora_layout, lora_settings
-from .buffers import GradBuffers, Workspaces, backward_ranges, layer_views, named_views, offsets
+from .buffers import PartGradients, Workspaces, backward_ranges, grad_buffers, layer_views, named_views, offsets
 from .config import LORA_TARGETS, LlamaConfig
 from .engine.batch import add_into, batch_parts, run_parts
 from .engine.matmul import matmuls, split_matmuls
 from .errors import ConfigError, InputError
-from .formats import hf, peft
-from .formats.gguf import FUSED
+from .formats import gguf, hf, peft
 from .generate import decoding
 from .inputs import check_dropout_masks, check_lora_masks, check_tokens, check_tokens_and_targets
 from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
-from .layers.quantized_linear import QuantizedMatrix, embedding_rows, is_quantized
+from .layers.quantized_linear import embedding_rows
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
 from .layers.rope import rope_frequencies
 
@@ -91,9 +91,10 @@ class Llama:
         self.flat_params = np.zeros(n, dtype=dtype)
         self.flat_grads = np.zeros(n, dtype=dtype)
         self.params = named_views(self.flat_params, self.layout)
-        self.grads = named_views(self.flat_grads, self.layout)
         self.layers = layer_views(self.params, self.flat_params, self.layout, cfg)
-        self._layer_grads = layer_views(self.grads, self.flat_grads, self.layout, cfg)
+        # the gradients' views, and where each part of a training batch writes its gradients
+        self._part_grads = PartGradients(grad_buffers(self.flat_grads, self.layout, cfg), self.layout, cfg)
+        self.grads = self._part_grads.own.named
         self.lora = None  # LoraSettings once add_lora froze the base
         self.lora_base = None  # the base model's path, for a model loaded from an adapter directory
         self.quantized = False  # True once some weights are QuantizedMatrix (from_pretrained(quantized=True))
@@ -102,7 +103,6 @@ class Llama:
         self.tokenizer = None  # set by training / from_pretrained when a tokenizer.json is present
         self.dropout_rng = np.random.default_rng(seed + 1)  # dropout's masks (training/checkpoints keep its state)
         self._workspaces = Workspaces(cfg, dtype, self.rope_freqs)   # the passes' buffers, by (B, T, mode, part)
-        self._part_grads = {}  # part -> GradBuffers of the batch parts after the first (engine/batch.py)
         self._grad_ranges = backward_ranges(self.layout, cfg)
         if init:
             self.init_weights(seed)
@@ -140,12 +140,11 @@ class Llama:
         self.lora_params = named_views(self.flat_lora, self.lora_layout)
         init_adapters(self.lora_params, self.lora.rank, seed)
         self.flat_grads = np.zeros_like(self.flat_lora)
-        self.grads = named_views(self.flat_grads, self.lora_layout)
-        self._layer_grads = [None] * self.config.n_layers
+        self._part_grads = PartGradients(grad_buffers(self.flat_grads, self.lora_layout, self.config, self.lora),
+                                         self.lora_layout, self.config, self.lora)
+        self.grads = self._part_grads.own.named
         # per layer {target: (A, B)}, as the passes (and a decoding step) take the adapters
         self.lora_layers = adapter_views(self.lora_params, self.config.n_layers, self.lora)
-        self._adapter_grads = adapter_views(self.grads, self.config.n_layers, self.lora)
-        self._part_grads = {}
         return self
 
     @property
@@ -299,24 +298,6 @@ class Llama:
         with LoRA the whole buffer once."""
         return [(0, self.flat_grads.size)] if self.lora is not None else self._grad_ranges
 
-    def _grad_buffers(self, part):
-        """The model's own gradient buffers for part 0; buffers of its own for each other part."""
-        if part == 0:
-            return GradBuffers(self.flat_grads, self.grads, self._layer_grads,
-                                self._adapter_grads if self.lora is not None else None)
-        g = self._part_grads.get(part)
-        if g is None:
-            flat = np.zeros_like(self.flat_grads)
-            if self.lora is None:
-                named = named_views(flat, self.layout)
-                g = GradBuffers(flat, named, layer_views(named, flat, self.layout, self.config), None)
-            else:
-                named = named_views(flat, self.lora_layout)
-                g = GradBuffers(flat, named, [None] * self.config.n_layers,
-                                adapter_views(named, self.config.n_layers, self.lora))
-            self._part_grads[part] = g
-        return g
-
     def _draw_masks(self, N, base=True, lora=True):
         """The dropout masks of a training step over N rows, drawn from the model's generator (None
         where there is no dropout): per layer the attention's and the feed-forward's (``base``),
@@ -347,10 +328,10 @@ class Llama:
                 tokens[lo:hi], targets[lo:hi], self._workspaces.get(hi - lo, T, True, k),
                 None if dropout_masks is None else [(a[rows], f[rows]) for a, f in dropout_masks],
                 None if lora_masks is None else {name: m[rows] for name, m in lora_masks.items()},
-                dloss * count_targets(targets[lo:hi]) / total, None, self._grad_buffers(k))
+                dloss * count_targets(targets[lo:hi]) / total, None, self._part_grads[k])
         run_parts(run_part, parts, compiled=all((hi - lo, T, True, k) in self._workspaces
                                                 for k, (lo, hi) in enumerate(parts)))
-        add_into(self.flat_grads, [self._grad_buffers(k).flat for k in range(1, len(parts))])
+        add_into(self.flat_grads, [self._part_grads[k].flat for k in range(1, len(parts))])
         if on_grads_ready is not None:
             for lo, hi in self._finished_ranges():
                 on_grads_ready(lo, hi)
@@ -368,7 +349,7 @@ class Llama:
         cfg = self.config
         B, T = tokens.shape
         frozen = self.lora is not None
-        g = self._grad_buffers(0) if g is None else g
+        g = self._part_grads.own if g is None else g
         ranges = iter(self._finished_ranges())
 
         def done():   # the next range of flat_grads is final
@@ -452,30 +433,11 @@ class Llama:
         return self
 
     def quantize(self, qtype: str = "Q8_0"):
-        """Quantize every matrix by the gguf package's quantizer (rows of whole 32-weight blocks), in
-        place: what from_pretrained(quantized=True) gives for a file stored so."""
+        """Quantize every matrix in place by the gguf package's quantizer (formats.gguf.quantize_weights):
+        what from_pretrained(quantized=True) gives for a file stored so."""
         if self.quantized or self.lora is not None:
             raise ConfigError("quantize() needs a float model without LoRA adapters")
-        matrices, fused = {}, {}
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            for role, parts in FUSED.items():
-                whole = fused.setdefault(i, {})[role] = QuantizedMatrix.from_float(layer[role], qtype)
-                start = 0
-                for part in parts:
-                    rows = self.params[p + part + ".weight"].shape[0]
-                    matrices[p + part + ".weight"] = whole.rows(start, start + rows)
-                    start += rows
-            for part in ("self_attn.o_proj", "mlp.down_proj"):
-                matrices[p + part + ".weight"] = QuantizedMatrix.from_float(self.params[p + part + ".weight"], qtype)
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):
-            if name in self.params:
-                matrices[name] = QuantizedMatrix.from_float(self.params[name], qtype)
-        return self.use_quantized(matrices, fused)
-
-    def quantized_bytes(self) -> int:
-        """Bytes of the weights kept quantized."""
-        return sum(w.nbytes for w in self.params.values() if is_quantized(w))
+        return self.use_quantized(*gguf.quantize_weights(self.params, self.layers, qtype))
 
     def save_pretrained(self, path):
         """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""

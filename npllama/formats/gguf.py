@@ -395,3 +395,26 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
     for name in sorted(keep - set(matrices)):
         read([name])
     return matrices, fused
+
+
+def quantize_weights(params: dict[str, np.ndarray], layers: list[dict], qtype: str) -> tuple[dict, dict]:
+    """What ``load_quantized`` reads from a file stored as ``qtype``, made from a model's float
+    weights (``params`` by Hugging Face name, ``layers`` the engine's fused views, buffers.layer_views)
+    by the gguf package's quantizer: every matrix in rows of whole 32-weight blocks."""
+    from ..layers.quantized_linear import QuantizedMatrix   # (as in quantized_names)
+    matrices, fused = {}, {}
+    for i, layer in enumerate(layers):
+        p = f"model.layers.{i}."
+        for role, parts in FUSED.items():
+            whole = fused.setdefault(i, {})[role] = QuantizedMatrix.from_float(layer[role], qtype)
+            start = 0
+            for part in parts:
+                rows = params[p + part + ".weight"].shape[0]
+                matrices[p + part + ".weight"] = whole.rows(start, start + rows)
+                start += rows
+        for part in ("self_attn.o_proj", "mlp.down_proj"):
+            matrices[p + part + ".weight"] = QuantizedMatrix.from_float(params[p + part + ".weight"], qtype)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in params:
+            matrices[name] = QuantizedMatrix.from_float(params[name], qtype)
+    return matrices, fused
