@@ -32,12 +32,12 @@ from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_ker
 from .layers.dropout import dropout_backward, dropout_forward
 from .layers.embedding import embedding_backward
 from .layers.linear import linear_backward, linear_forward
-from .layers.lora import lora_adapter_backward, lora_adapter_forward
+from .layers.lora import lora_adapter_backward, lora_adapter_forward, lora_backward_reference, lora_forward_reference
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
 from .layers.rope import rope_cos_sin, rope_frequencies, rope_kernel
 from .layers.swiglu import swiglu_backward_kernel, swiglu_forward_kernel
 from .model import Llama, parameter_layout
-from .reference import block_backward, block_forward, layer_weights, loss_and_grad
+from .reference import block_backward, block_forward, layer_weights, loss_and_grad, with_options
 
 
 # ---- the layers' in-place kernels wrapped to allocate their outputs ------------------------------
@@ -482,11 +482,12 @@ def _lora_inputs(r, N, D, F, rank):
 
 def check_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
     """A frozen (F, D) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input:
-    the reference (lora_forward_reference / lora_backward_reference)."""
+    the reference (lora_forward_reference / lora_backward_reference: the base product beside the
+    adapter's own functions, which npllama/reference.py's LoRA adds at the projections)."""
     x, w, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
-    _, cache = reference.lora_forward_reference(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
-    dx, da, db = reference.lora_backward_reference(*_in(dtype, dy), cache)
-    return _fd(lambda: reference.lora_forward_reference(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
+    _, cache = lora_forward_reference(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
+    dx, da, db = lora_backward_reference(*_in(dtype, dy), cache)
+    return _fd(lambda: lora_forward_reference(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
                {"x": dx, "lora_A": da, "lora_B": db}, dy)
 
 
@@ -494,8 +495,8 @@ def fast_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
     x, w, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
     y, cache = lora_forward(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
     dx, da, db = lora_backward(*_in(dtype, dy), cache)
-    y_ref, cache_ref = reference.lora_forward_reference(x, w, a, b, 4.0, mask)
-    dx_ref, da_ref, db_ref = reference.lora_backward_reference(dy, cache_ref)
+    y_ref, cache_ref = lora_forward_reference(x, w, a, b, 4.0, mask)
+    dx_ref, da_ref, db_ref = lora_backward_reference(dy, cache_ref)
     return {"y": (y, y_ref), "dx": (dx, dx_ref), "dlora_A": (da, da_ref), "dlora_B": (db, db_ref)}
 
 
@@ -511,10 +512,10 @@ def check_decoder_block(r):
     w = layer_weights(random_params(cfg, r), 0)
     cos, sin = rope_cos_sin(np.arange(5), rope_frequencies(cfg.head_dim, cfg.rope_theta), np.float64)
     x, dout = r.normal(size=(2, 5, 8)), r.normal(size=(2, 5, 8))
-    masks = random_dropout_masks(cfg, 2, 5, r)[0]
-    _, cache = block_forward(x, w, cos, sin, cfg, masks)
+    hooks = with_options(None, {}, random_dropout_masks(cfg, 2, 5, r)).layer(0)   # block 0's dropout masks
+    _, cache = block_forward(x, w, cos, sin, cfg, hooks=hooks)
     dx, dw = block_backward(dout, cache, cfg)
-    return _fd(lambda: block_forward(x, w, cos, sin, cfg, masks)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
+    return _fd(lambda: block_forward(x, w, cos, sin, cfg, hooks=hooks)[0], {"x": x, **w}, {"x": dx, **dw}, dout)
 
 
 def check_model(r, tie_embeddings=False):

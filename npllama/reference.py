@@ -1,8 +1,8 @@
 """The whole Llama, forward and backward, in plain NumPy: the model to read first.
 
     x_0    = Embed(tokens)                                             (B, T, D)
-    h_l    = x_l + Dropout(W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n)),   n = RMSNorm(x_l)
-    x_l+1  = h_l + Dropout(W_down SwiGLU(W_gate m, W_up m)),                  m = RMSNorm(h_l)
+    h_l    = x_l + W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x_l)
+    x_l+1  = h_l + W_down SwiGLU(W_gate m, W_up m),                  m = RMSNorm(h_l)
     logits = RMSNorm(x_L) W_out^T                                      (B, T, V)
     loss   = mean over targets != -100 of CrossEntropy(logits, targets)
 
@@ -11,6 +11,7 @@ Read it top to bottom, in this order:
   2. ``model_forward`` / ``forward``: embedding -> n_layers blocks -> final RMSNorm -> logits;
   3. ``loss_and_grad``: the loss, then ``model_backward``: the forward's steps in reverse;
   4. ``block_backward``: ``block_forward`` read from the bottom up.
+Training's two optional pieces, residual dropout and LoRA, come after the model, apart from it.
 The layers' own derivations are in the docstrings of npllama/layers/<layer>.py (and at length in
 docs/); each ``*_reference`` function used here sits next to the Numba kernel that computes the
 same thing fast.  Attention is written out here step by step (scores, mask, softmax, probs @ v),
@@ -45,11 +46,14 @@ Shapes: B batch, T positions, D model width, H query heads, K key/value heads (H
 ``params`` and the returned ``grads`` are dicts keyed by the Hugging Face names
 (``npllama.model.parameter_layout``); ``cfg`` is a ``LlamaConfig``.
 
-LoRA (npllama/layers/lora.py, docs/12-lora.md): ``lora`` maps a projection's module name
-("model.layers.0.self_attn.q_proj", ...) to its adapter (A, B, scale); that projection then computes
-x W^T + scale dropout(x) A^T B^T, and ``loss_and_grad`` returns the adapters' gradients only, keyed
-as PEFT names them without its "base_model.model." prefix ("model.layers.0.self_attn.q_proj.lora_A.weight",
-"...lora_B.weight"): every other weight is frozen.
+Two optional pieces, for training, sit apart at the end of the file and act at the named points
+(the hooks), so the model above carries neither: residual dropout (``ResidualDropout``: each
+branch's output times a given mask before its residual add) and LoRA (``LoRA``, npllama/layers/lora.py,
+docs/12-lora.md): ``lora`` maps a projection's module name ("model.layers.0.self_attn.q_proj", ...)
+to its adapter (A, B, scale); that projection then computes x W^T + scale dropout(x) A^T B^T, and
+``loss_and_grad`` returns the adapters' gradients only, keyed as PEFT names them without its
+"base_model.model." prefix ("model.layers.0.self_attn.q_proj.lora_A.weight", "...lora_B.weight"):
+every other weight is frozen.
 
 QLoRA (npllama/layers/quantized_linear.py, docs/14-quantized.md): a weight in ``params`` may be a
 QuantizedMatrix, GGUF's blocks of integer codes and float16 scales.  Its value is the matrix of
@@ -67,7 +71,7 @@ from .errors import InputError
 from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward_reference, cross_entropy_forward_reference
 from .layers.dropout import dropout_backward
 from .layers.embedding import embedding_forward, scatter_add_rows_reference
-from .layers.lora import lora_backward_reference, lora_forward_reference
+from .layers.lora import lora_adapter_backward_reference, lora_adapter_forward_reference
 from .layers.quantized_linear import dense
 from .layers.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
 from .layers.rope import rope_backward_reference, rope_forward_reference, rope_frequencies
@@ -112,26 +116,16 @@ def linear_backward(dy, cache, hooks):
     return dx, dw
 
 
-def projection_forward(x, w, name, adapters, hooks):
-    """x W^T for the layer's projection ``name`` ("self_attn.q_proj", ...), plus its LoRA term
-    scale dropout(x) A^T B^T when ``adapters`` has (A, B, scale, mask) for it: (y, cache).
-    Its output is named after it, as the output of Hugging Face's module of that name."""
-    weight = w[name + ".weight"]
-    if name not in adapters:
-        y, cache = linear_forward(x, weight, hooks)
-    else:
-        a, b, scale, mask = adapters[name]
-        y, cache = lora_forward_reference(x, weight, a, b, scale, mask)
+def projection_forward(x, w, name, hooks):
+    """y = x W^T for the layer's projection ``name`` ("self_attn.q_proj", ...): (y, cache).  Its
+    output is named after it, as the output of Hugging Face's module of that name."""
+    y, cache = linear_forward(x, w[name + ".weight"], hooks)
     return hooks(name, y), cache
 
 
 def projection_backward(dy, cache, name, grads, hooks):
-    """dx; into ``grads`` the weight's gradient, or for a LoRA projection (W frozen) dA and dB."""
-    dy = hooks.grad(name, dy)
-    if len(cache) == 2:                                                # linear_forward's (x, weight)
-        dx, grads[name + ".weight"] = linear_backward(dy, cache, hooks)
-        return dx
-    dx, grads[name + ".lora_A.weight"], grads[name + ".lora_B.weight"] = lora_backward_reference(dy, cache)
+    """dx; the weight's gradient into ``grads[name + ".weight"]``."""
+    dx, grads[name + ".weight"] = linear_backward(hooks.grad(name, dy), cache, hooks)
     return dx
 
 
@@ -190,59 +184,48 @@ def attention_backward(do, cache, hooks):
 
 
 # ---- one decoder block ---------------------------------------------------------------------------
-def block_forward(x, w, cos, sin, cfg, masks=None, adapters=None, visible=None, hooks=None):
+def block_forward(x, w, cos, sin, cfg, visible=None, hooks=None):
     """x: (B, T, D) -> out: (B, T, D), cache.  w: one layer's weights (``layer_weights``);
-    cos, sin: (T, hd/2) or (B, 1, T, hd/2); masks: None (no dropout) or (attn_mask, ffn_mask), each
-    (B, T, D); adapters: LoRA adapters by projection ("self_attn.q_proj": (A, B, scale, mask or None));
-    visible: ``causal_visibility``'s mask (default: causal); hooks: the layer's (``Hooks.layer``)."""
+    cos, sin: (T, hd/2) or (B, 1, T, hd/2); visible: ``causal_visibility``'s mask (default: causal);
+    hooks: the layer's (``Hooks.layer``)."""
     H, K = cfg.n_heads, cfg.n_kv_heads
-    adapters = adapters or {}
     hooks = hooks or NO_HOOKS
     visible = causal_visibility(x.shape[1]) if visible is None else visible
-    mask_attn, mask_ffn = (None, None) if masks is None else masks
     x = hooks("resid_pre", x)                                                  # (B, T, D)
-    # attention branch:  h = x + Dropout(W_o Attention(RoPE(q), RoPE(k), v))
+    # attention branch:  h = x + W_o Attention(RoPE(q), RoPE(k), v)
     n1, c_norm1 = rmsnorm_forward_reference(x, w["input_layernorm.weight"], cfg.norm_eps)
     n1 = hooks("input_layernorm", n1)                                          # (B, T, D)
-    q, c_q = projection_forward(n1, w, "self_attn.q_proj", adapters, hooks)   # (B, T, H*hd)
-    k, c_k = projection_forward(n1, w, "self_attn.k_proj", adapters, hooks)   # (B, T, K*hd)
-    v, c_v = projection_forward(n1, w, "self_attn.v_proj", adapters, hooks)   # (B, T, K*hd)
+    q, c_q = projection_forward(n1, w, "self_attn.q_proj", hooks)              # (B, T, H*hd)
+    k, c_k = projection_forward(n1, w, "self_attn.k_proj", hooks)              # (B, T, K*hd)
+    v, c_v = projection_forward(n1, w, "self_attn.v_proj", hooks)              # (B, T, K*hd)
     q_rot, c_rope = rope_forward_reference(split_heads(q, H), cos, sin)
     q_rot = hooks("self_attn.q_rope", q_rot)                                   # (B, H, T, hd)
     k_rot, _ = rope_forward_reference(split_heads(k, K), cos, sin)
     k_rot = hooks("self_attn.k_rope", k_rot)                                   # (B, K, T, hd)
     o, c_attn = attention_forward(q_rot, k_rot, split_heads(v, K), visible, hooks)   # (B, H, T, hd)
     context = hooks("self_attn.context", merge_heads(o))                       # (B, T, H*hd)
-    a, c_o = projection_forward(context, w, "self_attn.o_proj", adapters, hooks)   # (B, T, D)
-    if mask_attn is not None:
-        a = a * mask_attn             # dropout with a given mask: 0 or 1/(1-p) per entry
-    h = hooks("resid_mid", x + a)                                              # (B, T, D)
-    # feed-forward branch:  out = h + Dropout(W_down SwiGLU(W_gate n2, W_up n2))
+    attn_out, c_o = projection_forward(context, w, "self_attn.o_proj", hooks)  # (B, T, D)
+    h = hooks("resid_mid", x + attn_out)                                       # (B, T, D)
+    # feed-forward branch:  out = h + W_down SwiGLU(W_gate n2, W_up n2)
     n2, c_norm2 = rmsnorm_forward_reference(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
     n2 = hooks("post_attention_layernorm", n2)                                 # (B, T, D)
-    g, c_gate = projection_forward(n2, w, "mlp.gate_proj", adapters, hooks)    # (B, T, F)
-    u, c_up = projection_forward(n2, w, "mlp.up_proj", adapters, hooks)        # (B, T, F)
+    g, c_gate = projection_forward(n2, w, "mlp.gate_proj", hooks)              # (B, T, F)
+    u, c_up = projection_forward(n2, w, "mlp.up_proj", hooks)                  # (B, T, F)
     s, c_swiglu = swiglu_forward_reference(g, u)
     s = hooks("mlp.swiglu", s)                                                 # (B, T, F)
-    f, c_down = projection_forward(s, w, "mlp.down_proj", adapters, hooks)     # (B, T, D)
-    if mask_ffn is not None:
-        f = f * mask_ffn
-    out = hooks("resid_post", h + f)                                           # (B, T, D)
-    cache = (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
-             c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn, hooks)
+    ffn_out, c_down = projection_forward(s, w, "mlp.down_proj", hooks)         # (B, T, D)
+    out = hooks("resid_post", h + ffn_out)                                     # (B, T, D)
+    cache = (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, c_norm2, c_gate, c_up, c_swiglu, c_down, hooks)
     return out, cache
 
 
 def block_backward(dout, cache, cfg):
-    """dout: (B, T, D) -> dx: (B, T, D), grads: the layer's weight gradients, keyed like ``w``
-    (for a LoRA projection its adapter's, "self_attn.q_proj.lora_A.weight", ..., instead)."""
-    (c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, mask_attn,
-     c_norm2, c_gate, c_up, c_swiglu, c_down, mask_ffn, hooks) = cache
+    """dout: (B, T, D) -> dx: (B, T, D), grads: the layer's weight gradients, keyed like ``w``."""
+    c_norm1, c_q, c_k, c_v, c_rope, c_attn, c_o, c_norm2, c_gate, c_up, c_swiglu, c_down, hooks = cache
     grads = {}
     dout = hooks.grad("resid_post", dout)                                      # (B, T, D)
-    # feed-forward branch.  out = h + f: dout reaches h directly and through f.
-    df = dropout_backward(dout, mask_ffn)                                      # (B, T, D)
-    ds = projection_backward(df, c_down, "mlp.down_proj", grads, hooks)        # (B, T, F)
+    # feed-forward branch.  out = h + ffn_out: dout reaches h directly and through ffn_out.
+    ds = projection_backward(dout, c_down, "mlp.down_proj", grads, hooks)      # (B, T, F)
     ds = hooks.grad("mlp.swiglu", ds)
     dg, du = swiglu_backward_reference(ds, c_swiglu)                           # (B, T, F) each
     dn2_up = projection_backward(du, c_up, "mlp.up_proj", grads, hooks)        # (B, T, D)
@@ -251,9 +234,8 @@ def block_backward(dout, cache, cfg):
     dn2 = hooks.grad("post_attention_layernorm", dn2_gate + dn2_up)
     dh_ffn, grads["post_attention_layernorm.weight"] = rmsnorm_backward_reference(dn2, c_norm2)
     dh = hooks.grad("resid_mid", dout + dh_ffn)                                # (B, T, D)
-    # attention branch.  h = x + a: dh reaches x directly and through a.
-    da = dropout_backward(dh, mask_attn)                                       # (B, T, D)
-    dcontext = projection_backward(da, c_o, "self_attn.o_proj", grads, hooks)  # (B, T, H*hd)
+    # attention branch.  h = x + attn_out: dh reaches x directly and through attn_out.
+    dcontext = projection_backward(dh, c_o, "self_attn.o_proj", grads, hooks)  # (B, T, H*hd)
     dcontext = hooks.grad("self_attn.context", dcontext)
     # dk, dv: (B, K, T, hd), each kv head's gradient summed over the query heads that share it
     dq_rot, dk_rot, dv = attention_backward(split_heads(dcontext, cfg.n_heads), c_attn, hooks)
@@ -277,13 +259,6 @@ def dense_params(params):
     return {name: dense(p, dtype) for name, p in params.items()}
 
 
-def layer_adapters(lora, lora_masks, i):
-    """Layer i's LoRA adapters keyed by projection: {"self_attn.q_proj": (A, B, scale, mask or None)}."""
-    prefix = f"model.layers.{i}."
-    return {name[len(prefix):]: (a, b, scale, lora_masks.get(name))
-            for name, (a, b, scale) in lora.items() if name.startswith(prefix)}
-
-
 def rope_tables(position_ids, cfg, dtype):
     """position_ids: int (T,) or (B, T) -> cos, sin: (T, hd/2) or (B, 1, T, hd/2) (heads broadcast),
     the angles position * f_i computed in float64, then cast to ``dtype``."""
@@ -293,15 +268,13 @@ def rope_tables(position_ids, cfg, dtype):
     return (cos, sin) if angles.ndim == 2 else (cos[:, None], sin[:, None])
 
 
-def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks=None, *, inputs_embeds=None,
-                  position_ids=None, segment_ids=None, attention_mask=None, hooks=None):
+def model_forward(params, cfg, tokens, *, inputs_embeds=None, position_ids=None, segment_ids=None,
+                  attention_mask=None, hooks=None):
     """tokens: int (B, T) (or None, given ``inputs_embeds`` (B, T, D)) -> logits: (B, T, V), cache
     for ``model_backward``."""
     hooks = hooks or NO_HOOKS
-    lora, lora_masks = lora or {}, lora_masks or {}
     params = dense_params(params)
-    tokens, B, T = check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask,
-                                lora)
+    tokens, B, T = check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask)
     embed = params["model.embed_tokens.weight"]                                # (V, D)
     if inputs_embeds is None:
         x, _ = embedding_forward(tokens, embed)
@@ -313,9 +286,7 @@ def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks
     visible = causal_visibility(T, segment_ids, attention_mask)                # (T, T) or (B, 1, T, T)
     block_caches = []
     for i in range(cfg.n_layers):
-        masks = None if dropout_masks is None else dropout_masks[i]
-        x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, masks,
-                                 layer_adapters(lora, lora_masks, i), visible, hooks.layer(i))
+        x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, visible, hooks.layer(i))
         block_caches.append(cache)
     xn, c_norm = rmsnorm_forward_reference(x, params["model.norm.weight"], cfg.norm_eps)
     xn = hooks("model.norm", xn)                                               # (B, T, D)
@@ -324,9 +295,8 @@ def model_forward(params, cfg, tokens, dropout_masks=None, lora=None, lora_masks
     return logits, (tokens, block_caches, c_norm, c_head, hooks)
 
 
-def model_backward(dlogits, cache, params, cfg, lora=None):
-    """dlogits: (B, T, V), the loss's gradient with respect to the logits -> grads keyed like
-    ``params`` (LoRA: the adapters' only)."""
+def model_backward(dlogits, cache, params, cfg):
+    """dlogits: (B, T, V), the loss's gradient with respect to the logits -> grads keyed like ``params``."""
     tokens, block_caches, c_norm, c_head, hooks = cache
     params = dense_params(params)
     grads = {}
@@ -350,15 +320,13 @@ def model_backward(dlogits, cache, params, cfg, lora=None):
     else:
         grads["lm_head.weight"] = d_out_weight
     grads["model.embed_tokens.weight"] = d_embed
-    if lora:         # the base is frozen (its gradients above are a reference's convenience, unused)
-        return {f"{name}.lora_{m}.weight": grads[f"{name}.lora_{m}.weight"] for name in lora for m in "AB"}
     return {name: grads[name] for name in params}
 
 
 def forward(params, cfg, tokens, lora=None, **inputs):
     """tokens: int (B, T) -> logits: (B, T, V), without dropout (on the adapters' inputs neither).
     ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask (see the module's docstring)."""
-    logits, _ = model_forward(params, cfg, tokens, lora=lora, **inputs)
+    logits, _ = model_forward(params, cfg, tokens, hooks=with_options(None, params, lora=lora), **inputs)
     return logits
 
 
@@ -375,8 +343,10 @@ def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None, lora=None, l
     dropout_masks: None for no dropout, else one (attn_mask, ffn_mask) pair per layer, each
     (B, T, D) with entries 0 or 1/(1-p) (as ``npllama.layers.dropout.dropout_forward`` draws them),
     multiplied into the attention output projection and the feed-forward output before their
-    residual adds.  ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask."""
-    logits, cache = model_forward(params, cfg, tokens, dropout_masks, lora, lora_masks, hooks=hooks, **inputs)
+    residual adds.  Both act through the hooks (``with_options``, at the end of the file).
+    ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask."""
+    hooks = with_options(hooks, params, dropout_masks, lora, lora_masks)
+    logits, cache = model_forward(params, cfg, tokens, hooks=hooks, **inputs)
     B, T, V = logits.shape
     targets = check_targets(targets, B, T, V)
     loss, c_loss = cross_entropy_forward_reference(logits.reshape(B * T, V), targets.reshape(B * T))
@@ -384,8 +354,8 @@ def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None, lora=None, l
     dloss = 1.0 if reduction == "mean" else float(count)  # a sum is count times the mean
     # backward: the forward's steps in reverse, each layer's backward fed its output's gradient
     dlogits = cross_entropy_backward_reference(dloss, c_loss).reshape(B, T, V)
-    grads = model_backward(dlogits, cache, params, cfg, lora)
-    return loss * dloss, grads
+    grads = model_backward(dlogits, cache, params, cfg)
+    return loss * dloss, (hooks.lora.gradients() if lora else grads)     # LoRA: only the adapters train
 
 
 # ==== the machinery: names, recording, patching, bfloat16, input checks ===========================
@@ -423,11 +393,13 @@ class Hooks:
     """What a run does at each named point: ``hooks(name, x)`` in the forward, ``hooks.grad(name, dx)``
     in the backward.  ``record``: keep every activation (``activations``) and gradient (``grads``,
     "grad.<name>"); ``patches``: {name: delta} added to those activations (the rest of the forward
-    sees x + delta); ``bfloat16``: round the inputs of every product to bfloat16 (float32 sums).
+    sees x + delta); ``bfloat16``: round the inputs of every product to bfloat16 (float32 sums);
+    ``dropout``, ``lora``: the optional pieces below (``ResidualDropout``, ``LoRA``), None when off.
     ``layer(i)`` gives block i's hooks, whose names are relative to "model.layers.{i}."."""
 
-    def __init__(self, record=False, patches=None, bfloat16=False):
+    def __init__(self, record=False, patches=None, bfloat16=False, dropout=None, lora=None):
         self.record, self.patches, self.bfloat16 = record, dict(patches or {}), bfloat16
+        self.dropout, self.lora = dropout, lora
         self.activations, self.grads, self.prefix = {}, {}, ""
 
     def layer(self, i):
@@ -439,13 +411,22 @@ class Hooks:
         name = self.prefix + name
         if name in self.patches:
             x = x + self.patches[name]
+        if self.lora:
+            x = self.lora.forward(name, x)         # a LoRA projection's output gains its adapter's term
         if self.record:
             self.activations[name] = x
+        if self.dropout:
+            x = self.dropout.forward(name, x)      # recorded as the module's output, dropped for the rest
         return x
 
     def grad(self, name, dx):
+        name = self.prefix + name
+        if self.dropout:
+            dx = self.dropout.backward(name, dx)
+        if self.lora:
+            dx = self.lora.backward(name, dx)
         if self.record:
-            self.grads["grad." + self.prefix + name] = dx
+            self.grads["grad." + name] = dx
         return dx
 
     def matmul(self, a, b):
@@ -511,18 +492,107 @@ def run_with_cache(params, cfg, tokens=None, targets=None, *, dtype=None, reduct
         loss, grads = loss_and_grad(params, cfg, tokens, targets, dropout_masks, lora, lora_masks,
                                     reduction=reduction, hooks=hooks, **inputs)
     else:
-        logits, cache = model_forward(params, cfg, tokens, dropout_masks, lora, lora_masks, hooks=hooks, **inputs)
+        hooks = with_options(hooks, params, dropout_masks, lora, lora_masks)
+        logits, cache = model_forward(params, cfg, tokens, hooks=hooks, **inputs)
         grads = {}
         if dlogits is not None:
             dlogits = np.asarray(dlogits)
             if dlogits.shape != logits.shape or dlogits.dtype.kind != "f":
                 raise InputError(f"dlogits must be a float array of the logits' shape {logits.shape}, got "
                                  f"{dlogits.dtype} {dlogits.shape}")
-            grads = model_backward(dlogits.astype(logits.dtype, copy=False), cache, params, cfg, lora)
+            grads = model_backward(dlogits.astype(logits.dtype, copy=False), cache, params, cfg)
+            grads = hooks.lora.gradients() if lora else grads
     logits = hooks.activations["lm_head"]
     # activations in forward order; their gradients in backward order (as recorded), then the parameters'
     grads = {**hooks.grads, **{"grad." + name: g for name, g in grads.items()}}
     return Run(logits, loss, hooks.activations, grads)
+
+
+# ==== optional pieces for training: residual dropout and LoRA, at the named points ================
+# Neither appears in the model above: each acts where the forward names an activation
+# (``hooks(name, x)``) and where the backward names its gradient (``hooks.grad(name, dx)``).
+def with_options(hooks, params, dropout_masks=None, lora=None, lora_masks=None):
+    """``hooks`` (None: a new Hooks) with residual dropout and LoRA adapters switched on when given
+    (the same stores, so what it records is recorded in ``hooks``)."""
+    hooks = hooks or Hooks()
+    if dropout_masks is None and not lora:
+        return hooks
+    hooks = copy.copy(hooks)
+    hooks.dropout = None if dropout_masks is None else ResidualDropout(dropout_masks)
+    hooks.lora = LoRA(lora, lora_masks, params) if lora else None
+    return hooks
+
+
+class ResidualDropout:
+    """Dropout on each branch's output before its residual add, with masks given (drawn by
+    ``npllama.layers.dropout.dropout_forward``): block i's attention output ("self_attn.o_proj")
+    times masks[i][0], its feed-forward output ("mlp.down_proj") times masks[i][1], each (B, T, D)
+    of entries 0 or 1/(1-p).  The backward multiplies those outputs' gradients by the same masks."""
+
+    def __init__(self, masks):
+        self.masks = {f"model.layers.{i}.{point}": mask for i, pair in enumerate(masks)
+                      for point, mask in zip(("self_attn.o_proj", "mlp.down_proj"), pair)}
+
+    def forward(self, name, x):
+        mask = self.masks.get(name)
+        return x if mask is None else x * mask
+
+    def backward(self, name, dx):
+        return dropout_backward(dx, self.masks.get(name))
+
+
+PROJECTION_INPUTS = {   # each projection's input: the activation named just before it
+    "self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+    "self_attn.v_proj": "input_layernorm", "self_attn.o_proj": "self_attn.context",
+    "mlp.gate_proj": "post_attention_layernorm", "mlp.up_proj": "post_attention_layernorm",
+    "mlp.down_proj": "mlp.swiglu"}
+
+
+class LoRA:
+    """LoRA adapters (npllama/layers/lora.py, docs/12-lora.md): ``lora`` maps a projection's module
+    name ("model.layers.0.self_attn.q_proj") to (A, B, scale); ``masks`` maps some of those names to
+    a dropout mask on the adapter's input (B, T, in).  The adapted projection computes
+    y = x W^T + scale dropout(x) A^T B^T, its base W frozen:
+
+    forward:  x passes by first, under its own name (PROJECTION_INPUTS), and is kept; at the
+              projection's output the adapter's term is added;
+    backward: at the output, from dy, the adapter's dA and dB and its share of dx, which joins x's
+              gradient when the backward reaches x's name (after every projection that reads x)."""
+
+    def __init__(self, lora, masks, params):
+        self.adapters, self.masks = dict(lora), dict(masks or {})
+        self.input_of = {}                                  # projection -> the name of its input
+        for name in self.adapters:
+            layer, _, projection = name.removeprefix("model.layers.").partition(".")
+            if not (name.startswith("model.layers.") and projection in PROJECTION_INPUTS and name + ".weight" in params):
+                raise ValueError(f"LoRA adapter {name!r} names no projection of the model")
+            self.input_of[name] = f"model.layers.{layer}.{PROJECTION_INPUTS[projection]}"
+        self.inputs, self.caches, self.input_grads, self.grads = {}, {}, {}, {}
+
+    def forward(self, name, x):
+        for projection, input_name in self.input_of.items():
+            if input_name == name:
+                self.inputs[projection] = x
+        if name not in self.adapters:
+            return x
+        a, b, scale = self.adapters[name]
+        term, self.caches[name] = lora_adapter_forward_reference(self.inputs.pop(name), a, b, scale,
+                                                                 self.masks.get(name))
+        return x + term
+
+    def backward(self, name, dx):
+        if name in self.adapters:                       # dx: the gradient of the projection's output
+            dx_input, dA, dB = lora_adapter_backward_reference(dx, self.caches.pop(name))
+            self.grads[name + ".lora_A.weight"], self.grads[name + ".lora_B.weight"] = dA, dB
+            input_name = self.input_of[name]
+            self.input_grads[input_name] = self.input_grads.get(input_name, 0) + dx_input
+        if name in self.input_grads:                    # dx: an input's gradient, the base's part
+            dx = dx + self.input_grads.pop(name)
+        return dx
+
+    def gradients(self):
+        """The adapters' gradients, "<module>.lora_A.weight" and "<module>.lora_B.weight" for each."""
+        return {f"{name}.lora_{m}.weight": self.grads[f"{name}.lora_{m}.weight"] for name in self.adapters for m in "AB"}
 
 
 # ---- input checks: one clear error each --------------------------------------------------------------
@@ -533,7 +603,7 @@ def _integer_array(value, what):
     return a
 
 
-def check_params(params, cfg, lora=None):
+def check_params(params, cfg):
     """Every parameter of ``cfg`` present with its shape, nothing else, one float dtype."""
     if not isinstance(params, dict):
         raise InputError(f"params must be a dict of arrays keyed by Hugging Face names, got {type(params).__name__}")
@@ -557,14 +627,11 @@ def check_params(params, cfg, lora=None):
         dtypes.add(p.dtype)
     if len(dtypes) > 1:
         raise InputError(f"parameters must share one dtype, got {', '.join(sorted(map(str, dtypes)))}")
-    for name in lora or {}:
-        if not (name.startswith("model.layers.") and name + ".weight" in params):
-            raise ValueError(f"LoRA adapter {name!r} names no projection of the model")
 
 
-def check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask, lora):
+def check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask):
     """The checked tokens (or None) and B, T; an InputError naming the first problem."""
-    check_params(params, cfg, lora)
+    check_params(params, cfg)
     if (tokens is None) == (inputs_embeds is None):
         raise InputError("give tokens or inputs_embeds, exactly one of them")
     if tokens is not None:

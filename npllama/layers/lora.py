@@ -61,24 +61,36 @@ def merge_lora(w, a, b, scale):
     return w + scale * (b @ a)
 
 
-def lora_forward_reference(x, w, a, b, scale, mask=None):
-    """x: (..., in) -> y: (..., out).  mask: None (no dropout) or x's shape, entries 0 or 1/(1-p)."""
+def lora_adapter_forward_reference(x, a, b, scale, mask=None):
+    """The adapter's term alone: x: (..., in) -> s dropout(x) A^T B^T: (..., out), cache.
+    mask: None (no dropout) or x's shape, entries 0 or 1/(1-p)."""
     xd = x if mask is None else x * mask              # dropout(x)             (..., in)
     z = xd @ a.T                                      # (..., r)
-    y = x @ w.T + scale * (z @ b.T)                   # (..., out)
-    return y, (x, w, a, b, scale, mask, xd, z)
+    return scale * (z @ b.T), (a, b, scale, mask, xd, z)
+
+
+def lora_adapter_backward_reference(dy, cache):
+    """-> (dx, dA, dB), dx the adapter's share of x's gradient (the base's dy W is added beside it)."""
+    a, b, scale, mask, xd, z = cache
+    r = a.shape[0]
+    dz = scale * (dy @ b)                             # (..., r)
+    db = scale * (dy.reshape(-1, b.shape[0]).T @ z.reshape(-1, r))    # (out, r)
+    da = dz.reshape(-1, r).T @ xd.reshape(-1, a.shape[1])             # (r, in)
+    dxd = dz @ a                                      # (..., in)
+    return (dxd if mask is None else dxd * mask), da, db
+
+
+def lora_forward_reference(x, w, a, b, scale, mask=None):
+    """x: (..., in) -> y = x W^T + s dropout(x) A^T B^T: (..., out).  mask: as the adapter's."""
+    adapter_out, adapter_cache = lora_adapter_forward_reference(x, a, b, scale, mask)
+    return x @ w.T + adapter_out, (w, adapter_cache)
 
 
 def lora_backward_reference(dy, cache):
-    """-> (dx, dA, dB).  No dW: W is frozen."""
-    x, w, a, b, scale, mask, xd, z = cache
-    r = a.shape[0]
-    dz = scale * (dy @ b)                             # (..., r)
-    db = scale * (dy.reshape(-1, w.shape[0]).T @ z.reshape(-1, r))    # (out, r)
-    da = dz.reshape(-1, r).T @ xd.reshape(-1, w.shape[1])             # (r, in)
-    dxd = dz @ a                                      # (..., in)
-    dx = dy @ w + (dxd if mask is None else dxd * mask)
-    return dx, da, db
+    """-> (dx, dA, dB).  No dW: W is frozen.  x reaches y through W and through the adapter: dx adds both."""
+    w, adapter_cache = cache
+    dx_adapter, da, db = lora_adapter_backward_reference(dy, adapter_cache)
+    return dy @ w + dx_adapter, da, db
 
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
