@@ -29,6 +29,9 @@ import hashlib
 import json
 import os
 import re
+import sys
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -70,10 +73,12 @@ class Tokenizer:
         chat_template: the checkpoint's Jinja chat template, if it has one.
         add_bos: whether the model expects BOS before a plain (non-chat) prompt (SentencePiece
             Llamas do); ``encode`` itself never adds it.
+        source: the file it was read from (``from_file``, ``from_gguf``), which errors about it name.
     """
 
     def __init__(self, hf_tokenizer: tokenizers.Tokenizer, eos_token: str | None = None,
-                 bos_token: str | None = None, chat_template: str | None = None, add_bos: bool = False):
+                 bos_token: str | None = None, chat_template: str | None = None, add_bos: bool = False,
+                 source: str | os.PathLike | None = None):
         if not isinstance(hf_tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"Tokenizer wraps a tokenizers.Tokenizer, got {type(hf_tokenizer).__name__}")
         self.hf_tokenizer = hf_tokenizer
@@ -81,7 +86,9 @@ class Tokenizer:
         self.bos_id = self._find_token_id(bos_token, BOS_CANDIDATES)
         self.chat_template = chat_template
         self.add_bos = add_bos
+        self.source = None if source is None else str(source)
         self._fingerprint: str | None = None
+        self._regex_parts: dict[str, tuple[str, ...]] = {}
         self._cut_at_newlines: bool | None = None
 
     # ----------------------------------------------------------------------------------- build
@@ -168,7 +175,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for bad content
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
         eos_token, bos_token, chat_template, add_bos = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
-        tokenizer = cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template)
+        tokenizer = cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template, source=path)
         if add_bos is None:
             add_bos = tokenizer.bos_id is not None and hf.encode("", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
         tokenizer.add_bos = add_bos
@@ -192,7 +199,7 @@ class Tokenizer:
         """The tokenizer stored in an open GGUF checkpoint (npllama.formats.gguf.GGUFCheckpoint)."""
         spec = read_gguf_tokenizer(ckpt)
         return cls(spec.hf_tokenizer, eos_token=spec.eos_token, bos_token=spec.bos_token,
-                   chat_template=spec.chat_template, add_bos=spec.add_bos)
+                   chat_template=spec.chat_template, add_bos=spec.add_bos, source=ckpt.path)
 
     @classmethod
     def from_str(cls, json_text: str) -> "Tokenizer":
@@ -269,7 +276,7 @@ class Tokenizer:
         Raises:
             InputError: not a str, text that is not valid Unicode (a lone surrogate: undecodable
                 bytes of a command-line argument or of stdin), or one the tokenizer cannot split
-                (its pre-tokenizer's regex gave up: a ``PanicException`` of tokenizers).
+                (a regex of its file gave up: see ``_call``), naming the file.
         """
         if not isinstance(text, str):
             raise InputError(f"encode expects a str, got {type(text).__name__}")
@@ -278,12 +285,8 @@ class Tokenizer:
         except UnicodeEncodeError as e:
             raise InputError(f"the text is not valid UTF-8 (undecodable byte "
                              f"0x{ord(text[e.start]) & 0xFF:02x} at character {e.start})") from None
-        try:
-            return np.asarray(self.hf_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        except BaseException as e:   # PanicException derives from BaseException
-            if type(e).__name__ != "PanicException" and not isinstance(e, Exception):
-                raise
-            raise InputError(f"the tokenizer cannot encode this text ({one_line(e, 200)})") from None
+        encoding = self._call("encode", self.hf_tokenizer.encode, text, add_special_tokens=False)
+        return np.asarray(encoding.ids, dtype=np.int64)
 
     def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> np.ndarray:
         """Same ids as ``encode(text)``, faster and leaner on long texts (a whole corpus).
@@ -307,7 +310,7 @@ class Tokenizer:
         parts = []
         group = 64  # encode a few chunks at a time so only their Encoding objects live at once
         for i in range(0, len(chunks), group):
-            encodings = encode_batch(chunks[i:i + group], add_special_tokens=False)
+            encodings = self._call("encode", encode_batch, chunks[i:i + group], add_special_tokens=False)
             parts.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -330,7 +333,7 @@ class Tokenizer:
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} out of range [0, {self.vocab_size})")
-        return self.hf_tokenizer.decode(arr.tolist(), skip_special_tokens=False)
+        return self._call("decode", self.hf_tokenizer.decode, arr.tolist(), skip_special_tokens=False)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> np.ndarray:
         """Token ids of a conversation rendered through the checkpoint's chat template.
@@ -350,6 +353,38 @@ class Tokenizer:
         return self.encode(render_chat(self.chat_template, messages, add_generation_prompt, **special))
 
     # ---------------------------------------------------------------------------- internals
+    def _call(self, work: str, method, *args, **kwargs):
+        """``method(*args, **kwargs)``, a method of the wrapped tokenizer doing ``work`` ("encode" or
+        "decode"), with one InputError naming
+        the tokenizer's file for a Rust panic inside it (tokenizers' ``PanicException``, a
+        BaseException).  A tokenizer file's own regex panics when Oniguruma gives up on a text
+        (``(a+)+b`` on 30 a's: its backtracking limit), and Rust's panic hook writes its report to
+        stderr before the exception reaches Python; the regex cannot be told safe beforehand, so
+        while a tokenizer holding one runs, stderr (fd 2) is held in a file and written back after,
+        without the panic's report (``_holding_stderr``)."""
+        regexes = self._regexes(work)
+        try:
+            if regexes:
+                return _holding_stderr(method, *args, **kwargs)
+            return method(*args, **kwargs)
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            where = f"{self.source}: " if self.source else ""
+            regex = " (its regex gave up)" if regexes else ""
+            raise InputError(f"{where}the tokenizer cannot {work} this text{regex}: {one_line(e, 200)}") from None
+
+    def _regexes(self, work: str) -> tuple[str, ...]:
+        """The regular expressions that ``work`` runs: "encode" the normalizer's and pre-tokenizer's,
+        "decode" the decoder's."""
+        if work not in self._regex_parts:
+            hf, found = self.hf_tokenizer, []
+            for part in ((hf.normalizer, hf.pre_tokenizer) if work == "encode" else (hf.decoder,)):
+                if part is not None:
+                    _collect_regexes(json.loads(part.__getstate__()), found)
+            self._regex_parts[work] = tuple(found)
+        return self._regex_parts[work]
+
     def _find_token_id(self, token: str | None, candidates: Sequence[str]) -> int | None:
         if token is not None:
             token_id = self.hf_tokenizer.token_to_id(token)
@@ -378,6 +413,52 @@ class Tokenizer:
                 and not any(c.isspace() for t in self._added_contents for c in t)
                 and not any(t.get("lstrip") or t.get("rstrip") for t in added))
         return self._cut_at_newlines
+
+
+def _collect_regexes(spec, found: list) -> None:
+    if isinstance(spec, dict):
+        if isinstance(spec.get("Regex"), str):
+            found.append(spec["Regex"])
+        for value in spec.values():
+            _collect_regexes(value, found)
+    elif isinstance(spec, list):
+        for value in spec:
+            _collect_regexes(value, found)
+
+
+_STDERR_LOCK = threading.Lock()
+# Rust's report of a panic: a blank line, its first line, the message, a backtrace if RUST_BACKTRACE asks for one,
+# and a last line starting "note: " (how to see more).
+_PANIC_REPORT = re.compile(rb"\n?thread '[^'\n]*'[^\n]* panicked at .*?(?:\nnote: [^\n]*\n|\Z)", re.S)
+
+
+def _holding_stderr(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with file descriptor 2 pointed at a temporary file meanwhile;
+    what was written there goes to stderr after, except the report of a Rust panic when the call
+    raised one (the caller says in one line what went wrong).  One call at a time."""
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):   # no stderr to hold
+            return function(*args, **kwargs)
+        panicked = False
+        with tempfile.TemporaryFile() as held:
+            try:
+                os.dup2(held.fileno(), 2)
+                return function(*args, **kwargs)
+            except BaseException as e:
+                panicked = type(e).__name__ == "PanicException"
+                raise
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.seek(0)
+                text = held.read()
+                if panicked:
+                    text = _PANIC_REPORT.sub(b"", text)
+                while text:
+                    text = text[os.write(2, text):]
 
 
 def _is_word_char(c: str) -> bool:

@@ -156,15 +156,59 @@ def test_a_tokenizer_json_over_the_json_limit_is_refused_unread(tmp_path):
         Tokenizer.from_file(big)
 
 
-def test_a_pre_tokenizer_regex_that_gives_up_is_an_input_error():
-    """(was: tokenizers' PanicException, a BaseException, as a traceback)"""
+HOSTILE_SPLIT = {"type": "Split", "pattern": {"Regex": "(a+)+b"}, "behavior": "Isolated", "invert": False}
+
+
+def test_a_pre_tokenizer_regex_that_gives_up_is_an_input_error(capfd):
+    """(was: tokenizers' PanicException, a BaseException, as a traceback; then Rust's report of the
+    panic on stderr before the error line)"""
+    import os
     import tokenizers
     from tokenizers import Regex, models, pre_tokenizers
     from npllama import InputError, Tokenizer
+    from npllama.tokenizer import _holding_stderr
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Split(Regex("(a+)+b"), "isolated")
-    with pytest.raises(InputError, match="the tokenizer cannot encode this text"):
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"^the tokenizer cannot encode this text \(its regex gave up\): Onig"):
         Tokenizer(hf).encode("a" * 30)
+    with pytest.raises(InputError, match=r"^the tokenizer cannot encode this text"):
+        Tokenizer(hf).encode_long("a" * 30 + " b" * 40_000, chunk_chars=1000)
+    assert capfd.readouterr().err == ""
+    # what else is written to stderr meanwhile is kept, before a panic and without one
+    def write_then_encode(text):
+        os.write(2, b"kept\n")
+        return hf.pre_tokenizer.pre_tokenize_str(text)
+
+    assert _holding_stderr(write_then_encode, "aab") == [("aab", (0, 3))]
+    with pytest.raises(BaseException, match="retry-limit"):
+        _holding_stderr(write_then_encode, "a" * 30)
+    assert capfd.readouterr().err == "kept\nkept\n"
+
+
+@pytest.mark.parametrize("backtrace", ["0", "1"])
+def test_a_tokenizer_file_whose_regex_gives_up_ends_in_one_line_naming_it(small_model_dir, tmp_path, backtrace):
+    """`npllama generate` on a tokenizer.json whose pre-tokenizer regex is (a+)+b, a prompt of 30 a's
+    (was: Rust's panic report, and its backtrace with RUST_BACKTRACE=1, before an error not naming the file)"""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    d = tmp_path / "m"
+    shutil.copytree(small_model_dir, d)
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = HOSTILE_SPLIT
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(d), "--prompt", "a" * 30,
+                           "--max-new-tokens", "2"], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "RUST_BACKTRACE": backtrace})
+    assert done.returncode == 1 and done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"npllama: error: {d / 'tokenizer.json'}: the tokenizer cannot encode this text (its regex gave up): "), lines
 
 
 def test_a_prompt_that_is_not_utf8_ends_in_one_error_line(small_model_dir):
