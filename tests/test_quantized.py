@@ -89,6 +89,24 @@ def test_matvec_within_rounding_bound(qtype, rows, blocks, dtype, threads, seed)
     assert np.all(np.abs(y - exact) <= bound), np.max(np.abs(y - exact) / bound)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matvec_on_threads_within_rounding_bound(qtype, dtype):
+    """Rows enough for the threads' units (each walked STREAMS rows at a time, a tail one by one)."""
+    from npllama.engine.threads import thread_limit
+    rows, blocks = 1000 + engine.STREAMS - 1, 3
+    w = random_matrix(qtype, rows, blocks, 7)
+    x = np.random.default_rng(8).normal(0.0, 1.0, blocks * 32).astype(dtype)
+    scaled, offset = parts(w)
+    exact = (scaled + offset) @ x.astype(np.float64)
+    bound = (blocks * 32 + 64) * EPS[dtype] * ((np.abs(scaled) + np.abs(offset)) @ np.abs(x.astype(np.float64)))
+    for threads in (1, 2):
+        y = np.full(rows, np.nan, dtype=dtype)
+        with thread_limit(threads):
+            quantized_matvec(w, x, y)
+        assert np.all(np.abs(y - exact) <= bound), (threads, np.max(np.abs(y - exact) / bound))
+
+
 @settings(max_examples=20, deadline=None)
 @given(qtype=st.sampled_from(FORMATS), rows=st.integers(1, 200), blocks=st.integers(1, 5), n=st.integers(1, 9),
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
