@@ -206,6 +206,19 @@ def peak_rss_mb() -> float:
     return (peak_rss_bytes() or 0) / 2**20
 
 
+def reset_peak_rss_mb() -> float:
+    """Reset this process's peak resident memory to its current size (Linux: /proc/self/clear_refs)
+    and return that size in MB: a later peak_rss_mb() minus it is what came after, not what an
+    import's transient peak left.  Elsewhere (no /proc) the peak so far, unchanged."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return peak_rss_mb()
+
+
 def import_npllama():
     """Import npllama or raise a RuntimeError that says what is missing."""
     try:

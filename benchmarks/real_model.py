@@ -20,7 +20,9 @@ All get the same prompt ids (the first --prompt-tokens tokens of a fixed English
 npllama's tokenizer from the .gguf) and decode --new-tokens tokens greedily with no stop token.
 
 load s: the model (and npllama's/transformers' tokenizer) from the file, in seconds;  peak MB:
-the process's peak resident memory (VmHWM) after loading, and at the end;  prefill tok/s: the
+the process's peak resident memory (VmHWM) after loading, and at the end;  load/file (npllama):
+the peak while loading above the resident size just before (the peak reset there, after the
+imports: Python, NumPy, Numba, tokenizers), over the file's size;  prefill tok/s: the
 prompt in one pass (npllama: last_hidden_state through its blocks + the cache; transformers: one
 forward with use_cache; llama.cpp: eval of the prompt in one batch);  decode tok/s: one token per
 step against the cache, the --new-tokens - 1 steps after the prefill timed together.  Each is measured once after one untimed
@@ -96,7 +98,8 @@ def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int, qu
     from npllama.generate.cli import quantized_types, warm_up
     from npllama.generate.decoding import KVCacheDecoder
     import_s = time.perf_counter() - t0
-    before = common.peak_rss_mb()
+    import_peak = common.peak_rss_mb()
+    before = common.reset_peak_rss_mb()
     t0 = time.perf_counter()
     model = Llama.from_pretrained(gguf, quantized=quantized).eval()
     load_s, load_peak = time.perf_counter() - t0, common.peak_rss_mb()
@@ -108,7 +111,7 @@ def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int, qu
         np.save(logits_to, KVCacheDecoder(model, len(ids)).prefill(np.array(ids)))
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "before_load_mb": before,
             "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "decode_steps": stats["decode_steps"],
-            "tokens": tokens}
+            "tokens": tokens, "peak_rss_mb": max(import_peak, common.peak_rss_mb())}
 
 
 def transformers_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:

@@ -321,6 +321,68 @@ def test_a_header_whose_tensors_do_not_tile_the_file_is_refused(tmp_path):
     _refused(cut, "GGUF")
 
 
+# ---- the metadata's arrays, kept in the file until asked for (issue 30: load memory) ---------------
+def _metadata_file(path):
+    """A .gguf holding every kind of metadata array: strings (an empty one, long, multi-byte, a space), numbers
+    of several widths, booleans, an array of arrays, and scalars around them."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 3)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b c", "\u0120\u00c3\u00a9", "<|im_end|>", "", "x" * 300, "\u00e9\u6f22"])
+    w.add_array("tokenizer.ggml.token_type", [1, 1, 1, 3, 1, 1, 6])
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0, 0.0, 1e-3, 2.0, -7.5])
+    w.add_key_value("test.int64s", [-(2 ** 40), 0, 2 ** 40], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT64)
+    w.add_array("test.bools", [True, False, True])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_string("tokenizer.chat_template", "{{ messages }}")
+    w.add_float32("llama.rope.freq_base", 5e5)
+    w.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_metadata_arrays_read_back_as_gguf_s_own_reader_reads_them(tmp_path):
+    """npllama's reader keeps an array as the positions of its items and decodes them when asked:
+    every field reads as the gguf package's reader reads it (contents whole, one item, a slice;
+    types; data indices; parts), and the tensors after them are found at the same offsets."""
+    from npllama.formats.gguf import _Reader
+    path = _metadata_file(tmp_path / "m.gguf")
+    ours, theirs = _Reader(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(theirs.fields)
+    for key, expected in theirs.fields.items():
+        field = ours.fields[key]
+        assert field.types == expected.types and list(field.data) == list(expected.data), key
+        assert field.contents() == expected.contents(), key
+        assert len(field.parts) == len(expected.parts), key
+        for i in range(len(expected.parts)):
+            assert field.parts[i].dtype == expected.parts[i].dtype, (key, i)
+            assert np.array_equal(field.parts[i], expected.parts[i]), (key, i)
+        if expected.types[0] == gguf.GGUFValueType.ARRAY and len(expected.data) > 2:
+            assert field.contents(1) == expected.contents(1), key
+            assert field.contents(slice(1, None, 2)) == expected.contents(slice(1, None, 2)), key
+    assert ours.fields["tokenizer.ggml.tokens"].contents()[5] == "x" * 300
+    assert type(ours.fields["test.bools"].contents()[0]) is bool
+    assert ours.data_offset == theirs.data_offset
+    assert [(t.name, t.data_offset) for t in ours.tensors] == [(t.name, t.data_offset) for t in theirs.tensors]
+
+
+def test_a_metadata_string_array_running_past_the_file_is_refused_unread(tmp_path):
+    """A count or a string length too large for the file is refused at once (not walked item by item
+    through 2^60 strings), as one error naming the file."""
+    src = random_model(CFG)
+    write_gguf(tmp_path / "m.gguf", src.params, CFG, tokenizer={"add_token_list": [f"t{i}" for i in range(64)]})
+    raw = (tmp_path / "m.gguf").read_bytes()
+    count_at = raw.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 8   # (its type, its items' type)
+    assert struct.unpack_from("<Q", raw, count_at)[0] == 64
+    for at, value, what in ((count_at, 2 ** 60, "count"), (count_at, 65, "count"), (count_at + 8, 2 ** 40, "length")):
+        path = tmp_path / f"{what}-{value}.gguf"
+        path.write_bytes(raw)
+        with bounded_address_space(256 << 20):
+            _refused(_patched(path, at, "<Q", value), "not a readable GGUF file")
+
+
 def test_nan_or_infinite_weights_are_refused(tmp_path):
     for bad in (np.nan, np.inf):
         for qtype in (Q.F32, Q.F16):

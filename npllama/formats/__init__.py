@@ -54,13 +54,16 @@ def load(path, dtype=np.float32, quantized=False):
         return model
     if gguf.is_gguf(path) or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
         ckpt = gguf.open_gguf(path)
+        # The tokenizer first: building it takes Python lists of the whole vocabulary for a moment,
+        # and that moment then comes before the weights are in memory, not on top of them.
+        tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
         model = Llama(ckpt.config, dtype=dtype, init=False)
         if quantized:
             small_pages(model.flat_params)     # (only the norm gains are written into it)
             model.use_quantized(*gguf.load_quantized(ckpt, model.params))
         else:
             gguf.load_weights(ckpt, model.params)
-        model.tokenizer = Tokenizer.from_gguf(ckpt) if ckpt.value_length("tokenizer.ggml.tokens") else None
+        model.tokenizer = tokenizer
         return model
     if llama2c.is_llama2c(path):
         ckpt = llama2c.open_llama2c(path)

@@ -16,21 +16,26 @@ translation into npllama's model:
   row chunks;
 * the config, from the ``llama.*`` keys.
 
-Memory: a tensor is dequantized a chunk of rows at a time straight into its destination array,
-so loading needs the final weights plus one chunk and the file's pages of the tensor being read
-(those of the tensors already read are released from the process as it goes).
+Memory: a tensor is read from the file (not through the memory map, whose pages would count in
+the process) and dequantized a chunk of rows at a time straight into its destination array, or,
+kept quantized, read straight into its blocks; the metadata's long arrays (the vocabulary) stay
+in the file until asked for (``_Reader``).  So loading needs the final weights plus one chunk:
+SmolLM2-135M's Q4_1 file (94 MB) loads quantized, tokenizer included, at a peak of 1.16x the
+file's size above the process before (benchmarks/real_model.py).
 """
 from __future__ import annotations
 
 import os
 import re
+import struct
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 import gguf
 import numpy as np
 
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, one_line
-from ..files import release_pages
 from .rope_rows import deinterleave_rope_rows
 from .safetensors import require_finite
 
@@ -87,15 +92,125 @@ def find_gguf(path) -> Path:
 
 
 class _Reader(gguf.GGUFReader):
-    """``gguf.GGUFReader`` slicing a plain ndarray view of its memory map: every slice of an
-    ``np.memmap`` runs ``memmap.__array_finalize__``, and reading the ~100k strings of a vocabulary
-    takes ~750k slices (4 s of the 5 s to open SmolLM2's file)."""
+    """``gguf.GGUFReader`` with two savings for a file holding a vocabulary:
+
+    * it slices a plain ndarray view of its memory map: every slice of an ``np.memmap`` runs
+      ``memmap.__array_finalize__``, and reading the ~100k strings of a vocabulary takes ~750k
+      slices (4 s of the 5 s to open SmolLM2's file);
+    * a metadata array of strings or numbers (the vocabulary's tokens, its merges, a type per
+      token) is kept as the positions of its items in the file (``_ArrayItems``) and decoded when
+      asked for.  The stock reader makes a few numpy views per item, ~300 bytes each: 72 MB for
+      SmolLM2's 49k tokens and 49k merges, most of the 94 MB Q4_1 file's size again."""
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if type(self.data) is np.memmap:
-            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (read_into)
+            self.file_map = self.data._mmap          # the mmap.mmap under numpy's memmap (_ArrayItems)
             self.data = self.data.view(np.ndarray)   # same pages; keeps the map alive through .base
         return super()._get(offset, dtype, count, override_order)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        """The stock ``_build_fields``, but with arrays of strings or numbers as ``_ArrayField``s."""
+        for _ in range(count):
+            orig_offs = offs
+            key_length, key = self._get_str(offs)
+            offs += int(key_length.nbytes + key.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += int(raw_type.nbytes)
+            head = [key_length, key, raw_type]
+            name = str(bytes(key), encoding="utf-8")
+            items = _ArrayItems.read(self, name, head, offs) if raw_type[0] == gguf.GGUFValueType.ARRAY else None
+            if items is not None:
+                self._push_field(_ArrayField(orig_offs, name, items, items.data, items.types), skip_sum=True)
+                offs = items.end
+                continue
+            size, parts, data, types = self._get_field_parts(offs, raw_type[0])
+            self._push_field(gguf.ReaderField(orig_offs, name, head + parts, [i + len(head) for i in data], types),
+                             skip_sum=True)
+            offs += size
+        return offs
+
+    def byte_order_char(self) -> str:
+        """struct's byte order character for the file's numbers."""
+        little = (self.byte_order == "I") == (sys.byteorder == "little")
+        return "<" if little else ">"
+
+
+class _ArrayItems(Sequence):
+    """A metadata array's ``parts`` as the stock reader lists them (the key's length and bytes, the
+    value type, the item type, the count, then each item: a string as its length and its bytes, a
+    number as a one-element array), each made when indexed; ``contents`` decodes the items."""
+
+    def __init__(self, reader, head, types, count, end, positions=None, values=None):
+        self.reader, self.head, self.types, self.count, self.end = reader, head, types, count, end
+        self.positions = positions   # strings: where each one's length field starts, then the array's end
+        self.values = values         # numbers: all of them, one view of the file
+        self.per_item = 1 if positions is None else 2
+        first = len(head) + self.per_item - 1
+        self.data = range(first, first + self.per_item * count, self.per_item)   # (the items' strings or values)
+
+    @classmethod
+    def read(cls, reader, name, head, offs):
+        """The array at ``offs`` (its item type and count, then the items), or None for an array of
+        arrays (left to the stock reader).  Raises ValueError for one running past the file's end."""
+        item_type, count = reader._get(offs, np.uint32), reader._get(offs + 4, np.uint64)
+        gtype = gguf.GGUFValueType(item_type[0])
+        head, types = head + [item_type, count], [gguf.GGUFValueType.ARRAY, gtype]
+        n, start, size = int(count[0]), offs + 12, len(reader.data)
+        if gtype in reader.gguf_scalar_to_np:
+            values = reader._get(start, reader.gguf_scalar_to_np[gtype], n)
+            if len(values) != n:
+                raise ValueError(f"{name}: {n:,} values run past the end of the file")
+            return cls(reader, head, types, n, start + values.nbytes, values=values)
+        if gtype != gguf.GGUFValueType.STRING:
+            return None
+        if n > (size - start) // 8:
+            raise ValueError(f"{name}: {n:,} strings cannot fit in the rest of the file")
+        positions = np.empty(n + 1, dtype=np.int64)
+        length, at = struct.Struct(reader.byte_order_char() + "Q"), start
+        for k in range(n):
+            if at + 8 > size:
+                raise ValueError(f"{name}: string {k:,} starts past the end of the file")
+            positions[k] = at
+            at += 8 + length.unpack_from(reader.file_map, at)[0]
+        if at > size:
+            raise ValueError(f"{name}: its last string ends past the end of the file")
+        positions[n] = at
+        return cls(reader, head, types, n, at, positions=positions)
+
+    def __len__(self):
+        return len(self.head) + self.per_item * self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = range(len(self))[i]   # (negative indices; IndexError past the end)
+        if i < len(self.head):
+            return self.head[i]
+        item, part = divmod(i - len(self.head), self.per_item)
+        if self.positions is None:
+            return self.values[item:item + 1]
+        at = int(self.positions[item])
+        length = self.reader._get(at, np.uint64)
+        return self.reader._get(at + 8, np.uint8, length[0]) if part else length
+
+    def contents(self, index_or_slice=slice(None)):
+        """Item ``index_or_slice`` (a Python number or str), or a list of the items of a slice."""
+        if self.positions is None:
+            return self.values[index_or_slice].tolist()
+        starts = self.positions[:-1][index_or_slice] + 8
+        ends = self.positions[1:][index_or_slice]
+        mapped = self.reader.file_map
+        if isinstance(index_or_slice, slice):
+            return [str(mapped[a:b], encoding="utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+        return str(mapped[int(starts):int(ends)], encoding="utf-8")
+
+
+class _ArrayField(gguf.ReaderField):
+    """A ``gguf.ReaderField`` of an array whose ``parts`` are an ``_ArrayItems``."""
+    __slots__ = ()
+
+    def contents(self, index_or_slice=slice(None)):
+        return self.parts.contents(index_or_slice)
 
 
 class GGUFCheckpoint:
@@ -218,8 +333,10 @@ class GGUFCheckpoint:
         return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
-        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted; then
-        the file's pages of the tensor are released from the process (``files.release_pages``)."""
+        """Dequantize tensor ``name`` (a Hugging Face name) into ``out``, Q/K rows unpermuted.  The
+        bytes are read from the file a chunk of rows at a time, not through the memory map, whose
+        pages would count in the process's memory (each page touched, and the kernel maps up to
+        64 KB around it)."""
         t = self.tensors[name]
         rows, cols = self.shape(name) if len(t.shape) == 2 else (1, int(t.shape[0]))
         target = out.reshape(rows, cols)
@@ -227,18 +344,29 @@ class GGUFCheckpoint:
         hd = self.config.head_dim
         # Chunks of whole heads (see the module docstring), at least one head.
         step = max(hd, CHUNK_ELEMENTS // cols // hd * hd)
-        data = t.data.reshape(rows, -1)
-        for r0 in range(0, rows, step):
-            with np.errstate(all="ignore"):   # (a scale that overflows is refused just below, by name)
-                w = gguf.quants.dequantize(data[r0:r0 + step], t.tensor_type)   # (r, cols) float32
-            require_finite(w, f"{self.path}: tensor {t.name!r}")
-            if n_head is None:
-                target[r0:r0 + step] = w
-            else:
-                target[r0:r0 + step] = deinterleave_rope_rows(w, hd)
-        release_pages(self.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
+        stored = t.data.reshape(rows, -1)   # (the mapped view: its row shape and dtype)
+        with open(self.path, "rb", buffering=0) as file:
+            for r0 in range(0, rows, step):
+                raw = read_rows(file, t, stored, r0, min(rows, r0 + step), self.path)
+                with np.errstate(all="ignore"):   # (a scale that overflows is refused just below, by name)
+                    w = gguf.quants.dequantize(raw, t.tensor_type)   # (r, cols) float32
+                require_finite(w, f"{self.path}: tensor {t.name!r}")
+                if n_head is None:
+                    target[r0:r0 + step] = w
+                else:
+                    target[r0:r0 + step] = deinterleave_rope_rows(w, hd)
         return out
 
+
+def read_rows(file, tensor, stored: np.ndarray, start: int, stop: int, path, out=None) -> np.ndarray:
+    """Rows start .. stop-1 of ``tensor`` (``stored``: its rows as the reader maps them) read from
+    the open ``file`` into ``out`` (default: a new array)."""
+    out = np.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype) if out is None else out
+    row_bytes = stored[:1].nbytes
+    file.seek(tensor.data_offset + start * row_bytes)
+    if file.readinto(memoryview(out).cast("B")) != out.nbytes:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} ends past the end of the file (truncated?)")
+    return out
 
 
 def check_tensor_layout(reader: gguf.GGUFReader, path) -> None:
@@ -330,14 +458,14 @@ def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
     return names
 
 
-def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray) -> np.ndarray:
-    """Copy tensor ``name``'s blocks (rows, row bytes) into ``out`` as they are in the file, Q/K rows
-    in Hugging Face's order (a row permutation: each row is whole blocks); then release its pages."""
+def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray, file) -> np.ndarray:
+    """Read tensor ``name``'s blocks (rows, row bytes) from the open ``file`` into ``out`` as they
+    are in the file, Q/K rows in Hugging Face's order (a row permutation: each row is whole blocks)."""
     t = ckpt.tensors[name]
-    data = t.data.reshape(out.shape[0], -1).view(np.uint8)
+    read_rows(file, t, t.data.reshape(out.shape[0], -1).view(np.uint8), 0, out.shape[0], ckpt.path, out)
     n_head = {"q_proj": ckpt.config.n_heads, "k_proj": ckpt.config.n_kv_heads}.get(name.split(".")[-2])
-    out[...] = data if n_head is None else deinterleave_rope_rows(data, ckpt.config.head_dim)
-    release_pages(ckpt.reader.file_map, t.data_offset, t.data_offset + t.n_bytes)
+    if n_head is not None:
+        out[...] = deinterleave_rope_rows(out, ckpt.config.head_dim)
     check_block_scales(out, t.tensor_type, f"{ckpt.path}: tensor {t.name!r}")
     return out
 
@@ -378,7 +506,7 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
         blocks = np.empty((sum(rows), int(t0.n_bytes) // rows[0]), dtype=np.uint8)
         start = 0
         for n, r in zip(names, rows):
-            read_blocks_into(ckpt, n, blocks[start:start + r])
+            read_blocks_into(ckpt, n, blocks[start:start + r], file)
             start += r
         whole = QuantizedMatrix(qtype, blocks, cols)
         start = 0
@@ -387,13 +515,14 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
             start += r
         return whole
 
-    for i in range(ckpt.config.n_layers):
-        for role, parts in FUSED.items():
-            names = [f"model.layers.{i}.{p}.weight" for p in parts]
-            if names[0] in keep:
-                fused.setdefault(i, {})[role] = read(names)
-    for name in sorted(keep - set(matrices)):
-        read([name])
+    with open(ckpt.path, "rb", buffering=0) as file:
+        for i in range(ckpt.config.n_layers):
+            for role, parts in FUSED.items():
+                names = [f"model.layers.{i}.{p}.weight" for p in parts]
+                if names[0] in keep:
+                    fused.setdefault(i, {})[role] = read(names)
+        for name in sorted(keep - set(matrices)):
+            read([name])
     return matrices, fused
 
 
