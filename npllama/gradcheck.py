@@ -67,35 +67,35 @@ def rmsnorm_backward(dy, cache, dw_out=None):
 
 
 # SwiGLU
-def swiglu_forward(au):
-    """au: (N, 2F) = [a | u] -> h: (N, F), cache = au."""
-    au = np.ascontiguousarray(au)
-    h = np.empty((au.shape[0], au.shape[1] // 2), dtype=au.dtype)
-    swiglu_forward_kernel(au, h)
-    return h, au
+def swiglu_forward(gate_up):
+    """gate_up: (N, 2F) = [g | u] -> s: (N, F), cache = gate_up."""
+    gate_up = np.ascontiguousarray(gate_up)
+    s = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)
+    swiglu_forward_kernel(gate_up, s)
+    return s, gate_up
 
 
-def swiglu_backward(dh, cache):
-    """dh: (N, F) -> dau: (N, 2F) = [da | du], a new array (the cache is left as it was)."""
-    dau = cache.copy()
-    swiglu_backward_kernel(np.ascontiguousarray(dh), dau)
-    return dau
+def swiglu_backward(ds, cache):
+    """ds: (N, F) -> [dg | du]: (N, 2F), a new array (the cache is left as it was)."""
+    dgate_up = cache.copy()
+    swiglu_backward_kernel(np.ascontiguousarray(ds), dgate_up)
+    return dgate_up
 
 
 def feedforward_forward(x, w_gate_up, w_down):
     """x: (N, D); w_gate_up: (2F, D); w_down: (D, F) -> y: (N, D), cache."""
-    au, cache_gate_up = linear_forward(x, w_gate_up)         # (N, 2F) = [a | u]
-    h, cache_swiglu = swiglu_forward(au)                     # (N, F)
-    y, cache_down = linear_forward(h, w_down)                # (N, D)
+    gate_up, cache_gate_up = linear_forward(x, w_gate_up)    # (N, 2F) = [g | u]
+    s, cache_swiglu = swiglu_forward(gate_up)                # (N, F)
+    y, cache_down = linear_forward(s, w_down)                # (N, D)
     return y, (cache_gate_up, cache_swiglu, cache_down)
 
 
 def feedforward_backward(dy, cache, dw_gate_up=None, dw_down=None):
     """-> (dx, dw_gate_up, dw_down); the weight gradients go into the given arrays when given."""
     cache_gate_up, cache_swiglu, cache_down = cache
-    dh, dw_down = linear_backward(dy, cache_down, dw_down)
-    dau = swiglu_backward(dh, cache_swiglu)                  # (N, 2F) = [da | du]
-    dx, dw_gate_up = linear_backward(dau, cache_gate_up, dw_gate_up)
+    ds, dw_down = linear_backward(dy, cache_down, dw_down)
+    dgate_up = swiglu_backward(ds, cache_swiglu)             # (N, 2F) = [dg | du]
+    dx, dw_gate_up = linear_backward(dgate_up, cache_gate_up, dw_gate_up)
     return dx, dw_gate_up, dw_down
 
 

@@ -288,23 +288,23 @@ def test_feedforward_gradients(seed, n, d, f):
 @dtypes
 @given(seed=seeds, n=st.integers(1, 9), f=st.integers(1, 9))
 def test_swiglu_kernels_equal_reference(dtype, seed, n, f):
-    """On the [a | u] rows of the gate/up projection; the backward writes [da | du] over them."""
+    """On the [g | u] rows of the gate/up projection; the backward writes [dg | du] over them."""
     r = np.random.default_rng(seed)
-    au, dh = normal(r, (n, 2 * f), dtype, scale=3.0), normal(r, (n, f), dtype, scale=3.0)
-    a, u = f64(au[:, :f], au[:, f:])
-    h = np.empty((n, f), dtype=dtype)
-    swiglu.swiglu_forward_kernel(au, h)
-    assert_kernel_equals_reference(h, swiglu.swiglu_forward_reference(a, u)[0], dtype)
-    dau = au.copy()
-    swiglu.swiglu_backward_kernel(dh, dau)
-    da, du = swiglu.swiglu_backward_reference(*f64(dh), (a, u))
-    assert_kernel_equals_reference(dau[:, :f], da, dtype)
-    assert_kernel_equals_reference(dau[:, f:], du, dtype)
+    gate_up, ds = normal(r, (n, 2 * f), dtype, scale=3.0), normal(r, (n, f), dtype, scale=3.0)
+    g, u = f64(gate_up[:, :f], gate_up[:, f:])
+    s = np.empty((n, f), dtype=dtype)
+    swiglu.swiglu_forward_kernel(gate_up, s)
+    assert_kernel_equals_reference(s, swiglu.swiglu_forward_reference(g, u)[0], dtype)
+    dgate_up = gate_up.copy()
+    swiglu.swiglu_backward_kernel(ds, dgate_up)
+    dg, du = swiglu.swiglu_backward_reference(*f64(ds), (g, u))
+    assert_kernel_equals_reference(dgate_up[:, :f], dg, dtype)
+    assert_kernel_equals_reference(dgate_up[:, f:], du, dtype)
     # the layer functions: the same numbers, and the backward leaves its cache as it was
-    h2, cache = gradcheck.swiglu_forward(au)
-    np.testing.assert_array_equal(h2, h)
-    np.testing.assert_array_equal(gradcheck.swiglu_backward(dh, cache), dau)
-    np.testing.assert_array_equal(cache, au)
+    s2, cache = gradcheck.swiglu_forward(gate_up)
+    np.testing.assert_array_equal(s2, s)
+    np.testing.assert_array_equal(gradcheck.swiglu_backward(ds, cache), dgate_up)
+    np.testing.assert_array_equal(cache, gate_up)
 
 
 @dtypes

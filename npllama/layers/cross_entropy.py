@@ -108,7 +108,7 @@ def _cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit)
                     total += fast_exp(z[v] - m)
             losses[n] = m + np.log(total) - z_target
             if gradient:
-                k = logits.dtype.type(scale / total)
+                scale_over_total = logits.dtype.type(scale / total)
                 for v in range(V):
-                    z[v] *= k
+                    z[v] *= scale_over_total
                 z[t] -= scale

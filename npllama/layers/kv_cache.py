@@ -51,44 +51,45 @@ def decode_attention_reference(q, k_cache_t, v_cache, length):
     G = H // k_cache_t.shape[0]
     k = np.repeat(k_cache_t[:, :, :length], G, axis=0)   # (H, hd, L)
     v = np.repeat(v_cache[:, :length], G, axis=0)         # (H, L, hd)
-    s = np.einsum("hd,hdj->hj", q, k) / np.sqrt(hd)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("hj,hjd->hd", p, v)
+    scores = np.einsum("hd,hdj->hj", q, k) / np.sqrt(hd)                 # (H, L)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("hj,hjd->hd", probs, v)
 
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 @jit
 def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
-    """out[h] = softmax_j(c q[h] . k[:, j]) weighted sum of v[j], j < length, for every head h.
+    """out[head] = softmax_j(q[head] . k[:, j] / sqrt(hd)) weighted sum of v[j], j < length, for
+    every query head, reading key/value head head // G.
 
     q, out: (H, hd); k_cache_t: (K, hd, S); v_cache: (K, S, hd); scores: scratch (>= length,)."""
     H, hd = q.shape
     G = H // k_cache_t.shape[0]
-    c = 1.0 / np.sqrt(hd)
-    for h in range(H):
-        g = h // G
+    scale = 1.0 / np.sqrt(hd)
+    for head in range(H):
+        kv_head = head // G
         for j in range(length):
             scores[j] = 0.0
         for d in range(hd):
-            qd = q[h, d]
+            qd = q[head, d]
             for j in range(length):
-                scores[j] += qd * k_cache_t[g, d, j]
-        m = -np.inf
+                scores[j] += qd * k_cache_t[kv_head, d, j]
+        row_max = -np.inf
         for j in range(length):
-            scores[j] *= c
-            if scores[j] > m:
-                m = scores[j]
+            scores[j] *= scale
+            if scores[j] > row_max:
+                row_max = scores[j]
         total = 0.0
         for d in range(hd):
-            out[h, d] = 0.0
+            out[head, d] = 0.0
         for j in range(length):
-            p = fast_exp(scores[j] - m)
-            total += p
+            weight = fast_exp(scores[j] - row_max)          # P_j * total
+            total += weight
             for d in range(hd):
-                out[h, d] += p * v_cache[g, j, d]
+                out[head, d] += weight * v_cache[kv_head, j, d]
         for d in range(hd):
-            out[h, d] = out[h, d] / total
+            out[head, d] = out[head, d] / total
 
 
 @jit
@@ -100,10 +101,10 @@ def kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache):
     k0 = n_heads * hd
     v0 = k0 + K * hd
     for n in range(qkv.shape[0]):
-        for g in range(K):
+        for kv_head in range(K):
             for d in range(hd):
-                k_cache_t[g, d, start + n] = qkv[n, k0 + g * hd + d]
-                v_cache[g, start + n, d] = qkv[n, v0 + g * hd + d]
+                k_cache_t[kv_head, d, start + n] = qkv[n, k0 + kv_head * hd + d]
+                v_cache[kv_head, start + n, d] = qkv[n, v0 + kv_head * hd + d]
 
 
 MATVEC_FASTMATH = {"reassoc", "contract"}
@@ -146,29 +147,29 @@ def _matvec_rows(w, x, y, start, stop):
     Four independent streams through memory keep more cache-line fetches in flight than one, so
     a single core pulls a large matrix from DRAM ~1.5x faster (measured on the 32000 x 288
     output head: 2.2 ms vs 3.5 ms).  Each row is still its own dot product over d."""
-    q = (stop - start) // 4
+    quarter = (stop - start) // 4
     D = w.shape[1]
-    for i in range(start, start + q):
+    for i in range(start, start + quarter):
         x0 = x[0]
-        a = w[i, 0] * x0
-        b = w[i + q, 0] * x0
-        c = w[i + 2 * q, 0] * x0
-        e = w[i + 3 * q, 0] * x0
+        dot0 = w[i, 0] * x0
+        dot1 = w[i + quarter, 0] * x0
+        dot2 = w[i + 2 * quarter, 0] * x0
+        dot3 = w[i + 3 * quarter, 0] * x0
         for d in range(1, D):
             xd = x[d]
-            a += w[i, d] * xd
-            b += w[i + q, d] * xd
-            c += w[i + 2 * q, d] * xd
-            e += w[i + 3 * q, d] * xd
-        y[i] = a
-        y[i + q] = b
-        y[i + 2 * q] = c
-        y[i + 3 * q] = e
-    for i in range(start + 4 * q, stop):
-        s = w[i, 0] * x[0]          # (accumulates in w's dtype)
+            dot0 += w[i, d] * xd
+            dot1 += w[i + quarter, d] * xd
+            dot2 += w[i + 2 * quarter, d] * xd
+            dot3 += w[i + 3 * quarter, d] * xd
+        y[i] = dot0
+        y[i + quarter] = dot1
+        y[i + 2 * quarter] = dot2
+        y[i + 3 * quarter] = dot3
+    for i in range(start + 4 * quarter, stop):
+        dot = w[i, 0] * x[0]        # (accumulates in w's dtype)
         for d in range(1, D):
-            s += w[i, d] * x[d]
-        y[i] = s
+            dot += w[i, d] * x[d]
+        y[i] = dot
 
 
 @jit_with(fastmath=MATVEC_FASTMATH, nogil=True)

@@ -141,13 +141,13 @@ def _add_low_rank_rows(y, z, u, scale, mask, next_unit):
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
             y_row = y[n]
-            for k in range(R):
-                c = scale * z[n, k]
-                u_row = u[k]
+            for i in range(R):
+                scaled_z = scale * z[n, i]
+                u_row = u[i]
                 if mask is None:
                     for j in range(J):
-                        y_row[j] += c * u_row[j]
+                        y_row[j] += scaled_z * u_row[j]
                 else:
-                    m_row = mask[n]
+                    mask_row = mask[n]
                     for j in range(J):
-                        y_row[j] += c * u_row[j] * m_row[j]
+                        y_row[j] += scaled_z * u_row[j] * mask_row[j]

@@ -116,12 +116,12 @@ def _rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
             dot = 0.0
             for d in range(D):
                 dot += dy_row[d] * w[d] * x_row[d]
-            k = x.dtype.type(dot * rn * rn / D)  # mean(g * xhat) * r
+            mean_term = x.dtype.type(dot * rn * rn / D)  # mean(dxhat * xhat) * r, dxhat = dy * w
             for d in range(D):
                 xhat = x_row[d] * rn
                 dw_c[d] += dy_row[d] * xhat
-                g = rn * (dy_row[d] * w[d] - x_row[d] * k)
+                dx_d = rn * (dy_row[d] * w[d] - x_row[d] * mean_term)
                 if accumulate:
-                    dx_row[d] += g
+                    dx_row[d] += dx_d
                 else:
-                    dx_row[d] = g
+                    dx_row[d] = dx_d

@@ -97,13 +97,13 @@ def _rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
             t = start + n % seq_len
             cos_t, sin_t, row = cos[t], sin[t], x[n]
-            for h in range(n_heads):
-                first_half = row[h * head_dim:h * head_dim + half]
-                second_half = row[h * head_dim + half:(h + 1) * head_dim]
+            for head in range(n_heads):
+                first_half = row[head * head_dim:head * head_dim + half]
+                second_half = row[head * head_dim + half:(head + 1) * head_dim]
                 for i in range(half):
-                    c = cos_t[i]
-                    s = sign * sin_t[i]
+                    cos_i = cos_t[i]
+                    sin_i = sign * sin_t[i]
                     x1 = first_half[i]
                     x2 = second_half[i]
-                    first_half[i] = x1 * c - x2 * s
-                    second_half[i] = x2 * c + x1 * s
+                    first_half[i] = x1 * cos_i - x2 * sin_i
+                    second_half[i] = x2 * cos_i + x1 * sin_i

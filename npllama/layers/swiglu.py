@@ -7,14 +7,15 @@ The elementwise part, with sigma the logistic function and silu(g) = g sigma(g):
 (g, u, s are the names of docs/06-swiglu.md and of npllama/reference.py's block_forward.)
 
 The gate and up weights are stacked into one (2F, D) matrix so a single matmul produces both:
-au = x W_gate_up^T holds the gate g = au[:, :F] and u = au[:, F:] side by side in each row.  The
-kernels work on that layout, under their own short names (a for the gate, h for s):
-``swiglu_forward_kernel(au, h)``, and ``swiglu_backward_kernel(dh, au)``, which writes [dg | du],
-the gradient the gate/up matmul's backward wants, over au (the model's training step needs au no
-more; gradcheck's ``swiglu_backward`` gives it a copy).  A decoding step calls the same forward on one row.
+gate_up = x W_gate_up^T holds the gate g = gate_up[:, :F] and u = gate_up[:, F:] side by side in
+each row.  The kernels work on that layout, with the same names g, u, s:
+``swiglu_forward_kernel(gate_up, s)``, and ``swiglu_backward_kernel(ds, gate_up)``, which writes
+[dg | du], the gradient the gate/up matmul's backward wants, over gate_up (the model's training
+step needs it no more; gradcheck's ``swiglu_backward`` gives it a copy).  A decoding step calls the
+same forward on one row.
 
 Shapes: x: (N, D); W_gate, W_up: (F, D) stacked as W_gate_up: (2F, D); W_down: (D, F);
-g, u, s: (N, F); au, dau: (N, 2F).
+g, u, s, ds: (N, F); gate_up, [dg | du]: (N, 2F).
 """
 import numpy as np
 
@@ -36,14 +37,14 @@ def swiglu_backward_reference(ds, cache):
 
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
-def swiglu_forward_kernel(au, h):
+def swiglu_forward_kernel(gate_up, s):
     """``_swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(_swiglu_forward_rows, au, h, n_units=row_units(h.shape[0]))
+    run_on_threads(_swiglu_forward_rows, gate_up, s, n_units=row_units(s.shape[0]))
 
 
-def swiglu_backward_kernel(dh, au):
+def swiglu_backward_kernel(ds, gate_up):
     """``_swiglu_backward_rows`` on the threads."""
-    run_on_threads(_swiglu_backward_rows, dh, au, n_units=row_units(dh.shape[0]))
+    run_on_threads(_swiglu_backward_rows, ds, gate_up, n_units=row_units(ds.shape[0]))
 
 
 # ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
@@ -52,37 +53,37 @@ def swiglu_backward_kernel(dh, au):
 # The ``_*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
 # thread at once through the in-place functions above (engine/pool.py: ``run_on_threads``).
 @jit_rows
-def _swiglu_forward_rows(au, h, next_unit):
-    """h = silu(a) * u,  a = au[:, :F],  u = au[:, F:]."""
-    N, F = h.shape
-    one = au.dtype.type(1.0)
+def _swiglu_forward_rows(gate_up, s, next_unit):
+    """s = silu(g) * u,  g = gate_up[:, :F],  u = gate_up[:, F:]."""
+    N, F = s.shape
+    one = gate_up.dtype.type(1.0)
     while True:
         first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
-            a_row, u_row, h_row = au[n, :F], au[n, F:], h[n]
+            g_row, u_row, s_row = gate_up[n, :F], gate_up[n, F:], s[n]
             for f in range(F):
-                a = a_row[f]
-                sig = one / (one + fast_exp(-a))
-                h_row[f] = a * sig * u_row[f]
+                g = g_row[f]
+                sig = one / (one + fast_exp(-g))
+                s_row[f] = g * sig * u_row[f]
 
 
 @jit_rows
-def _swiglu_backward_rows(dh, au, next_unit):
-    """au <- [da | du]:  da = dh * u * silu'(a),  du = dh * silu(a), in place (the model's
-    training step needs au no more)."""
-    N, F = dh.shape
-    one = au.dtype.type(1.0)
+def _swiglu_backward_rows(ds, gate_up, next_unit):
+    """gate_up <- [dg | du]:  dg = ds * u * silu'(g),  du = ds * silu(g), in place (the model's
+    training step needs gate_up no more)."""
+    N, F = ds.shape
+    one = gate_up.dtype.type(1.0)
     while True:
         first = claim_unit(next_unit) * ROWS_PER_UNIT
         if first >= N:
             break
         for n in range(first, min(first + ROWS_PER_UNIT, N)):
-            a_row, u_row, dh_row = au[n, :F], au[n, F:], dh[n]
+            g_row, u_row, ds_row = gate_up[n, :F], gate_up[n, F:], ds[n]
             for f in range(F):
-                a = a_row[f]
+                g = g_row[f]
                 u = u_row[f]
-                sig = one / (one + fast_exp(-a))
-                u_row[f] = dh_row[f] * a * sig
-                a_row[f] = dh_row[f] * u * sig * (one + a * (one - sig))
+                sig = one / (one + fast_exp(-g))
+                u_row[f] = ds_row[f] * g * sig
+                g_row[f] = ds_row[f] * u * sig * (one + g * (one - sig))
