@@ -40,6 +40,11 @@ MAX_RENDER_CHARS = 1 << 22   # a rendered conversation: far more text than any m
 RENDER_SECONDS = 1.5         # real templates render in milliseconds
 
 
+class TemplateRefusal(InputError):
+    """A conversation the chat template refuses (its ``raise_exception``: roles that do not
+    alternate, a system message where none may be, ...)."""
+
+
 class _RenderTimeout(Exception):
     """Raised into a render's thread when it runs out of time."""
 
@@ -95,8 +100,9 @@ def render_chat(source: str, messages, add_generation_prompt: bool = False, **va
     """The text of ``messages`` (a list of {"role": ..., "content": ...}) through the template ``source``.
 
     Raises:
-        InputError: messages not a list of dicts with string roles, or refused by the template itself
-            (its ``raise_exception``, e.g. roles that do not alternate).
+        InputError: messages not a list of dicts with string roles, or (TemplateRefusal) refused by
+            the template itself (its ``raise_exception``, e.g. roles that do not alternate).
+        ChatTemplateError: a template that is not valid Jinja, fails, or passes its bounds.
     """
     if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
@@ -126,7 +132,7 @@ def render_chat(source: str, messages, add_generation_prompt: bool = False, **va
     if isinstance(error, _OverLimit):
         raise ChatTemplateError(f"the chat template exceeds the sandbox's limits: {one_line(error)}") from None
     if isinstance(error, jinja2.exceptions.TemplateError):
-        raise InputError(f"the chat template refused the conversation: {one_line(error)}") from None
+        raise TemplateRefusal(f"the chat template refused the conversation: {one_line(error)}") from None
     if isinstance(error, (Exception, RecursionError)):
         raise ChatTemplateError(f"the chat template failed ({type(error).__name__}: {one_line(error, 200)})") from None
     raise error

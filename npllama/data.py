@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, DataError, one_line
 from .files import atomic_write_bytes, atomic_write_json
+from .tokenizer import first_uncut_stretch
 
 BUNDLED_CORPUS = "data/shakespeare.txt.gz"   # inside the npllama package
 IGNORE_INDEX = -100                           # target value the loss skips (padding)
@@ -149,7 +150,8 @@ def load_corpus(path: str | os.PathLike | None = None, include: str | None = Non
     Raises:
         DataError: path missing, a single file not UTF-8 or binary (the file is named), a directory
             with no text file, or a corpus that is empty / only whitespace.  Inside a directory a
-            binary or non-UTF-8 file is skipped (and listed in ``skipped``) instead.
+            binary or non-UTF-8 file is skipped (and listed in ``skipped``) instead.  A file with
+            megabytes nowhere to cut into words (``check_cuttable``) is refused, named.
     """
     patterns = parse_include(include)
     if path is None:
@@ -166,7 +168,23 @@ def load_corpus(path: str | os.PathLike | None = None, include: str | None = Non
             raise DataError(f"corpus path not found: {root}")
     if not any(text.strip() for _, text in corpus.documents):
         raise DataError(f"corpus is empty: {corpus.source} has no text")
+    if path is not None:
+        for name, text in corpus.documents:
+            check_cuttable(text, root if root.is_file() else root / name)
     return corpus
+
+
+def check_cuttable(text: str, path) -> None:
+    """Refuse a text (the file ``path``) with more than ``MAX_UNCUT_CHARS`` characters in a row
+    nowhere to cut into words (no space, tab or newline before a letter, digit or punctuation): one
+    word to a tokenizer's pre-tokenizer, gigabytes to its BPE; checked here, where the file is
+    known, before any tokenizer sees it."""
+    stretch = first_uncut_stretch(text)
+    if stretch is not None:
+        start, length = stretch
+        raise DataError(f"{path}: {length:,} characters from line {text.count(chr(10), 0, start) + 1:,} (character "
+                        f"{start:,}) on without a place to cut them into words (a space, tab or newline before a "
+                        "letter, digit or punctuation): not text a tokenizer can learn from or encode")
 
 
 def _load_folder(root: Path, patterns: tuple[str, ...] | None) -> Corpus:

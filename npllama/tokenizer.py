@@ -40,7 +40,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import render_chat
+from .chat_template import ChatTemplateError, TemplateRefusal, render_chat
 from .errors import CheckpointError, ConfigError, DataError, InputError, one_line
 from .files import MAX_JSON_BYTES, atomic_write_bytes, open_regular_file, parse_json, read_json
 from .formats.gguf import find_gguf, is_gguf, open_gguf
@@ -74,11 +74,13 @@ class Tokenizer:
         add_bos: whether the model expects BOS before a plain (non-chat) prompt (SentencePiece
             Llamas do); ``encode`` itself never adds it.
         source: the file it was read from (``from_file``, ``from_gguf``), which errors about it name.
+        chat_template_file: the file the chat template was read from (tokenizer_config.json,
+            chat_template.jinja, the .gguf), which the template's errors name.
     """
 
     def __init__(self, hf_tokenizer: tokenizers.Tokenizer, eos_token: str | None = None,
                  bos_token: str | None = None, chat_template: str | None = None, add_bos: bool = False,
-                 source: str | os.PathLike | None = None):
+                 source: str | os.PathLike | None = None, chat_template_file: str | os.PathLike | None = None):
         if not isinstance(hf_tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"Tokenizer wraps a tokenizers.Tokenizer, got {type(hf_tokenizer).__name__}")
         self.hf_tokenizer = hf_tokenizer
@@ -87,6 +89,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos = add_bos
         self.source = None if source is None else str(source)
+        self._template_read = (chat_template, None if chat_template_file is None else str(chat_template_file))
         self._fingerprint: str | None = None
         self._regex_parts: dict[str, tuple[str, ...]] = {}
         self._cut_at_newlines: bool | None = None
@@ -174,8 +177,10 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for bad content
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({one_line(e)})") from None
-        eos_token, bos_token, chat_template, add_bos = _read_tokenizer_config(path.parent / TOKENIZER_CONFIG_FILE)
-        tokenizer = cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template, source=path)
+        eos_token, bos_token, chat_template, template_file, add_bos = _read_tokenizer_config(
+            path.parent / TOKENIZER_CONFIG_FILE)
+        tokenizer = cls(hf, eos_token=eos_token, bos_token=bos_token, chat_template=chat_template, source=path,
+                        chat_template_file=template_file)
         if add_bos is None:
             add_bos = tokenizer.bos_id is not None and hf.encode("", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
         tokenizer.add_bos = add_bos
@@ -199,7 +204,8 @@ class Tokenizer:
         """The tokenizer stored in an open GGUF checkpoint (npllama.formats.gguf.GGUFCheckpoint)."""
         spec = read_gguf_tokenizer(ckpt)
         return cls(spec.hf_tokenizer, eos_token=spec.eos_token, bos_token=spec.bos_token,
-                   chat_template=spec.chat_template, add_bos=spec.add_bos, source=ckpt.path)
+                   chat_template=spec.chat_template, add_bos=spec.add_bos, source=ckpt.path,
+                   chat_template_file=ckpt.path)
 
     @classmethod
     def from_str(cls, json_text: str) -> "Tokenizer":
@@ -344,13 +350,28 @@ class Tokenizer:
 
         Raises:
             ConfigError: the tokenizer has no chat template.
-            InputError: malformed messages, or a conversation the template refuses.
+            InputError: malformed messages, or a conversation the template refuses (TemplateRefusal).
+            ChatTemplateError: a template that is not Jinja, fails or passes its bounds.
+            The template's refusals and faults name the file it came from (``chat_template_file``).
         """
         if self.chat_template is None:
             raise ConfigError("this tokenizer has no chat template (the checkpoint did not come with one)")
         special = {name: self.hf_tokenizer.id_to_token(i) for name, i in
                    (("bos_token", self.bos_id), ("eos_token", self.eos_id)) if i is not None}
-        return self.encode(render_chat(self.chat_template, messages, add_generation_prompt, **special))
+        try:
+            text = render_chat(self.chat_template, messages, add_generation_prompt, **special)
+        except (ChatTemplateError, TemplateRefusal) as e:
+            where = self.chat_template_file
+            if where is None:
+                raise
+            raise type(e)(f"{where}: {e}") from None
+        return self.encode(text)
+
+    @property
+    def chat_template_file(self) -> str | None:
+        """The file the chat template was read from, while it is still the one read (else None)."""
+        template, path = self._template_read
+        return path if template is not None and self.chat_template is template else None
 
     # ---------------------------------------------------------------------------- internals
     def _call(self, work: str, method, *args, **kwargs):
@@ -471,6 +492,32 @@ MAX_UNCUT_CHARS = 1 << 22   # characters a piece may have when nowhere in it can
 _CUT_CANDIDATE = re.compile(r"[ \t\n\r](?=[!-~\w])")
 
 
+def first_uncut_stretch(text: str, limit: int = MAX_UNCUT_CHARS) -> tuple[int, int] | None:
+    """(start, length) of the first stretch of ``text`` longer than ``limit`` characters holding
+    no place ``split_at_safe_cuts`` may cut at (megabytes without a space, tab or newline before a
+    word character: one word to a pre-tokenizer, gigabytes to BPE), or None.  On ordinary text one
+    short search every ``limit / 2`` characters; a stretch is measured exactly only where a window
+    of ``limit / 2`` characters holds no such place."""
+    n, half = len(text), max(limit // 2, 1)
+    if n <= limit:
+        return None
+    pos = 0   # (each window [pos, pos + half] of a stretch longer than 2 half + 1 holds no place)
+    while pos + half < n:
+        if _CUT_CANDIDATE.search(text, pos, pos + half + 2):
+            pos += half
+            continue
+        before = None   # (the window before this one held a place, or pos is one)
+        for before in _CUT_CANDIDATE.finditer(text, max(0, pos - half - 2), pos + 1):
+            pass
+        start = before.start() + 1 if before else 0
+        after = _CUT_CANDIDATE.search(text, pos)
+        end = after.start() if after else n
+        if end - start > limit:
+            return start, end - start
+        pos = end
+    return None
+
+
 def split_at_safe_cuts(text: str, chunk_chars: int, added_tokens=()) -> list[str]:
     """Cut ``text`` into pieces of about ``chunk_chars`` characters where the GPT-2 regex never
     joins two words: before the last whitespace character (space, tab, newline or CR) of a run that
@@ -503,9 +550,10 @@ def split_at_safe_cuts(text: str, chunk_chars: int, added_tokens=()) -> list[str
     return pieces
 
 
-def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | None, bool | None]:
-    """eos/bos token strings, the chat template and add_bos_token from a HF tokenizer_config.json
-    (or, for the template, the chat_template.jinja beside it), each None when absent or unreadable."""
+def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | None, Path | None, bool | None]:
+    """eos/bos token strings, the chat template and the file it is in, and add_bos_token from a HF
+    tokenizer_config.json (or, for the template, the chat_template.jinja beside it), each None when
+    absent or unreadable."""
     jinja = path.parent / "chat_template.jinja"
     template = None
     if jinja.is_file():
@@ -514,13 +562,13 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
         except (OSError, UnicodeDecodeError):
             warnings.warn(f"{jinja}: unreadable, no chat template", UserWarning, stacklevel=3)
     if not path.is_file():
-        return None, None, template, None
+        return None, None, template, jinja, None
     try:
         config = read_json(path, TOKENIZER_CONFIG_FILE)
     except CheckpointError as e:
         # The tokenizer itself is fine; the eos/bos fall back to the candidate lists.
         warnings.warn(f"{one_line(e)}; eos/bos tokens guessed from the vocabulary", UserWarning, stacklevel=3)
-        return None, None, template, None
+        return None, None, template, jinja, None
 
     def token_text(value):
         if isinstance(value, dict):
@@ -528,7 +576,8 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
         return value if isinstance(value, str) else None
 
     if not isinstance(config, dict):
-        return None, None, template, None
+        return None, None, template, jinja, None
+    source = jinja if template is not None else path
     if template is None:
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
@@ -537,4 +586,4 @@ def _read_tokenizer_config(path: Path) -> tuple[str | None, str | None, str | No
             template = named.get("default")
     add_bos = config.get("add_bos_token")
     return (token_text(config.get("eos_token")), token_text(config.get("bos_token")),
-            template if isinstance(template, str) else None, add_bos if isinstance(add_bos, bool) else None)
+            template if isinstance(template, str) else None, source, add_bos if isinstance(add_bos, bool) else None)

@@ -181,6 +181,9 @@ def test_gguf_in_a_directory_and_tokenizer_with_chat_template(tmp_path):
     assert tok.decode(ids) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == trained.token_to_id("<|im_start|>")   # matched whole, as a special token
     assert open_gguf(tmp_path).config.eos_token_id == tok.eos_id
+    with pytest.raises(CheckpointError) as e:   # the template's faults name the file it came from
+        tok.apply_chat_template([{"role": "user", "content": 5}])
+    assert str(e.value).startswith(f"{tmp_path / 'model.gguf'}: the chat template failed (TypeError: ")
 
 
 def test_sentencepiece_vocabulary_merges_rank_by_score():

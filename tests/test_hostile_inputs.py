@@ -1,5 +1,7 @@
 """Hostile inputs that once crashed, hung or passed silently (issue 28): each ends in one clear
 error naming what is wrong."""
+import io
+
 import numpy as np
 import pytest
 
@@ -71,21 +73,33 @@ def test_a_hostile_chat_template_ends_in_one_error_within_seconds(template, matc
     assert str(e.value).startswith("the chat template ")
 
 
-def test_chat_with_one_prompt_the_template_refuses_exits_with_an_error(tmp_path, capsys):
+def test_chat_with_one_prompt_the_template_refuses_exits_with_an_error(tmp_path, capsys, monkeypatch):
     """`--chat --prompt` (one message, no conversation to go on with): was exit 0, the error in brackets on stdout."""
     saved_model(tmp_path / "m", "{{ raise_exception('no cats here') if 'cat' in messages[-1]['content'] }}"
                                 "{{ messages[-1]['content'] }}")
     assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the cat", "--max-new-tokens", "2"]) == 1
     out, err = capsys.readouterr()   # (err: after the chat's line on its sampling)
     assert out == "" and err.count("npllama: error:") == 1
-    assert err.endswith("\nnpllama: error: the chat template refused the conversation: no cats here\n")
+    assert err.endswith(f"\nnpllama: error: {tmp_path / 'm' / 'tokenizer_config.json'}: the chat template refused "
+                        "the conversation: no cats here\n")   # (was: the file not named)
     assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the dog " * 20, "--max-new-tokens", "2"]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("npllama: error: the message is too long:")
-    # a template at fault (here: a hang) is named by the model's path
+    # a template at fault (here: a hang) is named by its file
     saved_model(tmp_path / "hangs", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
     assert cli.main(["generate", str(tmp_path / "hangs"), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == \
-        f"npllama: error: {tmp_path / 'hangs'}: the chat template took more than 1.5 s to render; stopped"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"npllama: error: {tmp_path / 'hangs' / 'tokenizer_config.json'}: "
+                                                        "the chat template took more than 1.5 s to render; stopped")
+    # in a conversation on stdin the refusal is answered, naming the file too, and the chat goes on
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\nthe dog\n"))
+    assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--max-new-tokens", "2", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"[{tmp_path / 'm' / 'tokenizer_config.json'}: the chat template refused the conversation: "
+                          "no cats here]\n") and out.count("\n") == 2
+    # a template in chat_template.jinja is named so; one of a GGUF by the .gguf
+    (tmp_path / "m" / "chat_template.jinja").write_text("{{ raise_exception('no jinja cats') }}")
+    assert cli.main(["generate", str(tmp_path / "m"), "--chat", "--prompt", "the cat", "--max-new-tokens", "2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"npllama: error: {tmp_path / 'm' / 'chat_template.jinja'}: "
+                                                        "the chat template refused the conversation: no jinja cats")
 
 
 # ---- corpora ---------------------------------------------------------------------------------------
@@ -116,6 +130,29 @@ def test_a_gzip_bomb_as_data_is_refused_in_bounded_memory_naming_the_file(tmp_pa
     small = tmp_path / "small.txt.gz"
     small.write_bytes(gzip.compress(b"to be or not to be\n" * 1000))
     assert load_text(small) == "to be or not to be\n" * 1000
+
+
+def test_a_corpus_file_with_megabytes_nowhere_to_cut_is_refused_naming_it(tmp_path, capsys):
+    """(was: a DataError from the tokenizer, naming no file, after the run directory was claimed)"""
+    from npllama import DataError
+    from npllama.data import load_corpus
+    from npllama.tokenizer import MAX_UNCUT_CHARS
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("the cat sat on the mat\n" * 1000)
+    (folder / "sub" / "b.txt").write_text("line one\nline two\n" + "=" * (MAX_UNCUT_CHARS + 1) + "\nend\n")
+    message = (f"{folder / 'sub' / 'b.txt'}: {MAX_UNCUT_CHARS + 1:,} characters from line 3 (character 18) on without "
+               "a place to cut them into words")
+    with pytest.raises(DataError) as e:
+        load_corpus(folder)
+    assert str(e.value).startswith(message)
+    assert cli.main(["train", "--data", str(folder), "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"npllama: error: {message}")
+    assert not (tmp_path / "run").exists()
+    # just under the limit: read
+    (folder / "sub" / "b.txt").write_text("=" * MAX_UNCUT_CHARS + " x")
+    assert len(load_corpus(folder).documents) == 2
 
 
 # ---- tracebacks that became one line ----------------------------------------------------------------

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import chat
-from ..chat_template import ChatTemplateError
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..model import Llama
@@ -270,8 +269,8 @@ def _chat(model, path, prompt: str, args) -> int:
     try:
         chat(model, model.tokenizer, read_message, write, system=args.system, max_new_tokens=args.max_new_tokens,
              refusal_ends=bool(args.prompt), on_answer=on_answer, seed=seed, **settings)
-    except (NonFiniteLogits, ChatTemplateError) as e:
-        raise type(e)(f"{path}: {e}") from None
+    except NonFiniteLogits as e:   # (the chat template's errors name its file: Tokenizer.apply_chat_template)
+        raise NonFiniteLogits(f"{path}: {e}") from None
     return 0
 
 
