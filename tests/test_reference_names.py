@@ -2,7 +2,8 @@
 
 1. Every named gradient ("grad.<activation>") equals central finite differences of the loss for a
    delta added at that activation (hypothesis, float64), also with packed rows, padding,
-   inputs_embeds, a summed loss and a backward from a given dlogits.
+   inputs_embeds, a summed loss and a backward from a given dlogits; and with the optional
+   pieces (LoRA adapters with dropout on their inputs, residual dropout), which act at those names.
 2. Packed rows (segment_ids + position_ids) compute what the documents compute alone, and a padded
    row what the row computes without its padding: checks that need no other implementation.
 3. float32 in, float32 out; bfloat16 emulation rounds the products' inputs.
@@ -16,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 import npllama
 from npllama import reference
 from npllama.errors import InputError
-from npllama.gradcheck import LLAMA3_SCALING, random_params, relative_error, richardson_gradient
+from npllama.gradcheck import LLAMA3_SCALING, random_dropout_masks, random_params, relative_error, richardson_gradient
+from npllama.layers.dropout import dropout_forward
 
 FD_TOLERANCE = 1e-6
 # Richardson's differences at h = 1e-4 carry ~eps |L| / h ~ 2e-11 of rounding (measured: 1.2e-11 on a
@@ -112,6 +114,39 @@ def test_named_gradients_with_inputs_embeds_sum_loss_and_given_dlogits():
     assert again.loss is None
     for name in params:
         np.testing.assert_allclose(again["grad." + name], from_tokens["grad." + name], rtol=0, atol=1e-15)
+
+
+def test_named_gradients_with_lora_and_dropout():
+    """LoRA and residual dropout act at the named points (reference.py's LoRA, ResidualDropout): with
+    both on, every named gradient still matches finite differences of the patched run; an adapted
+    projection's output includes its adapter's term; the parameters' gradients are the adapters'."""
+    cfg = npllama.LlamaConfig(vocab_size=9, dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=6,
+                              max_seq_len=8, dropout=0.25)
+    r = np.random.default_rng(5)
+    params = random_params(cfg, r)
+    tokens, targets = r.integers(0, 9, size=(2, 5)), r.integers(0, 9, size=(2, 5))
+    lora, lora_masks = {}, {}
+    for i in range(cfg.n_layers):
+        for projection in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{projection}"
+            out, inp = params[name + ".weight"].shape
+            lora[name] = (r.normal(size=(2, inp)), r.normal(size=(out, 2)), 1.5)
+            lora_masks[name] = dropout_forward(np.ones((2, 5, inp)), 0.3, r, True)[1]
+    dropout_masks = random_dropout_masks(cfg, 2, 5, r)
+    kw = dict(lora=lora, lora_masks=lora_masks, dropout_masks=dropout_masks)
+    run = fd_check_every_name(params, cfg, tokens, targets, r, **kw)
+    a, b, scale = lora["model.layers.1.self_attn.q_proj"]
+    n1, m = run["model.layers.1.input_layernorm"], lora_masks["model.layers.1.self_attn.q_proj"]
+    np.testing.assert_allclose(run["model.layers.1.self_attn.q_proj"],
+                               n1 @ params["model.layers.1.self_attn.q_proj.weight"].T + scale * (n1 * m) @ a.T @ b.T,
+                               rtol=1e-13, atol=1e-13)
+    loss, grads = reference.loss_and_grad(params, cfg, tokens, targets, **kw)
+    assert run.loss == loss
+    assert set(grads) == {f"{name}.lora_{m}.weight" for name in lora for m in "AB"}
+    for name, g in grads.items():
+        np.testing.assert_array_equal(run["grad." + name], g)
+    plain = reference.run_with_cache(params, cfg, tokens, targets)     # without them: another run
+    assert abs(plain.loss - loss) > 1e-3
 
 
 def test_run_agrees_with_forward_and_loss_and_grad():
