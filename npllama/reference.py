@@ -564,7 +564,8 @@ class LoRA:
         self.input_of = {}                                  # projection -> the name of its input
         for name in self.adapters:
             layer, _, projection = name.removeprefix("model.layers.").partition(".")
-            if not (name.startswith("model.layers.") and projection in PROJECTION_INPUTS and name + ".weight" in params):
+            known = name.startswith("model.layers.") and projection in PROJECTION_INPUTS
+            if not (known and name + ".weight" in params):
                 raise ValueError(f"LoRA adapter {name!r} names no projection of the model")
             self.input_of[name] = f"model.layers.{layer}.{PROJECTION_INPUTS[projection]}"
         self.inputs, self.caches, self.input_grads, self.grads = {}, {}, {}, {}
@@ -592,7 +593,8 @@ class LoRA:
 
     def gradients(self):
         """The adapters' gradients, "<module>.lora_A.weight" and "<module>.lora_B.weight" for each."""
-        return {f"{name}.lora_{m}.weight": self.grads[f"{name}.lora_{m}.weight"] for name in self.adapters for m in "AB"}
+        return {f"{name}.lora_{m}.weight": self.grads[f"{name}.lora_{m}.weight"]
+                for name in self.adapters for m in "AB"}
 
 
 # ---- input checks: one clear error each --------------------------------------------------------------

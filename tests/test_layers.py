@@ -311,14 +311,14 @@ def test_swiglu_kernels_equal_reference(dtype, seed, n, f):
 def test_swiglu_one_row_equals_its_row_in_a_batch(dtype, rng):
     """A decoding step's SwiGLU (one row, on the calling thread) is the arithmetic of the same row
     among 40 spread over the threads, bit for bit, and the reference's."""
-    au = normal(rng, (40, 2 * 768), dtype, scale=3.0)
+    gate_up = normal(rng, (40, 2 * 768), dtype, scale=3.0)
     batch = np.empty((40, 768), dtype=dtype)
-    swiglu.swiglu_forward_kernel(au, batch)
+    swiglu.swiglu_forward_kernel(gate_up, batch)
     for n in (0, 21, 39):
         one = np.empty((1, 768), dtype=dtype)
-        swiglu.swiglu_forward_kernel(au[n:n + 1], one)
+        swiglu.swiglu_forward_kernel(gate_up[n:n + 1], one)
         np.testing.assert_array_equal(one[0], batch[n])
-    assert_kernel_equals_reference(batch, swiglu.swiglu_forward_reference(*f64(au[:, :768], au[:, 768:]))[0], dtype)
+    assert_kernel_equals_reference(batch, swiglu.swiglu_forward_reference(*f64(gate_up[:, :768], gate_up[:, 768:]))[0], dtype)
 
 
 @given(seed=seeds, n=st.integers(1, 5), f=st.integers(1, 5))

@@ -25,7 +25,7 @@ references, and the tests hold the two equal).  What makes this one fast:
   norm's backward adds its branch into it (the identity path costs nothing);
 * each linear backward's two products, dW = dy^T x and dx = dy W, are one ``matmuls`` call (they
   may run on two threads), so dx goes to a scratch buffer;
-* the SwiGLU backward writes [da | du] over the gate/up activations, and the attention's cache is
+* the SwiGLU backward writes [dg | du] over the gate/up activations, and the attention's cache is
   dropped after its backward: a block's activations serve one backward.
 The attention itself is ``attention_forward`` / ``attention_backward`` (layers/attention.py) on
 strided (B, heads, T, hd) views of the q/k/v rows; it writes its output straight into the rows of o
@@ -35,7 +35,7 @@ strided (B, heads, T, hd) views of the q/k/v rows; it writes its output straight
 w_gate_up, w_down (``npllama.model`` makes them as views of its flat buffers).
 
 Shapes: N = B*T rows; x, h, n1, n2, out: (N, D); qkv: (N, (H + 2K) hd); o: (N, H hd);
-au: (N, 2F); g: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2).
+gate_up: (N, 2F); swiglu: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2).
 """
 import numpy as np
 
@@ -62,8 +62,8 @@ class BlockActivations:
     """What one block's forward keeps for its backward (N rows).
 
     x: block input;  n1, r1: its RMSNorm (output, 1/rms);  qkv: q and k rotated, v;  o: attention
-    output, heads merged;  h: after the attention residual;  n2, r2: its RMSNorm;  au: [a | u] gate
-    and up projections;  g: SwiGLU output;  attn_cache: the attention's cache;  mask_attn, mask_ffn:
+    output, heads merged;  h: after the attention residual;  n2, r2: its RMSNorm;  gate_up: [g | u]
+    the gate and up projections;  swiglu: the SwiGLU output s;  attn_cache: the attention's cache;  mask_attn, mask_ffn:
     the dropout masks (N, D) the caller sets before the forward, or None for no dropout;
     lora_caches: the LoRA adapters' caches by projection ("q_proj", ...), empty without adapters.
 
@@ -79,8 +79,8 @@ class BlockActivations:
         self.o = e(N, cfg.n_heads * hd)
         self.h = e(N, D)
         self.n2, self.r2 = (self.n1, self.r1) if in_place else (e(N, D), e(N))
-        self.au = e(N, 2 * F)
-        self.g = e(N, F)
+        self.gate_up = e(N, 2 * F)
+        self.swiglu = e(N, F)
         self.key_tiles = None                                       # made by the first forward (it knows B, T)
         self.attn_cache = None
         self.mask_attn = self.mask_ffn = None
@@ -90,14 +90,14 @@ class BlockActivations:
 class BlockScratch:
     """Buffers used by one block at a time: proj (N, D), the output of W_o or W_down before its
     residual add; dres (N, D), the residual stream's gradient; dn (N, D), the gradient of a norm's
-    output; dg (N, F), do (N, H*hd), dqkv (N, (H+2K)*hd), the gradients of the SwiGLU output, the
+    output; dswiglu (N, F), do (N, H*hd), dqkv (N, (H+2K)*hd), the gradients of the SwiGLU output, the
     attention output and the q/k/v projection; dw_partial, partial sums of a norm gain's gradient."""
 
     def __init__(self, cfg, N, dtype):
         hd = cfg.head_dim
         e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
         self.proj, self.dres, self.dn = e(N, cfg.dim), e(N, cfg.dim), e(N, cfg.dim)
-        self.dg = e(N, cfg.hidden_dim)
+        self.dswiglu = e(N, cfg.hidden_dim)
         self.do = e(N, cfg.n_heads * hd)
         self.dqkv = e(N, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd)
         self.dw_partial = e(rmsnorm_dw_chunks(N), cfg.dim)
@@ -105,7 +105,7 @@ class BlockScratch:
 
 def projection_columns(cfg):
     """Each projection's columns in the output of the fused product it is part of: q, k, v in qkv,
-    gate and up in au; o_proj and down_proj are products of their own (all columns)."""
+    gate and up in gate_up; o_proj and down_proj are products of their own (all columns)."""
     q, kv, F = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
     return {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv),
             "o_proj": slice(None), "gate_proj": slice(0, F), "up_proj": slice(F, 2 * F), "down_proj": slice(None)}
@@ -143,7 +143,7 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     ``acts`` and writes the block's output to ``out`` (N, D): the next block's input, or acts.x
     itself when ``acts`` is in place.  adapters: None, or LoRA adapters by projection
     ({"q_proj": (A, B, scale, mask or None), ...}; mask (N, in) is the dropout on the adapter's input)."""
-    cfg, B, T, s = batch.cfg, batch.B, batch.T, batch.scratch
+    cfg, B, T, scratch = batch.cfg, batch.B, batch.T, batch.scratch
     adapters, cols = adapters or {}, batch.columns
     acts.lora_caches = {}
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -159,20 +159,20 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
         acts.key_tiles = key_tile_buffers(B, K, T, hd, acts.qkv.dtype)
     _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3),
                                            tiles=acts.key_tiles)
-    matmuls((acts.o, w["wo"].T, s.proj))
-    _adapters_forward(acts, adapters, ("o_proj",), acts.o, s.proj, cols)
+    matmuls((acts.o, w["wo"].T, scratch.proj))
+    _adapters_forward(acts, adapters, ("o_proj",), acts.o, scratch.proj, cols)
     if acts.mask_attn is not None:
-        s.proj *= acts.mask_attn
-    rmsnorm_forward_kernel(acts.x, w["ffn_norm"], eps, acts.n2, acts.r2, s.proj, acts.h)
+        scratch.proj *= acts.mask_attn
+    rmsnorm_forward_kernel(acts.x, w["ffn_norm"], eps, acts.n2, acts.r2, scratch.proj, acts.h)
     # feed-forward branch:  out = h + Dropout(W_down swiglu(W_gate_up n2))
-    matmuls((acts.n2, w["w_gate_up"].T, acts.au))
-    _adapters_forward(acts, adapters, ("gate_proj", "up_proj"), acts.n2, acts.au, cols)
-    swiglu_forward_kernel(acts.au, acts.g)
-    matmuls((acts.g, w["w_down"].T, s.proj))
-    _adapters_forward(acts, adapters, ("down_proj",), acts.g, s.proj, cols)
+    matmuls((acts.n2, w["w_gate_up"].T, acts.gate_up))
+    _adapters_forward(acts, adapters, ("gate_proj", "up_proj"), acts.n2, acts.gate_up, cols)
+    swiglu_forward_kernel(acts.gate_up, acts.swiglu)
+    matmuls((acts.swiglu, w["w_down"].T, scratch.proj))
+    _adapters_forward(acts, adapters, ("down_proj",), acts.swiglu, scratch.proj, cols)
     if acts.mask_ffn is not None:
-        s.proj *= acts.mask_ffn
-    np.add(acts.h, s.proj, out=out)
+        scratch.proj *= acts.mask_ffn
+    np.add(acts.h, scratch.proj, out=out)
 
 
 def _input_gradient(dy, x, w, dw_name, dx, dw):
@@ -188,32 +188,32 @@ def decoder_block_backward_rows(acts, w, dw, batch, adapter_grads=None):
     """Backward of one block.  On entry batch.scratch.dres holds dL/d(block output); on return
     dL/d(block input).  The weight gradients are written into ``dw``'s buffers; dw=None: the
     block's weights are frozen and none is computed.  adapter_grads: the LoRA adapters' (dA, dB)
-    buffers by projection, for the adapters of the forward.  Overwrites acts.au with its gradient
+    buffers by projection, for the adapters of the forward.  Overwrites acts.gate_up with its gradient
     and drops the attention cache (see the module docstring)."""
-    cfg, B, T, s = batch.cfg, batch.B, batch.T, batch.scratch
+    cfg, B, T, scratch = batch.cfg, batch.B, batch.T, batch.scratch
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dres, cols = s.dres, batch.columns
+    dres, cols = scratch.dres, batch.columns
     # feed-forward branch:  out = h + W_down swiglu(W_gate_up n2)
-    df = dres if acts.mask_ffn is None else np.multiply(dres, acts.mask_ffn, out=s.proj)
-    _input_gradient(df, acts.g, w["w_down"], "w_down", s.dg, dw)
-    _adapters_backward(acts, adapter_grads, ("down_proj",), df, s.dg, cols)
-    swiglu_backward_kernel(s.dg, acts.au)                       # [da | du] over au
-    _input_gradient(acts.au, acts.n2, w["w_gate_up"], "w_gate_up", s.dn, dw)
-    _adapters_backward(acts, adapter_grads, ("gate_proj", "up_proj"), acts.au, s.dn, cols)
-    rmsnorm_backward_kernel(s.dn, acts.h, w["ffn_norm"], acts.r2, dres, s.dw_partial, True)
+    dffn_out = dres if acts.mask_ffn is None else np.multiply(dres, acts.mask_ffn, out=scratch.proj)
+    _input_gradient(dffn_out, acts.swiglu, w["w_down"], "w_down", scratch.dswiglu, dw)
+    _adapters_backward(acts, adapter_grads, ("down_proj",), dffn_out, scratch.dswiglu, cols)
+    swiglu_backward_kernel(scratch.dswiglu, acts.gate_up)           # [dg | du] over gate_up
+    _input_gradient(acts.gate_up, acts.n2, w["w_gate_up"], "w_gate_up", scratch.dn, dw)
+    _adapters_backward(acts, adapter_grads, ("gate_proj", "up_proj"), acts.gate_up, scratch.dn, cols)
+    rmsnorm_backward_kernel(scratch.dn, acts.h, w["ffn_norm"], acts.r2, dres, scratch.dw_partial, True)
     if dw is not None:
-        np.sum(s.dw_partial, axis=0, out=dw["ffn_norm"])
+        np.sum(scratch.dw_partial, axis=0, out=dw["ffn_norm"])
     # attention branch:  h = x + W_o attention(rope(q), rope(k), v)
-    da = dres if acts.mask_attn is None else np.multiply(dres, acts.mask_attn, out=s.proj)
-    _input_gradient(da, acts.o, w["wo"], "wo", s.do, dw)
-    _adapters_backward(acts, adapter_grads, ("o_proj",), da, s.do, cols)
-    do = s.do.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-    dq, dk, dv = split_heads(s.dqkv.reshape(B, T, -1), H, K, hd)
+    dattn_out = dres if acts.mask_attn is None else np.multiply(dres, acts.mask_attn, out=scratch.proj)
+    _input_gradient(dattn_out, acts.o, w["wo"], "wo", scratch.do, dw)
+    _adapters_backward(acts, adapter_grads, ("o_proj",), dattn_out, scratch.do, cols)
+    do = scratch.do.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    dq, dk, dv = split_heads(scratch.dqkv.reshape(B, T, -1), H, K, hd)
     attention_backward(do, acts.attn_cache, dq=dq, dk=dk, dv=dv)
     acts.attn_cache = None
-    rope_kernel(s.dqkv, H + K, hd, batch.cos, batch.sin, s.dqkv.dtype.type(-1.0), 0, T)
-    _input_gradient(s.dqkv, acts.n1, w["wqkv"], "wqkv", s.dn, dw)
-    _adapters_backward(acts, adapter_grads, ("q_proj", "k_proj", "v_proj"), s.dqkv, s.dn, cols)
-    rmsnorm_backward_kernel(s.dn, acts.x, w["attn_norm"], acts.r1, dres, s.dw_partial, True)
+    rope_kernel(scratch.dqkv, H + K, hd, batch.cos, batch.sin, scratch.dqkv.dtype.type(-1.0), 0, T)
+    _input_gradient(scratch.dqkv, acts.n1, w["wqkv"], "wqkv", scratch.dn, dw)
+    _adapters_backward(acts, adapter_grads, ("q_proj", "k_proj", "v_proj"), scratch.dqkv, scratch.dn, cols)
+    rmsnorm_backward_kernel(scratch.dn, acts.x, w["attn_norm"], acts.r1, dres, scratch.dw_partial, True)
     if dw is not None:
-        np.sum(s.dw_partial, axis=0, out=dw["attn_norm"])
+        np.sum(scratch.dw_partial, axis=0, out=dw["attn_norm"])
