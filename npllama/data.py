@@ -435,17 +435,19 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _encode(tokenizer, text: str) -> np.ndarray:
-    encode = getattr(tokenizer, "encode_long", None) or tokenizer.encode
-    return np.asarray(encode(text))
+def _encode(tokenizer, text: str, progress=None) -> np.ndarray:
+    if getattr(tokenizer, "encode_long", None) is None:
+        return np.asarray(tokenizer.encode(text))
+    return np.asarray(tokenizer.encode_long(text, progress=progress))
 
 
-def cached_tokens(text: str, tokenizer, cache_dir: str | os.PathLike, name: str) -> np.ndarray:
+def cached_tokens(text: str, tokenizer, cache_dir: str | os.PathLike, name: str, progress=None) -> np.ndarray:
     """Token ids of ``text`` read (memory-mapped) from ``cache_dir/{name}.tokens``.
 
     The file is raw little-endian ``token_dtype(vocab)`` ids. Its JSON sidecar ``{name}.json`` holds
     the tokenizer fingerprint, the text's SHA-256, dtype, number of tokens and of UTF-8 bytes; when any
-    of them differs from the current ones (or the file size is wrong) the text is tokenized again.
+    of them differs from the current ones (or the file size is wrong) the text is tokenized again
+    (``progress`` as ``Tokenizer.encode_long`` takes it).
     The sidecar is deleted before and rewritten after the token file, both atomically, so a crash
     in between leaves no sidecar and hence a rebuild, never a stale match.
     """
@@ -465,7 +467,7 @@ def cached_tokens(text: str, tokenizer, cache_dir: str | os.PathLike, name: str)
     if cached is not None:
         return cached
 
-    ids = _encode(tokenizer, text)
+    ids = _encode(tokenizer, text, progress)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
         raise DataError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
     tokens = ids.astype(dtype.newbyteorder("<"), copy=False)
@@ -536,16 +538,22 @@ class TokenDataset:
 
     @classmethod
     def from_texts(cls, train_text: str, val_text: str, tokenizer,
-                   cache_dir: str | os.PathLike | None = None) -> "TokenDataset":
+                   cache_dir: str | os.PathLike | None = None, progress=None) -> "TokenDataset":
         """Tokenize a training and a held-out text (a ``Split``'s, or any two); ``cache_dir`` as in
-        ``from_text``."""
+        ``from_text``; ``progress(characters_done, characters)`` called as the texts are tokenized."""
+        if progress is not None:
+            total, train_chars = len(train_text) + len(val_text), len(train_text)
+            progress_train = lambda done, _: progress(done, total)                # noqa: E731
+            progress_val = lambda done, _: progress(train_chars + done, total)    # noqa: E731
+        else:
+            progress_train = progress_val = None
         if cache_dir is None:
             dtype = token_dtype(tokenizer.vocab_size)
-            train = _encode(tokenizer, train_text).astype(dtype)
-            val = _encode(tokenizer, val_text).astype(dtype)
+            train = _encode(tokenizer, train_text, progress_train).astype(dtype)
+            val = _encode(tokenizer, val_text, progress_val).astype(dtype)
         else:
-            train = cached_tokens(train_text, tokenizer, cache_dir, "train")
-            val = cached_tokens(val_text, tokenizer, cache_dir, "val")
+            train = cached_tokens(train_text, tokenizer, cache_dir, "train", progress_train)
+            val = cached_tokens(val_text, tokenizer, cache_dir, "val", progress_val)
         return cls(train_tokens=train, val_tokens=val, train_bytes=len(train_text.encode("utf-8")),
                    val_bytes=len(val_text.encode("utf-8")), vocab_size=tokenizer.vocab_size)
 

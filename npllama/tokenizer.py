@@ -92,7 +92,7 @@ class Tokenizer:
         self._template_read = (chat_template, None if chat_template_file is None else str(chat_template_file))
         self._fingerprint: str | None = None
         self._regex_parts: dict[str, tuple[str, ...]] = {}
-        self._cut_at_newlines: bool | None = None
+        self._chunking_found: tuple | None = None
 
     # ----------------------------------------------------------------------------------- build
     @classmethod
@@ -294,31 +294,70 @@ class Tokenizer:
         encoding = self._call("encode", self.hf_tokenizer.encode, text, add_special_tokens=False)
         return np.asarray(encoding.ids, dtype=np.int64)
 
-    def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> np.ndarray:
+    def encode_long(self, text: str, chunk_chars: int = ENCODE_CHUNK_CHARS, progress=None) -> np.ndarray:
         """Same ids as ``encode(text)``, faster and leaner on long texts (a whole corpus).
 
-        The text is cut into chunks of about ``chunk_chars`` where the GPT-2 regex starts a word
-        whatever follows (``split_at_safe_cuts``: before the last whitespace character of a run
-        that a word character follows), so no word (and hence no BPE merge) crosses a cut and the
-        chunks' ids concatenate to the ids of the whole, whatever the line endings, on one long
-        line too. Chunks are then encoded in parallel. The cut is only valid for a pure
-        ``ByteLevel(add_prefix_space=False)`` pre-tokenizer without normalizer (what ``train``
-        builds); any other tokenizer is encoded whole.
+        The text is cut into chunks of about ``chunk_chars`` where no token can cross the cut, so
+        that the chunks' ids concatenate to the ids of the whole, and the chunks are encoded in
+        parallel, a few at a time (only their encodings live at once).  Where may be cut depends on
+        the tokenizer (``_Chunking``):
+
+        * byte-level BPE with GPT-2's regex (what ``train`` builds, SmolLM2's): where the regex
+          starts a word whatever follows (``split_at_safe_cuts``: before the last whitespace
+          character of a run that a word character follows), whatever the line endings, on one
+          long line too;
+        * SentencePiece-style BPE, which sees the text as one word (a Metaspace pre-tokenizer, as
+          the GGUF reader and Llama-2's tokenizer.json build, or Llama-2's older Prepend + Replace
+          normalizer): between two characters that no token of the vocabulary holds side by side
+          (``split_between_pairs``: a word's end and the ``▁`` of the next), each chunk after the
+          first encoded without the ``▁`` put before the text's start.
+
+        Any other tokenizer is encoded whole.  ``progress``, if given, is called as
+        ``progress(characters_done, characters)`` after each few chunks (once, a text encoded whole).
         """
         if not isinstance(text, str):
             raise InputError(f"encode_long expects a str, got {type(text).__name__}")
-        if not self._can_cut_at_newlines() or len(text) <= chunk_chars:
-            return self.encode(text)
-        chunks = split_at_safe_cuts(text, chunk_chars, self._added_contents)
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody reads here:
-        # 1.6 -> 0.9 s for the bundled corpus on 2 cores
-        encode_batch = getattr(self.hf_tokenizer, "encode_batch_fast", self.hf_tokenizer.encode_batch)
-        parts = []
+        chunking = self._chunking()
+        if chunking is None or len(text) <= chunk_chars:
+            ids = self.encode(text)
+            if progress is not None:
+                progress(len(text), len(text))
+            return ids
+        chunks = chunking.split(text, chunk_chars)
+        parts, done = [], 0
         group = 64  # encode a few chunks at a time so only their Encoding objects live at once
         for i in range(0, len(chunks), group):
-            encodings = self._call("encode", encode_batch, chunks[i:i + group], add_special_tokens=False)
-            parts.extend(np.asarray(e.ids, dtype=np.int64) for e in encodings)
+            parts.extend(self._encode_chunks(chunks[i:i + group], chunking, first=i == 0))
+            done += sum(len(c) for c in chunks[i:i + group])
+            if progress is not None:
+                progress(done, len(text))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _encode_chunks(self, chunks: list[str], chunking: "_Chunking", first: bool) -> list[np.ndarray]:
+        """The ids of consecutive chunks of a text (``first``: the text's first chunk among them).
+        A chunk after the first goes to ``chunking.continuation`` (no ``▁`` put before it) up to
+        its first added token, from there to the tokenizer itself (after an added token a
+        tokenizer that prepends ``▁`` to each piece of text does so in the whole text too)."""
+        continuation = chunking.continuation or self.hf_tokenizer
+        jobs = []   # (tokenizer, text) in the text's order
+        for k, chunk in enumerate(chunks):
+            if (first and k == 0) or chunking.continuation is None:
+                jobs.append((self.hf_tokenizer, chunk))
+                continue
+            at = min((i for i in (chunk.find(t) for t in chunking.added if t) if i >= 0), default=len(chunk))
+            if at > 0:
+                jobs.append((continuation, chunk[:at]))
+            if at < len(chunk):
+                jobs.append((self.hf_tokenizer, chunk[at:]))
+        ids = {}
+        for hf in {id(hf): hf for hf, _ in jobs}.values():
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody reads here:
+            # 1.6 -> 0.9 s for the bundled corpus on 2 cores
+            encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
+            mine = [i for i, (h, _) in enumerate(jobs) if h is hf]
+            encodings = self._call("encode", encode_batch, [jobs[i][1] for i in mine], add_special_tokens=False)
+            ids.update((i, np.asarray(e.ids, dtype=np.int64)) for i, e in zip(mine, encodings))
+        return [ids[i] for i in range(len(jobs))]
 
     def decode(self, ids) -> str:
         """Text of a sequence of token ids (special tokens are kept as their text).
@@ -417,23 +456,132 @@ class Tokenizer:
                 return token_id
         return None
 
-    def _can_cut_at_newlines(self) -> bool:
-        if self._cut_at_newlines is None:
-            spec = json.loads(self.hf_tokenizer.to_str())
-            pre = spec.get("pre_tokenizer") or {}
-            # A Sequence of that one ByteLevel is the same pre-tokenizer: how the GGUF reader rebuilds
-            # GPT-2-style ones (SmolLM2's); encoded whole, its corpus costs ~10x the memory.
-            if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
-                pre = pre["pretokenizers"][0] or {}
-            added = spec.get("added_tokens") or []
-            self._added_contents = tuple(t.get("content", "") for t in added)
-            self._cut_at_newlines = bool(
-                spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
-                and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
-                # (a token that holds or strips whitespace would reach across a cut)
-                and not any(c.isspace() for t in self._added_contents for c in t)
-                and not any(t.get("lstrip") or t.get("rstrip") for t in added))
-        return self._cut_at_newlines
+    def _chunking(self) -> "_Chunking | None":
+        """How ``encode_long`` may cut this tokenizer's text, or None: encoded whole."""
+        if self._chunking_found is None:
+            self._chunking_found = (_Chunking.of(json.loads(self.hf_tokenizer.to_str())),)
+        return self._chunking_found[0]
+
+
+class _Chunking:
+    """Where a tokenizer's text may be cut so that the pieces' ids concatenate to the whole's (see
+    ``Tokenizer.encode_long``): ``kind`` "words" (byte-level BPE, GPT-2's regex) or "pairs"
+    (SentencePiece-style BPE); ``added`` the added tokens' text (never cut into, never cut before:
+    "words"); for "pairs", ``inside`` the pairs of characters some token holds side by side,
+    ``spelled`` what the normalizer and pre-tokenizer make of a character (" " -> "▁"),
+    ``unknown_fused`` whether two characters outside the vocabulary become one unknown token, and
+    ``continuation`` the tokenizer for the pieces after the first (nothing put before them)."""
+
+    def __init__(self, kind, added, inside=frozenset(), spelled=None, vocab=frozenset(), unknown_fused=False,
+                 continuation=None):
+        self.kind, self.added, self.inside, self.spelled = kind, added, inside, spelled or {}
+        self.vocab, self.unknown_fused, self.continuation = vocab, unknown_fused, continuation
+
+    @classmethod
+    def of(cls, spec: dict) -> "_Chunking | None":
+        """The chunking of the tokenizer whose tokenizer.json is ``spec``, or None."""
+        added = spec.get("added_tokens") or []
+        contents = tuple(t.get("content", "") for t in added)
+        # (a token that holds or strips whitespace, or matches only between words, would reach across a cut)
+        if any(c.isspace() for t in contents for c in t) or any(
+                t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+            return None
+        pre = spec.get("pre_tokenizer")
+        one = pre
+        # A Sequence of one ByteLevel is the same pre-tokenizer: how the GGUF reader rebuilds
+        # GPT-2-style ones (SmolLM2's); encoded whole, its corpus costs ~10x the memory.
+        if one and one.get("type") == "Sequence" and len(one.get("pretokenizers") or []) == 1:
+            one = one["pretokenizers"][0] or {}
+        if (spec.get("normalizer") is None and one and one.get("type") == "ByteLevel"
+                and one.get("use_regex", True) and not one.get("add_prefix_space", False)):
+            return cls("words", contents)
+        return cls._sentencepiece(spec, contents)
+
+    @classmethod
+    def _sentencepiece(cls, spec: dict, contents: tuple[str, ...]) -> "_Chunking | None":
+        """BPE over each stretch of text between added tokens as one word (or its pieces starting
+        at ``▁``: Metaspace's split), after a normalizer of one-character Replace and Prepend steps
+        and a Metaspace pre-tokenizer: a cut between two characters no token holds side by side
+        changes no merge.  The continuation tokenizer, for a piece's text up to its first added
+        token (the middle of a stretch in the whole text), is the same without what is put before
+        a stretch (the Prepend steps, the Metaspace's ``▁``)."""
+        model = spec.get("model") or {}
+        if (model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges")
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+            return None
+        continuation = json.loads(json.dumps(spec))
+        spelled: dict[str, str] = {}
+
+        def replace(old: str, new: str):
+            for k in spelled:
+                spelled[k] = spelled[k].replace(old, new)
+            spelled.setdefault(old, new)
+
+        normalizer = spec.get("normalizer")
+        if normalizer is not None:
+            if any(t.get("normalized") for t in spec.get("added_tokens") or []):
+                return None   # (matched in normalized text)
+            steps = normalizer.get("normalizers") if normalizer.get("type") == "Sequence" else [normalizer]
+            kept = []
+            for step in steps or []:
+                pattern = (step.get("pattern") or {}).get("String") if step.get("type") == "Replace" else None
+                if step.get("type") == "Prepend":
+                    continue
+                if not (isinstance(pattern, str) and len(pattern) == 1 and step.get("content")):
+                    return None
+                replace(pattern, step["content"])
+                kept.append(step)
+            continuation["normalizer"] = {"type": "Sequence", "normalizers": kept} if kept else None
+        pre = spec.get("pre_tokenizer")
+        if pre is not None:
+            if pre.get("type") != "Metaspace" or pre.get("prepend_scheme") not in ("first", "always", "never"):
+                return None
+            replace(" ", pre.get("replacement") or "\u2581")
+            continuation["pre_tokenizer"]["prepend_scheme"] = "never"
+        if any(not v for v in spelled.values()):
+            return None
+        tokens = list((model.get("vocab") or {}).keys())
+        inside = frozenset(t[i:i + 2] for t in tokens + list(contents) for i in range(len(t) - 1))
+        return cls("pairs", contents, inside, spelled, frozenset(t for t in tokens if len(t) == 1),
+                   bool(model.get("fuse_unk")), tokenizers.Tokenizer.from_str(json.dumps(continuation)))
+
+    def split(self, text: str, chunk_chars: int) -> list[str]:
+        if self.kind == "words":
+            return split_at_safe_cuts(text, chunk_chars, self.added)
+        return split_between_pairs(text, chunk_chars, self.can_cut, self.added)
+
+    def can_cut(self, left: str, right: str) -> bool:
+        """Whether a cut between the characters ``left`` and ``right`` changes no token."""
+        a, b = self.spelled.get(left, left)[-1], self.spelled.get(right, right)[0]
+        return a + b not in self.inside and not (self.unknown_fused and a not in self.vocab and b not in self.vocab)
+
+
+def split_between_pairs(text: str, chunk_chars: int, can_cut, added_tokens=()) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_chars`` characters, each cut at the first place
+    after that where ``can_cut(left character, right character)``, not just after one of
+    ``added_tokens`` (there the whole text starts a new stretch, which a tokenizer may put a ``▁``
+    before; a piece of text starting there would be a stretch of its own either way, but the first
+    of its text, which a tokenizer may treat apart).  ``"".join(pieces) == text``.
+
+    Raises:
+        DataError: more than ``MAX_UNCUT_CHARS`` characters in a row without such a place."""
+    pieces, start, n = [], 0, len(text)
+    while n - start > chunk_chars:
+        cut = start + chunk_chars
+        stop = min(n, cut + MAX_UNCUT_CHARS)
+        while cut < stop and not (can_cut(text[cut - 1], text[cut])
+                                   and not any(text.endswith(t, 0, cut) for t in added_tokens if t)):
+            cut += 1
+        if cut >= n:
+            break
+        if cut >= stop:
+            raise DataError(f"the text has more than {MAX_UNCUT_CHARS:,} characters from character "
+                            f"{start + chunk_chars:,} on without a place this tokenizer's words can be cut "
+                            "apart: not text it can encode in bounded memory")
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def _collect_regexes(spec, found: list) -> None:

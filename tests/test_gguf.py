@@ -209,6 +209,10 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.id_to_token(int(ids[0])) == "\u2581abc" and tok.token_to_id("</s>") in ids.tolist()
+    # a corpus is encoded in chunks to the same ids (was: whole, one word of BPE)
+    long_text = "".join(np.random.default_rng(0).choice(["abc", " ab", "  ", "ca", "\n", "é", "</s>", " c"], 3000))
+    assert tok._chunking().kind == "pairs" and len(tok._chunking().split(long_text, 50)) > 100
+    np.testing.assert_array_equal(tok.encode_long(long_text, chunk_chars=50), tok.encode(long_text))
     transformers = pytest.importorskip("transformers")
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
     theirs, _ = convert_gguf_tokenizer(*get_gguf_tokenizer(str(tmp_path / "sp.gguf"))[:2])

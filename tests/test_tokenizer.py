@@ -156,12 +156,12 @@ def test_encode_long_cuts_a_sequence_of_one_byte_level_pre_tokenizer(tricky_tok,
     wrapped.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                               use_regex=True)])
     t = Tokenizer(wrapped)
-    assert t._can_cut_at_newlines()
+    assert t._chunking().kind == "words"
     np.testing.assert_array_equal(t.encode_long(text, chunk_chars=chunk_chars), tricky_tok.encode(text))
     split = tokenizers.Tokenizer.from_str(tricky_tok.hf_tokenizer.to_str())
     split.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(r"\n"), "isolated"),
                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert not Tokenizer(split)._can_cut_at_newlines()
+    assert Tokenizer(split)._chunking() is None
 
 
 def test_encode_long_cut_rule_matters():
@@ -188,6 +188,70 @@ def test_a_corpus_is_cut_into_bounded_chunks_whatever_its_line_endings(tok, samp
     assert "".join(pieces) == text
     assert len(pieces) >= len(text) // 1100 and max(len(p) for p in pieces) < 1100
     np.testing.assert_array_equal(tok.encode_long(text, chunk_chars=1000), tok.encode(text))
+
+
+# SentencePiece-style tokenizers see a whole stretch of text as one word (Metaspace without split, or
+# Llama-2's Prepend + Replace normalizer): merges across "▁", a stray "▁" in the text, unknown
+# characters, special tokens.
+SP_PIECES = ["a", "b", "c", "ab", "ba", " ", "  ", "\n", "\t", "\r\n", ".", "the", " the", " cab", "é", "東",
+             "\u2581", "</s>", "<s>"]
+SP_TEXT = st.lists(st.sampled_from(SP_PIECES), max_size=300).map("".join)
+
+
+def sentencepiece_style(kind: str, prepend: str = "first", split: bool = False) -> Tokenizer:
+    """A BPE trained on SP_PIECES text as one word per line: merges across spaces ("b▁c", "▁▁t")."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=kind == "gguf"))
+    if kind == "metaspace":
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=split)
+        hf.decoder = decoders.Metaspace(prepend_scheme=prepend, split=split)
+    else:   # Llama-2's tokenizer.json before Metaspace's prepend_scheme
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    rng = np.random.default_rng(1)
+    lines = ["".join(rng.choice(SP_PIECES[:15], size=60)) for _ in range(400)]
+    hf.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False))
+    return Tokenizer(hf)
+
+
+SP_KINDS = [("metaspace", "first", False), ("metaspace", "always", False), ("metaspace", "never", False),
+            ("metaspace", "first", True), ("metaspace", "always", True), ("legacy", None, None)]
+
+
+@pytest.fixture(scope="module", params=SP_KINDS, ids=lambda k: "-".join(str(x) for x in k if x is not None))
+def sp_tok(request):
+    t = sentencepiece_style(*request.param)
+    if not request.param[2]:   # (tokens across a space, which a wrong cut would show; split: none)
+        assert any("\u2581" in v[1:-1] for v in t.hf_tokenizer.get_vocab())
+    return t
+
+
+@given(SP_TEXT, st.integers(1, 40))
+@settings(max_examples=150, deadline=None)
+def test_encode_long_cuts_sentencepiece_style_text_to_the_same_ids(sp_tok, text, chunk_chars):
+    """(was: encoded whole, the corpus one word of BPE however long it is)"""
+    assert sp_tok._chunking().kind == "pairs"
+    seen = []
+    ids = sp_tok.encode_long(text, chunk_chars=chunk_chars, progress=lambda done, total: seen.append((done, total)))
+    np.testing.assert_array_equal(ids, sp_tok.encode(text))
+    assert seen[-1] == (len(text), len(text))
+
+
+def test_encode_long_cuts_a_long_sentencepiece_text_into_chunks(sample_text):
+    t = sentencepiece_style("metaspace")
+    pieces = t._chunking().split(sample_text, 1000)
+    assert "".join(pieces) == sample_text and len(pieces) >= len(sample_text) // 1100
+    np.testing.assert_array_equal(t.encode_long(sample_text, chunk_chars=1000), t.encode(sample_text))
+
+
+def test_a_sentencepiece_text_nowhere_to_cut_is_refused(monkeypatch):
+    from npllama.errors import DataError
+    monkeypatch.setattr("npllama.tokenizer.MAX_UNCUT_CHARS", 500)
+    t = sentencepiece_style("metaspace")
+    assert "ab" in t._chunking().inside
+    with pytest.raises(DataError, match="more than 500 characters from character 100 on without a place"):
+        t.encode_long("ab" * 400, chunk_chars=100)
+    np.testing.assert_array_equal(t.encode_long("ab" * 200 + " c", chunk_chars=100), t.encode("ab" * 200 + " c"))
 
 
 def test_encode_long_on_corpus_cuts_and_matches(tok, sample_text):
@@ -272,7 +336,8 @@ def test_wraps_foreign_tokenizer_json(tmp_path):
     text = "the cat sat on the log"
     assert t.decode(t.encode(text)) == text
     long_text = "the cat sat\non the mat\n" * 10
-    # Cutting at newlines is unsafe for Metaspace (it prepends ▁ to every piece): encoded whole.
+    # (cut between characters no token holds together, each piece after the first without a ▁ before it)
+    assert t._chunking().kind == "pairs"
     np.testing.assert_array_equal(t.encode_long(long_text, chunk_chars=8), t.encode(long_text))
 
 
@@ -299,3 +364,21 @@ def test_a_text_with_nowhere_to_cut_is_refused_not_encoded_whole(tok):
     with pytest.raises(DataError, match=r"characters from character 65,536 on without a place to cut"):
         tok.encode_long(text)
     assert len(split_at_safe_cuts("a b\n" * 10 + "x" * 1000, 8)) > 1   # (a long word below the limit: kept whole)
+
+
+def test_a_corpus_being_tokenized_reports_its_progress(tok, sample_text, monkeypatch, capsys):
+    from npllama.data import TokenDataset
+    from npllama.train import progress
+    seen = []
+    data = TokenDataset.from_texts(sample_text[:150_000], sample_text[150_000:], tok,
+                                   progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) >= 2 and all(total == len(sample_text) for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1][0] == len(sample_text)
+    np.testing.assert_array_equal(data.train_tokens, tok.encode(sample_text[:150_000]))
+    # what `npllama train` shows of it: a line every TOKENIZING_EVERY seconds, none at the end
+    monkeypatch.setattr(progress, "TOKENIZING_EVERY", 0.0)
+    report = progress.tokenizing_progress(True)
+    report(250, 1000)
+    report(1000, 1000)
+    assert capsys.readouterr().err == "tokenizing: 25% of 1,000 characters, 0s\n"
+    assert progress.tokenizing_progress(False) is None

@@ -133,7 +133,7 @@ def restore_run(run_dir: Path, verbose: bool) -> Run:
     if text_digest != state["data"]["text_sha256"] or state["data"].get("split_sha256", split.digest) != split.digest:
         raise CheckpointError(f"the corpus {cfg.data or '(bundled)'} (or --val-data) changed since the run started; "
                               "resuming would not continue the same run")
-    data = load_dataset(tokenizer, run_dir, split)
+    data = load_dataset(tokenizer, run_dir, split, verbose)
 
     model = Llama.from_pretrained(run_dir, dtype=DTYPES[cfg.dtype], quantized=not cfg.dequantize_base)
     base_sha256 = None

@@ -98,6 +98,27 @@ class Progress:
             self.bar = None
 
 
+TOKENIZING_EVERY = 10.0   # seconds between the lines on a corpus being tokenized
+
+
+def tokenizing_progress(verbose: bool):
+    """A ``progress(characters_done, characters)`` for tokenizing a corpus (Tokenizer.encode_long)
+    that says how far it is every ``TOKENIZING_EVERY`` seconds (a 100 MB corpus takes a minute or
+    more); None when not ``verbose``."""
+    if not verbose:
+        return None
+    start = last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= TOKENIZING_EVERY and done < total:
+            last = now
+            say(f"tokenizing: {100 * done / total:.0f}% of {total:,} characters, {now - start:.0f}s", True)
+
+    return progress
+
+
 def say(msg: str, verbose: bool) -> None:
     """A line on stderr that does not break the progress bar."""
     if verbose:

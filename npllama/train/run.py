@@ -20,6 +20,7 @@ from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 from . import corpus_cache
 from .config import TrainConfig
 from .distributed import World
+from .progress import tokenizing_progress
 from .run_dir import RunDirectory
 
 STATE_FILE = "training_state.json"
@@ -105,9 +106,11 @@ def read_split(cfg: TrainConfig) -> tuple[str, Split, str]:
     return text_sha256(corpus.text), split, "\n".join(lines + [split.description])
 
 
-def load_dataset(tokenizer, run_dir: Path, split: Split):
-    """The split corpus tokenized (or read back from RUN_DIR/tokens)."""
-    return TokenDataset.from_texts(split.train_text, split.val_text, tokenizer, cache_dir=run_dir / TOKENS_DIR)
+def load_dataset(tokenizer, run_dir: Path, split: Split, verbose: bool = False):
+    """The split corpus tokenized (or read back from RUN_DIR/tokens); with ``verbose``, a line every
+    ``TOKENIZING_EVERY`` seconds while a long corpus is tokenized."""
+    return TokenDataset.from_texts(split.train_text, split.val_text, tokenizer, cache_dir=run_dir / TOKENS_DIR,
+                                   progress=tokenizing_progress(verbose))
 
 
 def base_weights_sha256(base) -> str:

@@ -130,7 +130,7 @@ def _set_up(cfg: TrainConfig, directory: RunDirectory, text_digest: str, split: 
     t0 = time.monotonic()
     copied = cfg.init_from is None and corpus_cache.copy_tokens(cached, run_dir / TOKENS_DIR)
     copied_stamps = corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR)
-    data = load_dataset(tokenizer, run_dir, split)   # (checks copied tokens; tokenizes again if stale)
+    data = load_dataset(tokenizer, run_dir, split, verbose)   # (checks copied tokens; tokenizes again if stale)
     from_cache = copied and corpus_cache.sidecar_stamps(run_dir / TOKENS_DIR) == copied_stamps
     if cfg.init_from is None and not from_cache:
         corpus_cache.copy_tokens(run_dir / TOKENS_DIR, cached)
