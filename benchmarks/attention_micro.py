@@ -66,6 +66,7 @@ def model_layout_inputs(np, shape, dtype, seed=0):
 def load_attention(impl_file):
     """npllama's attention module, or the module in ``impl_file`` (same two functions) to compare."""
     sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, str(REPO_ROOT / "src"))
     if not impl_file:
         from npllama.layers import attention
         return attention

@@ -136,7 +136,7 @@ def set_thread_env(threads: int, env: dict | None = None) -> dict:
 def child_env(threads: int) -> dict:
     env = set_thread_env(threads, dict(LAUNCH_ENV))
     # Let children import both `benchmarks` and `npllama` from the repository checkout.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "src"), str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 

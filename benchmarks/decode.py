@@ -33,6 +33,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
 FRAMEWORKS = ("npllama", "hf")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import npllama  # noqa: E402
 from npllama import reference  # noqa: E402
 from npllama.golden import next_token_targets  # noqa: E402

@@ -55,6 +55,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
 CATEGORY_BY_NAME = (  # first substring of the (lower-case) function name that matches wins

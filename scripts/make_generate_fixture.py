@@ -38,6 +38,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from npllama.hf_oracle import float64_llama  # noqa: E402
 from make_hf_fixture import (AGREEMENT_LIMIT, functional_llama_logits, random_llama,  # noqa: E402
                              relative_error, save_pretrained_atomically)

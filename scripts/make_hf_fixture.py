@@ -52,6 +52,8 @@ import transformers
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from npllama.hf_oracle import causal_lm_loss, float64_llama, rope_inv_freq_float64  # noqa: E402
 
 FIXTURE_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"

@@ -52,6 +52,8 @@ import transformers
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's npllama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from npllama.hf_oracle import causal_lm_loss, float64_llama  # noqa: E402
 from make_hf_fixture import finite_difference_check, load_float64, random_batch, relative_error  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))   # this checkout's npllama
+sys.path.insert(0, str(ROOT / "src"))   # this checkout's npllama
 from npllama import hf_oracle  # noqa: E402
 from npllama.golden import next_token_targets, write_golden  # noqa: E402
 

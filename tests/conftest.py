@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,12 @@ settings.load_profile("npllama")
 
 # No machine-wide corpus cache (npllama/train/corpus_cache.py): every run trains its tokenizer.
 os.environ["NPLLAMA_CORPUS_CACHE"] = "0"
+
+# Every subprocess a test starts (`python -m npllama.cli ...`, examples, snippets) imports this
+# checkout's package, as the tests themselves do (pyproject's pythonpath = ["src"]), whichever
+# npllama pip installed.
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture

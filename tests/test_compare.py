@@ -110,7 +110,7 @@ def test_map_rules():
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "npllama.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=600)
 
 
 def test_reference_and_compare_commands(tmp_path, case):

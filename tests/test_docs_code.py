@@ -26,7 +26,7 @@ def normalise(line):
 
 def code_text():
     lines = set()
-    for path in list((ROOT / "npllama").rglob("*.py")) + list((ROOT / "examples").glob("*.py")):
+    for path in list((ROOT / "src" / "npllama").rglob("*.py")) + list((ROOT / "examples").glob("*.py")):
         lines.update(normalise(line) for line in path.read_text().splitlines())
     return "\n".join(sorted(lines - {""}))
 

@@ -26,7 +26,7 @@ SINGLE_THREAD = {"NPLLAMA_THREADS": "1"}
 
 def run_example(name, *args, cwd=None):
     env = {**os.environ, **SINGLE_THREAD,   # this checkout's npllama, not another installed one
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     return proc

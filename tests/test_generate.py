@@ -571,14 +571,14 @@ def test_report_on_a_line_of_its_own_when_stdout_and_stderr_share_a_file(run_dir
     with open(both, "w") as f:
         subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(run_dir), "--prompt", "To be",
                         "--max-new-tokens", "5", "--temperature", "0"], stdout=f, stderr=subprocess.STDOUT,
-                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")})
     lines = both.read_text().split("\n")
     assert lines[0].startswith("To be") and "npllama: prompt" not in lines[0]
     assert lines[1].startswith("npllama: prompt 2 tokens") and lines[2] == ""
     with open(both, "w") as out:   # stdout to a file, stderr elsewhere: the text exactly as generated
         subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(run_dir), "--prompt", "To be",
                         "--max-new-tokens", "5", "--temperature", "0"], stdout=out, stderr=subprocess.PIPE,
-                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")})
     assert both.read_text() == lines[0]
 
 

@@ -36,7 +36,7 @@ CONFIGS = {
 
 def reference_command(*args):
     done = subprocess.run([sys.executable, "-m", "npllama.cli", "reference", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=900)
+                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=900)
     assert done.returncode == 0, done.stderr
 
 

@@ -241,7 +241,7 @@ def test_a_tokenizer_file_whose_regex_gives_up_ends_in_one_line_naming_it(small_
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "npllama.cli", "generate", str(d), "--prompt", "a" * 30,
                            "--max-new-tokens", "2"], capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root), "RUST_BACKTRACE": backtrace})
+                          env={**os.environ, "PYTHONPATH": str(root / "src"), "RUST_BACKTRACE": backtrace})
     assert done.returncode == 1 and done.stdout == b""
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
@@ -255,7 +255,7 @@ def test_a_prompt_that_is_not_utf8_ends_in_one_error_line(small_model_dir):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "LC_ALL": "C.UTF-8", "RUST_BACKTRACE": "0"}
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "LC_ALL": "C.UTF-8", "RUST_BACKTRACE": "0"}
 
     def generate(*args, stdin=b""):
         return subprocess.run([sys.executable.encode(), b"-m", b"npllama.cli", b"generate", str(small_model_dir).encode(),
@@ -298,7 +298,7 @@ def test_temp_files_of_a_killed_write_are_removed_by_the_next_write_to_the_same_
     root = Path(__file__).resolve().parents[1]
     target = tmp_path / "model.bin"
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(root)})
+                              env={**os.environ, "PYTHONPATH": str(root / "src")})
     assert writer.stdout.readline() == b"writing\n"
     writer.send_signal(signal.SIGKILL)
     writer.wait()

@@ -29,10 +29,10 @@ def test_npllama_reference_matches_the_transformers_dump(name, tmp_path):
     golden = tmp_path / "golden.safetensors"
     done = subprocess.run([sys.executable, "-m", "npllama.cli", "reference", str(FIXTURES / name), "--tokens",
                            ";".join(",".join(map(str, row)) for row in tokens), "--out", str(golden)],
-                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src")}, timeout=600)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "npllama.cli", "compare", str(golden), str(oracle), "--rtol",
-                           str(HF_EQUAL)], capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
+                           str(HF_EQUAL)], capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src")},
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "missing" not in done.stdout and "not in GOLDEN" not in done.stdout, done.stdout
@@ -61,7 +61,7 @@ def test_packed_golden_file_from_the_command_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "npllama.cli", "reference", str(FIXTURES / "hf_gqa"),
                            "--tokens", rows(oracle["tokens"]), "--segment-ids", rows(oracle["segment_ids"]),
                            "--attention-mask", rows(oracle["attention_mask"]), "--reduction", "sum", "--out", str(golden)],
-                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src")}, timeout=600)
     assert done.returncode == 0, done.stderr
     result = npllama.compare(golden, oracle_path, rtol=HF_EQUAL)
     assert result.ok and not result.missing and not result.unknown, result.report()

@@ -82,12 +82,12 @@ def test_readme_layout_names_every_module():
     layout = README[README.index("## Layout"):]
     rows = " ".join(re.findall(r"^\| `([^|]*)\|", layout, flags=re.M))
     named = set(re.findall(r"`([\w./]+)`", rows)) | set(re.findall(r"([\w./]+)`", rows))
-    package = ROOT / "npllama"
+    package = ROOT / "src" / "npllama"
     missing = []
     for path in sorted(package.iterdir()):
         if path.name.startswith("__") or path.name == "data" or path.suffix not in (".py", ""):
             continue
-        shown = f"npllama/{path.name}/" if path.is_dir() else path.name
+        shown = f"{path.name}/" if path.is_dir() else path.name
         if not any(n == shown or n.endswith("/" + path.name) or n == path.name for n in named):
             missing.append(shown)
     assert missing == [], f"the README's Layout table does not name {missing}"
@@ -109,10 +109,6 @@ print(type(npllama.Llama(cfg)).__name__)
 """
 
 
-@pytest.mark.xfail(reason="issue 29 point 4: from the folder that holds the clone, the clone shadows the "
-                          "installed package as an empty namespace package; the src/ layout (moving the package "
-                          "to src/npllama) cures it and is left to the lead, as it would break every branch's rebase",
-                   strict=False)
 def test_import_npllama_from_the_clones_parent_directory(tmp_path):
     """`git clone ... npllama && pip install -e npllama`, then Python from the folder holding the
     clone: `import npllama` must find the installed package, not the clone's directory."""

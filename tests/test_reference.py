@@ -285,7 +285,7 @@ def test_readme_learn_snippet_runs():
     learn = readme[readme.index("## Learn"):]
     code = re.search(r'^python -c "\n(.*?)^"\n', learn, flags=re.S | re.M).group(1)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 0, proc.stderr
     loss, ln_vocab = map(float, re.search(r"loss ([\d.]+) \(ln 50 = ([\d.]+)\)", proc.stdout).groups())
     assert abs(loss - ln_vocab) < 0.05 and "21 gradients" in proc.stdout, proc.stdout
