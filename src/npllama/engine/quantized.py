@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 
 from .blas import matmul_one_thread
 from .jit import jit_rows_reassoc
-from .simd import VECTOR_BYTES, _splat
+from .simd import VECTOR_BYTES, splat
 from .pool import claim_unit, helper_threads, row_units, run_on_threads
 from .threads import get_threads
 
@@ -221,7 +221,7 @@ def _block_dots(rows):
                             t = builder.fmul(codes[0], xb[0])                     # t = sum of c x, per lane
                             for c, xv in zip(codes[1:], xb[1:]):
                                 t = builder.call(fmuladd, [c, xv, t])
-                            d = _splat(builder, _half_at(builder, base, 0, elt), vec)
+                            d = splat(builder, _half_at(builder, base, 0, elt), vec)
                             builder.store(builder.call(fmuladd, [t, d, builder.load(acc[r])]), acc[r])
                             if s_b is not None:
                                 m = _half_at(builder, base, 2, elt)

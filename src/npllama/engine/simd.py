@@ -27,7 +27,7 @@ VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
 MR = 8 if VECTOR_BYTES == 64 else 4
 
 
-def _splat(builder, value, vector_type):
+def splat(builder, value, vector_type):
     """A vector of ``vector_type`` holding ``value`` in every lane (LLVM IR)."""
     undef = ir.Constant(vector_type, ir.Undefined)
     lane0 = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
@@ -100,7 +100,7 @@ def _tile_update(width, vector_bytes=VECTOR_BYTES, pairs=False):
                         two = builder.load(at(a_column_d, row_offset(a_s0, r), pair), align=itemsize)
                         a = builder.shuffle_vector(two, ir.Constant(pair, ir.Undefined), pair_lanes)
                     else:
-                        a = _splat(builder, builder.load(at(a_column_d, row_offset(a_s0, r), elt)), vec)
+                        a = splat(builder, builder.load(at(a_column_d, row_offset(a_s0, r), elt)), vec)
                     for v in range(width):
                         builder.store(builder.call(fma, [a, b_vectors[v], builder.load(acc[r][v])]), acc[r][v])
             for r in range(MR):
@@ -192,13 +192,13 @@ def vector_max(typingctx, x, n):
                                                 f"llvm.maxnum.v{lanes}f{itemsize * 8}")
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [vec]),
                                                 f"llvm.vector.reduce.fmax.v{lanes}f{itemsize * 8}")
-        offsets, limit = ir.Constant(index_vec, list(range(lanes))), _splat(builder, n, index_vec)
+        offsets, limit = ir.Constant(index_vec, list(range(lanes))), splat(builder, n, index_vec)
         acc = cgutils.alloca_once_value(builder, lowest)
         n_vectors = builder.sdiv(builder.add(n, ir.Constant(i64, lanes - 1)), ir.Constant(i64, lanes))
         data = builder.bitcast(arr.data, vec.as_pointer())
         with cgutils.for_range(builder, n_vectors) as loop:
             values = builder.load(builder.gep(data, [loop.index]), align=itemsize)
-            index = builder.add(_splat(builder, builder.mul(loop.index, ir.Constant(i64, lanes)), index_vec), offsets)
+            index = builder.add(splat(builder, builder.mul(loop.index, ir.Constant(i64, lanes)), index_vec), offsets)
             values = builder.select(builder.icmp_signed("<", index, limit), values, lowest)
             builder.store(builder.call(maxnum, [builder.load(acc), values], fastmath=("nnan",)), acc)
         return builder.call(reduce, [builder.load(acc)], fastmath=("nnan",))
