@@ -30,15 +30,15 @@ Matrix-vector products y = W x (W row-major (out, in), as every weight here) are
 rather than BLAS: OpenBLAS's row-major gemv ("T" kernel) streams the 37 MB output projection of a
 15M-parameter model at under half the memory bandwidth that a dot-product loop over four rows at
 once reaches when LLVM may vectorise it.  That needs ``fastmath={"reassoc", "contract"}`` on this
-one loop: the products of a row are summed in vector lanes (and with FMA) instead of strictly
+loop (and on the single-query attention's sums): the products of a row are summed in vector lanes (and with FMA) instead of strictly
 left to right.
 Every operation stays IEEE (no assumptions about NaN, inf or signed zeros); only the summation
 order changes, as it does between BLAS builds, and the result is deterministic on a machine.
 """
 import numpy as np
 
-from ..engine.fastmath import fast_exp
-from ..engine.jit import jit, jit_with
+from ..engine.fastmath import array_max, fast_exp
+from ..engine.jit import jit, jit_reassoc, jit_with
 from ..engine.pool import claim_unit, row_units, run_on_threads
 from ..engine.threads import get_threads
 
@@ -58,36 +58,52 @@ def decode_attention_reference(q, k_cache_t, v_cache, length):
 
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
-@jit
+@jit_reassoc
 def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
     """out[head] = softmax_j(q[head] . k[:, j] / sqrt(hd)) weighted sum of v[j], j < length, for
     every query head, reading key/value head head // G.
 
-    q, out: (H, hd); k_cache_t: (K, hd, S); v_cache: (K, S, hd); scores: scratch (>= length,)."""
+    q, out: (H, hd); k_cache_t: (K, hd, S); v_cache: (K, S, hd); scores: scratch (>= length,).
+    The scores take four d at a time (one pass over them per four rows of k), the probabilities
+    are exponentiated in one vector loop, and the output takes four positions j at a time (one
+    pass over it per four rows of v); sums in vector lanes ("reassoc"): 2.5x faster than one d /
+    one j a pass at SmolLM2's shape (9 heads of 64, 160 positions; benchmarks/README.md)."""
     H, hd = q.shape
     G = H // k_cache_t.shape[0]
-    scale = 1.0 / np.sqrt(hd)
+    scale = q.dtype.type(1.0 / np.sqrt(hd))
+    d4, j4 = hd - hd % 4, length - length % 4
     for head in range(H):
         kv_head = head // G
+        k = k_cache_t[kv_head]                  # (hd, S)
+        v = v_cache[kv_head]                    # (S, hd)
         for j in range(length):
             scores[j] = 0.0
-        for d in range(hd):
+        for d in range(0, d4, 4):               # s_j += q_d k[d, j], four d at a time
+            q0, q1, q2, q3 = q[head, d], q[head, d + 1], q[head, d + 2], q[head, d + 3]
+            for j in range(length):
+                scores[j] += q0 * k[d, j] + q1 * k[d + 1, j] + q2 * k[d + 2, j] + q3 * k[d + 3, j]
+        for d in range(d4, hd):
             qd = q[head, d]
             for j in range(length):
-                scores[j] += qd * k_cache_t[kv_head, d, j]
-        row_max = -np.inf
+                scores[j] += qd * k[d, j]
         for j in range(length):
             scores[j] *= scale
-            if scores[j] > row_max:
-                row_max = scores[j]
-        total = 0.0
+        row_max = array_max(scores, length)
+        total = q.dtype.type(0.0)
+        for j in range(length):                 # scores become the weights P_j * total
+            weight = fast_exp(scores[j] - row_max)
+            scores[j] = weight
+            total += weight
         for d in range(hd):
             out[head, d] = 0.0
-        for j in range(length):
-            weight = fast_exp(scores[j] - row_max)          # P_j * total
-            total += weight
+        for j in range(0, j4, 4):               # o_d += weight_j v[j, d], four j at a time
+            w0, w1, w2, w3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
             for d in range(hd):
-                out[head, d] += weight * v_cache[kv_head, j, d]
+                out[head, d] += w0 * v[j, d] + w1 * v[j + 1, d] + w2 * v[j + 2, d] + w3 * v[j + 3, d]
+        for j in range(j4, length):
+            weight = scores[j]
+            for d in range(hd):
+                out[head, d] += weight * v[j, d]
         for d in range(hd):
             out[head, d] = out[head, d] / total
 
