@@ -25,7 +25,9 @@ the peak while loading above the resident size just before (the peak reset there
 imports: Python, NumPy, Numba, tokenizers), over the file's size;  prefill tok/s: the
 prompt in one pass (npllama: last_hidden_state through its blocks + the cache; transformers: one
 forward with use_cache; llama.cpp: eval of the prompt in one batch);  decode tok/s: one token per
-step against the cache, the --new-tokens - 1 steps after the prefill timed together.  Each is measured once after one untimed
+step against the cache, the --new-tokens - 1 steps after the prefill timed together;  CPU ms/tok:
+the process's CPU time per decoding step (all its threads: with one thread, the work a token takes,
+which other processes on a shared machine disturb far less than the wall-clock rate).  Each is measured once after one untimed
 warm-up generation (Numba's cache, torch's first-call costs).  "same as npllama" compares the
 greedy tokens: transformers runs the same float32 weights, so a difference late in the answer can
 only be a near-tie of float32 rounding; llama.cpp's quantized arithmetic (Q4_1 weights times
@@ -112,6 +114,7 @@ def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int, qu
         np.save(logits_to, KVCacheDecoder(model, len(ids)).prefill(np.array(ids)))
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "before_load_mb": before,
             "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "decode_steps": stats["decode_steps"],
+            "decode_cpu_s": stats["decode_cpu_s"],
             "tokens": tokens, "peak_rss_mb": max(import_peak, common.peak_rss_mb())}
 
 
@@ -132,17 +135,17 @@ def transformers_worker(gguf: Path, ids: list[int], new_tokens: int, threads: in
             out = model(torch.tensor([ids]), use_cache=True)
             token = int(out.logits[0, -1].argmax())
             prefill_s, tokens, past = time.perf_counter() - t0, [token], out.past_key_values
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n - 1):
                 out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 token, past = int(out.logits[0, -1].argmax()), out.past_key_values
                 tokens.append(token)
-            return prefill_s, time.perf_counter() - t0, tokens
+            return prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens
 
     run(2)
-    prefill_s, decode_s, tokens = run(new_tokens)
+    prefill_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "prefill_s": prefill_s,
-            "decode_s": decode_s, "decode_steps": new_tokens - 1, "tokens": tokens}
+            "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "decode_steps": new_tokens - 1, "tokens": tokens}
 
 
 def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
@@ -165,17 +168,17 @@ def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) 
         llm.eval(ids)
         token = int(np.argmax(last_logits()))
         prefill_s, tokens = time.perf_counter() - t0, [token]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n - 1):
             llm.eval([token])
             token = int(np.argmax(last_logits()))
             tokens.append(token)
-        return prefill_s, time.perf_counter() - t0, tokens
+        return prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens
 
     run(2)
-    prefill_s, decode_s, tokens = run(new_tokens)
+    prefill_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "prefill_s": prefill_s,
-            "decode_s": decode_s, "decode_steps": new_tokens - 1, "tokens": tokens,
+            "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "decode_steps": new_tokens - 1, "tokens": tokens,
             "version": llama_cpp.__version__}
 
 
@@ -280,7 +283,8 @@ def main(argv=None) -> int:
                        "load_s": med(lambda r: r["load_s"]), "load_peak_mb": med(lambda r: r["load_peak_mb"]),
                        "peak_rss_mb": med(lambda r: r.get("peak_rss_mb") or 0),
                        "prefill_tok_s": med(lambda r: len(ids) / r["prefill_s"]),
-                       "decode_tok_s": med(lambda r: r["decode_steps"] / r["decode_s"])}
+                       "decode_tok_s": med(lambda r: r["decode_steps"] / r["decode_s"]),
+                       "decode_cpu_ms": med(lambda r: 1e3 * r.get("decode_cpu_s", float("nan")) / r["decode_steps"])}
                 per_token = nbytes["stored" if name in ("npllama-q", "llama.cpp") else "float32"]
                 row["of_read"] = per_token * row["decode_tok_s"] / (rates[threads] * 1e9)
                 if "before_load_mb" in ok[0]:
@@ -297,6 +301,7 @@ def main(argv=None) -> int:
                ("load_s", "load s", ".2f"), ("load_peak_mb", "peak MB load", ".0f"),
                ("load_over_file", "load/file", ".2f"), ("peak_rss_mb", "peak MB end", ".0f"),
                ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+               ("decode_cpu_ms", "CPU ms/tok", ".1f"),
                ("of_read", "of read limit", ".0%"), ("same_tokens", "same as npllama f32", ""),
                ("logits_rel", "logits rel", ".1e")]
     say(common.format_table(rows, columns))

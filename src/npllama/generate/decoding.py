@@ -219,6 +219,7 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
     limit go on over a sliding window instead of stopping.  ``stats``, when a dict, receives
     timings: prompt_tokens, prefill_s (prefill and choosing the first token), decode_steps, decode_s
     (time inside the steps and the slides' prefills and choosing their tokens, not the consumer's),
+    decode_cpu_s (the process's CPU time over the same spans: on a shared machine, the work),
     new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
     "context").  ``healing``: a ``healing.TokenHealing`` of the prompt (whose healed tokens are
     already cut off ``prompt_ids``), which constrains the first tokens to spell them again.  A model
@@ -257,7 +258,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
     stats = {} if stats is None else stats
     P, context = prompt.size, model.config.max_seq_len
     n_new = max_new_tokens if slide else min(max_new_tokens, context - P)
-    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, new_tokens=0, slides=0,
+    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, decode_cpu_s=0.0, new_tokens=0, slides=0,
                  stop="context" if n_new < max_new_tokens else "max_new_tokens")
     if n_new == 0:
         return
@@ -294,7 +295,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
     text = list(prompt) if slide else None      # what a slide keeps the end of
     for i in range(n_new):
         if i > 0:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if decoder.length < decoder.capacity:
                 logits = decoder.step(token)
             else:   # the cache is full (only with slide): go on over the end of the text
@@ -302,6 +303,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
                 stats["slides"] += 1
             token = choose(logits)
             stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_cpu_s"] += time.process_time() - c0
             stats["decode_steps"] += 1
         stats["new_tokens"] = i + 1
         if text is not None:
