@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""LoRA vs full fine-tuning of one pretrained model, in npllama and in PyTorch + PEFT (issue 14).
+"""LoRA, QLoRA and full fine-tuning of one pretrained model, in npllama and in PyTorch + PEFT
+(issues 14 and 30).
 
 Two measurements, each mode in its own child process (thread counts set before anything is
 imported; peak RSS = that process's VmHWM; PyTorch is only ever imported in the "peft" child):
 
 ``--finetune`` (issue 14, point 5): real fine-tunes, one table.
 
-    python benchmarks/lora_finetune.py --finetune [MODEL] [--time-budget 300] [--threads 2]
+    python benchmarks/lora_finetune.py --finetune [MODEL] [--minutes 5] [--threads 2]
 
-    lora:  `npllama train --init-from MODEL --lora-rank 8` (all seven projections) on the bundled
-           Shakespeare (or --data) for --time-budget seconds of wall time, setup included
+    lora:  `npllama train --init-from MODEL --lora-rank 8 --dequantize-base` (all seven projections)
+           on the bundled Shakespeare (or --data) for --minutes of wall time, setup included: the
+           frozen base in float32
+    qlora: the same run without --dequantize-base: MODEL's Q8_0/Q4_0/Q4_1 matrices stay in their
+           blocks, frozen (QLoRA; MODEL must be a .gguf holding some), and the batch in
+           --qlora-grad-accum micro-batches (default 4: the same tokens per step in a quarter of
+           the activations' memory, which is most of a LoRA step's; 1: LoRA's micro-batch)
     full:  the same run without --lora-rank: every weight trains
     peft:  transformers + PEFT on the same weights (npllama exports MODEL as a Hugging Face
            directory unless it is one), same rank/alpha/targets, batch, context and threads:
@@ -23,12 +29,13 @@ imported; peak RSS = that process's VmHWM; PyTorch is only ever imported in the 
 Without ``--finetune``: the step alone, on random tokens (issue 14, point 2).
 
     python benchmarks/lora_finetune.py [MODEL] --threads 2 --batch-size 4 --seq-len 256 --steps 5 \
-        --warmup 1 [--rank 8] [--targets q_proj,...] [--modes lora,full,peft] [--json [PATH]]
+        --warmup 1 [--rank 8] [--targets q_proj,...] [--modes lora,qlora,full,peft] [--json [PATH]]
 
     One step = forward + mean cross-entropy + backward + AdamW update on a (batch, seq-len) block of
     random tokens (seeded, the same blocks for every mode):
     lora:  model.add_lora(rank, alpha, targets); AdamW over model.flat_trainable (the adapters only);
            the backward skips every frozen weight's gradient
+    qlora: the same on Llama.from_pretrained(MODEL, quantized=True): the base kept in its blocks
     full:  AdamW over model.flat_params; every weight's gradient
     peft:  as above
 """
@@ -46,7 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from benchmarks import common  # noqa: E402  (imports nothing heavy)
 
-MODES = ("lora", "full", "peft")
+MODES = ("lora", "qlora", "full", "peft")
 SCRIPT = Path(__file__).resolve()
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # --finetune's settings for SmolLM2-135M on 2 cores (the lr defaults are npllama train's for
@@ -63,7 +70,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="a .gguf, a Hugging Face directory or an npllama run directory "
                    "(default: SmolLM2-135M-Instruct.Q4_1.gguf, fetched once into ~/.cache/npllama)")
-    p.add_argument("--finetune", action="store_true", help="real fine-tunes for --time-budget seconds (point 5)")
+    p.add_argument("--finetune", action="store_true", help="real fine-tunes for --minutes each (point 5)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 with --finetune, else 4")
     p.add_argument("--seq-len", type=int, default=None, help="default: 128 with --finetune, else 256")
@@ -74,15 +81,18 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default=DEFAULT_TARGETS)
     p.add_argument("--lr", type=float, default=1e-4, help="the step measurement's AdamW learning rate")
-    p.add_argument("--modes", default=None, help=f"comma-separated among {','.join(MODES)} (default: all three "
-                   "with --finetune, else lora,full)")
+    p.add_argument("--modes", default=None, help=f"comma-separated among {','.join(MODES)} (default: all four "
+                   "with --finetune, else lora,qlora,full)")
     p.add_argument("--seed", type=int, default=0)
     # --finetune only
-    p.add_argument("--time-budget", type=float, default=300.0, help="--finetune: seconds of each npllama run")
+    p.add_argument("--minutes", type=float, default=5.0, help="--finetune: wall time of each npllama run, setup "
+                   "and evaluations included (the issue's figure is after 5)")
     p.add_argument("--data", default=None, help="--finetune: the text (default: the bundled Shakespeare)")
     p.add_argument("--lora-lr", type=float, default=None, help="--finetune: LoRA's peak lr (default: npllama's, 1e-3)")
     p.add_argument("--full-lr", type=float, default=None, help="--finetune: full fine-tuning's peak lr "
                    "(default: npllama's, 1e-4)")
+    p.add_argument("--qlora-grad-accum", type=int, default=4, help="--finetune: QLoRA's --batch-size in this many "
+                   "micro-batches (--grad-accum), for its memory")
     p.add_argument("--eval-tokens", type=int, default=8192, help="--finetune: held-out tokens evaluated at step 0 "
                    "and at the end")
     p.add_argument("--out-dir", default=None, help="--finetune: keep the run directories (and the exported "
@@ -98,26 +108,31 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.modes is None:
-        args.modes = "lora,full,peft" if args.finetune else "lora,full"
+        args.modes = "lora,qlora,full,peft" if args.finetune else "lora,qlora,full"
     args.modes = args.modes.split(",")
     if not set(args.modes) <= set(MODES) or not args.modes:
         p.error(f"--modes must be among {','.join(MODES)}, got {','.join(args.modes)}")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 1 or args.threads < 1:
         p.error("--steps, --batch-size, --seq-len and --threads must be >= 1, --warmup >= 0")
-    if args.time_budget <= 0 or args.eval_tokens < 1:
-        p.error("--time-budget must be > 0 and --eval-tokens >= 1")
+    if args.minutes <= 0 or args.eval_tokens < 1:
+        p.error("--minutes must be > 0 and --eval-tokens >= 1")
+    if args.qlora_grad_accum < 1 or args.batch_size % args.qlora_grad_accum:
+        p.error(f"--qlora-grad-accum must divide --batch-size {args.batch_size}")
+    args.time_budget = 60.0 * args.minutes
     return args
 
 
 # ---- workers (child processes) -----------------------------------------------------------------------
 def worker_npllama(args):
-    """The step on random tokens, npllama (lora or full)."""
+    """The step on random tokens, npllama (lora, qlora or full)."""
     import numpy as np
     import npllama
     from npllama.optim import AdamW
-    model = npllama.Llama.from_pretrained(args.model, dtype=np.float32)
+    model = npllama.Llama.from_pretrained(args.model, dtype=np.float32, quantized=args.worker == "qlora")
+    if args.worker == "qlora" and not model.quantized:
+        raise ValueError(f"{args.model} has no Q8_0/Q4_0/Q4_1 matrices to keep quantized (QLoRA needs a quantized .gguf)")
     rss_loaded = common.peak_rss_mb()
-    if args.worker == "lora":
+    if args.worker in ("lora", "qlora"):
         model.add_lora(args.rank, args.alpha, args.targets.split(","), seed=args.seed)
     opt = AdamW(model.trainable_params, args.lr, flat_params=model.flat_trainable)
     batches = common.random_batches(model.config.vocab_size, args.batch_size, args.seq_len,
@@ -185,15 +200,24 @@ def worker_export(args):
 
 
 def worker_finetune(args):
-    """--finetune: one `npllama train --init-from MODEL` run (with --lora-rank for "lora") for
-    --time-budget seconds; the figures from its result and metrics.jsonl."""
+    """--finetune: one `npllama train --init-from MODEL` run (with --lora-rank for "lora" and "qlora",
+    and --dequantize-base for "lora") for --minutes; the figures from its result and metrics.jsonl."""
     from npllama.train import TrainConfig, read_metrics, train
     from npllama.engine.blas import sgemm_gflops
-    lora = args.worker == "ft-lora"
-    run_dir = Path(args.workdir) / ("lora" if lora else "full")
+    mode = args.worker.removeprefix("ft-")
+    lora = mode in ("lora", "qlora")
+    if mode == "qlora":
+        from npllama.formats.gguf import is_gguf, open_gguf, quantized_names
+        if not is_gguf(args.model) or not quantized_names(open_gguf(args.model)):
+            raise ValueError(f"{args.model} has no Q8_0/Q4_0/Q4_1 matrices to keep quantized (QLoRA needs a "
+                             "quantized .gguf)")
+    run_dir = Path(args.workdir) / mode
     config = TrainConfig(
         data=args.data, init_from=args.model, lora_rank=args.rank if lora else None, lora_alpha=args.alpha,
-        lora_targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size, time_budget=args.time_budget,
+        dequantize_base=mode == "lora",
+        batch_size=args.batch_size // (args.qlora_grad_accum if mode == "qlora" else 1),
+        grad_accum=args.qlora_grad_accum if mode == "qlora" else 1,
+        lora_targets=args.targets, seq_len=args.seq_len, time_budget=args.time_budget,
         lr=args.lora_lr if lora else args.full_lr,       # None: npllama's fine-tuning default
         # evaluations at step 0 and at the end only, both on the same first eval_tokens held-out tokens
         eval_interval=10 ** 9, eval_tokens=args.eval_tokens, final_eval_tokens=args.eval_tokens,
@@ -233,9 +257,9 @@ def npllama_only(worker):
     return run
 
 
-WORKERS = {"lora": npllama_only(worker_npllama), "full": npllama_only(worker_npllama), "peft": worker_peft,
-           "export": npllama_only(worker_export), "ft-lora": npllama_only(worker_finetune),
-           "ft-full": npllama_only(worker_finetune)}
+WORKERS = {"lora": npllama_only(worker_npllama), "qlora": npllama_only(worker_npllama),
+           "full": npllama_only(worker_npllama), "peft": worker_peft, "export": npllama_only(worker_export),
+           **{"ft-" + mode: npllama_only(worker_finetune) for mode in ("lora", "qlora", "full")}}
 
 
 # ---- parent ------------------------------------------------------------------------------------------
@@ -253,7 +277,8 @@ def passthrough(args, model, workdir=None) -> list[str]:
     argv = [str(model), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank), "--alpha", str(args.alpha),
             "--targets", args.targets, "--lr", str(args.lr), "--seed", str(args.seed), "--threads",
-            str(args.threads), "--time-budget", str(args.time_budget), "--eval-tokens", str(args.eval_tokens)]
+            str(args.threads), "--minutes", str(args.minutes), "--eval-tokens", str(args.eval_tokens),
+            "--qlora-grad-accum", str(args.qlora_grad_accum)]
     for name in ("data", "lora_lr", "full_lr"):
         if getattr(args, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -323,7 +348,9 @@ def step(args, model: Path, workdir: Path) -> int:
     return 0
 
 
-LABELS = {"lora": "npllama, LoRA", "full": "npllama, full fine-tuning", "peft": "PyTorch + PEFT, LoRA"}
+LABELS = {"lora": "npllama, LoRA", "qlora": "npllama, QLoRA", "full": "npllama, full fine-tuning",
+          "peft": "PyTorch + PEFT, LoRA"}
+NPLLAMA_MODES = ("lora", "qlora", "full")
 
 
 def finetune(args, model: Path, workdir: Path) -> int:
@@ -331,7 +358,8 @@ def finetune(args, model: Path, workdir: Path) -> int:
     for mode in args.modes:
         if mode != "peft":
             say(f"== {LABELS[mode]}: npllama train --init-from {model.name}"
-                + (f" --lora-rank {args.rank}" if mode == "lora" else "") + f", {args.time_budget:.0f} s budget")
+                + (f" --lora-rank {args.rank}" if mode != "full" else "")
+                + (" --dequantize-base" if mode == "lora" else "") + f", {args.minutes:g} minutes")
             results[mode] = run(args, model, "ft-" + mode, workdir, stream_stderr=True,
                                 timeout=3 * args.time_budget + 1800)
     if "peft" in args.modes:
@@ -353,7 +381,8 @@ def finetune_report(args, model: Path, results: dict) -> str:
         if "error" in r:
             notes.append(f"{LABELS[mode]}: failed: {r['error']}")
             continue
-        rows.append({"what": LABELS[mode] + (f" r={args.rank}" if mode != "full" else ""),
+        accum = f", {args.qlora_grad_accum} micro-batches a step" if mode == "qlora" and args.qlora_grad_accum > 1 else ""
+        rows.append({"what": LABELS[mode] + (f" r={args.rank}" if mode != "full" else "") + accum,
                      "steps": r.get("steps", f"{args.steps} timed"), "tokens_per_s": r["tokens_per_s"],
                      "peak_rss_mb": r["peak_rss_mb"], "trained_m": r["trainable_parameters"] / 1e6,
                      "before": r.get("bpb_before"), "after": r.get("bpb_after"),
@@ -364,16 +393,16 @@ def finetune_report(args, model: Path, results: dict) -> str:
         ("peak_rss_mb", "peak RSS (MiB)", ",.0f"), ("trained_m", "trained params (M)", ".2f"),
         ("before", "held-out bits/byte, step 0", ".4f"), ("after", "held-out bits/byte, end", ".4f"),
         ("others", "CPUs used by others", ".2f")])
-    ft = [results[m] for m in ("lora", "full") if m in results and "error" not in results[m]]
+    ft = [results[m] for m in NPLLAMA_MODES if m in results and "error" not in results[m]]
     settings = [f"{model.name} on {args.data or 'the bundled Shakespeare'}; {args.threads} threads; batch "
                 f"{args.batch_size} x {args.seq_len} tokens; LoRA rank {args.rank}, alpha {args.alpha:g} on "
                 f"{args.targets}."]
     if ft:
-        settings.append(f"npllama: {args.time_budget:.0f} s of wall time per run, setup and evaluations included; "
+        settings.append(f"npllama: {args.minutes:g} minutes of wall time per run, setup and evaluations included; "
                         + "; ".join(f"{LABELS[m]}: lr {results[m]['lr']:g}, {results[m]['warmup_steps']} warmup "
                                     f"steps, setup {results[m]['plan'].get('setup_seconds', float('nan')):.0f} s, "
                                     f"matmul {results[m]['sgemm_gflops_after']:.0f} GFLOP/s after"
-                                    for m in ("lora", "full") if m in results and "error" not in results[m])
+                                    for m in NPLLAMA_MODES if m in results and "error" not in results[m])
                         + f"; held-out bits/byte on the first {eval_tokens:,} held-out tokens both times; "
                         "tokens/s: the median step.")
     if "peft" in results and "error" not in results["peft"]:
@@ -385,12 +414,22 @@ def finetune_report(args, model: Path, results: dict) -> str:
             ratio = peft["losses"][0] / export["loss_first_batch"]
             settings.append(f"Same model: PEFT's loss on its first batch (B = 0, the base) / npllama's = "
                             f"{ratio:.7f}.")
+    ok = {m: results[m] for m in ("lora", "qlora") if m in results and "error" not in results[m]}
+    if len(ok) == 2:
+        lora, qlora = ok["lora"], ok["qlora"]
+        line = (f"QLoRA against LoRA (issue 30's targets: peak RSS <= 1.0 GB = 954 MiB, tokens/s >= LoRA's, "
+                f"bits/byte within 0.02): peak RSS {qlora['peak_rss_mb']:,.0f} MiB ({qlora['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x "
+                f"LoRA's), tokens/s {qlora['tokens_per_s'] / lora['tokens_per_s']:.2f}x LoRA's")
+        if lora.get("bpb_after") is not None and qlora.get("bpb_after") is not None:
+            line += f", held-out bits/byte at the end {qlora['bpb_after'] - lora['bpb_after']:+.4f} from LoRA's"
+        settings.append(line + ".")
     lines = [table, "", *settings, *notes]
-    for mode in ("lora", "full"):
+    first = next((m for m in NPLLAMA_MODES if m in results and "error" not in results[m]), None)
+    for mode in NPLLAMA_MODES:
         r = results.get(mode)
         if r is None or "error" in r:
             continue
-        if mode == "lora" or "lora" not in results or "error" in results["lora"]:
+        if mode == first:
             lines += ["", "Sample at step 0 (the base model):", "```text", (r["first_sample"] or "").strip("\n"),
                       "```"]
         lines += ["", f"Sample after {r['steps']} steps, {LABELS[mode]}:", "```text",

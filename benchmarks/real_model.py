@@ -3,7 +3,8 @@
 batch-1 greedy decode speed in npllama, transformers and llama.cpp.
 
     python benchmarks/real_model.py [--gguf PATH] [--q8] [--threads 1,2] [--rounds 3] [--prompt-tokens 128]
-        [--new-tokens 64] [--frameworks npllama-q,npllama,transformers,llama.cpp] [--json [PATH]]
+        [--new-tokens 64] [--frameworks npllama-q,npllama,transformers,llama.cpp] [--chat 32,256,1024]
+        [--json [PATH]]
 
 Every framework loads the same .gguf in its own fresh process, with every BLAS/OpenMP/Numba thread
 variable (and torch's thread count, llama.cpp's n_threads) set to the thread count; --rounds
@@ -39,6 +40,14 @@ bytes for npllama-q and llama.cpp, float32 for npllama and transformers) x decod
 machine's memory read rate at that thread count (measured here, in the parent).  "logits rel" is
 npllama-q's last prompt position's logits against npllama float32's (the same dequantized numbers:
 only float32 rounding differs), max |diff| / max |logit|.
+
+--chat (npllama-q, at the largest thread count, once a round; "" skips it): a two-turn chat
+through the chat template (npllama.chat: chat_prompt, answer), for each first user message of the
+given lengths in tokens: the first answer (greedy, 32 tokens), then a short second message.  "2nd
+TTFT kept" is the second turn's time to its first token with the key/value cache kept from the
+first turn (what `npllama generate --chat` does: only the tokens after the cached ones run),
+"2nd TTFT rerun" the same turn prefilling the whole conversation again; "ran" is how many tokens
+the kept-cache turn ran.  Kept, it should not grow with the first turn's length.
 
 Run it on a quiet machine; on a shared one the figures are low and noisy (a warning says so).
 """
@@ -76,12 +85,16 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
+    p.add_argument("--chat", default="32,256,1024", metavar="TOKENS",
+                   help="first chat turns' lengths for the second turn's time to first token, comma-separated "
+                        "(\"\" skips it)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write results as JSON to PATH (or stdout with no PATH; the table then goes to stderr)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    args.chat = [int(n) for n in args.chat.split(",") if n.strip()]
     if not args.worker:
         args.thread_counts = [int(t) for t in str(args.threads).split(",")]
     else:
@@ -182,13 +195,53 @@ def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) 
             "version": llama_cpp.__version__}
 
 
+CHAT_REPLY_TOKENS = 32
+CHAT_SECOND = "Say that again in one sentence."
+
+
+def chat_worker(gguf: Path, first_lengths: list[int]) -> dict:
+    """The second chat turn's time to first token, the cache kept and not, per first-turn length."""
+    from npllama import Llama
+    from npllama.chat import answer, chat_prompt
+    from npllama.generate.cli import quantized_types, warm_up
+    model = Llama.from_pretrained(gguf, quantized=True).eval()
+    tokenizer = model.tokenizer
+    warm_up(model.dtype, quantized_types(model))
+    text_ids = tokenizer.encode(TEXT * 4)
+    rows = []
+    for n in first_lengths:
+        first = tokenizer.decode(text_ids[:n])
+        row = {"first_user_tokens": n}
+        for kept in (True, False):
+            cache = {} if kept else None
+            prompt, messages = chat_prompt(model, tokenizer, [{"role": "user", "content": first}], CHAT_REPLY_TOKENS)
+            first_stats, second_stats = {}, {}
+            reply = answer(model, tokenizer, prompt, lambda _: None, CHAT_REPLY_TOKENS, stats=first_stats, cache=cache)
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CHAT_SECOND}]
+            prompt2, _ = chat_prompt(model, tokenizer, messages, CHAT_REPLY_TOKENS)
+            if kept:
+                held = cache["decoder"].tokens
+                common = next((i for i, (a, b) in enumerate(zip(held, prompt2.tolist())) if a != b),
+                              min(len(held), len(prompt2)))
+                row["ran"] = len(prompt2) - min(common, len(prompt2) - 1)
+            answer(model, tokenizer, prompt2, lambda _: None, CHAT_REPLY_TOKENS, stats=second_stats, cache=cache)
+            row["first_prompt_tokens"], row["second_prompt_tokens"] = len(prompt), len(prompt2)
+            row["first_ttft_s"] = first_stats["prefill_s"]
+            row["ttft_kept_s" if kept else "ttft_rerun_s"] = second_stats["prefill_s"]
+        rows.append(row)
+    return {"chat": rows}
+
+
 WORKERS = {"npllama-q": lambda *a, **k: npllama_worker(*a, quantized=True, **k), "npllama": npllama_worker,
-           "transformers": transformers_worker, "llama.cpp": llama_cpp_worker}
+           "transformers": transformers_worker, "llama.cpp": llama_cpp_worker,
+           "chat": lambda gguf, ids, new_tokens, threads, chat=(): chat_worker(gguf, chat)}
 
 
 def worker(args) -> None:
     job = json.loads((args.workdir / "job.json").read_text())
     extra = {"logits_to": str(args.workdir / f"logits-{args.worker}.npy")} if args.worker.startswith("npllama") else {}
+    if args.worker == "chat":
+        extra = {"chat": job["chat"]}
     common.worker_main(lambda _: WORKERS[args.worker](Path(job["gguf"]), job["ids"], job["new_tokens"], args.threads,
                                                       **extra), args)
 
@@ -233,6 +286,15 @@ def read_rates(thread_counts) -> dict:
     return rates
 
 
+def chat_table(chats: list[dict]) -> list[dict]:
+    """The chat worker's rows, each figure the median over the rounds that worked."""
+    import statistics
+    ok = [r["chat"] for r in chats if "error" not in r]
+    if not ok:
+        return []
+    return [{key: statistics.median(run[i][key] for run in ok) for key in ok[0][i]} for i in range(len(ok[0]))]
+
+
 def main(argv=None) -> int:
     import statistics
     import numpy as np
@@ -253,10 +315,11 @@ def main(argv=None) -> int:
         say(warning)
     load = [os.getloadavg()[0]]
     runs = {}     # (file, threads, framework) -> [result per round]
+    chats = []    # the chat worker's result per round
     with tempfile.TemporaryDirectory() as workdir:
         for r in range(args.rounds):
             for path in files:
-                (Path(workdir) / "job.json").write_text(json.dumps({"gguf": str(path), "ids": ids,
+                (Path(workdir) / "job.json").write_text(json.dumps({"gguf": str(path), "ids": ids, "chat": args.chat,
                                                                      "new_tokens": args.new_tokens}))
                 for threads in args.thread_counts:
                     for name in args.frameworks:
@@ -266,6 +329,11 @@ def main(argv=None) -> int:
                             result["logits"] = np.load(Path(workdir) / f"logits-{name}.npy")
                         runs.setdefault((path.name, threads, name), []).append(result)
                         load.append(os.getloadavg()[0])
+                if args.chat and "npllama-q" in args.frameworks and path == files[0]:
+                    threads = max(args.thread_counts)
+                    chats.append(common.run_worker(SCRIPT, ["--worker", "chat", "--workdir", workdir, "--threads",
+                                                            str(threads)], threads))
+                    load.append(os.getloadavg()[0])
         rates = read_rates(args.thread_counts)
     rows = []
     for path in files:
@@ -305,6 +373,17 @@ def main(argv=None) -> int:
                ("of_read", "of read limit", ".0%"), ("same_tokens", "same as npllama f32", ""),
                ("logits_rel", "logits rel", ".1e")]
     say(common.format_table(rows, columns))
+    chat_rows = chat_table(chats)
+    if chat_rows:
+        say(f"\nchat, {files[0].name} quantized, {max(args.thread_counts)} threads: the second turn's time to first "
+            "token after a first turn of each length (medians of the rounds)")
+        say(common.format_table(chat_rows, [
+            ("first_user_tokens", "1st message tokens", ""), ("first_prompt_tokens", "1st prompt", ""),
+            ("first_ttft_s", "1st TTFT s", ".3f"), ("second_prompt_tokens", "2nd prompt", ""), ("ran", "ran", ""),
+            ("ttft_kept_s", "2nd TTFT kept s", ".3f"), ("ttft_rerun_s", "2nd TTFT rerun s", ".3f")]))
+    for result in chats:
+        if "error" in result:
+            say(f"chat: {result['error']}")
     say("memory read GB/s by threads: " + ", ".join(f"{n}: {g:.2f}" for n, g in rates.items())
         + f"; load average during the runs: {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs")
     if args.json:
@@ -313,6 +392,7 @@ def main(argv=None) -> int:
                 r.pop("logits", None)
         common.write_json(args.json, {"files": [str(f) for f in files], "prompt_tokens": len(ids),
                                       "new_tokens": args.new_tokens, "read_gbs": rates, "rows": rows,
+                                      "chat": chat_rows,
                                       "machine": common.machine_info(max(args.thread_counts))})
     return 0
 
