@@ -124,6 +124,23 @@ def test_matmul_forward_and_backward_within_rounding_bound(qtype, rows, blocks, 
     assert np.all(np.abs(dx - dx_ref) <= (rows + 1) * EPS[dtype] * (np.abs(dy) @ np.abs(deq)) + 1e-300)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_matmul_in_many_panels_within_rounding_bound(qtype, monkeypatch):
+    """Panels of 16 rows (the smallest), several per thread: each thread's products summed into dx."""
+    import npllama.engine.quantized as engine
+    monkeypatch.setattr(engine, "PANEL_ELEMENTS", 16 * 64)
+    w = random_matrix(qtype, 100, 2, 5)
+    rng = np.random.default_rng(6)
+    x, dy = rng.normal(0.0, 1.0, (7, 64)).astype(np.float32), rng.normal(0.0, 1.0, (7, 100)).astype(np.float32)
+    deq = w.dequantize(np.float64)
+    for threads in (1, 2):
+        assert len(engine._panels(w, threads)) == 7
+        y = quantized_product(x, w.T, np.empty((7, 100), dtype=np.float32), threads=threads)
+        assert np.all(np.abs(y - x.astype(np.float64) @ deq.T) <= 64 * EPS[np.float32] * (np.abs(x) @ np.abs(deq).T))
+        dx = quantized_product(dy, w, np.empty((7, 64), dtype=np.float32), threads=threads)
+        assert np.all(np.abs(dx - dy.astype(np.float64) @ deq) <= 101 * EPS[np.float32] * (np.abs(dy) @ np.abs(deq)))
+
+
 def test_bad_blocks_are_refused():
     with pytest.raises(InputError, match="Q5_0"):
         QuantizedMatrix("Q5_0", np.zeros((2, 34), np.uint8), 32)

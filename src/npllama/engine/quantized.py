@@ -289,11 +289,16 @@ def quantized_matvec(w, x, y):
 
 
 # ---- matrix-matrix: y = x W^T and dx = dy W, a dequantized panel at a time -------------------------
-PANEL_ELEMENTS = 1 << 16            # floats in a panel: 256 KB in float32
+# Floats in a panel: 4 MB in float32.  The backward sums a product per panel into dx (N, cols), so
+# small panels mean many thin products and as many passes over dx: with 256 KB panels QLoRA's
+# dx = dy W for SmolLM2's W_down (576 x 1536, 1,024 rows of dy) took 1.8x a float32 matmul's time,
+# with 4 MB ones the same as it (benchmarks/README.md, 2026-12-07).
+PANEL_ELEMENTS = 1 << 20
 
 
-def _panels(w):
-    rows = max(16, PANEL_ELEMENTS // w.shape[1] // 16 * 16)
+def _panels(w, threads=1):
+    """Row ranges of ``w`` dequantized at a time: PANEL_ELEMENTS floats, at least one per thread."""
+    rows = max(16, min(PANEL_ELEMENTS // w.shape[1], -(-w.shape[0] // threads)) // 16 * 16)
     return [(r0, min(r0 + rows, w.shape[0])) for r0 in range(0, w.shape[0], rows)]
 
 
@@ -320,7 +325,7 @@ def _backward_panels(dy, w, dx, panels, dtype):
 
 def quantized_matmul(x, w, out, threads=1):
     """out (N, rows) = x (N, cols) W^T, W quantized; ``threads`` share the panels."""
-    panels = _panels(w)
+    panels = _panels(w, threads)
     n = max(1, min(threads, len(panels)))
     shares = [panels[k::n] for k in range(n)]
     if n == 1:
@@ -333,7 +338,7 @@ def quantized_matmul(x, w, out, threads=1):
 def quantized_matmul_backward(dy, w, dx, threads=1):
     """dx (N, cols) = dy (N, rows) W, W quantized (a frozen weight's input gradient).  With several
     threads each sums its panels' products into a buffer of its own, and these are added in order."""
-    panels = _panels(w)
+    panels = _panels(w, threads)
     n = max(1, min(threads, len(panels)))
     if n == 1:
         _backward_panels(dy, w, dx, panels, dy.dtype)
