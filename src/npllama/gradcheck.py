@@ -481,14 +481,14 @@ def _lora_inputs(r, N, D, F, rank):
 
 
 def check_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
-    """A frozen (F, D) weight with a rank-2 adapter, scale 4, a dropout mask on the adapter's input:
-    the reference (lora_forward_reference / lora_backward_reference: the base product beside the
-    adapter's own functions, which npllama/reference.py's LoRA adds at the projections)."""
-    x, w, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
-    _, cache = lora_forward_reference(*_in(dtype, x, w, a, b), 4.0, *_in(dtype, mask))
-    dx, da, db = lora_backward_reference(*_in(dtype, dy), cache)
-    return _fd(lambda: lora_forward_reference(x, w, a, b, 4.0, mask)[0], {"x": x, "lora_A": a, "lora_B": b},
-               {"x": dx, "lora_A": da, "lora_B": db}, dy)
+    """A rank-2 adapter of a (F, D) projection, scale 4, a dropout mask on its input: the adapter's
+    term and its backward (lora_adapter_forward_reference / lora_adapter_backward_reference), which
+    npllama/reference.py's LoRA adds to the frozen projection's output and to its input's gradient."""
+    x, _, a, b, mask, dy = _lora_inputs(r, N, D, F, rank)
+    _, cache = reference.lora_adapter_forward_reference(*_in(dtype, x, a, b), 4.0, *_in(dtype, mask))
+    dx, da, db = reference.lora_adapter_backward_reference(*_in(dtype, dy), cache)
+    return _fd(lambda: reference.lora_adapter_forward_reference(x, a, b, 4.0, mask)[0],
+               {"x": x, "lora_A": a, "lora_B": b}, {"x": dx, "lora_A": da, "lora_B": db}, dy)
 
 
 def fast_lora(r, N=4, D=6, F=5, rank=2, dtype=np.float64):
