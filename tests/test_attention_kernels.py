@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from npllama import reference
 from npllama.engine import fastmath, simd
 from npllama.layers import attention
 
@@ -82,14 +83,89 @@ def test_heads_of_half_a_vector_take_key_pairs(hd, t, heads):
     assert_matches_reference(q, k, v, do, tol=2e-5)
 
 
+def packed_rows(r, B, T, n_docs, padded):
+    """segment_ids of up to n_docs documents per row (in order, or shuffled: segments need not be
+    contiguous), and an attention_mask with up to `padded` padding positions per row (at the end, or
+    anywhere)."""
+    segments = np.sort(r.integers(0, n_docs, size=(B, T)), axis=1)
+    if r.random() < 0.3:
+        segments = r.permuted(segments, axis=1)
+    mask = np.ones((B, T), dtype=np.int64)
+    for b in range(B):
+        n_pad = r.integers(0, padded + 1)
+        if n_pad and r.random() < 0.5:
+            mask[b, r.choice(T, size=min(n_pad, T), replace=False)] = 0
+        elif n_pad:
+            mask[b, T - min(n_pad, T):] = 0
+    return segments, mask
+
+
+def assert_packed_matches_reference(q, k, v, do, segment_ids, attention_mask, tol):
+    """The kernels with documents against npllama.reference's attention with causal_visibility."""
+    B, H, T, hd = q.shape
+    documents = attention.document_ids(segment_ids, attention_mask, B, T)
+    o, cache = attention.attention_forward(q, k, v, documents=documents)
+    visible = reference.causal_visibility(T, segment_ids, attention_mask)
+    o_ref, cache_ref = reference.attention_forward(q, k, v, visible, reference.NO_HOOKS)
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, o_ref, rtol=tol, atol=tol)
+    got = attention.attention_backward(do, cache)
+    want = reference.attention_backward(do, cache_ref, reference.NO_HOOKS)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=name)
+
+
+@given(seed=st.integers(0, 2**31 - 1), block=st.sampled_from([1, 2, 3, 5, 8]), t=st.integers(1, 30),
+       heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]), hd=st.sampled_from([1, 3, 4, 8]),
+       b=st.integers(1, 3), n_docs=st.integers(1, 5), padded=st.integers(0, 4),
+       which=st.sampled_from(["both", "segments", "padding"]))
+def test_packed_rows_and_padding_equal_reference_float64(seed, block, t, heads, hd, b, n_docs, padded, which):
+    # documents of any length crossing tiles, padding at the end or anywhere, whole tiles before a
+    # query block's first document (skipped), a padding query (sees only itself)
+    r = np.random.default_rng(seed)
+    segments, mask = packed_rows(r, b, t, n_docs, padded)
+    segments, mask = (None if which == "padding" else segments), (None if which == "segments" else mask)
+    with tiles_of(block):
+        assert_packed_matches_reference(*random_qkv(r, b, heads[0], heads[1], t, hd, np.float64), segments, mask,
+                                        tol=1e-12)
+
+
+@pytest.mark.parametrize("hd", [8, 32])
+def test_packed_rows_float32_default_tiles(hd):
+    # the default tiles (256 wide at hd 8, key pairs), documents longer and shorter than a tile
+    r = np.random.default_rng(hd)
+    t = 300
+    segments = np.repeat([[0, 1, 2, 3]], [140, 7, 130, 23], axis=1).repeat(2, axis=0)
+    mask = np.ones((2, t), dtype=np.int64)
+    mask[1, 290:] = 0
+    assert_packed_matches_reference(*random_qkv(r, 2, 4, 2, t, hd, np.float32), segments, mask, tol=2e-5)
+
+
+def test_document_ids_give_the_reference_visibility():
+    r = np.random.default_rng(3)
+    for _ in range(300):
+        B, T = r.integers(1, 4), r.integers(1, 12)
+        segments, mask = packed_rows(r, B, T, 4, 5)
+        segments = segments - 2                                    # any integers name segments
+        query_docs, key_docs = attention.document_ids(segments, mask, B, T)
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        visible = (j <= i) & ((key_docs[:, None, :] == query_docs[:, :, None]) | (i == j))
+        np.testing.assert_array_equal(visible, reference.causal_visibility(T, segments, mask)[:, 0])
+        assert (query_docs <= np.arange(T)).all()
+
+
 @pytest.mark.parametrize("n_splits", [2, 3, 5])
-def test_backward_key_splits_sum_to_the_same_gradients(monkeypatch, n_splits):
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_key_splits_sum_to_the_same_gradients(monkeypatch, n_splits, packed):
     # With few (batch, kv head) pairs the backward cuts the keys into ranges, one unit each, and
-    # sums the partial dq of the ranges: the result must not depend on the cut.
+    # sums the partial dq of the ranges: the result must not depend on the cut (nor, with
+    # documents, on which of a range's tiles are skipped).
     monkeypatch.setattr(attention, "block_size", lambda hd, T: 4)
     r = np.random.default_rng(n_splits)
     q, k, v, do = random_qkv(r, 1, 2, 1, 23, 5, np.float64)
-    _, cache = attention.attention_forward(q, k, v)
+    segments = np.repeat([[0, 1, 2]], [9, 3, 11], axis=1)
+    documents = attention.document_ids(segments, (np.arange(23) < 20)[None], 1, 23) if packed else None
+    _, cache = attention.attention_forward(q, k, v, documents=documents)
     one = attention.attention_backward(do, cache)
     n_blocks = 6                                          # 23 keys in blocks of 4
     cuts = np.linspace(0, n_blocks, n_splits + 1).round().astype(np.int64)

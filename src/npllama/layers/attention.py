@@ -19,6 +19,13 @@ sums over those heads.
 The causal mask is never stored: the loops simply stop at j = i.  The forward keeps only the
 per-row log-sum-exp (B, H, T) so the backward can rebuild P without storing it.
 
+Packed rows and padding (``documents``, from ``document_ids``): key j is then visible to query i
+when j <= i and j is in i's document, or j = i -- the visibility of npllama.reference's
+``causal_visibility`` for segment_ids and an attention_mask.  Neither is a T x T mask either: each
+position carries one number, and the kernels compare key j's with query i's as they make P (an
+invisible key gets P_ij = 0, so dS_ij = 0 too); the tiles left of a query block's first document
+are never visited.  Each query sees at least itself, so no softmax row is empty.
+
 Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 """
 import numpy as np
@@ -64,9 +71,36 @@ def attention_backward_reference(do, cache):
     return dq, dk, dv
 
 
+def document_ids(segment_ids, attention_mask, B, T):
+    """segment_ids, attention_mask: (B, T) or None -> (query_docs, key_docs), int64 (B, T), what the
+    kernels compare: key j is visible to query i when j <= i and (key_docs[j] == query_docs[i] or j == i).
+
+    query_docs[b, i] <= i: the first token (attention_mask 1) of row b in i's segment, or i itself if
+    that segment has no token before i; key_docs[b, j]: the same for a token, -1 for padding (no query's).  So a
+    query sees the earlier tokens of its own segment and itself, never padding but its own position:
+    npllama.reference.causal_visibility, as one number per position."""
+    segments = np.zeros((B, T), dtype=np.int64) if segment_ids is None else np.asarray(segment_ids)
+    tokens = np.ones((B, T), dtype=bool) if attention_mask is None else np.asarray(attention_mask) != 0
+    query_docs = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+    for b in range(B):
+        at = np.flatnonzero(tokens[b])
+        names, first = np.unique(segments[b, at], return_index=True)     # each segment's first token
+        if names.size == 0:                                               # (a row of padding only)
+            continue
+        which = np.minimum(np.searchsorted(names, segments[b]), names.size - 1)
+        has_token = names[which] == segments[b]
+        query_docs[b, has_token] = at[first[which[has_token]]]
+    query_docs = np.minimum(query_docs, np.arange(T))   # (padding before its segment's first token: itself)
+    key_docs = np.where(tokens, query_docs, -1)
+    return query_docs, key_docs
+
+
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
-def attention_forward(q, k, v, o=None, tiles=None):
+def attention_forward(q, k, v, o=None, tiles=None, documents=None):
     """q: (B, H, T, hd), k, v: (B, K, T, hd), any strides -> o: (B, H, T, hd), cache.
+
+    documents: None (causal attention), or ``document_ids``' (query_docs, key_docs) for packed rows
+    and padding; the cache keeps them for the backward.
 
     o is written into the given array (any strides; the model passes a (B, H, T, hd) view of its
     (B, T, H * hd) buffer, the layout the output projection reads), else into a new array of that
@@ -85,15 +119,16 @@ def attention_forward(q, k, v, o=None, tiles=None):
         tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
     k_tiles, v_tiles, k_rows, v_rows = tiles
     run_on_threads(_pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
-    run_on_threads(_attention_forward_kernel, q, k_tiles, v_rows, block, scale, o_kernel, lse)
+    query_docs, key_docs = NO_DOCUMENTS if documents is None else documents
+    run_on_threads(_attention_forward_kernel, q, k_tiles, v_rows, block, scale, query_docs, key_docs, o_kernel, lse)
     if o_copy is not None:
         np.copyto(o_copy, o_kernel)
-    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse)
+    return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse, (query_docs, key_docs))
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
     """do: (B, H, T, hd) -> (dq, dk, dv); written into the given arrays (any strides) when given."""
-    q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse = cache
+    q, (k_tiles, v_tiles, k_rows, v_rows), block, o, lse, (query_docs, key_docs) = cache
     B, H, T, hd = q.shape
     kv_shape = (B, k_tiles.shape[1], T, hd)
     do = _readable(do)
@@ -103,8 +138,8 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
     splits = key_block_splits(B, k_tiles.shape[1], k_tiles.shape[2], get_threads())
     n_splits = len(splits) - 1
     dq_parts = dq_kernel[None] if n_splits == 1 else np.empty((n_splits,) + q.shape, dtype=q.dtype)
-    run_on_threads(_attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, splits, dq_parts,
-                   dk_kernel, dv_kernel)
+    run_on_threads(_attention_backward_kernel, q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, query_docs,
+                   key_docs, splits, dq_parts, dk_kernel, dv_kernel)
     if n_splits > 1:
         np.sum(dq_parts, axis=0, out=dq_kernel)
     for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)):
@@ -112,6 +147,10 @@ def attention_backward(do, cache, dq=None, dk=None, dv=None):
             np.copyto(copy, kernel_out)
     return tuple(kernel_out if copy is None else copy
                  for kernel_out, copy in ((dq_kernel, dq_copy), (dk_kernel, dk_copy), (dv_kernel, dv_copy)))
+
+
+# No documents: what the kernels take for plain causal attention (one compiled kernel for both).
+NO_DOCUMENTS = (np.empty((0, 0), dtype=np.int64), np.empty((0, 0), dtype=np.int64))
 
 
 def key_tile_buffers(B, K, T, hd, dtype):
@@ -367,12 +406,35 @@ def _softmax_tail(p, n_keys, end):
         p[j] = 0.0
 
 
+@jit_helper
+def _first_key_block(query_docs, b, i0, rows, block):
+    """The first key block that can hold a key visible to query rows i0 .. i0 + rows - 1: that of
+    the earliest document's first position (query_docs[i] <= i; 0 when there are no documents)."""
+    if query_docs.shape[0] == 0:
+        return 0
+    first = i0
+    for i in range(i0, i0 + rows):
+        first = min(first, query_docs[b, i])
+    return first // block
+
+
+@jit_helper
+def _hide_other_documents(p, doc_i, keys_docs, k0, n_keys, i):
+    """Scores of the keys k0 .. k0 + n_keys - 1 that query i may not see (not of its document, not
+    itself) set to -inf; keys_docs: key_docs of i's row."""
+    for j in range(n_keys):
+        if keys_docs[k0 + j] != doc_i and k0 + j != i:
+            p[j] = -np.inf
+
+
 @jit_shared_kernel
-def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_unit):
+def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, query_docs, key_docs, o, lse, next_unit):
     """One unit of parallel work = (batch b, query head h, query block).  Online softmax over its
     key tiles (FlashAttention): per query row the running max m, the running sum
     l = sum_j exp(S_ij - m) and the unnormalised output acc = sum_j exp(S_ij - m) v_j; when a tile
-    raises the max to m', the old l and acc are first scaled by alpha = exp(m - m').  (q and o, like
+    raises the max to m', the old l and acc are first scaled by alpha = exp(m - m').  With
+    documents (query_docs, key_docs not empty) a key of another document gets the score -inf, so
+    P = 0, and a row that has seen no key of its own yet skips the tile.  (q and o, like
     every (B, heads, T, hd) array of both kernels, have their last axis contiguous: their rows are
     read and written as vectors, ``contiguous_row``; attention_forward / _backward see to it.)"""
     B, H, T, hd = q.shape
@@ -387,6 +449,7 @@ def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_uni
     P = np.empty((block_pad, block_pad), dtype=q.dtype)      # scores, then probabilities
     zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
     width = _tile_width(P)
+    masked = query_docs.shape[0] > 0
     n_units = B * H * n_blocks
     while True:
         unit = claim_unit(next_unit)
@@ -401,13 +464,18 @@ def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_uni
         acc[...] = 0.0
         m[:rows] = -np.inf
         l[:rows] = 0.0
-        for kb in range(qb + 1):
+        for kb in range(_first_key_block(query_docs, b, i0, rows, block), qb + 1):
             diagonal = kb == qb
             _scores(qc, k_tiles[b, h // G, kb], P, rows_pad, hd, block_pad, diagonal)   # S = qc kT
             for r in range(rows):
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
+                if masked:
+                    _hide_other_documents(p, query_docs[b, i0 + r], key_docs[b], kb * block, n_keys, i0 + r)
                 m_new = max(m[r], vector_max(p, n_keys))
+                if masked and m_new == -np.inf:                  # nothing of row r's so far: P's row is 0
+                    p[:block_pad] = zero
+                    continue
                 alpha = fast_exp(m[r] - m_new)
                 row_sum = zero
                 for j in range(_round_up(n_keys, LANES)):
@@ -435,14 +503,15 @@ def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, o, lse, next_uni
 
 
 @jit_shared_kernel
-def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, split_starts, dq_parts, dk, dv,
-                              next_unit):
+def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, scale, query_docs, key_docs,
+                               split_starts, dq_parts, dk, dv, next_unit):
     """One unit of parallel work = (batch b, kv head kh, range of key blocks): it owns the dk, dv
     rows of its keys, so no two units write the same dk/dv.  It walks the G query heads of the group
     and every query block at or below its keys, rebuilds P from lse, and accumulates dkT, dvT in
     transposed tiles, and dq for the query block in hand.  With one key range per (b, kh) (the usual
     case) that dq is complete and goes straight to dq_parts[0] = dq; with several, each range's
-    share goes to its own dq_parts[split] and the caller sums them."""
+    share goes to its own dq_parts[split] and the caller sums them.  With documents, P_ij = 0 for a
+    key j query i may not see (as in the forward)."""
     B, H, T, hd = q.shape
     K = k_tiles.shape[1]
     G = H // K
@@ -464,6 +533,7 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
     zero, one = q.dtype.type(0.0), q.dtype.type(1.0)
     width = _tile_width(P)
     hd_rows = _round_up(hd, MR)             # the rows of the dkT, dvT tiles worth computing
+    masked = query_docs.shape[0] > 0
     n_units = B * K * n_splits
     while True:
         unit = claim_unit(next_unit)
@@ -494,7 +564,7 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
                     for d in range(hd):
                         psi_r += do_r[d] * o_r[d]
                     psi[r] = psi_r
-                for kb in range(kb_lo, min(qb + 1, kb_hi)):
+                for kb in range(max(kb_lo, _first_key_block(query_docs, b, i0, rows, block)), min(qb + 1, kb_hi)):
                     diagonal = kb == qb                              # then P, dS lower triangular
                     for r0 in range(0, rows_pad, MR):          # MR rows at a time, while they are in L1:
                         n_cols = _computed_end(r0, block_pad, width) if diagonal else block_pad
@@ -504,7 +574,14 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
                             p, ds = P[r], dS[r]
                             lse_i, psi_i = lse[b, h, i0 + r], psi[r]
                             n_keys = min(block, i0 + r + 1 - kb * block)
-                            if n_keys == n_cols:              # (no select: 260K's backward 3 % faster)
+                            if masked:                        # 0 past the keys and for other documents'
+                                doc_i, k0, keys_docs = query_docs[b, i0 + r], kb * block, key_docs[b]
+                                for j in range(n_cols):
+                                    seen = j < n_keys and (keys_docs[k0 + j] == doc_i or k0 + j == i0 + r)
+                                    e = fast_exp(p[j] - lse_i) if seen else zero
+                                    p[j] = e
+                                    ds[j] = e * (ds[j] - psi_i)
+                            elif n_keys == n_cols:            # (no select: 260K's backward 3 % faster)
                                 for j in range(n_cols):
                                     e = fast_exp(p[j] - lse_i)
                                     p[j] = e
