@@ -1,8 +1,11 @@
 """Checks of what callers hand the model (``Llama.forward``, ``loss``, ``loss_and_grad``): token
-ids, targets, dropout masks and the LoRA adapters' masks.  Each returns the array the passes want
+ids, targets, packed rows and padding (position_ids, segment_ids, attention_mask; npllama.reference
+checks them here too), dropout masks and the LoRA adapters' masks.  Each returns the array the passes want
 (contiguous, of the model's dtype, rows flattened) or raises InputError naming the argument and the
 problem.  Generation's own arguments are checked in npllama/generate/sampling.py.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from .errors import InputError
@@ -42,6 +45,52 @@ def check_tokens_and_targets(tokens, targets, config) -> tuple[np.ndarray, np.nd
     if targets.shape != tokens.shape:
         raise InputError(f"targets shape {targets.shape} does not match tokens shape {tokens.shape}")
     return tokens, targets
+
+
+class PackedRows(NamedTuple):
+    """A batch's checked position_ids (B, T) (RoPE positions, restarting per document of a packed
+    row), segment_ids (B, T) (a position attends only to earlier positions of its own document) and
+    attention_mask (B, T) (1 = token, 0 = padding: no other position attends to a padding
+    position); each None when not given."""
+    position_ids: np.ndarray | None
+    segment_ids: np.ndarray | None
+    attention_mask: np.ndarray | None
+
+    def rows(self, lo, hi) -> "PackedRows":
+        """Those of sequences lo .. hi-1 (a part of the batch)."""
+        return PackedRows(*(None if a is None else a[lo:hi] for a in self))
+
+
+def _integers(value, what):
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu":
+        raise InputError(f"{what} must be integers, got dtype {a.dtype}")
+    return a
+
+
+def check_packing(config, B, T, position_ids=None, segment_ids=None, attention_mask=None) -> PackedRows | None:
+    """position_ids (T,) or (B, T) in [0, max_seq_len), segment_ids (B, T) integers, attention_mask
+    (B, T) of 0 and 1 -> PackedRows (position_ids as (B, T) int64), or None when none is given."""
+    if position_ids is None and segment_ids is None and attention_mask is None:
+        return None
+    if position_ids is not None:
+        p = _integers(position_ids, "position_ids")
+        if p.shape not in ((T,), (B, T)):
+            raise InputError(f"position_ids must have shape ({T},) or ({B}, {T}), got {p.shape}")
+        if p.min() < 0 or p.max() >= config.max_seq_len:
+            raise InputError(f"position_ids must lie in [0, max_seq_len = {config.max_seq_len}), got "
+                             f"{int(p.min()) if p.min() < 0 else int(p.max())}")
+        position_ids = np.ascontiguousarray(np.broadcast_to(p, (B, T)), dtype=np.int64)
+    for value, what in ((segment_ids, "segment_ids"), (attention_mask, "attention_mask")):
+        if value is not None and np.shape(value) != (B, T):
+            raise InputError(f"{what} must have shape ({B}, {T}), got {np.shape(value)}")
+    if segment_ids is not None:
+        segment_ids = _integers(segment_ids, "segment_ids")
+    if attention_mask is not None:
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.dtype.kind not in "biu" or not np.isin(attention_mask, (0, 1)).all():
+            raise InputError("attention_mask must hold 0 (padding) and 1 (token) only")
+    return PackedRows(position_ids, segment_ids, attention_mask)
 
 
 def check_dropout_masks(masks, config, B, T, dtype) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -37,7 +37,7 @@ from .engine.matmul import matmuls, split_matmuls
 from .errors import ConfigError, InputError
 from .formats import gguf, hf, peft
 from .generate import decoding
-from .inputs import check_dropout_masks, check_lora_masks, check_tokens, check_tokens_and_targets
+from .inputs import check_dropout_masks, check_lora_masks, check_packing, check_tokens, check_tokens_and_targets
 from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.dropout import dropout_mask
@@ -174,14 +174,16 @@ class Llama:
     # ---- forward and backward ------------------------------------------------------------------
     # The passes run the blocks of layers/block.py on the buffers of a workspace (buffers.py), made
     # on the first pass of a (B, T) shape and reused after.
-    def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None):
+    def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None, packed=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``:
         None (no dropout) or one (N, D) pair per layer, applied as given; ``lora_masks``: None or the
         LoRA adapters' input masks ({module name: (N, in)}, none for a module not named).  A training
-        step draws them first (``_draw_masks``).  ``after_block(i, qkv)`` is called after block i."""
+        step draws them first (``_draw_masks``).  ``after_block(i, qkv)`` is called after block i.
+        ``packed``: the rows' position_ids, segment_ids, attention_mask (inputs.PackedRows) or None."""
         cfg = self.config
         first = ws.layers[0]
+        ws.batch.use_packing(packed)
         embedding_rows(self.params["model.embed_tokens.weight"], tokens.reshape(-1), first.x)
         for i, (acts, w, out) in enumerate(zip(ws.layers, self.layers, ws.outputs)):
             acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
@@ -194,13 +196,19 @@ class Llama:
                                final.xn, final.r)
         return final.xn
 
-    def forward(self, tokens) -> np.ndarray:
-        """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here."""
+    def forward(self, tokens, *, position_ids=None, segment_ids=None, attention_mask=None) -> np.ndarray:
+        """tokens: int (B, T) -> logits (B, T, vocab). Dropout is never applied here.
+
+        Packed rows and padding, as npllama.reference takes them: position_ids (T,) or (B, T) (RoPE
+        positions, restarting per document), segment_ids (B, T) (a position attends only to earlier
+        positions of its own document), attention_mask (B, T) (0 = padding: attended to by no other
+        position; a padding position sees the earlier tokens of its segment and itself)."""
         tokens = check_tokens(tokens, self.config)
         B, T = tokens.shape
+        packed = check_packing(self.config, B, T, position_ids, segment_ids, attention_mask)
         logits = np.empty((B * T, self.config.vocab_size), dtype=self.dtype)
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False))
+            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False), packed=packed)
             matmuls((xn, self.lm_head.T, logits))
         return logits.reshape(B, T, self.config.vocab_size)
 
@@ -219,9 +227,11 @@ class Llama:
             xn = self._forward_rows(tokens, self._workspaces.get(B, T, False), after_block=after_block)
         return xn.reshape(B, T, self.config.dim)
 
-    def loss(self, tokens, targets, reduction="mean") -> float:
+    def loss(self, tokens, targets, reduction="mean", *, position_ids=None, segment_ids=None,
+             attention_mask=None) -> float:
         """Cross-entropy of ``targets`` (ids or -100 to ignore) without gradients; dropout off.
-        reduction="sum" gives the total nats (for bits per byte).
+        reduction="sum" gives the total nats (for bits per byte).  position_ids, segment_ids,
+        attention_mask: as ``forward`` takes them.
 
         The logits are made LOSS_CHUNK_ROWS rows at a time, so evaluation never holds an (N, V)
         array (with a 32000 vocabulary that is the largest buffer of the whole model)."""
@@ -229,13 +239,14 @@ class Llama:
         if reduction not in ("mean", "sum"):
             raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         B, T = tokens.shape
+        packed = check_packing(self.config, B, T, position_ids, segment_ids, attention_mask)
         ws = self._workspaces.get(B, T, False)
         rows = min(LOSS_CHUNK_ROWS, B * T)
         logits = np.empty((rows, self.config.vocab_size), dtype=self.dtype)
         losses = np.empty(rows)
         total, targets, zero = 0.0, targets.reshape(-1), self.dtype.type(0.0)   # (scale 0: no gradient)
         with split_matmuls():
-            xn = self._forward_rows(tokens, ws)
+            xn = self._forward_rows(tokens, ws, packed=packed)
             for start in range(0, B * T, rows):
                 stop = min(start + rows, B * T)
                 n = stop - start
@@ -247,7 +258,7 @@ class Llama:
         return total / count_targets(targets)
 
     def loss_and_grad(self, tokens, targets, dropout_masks=None, *, lora_masks=None, copy=True, dloss=1.0,
-                      on_grads_ready=None):
+                      on_grads_ready=None, position_ids=None, segment_ids=None, attention_mask=None):
         """Mean cross-entropy over targets != -100, and its gradient for every trainable parameter.
 
         Returns (loss, grads), grads mapping each name of ``trainable_params`` to its gradient (with
@@ -263,6 +274,7 @@ class Llama:
         entries 0 or 1/(1-p), applied as given (as npllama.reference.loss_and_grad does).
         lora_masks: with LoRA, the dropout masks of the adapters' inputs ({module name: (B, T, in)},
         none for a module not named), instead of drawing them.
+        position_ids, segment_ids, attention_mask: packed rows and padding, as ``forward`` takes them.
 
         dloss: the gradient is that of ``dloss * loss`` (the loss returned is not scaled); data
         parallel training weighs each micro-batch by its share of the global batch this way.
@@ -275,6 +287,7 @@ class Llama:
                               "it (add_lora, --lora-rank) or load it dequantized (quantized=False)")
         tokens, targets = check_tokens_and_targets(tokens, targets, self.config)
         B, T = tokens.shape
+        packed = check_packing(self.config, B, T, position_ids, segment_ids, attention_mask)
         masks = None if dropout_masks is None else check_dropout_masks(dropout_masks, self.config, B, T, self.dtype)
         adapter_masks = None if lora_masks is None else check_lora_masks(
             lora_masks, None if self.lora is None else self.lora_params, B, T, self.dtype)
@@ -285,9 +298,10 @@ class Llama:
             parts = batch_parts(B)
             if len(parts) == 1:
                 loss = self._loss_and_grad_rows(tokens, targets, self._workspaces.get(B, T, True), masks, adapter_masks,
-                                                dloss, on_grads_ready)
+                                                dloss, on_grads_ready, packed=packed)
             else:
-                loss = self._loss_and_grad_parts(tokens, targets, parts, masks, adapter_masks, dloss, on_grads_ready)
+                loss = self._loss_and_grad_parts(tokens, targets, parts, masks, adapter_masks, dloss, on_grads_ready,
+                                                 packed)
         if not copy:
             return loss, self.grads
         return loss, named_views(self.flat_grads.copy(), self.layout if self.lora is None else self.lora_layout)
@@ -315,7 +329,7 @@ class Llama:
                 lora_masks.update(draw_lora_masks(self.lora_layers[i], i, N, p_lora, self.dropout_rng, self.dtype))
         return masks or None, lora_masks or None
 
-    def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready):
+    def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready, packed):
         """loss_and_grad of the batch as ``parts``, one per thread (engine/batch.py); the gradients
         of the parts after the first are added into flat_grads.  Each part's gradient is weighed by
         its share of the batch's targets (its share of dloss), so that they add up to the batch's."""
@@ -328,7 +342,8 @@ class Llama:
                 tokens[lo:hi], targets[lo:hi], self._workspaces.get(hi - lo, T, True, k),
                 None if dropout_masks is None else [(a[rows], f[rows]) for a, f in dropout_masks],
                 None if lora_masks is None else {name: m[rows] for name, m in lora_masks.items()},
-                dloss * count_targets(targets[lo:hi]) / total, None, self._part_grads[k])
+                dloss * count_targets(targets[lo:hi]) / total, None, self._part_grads[k],
+                None if packed is None else packed.rows(lo, hi))
         run_parts(run_part, parts, compiled=all((hi - lo, T, True, k) in self._workspaces
                                                 for k, (lo, hi) in enumerate(parts)))
         add_into(self.flat_grads, [self._part_grads[k].flat for k in range(1, len(parts))])
@@ -341,7 +356,7 @@ class Llama:
         return float(np.sum(rows) / total)
 
     def _loss_and_grad_rows(self, tokens, targets, ws, dropout_masks=None, lora_masks=None, dloss=1.0,
-                            on_grads_ready=None, g=None):
+                            on_grads_ready=None, g=None, packed=None):
         """loss_and_grad on the workspace's buffers (checked inputs), the gradients into ``g``
         (default: the model's own); returns the loss.  With LoRA the base is frozen: only input
         gradients flow through it, and the output projection, the norms and the embedding get no
@@ -355,7 +370,7 @@ class Llama:
         def done():   # the next range of flat_grads is final
             if on_grads_ready is not None:
                 on_grads_ready(*next(ranges))
-        xn = self._forward_rows(tokens, ws, dropout_masks=dropout_masks, lora_masks=lora_masks)
+        xn = self._forward_rows(tokens, ws, dropout_masks=dropout_masks, lora_masks=lora_masks, packed=packed)
         matmuls((xn, self.lm_head.T, ws.logits))
         # loss, and dL/dlogits written over the logits (the only (N, V) buffer)
         loss, dlogits = cross_entropy_forward_backward(ws.logits, targets.reshape(-1), ws.losses, dloss=dloss)

@@ -68,6 +68,7 @@ import dataclasses
 import numpy as np
 
 from .errors import InputError
+from .inputs import check_packing
 from .layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward_reference, cross_entropy_forward_reference
 from .layers.dropout import dropout_backward
 from .layers.embedding import embedding_forward, scatter_add_rows_reference
@@ -655,22 +656,7 @@ def check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, 
         raise InputError(f"the batch is empty: (batch, positions) = ({B}, {T})")
     if T > cfg.max_seq_len:
         raise InputError(f"sequence of {T} positions is longer than max_seq_len ({cfg.max_seq_len})")
-    if position_ids is not None:
-        p = _integer_array(position_ids, "position_ids")
-        if p.shape not in ((T,), (B, T)):
-            raise InputError(f"position_ids must have shape ({T},) or ({B}, {T}), got {p.shape}")
-        if p.min() < 0 or p.max() >= cfg.max_seq_len:
-            raise InputError(f"position_ids must lie in [0, max_seq_len = {cfg.max_seq_len}), got "
-                             f"{int(p.min()) if p.min() < 0 else int(p.max())}")
-    for value, what in ((segment_ids, "segment_ids"), (attention_mask, "attention_mask")):
-        if value is not None and np.shape(value) != (B, T):
-            raise InputError(f"{what} must have shape ({B}, {T}), got {np.shape(value)}")
-    if segment_ids is not None:
-        _integer_array(segment_ids, "segment_ids")
-    if attention_mask is not None:
-        m = np.asarray(attention_mask)
-        if m.dtype.kind not in "biu" or not np.isin(m, (0, 1)).all():
-            raise InputError("attention_mask must hold 0 (padding) and 1 (token) only")
+    check_packing(cfg, B, T, position_ids, segment_ids, attention_mask)
     return tokens, B, T
 
 

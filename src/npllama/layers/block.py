@@ -35,12 +35,12 @@ strided (B, heads, T, hd) views of the q/k/v rows; it writes its output straight
 w_gate_up, w_down (``npllama.model`` makes them as views of its flat buffers).
 
 Shapes: N = B*T rows; x, h, n1, n2, out: (N, D); qkv: (N, (H + 2K) hd); o: (N, H hd);
-gate_up: (N, 2F); swiglu: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2).
+gate_up: (N, 2F); swiglu: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2) (with position_ids (N, hd/2)).
 """
 import numpy as np
 
 from ..engine.matmul import matmuls
-from .attention import attention_backward, attention_forward, key_tile_buffers
+from .attention import attention_backward, attention_forward, document_ids, key_tile_buffers
 from .lora import lora_adapter_backward, lora_adapter_forward
 from .rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
 from .rope import rope_cos_sin, rope_kernel
@@ -113,13 +113,30 @@ def projection_columns(cfg):
 
 class RowBatch:
     """What every block of a pass over a (B, T) batch shares: the config, the shape, the RoPE
-    tables of positions 0 .. T-1, the projections' columns and the scratch buffers."""
+    tables, the documents attention keeps apart, the projections' columns and the scratch buffers.
+
+    RoPE: row n of the activations is at position n % rope_period of the tables cos, sin, which are
+    those of positions 0 .. T-1 (period T) unless the pass has position_ids: then they hold one row
+    per row of activations (period B*T).  documents: None (causal attention), or the pass's
+    ``document_ids`` for segment_ids and padding.  ``use_packing`` sets both for a pass."""
 
     def __init__(self, cfg, B, T, dtype, rope_freqs):
-        self.cfg, self.B, self.T = cfg, B, T
-        self.cos, self.sin = rope_cos_sin(np.arange(T), rope_freqs, dtype)
+        self.cfg, self.B, self.T, self.dtype, self.rope_freqs = cfg, B, T, dtype, rope_freqs
+        self.causal_cos, self.causal_sin = rope_cos_sin(np.arange(T), rope_freqs, dtype)
         self.columns = projection_columns(cfg)
         self.scratch = BlockScratch(cfg, B * T, dtype)
+        self.use_packing(None)
+
+    def use_packing(self, packed):
+        """The pass's packed rows and padding (``npllama.inputs.PackedRows`` of these B rows), or None."""
+        if packed is None or packed.position_ids is None:
+            self.cos, self.sin, self.rope_period = self.causal_cos, self.causal_sin, self.T
+        else:
+            self.cos, self.sin = rope_cos_sin(packed.position_ids.reshape(-1), self.rope_freqs, self.dtype)
+            self.rope_period = self.B * self.T
+        self.documents = None
+        if packed is not None and (packed.segment_ids is not None or packed.attention_mask is not None):
+            self.documents = document_ids(packed.segment_ids, packed.attention_mask, self.B, self.T)
 
 
 # LoRA (layers/lora.py): a projection y = x W^T with an adapter gets y += s dropout(x) A^T B^T added
@@ -153,12 +170,12 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     rmsnorm_forward_kernel(acts.x, w["attn_norm"], eps, acts.n1, acts.r1)
     matmuls((acts.n1, w["wqkv"].T, acts.qkv))
     _adapters_forward(acts, adapters, ("q_proj", "k_proj", "v_proj"), acts.n1, acts.qkv, cols)
-    rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, T)
+    rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, batch.rope_period)
     q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
     if acts.key_tiles is None:
         acts.key_tiles = key_tile_buffers(B, K, T, hd, acts.qkv.dtype)
     _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3),
-                                           tiles=acts.key_tiles)
+                                           tiles=acts.key_tiles, documents=batch.documents)
     matmuls((acts.o, w["wo"].T, scratch.proj))
     _adapters_forward(acts, adapters, ("o_proj",), acts.o, scratch.proj, cols)
     if acts.mask_attn is not None:
@@ -211,7 +228,7 @@ def decoder_block_backward_rows(acts, w, dw, batch, adapter_grads=None):
     dq, dk, dv = split_heads(scratch.dqkv.reshape(B, T, -1), H, K, hd)
     attention_backward(do, acts.attn_cache, dq=dq, dk=dk, dv=dv)
     acts.attn_cache = None
-    rope_kernel(scratch.dqkv, H + K, hd, batch.cos, batch.sin, scratch.dqkv.dtype.type(-1.0), 0, T)
+    rope_kernel(scratch.dqkv, H + K, hd, batch.cos, batch.sin, scratch.dqkv.dtype.type(-1.0), 0, batch.rope_period)
     _input_gradient(scratch.dqkv, acts.n1, w["wqkv"], "wqkv", scratch.dn, dw)
     _adapters_backward(acts, adapter_grads, ("q_proj", "k_proj", "v_proj"), scratch.dqkv, scratch.dn, cols)
     rmsnorm_backward_kernel(scratch.dn, acts.x, w["attn_norm"], acts.r1, dres, scratch.dw_partial, True)
