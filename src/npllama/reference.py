@@ -32,9 +32,9 @@ of a and b rounded to bfloat16.
 
 Inputs real training uses: ``position_ids`` (B, T) (RoPE positions, restarting per document of a
 packed row), ``segment_ids`` (B, T) (a position attends only to earlier positions of its own
-document) and ``attention_mask`` (B, T) (1 = token, 0 = padding: no position attends to a padding
-position, which attends only to itself; its target should be -100); ``inputs_embeds`` (B, T, D)
-instead of tokens.
+document) and ``attention_mask`` (B, T) (1 = token, 0 = padding: no other position attends to a
+padding position, which sees the earlier tokens of its segment and itself; its target should be
+-100); ``inputs_embeds`` (B, T, D) instead of tokens.
 
 This is the source of truth: ``npllama.model.Llama`` (preallocated buffers, fused Numba kernels,
 threads) is tested equal to it to 1e-12 relative in float64 (tests/test_reference.py), and this
