@@ -30,6 +30,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 KINDS = ("wqkv", "wo", "w_gate_up", "w_down")
 OTHER_KERNELS = ("rmsnorm_row", "rope_row", "kv_cache_store_kernel", "decode_attention_kernel", "swiglu_row",
