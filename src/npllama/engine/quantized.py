@@ -145,21 +145,20 @@ def _block_codes(builder, qtype, base, elt, lanes):
         pointer = builder.gep(base, [ir.Constant(ir.IntType(64), offset)])
         return builder.load(builder.bitcast(pointer, v16.as_pointer()), align=1)
 
+    v16_i32 = ir.VectorType(i32, 16)
     if qtype == "Q8_0":
-        halves, signed = [load16(2), load16(18)], True
-    else:
-        n = load16(4 if qtype == "Q4_1" else 2)
-        halves = [builder.and_(n, ir.Constant(v16, [15] * 16)), builder.lshr(n, ir.Constant(v16, [4] * 16))]
+        halves = [builder.sext(load16(2), v16_i32), builder.sext(load16(18), v16_i32)]
+    else:   # (the bytes widened once, then split: one widening a block instead of two)
+        n = builder.zext(load16(4 if qtype == "Q4_1" else 2), v16_i32)
+        halves = [builder.and_(n, ir.Constant(v16_i32, [15] * 16)), builder.lshr(n, ir.Constant(v16_i32, [4] * 16))]
         if qtype == "Q4_0":
-            halves = [builder.sub(h, ir.Constant(v16, [8] * 16)) for h in halves]
-        signed = qtype == "Q4_0"
+            halves = [builder.sub(h, ir.Constant(v16_i32, [8] * 16)) for h in halves]
     vectors = []
     for h in halves:
         for k in range(16 // lanes):
             part = h if lanes == 16 else builder.shuffle_vector(
                 h, h, ir.Constant(ir.VectorType(i32, lanes), list(range(k * lanes, (k + 1) * lanes))))
-            convert = builder.sitofp if signed else builder.uitofp
-            vectors.append(convert(part, ir.VectorType(elt, lanes)))
+            vectors.append(builder.sitofp(part, ir.VectorType(elt, lanes)))
     return vectors
 
 
