@@ -116,7 +116,7 @@ def parse_args(argv=None):
         p.error("--steps, --batch-size, --seq-len and --threads must be >= 1, --warmup >= 0")
     if args.minutes <= 0 or args.eval_tokens < 1:
         p.error("--minutes must be > 0 and --eval-tokens >= 1")
-    if args.qlora_grad_accum < 1 or args.batch_size % args.qlora_grad_accum:
+    if args.finetune and (args.qlora_grad_accum < 1 or args.batch_size % args.qlora_grad_accum):
         p.error(f"--qlora-grad-accum must divide --batch-size {args.batch_size}")
     args.time_budget = 60.0 * args.minutes
     return args
@@ -338,8 +338,10 @@ def step(args, model: Path, workdir: Path) -> int:
             continue
         rows.append({"mode": mode, "tokens_per_s": r["tokens_per_s"], "peak_rss_mb": r["peak_rss_mb"],
                      "trainable_m": r["trainable_parameters"] / 1e6,
-                     "gradient_mb": r.get("gradient_bytes", float("nan")) / 1e6})
+                     "gradient_mb": r.get("gradient_bytes", float("nan")) / 1e6,
+                     "cpu_s": r["times"]["median_cpu_s"], "others": r["times"]["others_cpus"]})
     print(common.format_table(rows, [("mode", "mode", "s"), ("tokens_per_s", "tokens/s", ".1f"),
+                                     ("cpu_s", "CPU s/step", ".2f"), ("others", "others' CPUs", ".2f"),
                                      ("peak_rss_mb", "peak RSS MB", ".0f"), ("trainable_m", "trained M", ".2f"),
                                      ("gradient_mb", "grad MB", ".1f")]))
     if args.json is not None:

@@ -18,13 +18,13 @@ The kernels never dequantize the whole matrix:
   The 32 products of a block are summed in vector lanes, into a vector accumulator per row that
   is summed across its lanes once, at the end of the row (only the order of the sum changes).
   The block loop is LLVM IR (``_block_dots``), STREAMS rows far apart at a time.
-* matrix-matrix (a prompt, y = x W^T, and a frozen weight's backward, dx = dy W): a panel of
-  PANEL_ROWS rows is dequantized into a small float buffer (the caller's dtype: float32 or float64)
-  and multiplied by BLAS; the panels are shared among npllama's threads (each panel one
-  single-threaded BLAS call).  The panel fits in the core's L2 cache, so the matrix is read from
-  memory once per call, in its quantized size.
+* matrix-matrix (a prompt, y = x W^T, and a frozen weight's backward, dx = dy W): a panel of rows
+  (PANEL_ELEMENTS floats, 4 MB in float32) is dequantized into a float buffer (the caller's dtype:
+  float32 or float64; ``dequantize_row``, LLVM IR too, 32 weights a block in vector registers) and
+  multiplied by BLAS; the panels are shared among npllama's threads (each panel one
+  single-threaded BLAS call), so the matrix is read from memory once per call, in its quantized size.
 
-Float16 scales are widened by the CPU's own conversion (``half_to_float``: LLVM's fpext from half,
+Float16 scales are widened by the CPU's own conversion (``_half_at``: LLVM's fpext from half,
 vcvtph2ps on x86), exactly as the gguf package and llama.cpp do.
 """
 from __future__ import annotations
@@ -45,69 +45,6 @@ BLOCK = 32                                        # weights per block, every for
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 FORMATS = tuple(BLOCK_BYTES)
 jit_q = jit_rows_reassoc
-
-
-@intrinsic
-def half_to_float(typingctx, bits):
-    """The float32 value of the IEEE half-precision number whose bits are ``bits`` (uint16)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return sig, codegen
-
-
-# ---- dequantizing rows (the embedding lookup, the matrix-matrix panels) ----------------------------
-@jit_q
-def dequantize_q8_0_rows(blocks, halves, rows, out):
-    """out[k] = row rows[k] of W as floats.  blocks: uint8 (R, nb*34); halves: its uint16 view."""
-    nb = out.shape[1] // BLOCK
-    codes = blocks.view(np.int8)
-    for k in range(rows.shape[0]):
-        i = rows[k]
-        for b in range(nb):
-            d = out.dtype.type(half_to_float(halves[i, b * 17]))
-            o = b * 34 + 2
-            for j in range(BLOCK):
-                out[k, b * BLOCK + j] = d * out.dtype.type(codes[i, o + j])
-
-
-@jit_q
-def dequantize_q4_0_rows(blocks, halves, rows, out):
-    nb = out.shape[1] // BLOCK
-    for k in range(rows.shape[0]):
-        i = rows[k]
-        for b in range(nb):
-            d = out.dtype.type(half_to_float(halves[i, b * 9]))
-            o = b * 18 + 2
-            for j in range(16):     # (the low halves, then the high ones: two loops vectorise, one did not)
-                out[k, b * BLOCK + j] = d * out.dtype.type(np.int32(blocks[i, o + j] & 15) - 8)
-            for j in range(16):
-                out[k, b * BLOCK + 16 + j] = d * out.dtype.type(np.int32(blocks[i, o + j] >> 4) - 8)
-
-
-@jit_q
-def dequantize_q4_1_rows(blocks, halves, rows, out):
-    nb = out.shape[1] // BLOCK
-    for k in range(rows.shape[0]):
-        i = rows[k]
-        for b in range(nb):
-            d = out.dtype.type(half_to_float(halves[i, b * 10]))
-            m = out.dtype.type(half_to_float(halves[i, b * 10 + 1]))
-            o = b * 20 + 4
-            for j in range(16):     # (as in Q4_0: 1.2-1.7x faster than one loop writing both halves)
-                out[k, b * BLOCK + j] = d * out.dtype.type(blocks[i, o + j] & 15) + m
-            for j in range(16):
-                out[k, b * BLOCK + 16 + j] = d * out.dtype.type(blocks[i, o + j] >> 4) + m
-
-
-DEQUANTIZE_ROWS = {"Q8_0": dequantize_q8_0_rows, "Q4_0": dequantize_q4_0_rows, "Q4_1": dequantize_q4_1_rows}
-
-
-def dequantize_rows(w, rows, out):
-    """out (len(rows), cols) = the rows ``rows`` (int64) of the quantized matrix ``w``, in out's dtype."""
-    DEQUANTIZE_ROWS[w.qtype](w.blocks, w.halves, rows, out)
-    return out
 
 
 # ---- matrix-vector: y = W x ----------------------------------------------------------------------
@@ -160,6 +97,64 @@ def _block_codes(builder, qtype, base, elt, lanes):
                 h, h, ir.Constant(ir.VectorType(i32, lanes), list(range(k * lanes, (k + 1) * lanes))))
             vectors.append(builder.sitofp(part, ir.VectorType(elt, lanes)))
     return vectors
+
+
+# ---- dequantizing rows (the embedding lookup, the matrix-matrix panels) ----------------------------
+@intrinsic
+def dequantize_row(typingctx, blocks, out, fmt, i, k):
+    """out[k] = row i of W as numbers of out's dtype, W the blocks of format FORMATS[fmt]: per block,
+    its 32 codes widened to floats in vector registers (``_block_codes``, as the matrix-vector
+    kernel reads them), times d (Q4_1: plus m), stored 32 at a time.  The same numbers as the gguf
+    package's dequantize: d c is exact (11 + 8 significant bits), so only ``+ m`` rounds, once."""
+    if not (isinstance(out, types.Array) and out.layout == "C" and out.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(blocks, out, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        blocks_, out_, fmt, i, k = args
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        w_arr = context.make_array(signature.args[0])(context, builder, blocks_)
+        o_arr = context.make_array(signature.args[1])(context, builder, out_)
+        elt = context.get_value_type(signature.args[1].dtype)
+        itemsize = context.get_abi_sizeof(elt)
+        lanes = min(16, VECTOR_BYTES // itemsize)
+        vec = ir.VectorType(elt, lanes)
+        byte_ptr = ir.IntType(8).as_pointer()
+        row_start = builder.gep(builder.bitcast(w_arr.data, byte_ptr),
+                                [builder.mul(i, cgutils.unpack_tuple(builder, w_arr.strides, 2)[0])])
+        out_row = builder.bitcast(builder.gep(builder.bitcast(o_arr.data, byte_ptr),
+                                              [builder.mul(k, cgutils.unpack_tuple(builder, o_arr.strides, 2)[0])]),
+                                  vec.as_pointer())
+        n_blocks = builder.sdiv(cgutils.unpack_tuple(builder, o_arr.shape, 2)[1], const(BLOCK))
+        for qtype in FORMATS:
+            with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
+                with cgutils.for_range(builder, n_blocks) as loop:
+                    b = loop.index
+                    base = builder.gep(row_start, [builder.mul(b, const(BLOCK_BYTES[qtype]))])
+                    d = splat(builder, _half_at(builder, base, 0, elt), vec)
+                    m = splat(builder, _half_at(builder, base, 2, elt), vec) if qtype == "Q4_1" else None
+                    for v, codes in enumerate(_block_codes(builder, qtype, base, elt, lanes)):
+                        w = builder.fmul(codes, d)
+                        if m is not None:
+                            w = builder.fadd(w, m)
+                        target = builder.gep(out_row, [builder.add(builder.mul(b, const(BLOCK // lanes)), const(v))])
+                        builder.store(w, target, align=itemsize)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@jit_q
+def dequantize_rows_kernel(blocks, rows, out, fmt):
+    """out[k] = row rows[k] of W, for every k (``dequantize_row``)."""
+    for k in range(rows.shape[0]):
+        dequantize_row(blocks, out, fmt, rows[k], k)
+
+
+def dequantize_rows(w, rows, out):
+    """out (len(rows), cols) = the rows ``rows`` (int64) of the quantized matrix ``w``, in out's dtype."""
+    dequantize_rows_kernel(w.blocks, rows, out, FORMAT_CODE[w.qtype])
+    return out
 
 
 def _block_dots(rows):

@@ -52,7 +52,6 @@ class QuantizedMatrix:
             raise InputError(f"{qtype} blocks of shape {blocks.shape} do not hold rows of {cols} weights")
         self.qtype = qtype
         self.blocks = np.ascontiguousarray(blocks)
-        self.halves = self.blocks.view(np.uint16)      # the float16 scales, read by the kernels
         self.shape = (blocks.shape[0], cols)
 
     @classmethod
