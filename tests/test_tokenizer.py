@@ -161,7 +161,7 @@ def test_encode_long_cuts_a_sequence_of_one_byte_level_pre_tokenizer(tricky_tok,
     split = tokenizers.Tokenizer.from_str(tricky_tok.hf_tokenizer.to_str())
     split.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(r"\n"), "isolated"),
                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert Tokenizer(split)._chunking() is None
+    assert Tokenizer(split)._chunking() is None   # (a regex npllama does not know: encoded whole)
 
 
 def test_encode_long_cut_rule_matters():
@@ -189,6 +189,28 @@ def test_a_corpus_is_cut_into_bounded_chunks_whatever_its_line_endings(tok, samp
     assert len(pieces) >= len(text) // 1100 and max(len(p) for p in pieces) < 1100
     np.testing.assert_array_equal(tok.encode_long(text, chunk_chars=1000), tok.encode(text))
 
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def split_regex_tok(tricky_tok, request):
+    """tricky_tok's vocabulary behind the pre-tokenizer the GGUF reader builds for Llama-3 / Qwen2."""
+    from npllama.formats.gguf_tokenizer import PRE_TOKENIZERS
+    from tokenizers import pre_tokenizers
+    hf = tokenizers.Tokenizer.from_str(tricky_tok.hf_tokenizer.to_str())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[request.param])
+    return Tokenizer(hf)
+
+
+LETTER_TEXT = st.lists(st.sampled_from(TRICKY_PIECES + ["ab", " cd", "\nef", "東京", "\n東", "  x", "x\r\n", "'S", "123"]),
+                       max_size=300).map("".join)
+
+
+@given(LETTER_TEXT, st.integers(1, 40))
+@settings(max_examples=200, deadline=None)
+def test_encode_long_cuts_llama3_and_qwen2_style_text_to_the_same_ids(split_regex_tok, text, chunk_chars):
+    """(was: encoded whole: a Split regex before the ByteLevel)"""
+    assert split_regex_tok._chunking().kind == "letters"
+    np.testing.assert_array_equal(split_regex_tok.encode_long(text, chunk_chars=chunk_chars),
+                                  split_regex_tok.encode(text))
 
 # SentencePiece-style tokenizers see a whole stretch of text as one word (Metaspace without split, or
 # Llama-2's Prepend + Replace normalizer): merges across "▁", a stray "▁" in the text, unknown

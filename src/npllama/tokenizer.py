@@ -44,7 +44,7 @@ from .chat_template import ChatTemplateError, TemplateRefusal, render_chat
 from .errors import CheckpointError, ConfigError, DataError, InputError, one_line
 from .files import MAX_JSON_BYTES, atomic_write_bytes, open_regular_file, parse_json, read_json
 from .formats.gguf import find_gguf, is_gguf, open_gguf
-from .formats.gguf_tokenizer import read_gguf_tokenizer
+from .formats.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, read_gguf_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -465,8 +465,8 @@ class Tokenizer:
 
 class _Chunking:
     """Where a tokenizer's text may be cut so that the pieces' ids concatenate to the whole's (see
-    ``Tokenizer.encode_long``): ``kind`` "words" (byte-level BPE, GPT-2's regex) or "pairs"
-    (SentencePiece-style BPE); ``added`` the added tokens' text (never cut into, never cut before:
+    ``Tokenizer.encode_long``): ``kind`` "words" (byte-level BPE, GPT-2's regex), "letters"
+    (byte-level BPE after Llama-3's or Qwen2's Split regex) or "pairs" (SentencePiece-style BPE); ``added`` the added tokens' text (never cut into, never cut before:
     "words"); for "pairs", ``inside`` the pairs of characters some token holds side by side,
     ``spelled`` what the normalizer and pre-tokenizer make of a character (" " -> "▁"),
     ``unknown_fused`` whether two characters outside the vocabulary become one unknown token, and
@@ -495,6 +495,8 @@ class _Chunking:
         if (spec.get("normalizer") is None and one and one.get("type") == "ByteLevel"
                 and one.get("use_regex", True) and not one.get("add_prefix_space", False)):
             return cls("words", contents)
+        if spec.get("normalizer") is None and _split_regex(pre) in (LLAMA3_SPLIT, QWEN2_SPLIT):
+            return cls("letters", contents)
         return cls._sentencepiece(spec, contents)
 
     @classmethod
@@ -548,12 +550,48 @@ class _Chunking:
     def split(self, text: str, chunk_chars: int) -> list[str]:
         if self.kind == "words":
             return split_at_safe_cuts(text, chunk_chars, self.added)
+        if self.kind == "letters":
+            return split_at_letters(text, chunk_chars)
         return split_between_pairs(text, chunk_chars, self.can_cut, self.added)
 
     def can_cut(self, left: str, right: str) -> bool:
         """Whether a cut between the characters ``left`` and ``right`` changes no token."""
         a, b = self.spelled.get(left, left)[-1], self.spelled.get(right, right)[0]
         return a + b not in self.inside and not (self.unknown_fused and a not in self.vocab and b not in self.vocab)
+
+
+def _split_regex(pre) -> str | None:
+    """The regex of a pre-tokenizer that is a Split (isolated) then a ByteLevel without regex."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+            and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+            and not byte_level.get("add_prefix_space", False)):
+        return (split.get("pattern") or {}).get("Regex")
+    return None
+
+
+# Llama-3's and Qwen2's regexes end a word at a letter whatever follows, start one at a space before
+# letters, and end a run of newlines before a letter: a word starts at these places in any text.
+_LETTER_CUT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])|(?<=\n)(?=[A-Za-z\u4e00-\u9fff])")
+
+
+def split_at_letters(text: str, chunk_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of about ``chunk_chars`` characters where Llama-3's or Qwen2's regex
+    starts a word whatever the text around: before a space between two ASCII letters, or after a
+    newline before an ASCII letter or a CJK ideograph.  A text without such places stays one piece
+    up to the next one.  ``"".join(pieces) == text``."""
+    pieces, start, n = [], 0, len(text)
+    while n - start > chunk_chars:
+        cut = _LETTER_CUT.search(text, start + chunk_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 def split_between_pairs(text: str, chunk_chars: int, can_cut, added_tokens=()) -> list[str]:

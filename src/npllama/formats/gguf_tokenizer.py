@@ -33,9 +33,9 @@ MAX_MERGE_WORK = 50_000_000   # characters compared building a SentencePiece voc
 MERGES_PER_TOKEN = 16
 CONTROL, USER_DEFINED = 3, 4   # llama.cpp's token types (1 normal, 2 unknown, 5 unused, 6 byte)
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
@@ -51,10 +51,10 @@ _GPT2 = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
 # follows transformers, the reference its tests hold it to.
 PRE_TOKENIZERS = {
     "default": _GPT2, "gpt2": _GPT2, "gpt-2": _GPT2, "smollm": _GPT2, "starcoder": _GPT2, "refact": _GPT2,
-    "llama3": _split_then_bytes(_LLAMA3_SPLIT), "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
-    "llama-v3": _split_then_bytes(_LLAMA3_SPLIT), "smaug-bpe": _split_then_bytes(_LLAMA3_SPLIT),
-    "dbrx": _split_then_bytes(_LLAMA3_SPLIT), "falcon3": _split_then_bytes(_LLAMA3_SPLIT),
-    "qwen2": _split_then_bytes(_QWEN2_SPLIT), "deepseek-r1-qwen": _split_then_bytes(_QWEN2_SPLIT),
+    "llama3": _split_then_bytes(LLAMA3_SPLIT), "llama-bpe": _split_then_bytes(LLAMA3_SPLIT),
+    "llama-v3": _split_then_bytes(LLAMA3_SPLIT), "smaug-bpe": _split_then_bytes(LLAMA3_SPLIT),
+    "dbrx": _split_then_bytes(LLAMA3_SPLIT), "falcon3": _split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": _split_then_bytes(QWEN2_SPLIT), "deepseek-r1-qwen": _split_then_bytes(QWEN2_SPLIT),
 }
 
 
