@@ -120,6 +120,9 @@ def attention_forward(q, k, v, o=None, tiles=None, documents=None):
     k_tiles, v_tiles, k_rows, v_rows = tiles
     run_on_threads(_pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
     query_docs, key_docs = NO_DOCUMENTS if documents is None else documents
+    if documents is not None:             # -1 (no query's) past T, so that a tile's row reads whole tiles
+        past_t = k_tiles.shape[2] * block + k_tiles.shape[4] - T
+        key_docs = np.pad(key_docs, ((0, 0), (0, past_t)), constant_values=-1)
     run_on_threads(_attention_forward_kernel, q, k_tiles, v_rows, block, scale, query_docs, key_docs, o_kernel, lse)
     if o_copy is not None:
         np.copyto(o_copy, o_kernel)
@@ -419,12 +422,13 @@ def _first_key_block(query_docs, b, i0, rows, block):
 
 
 @jit_helper
-def _hide_other_documents(p, doc_i, keys_docs, k0, n_keys, i):
-    """Scores of the keys k0 .. k0 + n_keys - 1 that query i may not see (not of its document, not
-    itself) set to -inf; keys_docs: key_docs of i's row."""
+def _hide_other_documents(p, doc_i, keys_docs, self_j, n_keys):
+    """Scores p[:n_keys] of the keys query i may not see (not of its document doc_i, not itself:
+    column self_j) set to -inf; keys_docs: the tile's keys' key_docs.  (A select with & and |,
+    not branches: the loop runs in vectors.)"""
     for j in range(n_keys):
-        if keys_docs[k0 + j] != doc_i and k0 + j != i:
-            p[j] = -np.inf
+        hidden = (keys_docs[j] != doc_i) & (j != self_j)
+        p[j] = -np.inf if hidden else p[j]
 
 
 @jit_shared_kernel
@@ -471,7 +475,8 @@ def _attention_forward_kernel(q, k_tiles, v_rows, block, scale, query_docs, key_
                 p = P[r]
                 n_keys = min(block, i0 + r + 1 - kb * block)     # causal: keys up to i
                 if masked:
-                    _hide_other_documents(p, query_docs[b, i0 + r], key_docs[b], kb * block, n_keys, i0 + r)
+                    _hide_other_documents(p, query_docs[b, i0 + r], key_docs[b, kb * block:], i0 + r - kb * block,
+                                          n_keys)
                 m_new = max(m[r], vector_max(p, n_keys))
                 if masked and m_new == -np.inf:                  # nothing of row r's so far: P's row is 0
                     p[:block_pad] = zero
@@ -575,9 +580,10 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
                             lse_i, psi_i = lse[b, h, i0 + r], psi[r]
                             n_keys = min(block, i0 + r + 1 - kb * block)
                             if masked:                        # 0 past the keys and for other documents'
-                                doc_i, k0, keys_docs = query_docs[b, i0 + r], kb * block, key_docs[b]
-                                for j in range(n_cols):
-                                    seen = j < n_keys and (keys_docs[k0 + j] == doc_i or k0 + j == i0 + r)
+                                doc_i, self_j = query_docs[b, i0 + r], i0 + r - kb * block
+                                keys_docs = key_docs[b, kb * block:]       # (padded: n_cols long)
+                                for j in range(n_cols):               # (& and |: a select, in vectors)
+                                    seen = (j < n_keys) & ((keys_docs[j] == doc_i) | (j == self_j))
                                     e = fast_exp(p[j] - lse_i) if seen else zero
                                     p[j] = e
                                     ds[j] = e * (ds[j] - psi_i)

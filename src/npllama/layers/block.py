@@ -35,7 +35,8 @@ strided (B, heads, T, hd) views of the q/k/v rows; it writes its output straight
 w_gate_up, w_down (``npllama.model`` makes them as views of its flat buffers).
 
 Shapes: N = B*T rows; x, h, n1, n2, out: (N, D); qkv: (N, (H + 2K) hd); o: (N, H hd);
-gate_up: (N, 2F); swiglu: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2) (with position_ids (N, hd/2)).
+gate_up: (N, 2F); swiglu: (N, F); q: (B, H, T, hd); k, v: (B, K, T, hd); cos, sin: (T, hd/2) (with
+position_ids (N, hd/2)).
 """
 import numpy as np
 
