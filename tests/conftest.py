@@ -12,6 +12,9 @@ settings.load_profile("npllama")
 
 # No machine-wide corpus cache (npllama/train/corpus_cache.py): every run trains its tokenizer.
 os.environ["NPLLAMA_CORPUS_CACHE"] = "0"
+# No second process compiling ahead in a first training run (npllama/warmup.py): tests/test_warmup.py
+# starts its own.
+os.environ["NPLLAMA_WARMUP"] = "0"
 
 # Every subprocess a test starts (`python -m npllama.cli ...`, examples, snippets) imports this
 # checkout's package, as the tests themselves do (pyproject's pythonpath = ["src"]), whichever

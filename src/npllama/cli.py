@@ -1,4 +1,4 @@
-"""The `npllama` command: train, generate, gradcheck, plot, export, reference, compare.
+"""The `npllama` command: train, generate, gradcheck, plot, export, reference, compare, warmup.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> exit code``; this file only wires them up, applies ``--threads N`` (npllama's thread
@@ -34,6 +34,8 @@ SUBCOMMANDS = {
                   "reference model on a batch, for checking another implementation"),
     "compare": ("npllama.divergence", "compare your implementation's tensors with a golden file and name the first "
                 "that diverges (exit code 1)"),
+    "warmup": ("npllama.warmup", "compile the kernels a training run calls into Numba's cache now, on several "
+               "processes (a first npllama train does it by itself on two)"),
 }
 
 

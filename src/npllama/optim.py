@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from .engine.jit import jit_rows, jit_rows_reassoc, jit_with
-from .engine.pool import claim_unit, run_on_threads
+from .engine.jit import array, jit_rows, jit_rows_reassoc, jit_with, scalar
+from .engine.pool import UNIT_COUNTER, claim_unit, run_on_threads
 from .errors import CheckpointError, ConfigError, InputError
 
 STATE_FORMAT = "npllama-adamw"
@@ -563,3 +563,13 @@ def lr_at(step: int, *, max_lr: float, warmup_steps: int, total_steps: int, min_
     if kind == "cosine":
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
     return min_lr + (1.0 - progress) * (max_lr - min_lr)
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    """AdamW's flat step and clipping's (the sums of squares in float64 whatever the dtype)."""
+    flat, f = array(dtype, 1), scalar(dtype)
+    return [(adamw_update_units, (flat, flat, flat, flat, array(np.int64, 2), array(np.int64, 1), flat,
+                                  f, f, f, f, f, f, UNIT_COUNTER)),
+            (sum_of_squares_units, (flat, array(np.float64, 1), UNIT_COUNTER)),
+            (scale_units, (flat, f, UNIT_COUNTER))]

@@ -19,7 +19,8 @@ Module map (docs/engine.md says more):
     blas.py      ``matmul_one_thread``: MKL's gemm through ctypes when the [mkl] extra is installed,
                  else NumPy's; ``sgemm_gflops``, the machine's float32 matrix-multiply rate now
     jit.py       the jit decorators every kernel uses, the CPU features LLVM compiles for, the
-                 compile clock
+                 compile clock, the types of a kernel's versions (npllama/warmup.py compiles the
+                 versions each module lists ahead)
     fastmath.py  ``fast_exp`` (Cephes' expf, vectorisable, for float32), vectorisable maxima
     simd.py      LLVM IR register tiles (``tile_update_*``) and row views for attention's kernels
     quantized.py products with a matrix kept in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): a

@@ -16,9 +16,14 @@ is compiled through one of these decorators:
   kernel with options of its own (attention's, which explains its flags).
 
 fastmath is otherwise off (the float64 checks want IEEE results).
+
+Each module of kernels also lists the versions of its kernels a training run calls, their argument
+types written with ``array``, ``scalar``, ``INT``, ``BOOL`` and ``NONE`` (``kernel_versions(dtype)``),
+so that npllama/warmup.py can compile them ahead, on two processes at once.
 """
 import llvmlite.binding as llvm
 import numba
+import numpy as np
 from numba.core import event as numba_events
 
 from ..caches import numba_cache_dir
@@ -88,10 +93,13 @@ class _FirstCompile(numba_events.TimingListener):
 class CompileClock:
     """Seconds Numba spends compiling (not loading from its on-disk cache) while in the ``with``
     block; ``seconds`` may be read inside it.  Nested compilations count once.  ``on_first()``, if
-    given, is called when the first compilation starts (to say why the first run waits)."""
+    given, is called when the first compilation starts (to say why the first run waits).
+    ``elsewhere``: seconds spent waiting for another process compiling kernels for this one
+    (npllama/warmup.py adds them), counted in ``seconds`` too."""
 
     def __init__(self, on_first=None):
         self.on_first = on_first
+        self.elsewhere = 0.0
 
     def __enter__(self):
         self._listener = _FirstCompile(self.on_first)
@@ -104,4 +112,22 @@ class CompileClock:
 
     @property
     def seconds(self) -> float:
-        return self._listener.duration if self._listener.done else 0.0
+        return (self._listener.duration if self._listener.done else 0.0) + self.elsewhere
+
+
+# ---- the types of a kernel version ------------------------------------------------------------
+# Numba compiles one version of a kernel per argument types: an array's dtype, number of dimensions
+# and layout (C-contiguous, or any strides: "A"), a scalar's type, None.  A module's
+# ``kernel_versions(dtype)`` writes the versions a training run calls in these.
+INT, BOOL, NONE = numba.types.int64, numba.types.boolean, numba.types.none
+
+
+def scalar(dtype):
+    """The type of a number of ``dtype`` (np.float32, ...)."""
+    return numba.from_dtype(np.dtype(dtype))
+
+
+def array(dtype, ndim, contiguous=True):
+    """The type of an ``ndim``-dimensional array of ``dtype``: C-contiguous, or (``contiguous=False``)
+    of any strides, as a transposed or sliced view is."""
+    return numba.types.Array(scalar(dtype), ndim, "C" if contiguous else "A")

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .jit import jit, jit_rows
+from .jit import INT, array, jit, jit_rows
 from .threads import get_threads
 
 # ---- work shared among threads without a parallel loop ---------------------------------------------
@@ -62,6 +62,7 @@ def row_units(n_rows, rows_per_unit=ROWS_PER_UNIT):
     return -(-n_rows // rows_per_unit)
 
 
+UNIT_COUNTER = array(np.int64, 1)   # the type of ``next_unit`` (in the kernels' kernel_versions)
 NO_UNIT_LEFT = 1 << 40   # a counter past every kernel's last unit (times its rows per unit: no overflow)
 
 
@@ -213,3 +214,10 @@ def helper_threads(n):
     if pool is None or pool.n < n:
         pool = _helpers["pool"] = HelperThreads(n)   # (the old one's threads sleep for good)
     return pool
+
+
+def kernel_versions(dtype):
+    """The versions of this module's kernels a training run calls (npllama/warmup.py): the helper
+    threads' waits, whatever the dtype."""
+    return [(_finish_then_watch, (UNIT_COUNTER, UNIT_COUNTER, INT, INT)),
+            (_spin_until_changed, (UNIT_COUNTER, INT, INT))]

@@ -31,8 +31,8 @@ Shapes: q, o: (B, H, T, hd); k, v: (B, K, T, hd) (any strides); lse: (B, H, T).
 import numpy as np
 
 from ..engine.fastmath import fast_exp
-from ..engine.jit import jit_with
-from ..engine.pool import claim_unit, run_on_threads
+from ..engine.jit import INT, array, jit_with, scalar
+from ..engine.pool import UNIT_COUNTER, claim_unit, run_on_threads
 from ..engine.simd import MR, VECTOR_BYTES, contiguous_row, tile_update_2, tile_update_pairs, vector_max
 from ..engine.threads import get_threads
 
@@ -614,3 +614,15 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
             for d in range(hd):
                 dk_j[d] = dk_tiles[kb, d, jj]
                 dv_j[d] = dv_tiles[kb, d, jj]
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    """q, k, v, o, do and dq, dk, dv are (B, H, T, hd) views of the model's (B, T, H * hd) rows: any strides."""
+    view, tiles, f = array(dtype, 4, contiguous=False), array(dtype, 5), scalar(dtype)
+    return [(_pack_key_tiles, (view, view, INT, tiles, tiles, tiles, tiles, UNIT_COUNTER)),
+            (_attention_forward_kernel, (view, tiles, tiles, INT, f, view, array(dtype, 3), UNIT_COUNTER)),
+            (_attention_backward_kernel, (view, tiles, tiles, tiles, INT, view, array(dtype, 3), view, f,
+                                          array(np.int64, 1), array(dtype, 5, contiguous=False), view, view,
+                                          UNIT_COUNTER)),
+            (_round_up, (INT, INT))]

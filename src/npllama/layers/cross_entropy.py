@@ -16,8 +16,8 @@ Shapes: logits, dlogits: (N, V); targets: int (N,); losses: float64 (N,).
 import numpy as np
 
 from ..engine.fastmath import array_max, fast_exp
-from ..engine.jit import jit_rows_reassoc
-from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
+from ..engine.jit import INT, array, jit_rows_reassoc, scalar
+from ..engine.pool import ROWS_PER_UNIT, UNIT_COUNTER, claim_unit, row_units, run_on_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
@@ -112,3 +112,10 @@ def _cross_entropy_rows(logits, targets, ignore_index, losses, scale, next_unit)
                 for v in range(V):
                     z[v] *= scale_over_total
                 z[t] -= scale
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    # (the losses are float64 whatever the dtype)
+    return [(_cross_entropy_rows, (array(dtype, 2), array(np.int64, 1), INT, array(np.float64, 1), scalar(dtype),
+                                   UNIT_COUNTER))]

@@ -7,7 +7,7 @@ Backward:  each row of the table receives the sum of the upstream gradients of t
 """
 import numpy as np
 
-from ..engine.jit import jit
+from ..engine.jit import array, jit
 from ..errors import InputError
 
 
@@ -49,3 +49,8 @@ def _scatter_add_rows(ids, rows, table):
         v = ids[n]
         for d in range(rows.shape[1]):
             table[v, d] += rows[n, d]
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    return [(_scatter_add_rows, (array(np.int64, 1), array(dtype, 2), array(dtype, 2)))]

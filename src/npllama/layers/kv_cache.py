@@ -38,8 +38,8 @@ order changes, as it does between BLAS builds, and the result is deterministic o
 import numpy as np
 
 from ..engine.fastmath import array_max, fast_exp
-from ..engine.jit import jit, jit_reassoc, jit_with
-from ..engine.pool import claim_unit, row_units, run_on_threads
+from ..engine.jit import INT, array, jit, jit_reassoc, jit_with
+from ..engine.pool import UNIT_COUNTER, claim_unit, row_units, run_on_threads
 from ..engine.threads import get_threads
 
 
@@ -198,3 +198,13 @@ def _matvec_units(w, x, y, next_unit):
         if t * MATVEC_ROWS_PER_TASK >= N:
             break
         _matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    """A decoding step's (a training run's samples)."""
+    rows, row, cache = array(dtype, 2), array(dtype, 1), array(dtype, 3)
+    return [(decode_attention_kernel, (rows, cache, cache, INT, row, rows)),
+            (kv_cache_store_kernel, (rows, INT, INT, cache, cache)),
+            (matvec_kernel, (rows, row, row)),
+            (_matvec_units, (rows, row, row, UNIT_COUNTER))]

@@ -21,8 +21,8 @@ Shapes: x, y, dx: (N, D) (any leading dims are flattened); w, dw: (D,); r: (N,).
 """
 import numpy as np
 
-from ..engine.jit import jit_rows_reassoc
-from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
+from ..engine.jit import BOOL, NONE, array, jit_rows_reassoc, scalar
+from ..engine.pool import ROWS_PER_UNIT, UNIT_COUNTER, claim_unit, row_units, run_on_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
@@ -125,3 +125,11 @@ def _rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
                     dx_row[d] += dx_d
                 else:
                     dx_row[d] = dx_d
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    rows, row, f = array(dtype, 2), array(dtype, 1), scalar(dtype)
+    return [(_rmsnorm_forward_rows, (rows, row, f, rows, row, NONE, NONE, UNIT_COUNTER)),   # the final norm
+            (_rmsnorm_forward_rows, (rows, row, f, rows, row, rows, rows, UNIT_COUNTER)),   # after a residual add
+            (_rmsnorm_backward_rows, (rows, rows, row, row, rows, rows, BOOL, UNIT_COUNTER))]

@@ -24,8 +24,8 @@ import math
 
 import numpy as np
 
-from ..engine.jit import jit_rows
-from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
+from ..engine.jit import INT, array, jit_rows, scalar
+from ..engine.pool import ROWS_PER_UNIT, UNIT_COUNTER, claim_unit, row_units, run_on_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
@@ -107,3 +107,9 @@ def _rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
                     x2 = second_half[i]
                     first_half[i] = x1 * cos_i - x2 * sin_i
                     second_half[i] = x2 * cos_i + x1 * sin_i
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    rows = array(dtype, 2)
+    return [(_rope_rows, (rows, INT, INT, rows, rows, scalar(dtype), INT, INT, UNIT_COUNTER))]

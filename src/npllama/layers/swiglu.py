@@ -20,8 +20,8 @@ g, u, s, ds: (N, F); gate_up, [dg | du]: (N, 2F).
 import numpy as np
 
 from ..engine.fastmath import fast_exp
-from ..engine.jit import jit_rows
-from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
+from ..engine.jit import array, jit_rows
+from ..engine.pool import ROWS_PER_UNIT, UNIT_COUNTER, claim_unit, row_units, run_on_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
@@ -87,3 +87,9 @@ def _swiglu_backward_rows(ds, gate_up, next_unit):
                 sig = one / (one + fast_exp(-g))
                 u_row[f] = ds_row[f] * g * sig
                 g_row[f] = ds_row[f] * u * sig * (one + g * (one - sig))
+
+
+# ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
+def kernel_versions(dtype):
+    rows = array(dtype, 2)
+    return [(_swiglu_forward_rows, (rows, rows, UNIT_COUNTER)), (_swiglu_backward_rows, (rows, rows, UNIT_COUNTER))]

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..engine.jit import CompileClock
 from ..layers.cross_entropy import IGNORE_INDEX
 from ..optim import clip_grad_norm
+from ..warmup import first_run_warm_up
 from .config import TrainConfig
 from .distributed import World, current_world, end_job_on_error, local_batches
 from .extend import extend
@@ -63,10 +64,13 @@ def train(config: TrainConfig | None = None, *, resume=None, progress: bool = Tr
         raise ConfigError("more_steps / more_seconds extend a saved run: give resume=RUN_DIR")
     world = current_world()
     verbose = verbose and world.root
-    # a first run (or one after npllama's kernels changed) compiles them, once: say so when it starts
-    with CompileClock(on_first=lambda: say("compiling kernels (first run only)", verbose)) as compiling:
+    # a first run (or one after npllama's kernels changed) compiles them, once: say so when it starts;
+    # a second process compiles them too, meanwhile (warmup.py)
+    with (CompileClock(on_first=lambda: say("compiling kernels (first run only)", verbose)) as compiling,
+          first_run_warm_up(config.dtype if config else None, resume is None, world.size) as warm_up):
         run = setup_run(world, config, resume, verbose)
         try:
+            warm_up.finish(compiling)
             if more_steps is not None or more_seconds is not None:
                 extend(run, more_steps, more_seconds, verbose)
             return _train(run, t_start, compiling, resume is not None, progress, verbose, on_step)
