@@ -8,15 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
 import pytest
 
 from npllama import warmup
 from npllama.engine import threads
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)   # (conftest puts this checkout's src/ on the subprocesses' PYTHONPATH)
 
 # In a process of its own (a process that ran other tests holds versions they compiled): every
 # version of every npllama kernel after a warm-up in this process, then after a training run.
