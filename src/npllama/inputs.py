@@ -2,14 +2,16 @@
 ids, targets, packed rows and padding (position_ids, segment_ids, attention_mask; npllama.reference
 checks them here too), dropout masks and the LoRA adapters' masks.  Each returns the array the passes want
 (contiguous, of the model's dtype, rows flattened) or raises InputError naming the argument and the
-problem.  Generation's own arguments are checked in npllama/generate/sampling.py.
+problem.  The masks a training step draws when it is given none: ``draw_masks``.  Generation's own arguments are checked in npllama/generate/sampling.py.
 """
 from typing import NamedTuple
 
 import numpy as np
 
+from .adapters import draw_lora_masks
 from .errors import InputError
 from .layers.cross_entropy import IGNORE_INDEX
+from .layers.dropout import dropout_mask
 
 
 def check_tokens(tokens, config, name="tokens", allow_ignore=False) -> np.ndarray:
@@ -131,3 +133,21 @@ def check_lora_masks(masks, lora_params, B, T, dtype) -> dict:
                              f"got {mask.dtype} {mask.shape}")
         checked[name] = np.ascontiguousarray(mask, dtype=dtype).reshape(B * T, d_in)
     return checked
+
+
+def draw_masks(model, N, base=True, lora=True):
+    """The dropout masks of a training step over N rows, drawn from ``model.dropout_rng`` (None
+    where there is no dropout): per layer the attention's and the feed-forward's (``base``),
+    then the adapters' inputs' (``lora``), in that order.  The step's parts take their rows."""
+    cfg = model.config
+    if not model.training:
+        return None, None
+    p_base = cfg.dropout if base else 0.0
+    p_lora = model.lora.dropout if lora and model.lora is not None else 0.0
+    masks, lora_masks = [], {}
+    for i in range(cfg.n_layers):
+        if p_base > 0.0:
+            masks.append(tuple(dropout_mask((N, cfg.dim), p_base, model.dropout_rng, model.dtype) for _ in range(2)))
+        if p_lora > 0.0:
+            lora_masks.update(draw_lora_masks(model.lora_layers[i], i, N, p_lora, model.dropout_rng, model.dtype))
+    return masks or None, lora_masks or None

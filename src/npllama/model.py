@@ -20,16 +20,16 @@ blocks (``last_hidden_state``) and each new token through the same kernels on on
 
 What is not here: the block (npllama/layers/block.py); how the flat buffers are sliced into views,
 the passes' workspaces and the batch parts' gradient buffers (npllama/buffers.py); the checks of the
-inputs (npllama/inputs.py); what the LoRA adapters are and where they sit (npllama/adapters.py; the
-model keeps them in a second flat buffer that the same passes read); the checkpoint formats and
-quantizing (npllama/formats/).
+inputs and the dropout masks a step draws (npllama/inputs.py); what the LoRA adapters are and where
+they sit (npllama/adapters.py; the model keeps them in a second flat buffer that the same passes
+read); the checkpoint formats, quantized weights and quantizing (npllama/formats/).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import formats
-from .adapters import adapter_views, draw_lora_masks, init_adapters, layer_adapters, lora_layout, lora_settings
+from .adapters import adapter_views, init_adapters, layer_adapters, lora_layout, lora_settings
 from .buffers import PartGradients, Workspaces, backward_ranges, grad_buffers, layer_views, named_views, offsets
 from .config import LORA_TARGETS, LlamaConfig
 from .engine.batch import add_into, batch_parts, run_parts
@@ -37,10 +37,10 @@ from .engine.matmul import matmuls, split_matmuls
 from .errors import ConfigError, InputError
 from .formats import gguf, hf, peft
 from .generate import decoding
-from .inputs import check_dropout_masks, check_lora_masks, check_packing, check_tokens, check_tokens_and_targets
+from .inputs import (check_dropout_masks, check_lora_masks, check_packing, check_tokens, check_tokens_and_targets,
+                     draw_masks)
 from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
-from .layers.dropout import dropout_mask
 from .layers.embedding import embedding_backward
 from .layers.quantized_linear import embedding_rows
 from .layers.rmsnorm import rmsnorm_backward_kernel, rmsnorm_forward_kernel
@@ -179,7 +179,7 @@ class Llama:
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``:
         None (no dropout) or one (N, D) pair per layer, applied as given; ``lora_masks``: None or the
         LoRA adapters' input masks ({module name: (N, in)}, none for a module not named).  A training
-        step draws them first (``_draw_masks``).  ``after_block(i, qkv)`` is called after block i.
+        step draws them first (inputs.draw_masks).  ``after_block(i, qkv)`` is called after block i.
         ``packed``: the rows' position_ids, segment_ids, attention_mask (inputs.PackedRows) or None."""
         cfg = self.config
         first = ws.layers[0]
@@ -291,7 +291,7 @@ class Llama:
         masks = None if dropout_masks is None else check_dropout_masks(dropout_masks, self.config, B, T, self.dtype)
         adapter_masks = None if lora_masks is None else check_lora_masks(
             lora_masks, None if self.lora is None else self.lora_params, B, T, self.dtype)
-        drawn, drawn_lora = self._draw_masks(B * T, base=masks is None, lora=adapter_masks is None)
+        drawn, drawn_lora = draw_masks(self, B * T, base=masks is None, lora=adapter_masks is None)
         masks = drawn if masks is None else masks
         adapter_masks = drawn_lora if adapter_masks is None else adapter_masks
         with split_matmuls():
@@ -311,23 +311,6 @@ class Llama:
         """The ranges of flat_grads in the order the backward finishes them (``on_grads_ready``):
         with LoRA the whole buffer once."""
         return [(0, self.flat_grads.size)] if self.lora is not None else self._grad_ranges
-
-    def _draw_masks(self, N, base=True, lora=True):
-        """The dropout masks of a training step over N rows, drawn from the model's generator (None
-        where there is no dropout): per layer the attention's and the feed-forward's (``base``),
-        then the adapters' inputs' (``lora``), in that order.  The step's parts take their rows."""
-        cfg = self.config
-        if not self.training:
-            return None, None
-        p_base = cfg.dropout if base else 0.0
-        p_lora = self.lora.dropout if lora and self.lora is not None else 0.0
-        masks, lora_masks = [], {}
-        for i in range(cfg.n_layers):
-            if p_base > 0.0:
-                masks.append(tuple(dropout_mask((N, cfg.dim), p_base, self.dropout_rng, self.dtype) for _ in range(2)))
-            if p_lora > 0.0:
-                lora_masks.update(draw_lora_masks(self.lora_layers[i], i, N, p_lora, self.dropout_rng, self.dtype))
-        return masks or None, lora_masks or None
 
     def _loss_and_grad_parts(self, tokens, targets, parts, dropout_masks, lora_masks, dloss, on_grads_ready, packed):
         """loss_and_grad of the batch as ``parts``, one per thread (engine/batch.py); the gradients
@@ -433,26 +416,12 @@ class Llama:
         """
         return formats.load(path, dtype, quantized=quantized)
 
-    def use_quantized(self, matrices, fused):
-        """Put QuantizedMatrix weights in place of the float ones: ``matrices`` by Hugging Face name,
-        ``fused`` per layer index the engine's fused ones ({"wqkv": ..., "w_gate_up": ...}).  The
-        float parameters they replace stay zeros that are never written (untouched pages: no memory)."""
-        for name, matrix in matrices.items():
-            self.params[name] = matrix
-        for i, layer in enumerate(self.layers):
-            layer.update(fused.get(i, {}))
-            p = f"model.layers.{i}."
-            layer["wo"] = self.params[p + "self_attn.o_proj.weight"]
-            layer["w_down"] = self.params[p + "mlp.down_proj.weight"]
-        self.quantized = bool(matrices)
-        return self
-
     def quantize(self, qtype: str = "Q8_0"):
         """Quantize every matrix in place by the gguf package's quantizer (formats.gguf.quantize_weights):
         what from_pretrained(quantized=True) gives for a file stored so."""
         if self.quantized or self.lora is not None:
             raise ConfigError("quantize() needs a float model without LoRA adapters")
-        return self.use_quantized(*gguf.quantize_weights(self.params, self.layers, qtype))
+        return gguf.use_quantized(self, *gguf.quantize_weights(self.params, self.layers, qtype))
 
     def save_pretrained(self, path):
         """A Hugging Face directory of the weights (with LoRA: of the base alone; see save_adapter)."""

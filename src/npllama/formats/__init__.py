@@ -60,7 +60,7 @@ def load(path, dtype=np.float32, quantized=False):
         model = Llama(ckpt.config, dtype=dtype, init=False)
         if quantized:
             small_pages(model.flat_params)     # (only the norm gains are written into it)
-            model.use_quantized(*gguf.load_quantized(ckpt, model.params))
+            gguf.use_quantized(model, *gguf.load_quantized(ckpt, model.params))
         else:
             gguf.load_weights(ckpt, model.params)
         model.tokenizer = tokenizer

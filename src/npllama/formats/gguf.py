@@ -547,3 +547,18 @@ def quantize_weights(params: dict[str, np.ndarray], layers: list[dict], qtype: s
         if name in params:
             matrices[name] = QuantizedMatrix.from_float(params[name], qtype)
     return matrices, fused
+
+
+def use_quantized(model, matrices, fused):
+    """Put QuantizedMatrix weights in place of ``model``'s float ones: ``matrices`` by Hugging Face name,
+    ``fused`` per layer index the engine's fused ones ({"wqkv": ..., "w_gate_up": ...}).  The
+    float parameters they replace stay zeros that are never written (untouched pages: no memory)."""
+    for name, matrix in matrices.items():
+        model.params[name] = matrix
+    for i, layer in enumerate(model.layers):
+        layer.update(fused.get(i, {}))
+        p = f"model.layers.{i}."
+        layer["wo"] = model.params[p + "self_attn.o_proj.weight"]
+        layer["w_down"] = model.params[p + "mlp.down_proj.weight"]
+    model.quantized = bool(matrices)
+    return model

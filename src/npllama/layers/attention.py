@@ -620,9 +620,10 @@ def _attention_backward_kernel(q, k_tiles, v_tiles, k_rows, block, o, lse, do, s
 def kernel_versions(dtype):
     """q, k, v, o, do and dq, dk, dv are (B, H, T, hd) views of the model's (B, T, H * hd) rows: any strides."""
     view, tiles, f = array(dtype, 4, contiguous=False), array(dtype, 5), scalar(dtype)
+    docs = array(np.int64, 2)   # query_docs, key_docs: document_ids' (B, T), or NO_DOCUMENTS' (0, 0)
     return [(_pack_key_tiles, (view, view, INT, tiles, tiles, tiles, tiles, UNIT_COUNTER)),
-            (_attention_forward_kernel, (view, tiles, tiles, INT, f, view, array(dtype, 3), UNIT_COUNTER)),
-            (_attention_backward_kernel, (view, tiles, tiles, tiles, INT, view, array(dtype, 3), view, f,
+            (_attention_forward_kernel, (view, tiles, tiles, INT, f, docs, docs, view, array(dtype, 3), UNIT_COUNTER)),
+            (_attention_backward_kernel, (view, tiles, tiles, tiles, INT, view, array(dtype, 3), view, f, docs, docs,
                                           array(np.int64, 1), array(dtype, 5, contiguous=False), view, view,
                                           UNIT_COUNTER)),
             (_round_up, (INT, INT))]
