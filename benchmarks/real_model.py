@@ -26,7 +26,8 @@ the peak while loading above the resident size just before (the peak reset there
 imports: Python, NumPy, Numba, tokenizers), over the file's size;  prefill tok/s: the
 prompt in one pass (npllama: last_hidden_state through its blocks + the cache; transformers: one
 forward with use_cache; llama.cpp: eval of the prompt in one batch);  decode tok/s: one token per
-step against the cache, the --new-tokens - 1 steps after the prefill timed together;  CPU ms/tok:
+step against the cache, the --new-tokens - 1 steps after the prefill timed together;  prefill CPU
+ms/tok: the process's CPU time over the prefill per prompt token (all threads);  CPU ms/tok:
 the process's CPU time per decoding step (all its threads: with one thread, the work a token takes,
 which other processes on a shared machine disturb far less than the wall-clock rate).  Each is measured once after one untimed
 warm-up generation (Numba's cache, torch's first-call costs).  "same as npllama" compares the
@@ -127,7 +128,8 @@ def npllama_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int, qu
     if logits_to is not None:
         np.save(logits_to, KVCacheDecoder(model, len(ids)).prefill(np.array(ids)))
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "before_load_mb": before,
-            "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "decode_steps": stats["decode_steps"],
+            "prefill_s": stats["prefill_s"], "prefill_cpu_s": stats["prefill_cpu_s"], "decode_s": stats["decode_s"],
+            "decode_steps": stats["decode_steps"],
             "decode_cpu_s": stats["decode_cpu_s"],
             "tokens": tokens, "peak_rss_mb": max(import_peak, common.peak_rss_mb())}
 
@@ -145,21 +147,23 @@ def transformers_worker(gguf: Path, ids: list[int], new_tokens: int, threads: in
 
     def run(n):
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(torch.tensor([ids]), use_cache=True)
             token = int(out.logits[0, -1].argmax())
-            prefill_s, tokens, past = time.perf_counter() - t0, [token], out.past_key_values
+            prefill_s, prefill_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+            tokens, past = [token], out.past_key_values
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n - 1):
                 out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 token, past = int(out.logits[0, -1].argmax()), out.past_key_values
                 tokens.append(token)
-            return prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens
+            return prefill_s, prefill_cpu_s, time.perf_counter() - t0, time.process_time() - c0, tokens
 
     run(2)
-    prefill_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
+    prefill_s, prefill_cpu_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "prefill_s": prefill_s,
-            "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "decode_steps": new_tokens - 1, "tokens": tokens}
+            "prefill_cpu_s": prefill_cpu_s, "decode_s": decode_s, "decode_cpu_s": decode_cpu_s,
+            "decode_steps": new_tokens - 1, "tokens": tokens}
 
 
 def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
@@ -178,21 +182,21 @@ def llama_cpp_worker(gguf: Path, ids: list[int], new_tokens: int, threads: int) 
 
     def run(n):
         llm.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(ids)
         token = int(np.argmax(last_logits()))
-        prefill_s, tokens = time.perf_counter() - t0, [token]
+        prefill_s, prefill_cpu_s, tokens = time.perf_counter() - t0, time.process_time() - c0, [token]
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n - 1):
             llm.eval([token])
             token = int(np.argmax(last_logits()))
             tokens.append(token)
-        return prefill_s, time.perf_counter() - t0, time.process_time() - c0, tokens
+        return prefill_s, prefill_cpu_s, time.perf_counter() - t0, time.process_time() - c0, tokens
 
     run(2)
-    prefill_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
+    prefill_s, prefill_cpu_s, decode_s, decode_cpu_s, tokens = run(new_tokens)
     return {"import_s": import_s, "load_s": load_s, "load_peak_mb": load_peak, "prefill_s": prefill_s,
-            "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "decode_steps": new_tokens - 1, "tokens": tokens,
+            "prefill_cpu_s": prefill_cpu_s, "decode_s": decode_s, "decode_cpu_s": decode_cpu_s, "decode_steps": new_tokens - 1, "tokens": tokens,
             "version": llama_cpp.__version__}
 
 
@@ -358,6 +362,7 @@ def main(argv=None) -> int:
                        "load_s": med(lambda r: r["load_s"]), "load_peak_mb": med(lambda r: r["load_peak_mb"]),
                        "peak_rss_mb": med(lambda r: r.get("peak_rss_mb") or 0),
                        "prefill_tok_s": med(lambda r: len(ids) / r["prefill_s"]),
+                       "prefill_cpu_ms": med(lambda r: 1e3 * r.get("prefill_cpu_s", float("nan")) / len(ids)),
                        "decode_tok_s": med(lambda r: r["decode_steps"] / r["decode_s"]),
                        "decode_cpu_ms": med(lambda r: 1e3 * r.get("decode_cpu_s", float("nan")) / r["decode_steps"])}
                 per_token = nbytes["stored" if name in ("npllama-q", "llama.cpp") else "float32"]
@@ -375,8 +380,8 @@ def main(argv=None) -> int:
     columns = [("file", "file", ""), ("threads", "thr", ""), ("framework", "framework", ""),
                ("load_s", "load s", ".2f"), ("load_peak_mb", "peak MB load", ".0f"),
                ("load_over_file", "load/file", ".2f"), ("peak_rss_mb", "peak MB end", ".0f"),
-               ("prefill_tok_s", "prefill tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
-               ("decode_cpu_ms", "CPU ms/tok", ".1f"),
+               ("prefill_tok_s", "prefill tok/s", ".1f"), ("prefill_cpu_ms", "prefill CPU ms/tok", ".2f"),
+               ("decode_tok_s", "decode tok/s", ".1f"), ("decode_cpu_ms", "CPU ms/tok", ".1f"),
                ("of_read", "of read limit", ".0%"), ("same_tokens", "same as npllama f32", ""),
                ("logits_rel", "logits rel", ".1e")]
     say(common.format_table(rows, columns))

@@ -217,7 +217,8 @@ def stream(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p
 
     The arguments are checked here, before the first token is asked for.  ``slide``: at the context
     limit go on over a sliding window instead of stopping.  ``stats``, when a dict, receives
-    timings: prompt_tokens, prefill_s (prefill and choosing the first token), decode_steps, decode_s
+    timings: prompt_tokens, prefill_s (prefill and choosing the first token), prefill_cpu_s (the
+    process's CPU time over it), decode_steps, decode_s
     (time inside the steps and the slides' prefills and choosing their tokens, not the consumer's),
     decode_cpu_s (the process's CPU time over the same spans: on a shared machine, the work),
     new_tokens, slides (how many times the window slid) and stop ("stop_id", "max_new_tokens" or
@@ -258,7 +259,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
     stats = {} if stats is None else stats
     P, context = prompt.size, model.config.max_seq_len
     n_new = max_new_tokens if slide else min(max_new_tokens, context - P)
-    stats.update(prompt_tokens=P, prefill_s=0.0, decode_steps=0, decode_s=0.0, decode_cpu_s=0.0, new_tokens=0, slides=0,
+    stats.update(prompt_tokens=P, prefill_s=0.0, prefill_cpu_s=0.0, decode_steps=0, decode_s=0.0, decode_cpu_s=0.0, new_tokens=0, slides=0,
                  stop="context" if n_new < max_new_tokens else "max_new_tokens")
     if n_new == 0:
         return
@@ -280,7 +281,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
         healing.advance(token)
         return token
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     capacity = min(P + n_new - 1, context)
     kept = None if cache is None or cache.get("model") is not model else cache.get("decoder")
     if kept is None:
@@ -291,7 +292,7 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
         token = choose(decoder.resume(prompt))
     if cache is not None:
         cache.update(model=model, decoder=decoder)
-    stats["prefill_s"] = time.perf_counter() - t0
+    stats["prefill_s"], stats["prefill_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     text = list(prompt) if slide else None      # what a slide keeps the end of
     for i in range(n_new):
         if i > 0:
