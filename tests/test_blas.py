@@ -138,3 +138,22 @@ def test_a_training_steps_products_go_through_the_one_thread_blas_call(monkeypat
     calls.clear()
     linear.matmuls((np.ones((3, 4), np.float32), np.ones((4, 5), np.float32), np.empty((3, 5), np.float32)))
     assert calls == []                                   # outside split_matmuls: NumPy's matmul
+
+
+@pytest.mark.parametrize("rows, blocks", [(128, (128, 150)), (512, (256, 300))])
+def test_split_products_cut_the_rows_or_for_few_rows_the_columns(monkeypatch, rows, blocks):
+    """Inside ``split_matmuls`` on two threads a product is two single-threaded calls: row blocks,
+    or, for fewer rows than COLUMN_SPLIT_BELOW_ROWS (a prompt's projections), column blocks -- each
+    thread then reads half of W instead of all of it -- and either way the product is NumPy's."""
+    from npllama.engine import matmul as linear
+    from npllama.engine.threads import thread_limit
+    shapes = []
+    original = linear.matmul_one_thread
+    monkeypatch.setattr(linear, "matmul_one_thread", lambda a, b, out: (shapes.append(out.shape), original(a, b, out))[1])
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((rows, 64)), rng.standard_normal((300, 64))   # y = x W^T, W (out, in)
+    y = np.full((rows, 300), np.nan)
+    with thread_limit(2), linear.split_matmuls():
+        linear.matmuls((x, w.T, y))
+    assert shapes == [blocks, blocks]
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-12, atol=1e-12)

@@ -6,8 +6,9 @@ scheduler slice each; products with a small output and a long inner dimension, l
 dW = dy^T x with dy: (N, D), suffer most (measured here: 80 ms instead of 4 ms).  So inside a pass
 (``split_matmuls``) the BLAS runs on one thread per call (threadpoolctl sets its count, whichever
 BLAS NumPy has) and npllama hands each of its n threads (engine/threads.py) whole, independent
-single-threaded BLAS calls: a row block of a forward product, or, in a backward, dx = dy W on one
-thread and dW = dy^T x on the other (the same FLOPs).  The threads meet once per call.  NumPy
+single-threaded BLAS calls: a row block of a forward product (a column block when it has few rows,
+as a prompt's: each thread then reads half of the weights, not all of them), or, in a backward,
+dx = dy W on one thread and dW = dy^T x on the other (the same FLOPs).  The threads meet once per call.  NumPy
 releases the GIL inside matmul, so npllama's helper threads (engine/pool.py) run them in parallel.
 The calls are ``matmul_one_thread``: MKL's when it is installed (engine/blas.py), else NumPy's.
 After the pass the BLAS is back to n threads, for products outside npllama's passes.
@@ -23,6 +24,10 @@ from .pool import helper_threads
 from .threads import get_threads, set_blas_threads
 
 MIN_SPLIT_ROWS = 64     # no row block smaller than this
+# Products with fewer rows than this (and more columns) are cut into column blocks: a prompt's
+# projections, 128 rows of SmolLM2 (576-3072 columns), took ~7 % less CPU time and ~8 % less wall
+# time a prefill than in row blocks of 64 (benchmarks/README.md, 2026-12-07).
+COLUMN_SPLIT_BELOW_ROWS = 256
 _split = {"threads": 1, "one_thread": False}
 set_blas_threads(get_threads())   # (NPLLAMA_THREADS or set_threads before NumPy loaded: its BLAS sized now)
 
@@ -30,6 +35,15 @@ set_blas_threads(get_threads())   # (NPLLAMA_THREADS or set_threads before NumPy
 def _row_blocks(n_rows, n_blocks):
     n_blocks = max(1, min(n_blocks, n_rows // MIN_SPLIT_ROWS))
     return [(i * n_rows // n_blocks, (i + 1) * n_rows // n_blocks) for i in range(n_blocks)]
+
+
+def _blocks(a, b, out, n_blocks):
+    """(a, b, out) of each block of out = a @ b: row blocks, or, for a product of few rows and more
+    columns (a prompt's projections: 128 rows, 576-3072 columns), column blocks."""
+    rows, cols = out.shape
+    if rows < COLUMN_SPLIT_BELOW_ROWS and cols > rows:
+        return [(a, b[:, s:e], out[:, s:e]) for s, e in _row_blocks(cols, n_blocks)]
+    return [(a[s:e], b, out[s:e]) for s, e in _row_blocks(rows, n_blocks)]
 
 
 def _matmul_task(a, b, out):
@@ -57,7 +71,7 @@ def matmuls(*products):
             matmul(a, b, out)
         return
     per_product = max(1, n // len(products))
-    tasks = [(a[s:e], b, out[s:e]) for a, b, out in products for s, e in _row_blocks(a.shape[0], per_product)]
+    tasks = [block for a, b, out in products for block in _blocks(a, b, out, per_product)]
     helper_threads(n - 1).run([(_matmul_task, t) for t in tasks])
 
 
