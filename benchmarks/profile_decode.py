@@ -63,27 +63,39 @@ def read_rate(threads: int, clock) -> float:
     return a.nbytes / best / 1e9
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description):
+    """The parser of a profile of the real model: --gguf, --q8, --dequantize, --threads."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--gguf", type=Path, default=None)
     p.add_argument("--q8", action="store_true", help="the Q8_0 copy of the file (real_model.py makes it)")
     p.add_argument("--dequantize", action="store_true", help="float32 weights instead of the blocks")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--position", type=int, default=160, help="tokens in the cache when the steps are timed")
-    p.add_argument("--repeats", type=int, default=20)
-    args = p.parse_args(argv)
+    return p
+
+
+def load_model(args):
+    """Every thread count set to --threads, the model loaded as the arguments say: (path, model,
+    clock), clock the thread's CPU time with one thread, else wall time."""
     from benchmarks import common, real_model
     common.set_thread_env(args.threads)
-    import numpy as np
     from npllama import Llama
     from npllama.engine.threads import set_threads
-    from npllama.generate import decoding
     set_threads(args.threads)
     path = args.gguf or real_model.default_gguf()
     if args.q8:
         path = real_model.q8_copy(path)
     model = Llama.from_pretrained(path, quantized=not args.dequantize).eval()
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    return path, model, time.thread_time if args.threads == 1 else time.perf_counter
+
+
+def main(argv=None) -> int:
+    p = model_arguments(__doc__.split("\n\n")[0])
+    p.add_argument("--position", type=int, default=160, help="tokens in the cache when the steps are timed")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    path, model, clock = load_model(args)
+    import numpy as np
+    from npllama.generate import decoding
     dec = decoding.KVCacheDecoder(model, args.position + 8)
     dec.prefill(np.arange(1, args.position + 1) % model.config.vocab_size)
 
