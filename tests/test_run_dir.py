@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from npllama import cli
-from npllama.data import load_text
 from npllama.errors import CheckpointError, ConfigError
 from npllama.train import TrainConfig, TrainingDiverged, train
 from npllama.train import setup
 from npllama.train.run_dir import MARKER, RunDirectory
+from train_helpers import corpus_file  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -29,19 +29,12 @@ USER_FILES = {"tokens/precious.dat": b"\x00years of work", "tokenizer.json": b'{
               "notes.txt": b"keep me"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(load_text(None)[:20000], encoding="utf-8")
-    return path
+def tiny(corpus_file, out_dir, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "data": str(corpus_file), "out_dir": str(out_dir), **overrides})
 
 
-def tiny(corpus, out_dir, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "data": str(corpus), "out_dir": str(out_dir), **overrides})
-
-
-def cli_args(corpus, out_dir, *extra) -> list[str]:
-    args = ["train", "--data", str(corpus), "--out-dir", str(out_dir), "--no-progress"]
+def cli_args(corpus_file, out_dir, *extra) -> list[str]:
+    args = ["train", "--data", str(corpus_file), "--out-dir", str(out_dir), "--no-progress"]
     for k, v in TINY.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args + list(extra)
@@ -61,25 +54,25 @@ def snapshot(path: Path) -> dict:
             else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))}
 
 
-def test_a_folder_of_the_users_files_is_refused_before_any_work(corpus, tmp_path, capsys):
+def test_a_folder_of_the_users_files_is_refused_before_any_work(corpus_file, tmp_path, capsys):
     folder = user_folder(tmp_path / "mine")
     (folder / "config.json").write_text("{}")
     before = snapshot(folder)
-    assert cli.main(cli_args(corpus, folder, "--lr", "1e30")) == 1
+    assert cli.main(cli_args(corpus_file, folder, "--lr", "1e30")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"npllama: error: --out-dir {folder}: not empty (")
     assert "not an npllama run directory" in err and "--force" in err
     assert snapshot(folder) == before
     # a file as --out-dir
-    assert cli.main(cli_args(corpus, folder / "notes.txt")) == 1
+    assert cli.main(cli_args(corpus_file, folder / "notes.txt")) == 1
     assert capsys.readouterr().err == f"npllama: error: --out-dir {folder / 'notes.txt'}: is a file, not a directory\n"
     assert snapshot(folder) == before
 
 
-def test_a_forced_run_that_diverges_removes_only_what_it_created(corpus, tmp_path, capsys):
+def test_a_forced_run_that_diverges_removes_only_what_it_created(corpus_file, tmp_path, capsys):
     folder = user_folder(tmp_path / "mine")
     before = snapshot(folder)
-    assert cli.main(cli_args(corpus, folder, "--force", "--lr", "1e30", "--grad-clip", "0")) == 1
+    assert cli.main(cli_args(corpus_file, folder, "--force", "--lr", "1e30", "--grad-clip", "0")) == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("npllama: error: training diverged at step")
     assert err.count("npllama: error:") == 1
@@ -90,7 +83,7 @@ def test_a_forced_run_that_diverges_removes_only_what_it_created(corpus, tmp_pat
         assert after[name] == before[name]
 
 
-def test_an_interrupt_during_setup_removes_only_what_it_created(corpus, tmp_path, monkeypatch):
+def test_an_interrupt_during_setup_removes_only_what_it_created(corpus_file, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):   # Ctrl-C after the tokenizer and the tokens were written
         assert (folder / "tokens" / "train.tokens").is_file() and (folder / "tokenizer.json").is_file()
         raise KeyboardInterrupt
@@ -103,25 +96,25 @@ def test_an_interrupt_during_setup_removes_only_what_it_created(corpus, tmp_path
     user_folder(folder, {"tokens/precious.dat": USER_FILES["tokens/precious.dat"]})
     before = snapshot(folder)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(corpus, folder), progress=False, verbose=False)
+        train(tiny(corpus_file, folder), progress=False, verbose=False)
     assert snapshot(folder) == before
     # the user's folder, forced
     folder = user_folder(tmp_path / "mine")
     before = snapshot(folder)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(corpus, folder, force=True), progress=False, verbose=False)
+        train(tiny(corpus_file, folder, force=True), progress=False, verbose=False)
     after = snapshot(folder)
     assert sorted(after) == sorted(before) and after["tokens/precious.dat"] == before["tokens/precious.dat"]
     # a new directory: gone again, its parent as it was
     folder = tmp_path / "new" / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(corpus, folder), progress=False, verbose=False)
+        train(tiny(corpus_file, folder), progress=False, verbose=False)
     assert not folder.exists() and (tmp_path / "new").is_dir()
 
 
-def test_a_fine_tune_never_writes_into_its_source(corpus, tmp_path, capsys):
+def test_a_fine_tune_never_writes_into_its_source(corpus_file, tmp_path, capsys):
     source = tmp_path / "base"
-    assert train(tiny(corpus, source, steps=1), progress=False, verbose=False).step == 1
+    assert train(tiny(corpus_file, source, steps=1), progress=False, verbose=False).step == 1
     before = snapshot(source)
     assert cli.main(["train", "--init-from", str(source), "--out-dir", str(source), "--steps", "1",
                      "--lr", "1e30", "--force"]) == 1
@@ -132,9 +125,9 @@ def test_a_fine_tune_never_writes_into_its_source(corpus, tmp_path, capsys):
     assert cli.main(["generate", str(source), "--prompt", "Th", "--max-new-tokens", "2", "--seed", "0"]) == 0
 
 
-def test_export_to_hf_does_not_replace_tokenizer_files_without_force(corpus, tmp_path, capsys):
+def test_export_to_hf_does_not_replace_tokenizer_files_without_force(corpus_file, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(tiny(corpus, run, steps=1), progress=False, verbose=False).step == 1
+    assert train(tiny(corpus_file, run, steps=1), progress=False, verbose=False).step == 1
     for name in ("tokenizer.json", "tokenizer_config.json"):
         out = user_folder(tmp_path / f"out-{name}", {name: USER_FILES[name]})
         assert cli.main(["export", str(run), "--to", "hf", "--out", str(out)]) == 1
@@ -154,14 +147,14 @@ time.sleep(120)
 """
 
 
-def test_a_second_run_in_the_same_directory_is_refused_at_start_and_a_dead_ones_lock_is_not(corpus, tmp_path):
+def test_a_second_run_in_the_same_directory_is_refused_at_start_and_a_dead_ones_lock_is_not(corpus_file, tmp_path):
     folder = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, env=ENV)
     try:
         assert holder.stdout.readline() == b"locked\n"
         t0 = time.monotonic()
         with pytest.raises(ConfigError, match=rf"^{folder}: in use by another npllama process \(pid {holder.pid} on "):
-            train(tiny(corpus, folder), progress=False, verbose=False)
+            train(tiny(corpus_file, folder), progress=False, verbose=False)
         assert time.monotonic() - t0 < 5   # (refused at start, before the tokenizer)
         with pytest.raises(ConfigError, match="in use by another npllama process"):
             train(resume=folder, progress=False, verbose=False)
@@ -170,7 +163,7 @@ def test_a_second_run_in_the_same_directory_is_refused_at_start_and_a_dead_ones_
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # the holder died without cleaning up: its marker is left, its lock is not
-    result = train(tiny(corpus, folder), progress=False, verbose=False)
+    result = train(tiny(corpus_file, folder), progress=False, verbose=False)
     assert result.step == 2
     # released at the end of the session: the same process resumes it, and claims it again
     assert train(resume=folder, progress=False, verbose=False).step == 2
@@ -178,7 +171,7 @@ def test_a_second_run_in_the_same_directory_is_refused_at_start_and_a_dead_ones_
     directory.release()
 
 
-def test_links_in_a_run_directory_are_refused_at_start(corpus, tmp_path):
+def test_links_in_a_run_directory_are_refused_at_start(corpus_file, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for name, resume in (("tokens", False), (".checkpoint-staging", False), ("tokens", True),
@@ -191,15 +184,15 @@ def test_links_in_a_run_directory_are_refused_at_start(corpus, tmp_path):
             if resume:
                 train(resume=folder, progress=False, verbose=False)
             else:
-                train(tiny(corpus, folder, force=True), progress=False, verbose=False)
+                train(tiny(corpus_file, folder, force=True), progress=False, verbose=False)
         assert list(elsewhere.iterdir()) == []
 
 
 # ---- --resume continues the same run only ----------------------------------------------------------
-def test_resume_refuses_a_config_or_tokenizer_config_edited_since_the_checkpoint(corpus, tmp_path):
+def test_resume_refuses_a_config_or_tokenizer_config_edited_since_the_checkpoint(corpus_file, tmp_path):
     import json
     run = tmp_path / "run"
-    assert train(tiny(corpus, run, steps=1), progress=False, verbose=False).step == 1
+    assert train(tiny(corpus_file, run, steps=1), progress=False, verbose=False).step == 1
     state = json.loads((run / "training_state.json").read_text())
     assert set(state["settings_sha256"]) == {"config.json", "tokenizer_config.json"}
     for name, key, value in (("config.json", "rope_theta", 5e5), ("config.json", "rms_norm_eps", 1e-6),
@@ -216,7 +209,7 @@ def test_resume_refuses_a_config_or_tokenizer_config_edited_since_the_checkpoint
     assert train(resume=run, progress=False, verbose=False).step == 1
 
 
-def test_an_unwritable_out_dir_is_reported_before_the_tokenizer_is_trained(corpus, tmp_path, monkeypatch, capsys):
+def test_an_unwritable_out_dir_is_reported_before_the_tokenizer_is_trained(corpus_file, tmp_path, monkeypatch, capsys):
     from npllama.tokenizer import Tokenizer
 
     def no_tokenizer(*args, **kwargs):
@@ -225,6 +218,6 @@ def test_an_unwritable_out_dir_is_reported_before_the_tokenizer_is_trained(corpu
     monkeypatch.setattr(Tokenizer, "train", no_tokenizer)
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "run"     # (the tests run as root: a directory's mode would not stop them)
-    assert cli.main(cli_args(corpus, out)) == 1
+    assert cli.main(cli_args(corpus_file, out)) == 1
     err = capsys.readouterr().err
     assert err == f"npllama: error: --out-dir {out}: cannot write there (Not a directory)\n"

@@ -21,19 +21,13 @@ from npllama.plot import held_out_curves
 from npllama.tokenizer import Tokenizer
 from npllama.train import TrainConfig, TrainingDiverged, evaluate, read_metrics, train
 from npllama.train.progress import Progress, printable, progress_text, sample_lines
+from train_helpers import corpus_file  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(load_text(None)[:20000], encoding="utf-8")
-    return path
-
-
-def tiny(corpus, out_dir, **overrides) -> TrainConfig:
-    values = dict(data=str(corpus), preset="tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300, seq_len=16,
+def tiny(corpus_file, out_dir, **overrides) -> TrainConfig:
+    values = dict(data=str(corpus_file), preset="tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300, seq_len=16,
                   batch_size=4, steps=4, warmup_steps=1, eval_interval=2, eval_tokens=200, sample_tokens=8,
                   sample_interval=0, checkpoint_interval=0, out_dir=str(out_dir))
     values.update(overrides)
@@ -49,9 +43,9 @@ def test_printable_escapes_control_characters_but_newline_and_tab():
     assert long == ["x" * 73 + "..."]
 
 
-def test_training_samples_reach_the_terminal_escaped(corpus, tmp_path, capsys):
+def test_training_samples_reach_the_terminal_escaped(corpus_file, tmp_path, capsys):
     # the prompt is part of each sample, so its control characters must come out escaped
-    train(tiny(corpus, tmp_path / "run", sample_prompt="\rTo\x0e"), progress=False)
+    train(tiny(corpus_file, tmp_path / "run", sample_prompt="\rTo\x0e"), progress=False)
     err = capsys.readouterr().err
     assert "\r" not in err and "\x0e" not in err
     assert re.search(r"^step 0: sample:\n  \\rTo\\x0e", err, re.M), err
@@ -94,11 +88,11 @@ def test_without_a_terminal_progress_is_plain_lines_every_tenth():
 
 
 @pytest.mark.slow
-def test_train_to_a_pipe_prints_plain_periodic_lines(corpus, tmp_path):
+def test_train_to_a_pipe_prints_plain_periodic_lines(corpus_file, tmp_path):
     """A real `npllama train` whose stderr is a pipe: no carriage return anywhere, a progress line
     at each tenth of the run, and the setup line says where the time went."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = ["--data", str(corpus), "--preset", "tiny", "--vocab-size", "300", "--context", "16", "--batch-size", "4",
+    args = ["--data", str(corpus_file), "--preset", "tiny", "--vocab-size", "300", "--context", "16", "--batch-size", "4",
             "--steps", "10", "--eval-interval", "5", "--eval-tokens", "200", "--sample-tokens", "8",
             "--threads", "1", "--out-dir", str(tmp_path / "run")]
     proc = subprocess.run([sys.executable, "-m", "npllama.cli", "train", *args], env=env, capture_output=True,
@@ -118,12 +112,12 @@ def test_train_to_a_pipe_prints_plain_periodic_lines(corpus, tmp_path):
 
 
 # ---- evaluations -----------------------------------------------------------------------------------
-def test_final_eval_also_reports_the_periodic_tokens(corpus, tmp_path, capsys):
+def test_final_eval_also_reports_the_periodic_tokens(corpus_file, tmp_path, capsys):
     d = tmp_path / "run"
-    result = train(tiny(corpus, d, steps=3, final_eval_tokens=None), progress=False)
+    result = train(tiny(corpus_file, d, steps=3, final_eval_tokens=None), progress=False)
     err = capsys.readouterr().err
     model = npllama.Llama.from_pretrained(d)
-    data = TokenDataset.from_text(load_text(corpus), model.tokenizer, val_fraction=TrainConfig().val_fraction)
+    data = TokenDataset.from_text(load_text(corpus_file), model.tokenizer, val_fraction=TrainConfig().val_fraction)
     ev, sub = result.final_eval, result.final_eval["subset"]
     assert ev["val_tokens"] == len(data.val_tokens) > sub["val_tokens"] == 200
     again = evaluate(model, data.val_tokens[:200], data.eval_context_token, sub["val_bytes"], 4, 16)
@@ -174,7 +168,7 @@ class Boom(RuntimeError):
     pass
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus, tmp_path, monkeypatch):
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus_file, tmp_path, monkeypatch):
     from npllama.train import setup
 
     def no_model(*args, **kwargs):   # fails after the tokenizer and the tokens were written
@@ -183,20 +177,20 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus
     with monkeypatch.context() as m:
         m.setattr(setup, "Llama", no_model)
         with pytest.raises(Boom):
-            train(tiny(corpus, tmp_path / "new"), progress=False, verbose=False)
+            train(tiny(corpus_file, tmp_path / "new"), progress=False, verbose=False)
         assert not (tmp_path / "new").exists()
         mine = tmp_path / "mine"          # a directory the user made: emptied of the run's files, not removed
         mine.mkdir()
         (mine / "notes.txt").write_text("keep me")
         with pytest.raises(Boom):
-            train(tiny(corpus, mine, force=True), progress=False, verbose=False)
+            train(tiny(corpus_file, mine, force=True), progress=False, verbose=False)
         assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
     def poison(step, loss, run):   # diverges at step 2, before any checkpoint
         run.model.params["model.embed_tokens.weight"][:] = np.inf
 
     with pytest.raises(TrainingDiverged, match="no checkpoint had been saved yet"):
-        train(tiny(corpus, tmp_path / "nan"), progress=False, verbose=False, on_step=poison)
+        train(tiny(corpus_file, tmp_path / "nan"), progress=False, verbose=False, on_step=poison)
     assert not (tmp_path / "nan").exists()
 
     # what a SIGKILL during setup leaves: --resume says to start again, not to --init-from
@@ -207,7 +201,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(corpus
     with pytest.raises(CheckpointError, match="killed before its first checkpoint; start it again"):
         train(resume=killed, progress=False, verbose=False)
     # and starting it again in the same directory works
-    assert train(tiny(corpus, killed, steps=1), progress=False, verbose=False).step == 1
+    assert train(tiny(corpus_file, killed, steps=1), progress=False, verbose=False).step == 1
 
 
 def test_config_errors_name_the_flags():

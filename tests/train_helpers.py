@@ -19,6 +19,14 @@ def corpus(tmp_path_factory):
     return first, second
 
 
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """One small UTF-8 text cut from the bundled Shakespeare (its first 20 kB), for tests that need one."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(load_text(None)[:20000], encoding="utf-8")
+    return path
+
 def tiny(corpus, out_dir, **overrides) -> TrainConfig:
     values = dict(data=str(corpus[0]), preset="tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300,
                   seq_len=16, batch_size=4, steps=8, warmup_steps=2, lr=3e-3, eval_interval=4,
