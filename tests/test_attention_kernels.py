@@ -323,10 +323,7 @@ def test_attention_with_another_numba_takes_plain_row_slices(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
-               PYTHONPATH=str(root / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     proc = subprocess.run([sys.executable, "-c", PLAIN_ROWS_PROBE], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0 and "plain rows ok" in proc.stdout, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)
 TINY = ["--dim", "16", "--n-layers", "1", "--n-heads", "2", "--vocab-size", "300", "--context", "16",
         "--batch-size", "2", "--steps", "2", "--eval-interval", "0", "--sample-tokens", "0", "--threads", "1",
         "--no-progress"]

@@ -30,7 +30,7 @@ from npllama.files import COMMIT_DIR, STAGING_DIR
 from npllama.formats.safetensors import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)
 STEPS = 24
 # A tiny model (each step takes milliseconds) with dropout and gradient accumulation, so that the
 # dropout generator, the data sampler and the accumulation all have to resume exactly.

@@ -24,8 +24,7 @@ WORKER = ROOT / "tests" / "mpi_worker.py"
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
                                reason="mpi4py and mpiexec are not installed (pip install -e '.[mpi]')")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-       "NPLLAMA_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+ENV = {**os.environ, "NPLLAMA_THREADS": "1", "RAYON_NUM_THREADS": "1"}
 for _var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
     ENV.pop(_var, None)
 

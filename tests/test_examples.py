@@ -25,8 +25,7 @@ SINGLE_THREAD = {"NPLLAMA_THREADS": "1"}
 
 
 def run_example(name, *args, cwd=None):
-    env = {**os.environ, **SINGLE_THREAD,   # this checkout's npllama, not another installed one
-           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **SINGLE_THREAD}   # (conftest's PYTHONPATH: this checkout's npllama)
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     return proc

@@ -1,7 +1,6 @@
 """docs/walkthrough.ipynb, the walkthrough as a notebook on the reference model, runs top to bottom
 (every cell asserts what it shows).  Its tools are the [learn] extra (nbclient, ipykernel): without
 them the test skips, and .ci/run's second step, which installs the extra, runs it again."""
-import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ def test_walkthrough_notebook_runs(monkeypatch):
     import nbformat
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
-    # the kernel is another process: it imports this checkout's npllama, on one thread
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the kernel is another process (conftest's PYTHONPATH: this checkout's npllama), on one thread
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -21,7 +21,7 @@ from npllama.train.run_dir import MARKER, RunDirectory
 from train_helpers import corpus_file  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = dict(os.environ)
 TINY = dict(preset="tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300, seq_len=16, batch_size=4, steps=2,
             warmup_steps=1, eval_interval=0, eval_tokens=200, sample_tokens=0, checkpoint_interval=0)
 USER_FILES = {"tokens/precious.dat": b"\x00years of work", "tokenizer.json": b'{"mine": 1}',

@@ -38,7 +38,7 @@ def npllama(args, cwd: Path, cache_dir: Path, name: str):
     """Run `npllama ARGS` with no thread variable inherited and an empty Numba cache; -> (exit code,
     stderr, CPU seconds, wall seconds) of that very process (os.wait4 gives its own rusage)."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), NUMBA_CACHE_DIR=str(cache_dir))
+    env.update(NUMBA_CACHE_DIR=str(cache_dir))
     with open(cwd / f"{name}.out", "wb") as out, open(cwd / f"{name}.err", "wb") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "npllama.cli", *args], cwd=cwd, env=env, stdout=out,
@@ -249,8 +249,7 @@ sys.exit("the forked child hung")
 def test_a_forked_child_trains_with_new_thread_pools(tmp_path):
     # A child made by fork() inherits npllama's helper threads' pool without its threads: it must
     # start a new one, not wait forever on work handed to a thread that does not exist.
-    env = dict(os.environ, NPLLAMA_THREADS="2",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, NPLLAMA_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -91,7 +91,7 @@ def test_without_a_terminal_progress_is_plain_lines_every_tenth():
 def test_train_to_a_pipe_prints_plain_periodic_lines(corpus_file, tmp_path):
     """A real `npllama train` whose stderr is a pipe: no carriage return anywhere, a progress line
     at each tenth of the run, and the setup line says where the time went."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = dict(os.environ)
     args = ["--data", str(corpus_file), "--preset", "tiny", "--vocab-size", "300", "--context", "16", "--batch-size", "4",
             "--steps", "10", "--eval-interval", "5", "--eval-tokens", "200", "--sample-tokens", "8",
             "--threads", "1", "--out-dir", str(tmp_path / "run")]
