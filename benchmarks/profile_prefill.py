@@ -31,6 +31,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 BLOCK_KERNELS = ("attention_forward", "rmsnorm_forward_kernel", "rope_kernel", "swiglu_forward_kernel")
 KINDS = ("wqkv", "wo", "w_gate_up", "w_down")

@@ -24,8 +24,11 @@ load s: the model (and npllama's/transformers' tokenizer) from the file, in seco
 the process's peak resident memory (VmHWM) after loading, and at the end;  load/file (npllama):
 the peak while loading above the resident size just before (the peak reset there, after the
 imports: Python, NumPy, Numba, tokenizers), over the file's size;  prefill tok/s: the
-prompt in one pass (npllama: last_hidden_state through its blocks + the cache; transformers: one
-forward with use_cache; llama.cpp: eval of the prompt in one batch);  decode tok/s: one token per
+prompt in one pass, each framework computing the output head's logits of the last position only
+(npllama: last_hidden_state through its blocks + the cache, then the head on the last row;
+transformers: one forward with use_cache and logits_to_keep=1, as its own ``generate`` calls it --
+without it the head multiplies all the prompt's rows, 7.2 of a 128-token prompt's ~35 GFLOP here;
+llama.cpp: eval of the prompt in one batch, logits of the last token only);  decode tok/s: one token per
 step against the cache, the --new-tokens - 1 steps after the prefill timed together;  prefill CPU
 ms/tok: the process's CPU time over the prefill per prompt token (all threads);  CPU ms/tok:
 the process's CPU time per decoding step (all its threads: with one thread, the work a token takes,
@@ -148,13 +151,13 @@ def transformers_worker(gguf: Path, ids: list[int], new_tokens: int, threads: in
     def run(n):
         with torch.inference_mode():
             t0, c0 = time.perf_counter(), time.process_time()
-            out = model(torch.tensor([ids]), use_cache=True)
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)   # (as generate() does)
             token = int(out.logits[0, -1].argmax())
             prefill_s, prefill_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             tokens, past = [token], out.past_key_values
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n - 1):
-                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True, logits_to_keep=1)
                 token, past = int(out.logits[0, -1].argmax()), out.past_key_values
                 tokens.append(token)
             return prefill_s, prefill_cpu_s, time.perf_counter() - t0, time.process_time() - c0, tokens
