@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from npllama import CheckpointError, ConfigError, InputError, Llama, LlamaConfig, Tokenizer
 from npllama.chat_template import render_chat
 from npllama.formats.gguf import GGUFCheckpoint, hf_name, load_weights, open_gguf
+from npllama.gradcheck import relative_error
 from npllama.formats.gguf_tokenizer import sentencepiece_merges
 
 CFG = LlamaConfig(vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=32,
@@ -136,7 +137,7 @@ def test_no_output_tensor_means_tied_embeddings(tmp_path):
     np.testing.assert_array_equal(model.lm_head, src.params["model.embed_tokens.weight"].astype(np.float32))
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
 def test_quantized_gguf_loads_llama_cpps_dequantized_values_rows_unpermuted(tmp_path, qtype, monkeypatch):
     # Chunks of one head (64 rows here), so that unpermuting chunk by chunk is exercised too.
     monkeypatch.setattr("npllama.formats.gguf.CHUNK_ELEMENTS", 64 * CFG.dim)
@@ -151,7 +152,7 @@ def test_quantized_gguf_loads_llama_cpps_dequantized_values_rows_unpermuted(tmp_
             got = llama_cpp_permute(got, CFG.n_kv_heads)
         np.testing.assert_array_equal(got, values.astype(np.float64), err_msg=name)
     if qtype not in K_QUANT_SCALES:   # quantized from src: close to it (the Q/K rows in their HF places)
-        tol = {Q.F16: 2e-3, Q.BF16: 2e-2, Q.Q8_0: 3e-2, Q.Q4_0: 0.6, Q.Q4_1: 0.5}[qtype]
+        tol = {Q.F16: 2e-3, Q.BF16: 2e-2, Q.Q8_0: 3e-2, Q.Q4_0: 0.6, Q.Q4_1: 0.5, Q.Q5_0: 0.3, Q.Q5_1: 0.25}[qtype]
         for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
             np.testing.assert_allclose(model.params[name], src.params[name], atol=tol, err_msg=name)
 
@@ -227,11 +228,11 @@ def test_bad_gguf_files_are_checkpoint_errors_naming_the_file(tmp_path):
         "missing.gguf": dict(skip=("model.layers.1.mlp.up_proj.weight",)),
         "extra.gguf": dict(extra={"blk.0.attn_q.bias": np.zeros(256, np.float32)}),
         "ropefreqs.gguf": dict(extra={"rope_freqs.weight": np.ones(32, np.float32)}),
-        "q5_0.gguf": dict(qtype=Q.Q5_0),
+        "tq2_0.gguf": dict(qtype=Q.TQ2_0),   # (a ternary type npllama does not read)
     }
     expected = {"garbage.gguf": "not a readable GGUF", "falcon.gguf": "architecture 'falcon'",
                 "missing.gguf": "missing tensor", "extra.gguf": "unexpected tensor 'blk.0.attn_q.bias'",
-                "ropefreqs.gguf": "rope_freqs", "q5_0.gguf": "Q5_0"}
+                "ropefreqs.gguf": "rope_freqs", "tq2_0.gguf": "TQ2_0"}
     for name, kwargs in cases.items():
         path = tmp_path / name
         if kwargs is None:
@@ -457,18 +458,38 @@ def test_a_gguf_without_block_count_names_the_file_once(tmp_path):
     assert str(e.value) == f"{path}: metadata llama.block_count must be a positive integer, got None"
 
 
-@pytest.mark.parametrize("qtype, half, what", [(Q.Q8_0, 0, "scale"), (Q.Q4_0, 0, "scale"), (Q.Q4_1, 1, "minimum")])
+@pytest.mark.parametrize("qtype, at_byte, what", [
+    (Q.Q8_0, 0, "scale"), (Q.Q4_0, 0, "scale"), (Q.Q4_1, 2, "minimum"), (Q.Q5_0, 0, "scale"), (Q.Q5_1, 2, "minimum"),
+    (Q.Q4_K, 0, "scale"), (Q.Q4_K, 2, "minimum"), (Q.Q5_K, 2, "minimum"), (Q.Q6_K, 208, "scale")])
 @pytest.mark.parametrize("bits", [0x7E00, 0x7C00, 0xFC00])   # float16 NaN, +inf, -inf
-def test_a_nan_or_infinite_block_scale_is_refused_when_kept_quantized(tmp_path, qtype, half, what, bits):
+def test_a_nan_or_infinite_block_scale_is_refused_when_kept_quantized(tmp_path, qtype, at_byte, what, bits):
     """(was: loaded into the blocks unchecked; only the dequantizing load refused it)"""
     path = tmp_path / "m.gguf"
     write_gguf(path, random_model(CFG).params, CFG, qtype)
     Llama.from_pretrained(path, quantized=True)   # (the file as written loads)
     tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_up.weight")
-    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-    at = tensor.data_offset + 3 * block_bytes + 2 * half   # the 4th block of its first row
-    _patched(path, at, "<H", bits)
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    _patched(path, tensor.data_offset + 3 * block_bytes + at_byte, "<H", bits)   # the 4th block of the tensor
+    row, block = divmod(3, CFG.dim // block_weights)
     with pytest.raises(CheckpointError) as e:
         Llama.from_pretrained(path, quantized=True)
-    assert str(e.value) == (f"{path}: tensor 'blk.1.ffn_up.weight': block 3 of row 0 has a NaN or infinite "
-                            f"{what} (1 such blocks)")
+    assert str(e.value) == (f"{path}: tensor 'blk.1.ffn_up.weight': block {block} of row {row} has a NaN or "
+                            f"infinite {what} (1 such blocks)")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_every_kept_format_loads_in_its_blocks_and_computes_the_dequantized_model(tmp_path, qtype):
+    """quantized=True keeps each matrix in its blocks (deq(W) = the dequantizing load's, Q/K rows
+    unpermuted alike); the model on them = the float64 model on the dequantized weights."""
+    from npllama.layers.quantized_linear import QuantizedMatrix
+    path = tmp_path / "m.gguf"
+    write_gguf(path, random_model(CFG).params, CFG, qtype)
+    dense = Llama.from_pretrained(path, dtype=np.float64)
+    kept = Llama.from_pretrained(path, dtype=np.float64, quantized=True)
+    matrices = [n for n, p in kept.params.items() if isinstance(p, QuantizedMatrix)]
+    assert len(matrices) == 7 * CFG.n_layers + 2 and {kept.params[n].qtype for n in matrices} == {qtype.name}
+    for name in matrices:
+        np.testing.assert_array_equal(kept.params[name].dequantize(np.float64), dense.params[name], err_msg=name)
+    tokens = np.array([[1, 5, 9, 63, 0, 7]])
+    logits = dense.eval().forward(tokens)
+    assert relative_error(kept.eval().forward(tokens), logits) <= 1e-12

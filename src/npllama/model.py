@@ -406,10 +406,10 @@ class Llama:
         """A model, with its tokenizer, from a Hugging Face or run directory, a GGUF file, a llama2.c
         .bin or a PEFT adapter directory: npllama.formats.load, which says what each gives.
 
-        ``quantized=True``: the matrices a GGUF file stores as Q8_0, Q4_0 or Q4_1 stay in their
-        blocks (layers/quantized_linear.py; the model computes with them directly, and they are
-        frozen: training needs LoRA adapters); every other tensor, and every other format, loads
-        as usual.
+        ``quantized=True``: the matrices a GGUF file stores as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K
+        or Q6_K stay in their blocks (layers/quantized_linear.py; the model computes with them
+        directly, and they are frozen: training needs LoRA adapters); every other tensor, and every
+        other format, loads as usual.
 
         Raises:
             CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).

@@ -23,7 +23,7 @@ Module map (docs/engine.md says more):
                  versions each module lists ahead)
     fastmath.py  ``fast_exp`` (Cephes' expf, vectorisable, for float32), vectorisable maxima
     simd.py      LLVM IR register tiles (``tile_update_*``) and row views for attention's kernels
-    quantized.py products with a matrix kept in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): a
+    quantized.py products with a matrix kept in GGUF's quantized blocks (Q8_0 ... Q6_K): a
                  decoding step's matrix-vector kernels, panels dequantized for BLAS in a prompt
 
 Importing this package loads nothing: each module is imported where it is used.

@@ -8,6 +8,10 @@ integer codes.  ``blocks`` is that, byte for byte: a uint8 array (rows, cols / 3
     Q4_0  18 bytes:  d, n[16] two 4-bit codes a byte  w_j = d (lo(n_j) - 8),  w_{j+16} = d (hi(n_j) - 8)
     Q4_1  20 bytes:  d, m, n[16]                      w_j = d lo(n_j) + m,   w_{j+16} = d hi(n_j) + m
 
+Q5_0 and Q5_1 (a fifth bit per weight) and the K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256
+weights, in sub-blocks with integer scales of their own) are read as groups of 32 weights
+w = a c + o (``_group_codes``, below, lists their layouts).
+
 The kernels never dequantize the whole matrix:
 
 * matrix-vector (a decoding step, y = W x): each row's blocks are read once, in order, and turned
@@ -41,9 +45,19 @@ from .simd import VECTOR_BYTES, splat
 from .pool import claim_unit, helper_threads, row_units, run_on_threads
 from .threads import get_threads
 
-BLOCK = 32                                        # weights per block, every format here
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+BLOCK = 32                                        # weights per block (K-quants: per sub-block)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20,
+               "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_WEIGHTS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}   # K-quants' super-blocks; every other format 32
 FORMATS = tuple(BLOCK_BYTES)
+FIRST_FORMATS = ("Q8_0", "Q4_0", "Q4_1")          # the kernels' first cases (_block_codes)
+GROUP_FORMATS = FORMATS[len(FIRST_FORMATS):]      # 5-bit blocks and K-quants (_group_codes)
+OFFSET_FORMATS = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # w = a c + o: the products need x's block sums
+
+
+def block_weights(qtype: str) -> int:
+    """Weights a block of ``qtype`` holds: 256 for the K-quants' super-blocks, else 32."""
+    return BLOCK_WEIGHTS.get(qtype, BLOCK)
 jit_q = jit_rows_reassoc
 
 
@@ -99,6 +113,117 @@ def _block_codes(builder, qtype, base, elt, lanes):
     return vectors
 
 
+# ---- 5-bit blocks and K-quants: a block (super-block) as groups of 32 weights ---------------------
+# Every format after the first three is read as G groups of 32 weights a block (G = 1 for Q5_0 and
+# Q5_1, 8 for the K-quants' 256-weight super-blocks), group g's weights being
+#     w = a_h c + o        c integer codes, a_h the scale of the group's half h (16 weights), o an offset
+# (Q6_K: a scale per 16 weights, so a_0 and a_1 differ; every other format one a per group):
+#     Q5_0   22 bytes: d, qh[4], n[16]                c = lo(n_j) | bit j of qh << 4, minus 16;  a = d
+#     Q5_1   24 bytes: d, m, qh[4], n[16]             c as Q5_0 without the 16;  a = d, o = m
+#     Q4_K  144 bytes: d, dmin, s[12], n[128]         group g = 2k + h: c = nibble h of n[32k + j]
+#                                                      a = d sc_g, o = -dmin mn_g (6-bit sc, mn from s)
+#     Q5_K  176 bytes: d, dmin, s[12], qh[32], n[128] c = Q4_K's | bit g of qh[j] << 4;  a, o as Q4_K
+#     Q6_K  210 bytes: ql[128], qh[64], sc[16] int8, d   g = 4u + 2v + t: c = nibble v of ql[64u + 32t + j]
+#                                                      | bits 2(2v + t) of qh[32u + j] << 4, minus 32;
+#                                                      a_h = d sc[2g + h]
+# The products d sc c are exact in float32 (at most 11 + 7 + 5 significant bits), so a group
+# decodes with at most one rounding (+ o), as the gguf package computes it.
+def _group_codes(builder, qtype, base, g, elt):
+    """Group g of the block at byte ``base``: (two 16-lane i32 vectors of codes, one per half; the
+    halves' scales a_0, a_1 as ``elt``; the offset o as ``elt``, or None)."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    v16 = ir.VectorType(i32, 16)
+
+    def at(offset):
+        return builder.gep(base, [ir.Constant(i64, offset)])
+
+    def bytes16(offset):        # 16 bytes from ``offset``, widened to i32 lanes
+        return builder.zext(builder.load(builder.bitcast(at(offset), ir.VectorType(i8, 16).as_pointer()),
+                                         align=1), v16)
+
+    def byte(offset):
+        return builder.zext(builder.load(at(offset)), i32)
+
+    def lanes(*values):
+        return ir.Constant(v16, list(values) if len(values) == 16 else [values[0]] * 16)
+
+    def to_elt(integer):
+        return builder.sitofp(integer, elt)
+
+    if qtype in ("Q5_0", "Q5_1"):
+        qh_at, n_at = (2, 6) if qtype == "Q5_0" else (4, 8)
+        qh = builder.load(builder.bitcast(at(qh_at), i32.as_pointer()), align=1)
+        qh = splat(builder, qh, v16)
+        n = bytes16(n_at)
+        halves = []
+        for h in range(2):
+            nibble = builder.and_(builder.lshr(n, lanes(4 * h)) if h else n, lanes(15))
+            high = builder.and_(builder.lshr(qh, lanes(*range(16 * h, 16 * h + 16))), lanes(1))
+            c = builder.or_(nibble, builder.shl(high, lanes(4)))
+            halves.append(builder.sub(c, lanes(16)) if qtype == "Q5_0" else c)
+        d = _half_at(builder, base, 0, elt)
+        return halves, (d, d), (_half_at(builder, base, 2, elt) if qtype == "Q5_1" else None)
+    if qtype in ("Q4_K", "Q5_K"):
+        k, h = divmod(g, 2)
+        n_at = 16 if qtype == "Q4_K" else 48
+        halves = []
+        for half in range(2):
+            n = bytes16(n_at + 32 * k + 16 * half)
+            c = builder.and_(builder.lshr(n, lanes(4)) if h else n, lanes(15))
+            if qtype == "Q5_K":
+                high = builder.and_(builder.lshr(bytes16(16 + 16 * half), lanes(g)), lanes(1))
+                c = builder.or_(c, builder.shl(high, lanes(4)))
+            halves.append(c)
+        s = lambda j: byte(4 + j)  # noqa: E731  (the 12 bytes of 6-bit scales and minima)
+        if g < 4:
+            sc, mn = builder.and_(s(g), ir.Constant(i32, 63)), builder.and_(s(g + 4), ir.Constant(i32, 63))
+        else:
+            top = lambda j: builder.shl(builder.lshr(s(j), ir.Constant(i32, 6)), ir.Constant(i32, 4))  # noqa: E731
+            sc = builder.or_(builder.and_(s(g + 4), ir.Constant(i32, 15)), top(g - 4))
+            mn = builder.or_(builder.lshr(s(g + 4), ir.Constant(i32, 4)), top(g))
+        a = builder.fmul(_half_at(builder, base, 0, elt), to_elt(sc))
+        o = builder.fneg(builder.fmul(_half_at(builder, base, 2, elt), to_elt(mn)))
+        return halves, (a, a), o
+    assert qtype == "Q6_K", qtype
+    u, rest = divmod(g, 4)
+    v, t = divmod(rest, 2)
+    halves = []
+    for half in range(2):
+        low = builder.and_(builder.lshr(bytes16(64 * u + 32 * t + 16 * half), lanes(4 * v)), lanes(15))
+        high = builder.and_(builder.lshr(bytes16(128 + 32 * u + 16 * half), lanes(2 * rest)), lanes(3))
+        halves.append(builder.sub(builder.or_(low, builder.shl(high, lanes(4))), lanes(32)))
+    d = _half_at(builder, base, 208, elt)
+    scales = tuple(builder.fmul(d, to_elt(builder.sext(builder.load(at(192 + 2 * g + h)), i32))) for h in range(2))
+    return halves, scales, None
+
+
+def _group_weights(builder, qtype, base, g, elt, lanes):
+    """Group g's 32 weights a_h c + o as vectors of ``lanes`` ``elt``: the gguf package's float32
+    numbers (a format with an offset is decoded in float32, its one rounding there, then widened)."""
+    decode = ir.FloatType() if qtype in OFFSET_FORMATS else elt
+    halves, scales, o = _group_codes(builder, qtype, base, g, decode)
+    vec = ir.VectorType(decode, lanes)
+    weights = []
+    for codes, h in _to_vectors(builder, halves, decode, lanes):
+        w = builder.fmul(codes, splat(builder, scales[h], vec))
+        if o is not None:
+            w = builder.fadd(w, splat(builder, o, vec))
+        weights.append(w if decode == elt else builder.fpext(w, ir.VectorType(elt, lanes)))
+    return weights
+
+
+def _to_vectors(builder, halves, elt, lanes):
+    """The two halves' codes as float vectors of ``lanes``: [(vector, half), ...] in weight order."""
+    i32 = ir.IntType(32)
+    vectors = []
+    for h, codes in enumerate(halves):
+        for k in range(16 // lanes):
+            part = codes if lanes == 16 else builder.shuffle_vector(
+                codes, codes, ir.Constant(ir.VectorType(i32, lanes), list(range(k * lanes, (k + 1) * lanes))))
+            vectors.append((builder.sitofp(part, ir.VectorType(elt, lanes)), h))
+    return vectors
+
+
 # ---- dequantizing rows (the embedding lookup, the matrix-matrix panels) ----------------------------
 @intrinsic
 def dequantize_row(typingctx, blocks, out, fmt, i, k):
@@ -126,8 +251,9 @@ def dequantize_row(typingctx, blocks, out, fmt, i, k):
         out_row = builder.bitcast(builder.gep(builder.bitcast(o_arr.data, byte_ptr),
                                               [builder.mul(k, cgutils.unpack_tuple(builder, o_arr.strides, 2)[0])]),
                                   vec.as_pointer())
-        n_blocks = builder.sdiv(cgutils.unpack_tuple(builder, o_arr.shape, 2)[1], const(BLOCK))
-        for qtype in FORMATS:
+        cols = cgutils.unpack_tuple(builder, o_arr.shape, 2)[1]
+        n_blocks = builder.sdiv(cols, const(BLOCK))
+        for qtype in FIRST_FORMATS:
             with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
                 with cgutils.for_range(builder, n_blocks) as loop:
                     b = loop.index
@@ -140,6 +266,16 @@ def dequantize_row(typingctx, blocks, out, fmt, i, k):
                             w = builder.fadd(w, m)
                         target = builder.gep(out_row, [builder.add(builder.mul(b, const(BLOCK // lanes)), const(v))])
                         builder.store(w, target, align=itemsize)
+        for qtype in GROUP_FORMATS:   # per group of 32: w = a_h c (+ o), 32 // lanes vectors stored
+            groups = block_weights(qtype) // BLOCK
+            with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
+                with cgutils.for_range(builder, builder.sdiv(cols, const(block_weights(qtype)))) as loop:
+                    b = loop.index
+                    base = builder.gep(row_start, [builder.mul(b, const(BLOCK_BYTES[qtype]))])
+                    for g in range(groups):
+                        first = builder.mul(builder.add(builder.mul(b, const(groups)), const(g)), const(BLOCK // lanes))
+                        for v, w in enumerate(_group_weights(builder, qtype, base, g, elt, lanes)):
+                            builder.store(w, builder.gep(out_row, [builder.add(first, const(v))]), align=itemsize)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -197,7 +333,7 @@ def _block_dots(rows):
             for r in range(rows):
                 builder.store(ir.Constant(vec, None), acc[r])
                 builder.store(ir.Constant(elt, 0.0), offset[r])
-            for qtype in FORMATS:
+            for qtype in FIRST_FORMATS:
                 with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
                     with cgutils.for_range(builder, n_blocks) as loop:
                         b = loop.index
@@ -220,6 +356,48 @@ def _block_dots(rows):
                             if s_b is not None:
                                 m = _half_at(builder, base, 2, elt)
                                 builder.store(builder.call(fmuladd1, [m, s_b, builder.load(offset[r])]), offset[r])
+            for qtype in GROUP_FORMATS:   # per group of 32: sum_h a_h t_h (+ o s_g), t_h = sum of c x per lane
+                groups, nbytes = block_weights(qtype) // BLOCK, BLOCK_BYTES[qtype]
+                with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
+                    n_super = builder.sdiv(n_blocks, const(groups))
+                    with cgutils.for_range(builder, n_super) as loop:
+                        b = loop.index
+                        block_offset = builder.mul(b, const(nbytes))
+                        for r in range(rows):
+                            base = builder.gep(row_start[r], [block_offset])
+                            for line in range(0, nbytes, 64):
+                                builder.call(prefetch, [builder.gep(base, [const(PREFETCH_BYTES + line)]),
+                                                        ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
+                                                        ir.Constant(ir.IntType(32), 1)])
+                        for g in range(groups):
+                            block = builder.add(builder.mul(b, const(groups)), const(g))   # x's block of 32
+                            xb = [builder.load(builder.gep(x_vectors, [builder.add(builder.mul(block, const(BLOCK // lanes)),
+                                                                                   const(v))]), align=itemsize)
+                                  for v in range(BLOCK // lanes)]
+                            s_b = builder.load(builder.gep(block_sums, [block])) if qtype in OFFSET_FORMATS else None
+                            for r in range(rows):
+                                base = builder.gep(row_start[r], [block_offset])
+                                if s_b is not None and elt != ir.FloatType():
+                                    # float64: the float32 weights themselves (the reference's numbers:
+                                    # a c + o rounds once in float32), then sum_j w_j x_j
+                                    t = builder.load(acc[r])
+                                    for w, xv in zip(_group_weights(builder, qtype, base, g, elt, lanes), xb):
+                                        t = builder.call(fmuladd, [w, xv, t])
+                                    builder.store(t, acc[r])
+                                    continue
+                                halves, scales, o = _group_codes(builder, qtype, base, g, elt)
+                                if scales[0] is scales[1]:
+                                    scales = scales[:1]       # (one scale: one t for the whole group)
+                                t = [None] * len(scales)
+                                for (c, h), xv in zip(_to_vectors(builder, halves, elt, lanes), xb):
+                                    h = min(h, len(t) - 1)
+                                    t[h] = builder.fmul(c, xv) if t[h] is None else builder.call(fmuladd, [c, xv, t[h]])
+                                a_t = builder.load(acc[r])
+                                for th, a in zip(t, scales):
+                                    a_t = builder.call(fmuladd, [th, splat(builder, a, vec), a_t])
+                                builder.store(a_t, acc[r])
+                                if o is not None:
+                                    builder.store(builder.call(fmuladd1, [o, s_b, builder.load(offset[r])]), offset[r])
             y_bytes = builder.bitcast(y_arr.data, byte_ptr)
             for r in range(rows):
                 total = builder.call(reduce, [builder.load(offset[r]), builder.load(acc[r])], fastmath=("reassoc",))
@@ -271,7 +449,7 @@ def quantized_matvec(w, x, y):
         raise ValueError(f"W {w.shape} x {x.shape} -> y {y.shape}: the shapes do not match")
     x = np.ascontiguousarray(x)
     sums = np.empty(w.shape[1] // BLOCK, dtype=x.dtype)
-    if w.qtype == "Q4_1":
+    if w.qtype in OFFSET_FORMATS:
         _block_sums(x, sums)
     rows, threads, fmt = w.shape[0], get_threads(), FORMAT_CODE[w.qtype]
     if rows < PARALLEL_MATVEC_MIN_ROWS or threads <= 1:

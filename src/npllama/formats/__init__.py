@@ -28,8 +28,9 @@ def load(path, dtype=np.float32, quantized=False):
     straight into them from the memory-mapped file, so loading needs the final weights plus
     about one tensor: tests/test_load_memory.py holds the peak to 1.5x the weights.
 
-    ``quantized=True``: a GGUF file's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks
-    (gguf.load_quantized, layers/quantized_linear.py); other tensors and formats load as above.
+    ``quantized=True``: a GGUF file's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrices stay
+    in their blocks (gguf.load_quantized, layers/quantized_linear.py); other tensors and formats
+    load as above.
 
     Raises:
         CheckpointError: none of these, or a checkpoint that cannot be read (naming the file).

@@ -40,7 +40,7 @@ from .rope_rows import deinterleave_rope_rows
 from .safetensors import require_finite
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 CHUNK_ELEMENTS = 1 << 22   # floats dequantized at a time: 16 MB of float32 scratch
 
 GGUF_NAMES = {  # GGUF tensor name -> Hugging Face name; {i} is the layer
@@ -444,8 +444,9 @@ FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 
 
 def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
-    """The matrices of ``ckpt`` that stay in their blocks: those stored as Q8_0, Q4_0 or Q4_1 whose
-    fused partners (q/k/v, gate/up) are stored the same way; every other tensor is dequantized."""
+    """The matrices of ``ckpt`` that stay in their blocks: those stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+    Q4_K, Q5_K or Q6_K whose fused partners (q/k/v, gate/up) are stored the same way; every other
+    tensor is dequantized."""
     # (not at the top: quantized_linear loads Numba, and the tokenizer imports this module)
     from ..layers.quantized_linear import QUANTIZED_TYPES
     kind = {name: QUANTIZED_TYPES.get(t.tensor_type) for name, t in ckpt.tensors.items() if len(t.shape) == 2}
@@ -470,9 +471,11 @@ def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray, file) -> 
     return out
 
 
-# The float16 numbers at the start of each block that scale its codes: Q8_0 and Q4_0 a scale d,
-# Q4_1 a scale d and a minimum m (layers/quantized_linear.py).
-SCALE_HALVES = {Q.Q8_0: 1, Q.Q4_0: 1, Q.Q4_1: 2}
+# Byte offsets in a block of the float16 numbers that scale its codes (layers/quantized_linear.py):
+# a scale d, and for Q4_1, Q5_1, Q4_K and Q5_K a minimum m (K-quants: dmin) after it; Q6_K's d ends
+# its 210 bytes.  (The K-quants' 6-bit and int8 sub-block scales are integers: always finite.)
+SCALE_OFFSETS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+                 Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def check_block_scales(blocks: np.ndarray, tensor_type, where) -> None:
@@ -480,7 +483,8 @@ def check_block_scales(blocks: np.ndarray, tensor_type, where) -> None:
     ``require_finite`` refuses a dequantized tensor: with the exponent bits all set, every weight of
     the block would be NaN or infinite.  (Finite scales make finite weights: |d c + m| < 2^24.)"""
     block_bytes = gguf.GGML_QUANT_SIZES[tensor_type][1]
-    halves = blocks.view(np.uint16).reshape(blocks.shape[0], -1, block_bytes // 2)[:, :, :SCALE_HALVES[tensor_type]]
+    halves = blocks.view(np.uint16).reshape(blocks.shape[0], -1, block_bytes // 2)[
+        :, :, [offset // 2 for offset in SCALE_OFFSETS[tensor_type]]]
     if (halves & 0x7C00).max(initial=0) == 0x7C00:   # (an exponent with every bit set)
         bad = (halves & 0x7C00) == 0x7C00
         row, block, which = (int(i) for i in np.argwhere(bad)[0])

@@ -59,9 +59,9 @@ def add_arguments(parser):
                              "which training text never ends a token with)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="the dtype the weights are loaded into and computed in (default float32; a "
-                             "quantized GGUF's Q8_0/Q4_0/Q4_1 matrices stay in their blocks unless --dequantize)")
+                             "quantized GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K matrices stay in their blocks unless --dequantize)")
     parser.add_argument("--dequantize", action="store_true",
-                        help="a GGUF file's Q8_0/Q4_0/Q4_1 matrices dequantized to --dtype when loading (default: "
+                        help="a GGUF file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K matrices dequantized to --dtype when loading (default: "
                              "kept in their blocks, which the model multiplies by directly: 4-7x fewer bytes to read "
                              "per token)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",

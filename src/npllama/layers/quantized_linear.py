@@ -1,4 +1,4 @@
-"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): the maths.
+"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1, ...): the maths.
 
 The weight W (out, in) is stored as llama.cpp stores it (docs/14-quantized.md): each row in blocks
 of 32 weights, each block one float16 scale d (Q4_1: and a float16 minimum m) and 32 integer codes c:
@@ -6,6 +6,8 @@ of 32 weights, each block one float16 scale d (Q4_1: and a float16 minimum m) an
     Q8_0:  w = d c,          c in [-128, 127]     8.5 bits a weight (34 bytes a block)
     Q4_0:  w = d (c - 8),    c in [0, 15]         4.5 bits a weight (18 bytes)
     Q4_1:  w = d c + m,      c in [0, 15]         5 bits a weight   (20 bytes)
+    Q5_0, Q5_1: Q4_0 and Q4_1 with 5-bit codes; the K-quants Q4_K, Q5_K, Q6_K: blocks of 256 weights
+    in sub-blocks with integer scales of their own (docs/14-quantized.md)
 
 W itself is a matrix of ordinary numbers, deq(W), so the layer is the linear layer of linear.py on
 deq(W), and its reference is exactly that: the gguf package's dequantize, then a matmul.
@@ -34,7 +36,8 @@ from ..errors import InputError
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
 Q = gguf.GGMLQuantizationType
-QUANTIZED_TYPES = {Q.Q8_0: "Q8_0", Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1"}    # what the kernels multiply by
+QUANTIZED_TYPES = {Q[name]: name for name in engine.FORMATS}     # what the kernels multiply by
+QUANTIZERS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")             # what the gguf package quantizes to
 BLOCK = engine.BLOCK
 
 
@@ -47,8 +50,9 @@ class QuantizedMatrix:
     def __init__(self, qtype: str, blocks: np.ndarray, cols: int):
         if qtype not in engine.BLOCK_BYTES:
             raise InputError(f"quantized type must be one of {', '.join(engine.FORMATS)}, got {qtype!r}")
-        if cols % BLOCK or blocks.ndim != 2 or blocks.dtype != np.uint8 \
-                or blocks.shape[1] != cols // BLOCK * engine.BLOCK_BYTES[qtype]:
+        per_block = engine.block_weights(qtype)
+        if cols % per_block or blocks.ndim != 2 or blocks.dtype != np.uint8 \
+                or blocks.shape[1] != cols // per_block * engine.BLOCK_BYTES[qtype]:
             raise InputError(f"{qtype} blocks of shape {blocks.shape} do not hold rows of {cols} weights")
         self.qtype = qtype
         self.blocks = np.ascontiguousarray(blocks)
@@ -56,7 +60,11 @@ class QuantizedMatrix:
 
     @classmethod
     def from_float(cls, w, qtype: str) -> "QuantizedMatrix":
-        """W quantized by the gguf package's own quantizer (llama.cpp's rounding)."""
+        """W quantized by the gguf package's own quantizer (llama.cpp's rounding; it has none for the
+        K-quants, which only come from files)."""
+        if qtype not in QUANTIZERS:
+            raise InputError(f"the gguf package cannot quantize to {qtype}: quantize to one of "
+                             f"{', '.join(QUANTIZERS)} (K-quant matrices are read from GGUF files)")
         w = np.asarray(w, dtype=np.float32)
         return cls(qtype, gguf.quants.quantize(w, Q[qtype]), w.shape[1])
 

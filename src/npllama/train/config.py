@@ -98,7 +98,7 @@ class TrainConfig:
                                  "instead of every weight", type=int)
     lora_alpha: float = _opt(16.0, "LoRA scale numerator: the adapter adds (alpha / rank) B A", type=float)
     lora_dropout: float = _opt(0.0, "dropout probability on the LoRA adapters' inputs", type=float)
-    dequantize_base: bool = _opt(False, "with --lora-rank on a GGUF base: dequantize its Q8_0/Q4_0/Q4_1 matrices to "
+    dequantize_base: bool = _opt(False, "with --lora-rank on a GGUF base: dequantize its Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K matrices to "
                                  "--dtype (default: kept in their blocks and frozen, QLoRA)", type=bool)
     lora_targets: str = _opt(",".join(LORA_TARGETS), "projections that get LoRA adapters, comma-separated",
                              type=str, metavar="NAMES")
