@@ -151,16 +151,22 @@ def _group_codes(builder, qtype, base, g, elt):
         return builder.sitofp(integer, elt)
 
     if qtype in ("Q5_0", "Q5_1"):
+        # the 32 codes as bytes: the nibbles, and qh's 32 bits as a vector of 32 booleans (an AVX-512
+        # mask register, widened to bytes in one instruction) shifted to bit 4
         qh_at, n_at = (2, 6) if qtype == "Q5_0" else (4, 8)
         qh = builder.load(builder.bitcast(at(qh_at), i32.as_pointer()), align=1)
-        qh = splat(builder, qh, v16)
-        n = bytes16(n_at)
-        halves = []
-        for h in range(2):
-            nibble = builder.and_(builder.lshr(n, lanes(4 * h)) if h else n, lanes(15))
-            high = builder.and_(builder.lshr(qh, lanes(*range(16 * h, 16 * h + 16))), lanes(1))
-            c = builder.or_(nibble, builder.shl(high, lanes(4)))
-            halves.append(builder.sub(c, lanes(16)) if qtype == "Q5_0" else c)
+        fifth = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), ir.VectorType(i8, 32))
+        v16_8 = ir.VectorType(i8, 16)
+        n = builder.load(builder.bitcast(at(n_at), v16_8.as_pointer()), align=1)
+        nibbles = builder.shuffle_vector(builder.and_(n, ir.Constant(v16_8, [15] * 16)),
+                                         builder.lshr(n, ir.Constant(v16_8, [4] * 16)),
+                                         ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+        c = builder.or_(nibbles, builder.shl(fifth, ir.Constant(ir.VectorType(i8, 32), [4] * 32)))
+        if qtype == "Q5_0":
+            c = builder.sub(c, ir.Constant(ir.VectorType(i8, 32), [16] * 32))
+        widen = builder.sext if qtype == "Q5_0" else builder.zext
+        halves = [widen(builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(i32, 16), list(range(16 * h, 16 * h + 16)))),
+                        v16) for h in range(2)]
         d = _half_at(builder, base, 0, elt)
         return halves, (d, d), (_half_at(builder, base, 2, elt) if qtype == "Q5_1" else None)
     if qtype in ("Q4_K", "Q5_K"):
@@ -210,6 +216,93 @@ def _group_weights(builder, qtype, base, g, elt, lanes):
             w = builder.fadd(w, splat(builder, o, vec))
         weights.append(w if decode == elt else builder.fpext(w, ir.VectorType(elt, lanes)))
     return weights
+
+
+# A decoding step reads the K-quants a super-block at a time (``_superblock_codes``): its 256 codes
+# are unpacked with byte-wide vector operations (64 weights an instruction: the shifts, masks and
+# ors that put Q5_K's fifth and Q6_K's two high bits in place) into a buffer of 256 signed bytes in
+# weight order, the sub-blocks' scales a_s (and Q4_K/Q5_K's offsets o_s) into small float buffers,
+# and the products then read the buffer 16 codes at a time (one widening load, one conversion, one
+# fused multiply-add with x).  Unpacking group by group in 32-bit lanes instead took ~3x the
+# instructions, and a K-quant row was slower to multiply than a float32 one read from memory.
+def _superblock_codes(builder, qtype, base, codes, scales, offsets):
+    """Unpack the K-quant super-block at byte ``base``: codes (i8*) [256] = its codes in weight order
+    (Q6_K's minus 32), scales (float*) = a_s per sub-block (8 for Q4_K/Q5_K, 16 for Q6_K), and for
+    Q4_K/Q5_K offsets (float*) [8] = o_s = -dmin mn_s.  Every number in float32: the products d sc
+    and dmin mn are exact there."""
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def at(pointer, offset):
+        return builder.gep(pointer, [ir.Constant(i64, offset)])
+
+    def load(offset, n):
+        return builder.load(builder.bitcast(at(base, offset), ir.VectorType(i8, n).as_pointer()), align=1)
+
+    def store(vector, pointer, offset):
+        builder.store(vector, builder.bitcast(at(pointer, offset), vector.type.as_pointer()), align=1)
+
+    def const(n, *values):
+        return ir.Constant(ir.VectorType(i8, n), list(values) if len(values) == n else [values[0]] * n)
+
+    def concat(a, b):
+        n = a.type.count
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
+
+    def part(a, start, n):
+        return builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(i32, n), list(range(start, start + n))))
+
+    if qtype == "Q6_K":
+        qh = load(128, 64)
+        for u in range(2):                                   # the two halves of 128 weights
+            ql = load(64 * u, 64)
+            q = part(qh, 32 * u, 32)
+            pair = concat(q, builder.lshr(q, const(32, 2)))  # t = 0: bits 4v, 4v + 1; t = 1: bits 4v + 2, 4v + 3
+            for v in range(2):
+                low = builder.and_(builder.lshr(ql, const(64, 4)) if v else ql, const(64, 15))
+                high = builder.and_(builder.lshr(pair, const(64, 4 * v)) if v else pair, const(64, 3))
+                c = builder.sub(builder.or_(low, builder.shl(high, const(64, 4))), const(64, 32))
+                store(c, codes, 128 * u + 64 * v)
+        sc = builder.sitofp(builder.sext(load(192, 16), ir.VectorType(i32, 16)), ir.VectorType(f32, 16))
+        store(builder.fmul(sc, splat(builder, _half_at(builder, base, 208, f32), sc.type)),
+              builder.bitcast(scales, i8.as_pointer()), 0)
+        return
+    n_at = 16 if qtype == "Q4_K" else 48
+    if qtype == "Q5_K":
+        qh = load(16, 32)
+        pairs = concat(qh, builder.lshr(qh, const(32, 1)))   # bits 2k and 2k + 1 of qh: sub-blocks 2k, 2k + 1
+    for half in range(2):                                     # sub-blocks 4 half .. 4 half + 3
+        n = load(n_at + 64 * half, 64)
+        low, high = builder.and_(n, const(64, 15)), builder.lshr(n, const(64, 4))
+        for kk in range(2):
+            k = 2 * half + kk
+            c = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, 64), list(range(32 * kk, 32 * kk + 32))
+                                                              + list(range(64 + 32 * kk, 96 + 32 * kk))))
+            if qtype == "Q5_K":
+                fifth = builder.and_(builder.lshr(pairs, const(64, 2 * k)) if k else pairs, const(64, 1))
+                c = builder.or_(c, builder.shl(fifth, const(64, 4)))
+            store(c, codes, 64 * k)
+    # the 6-bit scales and minima of the 8 sub-blocks, from s = bytes 4..15 (docs/14-quantized.md)
+    v8 = ir.VectorType(i32, 8)
+    s = builder.zext(load(4, 16), ir.VectorType(i32, 16))   # (bytes 16..19 are codes, unused)
+
+    def lanes(*js):
+        return builder.shuffle_vector(s, s, ir.Constant(v8, list(js)))
+
+    def mask(lo, hi):
+        return ir.Constant(v8, [lo] * 4 + [hi] * 4)
+
+    a, b, c = lanes(0, 1, 2, 3, 0, 1, 2, 3), lanes(4, 5, 6, 7, 4, 5, 6, 7), lanes(8, 9, 10, 11, 8, 9, 10, 11)
+    top = lambda x: builder.and_(builder.lshr(x, mask(2, 2)), mask(0, 48))  # noqa: E731  (bits 6-7 -> 4-5, s >= 4)
+    sc = builder.or_(builder.or_(builder.and_(a, mask(63, 0)), builder.and_(c, mask(0, 15))), top(a))
+    mn = builder.or_(builder.or_(builder.and_(b, mask(63, 0)), builder.and_(builder.lshr(c, mask(0, 4)), mask(0, 15))),
+                     top(b))
+    f8 = ir.VectorType(f32, 8)
+    d, dmin = (splat(builder, _half_at(builder, base, k, f32), f8) for k in (0, 2))
+    store(builder.fmul(builder.sitofp(sc, f8), d), builder.bitcast(scales, i8.as_pointer()), 0)
+    store(builder.fneg(builder.fmul(builder.sitofp(mn, f8), dmin)), builder.bitcast(offsets, i8.as_pointer()), 0)
+
+
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 
 def _to_vectors(builder, halves, elt, lanes):
@@ -318,6 +411,10 @@ def _block_dots(rows):
                                                       f"llvm.fmuladd.f{itemsize * 8}")
             reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [elt, vec]),
                                                     f"llvm.vector.reduce.fadd.v{lanes}f{itemsize * 8}")
+            f8 = ir.VectorType(ir.FloatType(), 8)     # (Q4_K/Q5_K's offsets: float32, 8 sub-blocks)
+            fmuladd8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f8, [f8] * 3), "llvm.fmuladd.v8f32")
+            reduce8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [elt, f8]),
+                                                     "llvm.vector.reduce.fadd.v8f32") if elt == ir.FloatType() else None
             byte_ptr = ir.IntType(8).as_pointer()
             prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
                 ir.VoidType(), [byte_ptr, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")
@@ -356,7 +453,71 @@ def _block_dots(rows):
                             if s_b is not None:
                                 m = _half_at(builder, base, 2, elt)
                                 builder.store(builder.call(fmuladd1, [m, s_b, builder.load(offset[r])]), offset[r])
+            f32 = ir.FloatType()
+            codes = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(ir.IntType(8), 256)), byte_ptr)
+            scales = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(f32, 16)), f32.as_pointer())
+            offsets = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(f32, 8)), f32.as_pointer())
+            f8 = ir.VectorType(f32, 8)
+            offset8 = [cgutils.alloca_once(builder, f8) for _ in range(rows)]       # Q4_K/Q5_K: o_s s_s
+            for qtype in K_QUANTS:   # a super-block a row at a time: unpacked (_superblock_codes), then summed
+                nbytes, per_scale = BLOCK_BYTES[qtype], 16 if qtype == "Q6_K" else 32
+                with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
+                    for r in range(rows):
+                        builder.store(ir.Constant(f8, None), offset8[r])
+                    with cgutils.for_range(builder, builder.sdiv(n_blocks, const(8))) as loop:
+                        b = loop.index
+                        block_offset = builder.mul(b, const(nbytes))
+                        x_first = builder.mul(b, const(256 // lanes))            # x's vector at the super-block
+                        for r in range(rows):
+                            base = builder.gep(row_start[r], [block_offset])
+                            for line in range(0, nbytes, 64):
+                                builder.call(prefetch, [builder.gep(base, [const(PREFETCH_BYTES + line)]),
+                                                        ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
+                                                        ir.Constant(ir.IntType(32), 1)])
+                            _superblock_codes(builder, qtype, base, codes, scales, offsets)
+                            a_t = builder.load(acc[r])
+                            if elt == f32:       # per sub-block: t = sum of c x in lanes, then acc += a_s t
+                                for sub in range(256 // per_scale):
+                                    t = None
+                                    for k in range(per_scale // lanes):
+                                        j = sub * per_scale // lanes + k
+                                        c = builder.load(builder.bitcast(builder.gep(codes, [const(j * lanes)]),
+                                                                         ir.VectorType(ir.IntType(8), lanes).as_pointer()),
+                                                         align=1)
+                                        c = builder.sitofp(c, vec)
+                                        xv = builder.load(builder.gep(x_vectors, [builder.add(x_first, const(j))]),
+                                                          align=itemsize)
+                                        t = builder.fmul(c, xv) if t is None else builder.call(fmuladd, [c, xv, t])
+                                    a = splat(builder, builder.load(builder.gep(scales, [const(sub)])), vec)
+                                    a_t = builder.call(fmuladd, [t, a, a_t])
+                            else:                # float64: the float32 weights a_s c + o_s, then w x
+                                v32 = ir.VectorType(f32, lanes)
+                                for j in range(256 // lanes):
+                                    sub = j * lanes // per_scale
+                                    c = builder.load(builder.bitcast(builder.gep(codes, [const(j * lanes)]),
+                                                                     ir.VectorType(ir.IntType(8), lanes).as_pointer()),
+                                                     align=1)
+                                    w = builder.fmul(builder.sitofp(c, v32),
+                                                     splat(builder, builder.load(builder.gep(scales, [const(sub)])), v32))
+                                    if qtype != "Q6_K":
+                                        w = builder.fadd(w, splat(builder, builder.load(builder.gep(offsets, [const(sub)])),
+                                                                  v32))
+                                    xv = builder.load(builder.gep(x_vectors, [builder.add(x_first, const(j))]),
+                                                      align=itemsize)
+                                    a_t = builder.call(fmuladd, [builder.fpext(w, vec), xv, a_t])
+                            builder.store(a_t, acc[r])
+                            if qtype != "Q6_K" and elt == f32:
+                                s8 = builder.load(builder.bitcast(builder.gep(block_sums, [builder.mul(b, const(8))]),
+                                                                  f8.as_pointer()), align=itemsize)
+                                o8 = builder.load(builder.bitcast(offsets, f8.as_pointer()), align=4)
+                                builder.store(builder.call(fmuladd8, [o8, s8, builder.load(offset8[r])]), offset8[r])
+                    if qtype != "Q6_K" and elt == f32:
+                        for r in range(rows):
+                            builder.store(builder.call(reduce8, [builder.load(offset[r]), builder.load(offset8[r])],
+                                                       fastmath=("reassoc",)), offset[r])
             for qtype in GROUP_FORMATS:   # per group of 32: sum_h a_h t_h (+ o s_g), t_h = sum of c x per lane
+                if qtype in K_QUANTS:
+                    continue
                 groups, nbytes = block_weights(qtype) // BLOCK, BLOCK_BYTES[qtype]
                 with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
                     n_super = builder.sdiv(n_blocks, const(groups))
