@@ -54,3 +54,29 @@ def test_answer_streams_whole_characters_and_stops_before_the_stop_token(tokeniz
     assert answer(model, tokenizer, np.array([1]), written.append, max_new_tokens=100) == text
     assert "".join(written) == text and not any("\ufffd" in w for w in written)
     assert "🌍" in written   # written at once when its last byte came
+
+
+def test_a_chat_keeps_its_cache_and_answers_as_without_it(tokenizer):
+    """Each turn after the first runs only its new tokens, as one batch over the kept cache, with the
+    LoRA adapters as they are (no merged copy); every answer is the one a fresh prefill of the whole
+    conversation gives."""
+    model = Llama(LlamaConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                              hidden_dim=32, max_seq_len=128), dtype=np.float64, seed=1)
+    rng = np.random.default_rng(1)
+    model.flat_params[...] += rng.normal(0.0, 0.3, model.flat_params.shape)
+    model.add_lora(2, 4.0)
+    model.flat_lora[...] = rng.normal(0.0, 0.3, model.flat_lora.shape)
+    model.eval()
+    runs, run_rows = [], model.last_hidden_state      # what each pass over rows ran: (tokens, over the cache?)
+    model.last_hidden_state = lambda tokens, **kw: (runs.append((tokens.shape[1], "kv_cache" in kw)),
+                                                    run_rows(tokens, **kw))[1]
+    messages = iter(["hello there", "how are you", "hello you", None])
+    history = chat(model, tokenizer, messages.__next__, lambda _: None, system="be brief", max_new_tokens=6)
+    assert [m["role"] for m in history] == ["system"] + ["user", "assistant"] * 3
+    assert runs[0][1] is False and [kept for _, kept in runs[1:]] == [True, True]
+    del model.last_hidden_state
+    for i in (2, 4, 6):
+        prompt, _ = chat_prompt(model, tokenizer, history[:i], 6)
+        if i > 2:
+            assert runs[i // 2 - 1][0] < prompt.size              # the turn ran its own tokens only
+        assert answer(model, tokenizer, prompt, lambda _: None, 6) == history[i]["content"]

@@ -2,7 +2,7 @@
 ids, targets, packed rows and padding (position_ids, segment_ids, attention_mask; npllama.reference
 checks them here too), dropout masks and the LoRA adapters' masks.  Each returns the array the passes want
 (contiguous, of the model's dtype, rows flattened) or raises InputError naming the argument and the
-problem.  The masks a training step draws when it is given none: ``draw_masks``.  Generation's own arguments are checked in npllama/generate/sampling.py.
+problem (a continuation's key/value cache, ``check_kv_cache``, is only checked).  The masks a training step draws when it is given none: ``draw_masks``.  Generation's own arguments are checked in npllama/generate/sampling.py.
 """
 from typing import NamedTuple
 
@@ -93,6 +93,23 @@ def check_packing(config, B, T, position_ids=None, segment_ids=None, attention_m
         if attention_mask.dtype.kind not in "biu" or not np.isin(attention_mask, (0, 1)).all():
             raise InputError("attention_mask must hold 0 (padding) and 1 (token) only")
     return PackedRows(position_ids, segment_ids, attention_mask)
+
+
+def check_kv_cache(kv_cache, config, dtype, B, T):
+    """A continuation's (k_cache_t, v_cache, start) (``Llama.last_hidden_state``): the cache's arrays
+    (L, K, hd, S) and (L, K, S, hd), C-contiguous, of the model's dtype; one sequence (B = 1) whose
+    T new positions start .. start+T-1 fit in the S the cache holds."""
+    k_cache_t, v_cache, start = kv_cache
+    L, K, hd = config.n_layers, config.n_kv_heads, config.head_dim
+    S = getattr(k_cache_t, "shape", (0,))[-1]
+    for name, a, shape in (("k_cache_t", k_cache_t, (L, K, hd, S)), ("v_cache", v_cache, (L, K, S, hd))):
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
+            raise InputError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    if B != 1:
+        raise InputError(f"a continuation over a key/value cache runs one sequence, got a batch of {B}")
+    if not 0 <= int(start) <= S - T:
+        raise InputError(f"{T} positions from {start} do not fit in the cache's {S}")
 
 
 def check_dropout_masks(masks, config, B, T, dtype) -> list[tuple[np.ndarray, np.ndarray]]:

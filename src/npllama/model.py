@@ -37,8 +37,8 @@ from .engine.matmul import matmuls, split_matmuls
 from .errors import ConfigError, InputError
 from .formats import gguf, hf, peft
 from .generate import decoding
-from .inputs import (check_dropout_masks, check_lora_masks, check_packing, check_tokens, check_tokens_and_targets,
-                     draw_masks)
+from .inputs import (check_dropout_masks, check_kv_cache, check_lora_masks, check_packing, check_tokens,
+                     check_tokens_and_targets, draw_masks)
 from .layers.block import decoder_block_backward_rows, decoder_block_forward_rows
 from .layers.cross_entropy import IGNORE_INDEX, count_targets, cross_entropy_forward_backward, cross_entropy_kernel
 from .layers.embedding import embedding_backward
@@ -174,21 +174,24 @@ class Llama:
     # ---- forward and backward ------------------------------------------------------------------
     # The passes run the blocks of layers/block.py on the buffers of a workspace (buffers.py), made
     # on the first pass of a (B, T) shape and reused after.
-    def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None, packed=None):
+    def _forward_rows(self, tokens, ws, after_block=None, dropout_masks=None, lora_masks=None, packed=None,
+                      kv_cache=None):
         """Embedding -> blocks -> final norm; returns ws.final.xn (N, D), the input of the output
         projection.  The per-layer activations stay in ``ws`` for the backward.  ``dropout_masks``:
         None (no dropout) or one (N, D) pair per layer, applied as given; ``lora_masks``: None or the
         LoRA adapters' input masks ({module name: (N, in)}, none for a module not named).  A training
         step draws them first (inputs.draw_masks).  ``after_block(i, qkv)`` is called after block i.
-        ``packed``: the rows' position_ids, segment_ids, attention_mask (inputs.PackedRows) or None."""
+        ``packed``: the rows' position_ids, segment_ids, attention_mask (inputs.PackedRows) or None.
+        ``kv_cache``: a continuation's (k_cache_t, v_cache, start) (see ``last_hidden_state``) or None."""
         cfg = self.config
         first = ws.layers[0]
-        ws.batch.use_packing(packed)
+        ws.batch.use_packing(packed, start=0 if kv_cache is None else kv_cache[2])
         embedding_rows(self.params["model.embed_tokens.weight"], tokens.reshape(-1), first.x)
         for i, (acts, w, out) in enumerate(zip(ws.layers, self.layers, ws.outputs)):
             acts.mask_attn, acts.mask_ffn = (None, None) if dropout_masks is None else dropout_masks[i]
             adapters = None if self.lora is None else layer_adapters(self.lora_layers[i], i, self.lora, lora_masks)
-            decoder_block_forward_rows(acts, w, out, ws.batch, adapters)
+            kv = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i], kv_cache[2])
+            decoder_block_forward_rows(acts, w, out, ws.batch, adapters, kv)
             if after_block is not None:
                 after_block(i, acts.qkv)
         final = ws.final
@@ -214,17 +217,27 @@ class Llama:
 
     __call__ = forward
 
-    def last_hidden_state(self, tokens, after_block=None) -> np.ndarray:
+    def last_hidden_state(self, tokens, after_block=None, kv_cache=None) -> np.ndarray:
         """tokens: int (B, T) -> the final RMSNorm's output (B, T, D), the input of the output
         projection; no dropout.  It is a buffer of the model that the next pass overwrites.
 
         ``after_block(i, qkv)``, when given, is called after block i with its q/k/v projection rows
         qkv: (B*T, (H + 2K) * hd), q and k rotated: how generation fills its key/value cache from
-        the prompt (npllama/generate/decoding.py)."""
+        the prompt (npllama/generate/decoding.py).
+
+        ``kv_cache``: (k_cache_t (L, K, hd, S), v_cache (L, K, S, hd), start), a key/value cache of
+        one sequence (B = 1) holding the rotated keys and the values of its positions 0 .. start-1
+        (npllama/generate/decoding.py's layout): the tokens continue it, at positions start ..
+        start+T-1 (<= S), their keys and values are stored into the cache, and each attends to the
+        cache's positions up to its own.  The hidden states are those of a pass over the whole
+        sequence at those positions (npllama.reference.forward(..., kv_cache=) is the same)."""
         tokens = check_tokens(tokens, self.config)
         B, T = tokens.shape
+        if kv_cache is not None:
+            check_kv_cache(kv_cache, self.config, self.dtype, B, T)
         with split_matmuls():
-            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False), after_block=after_block)
+            xn = self._forward_rows(tokens, self._workspaces.get(B, T, False), after_block=after_block,
+                                    kv_cache=kv_cache)
         return xn.reshape(B, T, self.config.dim)
 
     def loss(self, tokens, targets, reduction="mean", *, position_ids=None, segment_ids=None,

@@ -11,6 +11,8 @@ Read it top to bottom, in this order:
   2. ``model_forward`` / ``forward``: embedding -> n_layers blocks -> final RMSNorm -> logits;
   3. ``loss_and_grad``: the loss, then ``model_backward``: the forward's steps in reverse;
   4. ``block_backward``: ``block_forward`` read from the bottom up.
+A continuation over a key/value cache (``KVCache``: a sequence run in pieces, as generation does)
+is ``forward(..., kv_cache=)``, after ``loss_and_grad``.
 Training's two optional pieces, residual dropout and LoRA, come after the model, apart from it.
 The layers' own derivations are in the docstrings of npllama/layers/<layer>.py (and at length in
 docs/); each ``*_reference`` function used here sits next to the Numba kernel that computes the
@@ -185,10 +187,11 @@ def attention_backward(do, cache, hooks):
 
 
 # ---- one decoder block ---------------------------------------------------------------------------
-def block_forward(x, w, cos, sin, cfg, visible=None, hooks=None):
+def block_forward(x, w, cos, sin, cfg, visible=None, hooks=None, kv=None):
     """x: (B, T, D) -> out: (B, T, D), cache.  w: one layer's weights (``layer_weights``);
     cos, sin: (T, hd/2) or (B, 1, T, hd/2); visible: ``causal_visibility``'s mask (default: causal);
-    hooks: the layer's (``Hooks.layer``)."""
+    hooks: the layer's (``Hooks.layer``); kv: a continuation's cache of this layer (``LayerKV``): the
+    earlier positions' keys and values come before these, and ``visible`` is (T, S + T)."""
     H, K = cfg.n_heads, cfg.n_kv_heads
     hooks = hooks or NO_HOOKS
     visible = causal_visibility(x.shape[1]) if visible is None else visible
@@ -203,7 +206,10 @@ def block_forward(x, w, cos, sin, cfg, visible=None, hooks=None):
     q_rot = hooks("self_attn.q_rope", q_rot)                                   # (B, H, T, hd)
     k_rot, _ = rope_forward_reference(split_heads(k, K), cos, sin)
     k_rot = hooks("self_attn.k_rope", k_rot)                                   # (B, K, T, hd)
-    o, c_attn = attention_forward(q_rot, k_rot, split_heads(v, K), visible, hooks)   # (B, H, T, hd)
+    v = split_heads(v, K)                                                      # (B, K, T, hd)
+    if kv is not None:          # a continuation: the keys and values of positions 0 .. S-1 first
+        k_rot, v = kv.extend(k_rot, v)                                         # (B, K, S + T, hd)
+    o, c_attn = attention_forward(q_rot, k_rot, v, visible, hooks)             # (B, H, T, hd)
     context = hooks("self_attn.context", merge_heads(o))                       # (B, T, H*hd)
     attn_out, c_o = projection_forward(context, w, "self_attn.o_proj", hooks)  # (B, T, D)
     h = hooks("resid_mid", x + attn_out)                                       # (B, T, D)
@@ -270,24 +276,29 @@ def rope_tables(position_ids, cfg, dtype):
 
 
 def model_forward(params, cfg, tokens, *, inputs_embeds=None, position_ids=None, segment_ids=None,
-                  attention_mask=None, hooks=None):
+                  attention_mask=None, hooks=None, kv_cache=None):
     """tokens: int (B, T) (or None, given ``inputs_embeds`` (B, T, D)) -> logits: (B, T, V), cache
-    for ``model_backward``."""
+    for ``model_backward``.  ``kv_cache``: a continuation (``KVCache``), forward only."""
     hooks = hooks or NO_HOOKS
     params = dense_params(params)
     tokens, B, T = check_inputs(params, cfg, tokens, inputs_embeds, position_ids, segment_ids, attention_mask)
+    S = 0 if kv_cache is None else check_continuation(kv_cache, cfg, B, T, position_ids, segment_ids, attention_mask)
     embed = params["model.embed_tokens.weight"]                                # (V, D)
     if inputs_embeds is None:
         x, _ = embedding_forward(tokens, embed)
         x = hooks("model.embed_tokens", x)                                     # (B, T, D)
     else:
         x = hooks("inputs_embeds", np.asarray(inputs_embeds, dtype=embed.dtype))
-    positions = np.arange(T) if position_ids is None else position_ids
+    positions = np.arange(S, S + T) if position_ids is None else position_ids
     cos, sin = rope_tables(positions, cfg, embed.dtype)                        # (T, hd/2) or (B, 1, T, hd/2)
-    visible = causal_visibility(T, segment_ids, attention_mask)                # (T, T) or (B, 1, T, T)
+    if kv_cache is None:
+        visible = causal_visibility(T, segment_ids, attention_mask)            # (T, T) or (B, 1, T, T)
+    else:                       # query i (at position S + i) sees keys 0 .. S + i
+        visible = np.arange(S + T)[None, :] <= S + np.arange(T)[:, None]       # (T, S + T)
     block_caches = []
     for i in range(cfg.n_layers):
-        x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, visible, hooks.layer(i))
+        kv = None if kv_cache is None else kv_cache.layers[i]
+        x, cache = block_forward(x, layer_weights(params, i), cos, sin, cfg, visible, hooks.layer(i), kv)
         block_caches.append(cache)
     xn, c_norm = rmsnorm_forward_reference(x, params["model.norm.weight"], cfg.norm_eps)
     xn = hooks("model.norm", xn)                                               # (B, T, D)
@@ -324,10 +335,13 @@ def model_backward(dlogits, cache, params, cfg):
     return {name: grads[name] for name in params}
 
 
-def forward(params, cfg, tokens, lora=None, **inputs):
+def forward(params, cfg, tokens, lora=None, kv_cache=None, **inputs):
     """tokens: int (B, T) -> logits: (B, T, V), without dropout (on the adapters' inputs neither).
-    ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask (see the module's docstring)."""
-    logits, _ = model_forward(params, cfg, tokens, hooks=with_options(None, params, lora=lora), **inputs)
+    ``inputs``: inputs_embeds, position_ids, segment_ids, attention_mask (see the module's docstring).
+    ``kv_cache``: a ``KVCache`` (empty, or holding positions 0 .. S-1 of these sequences): the tokens
+    run at positions S .. S+T-1 over it, and their keys and values are appended to it."""
+    logits, _ = model_forward(params, cfg, tokens, hooks=with_options(None, params, lora=lora), kv_cache=kv_cache,
+                              **inputs)
     return logits
 
 
@@ -357,6 +371,56 @@ def loss_and_grad(params, cfg, tokens, targets, dropout_masks=None, lora=None, l
     dlogits = cross_entropy_backward_reference(dloss, c_loss).reshape(B, T, V)
     grads = model_backward(dlogits, cache, params, cfg)
     return loss * dloss, (hooks.lora.gradients() if lora else grads)     # LoRA: only the adapters train
+
+
+# ---- a continuation over a key/value cache --------------------------------------------------------
+# A token's key and value depend only on the tokens up to it, so a sequence can be run in pieces:
+# the first S positions once, keeping each layer's rotated keys and values, then the next T tokens
+# at positions S .. S+T-1, their queries attending to the kept keys and values and to their own,
+# causally.  That gives the logits the whole sequence gives at those positions: what a chat's next
+# turn runs (npllama/generate/decoding.py, ``KVCacheDecoder.resume``), as Hugging Face's
+# past_key_values does.
+class LayerKV:
+    """One layer's rotated keys and values of the positions run so far: (B, K, S, hd) each."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def extend(self, k, v):
+        """Append the next positions' k, v: (B, K, T, hd) -> all of them, (B, K, S + T, hd)."""
+        if self.keys is not None:
+            k, v = np.concatenate([self.keys, k], axis=2), np.concatenate([self.values, v], axis=2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """Every layer's ``LayerKV``; ``length``: the positions they hold (S)."""
+
+    def __init__(self, cfg):
+        self.layers = [LayerKV() for _ in range(cfg.n_layers)]
+
+    @property
+    def length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[2]
+
+
+def check_continuation(kv_cache, cfg, B, T, position_ids, segment_ids, attention_mask) -> int:
+    """The positions ``kv_cache`` holds, S, when it holds B sequences and T more positions fit in
+    the context; else an InputError."""
+    if not isinstance(kv_cache, KVCache) or len(kv_cache.layers) != cfg.n_layers:
+        raise InputError(f"kv_cache must be a KVCache of {cfg.n_layers} layers, got {type(kv_cache).__name__}")
+    keys = kv_cache.layers[0].keys
+    if keys is not None and keys.shape[0] != B:
+        raise InputError(f"the key/value cache holds {keys.shape[0]} sequences, the tokens are {B}")
+    if any(a is not None for a in (position_ids, segment_ids, attention_mask)):
+        raise InputError("a continuation over a key/value cache takes no position_ids, segment_ids or attention_mask")
+    S = kv_cache.length
+    if S + T > cfg.max_seq_len:
+        raise InputError(f"{S} cached positions and {T} more are longer than max_seq_len ({cfg.max_seq_len})")
+    return S
+
 
 
 # ==== the machinery: names, recording, patching, bfloat16, input checks ===========================

@@ -299,13 +299,16 @@ def quantized_types(model) -> list[str]:
 
 
 def warm_up(dtype, qtypes=()) -> None:
-    """Run every kernel of a generation once on a tiny model of the same dtype (and quantized
-    formats), so that Numba's one-off start (loading its compiled-code cache, ~1 s) is not counted
-    as prefill time."""
+    """Run every kernel of a generation (and of a chat's next turn) once on a tiny model of the same
+    dtype (and quantized formats), so that Numba's one-off start (loading its compiled-code cache,
+    ~1 s) is not counted as prefill time."""
     tiny = Llama(LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8,
                              max_seq_len=4), dtype=dtype)
     generate(tiny, [1, 2], 2)
     generate(tiny, [1], 1, temperature=1.0, top_k=4, top_p=0.9, seed=0)
+    kept = {}
+    generate(tiny, [1], 1, cache=kept)
+    generate(tiny, [1, 2, 3], 1, cache=kept)       # a chat's next turn: its two new tokens as one batch
     for qtype in qtypes:
         tiny = Llama(LlamaConfig(vocab_size=8, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
                                  max_seq_len=4), dtype=dtype).quantize(qtype)

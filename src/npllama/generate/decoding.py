@@ -17,6 +17,15 @@ pass over the whole sequence (tests/test_generate.py holds them equal to ~1e-12 
 cache, the RoPE tables of every position and the step's work buffers are made once per generation; a step
 allocates only small array views.
 
+A chat's next turn (``stream(cache=...)``, ``KVCacheDecoder.resume``).  The cache is kept between
+calls: a prompt that starts with the tokens it holds runs only the rest, as one batch through the
+same blocks as a prefill, at positions start, start+1, ... (``Llama.last_hidden_state`` with
+``kv_cache``: each row's attention is a step's over the cache and the rows before it,
+``layers.kv_cache.cached_attention``), so that the turn costs a prefill of its new tokens whatever
+came before.  A turn that needs more positions than the cache has gets a cache of at least twice
+the size (``grown``, at most ``max_seq_len``): a conversation of n tokens copies its cache
+O(log n) times.
+
 How to choose each token is npllama/generate/sampling.py.
 
 Stopping.  Generation ends after ``max_new_tokens`` tokens, after a token in ``stop_ids`` (which
@@ -56,7 +65,8 @@ class KVCacheDecoder:
     """The decoding state of one sequence (batch 1) of a Llama: cache, RoPE tables, work buffers.
 
     ``prefill(prompt)`` runs the prompt and returns the logits at its last position; each
-    ``step(token)`` appends one token and returns the logits at its position.  The returned array
+    ``step(token)`` appends one token and returns the logits at its position; ``resume(prompt)``
+    runs only what follows the tokens the cache holds (a chat's next turn).  The returned array
     is a buffer that the next call overwrites.
 
     capacity: positions the cache can hold (at most ``max_seq_len``).  A generation of n new
@@ -130,8 +140,12 @@ class KVCacheDecoder:
 
     def resume(self, tokens) -> np.ndarray:
         """Like ``prefill(tokens)``, but the positions whose tokens the cache already holds (the
-        longest common start of ``tokens`` and ``self.tokens``) are kept and only the rest is run,
-        one step a token: a chat's next turn costs its own new tokens, not the whole conversation."""
+        longest common start of ``tokens`` and ``self.tokens``) are kept and only the rest is run:
+        a chat's next turn costs its own new tokens, not the whole conversation.  The new tokens
+        run as one batch through the model's own blocks at their positions (``Llama.last_hidden_state``
+        with ``kv_cache``): one matrix product per projection for all of them, each row's attention
+        over the cache and the rows before it, their keys and values stored into the cache; one new
+        token is a step."""
         P = len(tokens)
         if not 1 <= P <= self.capacity:
             raise InputError(f"prefill needs 1 to {self.capacity} tokens, got {P}")
@@ -140,19 +154,27 @@ class KVCacheDecoder:
             if a != int(b):
                 break
             common += 1
-        common = min(common, P - 1)          # (at least one step: its logits are the answer)
+        common = min(common, P - 1)          # (at least one new token: its logits are the answer)
         if common == 0:
             return self.prefill(tokens)
         self.length = common
         del self.tokens[common:]
-        for t in tokens[common:]:
-            logits = self.step(int(t))
-        return logits
+        new = np.asarray(tokens[common:], dtype=np.int64)
+        if new.size == 1:
+            return self.step(int(new[0]))
+        hidden = self.model.last_hidden_state(new.reshape(1, -1), kv_cache=(self.k_cache_t, self.v_cache, common))
+        self.lm_head_matvec(self.lm_head, hidden[0, -1], self.logits)   # only the last position's logits
+        self.length = P
+        self.tokens += [int(t) for t in new]
+        return self.logits
 
     def grown(self, capacity: int) -> "KVCacheDecoder":
-        """A decoder of a larger ``capacity`` holding this one's cache and tokens."""
+        """A decoder that can hold ``capacity`` positions and holds this one's cache and tokens:
+        this one when it can, else a new one of at least twice this capacity (at most max_seq_len),
+        so that a chat whose every turn is longer copies its cache O(log n) times, not every turn."""
         if capacity <= self.capacity:
             return self
+        capacity = min(max(capacity, 2 * self.capacity), self.config.max_seq_len)
         bigger = KVCacheDecoder(self.model, capacity)
         n = self.length
         bigger.k_cache_t[..., :n] = self.k_cache_t[..., :n]

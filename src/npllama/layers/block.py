@@ -42,6 +42,7 @@ import numpy as np
 
 from ..engine.matmul import matmuls
 from .attention import attention_backward, attention_forward, document_ids, key_tile_buffers
+from .kv_cache import cached_attention
 from .lora import lora_adapter_backward, lora_adapter_forward
 from .rmsnorm import rmsnorm_backward_kernel, rmsnorm_dw_chunks, rmsnorm_forward_kernel
 from .rope import rope_cos_sin, rope_kernel
@@ -128,9 +129,13 @@ class RowBatch:
         self.scratch = BlockScratch(cfg, B * T, dtype)
         self.use_packing(None)
 
-    def use_packing(self, packed):
-        """The pass's packed rows and padding (``npllama.inputs.PackedRows`` of these B rows), or None."""
-        if packed is None or packed.position_ids is None:
+    def use_packing(self, packed, start=0):
+        """The pass's packed rows and padding (``npllama.inputs.PackedRows`` of these B rows), or None;
+        ``start``: without packing, the first row's position (a continuation over a key/value cache)."""
+        if (packed is None or packed.position_ids is None) and start > 0:
+            self.cos, self.sin = rope_cos_sin(np.arange(start, start + self.T), self.rope_freqs, self.dtype)
+            self.rope_period = self.T
+        elif packed is None or packed.position_ids is None:
             self.cos, self.sin, self.rope_period = self.causal_cos, self.causal_sin, self.T
         else:
             self.cos, self.sin = rope_cos_sin(packed.position_ids.reshape(-1), self.rope_freqs, self.dtype)
@@ -156,11 +161,14 @@ def _adapters_backward(acts, adapter_grads, names, dy, dx, columns):
             lora_adapter_backward(dy[:, columns[name]], acts.lora_caches.pop(name), dx, da, db)
 
 
-def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
+def decoder_block_forward_rows(acts, w, out, batch, adapters=None, kv=None):
     """Forward of one block: reads acts.x (and the dropout masks in ``acts``), fills the rest of
     ``acts`` and writes the block's output to ``out`` (N, D): the next block's input, or acts.x
     itself when ``acts`` is in place.  adapters: None, or LoRA adapters by projection
-    ({"q_proj": (A, B, scale, mask or None), ...}; mask (N, in) is the dropout on the adapter's input)."""
+    ({"q_proj": (A, B, scale, mask or None), ...}; mask (N, in) is the dropout on the adapter's input).
+    kv: None, or a continuation's (k_cache_t, v_cache, start) of this layer (B = 1, the rows at
+    positions start ..: layers/kv_cache.py's ``cached_attention``, which stores their keys and
+    values into the cache; no backward follows)."""
     cfg, B, T, scratch = batch.cfg, batch.B, batch.T, batch.scratch
     adapters, cols = adapters or {}, batch.columns
     acts.lora_caches = {}
@@ -172,11 +180,14 @@ def decoder_block_forward_rows(acts, w, out, batch, adapters=None):
     matmuls((acts.n1, w["wqkv"].T, acts.qkv))
     _adapters_forward(acts, adapters, ("q_proj", "k_proj", "v_proj"), acts.n1, acts.qkv, cols)
     rope_kernel(acts.qkv, H + K, hd, batch.cos, batch.sin, dt(1.0), 0, batch.rope_period)
-    q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
-    if acts.key_tiles is None:
-        acts.key_tiles = key_tile_buffers(B, K, T, hd, acts.qkv.dtype)
-    _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3),
-                                           tiles=acts.key_tiles, documents=batch.documents)
+    if kv is not None:          # attention over the cache and these rows
+        cached_attention(acts.qkv, H, kv[2], kv[0], kv[1], acts.o)
+    else:
+        q, k, v = split_heads(acts.qkv.reshape(B, T, -1), H, K, hd)
+        if acts.key_tiles is None:
+            acts.key_tiles = key_tile_buffers(B, K, T, hd, acts.qkv.dtype)
+        _, acts.attn_cache = attention_forward(q, k, v, o=acts.o.reshape(B, T, H, hd).transpose(0, 2, 1, 3),
+                                               tiles=acts.key_tiles, documents=batch.documents)
     matmuls((acts.o, w["wo"].T, scratch.proj))
     _adapters_forward(acts, adapters, ("o_proj",), acts.o, scratch.proj, cols)
     if acts.mask_attn is not None:

@@ -108,6 +108,20 @@ def decode_attention_kernel(q, k_cache_t, v_cache, length, scores, out):
             out[head, d] = out[head, d] / total
 
 
+def cached_attention(qkv, n_heads, start, k_cache_t, v_cache, o):
+    """A continuation's attention (a chat's next turn run as one batch): the rows qkv: (N, (H + 2K) hd),
+    q and k rotated, are positions start .. start+N-1 of one sequence whose first ``start``
+    positions the cache holds.  Their keys and values are stored into the cache, then row n's
+    queries attend to the cache's positions 0 .. start+n -> o: (N, H * hd).  Row n is what a
+    decoding step at position start+n computes (``decode_attention_kernel``); the rows are shared
+    among the threads."""
+    N = qkv.shape[0]
+    hd = k_cache_t.shape[1]
+    kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache)
+    q = qkv[:, :n_heads * hd].reshape(N, n_heads, hd)       # (views)
+    run_on_threads(_cached_attention_rows, q, k_cache_t, v_cache, start, o.reshape(N, n_heads, hd), n_units=N)
+
+
 @jit
 def kv_cache_store_kernel(qkv, start, n_heads, k_cache_t, v_cache):
     """Write the keys and values of rows qkv: (N, (H + 2K) * hd), the q/k/v projection of positions
@@ -198,6 +212,18 @@ def _matvec_units(w, x, y, next_unit):
         if t * MATVEC_ROWS_PER_TASK >= N:
             break
         _matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
+
+
+@jit_with(fastmath=MATVEC_FASTMATH, nogil=True)
+def _cached_attention_rows(q, k_cache_t, v_cache, start, o, next_unit):
+    """o[n] = decode_attention_kernel(q[n]) over positions 0 .. start+n, one row per ``claim_unit``.
+    q, o: (N, H, hd)."""
+    scores = np.empty(start + q.shape[0], dtype=q.dtype)     # this thread's
+    while True:
+        n = claim_unit(next_unit)
+        if n >= q.shape[0]:
+            break
+        decode_attention_kernel(q[n], k_cache_t, v_cache, start + n + 1, scores, o[n])
 
 
 # ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
