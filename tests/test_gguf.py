@@ -65,9 +65,10 @@ def bounded_address_space(extra_bytes):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def write_gguf(path, params, cfg, qtype=Q.F32, arch="llama", skip=(), extra=None, tokenizer=None, seed=0):
+def write_gguf(path, params, cfg, qtype=Q.F32, arch="llama", skip=(), extra=None, tokenizer=None, seed=0, qtypes=None):
     """A .gguf of ``params`` (HF names) as llama.cpp's converter writes it; matrices stored as ``qtype``
-    (K-quants: random blocks instead). Returns {HF name: the float32 values the file holds, in GGUF row order}."""
+    (K-quants: random blocks instead), or as ``qtypes`` says by HF name.  Returns {HF name: the float32
+    values the file holds, in GGUF row order}."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in [("block_count", cfg.n_layers), ("context_length", cfg.max_seq_len),
@@ -78,11 +79,12 @@ def write_gguf(path, params, cfg, qtype=Q.F32, arch="llama", skip=(), extra=None
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
     for key, value in (tokenizer or {}).items():
         getattr(w, key)(value)
-    stored = {}
+    stored, default_qtype = {}, qtype
     for name, p in params.items():
         if name in skip:
             continue
         x = np.asarray(p, dtype=np.float32)
+        qtype = (qtypes or {}).get(name, default_qtype)
         if name.endswith("q_proj.weight"):
             x = llama_cpp_permute(x, cfg.n_heads)
         elif name.endswith("k_proj.weight"):
@@ -475,6 +477,26 @@ def test_a_nan_or_infinite_block_scale_is_refused_when_kept_quantized(tmp_path, 
         Llama.from_pretrained(path, quantized=True)
     assert str(e.value) == (f"{path}: tensor 'blk.1.ffn_up.weight': block {block} of row {row} has a NaN or "
                             f"infinite {what} (1 such blocks)")
+
+
+def test_fused_parts_in_q4_0_q5_0_and_q8_0_are_kept_together_as_q8_0(tmp_path):
+    """(llama.cpp's Q4_K_M of SmolLM2-135M: q, k Q5_0 and v Q8_0 in some layers; was: that layer's
+    q, k, v dequantized to float32.)  Parts in other mixed formats are dequantized."""
+    from npllama.layers.quantized_linear import QuantizedMatrix
+    path = tmp_path / "m.gguf"
+    mixed = {"model.layers.0.self_attn.v_proj.weight": Q.Q8_0, "model.layers.0.self_attn.k_proj.weight": Q.Q4_0,
+             "model.layers.0.mlp.up_proj.weight": Q.Q8_0,
+             "model.layers.1.self_attn.v_proj.weight": Q.Q4_1}        # (Q4_1 has an offset: not Q8_0)
+    write_gguf(path, random_model(CFG).params, CFG, Q.Q5_0, qtypes=mixed)
+    dense = Llama.from_pretrained(path, dtype=np.float64)
+    kept = Llama.from_pretrained(path, dtype=np.float64, quantized=True)
+    assert kept.layers[0]["wqkv"].qtype == "Q8_0" and kept.layers[0]["w_gate_up"].qtype == "Q8_0"
+    assert not isinstance(kept.layers[1]["wqkv"], QuantizedMatrix) and kept.layers[1]["w_gate_up"].qtype == "Q5_0"
+    for name, p in kept.params.items():
+        got = p.dequantize(np.float64) if isinstance(p, QuantizedMatrix) else p
+        np.testing.assert_array_equal(got, dense.params[name], err_msg=name)
+    tokens = np.array([[1, 5, 9, 63, 0, 7]])
+    assert relative_error(kept.eval().forward(tokens), dense.eval().forward(tokens)) <= 1e-12
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])

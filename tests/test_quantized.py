@@ -199,6 +199,22 @@ def test_matmul_in_many_panels_within_rounding_bound(qtype, monkeypatch):
         assert np.all(np.abs(dx - dy.astype(np.float64) @ deq) <= 101 * EPS[np.float32] * (np.abs(dy) @ np.abs(deq)))
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0"])
+def test_q4_0_and_q5_0_blocks_are_q8_0_blocks_in_other_words(qtype):
+    w = random_matrix(qtype, 9, 3, 4)
+    q8 = w.as_q8_0()
+    assert q8.qtype == "Q8_0" and q8.shape == w.shape and q8.nbytes == 9 * 3 * 34
+    np.testing.assert_array_equal(q8.dequantize(np.float32), w.dequantize(np.float32))
+    with pytest.raises(InputError, match="Q4_1 blocks are not Q8_0 blocks"):
+        random_matrix("Q4_1", 2, 1, 0).as_q8_0()
+
+
+def test_generation_warm_up_runs_for_every_format():
+    """(was: the warm-up quantized a tiny model to the file's formats: a K-quant file failed there)"""
+    from npllama.generate.cli import warm_up
+    warm_up(np.float32, FORMATS)
+
+
 def test_bad_blocks_are_refused():
     with pytest.raises(InputError, match="Q2_K"):
         QuantizedMatrix("Q2_K", np.zeros((2, 84), np.uint8), 256)

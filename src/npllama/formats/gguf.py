@@ -445,8 +445,10 @@ FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 
 def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
     """The matrices of ``ckpt`` that stay in their blocks: those stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-    Q4_K, Q5_K or Q6_K whose fused partners (q/k/v, gate/up) are stored the same way; every other
-    tensor is dequantized."""
+    Q4_K, Q5_K or Q6_K whose fused partners (q/k/v, gate/up) are stored the same way, or all in
+    Q8_0, Q4_0 and Q5_0 (kept as Q8_0 together: ``fused_qtype``); every other tensor is dequantized.
+    (llama.cpp's Q4_K_M of a model whose width is not whole 256-weight super-blocks, SmolLM2-135M's
+    576, stores q and k as Q5_0 and v as Q8_0 in some layers.)"""
     # (not at the top: quantized_linear loads Numba, and the tokenizer imports this module)
     from ..layers.quantized_linear import QUANTIZED_TYPES
     kind = {name: QUANTIZED_TYPES.get(t.tensor_type) for name, t in ckpt.tensors.items() if len(t.shape) == 2}
@@ -454,9 +456,20 @@ def quantized_names(ckpt: GGUFCheckpoint) -> set[str]:
     for i in range(ckpt.config.n_layers):
         for parts in FUSED.values():
             full = [f"model.layers.{i}.{p}.weight" for p in parts]
-            if len({kind.get(n) for n in full}) != 1:
+            if fused_qtype([kind.get(n) for n in full]) is None:
                 names -= set(full)
     return names
+
+
+def fused_qtype(qtypes):
+    """The format a fused matrix of parts stored as ``qtypes`` is kept in: theirs if they agree, Q8_0
+    if they are all Q8_0, Q4_0 or Q5_0 (which are Q8_0 blocks in other words: QuantizedMatrix.as_q8_0),
+    else None (dequantized)."""
+    from ..layers.quantized_linear import WIDENS_TO_Q8_0   # (as in quantized_names)
+    kinds = set(qtypes)
+    if len(kinds) == 1:
+        return qtypes[0]
+    return "Q8_0" if kinds <= {"Q8_0", *WIDENS_TO_Q8_0} else None
 
 
 def read_blocks_into(ckpt: GGUFCheckpoint, name: str, out: np.ndarray, file) -> np.ndarray:
@@ -498,19 +511,24 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
 
     Returns (matrices by Hugging Face name, per layer the fused ones: {i: {"wqkv": ..., ...}}); the
     fused matrices own the blocks and the per-projection ones are row views of them."""
-    from ..layers.quantized_linear import QUANTIZED_TYPES, QuantizedMatrix   # (as in quantized_names)
+    from ..engine import quantized as engine                                 # (as in quantized_names)
+    from ..layers.quantized_linear import QUANTIZED_TYPES, QuantizedMatrix
     keep = quantized_names(ckpt)
     load_weights(ckpt, {n: p for n, p in params.items() if n not in keep}, expected=params)
     matrices, fused = {}, {}
 
     def read(names):
-        t0 = ckpt.tensors[names[0]]
-        qtype, cols = QUANTIZED_TYPES[t0.tensor_type], ckpt.shape(names[0])[1]
+        stored = [QUANTIZED_TYPES[ckpt.tensors[n].tensor_type] for n in names]
+        qtype, cols = fused_qtype(stored), ckpt.shape(names[0])[1]
         rows = [ckpt.shape(n)[0] for n in names]
-        blocks = np.empty((sum(rows), int(t0.n_bytes) // rows[0]), dtype=np.uint8)
+        blocks = np.empty((sum(rows), cols // engine.block_weights(qtype) * engine.BLOCK_BYTES[qtype]), dtype=np.uint8)
         start = 0
-        for n, r in zip(names, rows):
-            read_blocks_into(ckpt, n, blocks[start:start + r], file)
+        for n, r, kind in zip(names, rows, stored):
+            if kind == qtype:
+                read_blocks_into(ckpt, n, blocks[start:start + r], file)
+            else:    # (Q4_0 or Q5_0 beside Q8_0: read as they are, then the same numbers as Q8_0 blocks)
+                part = np.empty((r, int(ckpt.tensors[n].n_bytes) // r), dtype=np.uint8)
+                blocks[start:start + r] = QuantizedMatrix(kind, read_blocks_into(ckpt, n, part, file), cols).as_q8_0().blocks
             start += r
         whole = QuantizedMatrix(qtype, blocks, cols)
         start = 0

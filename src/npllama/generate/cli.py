@@ -309,7 +309,11 @@ def warm_up(dtype, qtypes=()) -> None:
     kept = {}
     generate(tiny, [1], 1, cache=kept)
     generate(tiny, [1, 2, 3], 1, cache=kept)       # a chat's next turn: its two new tokens as one batch
-    for qtype in qtypes:
+    # The kernels take the format as an argument (one compiled kernel for all): a format the gguf
+    # package cannot quantize to (the K-quants) is warmed up by Q8_0's run.
+    if qtypes:   # (quantized_linear imports the gguf package: only for a quantized model)
+        from ..layers.quantized_linear import QUANTIZERS
+    for qtype in sorted({q if q in QUANTIZERS else "Q8_0" for q in qtypes}):
         tiny = Llama(LlamaConfig(vocab_size=8, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
                                  max_seq_len=4), dtype=dtype).quantize(qtype)
         generate(tiny, [1, 2], 2)

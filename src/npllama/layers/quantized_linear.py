@@ -38,6 +38,7 @@ from ..errors import InputError
 Q = gguf.GGMLQuantizationType
 QUANTIZED_TYPES = {Q[name]: name for name in engine.FORMATS}     # what the kernels multiply by
 QUANTIZERS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")             # what the gguf package quantizes to
+WIDENS_TO_Q8_0 = ("Q4_0", "Q5_0")                                  # exactly Q8_0 blocks (as_q8_0)
 BLOCK = engine.BLOCK
 
 
@@ -67,6 +68,29 @@ class QuantizedMatrix:
                              f"{', '.join(QUANTIZERS)} (K-quant matrices are read from GGUF files)")
         w = np.asarray(w, dtype=np.float32)
         return cls(qtype, gguf.quants.quantize(w, Q[qtype]), w.shape[1])
+
+    def as_q8_0(self) -> "QuantizedMatrix":
+        """The same matrix in Q8_0 blocks: Q4_0's and Q5_0's weights d (c - 8) and d (c - 16) are their
+        block's d times an integer in [-16, 15], which is a Q8_0 block with the same d (exactly the
+        same numbers, 34 bytes a block instead of 18 or 22).  What a fused matrix whose parts a file
+        stores in different ones of these formats is kept as (formats/gguf.py, load_quantized)."""
+        if self.qtype == "Q8_0":
+            return self
+        if self.qtype not in WIDENS_TO_Q8_0:
+            raise InputError(f"{self.qtype} blocks are not Q8_0 blocks in other words: only "
+                             f"{', '.join(WIDENS_TO_Q8_0)} are")
+        rows, cols = self.shape
+        b = self.blocks.reshape(rows, cols // BLOCK, -1)
+        n = b[:, :, -16:]
+        codes = np.concatenate([n & 15, n >> 4], axis=2).astype(np.int8)       # (rows, blocks, 32)
+        if self.qtype == "Q4_0":
+            codes -= 8
+        else:
+            qh = b[:, :, 2:6].copy().view("<u4")                                 # bit j: weight j's fifth bit
+            codes |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int8)
+            codes -= 16
+        return QuantizedMatrix("Q8_0", np.concatenate([b[:, :, :2], codes.view(np.uint8)], axis=2).reshape(rows, -1),
+                               cols)
 
     @property
     def T(self):
