@@ -16,7 +16,8 @@ them alike), the medians reported:
     transformers:  AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), its own GGUF loader,
                    dequantized to float32 (needs the gguf and accelerate packages);
     llama.cpp:     llama_cpp.Llama(gguf) (the llama-cpp-python package; skipped when it is not
-                   importable), which computes on the Q4_1 blocks as they are: not the same arithmetic.
+                   importable), which computes on the Q4_1 blocks as they are: not the same arithmetic (build it
+                   for the CPU it runs on: benchmarks/README.md, "llama.cpp, the stronger build").
 All get the same prompt ids (the first --prompt-tokens tokens of a fixed English text, encoded by
 npllama's tokenizer from the .gguf) and decode --new-tokens tokens greedily with no stop token.
 
