@@ -255,6 +255,24 @@ def test_stream_with_a_kept_cache_gives_the_same_tokens():
     np.testing.assert_array_equal(kept, generate(model, second_prompt, 6, stop_ids=[]))
 
 
+def test_a_kept_cache_has_room_for_the_next_turn():
+    """A decoder kept for later calls is made with twice the positions the first call needs (at most
+    max_seq_len), so a next turn as long again runs in it: no copy."""
+    model = random_model(CFG, 9)
+    cache = {}
+    first = generate(model, [1, 2, 3], 5, cache=cache, stop_ids=[])
+    decoder = cache["decoder"]
+    assert decoder.capacity == 2 * (3 + 5 - 1)
+    generate(model, [1, 2, 3, *first.tolist(), 4], 5, cache=cache, stop_ids=[])   # 9 + 5 - 1 <= 14
+    assert cache["decoder"] is decoder and decoder.length == 13
+    generate(model, list(range(30)), 5, cache=cache, stop_ids=[])   # more than twice 14: 34
+    assert cache["decoder"].capacity == 34
+    generate(model, list(range(35)), 5, cache=cache, stop_ids=[])   # twice 34, at most 40
+    assert cache["decoder"].capacity == CFG.max_seq_len
+    generate(model, [1, 2], 1, cache=(fresh := {}), stop_ids=[])
+    assert fresh["decoder"].capacity == 4
+
+
 def test_a_kept_cache_slides_past_the_context():
     """slide=True: a kept turn that runs past max_seq_len slides as a call without the cache does,
     and the turn after it gives the tokens of a call without the cache too."""

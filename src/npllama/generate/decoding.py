@@ -22,9 +22,10 @@ calls: a prompt that starts with the tokens it holds runs only the rest, as one 
 same blocks as a prefill, at positions start, start+1, ... (``Llama.last_hidden_state`` with
 ``kv_cache``: each row's attention is a step's over the cache and the rows before it,
 ``layers.kv_cache.cached_attention``), so that the turn costs a prefill of its new tokens whatever
-came before.  A turn that needs more positions than the cache has gets a cache of at least twice
-the size (``grown``, at most ``max_seq_len``): a conversation of n tokens copies its cache
-O(log n) times.
+came before.  A kept cache starts with room for twice the first call's positions, and a turn that
+needs more positions than it has gets a cache of at least twice the size (``grown``; both at most
+``max_seq_len``): a conversation of n tokens copies its cache O(log n) times, and the second turn
+never (the pages of a cache's unused positions are never touched, so they take no memory).
 
 How to choose each token is npllama/generate/sampling.py.
 
@@ -306,8 +307,8 @@ def _token_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed
     t0, c0 = time.perf_counter(), time.process_time()
     capacity = min(P + n_new - 1, context)
     kept = None if cache is None or cache.get("model") is not model else cache.get("decoder")
-    if kept is None:
-        decoder = KVCacheDecoder(model, capacity=capacity)
+    if kept is None:            # (a decoder kept for a chat's next turns starts with room for as much again)
+        decoder = KVCacheDecoder(model, capacity=capacity if cache is None else min(2 * capacity, context))
         token = choose(decoder.prefill(prompt))
     else:                       # (a chat's next turn: the cache holds the conversation so far)
         decoder = kept.grown(capacity)
