@@ -215,6 +215,40 @@ def test_generation_warm_up_runs_for_every_format():
     warm_up(np.float32, FORMATS)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_transposed_decoding_is_the_rows_decoding_transposed(qtype):
+    """dequantize_transposed (a prompt's strips) gives dequantize_rows' numbers bit for bit, transposed;
+    rows past the last repeat it."""
+    import numba
+    w = random_matrix(qtype, 21, 3, 7)
+
+    @numba.njit
+    def decode(blocks, fmt, i0, last_row, wt):
+        engine.dequantize_transposed(blocks, wt, fmt, i0, last_row, 0)
+        engine.dequantize_transposed(blocks, wt, fmt, i0 + 16, last_row, 16)
+    wt = np.empty((96, 32), dtype=np.float32)
+    decode(w.blocks, engine.FORMAT_CODE[qtype], 0, 20, wt)
+    rows = engine.dequantize_rows(w, np.minimum(np.arange(32), 20).astype(np.int64), np.empty((32, 96), np.float32))
+    assert np.array_equal(wt, rows.T)
+    assert np.array_equal(rows[:21], w.dequantize(np.float32))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("n", [130, 257])
+def test_prompt_product_within_rounding_bound(qtype, n):
+    """A prompt's rows (float32, <= STRIP_MAX_ROWS: the strips; 130 = 10 tiles of 12 + 8 + 2 single
+    rows) and more (257: the panels); W of 70 rows (two whole strips and a part) and 320 columns (the
+    sum in two KC parts), on one and two threads."""
+    w = random_matrix(qtype, 70, 10, n)
+    x = np.random.default_rng(n).normal(0.0, 1.0, (n, 320)).astype(np.float32)
+    deq = w.dequantize(np.float64)
+    exact, bound = x.astype(np.float64) @ deq.T, 320 * EPS[np.float32] * (np.abs(x) @ np.abs(deq).T)
+    for threads in (1, 2):
+        y = quantized_product(x, w.T, np.full((n, 70), np.nan, dtype=np.float32), threads=threads)
+        assert np.all(np.abs(y - exact) <= bound), (threads, np.max(np.abs(y - exact) / bound))
+    assert engine._strips_apply(x, y) == (n <= engine.STRIP_MAX_ROWS and engine.VECTOR_BYTES == 64)
+
+
 def test_bad_blocks_are_refused():
     with pytest.raises(InputError, match="Q2_K"):
         QuantizedMatrix("Q2_K", np.zeros((2, 84), np.uint8), 256)

@@ -27,6 +27,9 @@ The kernels never dequantize the whole matrix:
   float32 or float64; ``dequantize_row``, LLVM IR too, 32 weights a block in vector registers) and
   multiplied by BLAS; the panels are shared among npllama's threads (each panel one
   single-threaded BLAS call), so the matrix is read from memory once per call, in its quantized size.
+  A prompt's forward (float32, at most STRIP_MAX_ROWS rows, AVX-512) instead decodes 32 rows of W
+  at a time transposed into a strip that stays in cache (``dequantize_transposed``) and multiplies
+  x by it in register tiles (engine/simd.py), writing the output in place (``forward_strips``).
 
 Float16 scales are widened by the CPU's own conversion (``_half_at``: LLVM's fpext from half,
 vcvtph2ps on x86), exactly as the gguf package and llama.cpp do.
@@ -41,7 +44,7 @@ from numba.extending import intrinsic
 
 from .blas import matmul_one_thread
 from .jit import jit_rows_reassoc
-from .simd import VECTOR_BYTES, splat
+from .simd import MR, VECTOR_BYTES, splat, tile_update_1, tile_update_2, tile_update_12
 from .pool import claim_unit, helper_threads, row_units, run_on_threads
 from .threads import get_threads
 
@@ -656,8 +659,135 @@ def _backward_panels(dy, w, dx, panels, dtype):
             dx += part
 
 
+# ---- a prompt's product, float32 on AVX-512: W decoded 32 rows at a time, transposed, in register tiles
+# With a prompt's few rows (128), BLAS on a decoded 4 MB panel ran at ~120 GFLOP/s a core (MKL packs
+# the panel again, and the panel is written out and read back from beyond L2), and decoding into it
+# took ~10 % of a prefill (~4 billion weights a second).  Instead each thread claims STRIP rows of W
+# at a time, decodes them transposed straight into a strip wt (cols, STRIP) that stays in L2
+# (``dequantize_transposed``: 16 rows' blocks decoded in registers, each 16 x 16 square transposed
+# in registers), and multiplies x by the strip in register tiles (engine/simd.py ``tile_update_12``:
+# 12 rows of x by the strip's two vectors, the sum in 24 registers; then 8 rows, then one), KC
+# columns of x at a time so that the strip's part stays in L1, writing out[:, i0:i0 + STRIP] in
+# place.  A 128-token prefill of SmolLM2 on one thread: ~8 % less CPU time, Q4_1 and Q8_0
+# (benchmarks/README.md, 2026-12-08); the tiles alone run at ~160 GFLOP/s there.
+STRIP = 32                 # rows of W a thread takes at a time: two float32 vectors
+KC = 256                   # the sum over cols runs KC at a time (32 KB of the strip: L1)
+STRIP_MAX_ROWS = 256       # x with more rows (QLoRA's larger batches): BLAS on panels (~140 GFLOP/s there)
+
+
+def _transposed(builder, v):
+    """The 16 x 16 square of 16 vectors of 16 lanes transposed (lane j of vector i -> lane i of
+    vector j): four rounds of lane swaps, round s swapping lane bit s with vector bit s."""
+    i32 = ir.IntType(32)
+    for s in (1, 2, 4, 8):
+        low = ir.Constant(ir.VectorType(i32, 16), [j if not j & s else 16 + j - s for j in range(16)])
+        high = ir.Constant(ir.VectorType(i32, 16), [j + s if not j & s else 16 + j for j in range(16)])
+        new = list(v)
+        for i in range(16):
+            if not i & s:
+                new[i] = builder.shuffle_vector(v[i], v[i + s], low)
+                new[i + s] = builder.shuffle_vector(v[i], v[i + s], high)
+        v = new
+    return v
+
+
+@intrinsic
+def dequantize_transposed(typingctx, blocks, wt, fmt, i0, last_row, col):
+    """wt[c, col + r] = deq(W)[min(i0 + r, last_row), c] for r < 16 and every c (float32, wt's rows
+    contiguous), W the blocks of format FORMATS[fmt]: per block of the 16 rows, each row's 32 weights
+    decoded in vector registers as ``dequantize_row`` does (the same numbers), then each half of
+    them (16 rows x 16 weights) transposed in registers (``_transposed``) and stored as 16 rows of wt."""
+    if not (isinstance(wt, types.Array) and wt.dtype == types.float32 and wt.layout == "C"):
+        return None
+    sig = types.void(blocks, wt, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        blocks_, wt_, fmt, i0, last_row, col = args
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        elt = ir.FloatType()
+        vec = ir.VectorType(elt, 16)
+        byte_ptr = ir.IntType(8).as_pointer()
+        w_arr = context.make_array(signature.args[0])(context, builder, blocks_)
+        t_arr = context.make_array(signature.args[1])(context, builder, wt_)
+        w_stride = cgutils.unpack_tuple(builder, w_arr.strides, 2)[0]
+        t_stride = cgutils.unpack_tuple(builder, t_arr.strides, 2)[0]
+        n_blocks = builder.sdiv(cgutils.unpack_tuple(builder, t_arr.shape, 2)[0], const(BLOCK))
+        row_start = []
+        for r in range(16):
+            row = builder.add(i0, const(r))
+            row = builder.select(builder.icmp_signed(">", row, last_row), last_row, row)
+            row_start.append(builder.gep(builder.bitcast(w_arr.data, byte_ptr), [builder.mul(row, w_stride)]))
+        wt_origin = builder.gep(builder.bitcast(t_arr.data, byte_ptr), [builder.mul(col, const(4))])
+        for qtype in FORMATS:
+            with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
+                with cgutils.for_range(builder, n_blocks) as loop:
+                    b = loop.index
+                    offset = builder.mul(b, const(BLOCK_BYTES[qtype]))
+                    for half in range(2):
+                        rows = []
+                        for r in range(16):
+                            base = builder.gep(row_start[r], [offset])
+                            w = builder.fmul(_block_codes(builder, qtype, base, elt, 16)[half],
+                                             splat(builder, _half_at(builder, base, 0, elt), vec))
+                            if qtype == "Q4_1":
+                                w = builder.fadd(w, splat(builder, _half_at(builder, base, 2, elt), vec))
+                            rows.append(w)
+                        first = builder.add(builder.mul(b, const(BLOCK)), const(16 * half))
+                        for j, v in enumerate(_transposed(builder, rows)):
+                            target = builder.gep(wt_origin, [builder.mul(builder.add(first, const(j)), t_stride)])
+                            builder.store(v, builder.bitcast(target, vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@jit_q
+def forward_strips(blocks, fmt, x, out, next_unit):
+    """out[n, i] = sum_c x[n, c] deq(W)[i, c] for the STRIP-row strips of W this thread claims."""
+    n_rows, cols = x.shape
+    rows = out.shape[1]
+    wt = np.empty((cols, STRIP), dtype=np.float32)
+    tail = np.empty((n_rows, STRIP), dtype=np.float32)   # (a last strip of fewer rows: its columns)
+    while True:
+        i0 = claim_unit(next_unit) * STRIP
+        if i0 >= rows:
+            break
+        k = min(STRIP, rows - i0)
+        for r0 in range(0, STRIP, 16):   # (past W's last row: that row again, its products not written)
+            dequantize_transposed(blocks, wt, fmt, i0 + r0, rows - 1, r0)
+        target, col = (out, i0) if k == STRIP else (tail, 0)
+        for k0 in range(0, cols, KC):
+            kk, more = min(KC, cols - k0), k0 > 0
+            n0 = 0
+            while n0 + 12 <= n_rows:
+                tile_update_12(x, n0, k0, wt, k0, 0, target, n0, col, kk, more)
+                n0 += 12
+            while n0 + MR <= n_rows:          # (MR = 8 on AVX-512)
+                tile_update_2(x, n0, k0, wt, k0, 0, target, n0, col, kk, more)
+                n0 += MR
+            while n0 < n_rows:
+                tile_update_1(x, n0, k0, wt, k0, 0, target, n0, col, kk, more)
+                n0 += 1
+        if k < STRIP:
+            for n in range(n_rows):
+                for r in range(k):
+                    out[n, i0 + r] = tail[n, r]
+
+
+def _strips_apply(x, out):
+    """Whether ``forward_strips`` multiplies x into out: float32, few rows, AVX-512 (its tiles of
+    two vectors are 32 numbers: one strip), out's rows contiguous."""
+    return (VECTOR_BYTES == 64 and x.dtype == np.float32 and out.dtype == np.float32 and x.ndim == 2
+            and 0 < x.shape[0] <= STRIP_MAX_ROWS and out.strides[1] == 4 and x.strides[1] == 4)
+
+
 def quantized_matmul(x, w, out, threads=1):
-    """out (N, rows) = x (N, cols) W^T, W quantized; ``threads`` share the panels."""
+    """out (N, rows) = x (N, cols) W^T, W quantized; ``threads`` share the strips or the panels."""
+    if _strips_apply(x, out):
+        units = -(-w.shape[0] // STRIP)
+        # (run_on_threads: on min(threads, units) threads, each claiming strips)
+        run_on_threads(forward_strips, w.blocks, FORMAT_CODE[w.qtype], x, out, n_units=min(threads, units))
+        return out
     panels = _panels(w, threads)
     n = max(1, min(threads, len(panels)))
     shares = [panels[k::n] for k in range(n)]

@@ -19,7 +19,8 @@ Backward:  dx = dy deq(W)           (N, out) @ (out, in) -> (N, in)
 
 The fast path (npllama/engine/quantized.py) never builds deq(W): a matrix-vector product reads
 each block once and multiplies its codes by x on the way; a matrix-matrix product dequantizes a
-panel of rows at a time (4 MB) into a buffer and hands it to BLAS.  Rounding, float32: the
+panel of rows at a time (4 MB) into a buffer and hands it to BLAS, or, for a prompt's few rows in
+float32, 32 rows at a time transposed into a strip multiplied in register tiles.  Rounding, float32: the
 dequantized weights are exact (d c and d c + m are single roundings of the same numbers the
 reference computes, held bit-equal in the tests), so the products differ from the reference only
 in the order of their sums: |y - y_ref| <= n eps sum_k |x_k| |deq(W)_ik| with n = in and eps =
