@@ -215,7 +215,7 @@ def test_generation_warm_up_runs_for_every_format():
     warm_up(np.float32, FORMATS)
 
 
-@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("qtype", engine.FIRST_FORMATS)
 def test_transposed_decoding_is_the_rows_decoding_transposed(qtype):
     """dequantize_transposed (a prompt's strips) gives dequantize_rows' numbers bit for bit, transposed;
     rows past the last repeat it."""
@@ -236,17 +236,19 @@ def test_transposed_decoding_is_the_rows_decoding_transposed(qtype):
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("n", [130, 257])
 def test_prompt_product_within_rounding_bound(qtype, n):
-    """A prompt's rows (float32, <= STRIP_MAX_ROWS: the strips; 130 = 10 tiles of 12 + 8 + 2 single
-    rows) and more (257: the panels); W of 70 rows (two whole strips and a part) and 320 columns (the
-    sum in two KC parts), on one and two threads."""
-    w = random_matrix(qtype, 70, 10, n)
-    x = np.random.default_rng(n).normal(0.0, 1.0, (n, 320)).astype(np.float32)
+    """A prompt's rows (float32, <= STRIP_MAX_ROWS, the first three formats: the strips; 130 = 10
+    tiles of 12 + 8 + 2 single rows) and more (257: the panels); W of 70 rows (two whole strips and a
+    part) and 320 columns (the sum in two KC parts; K-quants 512), on one and two threads."""
+    w = random_matrix(qtype, 70, 10 if engine.block_weights(qtype) == 32 else 2, n)
+    cols = w.shape[1]
+    x = np.random.default_rng(n).normal(0.0, 1.0, (n, cols)).astype(np.float32)
     deq = w.dequantize(np.float64)
-    exact, bound = x.astype(np.float64) @ deq.T, 320 * EPS[np.float32] * (np.abs(x) @ np.abs(deq).T)
+    exact, bound = x.astype(np.float64) @ deq.T, cols * EPS[np.float32] * (np.abs(x) @ np.abs(deq).T)
     for threads in (1, 2):
         y = quantized_product(x, w.T, np.full((n, 70), np.nan, dtype=np.float32), threads=threads)
         assert np.all(np.abs(y - exact) <= bound), (threads, np.max(np.abs(y - exact) / bound))
-    assert engine._strips_apply(x, y) == (n <= engine.STRIP_MAX_ROWS and engine.VECTOR_BYTES == 64)
+    assert engine._strips_apply(x, w, y) == (n <= engine.STRIP_MAX_ROWS and engine.VECTOR_BYTES == 64
+                                              and qtype in engine.FIRST_FORMATS)
 
 
 def test_bad_blocks_are_refused():

@@ -27,7 +27,7 @@ The kernels never dequantize the whole matrix:
   float32 or float64; ``dequantize_row``, LLVM IR too, 32 weights a block in vector registers) and
   multiplied by BLAS; the panels are shared among npllama's threads (each panel one
   single-threaded BLAS call), so the matrix is read from memory once per call, in its quantized size.
-  A prompt's forward (float32, at most STRIP_MAX_ROWS rows, AVX-512) instead decodes 32 rows of W
+  A prompt's forward (float32, at most STRIP_MAX_ROWS rows, FIRST_FORMATS, AVX-512) decodes 32 rows of W
   at a time transposed into a strip that stays in cache (``dequantize_transposed``) and multiplies
   x by it in register tiles (engine/simd.py), writing the output in place (``forward_strips``).
 
@@ -694,7 +694,7 @@ def _transposed(builder, v):
 @intrinsic
 def dequantize_transposed(typingctx, blocks, wt, fmt, i0, last_row, col):
     """wt[c, col + r] = deq(W)[min(i0 + r, last_row), c] for r < 16 and every c (float32, wt's rows
-    contiguous), W the blocks of format FORMATS[fmt]: per block of the 16 rows, each row's 32 weights
+    contiguous), W the blocks of format FORMATS[fmt], one of FIRST_FORMATS: per block of the 16 rows, each row's 32 weights
     decoded in vector registers as ``dequantize_row`` does (the same numbers), then each half of
     them (16 rows x 16 weights) transposed in registers (``_transposed``) and stored as 16 rows of wt."""
     if not (isinstance(wt, types.Array) and wt.dtype == types.float32 and wt.layout == "C"):
@@ -719,7 +719,7 @@ def dequantize_transposed(typingctx, blocks, wt, fmt, i0, last_row, col):
             row = builder.select(builder.icmp_signed(">", row, last_row), last_row, row)
             row_start.append(builder.gep(builder.bitcast(w_arr.data, byte_ptr), [builder.mul(row, w_stride)]))
         wt_origin = builder.gep(builder.bitcast(t_arr.data, byte_ptr), [builder.mul(col, const(4))])
-        for qtype in FORMATS:
+        for qtype in FIRST_FORMATS:
             with builder.if_then(builder.icmp_signed("==", fmt, const(FORMAT_CODE[qtype]))):
                 with cgutils.for_range(builder, n_blocks) as loop:
                     b = loop.index
@@ -774,16 +774,17 @@ def forward_strips(blocks, fmt, x, out, next_unit):
                     out[n, i0 + r] = tail[n, r]
 
 
-def _strips_apply(x, out):
+def _strips_apply(x, w, out):
     """Whether ``forward_strips`` multiplies x into out: float32, few rows, AVX-512 (its tiles of
-    two vectors are 32 numbers: one strip), out's rows contiguous."""
-    return (VECTOR_BYTES == 64 and x.dtype == np.float32 and out.dtype == np.float32 and x.ndim == 2
-            and 0 < x.shape[0] <= STRIP_MAX_ROWS and out.strides[1] == 4 and x.strides[1] == 4)
+    two vectors are 32 numbers: one strip), out's rows contiguous, W in one of FIRST_FORMATS (the
+    5-bit formats and K-quants take the panels)."""
+    return (VECTOR_BYTES == 64 and w.qtype in FIRST_FORMATS and x.dtype == np.float32 and out.dtype == np.float32
+            and x.ndim == 2 and 0 < x.shape[0] <= STRIP_MAX_ROWS and out.strides[1] == 4 and x.strides[1] == 4)
 
 
 def quantized_matmul(x, w, out, threads=1):
     """out (N, rows) = x (N, cols) W^T, W quantized; ``threads`` share the strips or the panels."""
-    if _strips_apply(x, out):
+    if _strips_apply(x, w, out):
         units = -(-w.shape[0] // STRIP)
         # (run_on_threads: on min(threads, units) threads, each claiming strips)
         run_on_threads(forward_strips, w.blocks, FORMAT_CODE[w.qtype], x, out, n_units=min(threads, units))
