@@ -9,8 +9,11 @@ alternately) is rendered by the tokenizer's chat template with the assistant's h
 tokenizer's ``stop_ids`` (the end of its turn: ``<|im_end|>``, ``<|eot_id|>``, eos...), or
 ``max_new_tokens``, or the context is full.  The answer is streamed to ``write`` as text as it
 grows (a character whose UTF-8 bytes span several tokens is written once all of them are there);
-the stop token itself is not written.  ``on_answer``, when given, receives each answer's
-figures: prompt tokens, prefill and decoding time, new tokens, and why it stopped ("stop_id", or
+the stop token itself is not written.  The key/value cache is kept between answers, so a turn runs
+only the tokens after those it holds, as one batch (decoding.stream's ``cache``: the end of the
+last answer, the new message and the assistant's header; once old exchanges are dropped, all that
+follows the system message).  ``on_answer``, when given, receives each answer's figures: prompt
+tokens, prefill and decoding time, new tokens, and why it stopped ("stop_id", or
 "max_new_tokens": the answer was cut).
 
 The history is kept within the context: when the rendered conversation plus ``max_new_tokens`` would
