@@ -7,13 +7,15 @@ Loads the GGUF (default: SmolLM2-135M-Instruct Q4_1, as benchmarks/real_model.py
 copy) quantized (``Llama.from_pretrained(path, quantized=True)``, or float32 with --dequantize),
 prefills --position tokens, then times, in this one process:
 
-  * the whole step (``KVCacheDecoder.step``), best of --repeats;
+  * the whole step (``KVCacheDecoder.step``: one kernel on every thread, layers/decode_step.py),
+    best of --repeats, and the step of kernels (a kernel call at a time, what a model with LoRA
+    adapters runs);
   * each kind of matrix (q/k/v, o, gate/up, down over all layers, and the output head) through the
     step's own matvec functions, one pass over all layers as a step makes it (so from memory, not
     from a cache that holds one matrix), best of --repeats: ms, MB, GB/s;
-  * the step's other kernels (RMSNorm, RoPE, the cache store, attention, SwiGLU, the embedding
-    row): the step again with one kernel replaced by a no-op at a time, against the step with all
-    of them no-ops; what is left then is the step's Python (its loop and calls, ~1 us each).
+  * the step of kernels' other kernels (RMSNorm, RoPE, the cache store, attention, SwiGLU, the
+    embedding row): that step again with one kernel replaced by a no-op at a time, against the step
+    with all of them no-ops; what is left then is its Python (its loop and calls, ~1 us each).
 
 With one thread the times are the thread's CPU time (``time.thread_time``), which other processes
 on a shared machine disturb far less than wall time; with more, wall time.  The bytes are those of
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
         dec.length -= 1          # (the same position every time)
 
     total = best(step)
+    fused, dec.fused = dec.fused, None
+    of_kernels = best(step)
     rate = read_rate(args.threads, clock)
     weights = 0
     rows = []
@@ -135,6 +139,7 @@ def main(argv=None) -> int:
           f"{'CPU time of the thread' if args.threads == 1 else 'wall time'}; read rate {rate:.2f} GB/s")
     print(f"step {total * 1e3:.2f} ms ({1 / total:.1f} tok/s); weights {weights / 1e6:.1f} MB a token: "
           f"{weights / total / 1e9:.2f} GB/s = {weights / total / 1e9 / rate:.0%} of the read rate")
+    print(f"the step of kernels (a call at a time) {of_kernels * 1e3:.2f} ms ({1 / of_kernels:.1f} tok/s)")
     print(f"{'matrices':34s} {'ms':>7s} {'MB':>7s} {'GB/s':>6s} {'of read':>7s}")
     for name, seconds, nbytes in rows:
         print(f"  {name:32s} {seconds * 1e3:7.2f} {nbytes / 1e6:7.1f} {nbytes / seconds / 1e9:6.2f} "
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
     for name in OTHER_KERNELS:
         setattr(decoding, name, noop)
     python = best(step)
-    print(f"the step without its matrix products: {no_matvec * 1e3:.2f} ms, of which")
+    print(f"the step of kernels without its matrix products: {no_matvec * 1e3:.2f} ms, of which")
     try:
         for name in OTHER_KERNELS:
             setattr(decoding, name, kernels[name])
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     finally:
         for name in OTHER_KERNELS:
             setattr(decoding, name, kernels[name])
-        dec.layers, dec.lm_head_matvec = saved_layers, saved_head
+        dec.layers, dec.lm_head_matvec, dec.fused = saved_layers, saved_head, fused
     print(f"  {'Python (loop, calls, np.add)':32s} {python * 1e3:7.2f}   "
           f"({python / model.config.n_layers * 1e6:.1f} us a layer)")
     return 0

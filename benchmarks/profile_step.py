@@ -11,7 +11,7 @@ npllama.layers module:
     layer file that defines it (rmsnorm, rope, swiglu, cross_entropy, embedding, attention, ...);
   * the attention entry points ``attention_forward`` / ``attention_backward`` (category attention,
     whatever they do inside: attention.py is timed as a whole), and the functions that run a row
-    kernel on the threads (``rmsnorm_forward_kernel`` runs ``_rmsnorm_forward_rows``: the wait for
+    kernel on the threads (``rmsnorm_forward_kernel`` runs ``rmsnorm_forward_rows``: the wait for
     the helper thread's share is in their category);
   * ``matmuls`` (layers/linear.py: every matmul of the step, one call per product or per backward
     pair dW, dx) is "matmul (BLAS)"; every NumPy function called through ``np.`` elsewhere is
@@ -219,7 +219,7 @@ def instrument(prof):
                 setattr(mod, name, prof.wrap(val, "attention"))
                 patched += 1
             elif name.endswith("_kernel") and isinstance(val, types.FunctionType):
-                # a row kernel run on the threads (``swiglu_forward_kernel`` runs ``_swiglu_forward_rows``):
+                # a row kernel run on the threads (``swiglu_forward_kernel`` runs ``swiglu_forward_rows``):
                 # its wait for the helper thread's share counts in its category too
                 setattr(mod, name, prof.wrap(val, category_of(val.__module__.rsplit(".", 1)[-1])))
                 patched += 1

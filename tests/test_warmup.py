@@ -98,7 +98,7 @@ def test_the_registry_lists_every_kernel_module_with_versions():
     versions = {(kernel, sig) for kernel, sigs in units for sig in sigs}
     assert len(versions) == sum(len(sigs) for _, sigs in units)   # no version twice
     # float32 and float64 differ, the helper threads' waits do not
-    assert {str(s[0]) for k, sigs in units if k.py_func.__name__ == "_swiglu_forward_rows" for s in sigs} == {
+    assert {str(s[0]) for k, sigs in units if k.py_func.__name__ == "swiglu_forward_rows" for s in sigs} == {
         "array(float32, 2d, C)", "array(float64, 2d, C)"}
 
 

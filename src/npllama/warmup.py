@@ -43,11 +43,11 @@ from .caches import numba_cache_dir
 from .engine import pool
 from .engine.jit import CompileClock
 from .engine.threads import get_threads
-from .layers import attention, cross_entropy, embedding, kv_cache, rmsnorm, rope, swiglu
+from .layers import attention, cross_entropy, decode_step, embedding, kv_cache, rmsnorm, rope, swiglu
 
 # The modules whose kernels a training run calls, the longest to compile first (a first run's
 # second process, which starts before the run compiles anything, takes them from the start).
-KERNEL_MODULES = (attention, optim, cross_entropy, kv_cache, rmsnorm, rope, swiglu, embedding, pool)
+KERNEL_MODULES = (attention, optim, cross_entropy, decode_step, kv_cache, rmsnorm, rope, swiglu, embedding, pool)
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENV_SWITCH = "NPLLAMA_WARMUP"
 

@@ -11,7 +11,10 @@ Module map (docs/engine.md says more):
     threads.py   npllama's thread count: ``set_threads`` / ``--threads`` / NPLLAMA_THREADS; the BLAS
                  under NumPy sized through threadpoolctl
     pool.py      npllama's helper threads; ``run_on_threads`` and ``claim_unit``: kernels whose units
-                 of work the threads share
+                 of work the threads share; ``run_on_each_thread`` and ``meet``: one kernel on every
+                 thread at once, its threads meeting between phases (a decoding step)
+    addresses.py a table of arrays' addresses and ``matrix_at``: the weights of any model, float or
+                 quantized, passed to one compiled kernel (the decoding step's)
     batch.py     the two regimes: a training step's batch parts, one per thread; the row split of
                  a forward, an evaluation or a prefill
     matmul.py    ``matmuls`` / ``split_matmuls``: a pass's products as single-threaded BLAS calls

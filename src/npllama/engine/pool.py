@@ -12,12 +12,15 @@ runtime started by torch before npllama, with its busy-waiting workers, then mad
 slower.  tests/test_threads.py checks that no kernel uses Numba's pool.)
 """
 import os
+import platform
+import sys
 import threading
 import time
 
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import INT, array, jit, jit_rows
@@ -31,15 +34,21 @@ from .threads import get_threads
 # work from a shared counter (``claim_unit``, an atomic add) until none is left, and runs on the
 # calling thread and on get_threads() - 1 helper threads at once.  A thread that starts late
 # (waking a pool thread and passing the GIL costs ~20-100 us) simply takes fewer units.
-@intrinsic
-def _atomic_add_one(typingctx, counter):
-    """counter[0] += 1 as one atomic instruction; returns the value before."""
-    sig = types.int64(counter)
+def _atomic_add_one_ordered(ordering):
+    @intrinsic
+    def atomic_add_one(typingctx, counter):
+        """counter[0] += 1 as one atomic instruction; returns the value before."""
+        sig = types.int64(counter)
 
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), ordering)
+        return sig, codegen
+    return atomic_add_one
+
+
+_atomic_add_one = _atomic_add_one_ordered("monotonic")   # (a claim: orders nothing else)
+_atomic_arrive = _atomic_add_one_ordered("acq_rel")      # (a meeting: what a thread wrote before it is seen after)
 
 
 @jit
@@ -137,6 +146,81 @@ def _finish_then_watch(finished, posted, seen, checks):
         return False
     _spin_until_changed(posted, seen + 1, SETTLE_CHECKS)
     return True
+
+
+# ---- one kernel on every thread at once, meeting between its phases ------------------------------
+# A decoding step is ~150 products of 25-120 us each, in a chain (q/k/v -> attention -> o -> ...):
+# handing each to the threads (``run_on_threads``) makes the helper take the GIL and call Numba's
+# dispatcher every time, which costs more than a second thread saves.  Instead the whole step is one
+# nogil kernel that every thread runs at once (``run_on_each_thread``: one hand-over a token), each
+# taking units of each phase's work (``claim_unit``) and waiting for the others where a phase needs
+# all of the previous one's results (``meet``: a counter every thread adds one to, and then watches).
+# A thread that waits spins with the CPU's pause instruction (cheap for the other core and, with
+# hyper-threads, for its twin) for about MEET_SPINS of them (~20-60 us), then gives its core away
+# (sched_yield) between looks: with more threads than free cores (a shared machine, or a test on
+# three threads), the thread it waits for may need that core.
+MEET_SPINS = 1000
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_HAS_SCHED_YIELD = sys.platform.startswith("linux") or sys.platform == "darwin"
+
+
+@intrinsic
+def _pause(typingctx):
+    """The spin-wait hint (x86's pause; nothing elsewhere)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _give_core_away(typingctx):
+    """sched_yield(): let another runnable thread have this core (a pause where there is none)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _HAS_SCHED_YIELD:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        elif _X86:
+            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                        "llvm.x86.sse2.pause"), [])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@jit
+def meet(arrived, meeting, n_threads):
+    """The ``meeting``-th meeting (1, 2, ...) of a kernel's ``n_threads`` threads: returns once all
+    have arrived.  arrived: a 1-element int64 array they share, 0 before the first meeting (each
+    arrival adds one, so meeting m is complete at m * n_threads; it needs no reset between meetings)."""
+    target = meeting * n_threads
+    if _atomic_arrive(arrived) + 1 >= target:
+        return
+    spins = 0
+    while _atomic_load(arrived) < target:
+        if spins < MEET_SPINS:
+            _pause()
+            spins += 1
+        else:
+            _give_core_away()
+
+
+def run_on_each_thread(kernel, *args, n_threads):
+    """kernel(*args, thread, n_threads) on ``n_threads`` threads at once, thread = 0 (this one) ..
+    n_threads - 1 (npllama's helper threads); returns when all are done.  The kernel must return at
+    once when thread >= n_threads: a first such call on this thread compiles (or loads) it before
+    any helper asks Numba for it."""
+    if n_threads <= 1:
+        kernel(*args, 0, 1)
+        return
+    kernel(*args, n_threads, n_threads)
+    helper_threads(n_threads - 1).run([(kernel, args + (t, n_threads)) for t in range(n_threads)])
 
 
 class HelperThreads:

@@ -577,7 +577,7 @@ block_dots_one = _block_dots(1)
 
 
 @jit_q
-def _block_sums(x, sums):
+def block_sums(x, sums):
     """sums[b] = sum of x's block b (Q4_1's offset term: sum_j (d c_j + m) x_j = d sum_j c_j x_j + m s_b)."""
     for b in range(sums.shape[0]):
         s = x.dtype.type(0.0)
@@ -587,20 +587,25 @@ def _block_sums(x, sums):
 
 
 @jit_q
+def quantized_rows(blocks, x, sums, y, fmt, start, stop):
+    """y[i] = sum_b d_ib sum_j c_ibj x_bj (+ m_ib s_b) for start <= i < stop: STREAMS rows
+    (stop - start) / STREAMS apart at a time, then the last few one by one."""
+    q = (stop - start) // STREAMS
+    for i in range(start, start + q):
+        block_dots_streams(blocks, x, sums, y, fmt, i, q)
+    for i in range(start + STREAMS * q, stop):
+        block_dots_one(blocks, x, sums, y, fmt, i, 0)
+
+
+@jit_q
 def matvec_rows(blocks, x, sums, y, fmt, rows_per_unit, next_unit):
-    """y[i] = sum_b d_ib sum_j c_ibj x_bj (+ m_ib s_b) for the units of rows this thread claims:
-    STREAMS rows a (unit / STREAMS) apart at a time, then the unit's last few one by one."""
+    """``quantized_rows`` over the units of rows this thread claims."""
     R = y.shape[0]
     while True:
         start = claim_unit(next_unit) * rows_per_unit
         if start >= R:
             break
-        stop = min(R, start + rows_per_unit)
-        q = (stop - start) // STREAMS
-        for i in range(start, start + q):
-            block_dots_streams(blocks, x, sums, y, fmt, i, q)
-        for i in range(start + STREAMS * q, stop):
-            block_dots_one(blocks, x, sums, y, fmt, i, 0)
+        quantized_rows(blocks, x, sums, y, fmt, start, min(R, start + rows_per_unit))
 
 
 UNITS_PER_THREAD = 4                # a product's rows are cut into about this many units per thread
@@ -614,7 +619,7 @@ def quantized_matvec(w, x, y):
     x = np.ascontiguousarray(x)
     sums = np.empty(w.shape[1] // BLOCK, dtype=x.dtype)
     if w.qtype in OFFSET_FORMATS:
-        _block_sums(x, sums)
+        block_sums(x, sums)
     rows, threads, fmt = w.shape[0], get_threads(), FORMAT_CODE[w.qtype]
     if rows < PARALLEL_MATVEC_MIN_ROWS or threads <= 1:
         matvec_rows(w.blocks, x, sums, y, fmt, rows, np.zeros(1, dtype=np.int64))

@@ -9,9 +9,12 @@ Prefill.  The prompt goes through the model's own blocks in one pass over a (1, 
 each layer's rotated keys and its values to the cache as it goes.
 
 A step.  Each new token then costs one step: its own embedding row through each layer, with the
-same RMSNorm, RoPE and SwiGLU kernels as training on one row (one unit of work, on this thread
-alone), attention as a single query against the cache (``layers.kv_cache``), and the projections as
-matrix-vector products (a Numba kernel, faster than BLAS's gemv at this shape).  A token's keys and
+same RMSNorm, RoPE and SwiGLU kernels as training on one row, attention as a single query against
+the cache (``layers.kv_cache``), and the projections as matrix-vector products (a Numba kernel,
+faster than BLAS's gemv at this shape).  The whole step is one compiled kernel that every thread
+runs at once, sharing each product's rows (``layers.decode_step``: one hand-over to the threads a
+token instead of ~5 a layer); a model with LoRA adapters runs the same kernels a call at a time
+(``_step_of_kernels``), adding the adapters to its projections.  A token's keys and
 values depend only on the tokens before it, so the logits of a step equal those of a full forward
 pass over the whole sequence (tests/test_generate.py holds them equal to ~1e-12 in float64).  The
 cache, the RoPE tables of every position and the step's work buffers are made once per generation; a step
@@ -50,6 +53,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError
 from ..layers.block import projection_columns
+from ..layers.decode_step import DecodeStep, runs as decode_step_runs
 from ..layers.quantized_linear import embedding_rows
 from ..layers.kv_cache import decode_attention_kernel, kv_cache_store_kernel, matvec_for
 from ..layers.rmsnorm import rmsnorm_forward_kernel as rmsnorm_row
@@ -116,6 +120,9 @@ class KVCacheDecoder:
                      self.gate_up[0], self.hidden[0])         # 1-D views of the buffers above
         self.length = 0                                      # positions filled
         self.tokens = []                                     # the tokens at those positions
+        # the whole step as one kernel on every thread (layers/decode_step.py), unless adapters
+        self.fused = DecodeStep(model, self.k_cache_t, self.v_cache, self.cos, self.sin, self.eps) \
+            if decode_step_runs(model) else None
 
     def prefill(self, tokens) -> np.ndarray:
         """tokens: int (P,), 1 <= P <= capacity -> logits (V,) at position P-1.
@@ -197,11 +204,23 @@ class KVCacheDecoder:
         pos = self.length
         if pos >= self.capacity:
             raise InputError(f"the cache is full ({self.capacity} positions)")
+        embedding_rows(self.embed, self.token_ids[token:token + 1], self.x)
+        if self.fused is not None:
+            self.fused.step(self.x[0], pos, self.logits)
+        else:
+            self._step_of_kernels(pos)
+        self.length = pos + 1
+        del self.tokens[pos:]
+        self.tokens.append(int(token))
+        return self.logits
+
+    def _step_of_kernels(self, pos):
+        """The step on the embedding in ``self.x``, a kernel call at a time (each product on the
+        threads by itself): what ``DecodeStep`` runs as one kernel, plus LoRA's adapters."""
         H, K, hd = self.config.n_heads, self.config.n_kv_heads, self.config.head_dim
         x, xn, r, delta, qkv, gate_up, hidden = self.x, self.xn, self.r, self.delta, self.qkv, self.gate_up, self.hidden
         x_row, xn_row, delta_row, qkv_row, attn_row, gate_up_row, hidden_row = self.rows
         eps, one, cos, sin = self.eps, self.one, self.cos, self.sin
-        embedding_rows(self.embed, self.token_ids[token:token + 1], x)
         for (w, k_cache_t, v_cache, matvec_qkv, matvec_o, matvec_gate_up, matvec_down), adapters in zip(
                 self.layers, self.adapters):
             # h = x + W_o attention(rope(q), rope(k), v) over the cache,  n1 = RMSNorm(x)
@@ -227,10 +246,6 @@ class KVCacheDecoder:
             np.add(x, delta, out=x)
         rmsnorm_row(x, self.norm_w, eps, xn, r)
         self.lm_head_matvec(self.lm_head, xn_row, self.logits)
-        self.length = pos + 1
-        del self.tokens[pos:]
-        self.tokens.append(int(token))
-        return self.logits
 
 
 # ---- generate / stream ------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ Every layer file has the same three sections, in this order:
    maths writing into buffers it is given (a residual add, in place or not, accumulate,
    positions as options): training and prompt prefill through the block of block.py, a decoding
    step on one row (``npllama.generate``; kv_cache.py holds what only decoding uses).
-3. **kernel bodies** -- private Numba functions (``_*_rows``) that the in-place functions run on
-   the threads (npllama/engine/pool.py).
+3. **kernel bodies** -- Numba functions (``*_rows``) that the in-place functions run on the
+   threads (npllama/engine/pool.py); private, except the few that decode_step.py's one-kernel
+   decoding step also calls on a row.
 
 The machinery (threads, jit settings, SIMD tiles, matmul scheduling) is in npllama/engine/, which
 these files import from and which never imports them.  Tests hold each kernel to its reference in

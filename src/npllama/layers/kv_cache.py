@@ -20,11 +20,12 @@ Cache layout, per layer:
     values v_cache:   (K, S, hd)   o_d += p_j v[j, d] runs over contiguous d, for the same reason
 S is the cache's capacity; only the first ``length`` positions are read.
 
-The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row, on the
-calling thread (one row is one unit of work: engine/pool.py's ``run_on_threads``).  The kernels here are
-serial too (at batch 1 most calls take a few microseconds, less than handing work to another thread
-costs), except the matrix-vector product of large matrices, shared among the threads when there
-are several (``matvec_parallel_kernel``).
+The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row.  The
+whole step is one kernel on every thread (layers/decode_step.py), which calls these kernels on its
+share of the work; called one at a time (a step with LoRA adapters), they are serial (at batch 1
+most calls take a few microseconds, less than handing work to another thread costs), except the
+matrix-vector product of large matrices, shared among the threads when there are several
+(``matvec_parallel_kernel``).
 
 Matrix-vector products y = W x (W row-major (out, in), as every weight here) are a Numba kernel
 rather than BLAS: OpenBLAS's row-major gemv ("T" kernel) streams the 37 MB output projection of a
@@ -161,7 +162,7 @@ def matvec_for(w):
 @jit_with(fastmath=MATVEC_FASTMATH)
 def matvec_kernel(w, x, y):
     """y = w x.  w: (N, D) C-contiguous; x: (D,); y: (N,). Sums in w's dtype, in vector lanes."""
-    _matvec_rows(w, x, y, 0, w.shape[0])
+    matvec_rows(w, x, y, 0, w.shape[0])
 
 
 def matvec_parallel_kernel(w, x, y):
@@ -169,9 +170,9 @@ def matvec_parallel_kernel(w, x, y):
     run_on_threads(_matvec_units, w, x, y, n_units=row_units(w.shape[0], MATVEC_ROWS_PER_TASK))
 
 
-# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
+# ---- kernel bodies (engine/pool.py runs them on the threads; layers/decode_step.py too) ---------
 @jit_with(fastmath=MATVEC_FASTMATH)
-def _matvec_rows(w, x, y, start, stop):
+def matvec_rows(w, x, y, start, stop):
     """y[i] = w[i] . x for start <= i < stop, walking four rows a quarter of the range apart at once.
 
     Four independent streams through memory keep more cache-line fetches in flight than one, so
@@ -211,7 +212,7 @@ def _matvec_units(w, x, y, next_unit):
         t = claim_unit(next_unit)
         if t * MATVEC_ROWS_PER_TASK >= N:
             break
-        _matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
+        matvec_rows(w, x, y, t * MATVEC_ROWS_PER_TASK, min(N, (t + 1) * MATVEC_ROWS_PER_TASK))
 
 
 @jit_with(fastmath=MATVEC_FASTMATH, nogil=True)

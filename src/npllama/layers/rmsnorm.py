@@ -43,8 +43,8 @@ def rmsnorm_backward_reference(dy, cache):
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def rmsnorm_forward_kernel(x, w, eps, y, r, residual=None, h=None):
-    """``_rmsnorm_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(_rmsnorm_forward_rows, x, w, eps, y, r, residual, h, n_units=row_units(x.shape[0]))
+    """``rmsnorm_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(rmsnorm_forward_rows, x, w, eps, y, r, residual, h, n_units=row_units(x.shape[0]))
 
 
 def rmsnorm_backward_kernel(dy, x, w, r, dx, dw_partial, accumulate):
@@ -57,7 +57,7 @@ def rmsnorm_dw_chunks(n_rows):
     return max(1, min(8, n_rows))
 
 
-# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
+# ---- kernel bodies (engine/pool.py runs them on the threads; layers/decode_step.py on one row) ---
 # Sums of squares and dot products accumulate in float64; "reassoc" (jit_rows_reassoc) lets
 # LLVM split those sums into vector lanes -- without it each row's sum is one scalar chain, and the
 # kernels took ~1.6x as long (2048 x 128 float32: forward 322 -> 190 us, backward 311 -> 201 us);
@@ -65,7 +65,7 @@ def rmsnorm_dw_chunks(n_rows):
 # cast back), so they vectorise for float32.  The ``_*_rows`` kernels take their rows a unit at a
 # time (``claim_unit``) and run on every thread at once through the in-place functions above.
 @jit_rows_reassoc
-def _rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
+def rmsnorm_forward_rows(x, w, eps, y, r, residual, h, next_unit):
     """y = w * x * r,  r = 1/sqrt(mean(x^2) + eps) per row (into r).
 
     With ``residual`` (and then ``h``): first h = x + residual, written to h, then y = RMSNorm(h)
@@ -130,6 +130,6 @@ def _rmsnorm_backward_rows(dy, x, w, r, dx, dw_partial, accumulate, next_unit):
 # ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
 def kernel_versions(dtype):
     rows, row, f = array(dtype, 2), array(dtype, 1), scalar(dtype)
-    return [(_rmsnorm_forward_rows, (rows, row, f, rows, row, NONE, NONE, UNIT_COUNTER)),   # the final norm
-            (_rmsnorm_forward_rows, (rows, row, f, rows, row, rows, rows, UNIT_COUNTER)),   # after a residual add
+    return [(rmsnorm_forward_rows, (rows, row, f, rows, row, NONE, NONE, UNIT_COUNTER)),   # the final norm
+            (rmsnorm_forward_rows, (rows, row, f, rows, row, rows, rows, UNIT_COUNTER)),   # after a residual add
             (_rmsnorm_backward_rows, (rows, rows, row, row, rows, rows, BOOL, UNIT_COUNTER))]

@@ -74,13 +74,13 @@ def rope_backward_reference(dy, cache):
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def rope_kernel(x, n_heads, head_dim, cos, sin, sign, start, seq_len):
-    """``_rope_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(_rope_rows, x, n_heads, head_dim, cos, sin, sign, start, seq_len, n_units=row_units(x.shape[0]))
+    """``rope_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(rope_rows, x, n_heads, head_dim, cos, sin, sign, start, seq_len, n_units=row_units(x.shape[0]))
 
 
-# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
+# ---- kernel bodies (engine/pool.py runs them on the threads; layers/decode_step.py on one row) ---
 @jit_rows
-def _rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
+def rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
     """Rotate in place by sign * theta (sign = +1 forward, -1 backward) the first ``n_heads`` heads
     of every row of x: (N, >= n_heads * hd), row n at position start + n % seq_len.  q's heads and
     then k's are the first H + K heads of a q/k/v row, so one call rotates both (or, in the
@@ -112,4 +112,4 @@ def _rope_rows(x, n_heads, head_dim, cos, sin, sign, start, seq_len, next_unit):
 # ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
 def kernel_versions(dtype):
     rows = array(dtype, 2)
-    return [(_rope_rows, (rows, INT, INT, rows, rows, scalar(dtype), INT, INT, UNIT_COUNTER))]
+    return [(rope_rows, (rows, INT, INT, rows, rows, scalar(dtype), INT, INT, UNIT_COUNTER))]

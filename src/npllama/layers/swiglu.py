@@ -38,8 +38,8 @@ def swiglu_backward_reference(ds, cache):
 
 # ---- in place: what the engine calls, its outputs into given buffers -----------------------------
 def swiglu_forward_kernel(gate_up, s):
-    """``_swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
-    run_on_threads(_swiglu_forward_rows, gate_up, s, n_units=row_units(s.shape[0]))
+    """``swiglu_forward_rows`` on the threads (on one row, as in a decoding step: on this one)."""
+    run_on_threads(swiglu_forward_rows, gate_up, s, n_units=row_units(s.shape[0]))
 
 
 def swiglu_backward_kernel(ds, gate_up):
@@ -47,13 +47,13 @@ def swiglu_backward_kernel(ds, gate_up):
     run_on_threads(_swiglu_backward_rows, ds, gate_up, n_units=row_units(ds.shape[0]))
 
 
-# ---- kernel bodies (private: engine/pool.py runs them on the threads) ----------------------------
+# ---- kernel bodies (engine/pool.py runs them on the threads; layers/decode_step.py on one row) ---
 # All arithmetic in the array's dtype (``one`` is typed like the data: a bare 1.0 would promote
 # float32 to float64), and exp is ``fast_exp`` (vectorisable for float32, np.exp for float64).
 # The ``_*_rows`` kernels take their rows ROWS_PER_UNIT at a time (``claim_unit``) and run on every
 # thread at once through the in-place functions above (engine/pool.py: ``run_on_threads``).
 @jit_rows
-def _swiglu_forward_rows(gate_up, s, next_unit):
+def swiglu_forward_rows(gate_up, s, next_unit):
     """s = silu(g) * u,  g = gate_up[:, :F],  u = gate_up[:, F:]."""
     N, F = s.shape
     one = gate_up.dtype.type(1.0)
@@ -92,4 +92,4 @@ def _swiglu_backward_rows(ds, gate_up, next_unit):
 # ---- the versions a training run calls (npllama/warmup.py compiles them ahead) -------------------
 def kernel_versions(dtype):
     rows = array(dtype, 2)
-    return [(_swiglu_forward_rows, (rows, rows, UNIT_COUNTER)), (_swiglu_backward_rows, (rows, rows, UNIT_COUNTER))]
+    return [(swiglu_forward_rows, (rows, rows, UNIT_COUNTER)), (_swiglu_backward_rows, (rows, rows, UNIT_COUNTER))]
