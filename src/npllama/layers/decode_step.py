@@ -28,8 +28,8 @@ descheduled takes fewer):
     output head           rows of W_out
 
 and the threads meet (``meet``, a spin barrier) where the next phase needs all of this one's results:
-five times a layer.  The row kernels between phases (RMSNorm, SwiGLU, the residual adds, Q4_1's block
-sums of x) are a few microseconds; each thread does them itself on its own copy of the residual
+five times a layer.  The row kernels between phases (RMSNorm, SwiGLU, the residual adds, the block
+sums of x that formats with offsets need) are a few microseconds; each thread does them itself on its own copy of the residual
 stream (the same numbers on every thread, by the same code), which costs less than another meeting.
 
 Rows of a product are each one dot product whoever computes it, so the logits do not depend on the
@@ -80,8 +80,18 @@ def _product_rows(table, i, blocks_like, x, sums, y, start, stop):
 
 
 @jit_rows_reassoc
+def _block_sums_for(table, i, blocks_like, x, sums):
+    """x's block sums into sums[:len(x) / 32] when W (table row i) is of a format with offsets
+    (Q4_1, Q5_1, Q4_K, Q5_K: w = a c + o, so W x needs them)."""
+    if blocks_like is not None and table[i, FORMAT] != FLOAT and (OFFSET_CODES >> table[i, FORMAT]) & 1:
+        block_sums(x, sums[:x.shape[0] // BLOCK])
+
+
+@jit_rows_reassoc
 def _product_share(table, i, blocks_like, x, sums, y, sync, phase, n_threads):
-    """y = W x over the units of rows this thread claims from counter ``phase`` (``_product_rows``)."""
+    """y = W x over the units of rows this thread claims from counter ``phase`` (``_product_rows``;
+    x's block sums first, into this thread's ``sums``, when W's format needs them)."""
+    _block_sums_for(table, i, blocks_like, x, sums)
     rows = table[i, ROWS]
     per_unit = max(MIN_UNIT_ROWS, rows // (UNITS_PER_THREAD * n_threads))
     counter = sync[phase * CLAIM_STRIDE:phase * CLAIM_STRIDE + 1]
@@ -90,14 +100,6 @@ def _product_share(table, i, blocks_like, x, sums, y, sync, phase, n_threads):
         if start >= rows:
             break
         _product_rows(table, i, blocks_like, x, sums, y, start, min(rows, start + per_unit))
-
-
-@jit_rows_reassoc
-def _block_sums_for(table, i, blocks_like, x, sums):
-    """x's block sums into sums[:len(x) / 32] when W (table row i) is of a format with offsets
-    (Q4_1, Q5_1, Q4_K, Q5_K: w = a c + o, so W x needs them)."""
-    if blocks_like is not None and table[i, FORMAT] != FLOAT and (OFFSET_CODES >> table[i, FORMAT]) & 1:
-        block_sums(x, sums[:x.shape[0] // BLOCK])
 
 
 @jit_rows_reassoc
@@ -168,7 +170,6 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         meeting += 1
         meet(arrived, meeting, n_threads)
         # delta = W_o attn
-        _block_sums_for(table, w + WO, blocks_like, attn, sums)
         phase += 1
         _product_share(table, w + WO, blocks_like, attn, sums, delta, sync, phase, n_threads)
         meeting += 1
@@ -176,8 +177,7 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         # x = x + delta, xn = RMSNorm(x) w_ffn, gate_up = W_gate_up xn
         counter[0] = 0
         rmsnorm_forward_rows(x_row, matrix_at(table, w + FFN_NORM, x0)[0], eps, xn_row, r,
-                              delta.reshape((1, D)), x_row, counter)
-        _block_sums_for(table, w + W_GATE_UP, blocks_like, xn, sums)
+                             delta.reshape((1, D)), x_row, counter)
         phase += 1
         _product_share(table, w + W_GATE_UP, blocks_like, xn, sums, gate_up, sync, phase, n_threads)
         meeting += 1
@@ -185,7 +185,6 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         # delta = W_down swiglu(gate_up), then x = x + delta
         counter[0] = 0
         swiglu_forward_rows(gate_up.reshape((1, 2 * F)), hidden.reshape((1, F)), counter)
-        _block_sums_for(table, w + W_DOWN, blocks_like, hidden, sums)
         phase += 1
         _product_share(table, w + W_DOWN, blocks_like, hidden, sums, delta, sync, phase, n_threads)
         meeting += 1
@@ -196,7 +195,6 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
     w = L * PER_LAYER
     counter[0] = 0
     rmsnorm_forward_rows(x_row, matrix_at(table, w, x0)[0], eps, xn_row, r, None, None, counter)
-    _block_sums_for(table, w + 1, blocks_like, xn, sums)
     phase += 1
     _product_share(table, w + 1, blocks_like, xn, sums, logits, sync, phase, n_threads)
 
