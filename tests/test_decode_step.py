@@ -112,16 +112,31 @@ def test_quantized_step_equals_the_forward_pass_on_the_same_blocks(shape, qtype,
     assert np.max(np.abs(got - steps(model, tokens, 2, fused=False))) <= 1e-13 * scale
 
 
-def test_a_model_with_adapters_decodes_with_the_step_of_kernels():
-    model = make_model(4, 2, 8, 2, 40, 50, False, np.float64, 0).add_lora(2, 4.0).eval()
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("base", ["float64", "Q4_1"])
+def test_lora_adapters_are_added_by_the_step(base, threads):
+    """s B (A x) on every target (q, k, v together on W_qkv, o, gate and up together, down): the
+    forward pass's logits (1e-12 of their scale) and the step of kernels' (1e-13)."""
+    if base == "float64":
+        model = make_model(4, 2, 8, 2, 40, 50, False, np.float64, 0)
+    else:
+        cfg = npllama.LlamaConfig(vocab_size=50, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                                  max_seq_len=12)
+        model = npllama.Llama(cfg, dtype=np.float64, seed=1)
+        for p in model.params.values():
+            if p.ndim == 2:
+                p *= 20.0
+        model = model.quantize("Q4_1")
+    model = model.add_lora(3, 4.0).eval()
     for p in model.lora_params.values():
         p[...] = np.random.default_rng(1).normal(0.0, 0.3, p.shape)
-    assert KVCacheDecoder(model, 4).fused is None
     tokens = np.random.default_rng(2).integers(0, 50, size=12)
     full = model.forward(tokens[None])[0][2:]
-    decoder = KVCacheDecoder(model, capacity=12)
-    got = np.array([decoder.prefill(tokens[:3]).copy()] + [decoder.step(int(t)).copy() for t in tokens[3:]])
-    assert np.max(np.abs(got - full)) <= 1e-12 * np.max(np.abs(full))
+    scale = np.max(np.abs(full))
+    with thread_limit(threads):
+        got = steps(model, tokens, 3)
+    assert np.max(np.abs(got - full)) <= 1e-12 * scale
+    assert np.max(np.abs(got - steps(model, tokens, 3, fused=False))) <= 1e-13 * scale
 
 
 # ---- the meeting of the threads (engine/pool.py) ---------------------------------------------------

@@ -13,8 +13,9 @@ same RMSNorm, RoPE and SwiGLU kernels as training on one row, attention as a sin
 the cache (``layers.kv_cache``), and the projections as matrix-vector products (a Numba kernel,
 faster than BLAS's gemv at this shape).  The whole step is one compiled kernel that every thread
 runs at once, sharing each product's rows (``layers.decode_step``: one hand-over to the threads a
-token instead of ~5 a layer); a model with LoRA adapters runs the same kernels a call at a time
-(``_step_of_kernels``), adding the adapters to its projections.  A token's keys and
+token instead of ~5 a layer), adding LoRA adapters to its projections as they are (no merged
+copy); ``_step_of_kernels`` runs the same kernels a call at a time (for weights the one kernel does
+not take: not C-contiguous, or not of the model's dtype).  A token's keys and
 values depend only on the tokens before it, so the logits of a step equal those of a full forward
 pass over the whole sequence (tests/test_generate.py holds them equal to ~1e-12 in float64).  The
 cache, the RoPE tables of every position and the step's work buffers are made once per generation; a step
@@ -120,7 +121,7 @@ class KVCacheDecoder:
                      self.gate_up[0], self.hidden[0])         # 1-D views of the buffers above
         self.length = 0                                      # positions filled
         self.tokens = []                                     # the tokens at those positions
-        # the whole step as one kernel on every thread (layers/decode_step.py), unless adapters
+        # the whole step as one kernel on every thread, LoRA adapters too (layers/decode_step.py)
         self.fused = DecodeStep(model, self.k_cache_t, self.v_cache, self.cos, self.sin, self.eps) \
             if decode_step_runs(model) else None
 
@@ -216,7 +217,7 @@ class KVCacheDecoder:
 
     def _step_of_kernels(self, pos):
         """The step on the embedding in ``self.x``, a kernel call at a time (each product on the
-        threads by itself): what ``DecodeStep`` runs as one kernel, plus LoRA's adapters."""
+        threads by itself): what ``DecodeStep`` runs as one kernel."""
         H, K, hd = self.config.n_heads, self.config.n_kv_heads, self.config.head_dim
         x, xn, r, delta, qkv, gate_up, hidden = self.x, self.xn, self.r, self.delta, self.qkv, self.gate_up, self.hidden
         x_row, xn_row, delta_row, qkv_row, attn_row, gate_up_row, hidden_row = self.rows

@@ -37,8 +37,9 @@ thread count beyond the float matrices' summation order inside a unit of rows (u
 the thread count); tests/test_decode_step.py holds them to the step of kernels and the reference.
 
 The weights reach the kernel through one int64 table of addresses (engine/addresses.py), float
-or quantized per matrix: one compiled kernel per dtype for every model.  Models with LoRA adapters
-decode with ``KVCacheDecoder``'s step of kernels instead (it adds the adapters to the products).
+or quantized per matrix: one compiled kernel per dtype for every model (and one more with LoRA
+adapters, which the kernel adds to the products as they are, s B (A x), no merged copy: each
+thread computes A x itself, then adds s B (A x) to the rows of the product it computed).
 """
 import numpy as np
 
@@ -47,6 +48,7 @@ from ..engine.jit import INT, NONE, array, jit_rows_reassoc, scalar
 from ..engine.pool import claim_unit, meet, run_on_each_thread
 from ..engine.quantized import BLOCK, FORMAT_CODE, OFFSET_FORMATS, block_sums, quantized_rows
 from ..engine.threads import get_threads
+from .block import projection_columns
 from .kv_cache import matvec_rows, decode_attention_kernel
 from .rmsnorm import rmsnorm_forward_rows
 from .rope import rope_rows
@@ -67,6 +69,40 @@ MIN_UNIT_ROWS = 32
 # ~150 meetings a token would cost more than the second thread saves).
 THREADS_MIN_WEIGHT_BYTES = 1 << 20
 CLAIM_STRIDE = 8    # int64s between two counters of ``sync`` (one cache line each)
+MAX_ADAPTERS = 3    # LoRA adapters on one product at most (q, k, v on W_qkv)
+
+
+@jit_rows_reassoc
+def _adapters_down(lora, i, x, thread):
+    """t_k = A_k x for each LoRA adapter k of W (table row i), into this thread's row of lora's
+    buffer (MAX_ADAPTERS slots of the rank): the first half of s B (A x)."""
+    adapters, t = lora[1], lora[3][thread]
+    rank = t.shape[0] // MAX_ADAPTERS
+    for k in range(MAX_ADAPTERS):
+        if adapters[i, k, 0] >= 0:
+            a = matrix_at(lora[0], adapters[i, k, 0], x)
+            for j in range(a.shape[0]):
+                total = x.dtype.type(0.0)
+                for d in range(a.shape[1]):
+                    total += a[j, d] * x[d]
+                t[k * rank + j] = total
+
+
+@jit_rows_reassoc
+def _adapters_up(lora, i, y, start, stop, thread):
+    """y[row] += s B_k[row - c_k] . t_k for the rows start .. stop-1 that adapter k of W (table row
+    i) writes (its columns c_k .. c_k + out_k - 1 of the product's output)."""
+    adapters, scale, t = lora[1], lora[2], lora[3][thread]
+    rank = t.shape[0] // MAX_ADAPTERS
+    for k in range(MAX_ADAPTERS):
+        if adapters[i, k, 0] >= 0:
+            b = matrix_at(lora[0], adapters[i, k, 1], y)
+            first = adapters[i, k, 2]
+            for row in range(max(start, first), min(stop, first + b.shape[0])):
+                total = y.dtype.type(0.0)
+                for j in range(b.shape[1]):
+                    total += b[row - first, j] * t[k * rank + j]
+                y[row] += scale * total
 
 
 @jit_rows_reassoc
@@ -88,10 +124,13 @@ def _block_sums_for(table, i, blocks_like, x, sums):
 
 
 @jit_rows_reassoc
-def _product_share(table, i, blocks_like, x, sums, y, sync, phase, n_threads):
+def _product_share(table, i, blocks_like, x, sums, y, sync, phase, n_threads, lora, thread):
     """y = W x over the units of rows this thread claims from counter ``phase`` (``_product_rows``;
-    x's block sums first, into this thread's ``sums``, when W's format needs them)."""
+    x's block sums first, into this thread's ``sums``, when W's format needs them), plus
+    s B (A x) of W's LoRA adapters when ``lora`` is not None."""
     _block_sums_for(table, i, blocks_like, x, sums)
+    if lora is not None:
+        _adapters_down(lora, i, x, thread)
     rows = table[i, ROWS]
     per_unit = max(MIN_UNIT_ROWS, rows // (UNITS_PER_THREAD * n_threads))
     counter = sync[phase * CLAIM_STRIDE:phase * CLAIM_STRIDE + 1]
@@ -99,18 +138,23 @@ def _product_share(table, i, blocks_like, x, sums, y, sync, phase, n_threads):
         start = claim_unit(counter) * per_unit
         if start >= rows:
             break
-        _product_rows(table, i, blocks_like, x, sums, y, start, min(rows, start + per_unit))
+        stop = min(rows, start + per_unit)
+        _product_rows(table, i, blocks_like, x, sums, y, start, stop)
+        if lora is not None:
+            _adapters_up(lora, i, y, start, stop, thread)
 
 
 @jit_rows_reassoc
-def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_heads, eps, x0,
+def decode_step_kernel(table, blocks_like, lora, k_cache_t, v_cache, cos, sin, pos, n_heads, eps, x0,
                        qkv, attn, delta, gate_up, logits, own_x, own_xn, own_hidden, own_sums, own_scores,
                        own_counter, sync, thread, n_threads):
     """This thread's share of a decoding step at position ``pos`` of the token whose embedding is
     x0 (D,), the logits (V,) into ``logits``; every thread of ``n_threads`` runs it at once.
 
     table: (6 L + 2, 4) int64, the weights (``DecodeStep``); blocks_like: None for a model of float
-    weights, else any uint8 2-D array (its type lets the quantized products be compiled);
+    weights, else any uint8 2-D array (its type lets the quantized products be compiled); lora:
+    None, or the LoRA adapters (``DecodeStep``: their address table, per table row of W up to
+    MAX_ADAPTERS (A row, B row, first column), the scale, a (threads, MAX_ADAPTERS * rank) buffer);
     k_cache_t (L, K, hd, S), v_cache (L, K, S, hd): the cache, written at pos; cos, sin (S, hd/2);
     qkv, attn, delta, gate_up, logits: the buffers the threads share; own_*: a row per thread,
     own_x (D) the residual stream, own_xn (D), own_hidden (F), own_sums (>= F / 32), own_scores
@@ -139,6 +183,8 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         counter[0] = 0
         rmsnorm_forward_rows(x_row, matrix_at(table, w + ATTN_NORM, x0)[0], eps, xn_row, r, None, None, counter)
         _block_sums_for(table, w + WQKV, blocks_like, xn, sums)
+        if lora is not None:
+            _adapters_down(lora, w + WQKV, xn, thread)
         # q/k/v a head at a time; the thread that computes a head rotates and stores it
         phase += 1
         while True:
@@ -146,6 +192,8 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
             if u >= H + 2 * K:
                 break
             _product_rows(table, w + WQKV, blocks_like, xn, sums, qkv, u * hd, (u + 1) * hd)
+            if lora is not None:
+                _adapters_up(lora, w + WQKV, qkv, u * hd, (u + 1) * hd, thread)
             heads = qkv[u * hd:(u + 1) * hd]
             if u < H + K:
                 counter[0] = 0
@@ -171,7 +219,7 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         meet(arrived, meeting, n_threads)
         # delta = W_o attn
         phase += 1
-        _product_share(table, w + WO, blocks_like, attn, sums, delta, sync, phase, n_threads)
+        _product_share(table, w + WO, blocks_like, attn, sums, delta, sync, phase, n_threads, lora, thread)
         meeting += 1
         meet(arrived, meeting, n_threads)
         # x = x + delta, xn = RMSNorm(x) w_ffn, gate_up = W_gate_up xn
@@ -179,14 +227,14 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
         rmsnorm_forward_rows(x_row, matrix_at(table, w + FFN_NORM, x0)[0], eps, xn_row, r,
                              delta.reshape((1, D)), x_row, counter)
         phase += 1
-        _product_share(table, w + W_GATE_UP, blocks_like, xn, sums, gate_up, sync, phase, n_threads)
+        _product_share(table, w + W_GATE_UP, blocks_like, xn, sums, gate_up, sync, phase, n_threads, lora, thread)
         meeting += 1
         meet(arrived, meeting, n_threads)
         # delta = W_down swiglu(gate_up), then x = x + delta
         counter[0] = 0
         swiglu_forward_rows(gate_up.reshape((1, 2 * F)), hidden.reshape((1, F)), counter)
         phase += 1
-        _product_share(table, w + W_DOWN, blocks_like, hidden, sums, delta, sync, phase, n_threads)
+        _product_share(table, w + W_DOWN, blocks_like, hidden, sums, delta, sync, phase, n_threads, lora, thread)
         meeting += 1
         meet(arrived, meeting, n_threads)
         for d in range(D):
@@ -196,22 +244,41 @@ def decode_step_kernel(table, blocks_like, k_cache_t, v_cache, cos, sin, pos, n_
     counter[0] = 0
     rmsnorm_forward_rows(x_row, matrix_at(table, w, x0)[0], eps, xn_row, r, None, None, counter)
     phase += 1
-    _product_share(table, w + 1, blocks_like, xn, sums, logits, sync, phase, n_threads)
+    _product_share(table, w + 1, blocks_like, xn, sums, logits, sync, phase, n_threads, lora, thread)
 
 
 # ---- the step's tables and buffers, and its call -------------------------------------------------
 ROLES = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")   # a layer's table rows, in order
 
 
+ADAPTED = {WQKV: ("q_proj", "k_proj", "v_proj"), WO: ("o_proj",), W_GATE_UP: ("gate_proj", "up_proj"),
+           W_DOWN: ("down_proj",)}    # the LoRA targets whose outputs are a product's columns
+
+
 def runs(model) -> bool:
-    """Whether ``DecodeStep`` runs ``model``'s steps: no LoRA adapters (the step of kernels adds
-    them), every float weight C-contiguous in the model's dtype (as Llama keeps them)."""
-    if model.lora is not None:
-        return False
+    """Whether ``DecodeStep`` runs ``model``'s steps: every float weight and LoRA adapter
+    C-contiguous in the model's dtype (as Llama keeps them)."""
     weights = [layer[role] for layer in model.layers for role in ROLES]
     weights += [model.params["model.norm.weight"], model.lm_head]
+    if model.lora is not None:
+        weights += [m for layer in model.lora_layers for pair in layer.values() for m in pair]
     return all(getattr(w, "quantized", False) or
                (isinstance(w, np.ndarray) and w.dtype == model.dtype and w.flags.c_contiguous) for w in weights)
+
+
+def _lora_tables(model, n_rows):
+    """The adapters as ``decode_step_kernel`` takes them: (their AddressTable, per table row of W
+    up to MAX_ADAPTERS (A's row, B's row, W's first column), the scale, the rank)."""
+    columns = projection_columns(model.config)
+    arrays, index = [], np.full((n_rows, MAX_ADAPTERS, 3), -1, dtype=np.int64)
+    for layer, adapters in enumerate(model.lora_layers):
+        for role, targets in ADAPTED.items():
+            for k, target in enumerate(t for t in targets if t in adapters):
+                a, b = adapters[target]
+                index[layer * PER_LAYER + role, k] = (len(arrays), len(arrays) + 1, columns[target].start or 0)
+                arrays += [a, b]
+    rank = max((a.shape[0] for a in arrays[::2]), default=1)
+    return AddressTable(arrays), index, model.dtype.type(model.lora.scale), rank
 
 
 class DecodeStep:
@@ -228,20 +295,26 @@ class DecodeStep:
         self.weights = AddressTable(arrays, formats)          # (keeps the arrays alive)
         self.blocks_like = np.empty((0, 0), dtype=np.uint8) if any(f[0] != FLOAT for f in formats) else None
         self.weight_bytes = sum(a.nbytes for a in arrays)
+        self.lora = None if model.lora is None else _lora_tables(model, len(weights))
         self.cache = (k_cache_t, v_cache, cos, sin)
         self.n_heads, self.eps = cfg.n_heads, eps
         D, F, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
         e = lambda *shape: np.empty(shape, dtype=dt)  # noqa: E731
         self.shared = (e((cfg.n_heads + 2 * cfg.n_kv_heads) * hd), e(cfg.n_heads * hd), e(D), e(2 * F))
         self.sync = np.zeros(CLAIM_STRIDE * (5 * cfg.n_layers + 2), dtype=np.int64)
+        self.lora_arg = None
         self.dtype, self.widths, self.own = dt, (D, D, F, max(D, F, cfg.n_heads * hd) // BLOCK + 1,
                                                   k_cache_t.shape[-1]), None
 
     def _own(self, n_threads):
-        """The threads' own buffers (x, xn, hidden, sums, scores, a counter), a row per thread."""
+        """The threads' own buffers (x, xn, hidden, sums, scores, a counter), a row per thread, and
+        the adapters' argument (with a row per thread for their A x)."""
         if self.own is None or self.own[0].shape[0] < n_threads:
             self.own = tuple(np.empty((n_threads, w), dtype=self.dtype) for w in self.widths) + (
                 np.zeros((n_threads, CLAIM_STRIDE), dtype=np.int64),)
+            if self.lora is not None:
+                table, index, scale, rank = self.lora
+                self.lora_arg = (table.table, index, scale, np.empty((n_threads, MAX_ADAPTERS * rank), self.dtype))
         return self.own
 
     def threads(self) -> int:
@@ -253,8 +326,9 @@ class DecodeStep:
         n = self.threads()
         k_cache_t, v_cache, cos, sin = self.cache
         self.sync.fill(0)
-        run_on_each_thread(decode_step_kernel, self.weights.table, self.blocks_like, k_cache_t, v_cache, cos, sin,
-                           pos, self.n_heads, self.eps, x0, *self.shared, logits, *self._own(n), self.sync,
+        own = self._own(n)
+        run_on_each_thread(decode_step_kernel, self.weights.table, self.blocks_like, self.lora_arg, k_cache_t,
+                           v_cache, cos, sin, pos, self.n_heads, self.eps, x0, *self.shared, logits, *own, self.sync,
                            n_threads=n)
         return logits
 
@@ -263,6 +337,6 @@ class DecodeStep:
 def kernel_versions(dtype):
     """A decoding step's of a float model (a training run's samples)."""
     row, rows, cache, table = array(dtype, 1), array(dtype, 2), array(dtype, 4), array(np.int64, 2)
-    return [(decode_step_kernel, (table, NONE, cache, cache, rows, rows, INT, INT, scalar(dtype), row,
+    return [(decode_step_kernel, (table, NONE, NONE, cache, cache, rows, rows, INT, INT, scalar(dtype), row,
                                   row, row, row, row, row, rows, rows, rows, rows, rows, table,
                                   array(np.int64, 1), INT, INT))]
