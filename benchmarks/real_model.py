@@ -2,7 +2,7 @@
 """SmolLM2-135M-Instruct (the Q4_1 GGUF of tests/real_model.py): load time, peak memory, prefill and
 batch-1 greedy decode speed in npllama, transformers and llama.cpp.
 
-    python benchmarks/real_model.py [--gguf PATH] [--q8] [--threads 1,2] [--rounds 3] [--prompt-tokens 128]
+    python benchmarks/real_model.py [--gguf PATH] [--q8] [--q4km] [--threads 1,2] [--rounds 3] [--prompt-tokens 128]
         [--new-tokens 64] [--frameworks npllama-q,npllama,transformers,llama.cpp] [--chat 32,256,1024]
         [--json [PATH]]
 
@@ -10,7 +10,7 @@ Every framework loads the same .gguf in its own fresh process, with every BLAS/O
 variable (and torch's thread count, llama.cpp's n_threads) set to the thread count; --rounds
 alternating rounds (every framework and thread count once per round: load on a shared machine hits
 them alike), the medians reported:
-    npllama-q:     Llama.from_pretrained(gguf, quantized=True): the Q8_0/Q4_0/Q4_1 matrices kept in
+    npllama-q:     Llama.from_pretrained(gguf, quantized=True): the quantized matrices kept in
                    their blocks (layers/quantized_linear.py), what `npllama generate` runs by default;
     npllama:       Llama.from_pretrained(gguf), dequantized to float32;
     transformers:  AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), its own GGUF loader,
@@ -40,7 +40,8 @@ only be a near-tie of float32 rounding; llama.cpp's quantized arithmetic (Q4_1 w
 activations rounded to 8 bits) diverges sooner (its own ``generate`` gives the same tokens as here).
 
 --q8 also runs everything on a Q8_0 copy of the file, made from it by `npllama export --to gguf
---dtype q8_0` (cached beside it).  "of read limit" = weight bytes read per token (the file's matrix
+--dtype q8_0` (cached beside it); --q4km on a Q4_K_M copy, its float32 export quantized by
+llama.cpp's llama_model_quantize (cached beside it; SmolLM2's width makes most matrices Q5_0).  "of read limit" = weight bytes read per token (the file's matrix
 bytes for npllama-q and llama.cpp, float32 for npllama and transformers) x decode tok/s / the
 machine's memory read rate at that thread count (measured here, in the parent).  "logits rel" is
 npllama-q's last prompt position's logits against npllama float32's (the same dequantized numbers:
@@ -88,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", default="2", help="thread counts, comma-separated (e.g. 1,2)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians reported")
     p.add_argument("--q8", action="store_true", help="also a Q8_0 copy of the file (npllama export --dtype q8_0)")
+    p.add_argument("--q4km", action="store_true",
+                   help="also a Q4_K_M copy of the file (its float32 export quantized by llama.cpp)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
@@ -286,6 +289,32 @@ def q8_copy(gguf_path: Path) -> Path:
     return out
 
 
+def q4_k_m_copy(gguf_path: Path) -> Path:
+    """A Q4_K_M copy of the file (cached beside it): npllama's float32 export of it, quantized by
+    llama.cpp's own llama_model_quantize (llama-cpp-python's low-level binding: the gguf package
+    has no K-quant quantizer).  A matrix whose rows are not whole 256-weight super-blocks falls back
+    to Q5_0 (and Q8_0 where Q4_K_M wants Q6_K): for SmolLM2-135M (width 576) only the down
+    projections are Q4_K/Q6_K, ~17 % of the weights."""
+    import ctypes
+    import shutil
+    import subprocess
+    out = gguf_path.with_name(gguf_path.stem.split(".")[0] + ".Q4_K_M.gguf")
+    if not out.is_file():
+        import llama_cpp
+        with tempfile.TemporaryDirectory() as tmp:
+            f32 = Path(tmp) / "f32.gguf"
+            subprocess.run([sys.executable, "-m", "npllama.cli", "export", str(gguf_path), "--to", "gguf", "--dtype",
+                            "f32", "--out", str(f32)], check=True, cwd=common.REPO_ROOT,
+                           env={**os.environ, "PYTHONPATH": str(common.REPO_ROOT / "src")})
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+            partial = Path(tmp) / out.name
+            if llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize {f32} to Q4_K_M")
+            shutil.move(partial, out)
+    return out
+
+
 def read_rates(thread_counts) -> dict:
     """GB/s at which this machine reads a 256 MB array, per thread count (the best of one-thread
     eight-stream and n-thread reads)."""
@@ -321,6 +350,8 @@ def main(argv=None) -> int:
     files = [(args.gguf or default_gguf()).resolve()]
     if args.q8:
         files.append(q8_copy(files[0]))
+    if args.q4km:
+        files.append(q4_k_m_copy(files[0]))
     from npllama import Tokenizer
     ids = Tokenizer.from_pretrained(files[0]).encode(TEXT)[:args.prompt_tokens].tolist()
     say(f"prompt {len(ids)} tokens, {args.new_tokens} new tokens greedily, threads {args.thread_counts}, "
