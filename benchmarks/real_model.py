@@ -41,7 +41,8 @@ activations rounded to 8 bits) diverges sooner (its own ``generate`` gives the s
 
 --q8 also runs everything on a Q8_0 copy of the file, made from it by `npllama export --to gguf
 --dtype q8_0` (cached beside it); --q4km on a Q4_K_M copy, its float32 export quantized by
-llama.cpp's llama_model_quantize (cached beside it; SmolLM2's width makes most matrices Q5_0).  "of read limit" = weight bytes read per token (the file's matrix
+llama.cpp's llama_model_quantize (cached beside it; SmolLM2's width makes most matrices Q5_0).
+"of read limit" = weight bytes read per token (the file's matrix
 bytes for npllama-q and llama.cpp, float32 for npllama and transformers) x decode tok/s / the
 machine's memory read rate at that thread count (measured here, in the parent).  "logits rel" is
 npllama-q's last prompt position's logits against npllama float32's (the same dequantized numbers:

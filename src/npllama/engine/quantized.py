@@ -168,8 +168,8 @@ def _group_codes(builder, qtype, base, g, elt):
         if qtype == "Q5_0":
             c = builder.sub(c, ir.Constant(ir.VectorType(i8, 32), [16] * 32))
         widen = builder.sext if qtype == "Q5_0" else builder.zext
-        halves = [widen(builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(i32, 16), list(range(16 * h, 16 * h + 16)))),
-                        v16) for h in range(2)]
+        half_lanes = [ir.Constant(ir.VectorType(i32, 16), [16 * h + j for j in range(16)]) for h in range(2)]
+        halves = [widen(builder.shuffle_vector(c, c, lanes_h), v16) for lanes_h in half_lanes]
         d = _half_at(builder, base, 0, elt)
         return halves, (d, d), (_half_at(builder, base, 2, elt) if qtype == "Q5_1" else None)
     if qtype in ("Q4_K", "Q5_K"):
@@ -415,7 +415,8 @@ def _block_dots(rows):
             reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [elt, vec]),
                                                     f"llvm.vector.reduce.fadd.v{lanes}f{itemsize * 8}")
             f8 = ir.VectorType(ir.FloatType(), 8)     # (Q4_K/Q5_K's offsets: float32, 8 sub-blocks)
-            fmuladd8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f8, [f8] * 3), "llvm.fmuladd.v8f32")
+            fmuladd8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f8, [f8] * 3),
+                                                      "llvm.fmuladd.v8f32")
             reduce8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(elt, [elt, f8]),
                                                      "llvm.vector.reduce.fadd.v8f32") if elt == ir.FloatType() else None
             byte_ptr = ir.IntType(8).as_pointer()
@@ -456,11 +457,25 @@ def _block_dots(rows):
                             if s_b is not None:
                                 m = _half_at(builder, base, 2, elt)
                                 builder.store(builder.call(fmuladd1, [m, s_b, builder.load(offset[r])]), offset[r])
+            def prefetch_block(base, nbytes):     # (every cache line of the block PREFETCH_BYTES ahead)
+                for line in range(0, nbytes, 64):
+                    builder.call(prefetch, [builder.gep(base, [const(PREFETCH_BYTES + line)]),
+                                            *(ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))])
+
             f32 = ir.FloatType()
             codes = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(ir.IntType(8), 256)), byte_ptr)
             scales = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(f32, 16)), f32.as_pointer())
             offsets = builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(f32, 8)), f32.as_pointer())
             f8 = ir.VectorType(f32, 8)
+
+            def codes_at(j):        # codes j lanes .. (j + 1) lanes - 1 of the buffer, as bytes
+                pointer = builder.bitcast(builder.gep(codes, [const(j * lanes)]),
+                                          ir.VectorType(ir.IntType(8), lanes).as_pointer())
+                return builder.load(pointer, align=1)
+
+            def splat_at(buffer, k, vector_type):
+                return splat(builder, builder.load(builder.gep(buffer, [const(k)])), vector_type)
+
             offset8 = [cgutils.alloca_once(builder, f8) for _ in range(rows)]       # Q4_K/Q5_K: o_s s_s
             for qtype in K_QUANTS:   # a super-block a row at a time: unpacked (_superblock_codes), then summed
                 nbytes, per_scale = BLOCK_BYTES[qtype], 16 if qtype == "Q6_K" else 32
@@ -473,10 +488,7 @@ def _block_dots(rows):
                         x_first = builder.mul(b, const(256 // lanes))            # x's vector at the super-block
                         for r in range(rows):
                             base = builder.gep(row_start[r], [block_offset])
-                            for line in range(0, nbytes, 64):
-                                builder.call(prefetch, [builder.gep(base, [const(PREFETCH_BYTES + line)]),
-                                                        ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
-                                                        ir.Constant(ir.IntType(32), 1)])
+                            prefetch_block(base, nbytes)
                             _superblock_codes(builder, qtype, base, codes, scales, offsets)
                             a_t = builder.load(acc[r])
                             if elt == f32:       # per sub-block: t = sum of c x in lanes, then acc += a_s t
@@ -484,27 +496,20 @@ def _block_dots(rows):
                                     t = None
                                     for k in range(per_scale // lanes):
                                         j = sub * per_scale // lanes + k
-                                        c = builder.load(builder.bitcast(builder.gep(codes, [const(j * lanes)]),
-                                                                         ir.VectorType(ir.IntType(8), lanes).as_pointer()),
-                                                         align=1)
+                                        c = codes_at(j)
                                         c = builder.sitofp(c, vec)
                                         xv = builder.load(builder.gep(x_vectors, [builder.add(x_first, const(j))]),
                                                           align=itemsize)
                                         t = builder.fmul(c, xv) if t is None else builder.call(fmuladd, [c, xv, t])
-                                    a = splat(builder, builder.load(builder.gep(scales, [const(sub)])), vec)
-                                    a_t = builder.call(fmuladd, [t, a, a_t])
+                                    a_t = builder.call(fmuladd, [t, splat_at(scales, sub, vec), a_t])
                             else:                # float64: the float32 weights a_s c + o_s, then w x
                                 v32 = ir.VectorType(f32, lanes)
                                 for j in range(256 // lanes):
                                     sub = j * lanes // per_scale
-                                    c = builder.load(builder.bitcast(builder.gep(codes, [const(j * lanes)]),
-                                                                     ir.VectorType(ir.IntType(8), lanes).as_pointer()),
-                                                     align=1)
-                                    w = builder.fmul(builder.sitofp(c, v32),
-                                                     splat(builder, builder.load(builder.gep(scales, [const(sub)])), v32))
+                                    c = codes_at(j)
+                                    w = builder.fmul(builder.sitofp(c, v32), splat_at(scales, sub, v32))
                                     if qtype != "Q6_K":
-                                        w = builder.fadd(w, splat(builder, builder.load(builder.gep(offsets, [const(sub)])),
-                                                                  v32))
+                                        w = builder.fadd(w, splat_at(offsets, sub, v32))
                                     xv = builder.load(builder.gep(x_vectors, [builder.add(x_first, const(j))]),
                                                       align=itemsize)
                                     a_t = builder.call(fmuladd, [builder.fpext(w, vec), xv, a_t])
@@ -529,14 +534,11 @@ def _block_dots(rows):
                         block_offset = builder.mul(b, const(nbytes))
                         for r in range(rows):
                             base = builder.gep(row_start[r], [block_offset])
-                            for line in range(0, nbytes, 64):
-                                builder.call(prefetch, [builder.gep(base, [const(PREFETCH_BYTES + line)]),
-                                                        ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3),
-                                                        ir.Constant(ir.IntType(32), 1)])
+                            prefetch_block(base, nbytes)
                         for g in range(groups):
                             block = builder.add(builder.mul(b, const(groups)), const(g))   # x's block of 32
-                            xb = [builder.load(builder.gep(x_vectors, [builder.add(builder.mul(block, const(BLOCK // lanes)),
-                                                                                   const(v))]), align=itemsize)
+                            x_block = builder.mul(block, const(BLOCK // lanes))
+                            xb = [builder.load(builder.gep(x_vectors, [builder.add(x_block, const(v))]), align=itemsize)
                                   for v in range(BLOCK // lanes)]
                             s_b = builder.load(builder.gep(block_sums, [block])) if qtype in OFFSET_FORMATS else None
                             for r in range(rows):

@@ -528,7 +528,8 @@ def load_quantized(ckpt: GGUFCheckpoint, params: dict[str, np.ndarray]) -> tuple
                 read_blocks_into(ckpt, n, blocks[start:start + r], file)
             else:    # (Q4_0 or Q5_0 beside Q8_0: read as they are, then the same numbers as Q8_0 blocks)
                 part = np.empty((r, int(ckpt.tensors[n].n_bytes) // r), dtype=np.uint8)
-                blocks[start:start + r] = QuantizedMatrix(kind, read_blocks_into(ckpt, n, part, file), cols).as_q8_0().blocks
+                part = QuantizedMatrix(kind, read_blocks_into(ckpt, n, part, file), cols)
+                blocks[start:start + r] = part.as_q8_0().blocks
             start += r
         whole = QuantizedMatrix(qtype, blocks, cols)
         start = 0
