@@ -22,6 +22,8 @@ import numpy as np
 from .adapters import adapter_views
 from .layers.block import BlockActivations, RowBatch
 
+LOSS_CHUNK_ROWS = 256   # rows of logits at a time: Llama.loss, and a frozen head's backward
+
 
 def offsets(layout) -> tuple[dict[str, int], int]:
     """Where each name's values start in the flat buffer, and the buffer's size."""
@@ -81,16 +83,21 @@ class Workspace:
     Training: one BlockActivations per layer (what its backward needs), block i's output written
     into block i+1's input x (``final.x`` after the last block);  inference: one in-place
     BlockActivations for all layers, the residual stream updated in place and the final norm
-    written over the first norm's buffers.  logits (N, V) is overwritten by dlogits in training."""
+    written over the first norm's buffers.  logits (N, V) is overwritten by dlogits in training.
+    ``frozen_base`` (training LoRA adapters): the blocks keep no norm or SwiGLU outputs, their
+    backward recomputes them (layers/block.py), and logits holds LOSS_CHUNK_ROWS rows (the head's
+    backward goes a chunk at a time: ``Llama._frozen_head_rows``)."""
 
-    def __init__(self, cfg, B, T, dtype, rope_freqs, keep_activations):
+    def __init__(self, cfg, B, T, dtype, rope_freqs, keep_activations, frozen_base=False):
         N = B * T
-        self.batch = RowBatch(cfg, B, T, dtype, rope_freqs)
+        recompute = frozen_base and keep_activations
+        self.batch = RowBatch(cfg, B, T, dtype, rope_freqs, recompute)
         if keep_activations:
-            self.layers = [BlockActivations(cfg, N, dtype) for _ in range(cfg.n_layers)]
+            shared = self.batch.scratch if recompute else None
+            self.layers = [BlockActivations(cfg, N, dtype, shared=shared) for _ in range(cfg.n_layers)]
             e = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
             self.final = FinalStream(e(N, cfg.dim), e(N, cfg.dim), e(N))
-            self.logits = np.empty((N, cfg.vocab_size), dtype=dtype)
+            self.logits = np.empty((min(N, LOSS_CHUNK_ROWS) if frozen_base else N, cfg.vocab_size), dtype=dtype)
             self.losses = np.empty(N, dtype=np.float64)
         else:
             one = BlockActivations(cfg, N, dtype, in_place=True)
@@ -103,11 +110,18 @@ class Workspace:
 
 class Workspaces:
     """A model's workspaces by (B, T, training, part), made on first use; at most one shape per
-    mode and part is kept (a new shape frees the old one's buffers)."""
+    mode and part is kept (a new shape frees the old one's buffers).  ``frozen_base``: training
+    workspaces are made for a frozen base (``Workspace``); the model sets it when it freezes it."""
 
     def __init__(self, cfg, dtype, rope_freqs):
         self.cfg, self.dtype, self.rope_freqs = cfg, dtype, rope_freqs
         self.by_key = {}
+        self.frozen_base = False
+
+    def freeze_base(self):
+        """Training workspaces for a frozen base from now on (those made before are dropped)."""
+        self.frozen_base = True
+        self.by_key = {k: v for k, v in self.by_key.items() if not k[2]}
 
     def __contains__(self, key) -> bool:
         return key in self.by_key
@@ -117,7 +131,8 @@ class Workspaces:
         ws = self.by_key.get(key)
         if ws is None:
             self.by_key = {k: v for k, v in self.by_key.items() if k[2:] != key[2:]}  # one shape each
-            ws = Workspace(self.cfg, B, T, self.dtype, self.rope_freqs, keep_activations=training)
+            ws = Workspace(self.cfg, B, T, self.dtype, self.rope_freqs, keep_activations=training,
+                           frozen_base=self.frozen_base)
             self.by_key[key] = ws
         return ws
 

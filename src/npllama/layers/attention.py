@@ -118,7 +118,7 @@ def attention_forward(q, k, v, o=None, tiles=None, documents=None):
     if tiles is None:
         tiles = key_tile_buffers(B, k.shape[1], T, hd, q.dtype)
     k_tiles, v_tiles, k_rows, v_rows = tiles
-    run_on_threads(_pack_key_tiles, k, v, block, *tiles, n_units=B * k.shape[1] * k_tiles.shape[2])
+    pack_key_tiles(k, v, block, tiles)
     query_docs, key_docs = NO_DOCUMENTS if documents is None else documents
     if documents is not None:             # -1 (no query's) past T, so that a tile's row reads whole tiles
         past_t = k_tiles.shape[2] * block + k_tiles.shape[4] - T
@@ -127,6 +127,18 @@ def attention_forward(q, k, v, o=None, tiles=None, documents=None):
     if o_copy is not None:
         np.copyto(o_copy, o_kernel)
     return o, (q, (k_tiles, v_tiles, k_rows, v_rows), block, o_kernel, lse, (query_docs, key_docs))
+
+
+def pack_key_tiles(k, v, block, tiles):
+    """K and V (B, K, T, hd) into the kernels' tiles ``tiles`` (``key_tile_buffers``)."""
+    run_on_threads(_pack_key_tiles, _readable(k), _readable(v), block, *tiles,
+                   n_units=k.shape[0] * k.shape[1] * tiles[0].shape[2])
+
+
+def repack_key_tiles(k, v, cache):
+    """Pack K and V into the tiles of a forward's ``cache`` again, for its backward: when the
+    tiles are shared by several layers' forwards (a frozen base's training pass, layers/block.py)."""
+    pack_key_tiles(k, v, cache[2], cache[1])
 
 
 def attention_backward(do, cache, dq=None, dk=None, dv=None):
