@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllama.engine import blas as _blas
-from npllama.engine.blas import matmul_one_thread
+from npllama.engine.blas import matmul_add_one_thread, matmul_one_thread
 
 
 def _layout(rng, rows, cols, dtype, how):
@@ -54,6 +54,28 @@ def test_matmul_one_thread_agrees_with_numpy_at_a_training_steps_shapes():
         out = np.empty((a.shape[0], b.shape[1]))
         matmul_one_thread(a, b, out)
         np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(m=st.integers(1, 30), k=st.integers(1, 30), n=st.integers(1, 30), a_how=st.sampled_from(LAYOUTS),
+       out_how=st.sampled_from(("rows", "row block", "transposed")), dtype=st.sampled_from((np.float32, np.float64)),
+       seed=st.integers(0, 2**16))
+def test_matmul_add_one_thread_adds_into_its_output_or_says_it_did_not(m, k, n, a_how, out_how, dtype, seed):
+    # out += alpha a @ b by MKL's gemm (beta = 1) where MKL reads the arrays in place; else False and
+    # out untouched (LoRA's low-rank update then runs its own kernel)
+    rng = np.random.default_rng(seed)
+    a, b = _layout(rng, m, k, dtype, a_how), _layout(rng, k, n, dtype, "transposed")
+    out = _layout(rng, m, n, dtype, out_how)
+    before = out.astype(np.float64)
+    done = matmul_add_one_thread(a, b, out, 0.75)
+    if not done:
+        np.testing.assert_array_equal(out, before)
+        assert _blas._mkl is None or a_how == "strided" or out_how == "transposed"
+        return
+    expected = before + 0.75 * (a.astype(np.float64) @ b.astype(np.float64))
+    scale = np.abs(before) + np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    tol = 1e-13 if dtype == np.float64 else 1e-5
+    assert np.all(np.abs(out - expected) <= tol * scale + 1e-30)
 
 
 def test_an_output_overlapping_an_input_is_left_to_numpy():

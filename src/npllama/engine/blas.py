@@ -93,20 +93,36 @@ def _blas_operand(x):
     return None
 
 
+def _mkl_gemm(a, b, out, alpha, beta) -> bool:
+    """out = alpha a @ b + beta out by MKL's gemm, when MKL is loaded and reads the arrays in place
+    (2-D, one float dtype, out's rows contiguous, no overlap); False (nothing done) otherwise."""
+    if _mkl is None or not (a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and min(a.shape + b.shape) > 0
+                            and a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)):
+        return False
+    op_a, op_b, op_out = _blas_operand(a), _blas_operand(b), _blas_operand(out)
+    if not (op_a and op_b and op_out and op_out[0] == _NO_TRANS and out.shape == (a.shape[0], b.shape[1])
+            and a.shape[1] == b.shape[0] and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))):
+        return False
+    gemm = _mkl.cblas_sgemm if a.dtype == np.float32 else _mkl.cblas_dgemm
+    gemm(_ROW_MAJOR, op_a[0], op_b[0], a.shape[0], b.shape[1], a.shape[1], alpha, a.ctypes.data, op_a[1],
+         b.ctypes.data, op_b[1], beta, out.ctypes.data, op_out[1])
+    return True
+
+
 def matmul_one_thread(a, b, out):
     """out = a @ b (2-D; out must not overlap a or b) on the calling thread, by MKL when it is loaded
     and can read the arrays in place, else by np.matmul (the caller keeps NumPy's BLAS at one thread
     where that matters: matmul.split_matmuls)."""
-    if _mkl is not None and a.ndim == 2 and b.ndim == 2 and out.ndim == 2 and min(a.shape + b.shape) > 0 \
-            and a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64):
-        op_a, op_b, op_out = _blas_operand(a), _blas_operand(b), _blas_operand(out)
-        if op_a and op_b and op_out and op_out[0] == _NO_TRANS and out.shape == (a.shape[0], b.shape[1]) \
-                and a.shape[1] == b.shape[0] and not (np.may_share_memory(out, a) or np.may_share_memory(out, b)):
-            gemm = _mkl.cblas_sgemm if a.dtype == np.float32 else _mkl.cblas_dgemm
-            gemm(_ROW_MAJOR, op_a[0], op_b[0], a.shape[0], b.shape[1], a.shape[1], 1.0, a.ctypes.data, op_a[1],
-                 b.ctypes.data, op_b[1], 0.0, out.ctypes.data, op_out[1])
-            return out
+    if _mkl_gemm(a, b, out, 1.0, 0.0):
+        return out
     return np.matmul(a, b, out=out)
+
+
+def matmul_add_one_thread(a, b, out, alpha=1.0) -> bool:
+    """out += alpha a @ b on the calling thread, by MKL's gemm (beta = 1) when it is loaded and can
+    read the arrays in place; False (nothing done) otherwise: NumPy's matmul cannot add into its
+    output, and the caller has a kernel of its own for that case."""
+    return _mkl_gemm(a, b, out, float(alpha), 1.0)
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:

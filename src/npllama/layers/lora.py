@@ -32,9 +32,10 @@ after one step both move.
 
 The fast path keeps the base product one BLAS matmul and the adapter two thin ones: z = xd A^T is
 (N, r), and its backward products dz, dB, dA all have r as one dimension.  The way back up to the
-output width, s z B^T (and dz A in the backward), is added in place by ``add_low_rank_kernel``:
-NumPy's matmul cannot accumulate into its output, and a temporary (N, out) would cost a pass over
-memory as large as the base product's output.  The adapter functions (``lora_adapter_forward`` /
+output width, s z B^T (and dz A in the backward), is added in place by ``add_low_rank_kernel``
+(MKL's gemm with beta = 1 when a thread works alone, else a Numba loop): NumPy's matmul cannot
+accumulate into its output, and a temporary (N, out) would cost a pass over memory as large as the
+base product's output.  The thin products are single-threaded BLAS calls (engine/blas.py).  The adapter functions (``lora_adapter_forward`` /
 ``lora_adapter_backward``) work on an output that already holds x W^T, so a block can run its own
 fused base product (q, k, v stacked) and then add each projection's adapter into its columns.
 
@@ -43,8 +44,10 @@ B, dB: (out, r); z, dz: (N, r); y, dy: (N, out).
 """
 import numpy as np
 
+from ..engine.blas import matmul_add_one_thread, matmul_one_thread
 from ..engine.jit import jit_rows
 from ..engine.pool import ROWS_PER_UNIT, claim_unit, row_units, run_on_threads
+from ..engine.threads import get_threads
 
 
 # ---- reference: the maths in plain NumPy (npllama/reference.py calls these) ----------------------
@@ -99,7 +102,7 @@ def lora_adapter_forward(x, a, b, scale, y, mask=None, z=None, x_drop=None):
     block of a fused product).  x: (N, in).  z (N, r) and, with a mask, x_drop (N, in) are written
     when given.  Returns the adapter's cache (a, b, scale, mask, xd, z)."""
     xd = x if mask is None else np.multiply(x, mask, out=x_drop)   # (N, in)
-    z = np.matmul(xd, a.T, out=z)                                    # (N, r)
+    z = _thin_product(xd, a.T, z)                                    # (N, r)
     add_low_rank_kernel(y, z, np.ascontiguousarray(b.T), y.dtype.type(scale), None)   # y += s z B^T
     return a, b, scale, mask, xd, z
 
@@ -109,17 +112,29 @@ def lora_adapter_backward(dy, cache, dx, da=None, db=None, dz=None):
     dy: (N, out) (any strides).  Returns (dA, dB), written into ``da``, ``db`` when given; dz (N, r)
     is scratch.  Reads its cache only."""
     a, b, scale, mask, xd, z = cache
-    dz = np.matmul(dy, b, out=dz)                     # (N, r)
+    dz = _thin_product(dy, b, dz)                     # (N, r)
     dz *= scale                                       # dz = s dy B
-    db = np.matmul(dy.T, z, out=db)                   # (out, r)
+    db = _thin_product(dy.T, z, db)                   # (out, r)
     db *= scale                                       # dB = s dy^T z
-    da = np.matmul(dz.T, xd, out=da)                  # dA = dz^T xd     (r, in)
+    da = _thin_product(dz.T, xd, da)                  # dA = dz^T xd     (r, in)
     add_low_rank_kernel(dx, dz, a, dx.dtype.type(1.0), mask)   # dx += (dz A) * m
     return da, db
 
 
+def _thin_product(a, b, out=None):
+    """a @ b into ``out`` (a new array when None): one BLAS call on this thread (engine/blas.py)."""
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    return matmul_one_thread(a, b, out)
+
+
 def add_low_rank_kernel(y, z, u, scale, mask):
-    """``_add_low_rank_rows`` on the threads."""
+    """y += scale (z u) (* mask): on a thread working alone (a training step's batch part) and
+    without a mask, one gemm adding into y when MKL is there (engine/blas.py; y is often a column
+    block of a fused product, whose rows the Numba loop below does not vectorise: 3-4x slower);
+    else ``_add_low_rank_rows`` on the threads."""
+    if mask is None and get_threads() == 1 and matmul_add_one_thread(z, u, y, scale):
+        return
     run_on_threads(_add_low_rank_rows, y, z, u, scale, mask, n_units=row_units(y.shape[0]))
 
 
