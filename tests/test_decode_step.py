@@ -90,6 +90,16 @@ QUANTIZED_SHAPES = {   # every product's input width a multiple of 32 (whole blo
 }
 
 
+def quantized_model(cfg, qtype):
+    """A float64 model of ``cfg`` with its matrices in ``qtype``'s blocks, its weights scaled to the
+    size real models have, so that every code is used."""
+    model = npllama.Llama(cfg, dtype=np.float64, seed=1)
+    for p in model.params.values():
+        if p.ndim == 2:
+            p *= 20.0
+    return model.quantize(qtype)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("shape", list(QUANTIZED_SHAPES))
@@ -98,11 +108,7 @@ def test_quantized_step_equals_the_forward_pass_on_the_same_blocks(shape, qtype,
     cfg = npllama.LlamaConfig(vocab_size=45, dim=s["n_heads"] * s["head_dim"], n_layers=2, n_heads=s["n_heads"],
                               n_kv_heads=s["n_kv_heads"], hidden_dim=s["hidden_dim"], max_seq_len=10,
                               tie_embeddings=shape == "mqa")
-    model = npllama.Llama(cfg, dtype=np.float64, seed=1)
-    for p in model.params.values():
-        if p.ndim == 2:
-            p *= 20.0          # (weights of the size real models have, so every code is used)
-    model = model.quantize(qtype).eval()
+    model = quantized_model(cfg, qtype).eval()
     tokens = np.random.default_rng(5).integers(0, 45, size=10)
     full = model.forward(tokens[None])[0][1:]
     scale = np.max(np.abs(full))
@@ -122,11 +128,7 @@ def test_lora_adapters_are_added_by_the_step(base, threads):
     else:
         cfg = npllama.LlamaConfig(vocab_size=50, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
                                   max_seq_len=12)
-        model = npllama.Llama(cfg, dtype=np.float64, seed=1)
-        for p in model.params.values():
-            if p.ndim == 2:
-                p *= 20.0
-        model = model.quantize("Q4_1")
+        model = quantized_model(cfg, "Q4_1")
     model = model.add_lora(3, 4.0).eval()
     for p in model.lora_params.values():
         p[...] = np.random.default_rng(1).normal(0.0, 0.3, p.shape)
