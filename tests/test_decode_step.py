@@ -48,6 +48,18 @@ def steps(model, tokens, prefill, fused=True):
     return np.array(out)
 
 
+def assert_step_equals_kernels_and_forward(model, tokens, prefill, threads):
+    """The one-kernel step on ``threads`` threads against the step of kernels (1e-13 of the logits'
+    scale) and the full forward pass (1e-12), at positions prefill-1 .. len(tokens)-1 (float64)."""
+    full = model.forward(tokens[None])[0][prefill - 1:]
+    scale = np.max(np.abs(full))
+    with thread_limit(threads):
+        got = steps(model, tokens, prefill)
+    kernels = steps(model, tokens, prefill, fused=False)
+    assert np.max(np.abs(got - kernels)) <= 1e-13 * scale
+    assert np.max(np.abs(got - full)) <= 1e-12 * scale
+
+
 ATTENTION = st.sampled_from([(4, 4), (6, 2), (4, 1), (3, 3), (2, 1)])   # (H, K): MHA, GQA, MQA
 
 
@@ -60,13 +72,7 @@ def test_float64_step_equals_the_step_of_kernels_and_the_forward_pass(heads, hea
     H, K = heads
     model = make_model(H, K, head_dim, n_layers, hidden_dim, vocab_size, tie, np.float64, seed, dim=dim)
     tokens = np.random.default_rng(seed).integers(0, vocab_size, size=model.config.max_seq_len)
-    full = model.forward(tokens[None])[0][prefill - 1:]
-    scale = np.max(np.abs(full))
-    with thread_limit(threads):
-        got = steps(model, tokens, prefill)
-    kernels = steps(model, tokens, prefill, fused=False)
-    assert np.max(np.abs(got - kernels)) <= 1e-13 * scale
-    assert np.max(np.abs(got - full)) <= 1e-12 * scale
+    assert_step_equals_kernels_and_forward(model, tokens, prefill, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -110,12 +116,7 @@ def test_quantized_step_equals_the_forward_pass_on_the_same_blocks(shape, qtype,
                               tie_embeddings=shape == "mqa")
     model = quantized_model(cfg, qtype).eval()
     tokens = np.random.default_rng(5).integers(0, 45, size=10)
-    full = model.forward(tokens[None])[0][1:]
-    scale = np.max(np.abs(full))
-    with thread_limit(threads):
-        got = steps(model, tokens, 2)
-    assert np.max(np.abs(got - full)) <= 1e-12 * scale
-    assert np.max(np.abs(got - steps(model, tokens, 2, fused=False))) <= 1e-13 * scale
+    assert_step_equals_kernels_and_forward(model, tokens, 2, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -133,12 +134,7 @@ def test_lora_adapters_are_added_by_the_step(base, threads):
     for p in model.lora_params.values():
         p[...] = np.random.default_rng(1).normal(0.0, 0.3, p.shape)
     tokens = np.random.default_rng(2).integers(0, 50, size=12)
-    full = model.forward(tokens[None])[0][2:]
-    scale = np.max(np.abs(full))
-    with thread_limit(threads):
-        got = steps(model, tokens, 3)
-    assert np.max(np.abs(got - full)) <= 1e-12 * scale
-    assert np.max(np.abs(got - steps(model, tokens, 3, fused=False))) <= 1e-13 * scale
+    assert_step_equals_kernels_and_forward(model, tokens, 3, threads)
 
 
 # ---- the meeting of the threads (engine/pool.py) ---------------------------------------------------
