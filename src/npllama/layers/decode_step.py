@@ -255,11 +255,16 @@ ADAPTED = {WQKV: ("q_proj", "k_proj", "v_proj"), WO: ("o_proj",), W_GATE_UP: ("g
            W_DOWN: ("down_proj",)}    # the LoRA targets whose outputs are a product's columns
 
 
+def _step_weights(model):
+    """The weights in the table's order: ROLES for each layer, then the final norm and the output head."""
+    return [layer[role] for layer in model.layers for role in ROLES] + [model.params["model.norm.weight"],
+                                                                        model.lm_head]
+
+
 def runs(model) -> bool:
     """Whether ``DecodeStep`` runs ``model``'s steps: every float weight and LoRA adapter
     C-contiguous in the model's dtype (as Llama keeps them)."""
-    weights = [layer[role] for layer in model.layers for role in ROLES]
-    weights += [model.params["model.norm.weight"], model.lm_head]
+    weights = _step_weights(model)
     if model.lora is not None:
         weights += [m for layer in model.lora_layers for pair in layer.values() for m in pair]
     return all(getattr(w, "quantized", False) or
@@ -288,8 +293,7 @@ class DecodeStep:
 
     def __init__(self, model, k_cache_t, v_cache, cos, sin, eps):
         cfg, dt = model.config, model.dtype
-        weights = [layer[role] for layer in model.layers for role in ROLES]
-        weights += [model.params["model.norm.weight"], model.lm_head]
+        weights = _step_weights(model)
         arrays = [w.blocks if getattr(w, "quantized", False) else w for w in weights]
         formats = [(FORMAT_CODE[w.qtype],) if getattr(w, "quantized", False) else (FLOAT,) for w in weights]
         self.weights = AddressTable(arrays, formats)          # (keeps the arrays alive)

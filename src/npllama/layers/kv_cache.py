@@ -22,10 +22,10 @@ S is the cache's capacity; only the first ``length`` positions are read.
 
 The rest of a decoding step (RMSNorm, RoPE, SwiGLU) runs the training kernels on one row.  The
 whole step is one kernel on every thread (layers/decode_step.py), which calls these kernels on its
-share of the work; called one at a time (a step with LoRA adapters), they are serial (at batch 1
-most calls take a few microseconds, less than handing work to another thread costs), except the
-matrix-vector product of large matrices, shared among the threads when there are several
-(``matvec_parallel_kernel``).
+share of the work; called one at a time (``KVCacheDecoder._step_of_kernels``, for weights the one
+kernel does not take), they are serial (at batch 1 most calls take a few microseconds, less than
+handing work to another thread costs), except the matrix-vector product of large matrices, shared
+among the threads when there are several (``matvec_parallel_kernel``).
 
 Matrix-vector products y = W x (W row-major (out, in), as every weight here) are a Numba kernel
 rather than BLAS: OpenBLAS's row-major gemv ("T" kernel) streams the 37 MB output projection of a
