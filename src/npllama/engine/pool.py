@@ -164,16 +164,20 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _HAS_SCHED_YIELD = sys.platform.startswith("linux") or sys.platform == "darwin"
 
 
+def _emit_pause(builder):
+    """x86's pause instruction at the builder's position (nothing elsewhere)."""
+    if _X86:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+
+
 @intrinsic
 def _pause(typingctx):
     """The spin-wait hint (x86's pause; nothing elsewhere)."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):
-        if _X86:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse2.pause")
-            builder.call(fn, [])
+        _emit_pause(builder)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -187,9 +191,8 @@ def _give_core_away(typingctx):
         if _HAS_SCHED_YIELD:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
             builder.call(fn, [])
-        elif _X86:
-            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                        "llvm.x86.sse2.pause"), [])
+        else:
+            _emit_pause(builder)
         return context.get_dummy_value()
     return sig, codegen
 
